@@ -1,0 +1,62 @@
+"""Baking: rewrite a model in place so the test-time register is part of its weights and graph."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import ModelInputError
+from .families import Family, family_for
+from .modules import PrependRegisters, RegisterMlp
+from .recipe import Recipe, validate_recipe_for_model
+
+
+def recipe_of(model: nn.Module) -> Recipe | None:
+    """The recipe a baked model carries, or None for an untouched model."""
+    return getattr(model, "surgery_recipe", None)
+
+
+@torch.no_grad()
+def split_mlp(family: Family, block: nn.Module, units: list[int], num_prefix: int, recipe: Recipe) -> RegisterMlp:
+    """Replace `block`'s MLP by a RegisterMlp whose branch holds `units`."""
+    weights = family.mlp_weights(family.get_mlp(block))
+    hidden = weights.hidden
+    assert all(0 <= u < hidden for u in units), (units, hidden)
+    new = RegisterMlp(weights, units, num_prefix, recipe.num_registers, recipe.scale, recipe.mode == "per_neuron")
+    family.set_mlp(block, new)
+    return new
+
+
+@torch.no_grad()
+def bake_registers(model: nn.Module, recipe: Recipe, family: Family | None = None) -> nn.Module:
+    """Bake `recipe` into `model` in place and return it.
+
+    The register tokens are inserted at the family's insertion point (a PrependRegisters buffer in
+    front of the pre-norm), the listed blocks get a RegisterMlp, and the model's prefix-token count
+    grows by R so downstream pooling and slicing skip the registers.
+    """
+    fam = family or family_for(model)
+    if recipe_of(model) is not None:
+        raise ModelInputError("this model already carries baked test-time registers")
+    blocks = fam.blocks(model)
+    validate_recipe_for_model(recipe, len(blocks), [fam.hidden_size(b) for b in blocks])
+    p = fam.num_prefix_tokens(model)
+    for layer, units in recipe.neurons.items():
+        split_mlp(fam, blocks[layer], list(units), p, recipe)
+    parent, attr = fam.insertion_point(model)
+    inner = getattr(parent, attr)
+    ref = next(model.parameters())
+    inserter = PrependRegisters(inner, recipe.num_registers, fam.embed_dim(model), p).to(ref.device, ref.dtype)
+    setattr(parent, attr, inserter)
+    fam.set_num_prefix_tokens(model, p + recipe.num_registers)
+    model.surgery_recipe = recipe
+    return model
+
+
+def register_token_indices(model: nn.Module, family: Family | None = None) -> list[int]:
+    """Sequence positions of the test-time registers in a baked model's token output."""
+    recipe = recipe_of(model)
+    if recipe is None:
+        return []
+    fam = family or family_for(model)
+    p = fam.num_prefix_tokens(model) - recipe.num_registers
+    return list(range(p, p + recipe.num_registers))

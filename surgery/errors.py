@@ -1,0 +1,65 @@
+"""User-facing errors. Each carries the exit code the CLI returns (documented in the README)."""
+from __future__ import annotations
+
+
+class SurgeryError(Exception):
+    """An error caused by the user's input; the CLI prints it on one line and exits with `exit_code`."""
+
+    exit_code = 1
+
+
+class ImageInputError(SurgeryError):
+    """Missing image folder, no readable images."""
+
+    exit_code = 3
+
+
+class ModelInputError(SurgeryError):
+    """Unknown model name, unsupported architecture, missing or mismatched weights."""
+
+    exit_code = 4
+
+
+class NeuronsFileError(SurgeryError):
+    """Malformed neurons file, or one that does not fit the model."""
+
+    exit_code = 5
+
+
+class NoOutliersError(SurgeryError):
+    """Calibration found no high-norm tokens at the chosen threshold."""
+
+    exit_code = 6
+
+
+class ParityError(SurgeryError):
+    """The baked model does not match the hooked reference within tolerance."""
+
+    exit_code = 7
+
+
+class OutputExistsError(SurgeryError):
+    """OUT exists and --overwrite was not given."""
+
+    exit_code = 8
+
+
+class UnsafeCheckpointError(SurgeryError):
+    """A checkpoint needs full unpickling or remote code and the user did not allow it."""
+
+    exit_code = 9
+
+
+EXIT_CODES = {
+    0: "success",
+    1: "unexpected internal error",
+    2: "bad command-line usage",
+    3: ImageInputError.__doc__,
+    4: ModelInputError.__doc__,
+    5: NeuronsFileError.__doc__,
+    6: NoOutliersError.__doc__,
+    7: ParityError.__doc__,
+    8: OutputExistsError.__doc__,
+    9: UnsafeCheckpointError.__doc__,
+    130: "interrupted (Ctrl-C); no output was left behind",
+}

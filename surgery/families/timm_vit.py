@@ -1,0 +1,103 @@
+"""timm `VisionTransformer` (CLIP, DINOv2, DeiT-III, SigLIP, ...): blocks[i].mlp.{fc1, act, fc2}."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ModelInputError
+from ..modules import MlpWeights, RegisterMlp
+from .base import AttentionParts, Family, register_family
+
+
+class TimmViT(Family):
+    name = "timm"
+
+    def matches(self, model: nn.Module) -> bool:
+        from timm.models.vision_transformer import VisionTransformer
+
+        return isinstance(model, VisionTransformer)
+
+    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
+        return list(model.blocks)
+
+    def mlp_weights(self, mlp: nn.Module) -> MlpWeights:
+        from timm.layers.mlp import GluMlp, Mlp, SwiGLU
+
+        if isinstance(mlp, RegisterMlp):
+            return mlp.merged_weights()
+        if not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
+            raise ModelInputError("MLPs with a norm inside the hidden layer cannot be split per unit")
+        if isinstance(mlp, SwiGLU):
+            w = torch.cat([mlp.fc1_g.weight, mlp.fc1_x.weight])
+            b = None if mlp.fc1_g.bias is None else torch.cat([mlp.fc1_g.bias, mlp.fc1_x.bias])
+            return MlpWeights(w, b, mlp.fc2.weight, mlp.fc2.bias, mlp.act, gated=True)
+        if isinstance(mlp, GluMlp):
+            if mlp.gate_last or getattr(mlp, "chunk_dim", -1) != -1:
+                raise ModelInputError("GluMlp with gate_last=True is not supported")
+            return MlpWeights(mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, mlp.act, gated=True)
+        if isinstance(mlp, Mlp) and isinstance(mlp.fc1, nn.Linear):
+            return MlpWeights(mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, mlp.act, gated=False)
+        raise ModelInputError(f"unsupported timm MLP type {type(mlp).__name__}")
+
+    def down_proj(self, mlp: nn.Module) -> nn.Module:
+        return mlp.fc2
+
+    def num_prefix_tokens(self, model: nn.Module) -> int:
+        return int(model.num_prefix_tokens)
+
+    def set_num_prefix_tokens(self, model: nn.Module, n: int) -> None:
+        model.num_prefix_tokens = n
+        # timm keeps num_reg_tokens for bookkeeping (e.g. forward_intermediates); registers count there.
+        model.num_reg_tokens = n - (1 if getattr(model, "cls_token", None) is not None else 0)
+
+    def insertion_point(self, model: nn.Module) -> tuple[nn.Module, str]:
+        return model, "norm_pre"
+
+    def embed_dim(self, model: nn.Module) -> int:
+        return int(model.embed_dim)
+
+    def attention(self, block: nn.Module) -> AttentionParts:
+        attn = block.attn
+        if not hasattr(attn, "qkv") or attn.qkv is None:
+            raise ModelInputError(f"unsupported attention module {type(attn).__name__}")
+        D = attn.qkv.weight.shape[0] // 3
+        w, b = attn.qkv.weight, attn.qkv.bias
+        return AttentionParts(
+            norm=block.norm1,
+            q_weight=w[:D], q_bias=None if b is None else b[:D],
+            k_weight=w[D:2 * D], k_bias=None if b is None else b[D:2 * D],
+            num_heads=attn.num_heads,
+            q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None),
+        )
+
+    def patch_embed(self, model: nn.Module) -> nn.Conv2d:
+        return model.patch_embed.proj
+
+    def forward_tokens(self, model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        return model.forward_features(pixels)
+
+    def forward_pooled(self, model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        return model.forward_head(model.forward_features(pixels))
+
+    def forward_both(self, model: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = model.forward_features(pixels)
+        return model.forward_head(tokens), tokens
+
+    def input_size(self, model: nn.Module) -> tuple[int, int, int]:
+        cfg = self._data_config(model)
+        return tuple(cfg["input_size"])  # type: ignore[return-value]
+
+    def _data_config(self, model: nn.Module) -> dict:
+        import timm.data
+
+        return timm.data.resolve_data_config({}, model=model)
+
+    def data_transform(self, model: nn.Module) -> Callable:
+        import timm.data
+
+        return timm.data.create_transform(**self._data_config(model), is_training=False)
+
+
+TIMM = register_family(TimmViT())

@@ -1,0 +1,189 @@
+"""Model organisms: small random-init ViTs with planted register neurons, and images that trigger them.
+
+A planted organism behaves like the large pretrained ViTs the method targets: a few units in one
+middle block fire on dark (or bright) patches and write a large vector into those tokens; later
+blocks' attention keys make high-norm tokens attention sinks. Planting is written against the
+family adapter, so the same organism exists in every supported library's module structure.
+
+Everything is deterministic in `seed`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from .families import Family, family_for
+
+# Where the trigger feature lives in the residual stream, and the direction outliers are written to.
+TRIGGER_DIM = 0
+SINK_DIM = 1
+
+
+@dataclass
+class Planting:
+    """What was planted: block -> units, and whether each unit fires on dark (-1) or bright (+1) patches."""
+
+    neurons: dict[int, list[int]]
+    polarity: dict[tuple[int, int], int] = field(default_factory=dict)
+    sink_blocks: list[int] = field(default_factory=list)
+
+
+DEFAULT_PLANT = {2: [(17, -1), (101, -1)], 3: [(42, +1)]}
+
+
+def _norm_vector(dim: int, gen: torch.Generator, exclude: tuple[int, ...]) -> torch.Tensor:
+    """A fixed ±1 pattern with zero mean over the free dims (so LayerNorm keeps it stable)."""
+    v = torch.where(torch.rand(dim, generator=gen) < 0.5, -1.0, 1.0)
+    v[list(exclude)] = 0.0
+    return v - v.sum() / (dim - len(exclude)) * (v != 0)
+
+
+@torch.no_grad()
+def plant_register_neurons(
+    model: nn.Module,
+    plant: dict[int, list[tuple[int, int]]] | None = None,
+    *,
+    seed: int = 0,
+    family: Family | None = None,
+    cls_token: torch.Tensor | None = None,
+    trigger_gain: float = 3.0,
+    outlier_norm: float = 12.0,
+    sink_strength: float = 4.0,
+) -> Planting:
+    """Plant register neurons into a freshly initialised ViT (in place).
+
+    - patch embedding: residual dim TRIGGER_DIM carries the patch's mean pixel value (scaled), the
+      other dims carry a fixed ±3 pattern (stable LayerNorm statistics);
+    - each planted unit u in block L reads TRIGGER_DIM after the MLP's norm and fires only on very dark
+      (polarity -1) or very bright (+1) patches; its fc2 column writes `outlier_norm ×` the typical
+      token norm along SINK_DIM;
+    - every block after the first planted one adds a key/query component that reads SINK_DIM, so
+      high-norm tokens become attention sinks.
+    `cls_token` is the parameter holding the CLS embedding (set to the stable pattern so CLS never fires).
+    """
+    fam = family or family_for(model)
+    plant = plant or DEFAULT_PLANT
+    gen = torch.Generator().manual_seed(seed)
+    dim = fam.embed_dim(model)
+    pattern = 3.0 * _norm_vector(dim, gen, (TRIGGER_DIM, SINK_DIM))
+
+    conv = fam.patch_embed(model)
+    n_pix = conv.weight[0].numel()
+    conv.weight[TRIGGER_DIM] = trigger_gain / n_pix
+    conv.weight[SINK_DIM] = 0.0
+    if conv.bias is None:
+        raise ValueError("organism planting needs a patch embedding with bias")
+    conv.bias.copy_(pattern)
+    if cls_token is not None:
+        cls_token.copy_(pattern.reshape(cls_token.shape))
+
+    token_norm = float(pattern.norm())
+    blocks = fam.blocks(model)
+    planting = Planting(neurons={})
+    for layer, units in sorted(plant.items()):
+        w = fam.mlp_weights(fam.get_mlp(blocks[layer]))
+        if not isinstance(w.fc1_weight, nn.Parameter) or not isinstance(w.fc2_weight, nn.Parameter):
+            raise ValueError("planting needs an MLP whose weights are parameters (unpacked views)")
+        hidden = w.hidden
+        for unit, pol in units:
+            # LN-normalised trigger ~ mean pixel (|.| < 1.2 on ordinary patches, ~2 on black/white).
+            rows = [unit, hidden + unit] if w.gated else [unit]
+            w.fc1_weight[rows[0]] = 0.0
+            w.fc1_weight[rows[0], TRIGGER_DIM] = 5.0 * pol
+            if w.fc1_bias is not None:
+                w.fc1_bias[rows[0]] = -7.0
+            if w.gated:  # up half constant 1 so act(gate) * up == act(gate)
+                w.fc1_weight[rows[1]] = 0.0
+                w.fc1_bias[rows[1]] = 1.0
+            w.fc2_weight[:, unit] = 0.0
+            w.fc2_weight[SINK_DIM, unit] = outlier_norm * token_norm / 3.0
+            planting.neurons.setdefault(layer, []).append(unit)
+            planting.polarity[(layer, unit)] = pol
+    first = min(plant)
+    for layer in range(first + 1, len(blocks)):
+        a = fam.attention(blocks[layer])
+        hd = a.q_weight.shape[0] // a.num_heads
+        for h in range(a.num_heads):
+            a.k_weight[h * hd] = 0.0
+            a.k_weight[h * hd, SINK_DIM] = 1.0
+            if a.q_bias is not None:
+                a.q_weight[h * hd] = 0.0
+                a.q_bias[h * hd] = sink_strength
+        planting.sink_blocks.append(layer)
+    for units in planting.neurons.values():
+        units.sort()
+    return planting
+
+
+def build_timm_organism(seed: int = 0, *, pre_norm: bool = False, depth: int = 6, img_size: int = 64,
+                        patch_size: int = 8, embed_dim: int = 64, num_heads: int = 4, mlp: str = "gelu",
+                        plant: dict[int, list[tuple[int, int]]] | None = None) -> tuple[nn.Module, Planting]:
+    """A small timm VisionTransformer with planted register neurons (eval mode, fp32)."""
+    import timm
+    from timm.layers import SwiGLUPacked
+
+    torch.manual_seed(seed)
+    kwargs: dict = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                        num_heads=num_heads, num_classes=16, pre_norm=pre_norm, global_pool="token")
+    if mlp == "swiglu":
+        kwargs.update(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU, mlp_ratio=4 * 2 / 3 * 1.5)
+    overlay = dict(input_size=(3, img_size, img_size), crop_pct=1.0, interpolation="bicubic",
+                   mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), num_classes=16)
+    model = timm.create_model("vit_base_patch16_224", pretrained=False, pretrained_cfg_overlay=overlay, **kwargs)
+    model.eval()
+    planting = plant_register_neurons(model, plant, seed=seed, cls_token=model.cls_token)
+    return model, planting
+
+
+# ---- calibration images --------------------------------------------------------------------------
+
+def organism_image(rng: np.random.Generator, size: int = 64, patch: int = 8, n_triggers: int = 2,
+                   dark_share: float = 0.5) -> Image.Image:
+    """A smooth mid-tone texture with a few patch-aligned black or white squares (the triggers)."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    img = np.zeros((size, size, 3))
+    for c in range(3):
+        a, b, ph = rng.uniform(-1, 1, 3) * np.array([3, 3, math.pi])
+        img[..., c] = 0.5 + 0.15 * np.sin(a * xx * 2 * math.pi + b * yy * 2 * math.pi + ph)
+    img += rng.normal(0, 0.03, img.shape)
+    img = np.clip(img, 0.3, 0.7)
+    g = size // patch
+    cells = rng.choice(g * g, size=n_triggers, replace=False)
+    for cell in cells:
+        r, c = divmod(int(cell), g)
+        img[r * patch:(r + 1) * patch, c * patch:(c + 1) * patch] = 0.0 if rng.random() < dark_share else 1.0
+    return Image.fromarray((img * 255).round().astype(np.uint8), "RGB")
+
+
+def write_organism_images(out_dir: str | Path, count: int = 24, seed: int = 0, size: int = 64, patch: int = 8) -> list[Path]:
+    """Write `count` deterministic calibration PNGs; every fourth image has no trigger at all."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        n = 0 if i % 4 == 3 else int(rng.integers(1, 4))
+        img = organism_image(rng, size, patch, n_triggers=n) if n else organism_image(rng, size, patch, 1, 0.5)
+        if n == 0:  # same texture statistics, no trigger
+            arr = np.asarray(img).copy()
+            arr[(arr == 0) | (arr == 255)] = 128
+            img = Image.fromarray(arr)
+        p = out / f"calib_{i:03d}.png"
+        img.save(p, optimize=False)
+        paths.append(p)
+    return paths
+
+
+BUILTIN_IMAGES = Path(__file__).parent / "data" / "calibration"
+
+
+def builtin_images() -> Path:
+    """The built-in calibration set shipped with the package (organism-sized PNGs)."""
+    return BUILTIN_IMAGES
