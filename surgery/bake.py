@@ -60,3 +60,26 @@ def register_token_indices(model: nn.Module, family: Family | None = None) -> li
     fam = family or family_for(model)
     p = fam.num_prefix_tokens(model) - recipe.num_registers
     return list(range(p, p + recipe.num_registers))
+
+
+@torch.no_grad()
+def unbake(model: nn.Module, family: Family | None = None) -> Recipe:
+    """Undo `bake_registers` in place (exactly: the split is a permutation of the original units).
+
+    Returns the recipe that was baked. Lets `check` rebuild the source model from a baked checkpoint.
+    """
+    fam = family or family_for(model)
+    recipe = recipe_of(model)
+    if recipe is None:
+        raise ModelInputError("this model carries no baked test-time registers")
+    for block in fam.blocks(model):
+        mlp = fam.get_mlp(block)
+        if isinstance(mlp, RegisterMlp):
+            fam.set_mlp(block, fam.make_mlp(mlp.merged_weights()))
+    parent, attr = fam.insertion_point(model)
+    inserter = getattr(parent, attr)
+    assert isinstance(inserter, PrependRegisters), type(inserter)
+    setattr(parent, attr, inserter.inner)
+    fam.set_num_prefix_tokens(model, fam.num_prefix_tokens(model) - recipe.num_registers)
+    del model.surgery_recipe
+    return recipe

@@ -53,6 +53,8 @@ def plant_register_neurons(
     seed: int = 0,
     family: Family | None = None,
     cls_token: torch.Tensor | None = None,
+    pos_embed: torch.Tensor | None = None,
+    pos_includes_cls: bool = True,
     trigger_gain: float = 3.0,
     outlier_norm: float = 12.0,
     sink_strength: float = 4.0,
@@ -66,7 +68,8 @@ def plant_register_neurons(
       token norm along SINK_DIM;
     - every block after the first planted one adds a key/query component that reads SINK_DIM, so
       high-norm tokens become attention sinks.
-    `cls_token` is the parameter holding the CLS embedding (set to the stable pattern so CLS never fires).
+    `cls_token` is the parameter holding the CLS embedding (set to the stable pattern so CLS never fires);
+    `pos_embed` carries the pattern when the patch embedding has no bias (CLIP).
     """
     fam = family or family_for(model)
     plant = plant or DEFAULT_PLANT
@@ -78,11 +81,16 @@ def plant_register_neurons(
     n_pix = conv.weight[0].numel()
     conv.weight[TRIGGER_DIM] = trigger_gain / n_pix
     conv.weight[SINK_DIM] = 0.0
-    if conv.bias is None:
-        raise ValueError("organism planting needs a patch embedding with bias")
-    conv.bias.copy_(pattern)
+    if conv.bias is not None:
+        conv.bias.copy_(pattern)
+        cls_value = pattern
+    elif pos_embed is not None:  # CLIP-style patch embedding without bias: the pattern rides on the positions
+        pos_embed.add_(pattern)
+        cls_value = torch.zeros_like(pattern) if pos_includes_cls else pattern
+    else:
+        raise ValueError("organism planting needs a patch-embedding bias or the positional embedding")
     if cls_token is not None:
-        cls_token.copy_(pattern.reshape(cls_token.shape))
+        cls_token.copy_(cls_value.reshape(cls_token.shape))
 
     token_norm = float(pattern.norm())
     blocks = fam.blocks(model)
@@ -122,23 +130,44 @@ def plant_register_neurons(
     return planting
 
 
-def build_timm_organism(seed: int = 0, *, pre_norm: bool = False, depth: int = 6, img_size: int = 64,
-                        patch_size: int = 8, embed_dim: int = 64, num_heads: int = 4, mlp: str = "gelu",
-                        plant: dict[int, list[tuple[int, int]]] | None = None) -> tuple[nn.Module, Planting]:
-    """A small timm VisionTransformer with planted register neurons (eval mode, fp32)."""
-    import timm
-    from timm.layers import SwiGLUPacked
+# Organism variants in timm: (base architecture, extra model args). All args are JSON so the
+# organism can be saved as an ordinary timm local-dir and loaded through timm's own code.
+TIMM_VARIANTS: dict[str, tuple[str, dict]] = {
+    "vit": ("vit_base_patch16_224", {}),
+    "clip": ("vit_base_patch16_clip_224", {}),  # pre-norm (norm_pre = CLIP's ln_pre)
+    "dinov2": ("vit_small_patch14_dinov2", {"init_values": 1.0}),  # LayerScale
+    "swiglu": ("vit_giant_patch14_dinov2", {"init_values": 1.0}),  # SwiGLUPacked MLP
+    "reg4": ("vit_small_patch14_reg4_dinov2", {"init_values": 1.0}),  # trained registers
+}
+ORGANISM_SIZE = dict(img_size=64, patch_size=8, embed_dim=64, depth=6, num_heads=4, mlp_ratio=4.0)
 
+
+def build_timm_organism(seed: int = 0, variant: str = "vit", *, num_classes: int = 16,
+                        plant: dict[int, list[tuple[int, int]]] | None = None) -> tuple[nn.Module, Planting]:
+    """A small timm VisionTransformer with planted register neurons (eval mode, fp32).
+
+    `model.organism_source` holds {"architecture", "model_args", "pretrained_cfg"} for saving it as a
+    timm local-dir.
+    """
+    import timm
+
+    if variant not in TIMM_VARIANTS:
+        raise ValueError(f"unknown organism variant {variant!r}; choose from {sorted(TIMM_VARIANTS)}")
+    arch, extra = TIMM_VARIANTS[variant]
+    size = ORGANISM_SIZE["img_size"]
+    model_args = dict(ORGANISM_SIZE, num_classes=num_classes, global_pool="token", **extra)
+    if variant in ("dinov2", "swiglu", "reg4"):
+        model_args["dynamic_img_size"] = False
+    overlay = dict(input_size=(3, size, size), crop_pct=1.0, interpolation="bicubic",
+                   mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), num_classes=num_classes)
     torch.manual_seed(seed)
-    kwargs: dict = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-                        num_heads=num_heads, num_classes=16, pre_norm=pre_norm, global_pool="token")
-    if mlp == "swiglu":
-        kwargs.update(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU, mlp_ratio=4 * 2 / 3 * 1.5)
-    overlay = dict(input_size=(3, img_size, img_size), crop_pct=1.0, interpolation="bicubic",
-                   mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), num_classes=16)
-    model = timm.create_model("vit_base_patch16_224", pretrained=False, pretrained_cfg_overlay=overlay, **kwargs)
+    model = timm.create_model(arch, pretrained=False, pretrained_cfg_overlay=overlay, **model_args)
     model.eval()
-    planting = plant_register_neurons(model, plant, seed=seed, cls_token=model.cls_token)
+    planting = plant_register_neurons(model, plant, seed=seed, cls_token=model.cls_token, pos_embed=model.pos_embed,
+                                      pos_includes_cls=not model.no_embed_class)
+    cfg = dict(model.pretrained_cfg)
+    cfg.pop("url", None), cfg.pop("hf_hub_id", None)
+    model.organism_source = {"architecture": arch, "model_args": model_args, "pretrained_cfg": cfg}
     return model, planting
 
 

@@ -65,6 +65,10 @@ class Family:
     def mlp_weights(self, mlp: nn.Module) -> MlpWeights:
         raise NotImplementedError
 
+    def make_mlp(self, weights: MlpWeights) -> nn.Module:
+        """This library's own MLP module holding `weights` (used to undo a split)."""
+        raise NotImplementedError
+
     def down_proj(self, mlp: nn.Module) -> nn.Module:
         """The module whose input is the post-activation hidden layer (register neurons are its inputs)."""
         raise NotImplementedError

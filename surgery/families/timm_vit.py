@@ -41,6 +41,23 @@ class TimmViT(Family):
             return MlpWeights(mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, mlp.act, gated=False)
         raise ModelInputError(f"unsupported timm MLP type {type(mlp).__name__}")
 
+    def make_mlp(self, weights: MlpWeights) -> nn.Module:
+        from timm.layers.mlp import GluMlp, Mlp
+
+        D, H = weights.fc1_weight.shape[1], weights.hidden
+        cls = GluMlp if weights.gated else Mlp
+        mlp = cls(D, H * (2 if weights.gated else 1), weights.fc2_weight.shape[0], act_layer=nn.Identity,
+                  bias=weights.fc1_bias is not None)
+        mlp.act = weights.act
+        with torch.no_grad():
+            mlp.fc1.weight.copy_(weights.fc1_weight)
+            mlp.fc2.weight.copy_(weights.fc2_weight)
+            if weights.fc1_bias is not None:
+                mlp.fc1.bias.copy_(weights.fc1_bias)
+            if weights.fc2_bias is not None:
+                mlp.fc2.bias.copy_(weights.fc2_bias)
+        return mlp.to(weights.fc1_weight.device, weights.fc1_weight.dtype)
+
     def down_proj(self, mlp: nn.Module) -> nn.Module:
         return mlp.fc2
 

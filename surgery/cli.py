@@ -1,0 +1,320 @@
+"""`vit-surgery` command line. Every user error ends as one line on stderr and a documented exit code."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from . import __version__
+from .errors import EXIT_CODES, SurgeryError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _threshold(v: str) -> float | str:
+    if v == "auto":
+        return v
+    try:
+        f = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number or 'auto', got {v!r}") from None
+    if not f > 0 or f == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {v!r}")
+    return f
+
+
+def _int_or_auto(minimum: int) -> Callable[[str], int | str]:
+    def parse(v: str) -> int | str:
+        if v == "auto":
+            return v
+        try:
+            i = int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer or 'auto', got {v!r}") from None
+        if i < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {i}")
+        return i
+    return parse
+
+
+def _positive_int(v: str) -> int:
+    try:
+        i = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v!r}") from None
+    if i < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v!r}")
+    return i
+
+
+def _finite_float(v: str) -> float:
+    try:
+        f = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {v!r}") from None
+    if f != f or f in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {v!r}")
+    return f
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--allow-unsafe-pickle", action="store_true",
+                   help="allow checkpoints that need full unpickling (runs code from the file; only for trusted files)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow HF models whose code lives in the model folder (never on by default)")
+
+
+def add_discovery_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("discovery")
+    g.add_argument("--batch-size", type=_positive_int, default=8)
+    g.add_argument("--num-images", type=_positive_int, default=None, help="seeded sample of this many images")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--detect-layer", type=int, default=None, help="block whose output norms flag outliers (default: last)")
+    g.add_argument("--threshold", type=_threshold, default="auto",
+                   help="outlier norm threshold, or 'auto' (default): norm > 2.5 x the image's median patch-token norm")
+    g.add_argument("--max-layer", type=_int_or_auto(0), default="auto",
+                   help="score units in blocks <= this; 'auto' (default): the block where outliers reach 90%% of their peak")
+    g.add_argument("--top-k", type=_int_or_auto(1), default="auto",
+                   help="keep K units; 'auto' (default): cut at the score gap")
+    g.add_argument("--sparsity-filter", action="store_true",
+                   help="keep a unit only on images where it is below 0.5 on at least half of the tokens")
+    g.add_argument("--include-prefix", action="store_true", help="let CLS/prefix tokens count as outliers")
+
+
+def add_recipe_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("intervention")
+    g.add_argument("--num-registers", type=_positive_int, default=None, help="R test-time registers (default 1)")
+    g.add_argument("--scale", type=_finite_float, default=None, help="register rows get scale x signed max (default 1)")
+    g.add_argument("--mode", choices=["shared", "per_neuron"], default=None,
+                   help="one signed max per block (shared, default) or per neuron")
+
+
+def _discovery_config(a: argparse.Namespace):
+    from .discovery import DiscoveryConfig
+
+    return DiscoveryConfig(detect_layer=a.detect_layer, threshold=a.threshold, max_layer=a.max_layer,
+                           top_k=a.top_k, sparsity_filter=a.sparsity_filter, include_prefix=a.include_prefix,
+                           batch_size=a.batch_size, num_images=a.num_images, seed=a.seed,
+                           num_registers=a.num_registers or 1, scale=1.0 if a.scale is None else a.scale,
+                           mode=a.mode or "shared")
+
+
+def _load(a: argparse.Namespace, spec: str):
+    from .loading import LoadOptions, load_model
+
+    return load_model(spec, LoadOptions(a.allow_unsafe_pickle, a.trust_remote_code, a.device))
+
+
+def _say(a: argparse.Namespace, msg: str) -> None:
+    if not getattr(a, "quiet", False):
+        print(msg, file=sys.stderr)
+
+
+# ---- commands ----------------------------------------------------------------------------------
+
+def cmd_find(a: argparse.Namespace) -> int:
+    from .outputs import check_output_target
+    from .pipeline import run_find, write_json
+
+    out = Path(a.out)
+    if out.exists() and not a.overwrite:
+        from .errors import OutputExistsError
+        raise OutputExistsError(f"output {out} already exists; pass --overwrite to replace it")
+    loaded = _load(a, a.model)
+    result = run_find(loaded, a.images, _discovery_config(a), progress=not a.quiet)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial")
+    write_json(tmp, result.to_json())
+    os.replace(tmp, out)
+    units = ", ".join(f"{k}: {list(v)}" for k, v in result.recipe.neurons.items())
+    print(f"found {result.recipe.num_neurons} register neuron(s) in {result.counts['images_with_outliers']}/"
+          f"{result.counts['images']} images with outliers -> {units}")
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_convert(a: argparse.Namespace) -> int:
+    from .loading import LoadOptions
+    from .pipeline import run_convert
+
+    loaded = _load(a, a.model)
+    overrides = {"num_registers": a.num_registers, "scale": a.scale, "mode": a.mode}
+    after = None
+    if getattr(a, "onnx", False):
+        from exporters.onnx_export import export_and_validate
+
+        def after(tmp: Path, _loaded: Any) -> None:
+            export_and_validate(tmp, fp16=a.fp16, progress=not a.quiet)
+    res = run_convert(loaded, a.out, neurons=a.neurons, images=a.images, discovery=_discovery_config(a),
+                      overrides=overrides, check=not a.no_check, check_images=a.check_images,
+                      tolerance=a.tolerance, overwrite=a.overwrite,
+                      options=LoadOptions(a.allow_unsafe_pickle, a.trust_remote_code, a.device),
+                      progress=not a.quiet, after_write=after)
+    units = ", ".join(f"{k}: {list(v)}" for k, v in res.recipe.neurons.items())
+    print(f"baked {res.recipe.num_neurons} register neuron(s) ({units}), R={res.recipe.num_registers}")
+    if res.report is not None:
+        print(res.report.summary())
+        _print_effect(res.effect)
+    print(f"wrote {res.out}")
+    return 0
+
+
+def _print_effect(effect: Optional[dict[str, Any]]) -> None:
+    if not effect:
+        return
+    b, f = effect["before"], effect["after"]
+    print(f"outlier share of patch tokens: {b['outlier_share']:.2%} -> {f['outlier_share']:.2%}; "
+          f"max/median patch norm: {b['max_over_median_patch_norm']:.2f} -> {f['max_over_median_patch_norm']:.2f}; "
+          f"CLS attention on top 1% patches: {b['cls_attention_top_patch_mass']:.2%} -> "
+          f"{f['cls_attention_top_patch_mass']:.2%} (register: {f['cls_attention_register_mass']:.2%})")
+
+
+def cmd_check(a: argparse.Namespace) -> int:
+    from .errors import ParityError
+    from .pipeline import parity_batches, run_check, write_json
+
+    loaded = _load(a, a.out_dir)
+    source = _load(a, a.source).model if a.source else None
+    batches = parity_batches(loaded, a.images, a.num_images, a.batch_size, a.seed, not a.quiet)
+    report, effect = run_check(loaded, batches, source=source, tolerance=a.tolerance)
+    doc = {"parity": report.to_dict(), "effect": effect}
+    extra_ok = True
+    onnx_file = Path(a.out_dir) / "model.onnx"
+    if onnx_file.exists() and not a.skip_onnx:
+        from exporters.onnx_export import validate_onnx
+
+        onnx_report = validate_onnx(Path(a.out_dir), loaded, batches)
+        doc["onnx"] = onnx_report.to_dict()
+        extra_ok = onnx_report.passed
+        print(onnx_report.summary())
+    report_path = Path(a.report) if a.report else Path(a.out_dir) / "parity.json"
+    write_json(report_path, doc)
+    print(report.summary())
+    _print_effect(effect)
+    print(f"wrote {report_path}")
+    if not report.passed:
+        raise ParityError(report.summary())
+    if not extra_ok:
+        raise ParityError("ONNX model out of tolerance (see " + str(report_path) + ")")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(Path(a.out), overwrite=a.overwrite, quiet=a.quiet)
+
+
+# ---- parser ------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    epilog = "exit codes: " + "; ".join(f"{k} {v.rstrip('.')}" for k, v in EXIT_CODES.items())
+    p = argparse.ArgumentParser(prog="vit-surgery", description="Bake test-time registers into pretrained ViTs.",
+                                epilog=epilog)
+    p.add_argument("--version", action="version", version=f"vit-surgery {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for unexpected errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    f = sub.add_parser("find", help="find register neurons from calibration images")
+    f.add_argument("model", help="timm name, hf-hub:ORG/NAME, local-dir:PATH, a model folder, open_clip:ARCH/TAG, hf:ID")
+    f.add_argument("--images", required=True, help="folder of calibration images (searched recursively)")
+    f.add_argument("--out", required=True, help="neurons JSON file to write")
+    f.add_argument("--overwrite", action="store_true")
+    f.add_argument("-q", "--quiet", action="store_true")
+    add_discovery_options(f)
+    add_recipe_options(f)
+    add_model_options(f)
+    f.set_defaults(func=cmd_find)
+
+    c = sub.add_parser("convert", help="bake test-time registers and write a standalone model folder")
+    c.add_argument("model")
+    src = c.add_mutually_exclusive_group(required=True)
+    src.add_argument("--neurons", help="neurons JSON file, or a published set name (e.g. dinov2_vitl14)")
+    src.add_argument("--images", help="calibration images: find the neurons first")
+    c.add_argument("--out", required=True, help="output folder")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    c.add_argument("--no-check", action="store_true", help="skip the parity check (not recommended)")
+    c.add_argument("--check-images", default=None, help="images for the parity check (default: --images or built-in)")
+    c.add_argument("--tolerance", type=_finite_float, default=1e-5, help="relative error allowed (default 1e-5, fp32)")
+    c.add_argument("--onnx", action="store_true", help="also write and validate OUT/model.onnx")
+    c.add_argument("--fp16", action="store_true", help="with --onnx: export in float16 (looser tolerance)")
+    c.add_argument("-q", "--quiet", action="store_true")
+    add_discovery_options(c)
+    add_recipe_options(c)
+    add_model_options(c)
+    c.set_defaults(func=cmd_convert)
+
+    k = sub.add_parser("check", help="verify a converted folder against the hooked reference")
+    k.add_argument("out_dir", metavar="OUT", help="folder written by convert")
+    k.add_argument("--images", default=None, help="images (default: the built-in calibration set)")
+    k.add_argument("--source", default=None, help="compare against this original model instead of the un-baked weights")
+    k.add_argument("--num-images", type=_positive_int, default=16)
+    k.add_argument("--batch-size", type=_positive_int, default=8)
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--tolerance", type=_finite_float, default=1e-5)
+    k.add_argument("--report", default=None, help="where to write the JSON report (default OUT/parity.json)")
+    k.add_argument("--skip-onnx", action="store_true", help="do not validate OUT/model.onnx")
+    k.add_argument("-q", "--quiet", action="store_true")
+    add_model_options(k)
+    k.set_defaults(func=cmd_check)
+
+    d = sub.add_parser("demo", help="the whole pipeline on the built-in organism (no network needed)")
+    d.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    d.add_argument("--overwrite", action="store_true")
+    d.add_argument("-q", "--quiet", action="store_true")
+    d.set_defaults(func=cmd_demo)
+
+    for extra in _EXTRA_COMMANDS:
+        extra(sub)
+    return p
+
+
+# Other modules add subcommands here (export, inspect, eval): fn(subparsers) -> None.
+_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+
+
+def _load_extra_commands() -> None:
+    import importlib
+
+    for name in ("exporters.onnx_cli", "surgery.report_cli"):
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        if mod.add_commands not in _EXTRA_COMMANDS:
+            _EXTRA_COMMANDS.append(mod.add_commands)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    _load_extra_commands()
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="vit-surgery: %(message)s")
+    warnings.showwarning = lambda msg, cat, *rest, **kw: print(f"vit-surgery: warning: {msg}", file=sys.stderr)
+    try:
+        return int(a.func(a) or 0)
+    except SurgeryError as e:
+        print(f"vit-surgery: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("vit-surgery: interrupted; no output was left behind", file=sys.stderr)
+        return 130
+    except Exception as e:  # an unexpected failure: one line unless --debug
+        if a.debug:
+            raise
+        print(f"vit-surgery: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+              "(rerun with --debug for a traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Loading models from the names users type: timm names, hf-hub:, local-dir:, folders.
+
+Every loader returns a LoadedModel: the module in eval mode, its family adapter, the preprocessing
+transform from the model's own pretrained config, and a `source` record that exporters write back
+(so a baked checkpoint can rebuild its skeleton). Other families register loaders with
+`register_loader`; `load_model` is the one dispatch point.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from torch import nn
+
+from .errors import ModelInputError, UnsafeCheckpointError
+from .families import Family, family_for
+from .recipe import Recipe
+
+
+@dataclass
+class LoadOptions:
+    allow_unsafe_pickle: bool = False  # full unpickling of .bin/.pt (runs code from the file)
+    trust_remote_code: bool = False  # HF remote code (never on unless the user asks)
+    device: str = "cpu"
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    family: Family
+    spec: str
+    source: dict[str, Any]
+    transform: Callable
+    recipe: Optional[Recipe] = None  # set when the model carries baked registers
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+Loader = Callable[[str, LoadOptions], Optional[LoadedModel]]
+_LOADERS: list[Loader] = []
+
+
+def register_loader(loader: Loader, first: bool = False) -> Loader:
+    """A loader returns None when the spec is not its kind, a LoadedModel, or raises a SurgeryError."""
+    if first:
+        _LOADERS.insert(0, loader)
+    else:
+        _LOADERS.append(loader)
+    return loader
+
+
+def load_model(spec: str, options: LoadOptions | None = None) -> LoadedModel:
+    """Load MODEL as the user typed it; any failure is a one-line SurgeryError."""
+    opts = options or LoadOptions()
+    for loader in list(_LOADERS):
+        loaded = loader(spec, opts)
+        if loaded is not None:
+            loaded.model.eval()
+            loaded.model.to(opts.device)
+            return loaded
+    raise ModelInputError(f"unknown model {spec!r}")
+
+
+# ---- timm ------------------------------------------------------------------------------------
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _map_timm_error(spec: str, e: BaseException) -> Exception:
+    msg = _first_line(e)
+    if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e) or "Weights only load failed" in str(e):
+        return UnsafeCheckpointError(
+            f"{spec}: the checkpoint needs full unpickling, which can run arbitrary code; refused. "
+            "Convert it to safetensors, or pass --allow-unsafe-pickle if you trust the file")
+    if "Unknown model" in msg:
+        return ModelInputError(f"unknown model {spec!r}: not a timm model name, hf-hub:ORG/NAME, local-dir:PATH "
+                               "or a folder with config.json + model.safetensors")
+    if "size mismatch" in str(e) or "Missing key" in str(e) or "Unexpected key" in str(e):
+        detail = " ".join(str(e).split())[:300]
+        return ModelInputError(f"{spec}: weights do not match the model config: {detail}")
+    if "No suitable checkpoints" in msg:
+        return ModelInputError(f"{spec}: no weights file (model.safetensors, pytorch_model.bin, ...) in the folder")
+    if isinstance(e, (OSError, ConnectionError)) or "offline" in msg.lower() or "hub" in msg.lower():
+        return ModelInputError(f"{spec}: could not get the pretrained weights ({msg}); with no network, use a "
+                               "local folder or a populated HF hub cache (HF_HUB_CACHE)")
+    return ModelInputError(f"{spec}: could not load: {msg}")
+
+
+def _timm_source(model: nn.Module, arch: str, model_args: dict[str, Any]) -> dict[str, Any]:
+    cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
+    for k in ("file", "source", "state_dict", "url", "hf_hub_id", "hf_hub_filename"):
+        cfg.pop(k, None)
+    try:
+        json.dumps(model_args)
+    except TypeError:
+        model_args = {k: v for k, v in model_args.items() if _is_json(v)}
+    return {"library": "timm", "architecture": arch, "model_args": model_args, "pretrained_cfg": _jsonable(cfg)}
+
+
+def _is_json(v: Any) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except TypeError:
+        return False
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items() if _is_json(v)}
+
+
+def _load_timm_folder(spec: str, path: Path, opts: LoadOptions) -> LoadedModel:
+    import timm
+
+    from .timm_baked import BAKED_ARCH
+
+    cfg_file = path / "config.json"
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelInputError(f"{spec}: unreadable config.json ({_first_line(e)})") from None
+    if not isinstance(cfg, dict) or "architecture" not in cfg:
+        raise ModelInputError(f"{spec}: config.json has no 'architecture' (not a timm model folder)")
+    weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pth", ".pt")]
+    if not weights:
+        raise ModelInputError(f"{spec}: no weights file (model.safetensors or pytorch_model.bin) in {path}")
+    try:
+        model = timm.create_model(f"local-dir:{path}", pretrained=True)
+    except Exception as e:  # timm raises RuntimeError/AssertionError/OSError for all of these
+        if isinstance(e, (pickle.UnpicklingError,)) or "Weights only load failed" in str(e):
+            if not opts.allow_unsafe_pickle:
+                raise _map_timm_error(spec, e) from None
+            model = _load_unsafe(path)
+        else:
+            raise _map_timm_error(spec, e) from None
+    arch = cfg["architecture"]
+    args = dict(cfg.get("model_args", {}) or {})
+    recipe = getattr(model, "surgery_recipe", None)
+    if arch == BAKED_ARCH:
+        source = {"library": "timm", "architecture": args.get("source_architecture"),
+                  "model_args": args.get("source_model_args", {}),
+                  "pretrained_cfg": _jsonable(dict(cfg.get("pretrained_cfg", {})))}
+        source["pretrained_cfg"]["architecture"] = source["architecture"]
+    else:
+        source = _timm_source(model, arch, args)
+    fam = family_for(model)
+    return LoadedModel(model, fam, spec, source, fam.data_transform(model), recipe)
+
+
+def _load_unsafe(path: Path) -> nn.Module:
+    """Only with --allow-unsafe-pickle: build from config.json and fully unpickle the weights."""
+    import timm
+    import torch
+
+    model = timm.create_model(f"local-dir:{path}", pretrained=False)
+    f = next(p for p in sorted(path.iterdir()) if p.suffix in (".bin", ".pth", ".pt"))
+    sd = torch.load(f, map_location="cpu", weights_only=False)
+    if isinstance(sd, dict) and "state_dict" in sd:
+        sd = sd["state_dict"]
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def timm_loader(spec: str, opts: LoadOptions) -> Optional[LoadedModel]:
+    import timm
+
+    if spec.startswith("local-dir:"):
+        path = Path(spec[len("local-dir:"):])
+        if not path.is_dir():
+            raise ModelInputError(f"model folder not found: {path}")
+        return _load_timm_folder(spec, path, opts)
+    path = Path(spec)
+    if path.exists():
+        if path.is_dir() and (path / "config.json").is_file():
+            try:
+                cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ModelInputError(f"{spec}: unreadable config.json ({_first_line(e)})") from None
+            if isinstance(cfg, dict) and "architecture" in cfg:
+                return _load_timm_folder(spec, path, opts)
+            return None  # another library's folder (HF transformers config has model_type)
+        if path.is_dir():
+            raise ModelInputError(f"{spec}: folder has no config.json (expected a timm, HF or vit-surgery model folder)")
+        return None
+    if ":" in spec and not spec.startswith("hf-hub:"):
+        return None  # another library's prefix (open_clip:, hf:)
+    if "/" in spec and not spec.startswith("hf-hub:"):
+        raise ModelInputError(f"model folder not found: {spec}")
+    try:
+        model = timm.create_model(spec, pretrained=True)
+    except Exception as e:
+        raise _map_timm_error(spec, e) from None
+    arch = model.pretrained_cfg.get("architecture") or spec.split(":")[-1].split(".")[0]
+    margs = dict(getattr(model, "_model_args", {}) or {})
+    margs.pop("pretrained_cfg", None)
+    source = _timm_source(model, arch, margs)
+    source["spec"] = spec
+    fam = family_for(model)
+    return LoadedModel(model, fam, spec, source, fam.data_transform(model), getattr(model, "surgery_recipe", None))
+
+
+register_loader(timm_loader)

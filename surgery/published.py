@@ -1,0 +1,37 @@
+"""Published register neurons, usable with `--neurons NAME` without calibration images.
+
+Adding a model is one entry in data/published_neurons.json: {"name": {"register_neurons": ...,
+"models": [names it applies to], "source": "..."}}.
+"""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import NeuronsFileError
+from .recipe import Recipe
+
+_FILE = Path(__file__).parent / "data" / "published_neurons.json"
+
+
+@lru_cache(maxsize=1)
+def registry() -> dict[str, Any]:
+    return json.loads(_FILE.read_text(encoding="utf-8"))
+
+
+def published_neurons(name: str) -> Recipe:
+    reg = registry()
+    if name not in reg:
+        raise NeuronsFileError(f"--neurons {name!r}: not a file and not a published set ({', '.join(sorted(reg))})")
+    return Recipe.from_dict(reg[name], source=f"published set {name}")
+
+
+def match_published(model_name: str) -> Optional[str]:
+    """The published set whose `models` list names this model (timm / open_clip / HF names), if any."""
+    low = model_name.lower()
+    for name, entry in registry().items():
+        if any(m.lower() in low for m in entry.get("models", [])):
+            return name
+    return None
