@@ -1,0 +1,60 @@
+"""Shared fixtures: model organisms (small random ViTs with planted register neurons) and images."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+import surgery  # noqa: E402,F401  (registers the baked timm architecture)
+from surgery.demo import save_organism  # noqa: E402
+from surgery.organism import build_timm_organism, builtin_images, write_organism_images  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def calib_dir() -> Path:
+    """The built-in calibration images (24 PNGs, 64 px, patch-aligned dark/bright triggers)."""
+    return builtin_images()
+
+
+@pytest.fixture(scope="session")
+def unseen_images(tmp_path_factory) -> Path:
+    """Images the discovery defaults were never tuned on (other seed, other count)."""
+    d = tmp_path_factory.mktemp("unseen")
+    write_organism_images(d, count=20, seed=1234)
+    return d
+
+
+@pytest.fixture(scope="session")
+def timm_organism():
+    """(model, planting) for the CLIP-style timm organism."""
+    return build_timm_organism(0, "clip")
+
+
+@pytest.fixture(scope="session")
+def organism_dir(tmp_path_factory, timm_organism) -> Path:
+    """The CLIP-style organism saved as an ordinary timm local-dir (config.json + model.safetensors)."""
+    return save_organism(timm_organism[0], tmp_path_factory.mktemp("organism") / "model")
+
+
+@pytest.fixture(scope="session")
+def baked_dir(tmp_path_factory, organism_dir, calib_dir) -> Path:
+    """A converted organism (convert with discovery, parity checked)."""
+    from surgery.loading import load_model
+    from surgery.pipeline import run_convert
+
+    out = tmp_path_factory.mktemp("baked") / "out"
+    run_convert(load_model(str(organism_dir)), out, images=calib_dir, progress=False)
+    return out
+
+
+def pixels_from(folder: Path, transform, n: int | None = None) -> torch.Tensor:
+    from surgery.images import ImageBatches, list_images
+
+    files = list_images(folder)[:n] if n else list_images(folder)
+    return torch.cat([x for x, _ in ImageBatches(files, transform, 8, progress=False)])
