@@ -16,26 +16,35 @@ FP32_TOLERANCE = 1e-5
 
 @dataclass
 class OutputError:
-    """Worst error of one named output: max |a - b| and that divided by max |reference|."""
+    """Worst error of one named output.
+
+    relative: max over feature vectors (each token of each image, or each pooled vector) of
+    ||baked - reference|| / ||reference||, so a huge register token cannot hide errors elsewhere.
+    max_abs: largest elementwise |baked - reference|. where: (image, token) of the worst vector.
+    """
 
     name: str
     max_abs: float = 0.0
-    ref_scale: float = 0.0
+    relative: float = 0.0
     where: tuple[int, ...] = ()
-
-    @property
-    def relative(self) -> float:
-        return self.max_abs / self.ref_scale if self.ref_scale > 0 else self.max_abs
 
     def update(self, got: torch.Tensor, ref: torch.Tensor, offset: int = 0) -> None:
         if got.shape != ref.shape:
             raise ValueError(f"{self.name}: shape {tuple(got.shape)} != reference {tuple(ref.shape)}")
-        diff = (got.double() - ref.double()).abs()
-        m = float(diff.max()) if diff.numel() else 0.0
-        self.ref_scale = max(self.ref_scale, float(ref.double().abs().max()))
-        if m >= self.max_abs:
-            idx = torch.unravel_index(diff.argmax(), diff.shape)
-            self.max_abs = m
+        if not ref.numel():
+            return
+        g, r = got.double(), ref.double()
+        diff = g - r
+        self.max_abs = max(self.max_abs, float(diff.abs().max()))
+        ref_norm = r.norm(dim=-1)
+        floor = 1e-6 * float(ref_norm.max()) + 1e-30  # vectors that are ~0 are judged against the scale
+        rel = diff.norm(dim=-1) / ref_norm.clamp_min(floor)
+        if not torch.isfinite(rel).all():
+            rel = torch.where(torch.isfinite(rel), rel, torch.full_like(rel, float("inf")))
+        m = float(rel.max())
+        if m >= self.relative or not self.where:
+            idx = torch.unravel_index(rel.argmax(), rel.shape)
+            self.relative = max(m, self.relative)
             self.where = (int(idx[0]) + offset,) + tuple(int(i) for i in idx[1:])
 
     def to_dict(self) -> dict[str, Any]:
@@ -57,18 +66,20 @@ class ParityReport:
         return all(e.relative <= self.tolerance for e in self.outputs.values())
 
     def failures(self) -> list[OutputError]:
+        """Outputs out of tolerance, in forward order (block residuals, tokens, pooled)."""
         return [e for e in self.outputs.values() if e.relative > self.tolerance]
 
     def summary(self) -> str:
         w = self.worst
         verdict = "PASS" if self.passed else "FAIL"
-        where = f" at (image, token, channel) {tuple(w.where)}" if w.where else ""
+        where = f" at (image, token) {tuple(w.where)}" if w.where else ""
+        first = f"; first out of tolerance: {self.failures()[0].name}" if not self.passed else ""
         return (f"parity {verdict}: worst relative error {w.relative:.3g} (tolerance {self.tolerance:g}) "
-                f"in {w.name}{where}, over {self.images} image(s)")
+                f"in {w.name}{where}, over {self.images} image(s){first}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "tolerance": self.tolerance, "images": self.images,
-                "relative_error_definition": "max |baked - reference| / max |reference| per output",
+                "relative_error_definition": "max over feature vectors of ||baked - reference|| / ||reference||",
                 "worst": self.worst.to_dict(),
                 "outputs": [e.to_dict() for e in self.outputs.values()]}
 
@@ -82,8 +93,9 @@ def _capture(model: nn.Module, fam: Family, pixels: torch.Tensor) -> dict[str, t
     finally:
         for h in hs:
             h.remove()
-    out = {"pooled": pooled, "tokens": tokens}
-    out.update({f"block{i}.residual": r for i, r in enumerate(res)})
+    # forward order, so the first failing output is where the divergence starts
+    out = {f"block{i}.residual": r for i, r in enumerate(res)}
+    out.update({"tokens": tokens, "pooled": pooled})
     return out
 
 
@@ -98,7 +110,7 @@ def check_parity(
     tolerance: float = FP32_TOLERANCE,
 ) -> ParityReport:
     """Compare `baked` with `source` under the hooked reference: pooled output, every token (register
-    included) and every block's residual stream. Relative error = max abs error / max |reference|."""
+    included) and every block's residual stream. Relative error: see OutputError."""
     fam = family or family_for(source)
     report = ParityReport(tolerance=tolerance)
     source.eval()

@@ -1,0 +1,300 @@
+"""HF transformers vision towers: `CLIPVisionModel` / `CLIPModel` and `Dinov2Model` (+ with registers).
+
+- CLIP (`CLIPVisionModel`, `CLIPVisionModelWithProjection`, `CLIPModel` through its `vision_model`):
+  `encoder.layers[i].mlp.{fc1, activation_fn, fc2}`, attention `self_attn.{q,k}_proj` after
+  `layer_norm1`, registers enter `pre_layrnorm` (CLIP's ln_pre). Pooled = `pooler_output`
+  (post_layernorm of token 0); `CLIPModel` and `...WithProjection` pool the projected image embedding.
+  Tokens = `last_hidden_state` (the encoder output, before post_layernorm, as HF returns it).
+- DINOv2 (`Dinov2Model`, `Dinov2WithRegistersModel`): `encoder.layer[i].mlp.{fc1, activation_fn, fc2}`
+  or the SwiGLU FFN `{gate_proj, up_proj, down_proj}` (units of the gated hidden layer); there is no
+  pre-norm, so registers are inserted at the end of the embeddings (`embeddings.dropout` is wrapped:
+  after the positional embedding, before block 0). Prefix = CLS (+ the trained registers).
+  Pooled = `pooler_output` (layernormed CLS = token 0), tokens = `last_hidden_state`.
+
+Token layout of a baked model's `last_hidden_state`: [CLS, trained registers (DINOv2-reg only),
+R test-time registers, patches]; patch tokens start at `num_prefix_tokens` (an attribute the adapter
+keeps on the vision tower). HF's own pooling only reads token 0, so it is unaffected.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ModelInputError
+from ..modules import MlpWeights, RegisterMlp
+from .base import AttentionParts, Family, register_family
+
+# Preprocessing defaults when a model comes without preprocessor_config.json.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+PREFIX_ATTR = "num_prefix_tokens"  # kept on the vision tower: tokens before the patches
+PREPROCESS_ATTR = "surgery_preprocess"  # optional dict set by the loader (from preprocessor_config.json)
+
+
+def _hf_classes(*names: str) -> tuple[type, ...]:
+    import transformers
+
+    out = []
+    for n in names:
+        cls = getattr(transformers, n, None)
+        if cls is not None:
+            out.append(cls)
+    return tuple(out)
+
+
+class _HFVisionFamily(Family):
+    """Shared parts of the HF adapters: config-driven sizes, preprocessing, the prefix attribute."""
+
+    default_mean: tuple[float, ...] = IMAGENET_MEAN
+    default_std: tuple[float, ...] = IMAGENET_STD
+    default_crop_pct: float = 1.0
+
+    def vision(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def embed_dim(self, model: nn.Module) -> int:
+        return int(self.vision(model).config.hidden_size)
+
+    def default_prefix(self, vision: nn.Module) -> int:
+        return 1
+
+    def num_prefix_tokens(self, model: nn.Module) -> int:
+        v = self.vision(model)
+        n = getattr(v, PREFIX_ATTR, None)
+        return int(n) if n is not None else self.default_prefix(v)
+
+    def set_num_prefix_tokens(self, model: nn.Module, n: int) -> None:
+        # HF pools token 0 (CLS) in both families, so only our own bookkeeping needs the count.
+        setattr(self.vision(model), PREFIX_ATTR, int(n))
+
+    def get_mlp(self, block: nn.Module) -> nn.Module:
+        return block.mlp
+
+    def set_mlp(self, block: nn.Module, mlp: nn.Module) -> None:
+        block.mlp = mlp
+
+    # --- preprocessing -----------------------------------------------------------------------
+    def preprocess_config(self, model: nn.Module) -> dict:
+        """{'input_size', 'mean', 'std', 'crop_pct', 'interpolation', 'crop_mode'} for timm's transform."""
+        v = self.vision(model)
+        cfg = getattr(model, PREPROCESS_ATTR, None) or getattr(v, PREPROCESS_ATTR, None)
+        if cfg:
+            return dict(cfg)
+        size = v.config.image_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return {"input_size": (3, int(h), int(w)), "mean": tuple(self.default_mean), "std": tuple(self.default_std),
+                "crop_pct": self.default_crop_pct, "interpolation": "bicubic", "crop_mode": "center"}
+
+    def input_size(self, model: nn.Module) -> tuple[int, int, int]:
+        return tuple(self.preprocess_config(model)["input_size"])  # type: ignore[return-value]
+
+    def data_transform(self, model: nn.Module) -> Callable:
+        import timm.data
+
+        cfg = self.preprocess_config(model)
+        return timm.data.create_transform(input_size=tuple(cfg["input_size"]), interpolation=cfg["interpolation"],
+                                          mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), crop_pct=cfg["crop_pct"],
+                                          crop_mode=cfg.get("crop_mode", "center"), is_training=False)
+
+    # --- MLPs ------------------------------------------------------------------------------
+    def _plain_mlp_weights(self, mlp: nn.Module) -> MlpWeights:
+        return MlpWeights(mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, mlp.activation_fn, gated=False)
+
+    def _copy_linear(self, lin: nn.Linear, w: torch.Tensor, b: torch.Tensor | None) -> None:
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if b is not None:
+                lin.bias.copy_(b)
+
+
+class HFClipVision(_HFVisionFamily):
+    """`CLIPVisionModel`, `CLIPVisionModelWithProjection` and the vision tower of `CLIPModel`."""
+
+    name = "hf_clip"
+    default_mean = CLIP_MEAN
+    default_std = CLIP_STD
+
+    def _classes(self) -> tuple[type, ...]:
+        return _hf_classes("CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel")
+
+    def matches(self, model: nn.Module) -> bool:
+        try:
+            return isinstance(model, self._classes())
+        except ImportError:
+            return False
+
+    def vision(self, model: nn.Module) -> nn.Module:
+        return model.vision_model if hasattr(model, "vision_model") else model
+
+    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
+        return list(self.vision(model).encoder.layers)
+
+    def mlp_weights(self, mlp: nn.Module) -> MlpWeights:
+        if isinstance(mlp, RegisterMlp):
+            return mlp.merged_weights()
+        if hasattr(mlp, "fc1") and hasattr(mlp, "fc2") and hasattr(mlp, "activation_fn"):
+            return self._plain_mlp_weights(mlp)
+        raise ModelInputError(f"unsupported HF CLIP MLP type {type(mlp).__name__}")
+
+    def make_mlp(self, weights: MlpWeights) -> nn.Module:
+        from transformers import CLIPVisionConfig
+        from transformers.models.clip.modeling_clip import CLIPMLP
+
+        if weights.gated:
+            raise ModelInputError("HF CLIP has no gated MLPs")
+        D, H = weights.fc1_weight.shape[1], weights.hidden
+        mlp = CLIPMLP(CLIPVisionConfig(hidden_size=D, intermediate_size=H))
+        mlp.activation_fn = weights.act
+        mlp = mlp.to(weights.fc1_weight.device, weights.fc1_weight.dtype)
+        self._copy_linear(mlp.fc1, weights.fc1_weight, weights.fc1_bias)
+        self._copy_linear(mlp.fc2, weights.fc2_weight, weights.fc2_bias)
+        return mlp
+
+    def down_proj(self, mlp: nn.Module) -> nn.Module:
+        return mlp.fc2
+
+    def insertion_point(self, model: nn.Module) -> tuple[nn.Module, str]:
+        return self.vision(model), "pre_layrnorm"
+
+    def attention(self, block: nn.Module) -> AttentionParts:
+        a = block.self_attn
+        return AttentionParts(norm=block.layer_norm1, q_weight=a.q_proj.weight, q_bias=a.q_proj.bias,
+                              k_weight=a.k_proj.weight, k_bias=a.k_proj.bias, num_heads=int(a.num_heads))
+
+    def patch_embed(self, model: nn.Module) -> nn.Conv2d:
+        return self.vision(model).embeddings.patch_embedding
+
+    def _run(self, model: nn.Module, pixels: torch.Tensor):
+        v = self.vision(model)
+        return v(pixel_values=pixels, return_dict=True)
+
+    def _pool(self, model: nn.Module, out) -> torch.Tensor:
+        pooled = out.pooler_output
+        proj = getattr(model, "visual_projection", None)
+        return proj(pooled) if proj is not None else pooled
+
+    def forward_tokens(self, model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        return self._run(model, pixels).last_hidden_state
+
+    def forward_pooled(self, model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        return self._pool(model, self._run(model, pixels))
+
+    def forward_both(self, model: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self._run(model, pixels)
+        return self._pool(model, out), out.last_hidden_state
+
+
+class HFDinov2(_HFVisionFamily):
+    """`Dinov2Model` and `Dinov2WithRegistersModel` (plain GELU MLP or SwiGLU FFN, LayerScale)."""
+
+    name = "hf_dinov2"
+    default_crop_pct = 224 / 256
+
+    def _classes(self) -> tuple[type, ...]:
+        return _hf_classes("Dinov2Model", "Dinov2WithRegistersModel")
+
+    def matches(self, model: nn.Module) -> bool:
+        try:
+            return isinstance(model, self._classes())
+        except ImportError:
+            return False
+
+    def default_prefix(self, vision: nn.Module) -> int:
+        return 1 + int(getattr(vision.config, "num_register_tokens", 0) or 0)
+
+    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
+        return list(model.encoder.layer)
+
+    @staticmethod
+    def _is_swiglu(mlp: nn.Module) -> bool:
+        return all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj"))
+
+    def mlp_weights(self, mlp: nn.Module) -> MlpWeights:
+        if isinstance(mlp, RegisterMlp):
+            return mlp.merged_weights()
+        if self._is_swiglu(mlp):
+            g, u = mlp.gate_proj, mlp.up_proj
+            w = torch.cat([g.weight, u.weight])
+            b = None if g.bias is None else torch.cat([g.bias, u.bias])
+            return MlpWeights(w, b, mlp.down_proj.weight, mlp.down_proj.bias, mlp.act_fn, gated=True)
+        if hasattr(mlp, "weights_in"):  # packed SwiGLU of older transformers
+            return MlpWeights(mlp.weights_in.weight, mlp.weights_in.bias, mlp.weights_out.weight,
+                              mlp.weights_out.bias, nn.SiLU(), gated=True)
+        if hasattr(mlp, "fc1") and hasattr(mlp, "fc2") and hasattr(mlp, "activation_fn"):
+            return self._plain_mlp_weights(mlp)
+        raise ModelInputError(f"unsupported HF DINOv2 MLP type {type(mlp).__name__}")
+
+    def make_mlp(self, weights: MlpWeights) -> nn.Module:
+        from transformers.models.dinov2 import modeling_dinov2 as md
+
+        D, H = weights.fc1_weight.shape[1], weights.hidden
+        ref = weights.fc1_weight
+        if weights.gated:
+            mlp = md.Dinov2SwiGLUFFN.__new__(md.Dinov2SwiGLUFFN)
+            nn.Module.__init__(mlp)
+            mlp.gate_proj = nn.Linear(D, H, bias=weights.fc1_bias is not None)
+            mlp.up_proj = nn.Linear(D, H, bias=weights.fc1_bias is not None)
+            mlp.down_proj = nn.Linear(H, weights.fc2_weight.shape[0], bias=weights.fc2_bias is not None)
+            mlp.act_fn = weights.act
+            mlp = mlp.to(ref.device, ref.dtype)
+            gb = ub = None
+            if weights.fc1_bias is not None:
+                gb, ub = weights.fc1_bias[:H], weights.fc1_bias[H:]
+            self._copy_linear(mlp.gate_proj, weights.fc1_weight[:H], gb)
+            self._copy_linear(mlp.up_proj, weights.fc1_weight[H:], ub)
+            self._copy_linear(mlp.down_proj, weights.fc2_weight, weights.fc2_bias)
+            return mlp
+        mlp = md.Dinov2MLP.__new__(md.Dinov2MLP)
+        nn.Module.__init__(mlp)
+        mlp.activation_fn = weights.act
+        mlp.fc1 = nn.Linear(D, H, bias=weights.fc1_bias is not None)
+        mlp.fc2 = nn.Linear(H, weights.fc2_weight.shape[0], bias=weights.fc2_bias is not None)
+        mlp = mlp.to(ref.device, ref.dtype)
+        self._copy_linear(mlp.fc1, weights.fc1_weight, weights.fc1_bias)
+        self._copy_linear(mlp.fc2, weights.fc2_weight, weights.fc2_bias)
+        return mlp
+
+    def down_proj(self, mlp: nn.Module) -> nn.Module:
+        if isinstance(mlp, RegisterMlp):
+            return mlp.fc2
+        if self._is_swiglu(mlp):
+            return mlp.down_proj
+        if hasattr(mlp, "weights_out"):
+            return mlp.weights_out
+        return mlp.fc2
+
+    def insertion_point(self, model: nn.Module) -> tuple[nn.Module, str]:
+        # No pre-norm: the last op of the embeddings (dropout, after the positional embedding and the
+        # trained registers) is where test-time registers enter.
+        return model.embeddings, "dropout"
+
+    def attention(self, block: nn.Module) -> AttentionParts:
+        a = block.attention
+        if not hasattr(a, "q_proj"):
+            raise ModelInputError(f"unsupported HF DINOv2 attention module {type(a).__name__}")
+        return AttentionParts(norm=block.norm1, q_weight=a.q_proj.weight, q_bias=a.q_proj.bias,
+                              k_weight=a.k_proj.weight, k_bias=a.k_proj.bias, num_heads=int(a.num_attention_heads))
+
+    def patch_embed(self, model: nn.Module) -> nn.Conv2d:
+        return model.embeddings.patch_embeddings.projection
+
+    def forward_tokens(self, model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        return model(pixel_values=pixels, return_dict=True).last_hidden_state
+
+    def forward_pooled(self, model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        return model(pixel_values=pixels, return_dict=True).pooler_output
+
+    def forward_both(self, model: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = model(pixel_values=pixels, return_dict=True)
+        return out.pooler_output, out.last_hidden_state
+
+
+HF_CLIP = register_family(HFClipVision())
+HF_DINOV2 = register_family(HFDinov2())
+
+from .. import loaders_hf  # noqa: E402,F401  (registers the HF transformers loader)
