@@ -15,9 +15,10 @@ from .modules import PrependRegisters, RegisterMlp
 from .parity import ParityReport, check_parity
 from .recipe import Recipe, read_neurons_file
 from .reference import hooked_reference
+from .loaders_open_clip import open_clip_load  # noqa: E402  (one-call loader for open_clip outputs)
 
 __all__ = [
     "DiscoveryConfig", "DiscoveryResult", "ParityReport", "PrependRegisters", "Recipe", "RegisterMlp",
     "SurgeryError", "bake_registers", "check_parity", "find_register_neurons", "hooked_reference",
-    "read_neurons_file", "register_token_indices", "unbake",
+    "open_clip_load", "read_neurons_file", "register_token_indices", "unbake",
 ]

@@ -83,7 +83,7 @@ class ImageBatches:
         self.skipped.clear()
         batch: list[torch.Tensor] = []
         paths: list[Path] = []
-        bar = tqdm(self.files, desc=self.desc, unit="img", disable=not self.progress, leave=False)
+        bar = tqdm(self.files, desc=self.desc, unit="img", disable=None if self.progress else True, leave=False)  # None: off when not a TTY
         for path in bar:
             try:
                 img = load_image(path)

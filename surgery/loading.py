@@ -204,3 +204,5 @@ def timm_loader(spec: str, opts: LoadOptions) -> Optional[LoadedModel]:
 
 
 register_loader(timm_loader)
+
+from . import loaders_open_clip  # noqa: E402,F401  (registers the open_clip loader)

@@ -1,0 +1,157 @@
+"""Shared helpers for the PyTorch benchmarks (bench_discovery, bench_latency, bench_naive).
+
+Benchmarks are scripts, not tests: they print their numbers and, with --write, replace their own
+section of benchmarks/RESULTS.md (other sections, e.g. the ONNX exporter's, are left untouched).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+ARCH = "vit_base_patch16_clip_224"  # OpenCLIP ViT-B/16 shape: 12 blocks, width 768, MLP 3072, 197 tokens
+# ~10 register neurons in blocks <= 5, spread like the published OpenCLIP B/16 set (several blocks split).
+BENCH_RECIPE = {2: [17, 101, 500], 3: [42, 1000, 2000], 4: [7, 300], 5: [1234, 3000]}
+# Neurons planted into the random ViT-B for the discovery benchmarks (dark-patch triggers in block 1 fire
+# reliably at this width, so the planted units produce real high-norm outliers at the last block).
+PLANT = {1: [(17, -1), (101, -1), (500, -1), (900, -1), (1300, -1)]}
+
+
+def set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def build_vitb(seed: int = 0, plant: bool = False):
+    """Random-weight ViT-B/16 (CLIP layout) in eval mode; optionally with planted register neurons.
+
+    crop_pct=1.0 makes the eval transform resize 224-px images to themselves, so planted triggers on
+    16-px patch-aligned squares stay patch-aligned (the default 0.9 crop would blur them).
+    """
+    import timm
+    import torch
+
+    torch.manual_seed(seed)
+    model = timm.create_model(ARCH, pretrained=False, pretrained_cfg_overlay=dict(crop_pct=1.0)).eval()
+    if plant:
+        from surgery.organism import plant_register_neurons
+
+        plant_register_neurons(model, PLANT, seed=seed, cls_token=model.cls_token, pos_embed=model.pos_embed,
+                               pos_includes_cls=not model.no_embed_class)
+    return model
+
+
+def write_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
+    """`count` 224-px organism calibration PNGs (smooth texture plus 16-px dark/bright squares)."""
+    from surgery.organism import write_organism_images
+
+    return write_organism_images(folder, count=count, seed=seed, size=224, patch=16)
+
+
+def work_dir(name: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f"vitsurgery-bench-{name}-"))
+
+
+def machine() -> str:
+    model_name = "unknown CPU"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        m = re.search(r"^Model name:\s*(.+)$", out, re.M)
+        if m:
+            model_name = m.group(1).strip()
+    except OSError:
+        pass
+    import torch
+
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{model_name}, {os.cpu_count()} cores, {mem_gib:.0f} GiB RAM, {platform.system()} "
+            f"{platform.release()}, Python {platform.python_version()}, torch {torch.__version__}, "
+            f"torch threads {torch.get_num_threads()}")
+
+
+def load_average() -> str:
+    try:
+        a = os.getloadavg()
+        return f"{a[0]:.2f} / {a[1]:.2f} / {a[2]:.2f}"
+    except OSError:
+        return "n/a"
+
+
+def today() -> str:
+    return _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+
+
+def command_line() -> str:
+    rel = os.path.relpath(sys.argv[0], ROOT)
+    return " ".join([".venv/bin/python", rel, *sys.argv[1:]])
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def interleave(arms: dict[str, Callable[[], object]], rounds: int, sync: Callable[[], None] = lambda: None
+               ) -> dict[str, list[float]]:
+    """Time each arm once per round; the order alternates (A B C, C B A, ...) so drift cancels."""
+    names = list(arms)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            sync()
+            t = time.perf_counter()
+            arms[n]()
+            sync()
+            times[n].append(time.perf_counter() - t)
+    return times
+
+
+def paired_ratio(num: list[float], den: list[float]) -> float:
+    """Median over rounds of num[i] / den[i] (each round's arms ran side by side)."""
+    return median([a / b for a, b in zip(num, den)])
+
+
+def met(ok: bool) -> str:
+    return "**met**" if ok else "**missed**"
+
+
+def write_section(title: str, body: str, path: Path = RESULTS) -> None:
+    """Replace (or append) the `## title` section of RESULTS.md, leaving every other section alone."""
+    header = ("# Benchmark results\n\nNumbers are ratios measured side by side in one run on a shared, noisy "
+              "machine; see benchmarks/README.md for the commands. Each section names its machine, command "
+              "and date.\n")
+    text = path.read_text(encoding="utf-8") if path.exists() else header
+    block = f"## {title}\n\n{body.strip()}\n"
+    pat = re.compile(rf"^## {re.escape(title)}[ \t]*\n.*?(?=^## |\Z)", re.M | re.S)
+    if pat.search(text):
+        text = pat.sub(lambda _m: block + "\n", text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    text = text.rstrip("\n") + "\n"
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def context_lines(extra: str = "") -> str:
+    return (f"- Machine: {machine()}\n- Command: `{command_line()}`\n- Date: {today()} "
+            f"(load average at the end: {load_average()}; other jobs shared the 2 cores){extra}\n")

@@ -1,0 +1,689 @@
+"""`vit-surgery inspect`: a self-contained before/after report of what the fix does to a model.
+
+The report folder holds report.html (every picture embedded as a base64 data URI: no network, no
+sibling files needed), the same pictures as PNGs, and summary.json with every number shown.
+
+Which two models are compared:
+- `write_report(MODEL, OUT)`: an original model and its converted folder;
+- `write_report(OUT)`: a converted folder alone; the original is its un-baked copy (`unbake` on a
+  deep copy, exact because baking only permutes the original weights);
+- `write_report(MODEL)`: a plain model; the baked side is baked in memory from `neurons=` (a
+  neurons file or a published set) if given, else from register neurons found on the report's own
+  images. Discovery is one forward pass over those images, the same cost as the diagnostics
+  themselves, so it always runs; when it finds no outliers the report shows the original only and
+  says so.
+
+The neuron ranking comes from the discovery record that produced the baked model when one can be
+found (`neurons=` file, OUT/neurons.json, OUT/surgery.json "discovery", or a neurons.json next to
+OUT that names the same neurons); otherwise discovery runs on the report's images.
+"""
+from __future__ import annotations
+
+import base64
+import copy
+import html
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import numpy as np
+import torch
+
+from .bake import bake_registers, register_token_indices
+from .discovery import AUTO_FACTOR, DiscoveryConfig, emergence_layer, find_register_neurons, outlier_mask
+from .effect import effect_metrics, token_diagnostics
+from .errors import ModelInputError, NoOutliersError
+from .images import ImageBatches, list_images
+from .loading import LoadedModel, LoadOptions, load_model
+from .recipe import Recipe
+
+DEFAULT_NUM_IMAGES = 64  # images measured (a seeded sample when the folder has more)
+DEFAULT_SHOW = 6  # images drawn in the norm and attention maps
+RANKING_BARS = 40  # ranked units drawn (at least the cut + 10)
+
+PNG_FILES = ("layer_norms.png", "norm_maps.png", "attention_maps.png", "neuron_ranking.png")
+
+METRIC_ROWS = [  # (key, label, format)
+    ("outlier_share", "outlier share of patch tokens", "{:.2%}"),
+    ("max_over_median_patch_norm", "max / median patch-token norm", "{:.2f}"),
+    ("max_patch_norm", "max patch-token norm", "{:.3g}"),
+    ("median_patch_norm", "median patch-token norm", "{:.3g}"),
+    ("cls_attention_top_patch_mass", "CLS attention mass on the top 1 % of patches", "{:.2%}"),
+    ("cls_attention_entropy", "CLS attention entropy, all tokens (nats)", "{:.3f}"),
+    ("cls_patch_attention_entropy", "CLS attention entropy over patches, renormalised (nats)", "{:.3f}"),
+    ("cls_attention_register_mass", "CLS attention mass on the test-time register(s)", "{:.2%}"),
+    ("register_norm", "test-time register token norm", "{:.3g}"),
+]
+
+
+# ---- models -----------------------------------------------------------------------------------
+
+@dataclass
+class Pair:
+    original: LoadedModel
+    baked: Optional[LoadedModel]
+    how: str  # how the baked side was obtained
+    ranking_doc: Optional[dict[str, Any]] = None
+    ranking_source: str = ""
+    notes: list[str] = field(default_factory=list)
+    original_label: str = ""
+    original_suffix: str = ""  # e.g. " (un-baked copy)"
+    baked_label: Optional[str] = None  # None: baked in memory
+
+
+def _files(images: Any, num_images: Optional[int], seed: int) -> list[Path]:
+    if isinstance(images, (str, Path)):
+        return list_images(images, num_images, seed)
+    files = [Path(p) for p in images]
+    if num_images is not None and len(files) > num_images:
+        import random
+
+        files = sorted(random.Random(seed).sample(files, num_images))
+    return files
+
+
+def _read_json(path: Path) -> Optional[dict[str, Any]]:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _same_neurons(doc: dict[str, Any], recipe: Recipe) -> bool:
+    try:
+        return Recipe.from_dict(doc).neurons == recipe.neurons
+    except Exception:
+        return False
+
+
+def _find_ranking(folder: Path, recipe: Recipe) -> tuple[Optional[dict[str, Any]], str]:
+    """The discovery record that produced the converted folder, if it is around."""
+    cands = [(folder / "neurons.json", None), (folder / "surgery.json", "discovery"),
+             (folder.parent / "neurons.json", None)]
+    for path, key in cands:
+        doc = _read_json(path) if path.is_file() else None
+        if doc is not None and key:
+            doc = doc.get(key) if isinstance(doc.get(key), dict) else None
+        if doc is not None and isinstance(doc.get("scores"), list) and _same_neurons(doc, recipe):
+            return doc, str(path) + (f' ("{key}")' if key else "")
+    return None, ""
+
+
+def _discover(loaded: LoadedModel, files: list[Path], cfg: DiscoveryConfig, progress: bool) -> dict[str, Any]:
+    res = find_register_neurons(loaded.model, files, cfg, family=loaded.family, transform=loaded.transform,
+                                progress=progress, provenance={"model": loaded.spec, "images": "report images"})
+    return res.to_json()
+
+
+def resolve_pair(model_spec: str, baked_spec: Optional[str], files: list[Path], *, options: Optional[LoadOptions],
+                 neurons: Optional[str], cfg: DiscoveryConfig, progress: bool) -> Pair:
+    from .knn_eval import original_and_baked
+    from .pipeline import resolve_recipe
+
+    if baked_spec is not None:
+        original, baked = original_and_baked(model_spec, baked_spec, options)
+        pair = Pair(original, baked, "converted folder", original_label=model_spec, baked_label=baked_spec)
+        folder = Path(baked_spec)
+    else:
+        first = load_model(model_spec, options)
+        if first.recipe is not None:
+            original, baked = _unbaked(first)
+            pair = Pair(original, baked, "converted folder; the original is its un-baked copy (exact)",
+                        original_label=model_spec, original_suffix=" (un-baked copy)", baked_label=model_spec)
+            folder = Path(model_spec)
+        else:
+            folder = None
+            if neurons:
+                recipe, doc = resolve_recipe(first, neurons, {})
+                pair = Pair(first, None, f"baked in memory from {neurons}", original_label=model_spec)
+                if isinstance(doc.get("scores"), list):
+                    pair.ranking_doc, pair.ranking_source = doc, neurons
+            else:
+                try:
+                    doc = _discover(first, files, cfg, progress)
+                except NoOutliersError as e:
+                    return Pair(first, None, "not baked", notes=[f"discovery found nothing to fix: {e}"],
+                                original_label=model_spec)
+                recipe = Recipe.from_dict(doc)
+                pair = Pair(first, None, "baked in memory from register neurons found on these images",
+                            ranking_doc=doc, ranking_source="discovery on the report images",
+                            original_label=model_spec)
+            baked = copy.copy(first)
+            baked.model = bake_registers(copy.deepcopy(first.model), recipe, first.family)
+            baked.recipe = recipe
+            pair.baked = baked
+    if pair.ranking_doc is None and folder is not None and folder.is_dir():
+        pair.ranking_doc, pair.ranking_source = _find_ranking(folder, pair.baked.recipe)
+    if pair.ranking_doc is None:
+        try:
+            pair.ranking_doc = _discover(pair.original, files, cfg, progress)
+            pair.ranking_source = "discovery on the report images (no discovery record found with the model)"
+            if not _same_neurons(pair.ranking_doc, pair.baked.recipe):
+                pair.notes.append("discovery on the report images chose other neurons than the baked model holds; "
+                                  "the ranking shows what these images point to")
+        except NoOutliersError as e:
+            pair.notes.append(f"no neuron ranking: {e}")
+    return pair
+
+
+def _unbaked(first: LoadedModel) -> tuple[LoadedModel, LoadedModel]:
+    from .bake import unbake
+
+    original = copy.copy(first)
+    original.model = copy.deepcopy(first.model)
+    unbake(original.model, first.family)
+    original.recipe = None
+    original.spec = f"{first.spec} (un-baked)"
+    return original, first
+
+
+# ---- measuring --------------------------------------------------------------------------------
+
+def _grid(loaded: LoadedModel, model: torch.nn.Module, n_patches: int) -> tuple[int, int]:
+    try:
+        _, H, W = loaded.family.input_size(model)
+        kh, kw = loaded.family.patch_embed(model).kernel_size
+        if (H // kh) * (W // kw) == n_patches:
+            return H // kh, W // kw
+    except Exception:
+        pass
+    s = int(round(math.sqrt(n_patches)))
+    return (s, s) if s * s == n_patches else (1, n_patches)
+
+
+def _normalize_stats(transform: Any) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    for t in getattr(transform, "transforms", []) or []:
+        if hasattr(t, "mean") and hasattr(t, "std"):
+            return np.asarray(t.mean, dtype=np.float64).reshape(3, 1, 1), np.asarray(t.std, dtype=np.float64).reshape(3, 1, 1)
+    return None
+
+
+def _display_pixels(x: torch.Tensor, stats: Optional[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    a = x.detach().float().cpu().numpy().astype(np.float64)
+    if stats is not None:
+        a = a * stats[1] + stats[0]
+    else:
+        a = (a - a.min()) / max(a.max() - a.min(), 1e-12)
+    return np.clip(a.transpose(1, 2, 0), 0.0, 1.0)
+
+
+class _Mean:
+    """Weighted running mean of flat metric dicts (None and text values are kept from the first batch)."""
+
+    def __init__(self) -> None:
+        self.sum: dict[str, float] = {}
+        self.n = 0
+        self.other: dict[str, Any] = {}
+
+    def add(self, d: dict[str, Any], w: int) -> None:
+        for k, v in d.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                self.sum[k] = self.sum.get(k, 0.0) + float(v) * w
+            else:
+                self.other.setdefault(k, v)
+        self.n += w
+
+    def result(self) -> dict[str, Any]:
+        out = dict(self.other)
+        out.update({k: v / max(self.n, 1) for k, v in self.sum.items()})
+        return out
+
+
+@dataclass
+class SideTrace:
+    median: list[float]
+    p99: list[float]
+    max: list[float]
+    register: Optional[list[float]] = None
+
+
+def _layer_stats(norms: torch.Tensor, p: int) -> torch.Tensor:
+    """[L, B, N] -> per layer and image: median, p99, max of patch-token norms [L, B, 3]."""
+    patch = norms[:, :, p:].float()
+    q = torch.quantile(patch, torch.tensor([0.5, 0.99], device=patch.device), dim=2)  # [2, L, B]
+    return torch.stack([q[0], q[1], patch.max(2).values], dim=-1)
+
+
+@dataclass
+class Measurement:
+    images: list[str]
+    metrics: dict[str, dict[str, Any]]
+    trace: dict[str, SideTrace]
+    outlier_ratio: list[float]  # original: mean norm / median at detect-layer outlier positions, per layer
+    emergence: Optional[int]
+    cosine: list[float]
+    show: list[dict[str, Any]]  # per shown image: name, pixels, norms/attn per side, outlier mask
+    grid: tuple[int, int]
+    detect_layer: int
+    depth: int
+    skipped: int
+
+
+def _side_diag(loaded: LoadedModel, model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    d = token_diagnostics(model, x, family=loaded.family)
+    return d
+
+
+@torch.inference_mode()
+def measure(pair: Pair, files: list[Path], *, detect_layer: Optional[int], threshold: float | str, batch_size: int,
+            show: int, progress: bool) -> Measurement:
+    fam = pair.original.family
+    orig = pair.original.model
+    baked = pair.baked.model if pair.baked is not None else None
+    depth = len(fam.blocks(orig))
+    det = depth - 1 if detect_layer is None else (detect_layer + depth if detect_layer < 0 else detect_layer)
+    if not 0 <= det < depth:
+        raise ModelInputError(f"--detect-layer {detect_layer} out of range (model has {depth} blocks)")
+    p_o = fam.num_prefix_tokens(orig)
+    p_b = fam.num_prefix_tokens(baked) if baked is not None else 0
+    regs = register_token_indices(baked, fam) if baked is not None else []
+    device = next(orig.parameters()).device
+    dtype = next(orig.parameters()).dtype
+    stats_px = _normalize_stats(pair.original.transform)
+    means = {"original": _Mean(), "baked": _Mean()}
+    layer_sum = {"original": torch.zeros(depth, 3, dtype=torch.float64), "baked": torch.zeros(depth, 3, dtype=torch.float64)}
+    reg_sum = torch.zeros(depth, dtype=torch.float64)
+    ratio_sum = torch.zeros(depth, dtype=torch.float64)
+    with_outliers = 0
+    cosine: list[float] = []
+    names: list[str] = []
+    shown: list[dict[str, Any]] = []
+    grid: Optional[tuple[int, int]] = None
+    batches = ImageBatches(files, pair.original.transform, batch_size, progress=progress, desc="inspecting")
+    for pixels, paths in batches:
+        x = pixels.to(device=device, dtype=dtype)
+        B = x.shape[0]
+        sides = {"original": (orig, _side_diag(pair.original, orig, x), p_o, [])}
+        if baked is not None:
+            sides["baked"] = (baked, _side_diag(pair.baked, baked, x), p_b, regs)
+        per_image: dict[str, dict[str, torch.Tensor]] = {}
+        for name, (model, d, p, r) in sides.items():
+            m = effect_metrics(d, p, r, detect_layer=det, threshold=threshold)
+            cls = d["attn"][:, :, 0, :].float().mean(1)  # [B, N], averaged over heads
+            patch_attn = cls[:, p:] / cls[:, p:].sum(1, keepdim=True).clamp_min(1e-12)
+            m["cls_patch_attention_entropy"] = float(
+                -(patch_attn.clamp_min(1e-12) * patch_attn.clamp_min(1e-12).log()).sum(1).mean())
+            means[name].add(m, B)
+            layer_sum[name] += _layer_stats(d["norms"], p).sum(1).double().cpu()
+            if r:
+                reg_sum += d["norms"][:, :, r].float().mean(2).sum(1).double().cpu()
+            mask, _ = outlier_mask(d["norms"][det], p, threshold, include_prefix=False)
+            per_image[name] = {"norms": d["norms"][det][:, p:].float().cpu(), "attn": cls[:, p:].cpu(),
+                               "mask": mask[:, p:].cpu(), "pooled": d["pooled"].float().cpu(),
+                               "register_attn": cls[:, r].sum(1).cpu() if r else None}
+            if name == "original":  # where outliers appear: their norm / the layer median, per block
+                has = mask.any(1)
+                if has.any():
+                    n = d["norms"].float()  # [L, B, N]
+                    med = n[:, :, p:].median(2).values  # [L, B]
+                    out_mean = (n * mask).sum(2) / mask.sum(1).clamp(min=1)  # [L, B]
+                    ratio_sum += (out_mean / med)[:, has].sum(1).double().cpu()
+                    with_outliers += int(has.sum())
+        if grid is None:
+            grid = _grid(pair.original, orig, per_image["original"]["norms"].shape[1])
+        if baked is not None:
+            cosine += torch.nn.functional.cosine_similarity(per_image["original"]["pooled"].double(),
+                                                            per_image["baked"]["pooled"].double(), dim=1).tolist()
+        for i, path in enumerate(paths):
+            names.append(Path(path).name)
+            if len(shown) < show:
+                item = {"name": Path(path).name, "pixels": _display_pixels(pixels[i], stats_px)}
+                for name, d in per_image.items():
+                    item[name] = {"norms": d["norms"][i].numpy(), "attn": d["attn"][i].numpy(),
+                                  "mask": d["mask"][i].numpy(),
+                                  "register_attn": None if d["register_attn"] is None else float(d["register_attn"][i])}
+                shown.append(item)
+    batches.require_some(len(names))
+    n = len(names)
+    trace = {}
+    for name in means:
+        if means[name].n == 0:
+            continue
+        avg = (layer_sum[name] / n).numpy()
+        trace[name] = SideTrace(avg[:, 0].tolist(), avg[:, 1].tolist(), avg[:, 2].tolist(),
+                                (reg_sum / n).tolist() if name == "baked" and regs else None)
+    ratio = (ratio_sum / max(with_outliers, 1)).tolist()
+    emergence = None
+    if with_outliers:
+        emergence = emergence_layer([{"outlier_ratio": r} for r in ratio], det)
+    metrics = {name: mm.result() for name, mm in means.items() if mm.n}
+    return Measurement(images=names, metrics=metrics, trace=trace, outlier_ratio=ratio, emergence=emergence,
+                       cosine=cosine, show=shown, grid=grid or (1, 1), detect_layer=det, depth=depth,
+                       skipped=len(batches.skipped))
+
+
+# ---- figures ----------------------------------------------------------------------------------
+
+def _figure(w: float, h: float):
+    from matplotlib.figure import Figure  # no pyplot: no global backend state (Agg is used to save)
+
+    return Figure(figsize=(w, h), dpi=110, layout="constrained")
+
+
+def _save(fig, path: Path) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    data = buf.getvalue()
+    path.write_bytes(data)
+    return data
+
+
+COLORS = {"median": "#1f77b4", "p99": "#ff7f0e", "max": "#d62728", "register": "#2ca02c"}
+
+
+def plot_layer_norms(m: Measurement, recipe: Optional[Recipe], path: Path) -> bytes:
+    fig = _figure(11, 4.2)
+    ax, ax2 = fig.subplots(1, 2)
+    x = np.arange(m.depth)
+    for side, style in (("original", "-"), ("baked", "--")):
+        t = m.trace.get(side)
+        if t is None:
+            continue
+        for key in ("median", "p99", "max"):
+            ax.plot(x, getattr(t, key), style, color=COLORS[key], marker="o", ms=3,
+                    label=f"{side}: {key} patch norm")
+        if t.register is not None:
+            ax.plot(x, t.register, ":", color=COLORS["register"], marker="s", ms=3, label="baked: register token norm")
+        ratio = np.asarray(t.max) / np.maximum(np.asarray(t.median), 1e-12)
+        ax2.plot(x, ratio, style, color="black" if side == "original" else "#9467bd", marker="o", ms=3,
+                 label=f"{side}: max / median")
+    ax2.axhline(AUTO_FACTOR, color="gray", lw=1, ls=":", label=f"outlier rule ({AUTO_FACTOR:g} x median)")
+    for a in (ax, ax2):
+        if recipe is not None:
+            for i, layer in enumerate(recipe.neurons):
+                a.axvspan(layer - 0.4, layer + 0.4, color="#bcbd22", alpha=0.18, lw=0,
+                          label="blocks with register neurons" if i == 0 else None)
+        if m.emergence is not None:
+            a.axvline(m.emergence, color="#d62728", lw=1, ls="-.", label=f"outliers appear (block {m.emergence})")
+        a.axvline(m.detect_layer, color="gray", lw=0.8, ls="--", alpha=0.6)
+        a.set_xlabel("block (0-based)")
+        a.set_xticks(x)
+        a.set_yscale("log")
+        a.grid(alpha=0.25, which="both")
+    ax.set_ylabel("token L2 norm at block output (mean over images)")
+    ax.set_title("Patch-token norms per block")
+    ax2.set_ylabel("max / median patch-token norm")
+    ax2.set_title(f"Outlier strength per block (dashed grey: detect block {m.detect_layer})")
+    ax.legend(fontsize=7, loc="upper left", ncol=1)
+    ax2.legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"Token norms through the network, {len(m.images)} images (solid: original, dashed: baked)",
+                 fontsize=11)
+    return _save(fig, path)
+
+
+def _maps_figure(m: Measurement, key: str, path: Path, title: str, cbar_label: str, log: bool) -> bytes:
+    from matplotlib.colors import LogNorm, Normalize
+
+    sides = [s for s in ("original", "baked") if s in m.show[0]]
+    rows = len(m.show)
+    gh, gw = m.grid
+    vals = np.concatenate([it[s][key].ravel() for it in m.show for s in sides])
+    if log:
+        pos = vals[vals > 0]
+        lo = float(pos.min()) if pos.size else 1e-6
+        norm = LogNorm(vmin=lo, vmax=max(float(vals.max()), lo * 1.0001))
+    else:
+        norm = Normalize(vmin=0.0, vmax=max(float(vals.max()), 1e-12))
+    fig = _figure(2.3 * (1 + len(sides)) + 1.2, 2.2 * rows + 0.7)
+    axes = np.asarray(fig.subplots(rows, 1 + len(sides), squeeze=False))
+    im = None
+    for r, it in enumerate(m.show):
+        ax = axes[r, 0]
+        ax.imshow(it["pixels"], interpolation="nearest")
+        ax.set_ylabel(it["name"], fontsize=8)
+        ax.set_xticks([]), ax.set_yticks([])
+        if r == 0:
+            ax.set_title("input (as the model sees it)", fontsize=9)
+        for c, s in enumerate(sides, start=1):
+            ax = axes[r, c]
+            grid = it[s][key].reshape(gh, gw)
+            im = ax.imshow(np.clip(grid, norm.vmin, None) if log else grid, cmap="inferno", norm=norm,
+                           interpolation="nearest")
+            ys, xs = np.nonzero(it["original"]["mask"].reshape(gh, gw))
+            if len(xs):
+                ax.scatter(xs, ys, s=60, facecolors="none", edgecolors="#00e5ff", linewidths=1.2,
+                           label="outlier in the original")
+            sub = s
+            if key == "attn" and it[s]["register_attn"] is not None:
+                sub += f" ({it[s]['register_attn']:.0%} on register)"
+            elif key == "attn":
+                sub += f" (max patch {float(it[s][key].max()):.0%})"
+            else:
+                sub += f" (max/median {float(it[s][key].max() / max(np.median(it[s][key]), 1e-12)):.1f})"
+            ax.set_title(sub, fontsize=8)
+            ax.set_xticks([]), ax.set_yticks([])
+    cb = fig.colorbar(im, ax=axes[:, 1:].ravel().tolist(), shrink=0.9, aspect=40)
+    cb.set_label(cbar_label + (" (log scale)" if log else ""))
+    fig.suptitle(title + "\ncyan circles: patches that are outliers in the original; one color scale for both sides",
+                 fontsize=10)
+    return _save(fig, path)
+
+
+def plot_ranking(doc: dict[str, Any], recipe: Optional[Recipe], path: Path) -> bytes:
+    scores = doc.get("scores") or []
+    sel = doc.get("selection") or {}
+    cut = int(sel.get("top_k", 0) or 0)
+    n = min(len(scores), max(RANKING_BARS, cut + 10))
+    s = scores[:n]
+    fig = _figure(11, 4.0)
+    ax = fig.subplots()
+    vals = np.array([float(e["score"]) for e in s])
+    chosen = np.arange(n) < cut
+    ax.bar(np.arange(n)[chosen], vals[chosen], color="#ff7f0e", label=f"chosen: top {cut}")
+    ax.bar(np.arange(n)[~chosen], vals[~chosen], color="#9e9e9e", label="not chosen")
+    if 0 < cut < n:
+        ax.axvline(cut - 0.5, color="#d62728", ls="--", lw=1.2, label="cut")
+    ax.set_xticks(np.arange(n))
+    ax.set_xticklabels([f"{e['layer']}:{e['unit']}" for e in s], rotation=90, fontsize=7)
+    ax.set_xlabel("register-neuron candidates, best first (block:unit)")
+    ax.set_ylabel("score: mean |activation| at outlier positions")
+    if vals.size and vals.min() > 0:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.25, axis="y", which="both")
+    ax.legend(fontsize=8)
+    rule = str(sel.get("rule", ""))
+    ax.set_title(f"Neuron score ranking (top {n} of {len(scores)} candidates), cut: {rule}", fontsize=9, wrap=True)
+    return _save(fig, path)
+
+
+# ---- writing ----------------------------------------------------------------------------------
+
+def _display_spec(spec: str, out_dir: Path) -> str:
+    """Paths inside an output that is still being written (atomic temporary folder) are shown relative
+    to the report, so the report does not name a folder that no longer exists once it is moved."""
+    p = Path(spec)
+    parent = out_dir.resolve().parent
+    if p.exists() and parent.name.startswith(".") and ".partial-" in parent.name:
+        try:
+            return os.path.relpath(p.resolve(), out_dir.resolve())
+        except ValueError:
+            return spec
+    return spec
+
+
+def _fmt(v: Any, f: str) -> str:
+    if v is None:
+        return "–"
+    try:
+        return f.format(v)
+    except (TypeError, ValueError):
+        return html.escape(str(v))
+
+
+def _img(data: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}">'
+
+
+CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1200px;margin:2em auto;
+padding:0 1em;color:#222}h1{font-size:1.5em}h2{font-size:1.15em;margin-top:2em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.3em .7em;text-align:right}
+td:first-child,th:first-child{text-align:left}img{max-width:100%;border:1px solid #eee}
+.note{background:#fff8e1;border-left:4px solid #ffb300;padding:.5em 1em}.small{color:#666;font-size:.9em}
+code{background:#f4f4f4;padding:0 .2em}"""
+
+
+def _html(summary: dict[str, Any], pictures: dict[str, bytes]) -> str:
+    e = html.escape
+    s = summary
+    skipped = f", {s['skipped_images']} unreadable skipped" if s["skipped_images"] else ""
+    parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>vit-surgery report</title>"
+             f"<style>{CSS}</style></head><body>",
+             "<h1>Test-time register: before / after</h1>",
+             "<table>",
+             f"<tr><td>original</td><td>{e(s['original'])}</td></tr>",
+             f"<tr><td>baked</td><td>{e(str(s['baked']))}</td></tr>",
+             f"<tr><td>baked side</td><td>{e(s['baked_side'])}</td></tr>",
+             f"<tr><td>register neurons</td><td>{e(json.dumps(s['recipe']['register_neurons']) if s['recipe'] else '–')}"
+             f"{e(', R = ' + str(s['recipe']['num_registers'])) if s['recipe'] else ''}</td></tr>",
+             f"<tr><td>images</td><td>{s['num_images']} from {e(str(s['images']))}{skipped}</td></tr>",
+             f"<tr><td>measured at</td><td>block {s['detect_layer']} of {s['depth']}; outlier rule: "
+             f"{e(str(s['threshold_rule']))}</td></tr>",
+             "</table>"]
+    for note in s["notes"]:
+        parts.append(f'<p class="note">{e(note)}</p>')
+    parts.append("<h2>Numbers</h2><table><tr><th>metric (mean over images)</th><th>original</th><th>baked</th></tr>")
+    mo, mb = s["metrics"].get("original", {}), s["metrics"].get("baked", {})
+    for key, label, f in METRIC_ROWS:
+        parts.append(f"<tr><td>{e(label)}</td><td>{_fmt(mo.get(key), f) if key in mo else '–'}</td>"
+                     f"<td>{_fmt(mb.get(key), f) if key in mb else '–'}</td></tr>")
+    cos = s.get("pooled_cosine_similarity")
+    if cos:
+        parts.append(f"<tr><td>cosine similarity of pooled outputs, original vs baked</td>"
+                     f"<td colspan=\"2\">mean {cos['mean']:.6f}, min {cos['min']:.6f}</td></tr>")
+    parts.append("</table>")
+    parts.append('<p class="small">Outlier: a patch token whose norm at the measured block exceeds the rule above. '
+                 'Top 1 %: the largest 1 % of the CLS token\'s attention weights over patches (at least one patch), '
+                 'last block, averaged over heads. Entropy of the CLS attention row (last block, head average). '
+                 'Pooled output: the model\'s image embedding / head output.</p>')
+    sections = [
+        ("layer_norms.png", "Token norms per block",
+         f"Outliers appear at block {s['outliers_appear_at_block']}." if s["outliers_appear_at_block"] is not None
+         else "No outliers in the original on these images."),
+        ("norm_maps.png", "Token-norm maps over the patch grid", ""),
+        ("attention_maps.png", "Last-block CLS attention over patches", ""),
+        ("neuron_ranking.png", "Register-neuron ranking and the chosen cut",
+         f"Source: {s['ranking']['source']}." if s.get("ranking") else ""),
+    ]
+    for name, title, text in sections:
+        if name not in pictures:
+            continue
+        parts.append(f"<h2>{e(title)}</h2>")
+        if text:
+            parts.append(f"<p>{e(text)}</p>")
+        parts.append(_img(pictures[name], title))
+    knn = s.get("knn")
+    if knn:
+        text = (f"{knn['delta_points']:+.2f} points; predictions agree on {knn['prediction_agreement']:.2%}; "
+                f"{knn['gallery_images']} gallery / {knn['query_images']} query images, "
+                f"{len(knn['classes'])} classes; {knn['split']}; dataset {knn['dataset']}")
+        parts.append("<h2>k-NN accuracy (is the function kept?)</h2><table>"
+                     "<tr><th></th><th>original</th><th>baked</th></tr>"
+                     f"<tr><td>top-1 accuracy (k = {knn['k']}, cosine)</td><td>{knn['top1_original']:.2%}</td>"
+                     f"<td>{knn['top1_baked']:.2%}</td></tr></table><p>{e(text)}</p>")
+    parts.append(f'<p class="small">vit-surgery {e(s["tool_version"])}. Every number is in summary.json; '
+                 "the pictures are also saved as PNG files next to this page.</p></body></html>")
+    return "\n".join(parts)
+
+
+def write_report(model_spec: str, baked_spec: Optional[str] = None, images: Any = None,
+                 out_dir: Path | str = "report", progress: bool = True, **opts: Any) -> Path:
+    """Measure the original and the baked model on the same images; write report.html, the PNGs and
+    summary.json into `out_dir` (created). Returns the path of report.html.
+
+    opts: neurons (file or published set, for a plain MODEL), options (LoadOptions), num_images (64),
+    show (6), batch_size (8), seed (0), threshold ("auto"), detect_layer (None: the discovery
+    record's, else the last block), dataset (ImageFolder: adds a k-NN section), knn (dict of
+    `knn_compare` keyword arguments).
+    """
+    from . import __version__
+    from .organism import builtin_images
+
+    out_dir = Path(out_dir)
+    seed = int(opts.get("seed", 0))
+    files = _files(images if images is not None else builtin_images(), opts.get("num_images", DEFAULT_NUM_IMAGES), seed)
+    batch_size = int(opts.get("batch_size", 8))
+    threshold = opts.get("threshold", "auto")
+    cfg = DiscoveryConfig(detect_layer=opts.get("detect_layer"), threshold=threshold, batch_size=batch_size, seed=seed)
+    pair = resolve_pair(model_spec, baked_spec, files, options=opts.get("options"), neurons=opts.get("neurons"),
+                        cfg=cfg, progress=progress)
+    detect = opts.get("detect_layer")
+    if detect is None and pair.ranking_doc is not None and isinstance(pair.ranking_doc.get("detect_layer"), int):
+        detect = pair.ranking_doc["detect_layer"]
+    m = measure(pair, files, detect_layer=detect, threshold=threshold, batch_size=batch_size,
+                show=int(opts.get("show", DEFAULT_SHOW)), progress=progress)
+    recipe = pair.baked.recipe if pair.baked is not None else None
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pics: dict[str, bytes] = {}
+    pics["layer_norms.png"] = plot_layer_norms(m, recipe, out_dir / "layer_norms.png")
+    if m.show:
+        pics["norm_maps.png"] = _maps_figure(m, "norms", out_dir / "norm_maps.png",
+                                             f"Patch-token norms at block {m.detect_layer}", "token L2 norm", log=True)
+        pics["attention_maps.png"] = _maps_figure(
+            m, "attn", out_dir / "attention_maps.png",
+            f"CLS attention over patches, last block (block {m.depth - 1}), mean over heads",
+            "attention weight of the CLS token", log=False)
+    ranking = None
+    if pair.ranking_doc is not None and pair.ranking_doc.get("scores"):
+        pics["neuron_ranking.png"] = plot_ranking(pair.ranking_doc, recipe, out_dir / "neuron_ranking.png")
+        sel = pair.ranking_doc.get("selection") or {}
+        ranking = {"source": pair.ranking_source, "cut": sel.get("top_k"), "rule": sel.get("rule"),
+                   "chosen": pair.ranking_doc.get("register_neurons"),
+                   "top": pair.ranking_doc["scores"][:max(RANKING_BARS, int(sel.get("top_k") or 0) + 10)]}
+
+    knn = None
+    if opts.get("dataset") and pair.baked is not None:
+        from .knn_eval import knn_compare
+
+        knn = knn_compare(pair.original.model, pair.baked.model, pair.original.family, pair.original.transform,
+                          opts["dataset"], progress=progress, **(opts.get("knn") or {})).to_dict()
+
+    trace = {side: {"median": t.median, "p99": t.p99, "max": t.max,
+                    **({"register": t.register} if t.register is not None else {})} for side, t in m.trace.items()}
+    images_label = str(images) if isinstance(images, (str, Path)) else f"{len(files)} files"
+    summary = {
+        "tool_version": __version__,
+        "original": _display_spec(pair.original_label, out_dir) + pair.original_suffix,
+        "baked": None if pair.baked is None else (_display_spec(pair.baked_label, out_dir) if pair.baked_label
+                                                  else "in memory"),
+        "baked_side": pair.how,
+        "recipe": recipe.to_dict() if recipe is not None else None,
+        "register_indices": register_token_indices(pair.baked.model, pair.baked.family) if pair.baked else [],
+        "images": _display_spec(images_label, out_dir), "num_images": len(m.images),
+        "skipped_images": m.skipped, "image_files": m.images[:1000],
+        "detect_layer": m.detect_layer, "depth": m.depth,
+        "threshold_rule": m.metrics["original"].get("threshold_rule"),
+        "metrics": m.metrics,
+        "pooled_cosine_similarity": ({"mean": float(np.mean(m.cosine)), "min": float(np.min(m.cosine)),
+                                      "per_image": m.cosine} if m.cosine else None),
+        "outliers_appear_at_block": m.emergence,
+        "layer_norms": trace,
+        "outlier_norm_ratio_per_block": m.outlier_ratio,
+        "ranking": ranking,
+        "knn": knn,
+        "notes": pair.notes,
+        "files": ["report.html", "summary.json", *pics],
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=float) + "\n")
+    html_path = out_dir / "report.html"
+    html_path.write_text(_html(summary, pics), encoding="utf-8")
+    return html_path
+
+
+def run_inspect(model_spec: str, out: str | Path, images: Any, *, source: Optional[str] = None,
+                overwrite: bool = False, progress: bool = True, **opts: Any) -> Path:
+    """`vit-surgery inspect MODEL|OUT --images DIR --out REPORT` (atomic: a failure leaves no REPORT)."""
+    from .outputs import atomic_output_dir
+
+    out = Path(out)
+    with atomic_output_dir(out, overwrite) as tmp:
+        if source is not None:
+            write_report(source, model_spec, images, tmp, progress=progress, **opts)
+        else:
+            write_report(model_spec, None, images, tmp, progress=progress, **opts)
+    return out / "report.html"
