@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -17,6 +18,23 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: Path, surgery: dict
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     meta = {"format": "pt", METADATA_KEY: json.dumps(surgery, sort_keys=True)}
     save_file(tensors, str(path), metadata=meta)
+    canonicalize_header(path)
+
+
+def canonicalize_header(path: Path) -> None:
+    """Rewrite the JSON header with sorted keys (same length, space padded).
+
+    safetensors serialises its metadata map in hash order, which changes from process to process;
+    sorting makes the same model give a byte-identical file.
+    """
+    with open(path, "r+b") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) > n:  # cannot happen for the same content; keep the original rather than corrupt it
+            return
+        f.seek(8)
+        f.write(text + b" " * (n - len(text)))
 
 
 def read_metadata(path: Path) -> dict[str, Any]:

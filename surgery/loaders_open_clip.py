@@ -59,7 +59,7 @@ def _quiet_open_clip() -> Iterator[None]:
     """open_clip logs INFO/WARNING through the root logger (e.g. 'initialized randomly' for a skeleton
     that is filled right after); keep those out of the CLI output."""
     previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
+    logging.disable(logging.ERROR)
     try:
         yield
     finally:
@@ -153,6 +153,34 @@ def _map_error(spec: str, e: BaseException) -> Exception:
     return ModelInputError(f"{spec}: could not load: {msg[:300]}")
 
 
+_NO_CLS_MAP_WHY = ("it has no CLS token and pools with an attention-pool (MAP) head that attends over every output "
+                   "token, so a test-time register would flow into the image embedding (the method assumes a CLS-token "
+                   "or patch-mean readout that registers stay out of)")
+
+
+def check_model_cfg(spec: str, cfg: Any) -> None:
+    """Refuse, from the model config alone, image towers vit-surgery cannot bake exactly (no download needed)."""
+    vision = cfg.get("vision_cfg", {}) if isinstance(cfg, dict) else {}
+    if not isinstance(vision, dict):
+        return
+    timm_name = vision.get("timm_model_name")
+    if timm_name:
+        pool = vision.get("timm_pool", "avg")
+        if pool == "map" or "siglip" in str(timm_name):
+            why = f"{_NO_CLS_MAP_WHY}; its image tower is timm's {timm_name} wrapped by open_clip's TimmModel"
+        else:
+            why = (f"its image tower is timm's {timm_name} wrapped by open_clip's TimmModel (pool={pool!r}), not "
+                   "open_clip's own VisionTransformer")
+        raise ModelInputError(f"{spec}: not supported: {why}. Refused rather than change encode_image in a way "
+                              "the parity check cannot vouch for")
+    if isinstance(vision.get("layers"), (list, tuple)):
+        raise ModelInputError(f"{spec}: the image tower is a ResNet (ModifiedResNet), not a Vision Transformer")
+    if vision.get("scale_fc"):
+        raise ModelInputError(f"{spec}: unsupported open_clip image tower: its MLPs normalise the hidden layer "
+                              "(scale_fc=True, NormFormer): the LayerNorm mixes all hidden units, so register neurons "
+                              "cannot be split off exactly")
+
+
 def check_image_tower(spec: str, clip: nn.Module) -> nn.Module:
     """The CLIP model's image tower if vit-surgery can bake it exactly, else a ModelInputError saying why."""
     from .families.open_clip_vit import OPEN_CLIP, unsupported_reason
@@ -172,11 +200,7 @@ def check_image_tower(spec: str, clip: nn.Module) -> nn.Module:
         n_prefix = getattr(trunk, "num_prefix_tokens", None)
         pool = getattr(trunk, "global_pool", None)
         if n_prefix == 0 or pool == "map":
-            why = (f"it has no CLS token{'' if n_prefix == 0 else ''} and pools with an attention-pool (MAP) head "
-                   "that attends over every output token, so a test-time register would flow into the image "
-                   "embedding (the method assumes a CLS-token or patch-mean readout that registers stay out of); "
-                   "its image tower is also a timm model wrapped by open_clip's TimmModel, not open_clip's own "
-                   "VisionTransformer")
+            why = f"{_NO_CLS_MAP_WHY}; its image tower is a timm {tname} wrapped by open_clip's TimmModel"
         else:
             why = (f"its image tower is a timm {tname} wrapped by open_clip's TimmModel (pool={pool!r}), not open_clip's "
                    "own VisionTransformer")
@@ -204,11 +228,15 @@ def _load_spec(rs: OpenClipSpec, opts: LoadOptions, display: Optional[str] = Non
 
     spec = display or rs.spec
     try:
+        model_cfg = _model_cfg(rs)
+    except Exception as e:
+        raise _map_error(spec, e) from None
+    check_model_cfg(spec, model_cfg)  # refuse before downloading weights
+    try:
         with _quiet_open_clip():
             clip, _, preprocess = open_clip.create_model_and_transforms(
                 rs.model_name, pretrained=rs.pretrained, force_quick_gelu=rs.force_quick_gelu,
                 device=opts.device, weights_only=not opts.allow_unsafe_pickle)
-        model_cfg = _model_cfg(rs)
     except Exception as e:
         raise _map_error(spec, e) from None
     check_image_tower(spec, clip)

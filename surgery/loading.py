@@ -70,9 +70,14 @@ def _first_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
+def needs_full_unpickling(e: BaseException) -> bool:
+    """torch.load(weights_only=True) refused the file: it holds more than tensors and plain containers."""
+    return isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e) or "Weights only load failed" in str(e)
+
+
 def _map_timm_error(spec: str, e: BaseException) -> Exception:
     msg = _first_line(e)
-    if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e) or "Weights only load failed" in str(e):
+    if needs_full_unpickling(e):
         return UnsafeCheckpointError(
             f"{spec}: the checkpoint needs full unpickling, which can run arbitrary code; refused. "
             "Convert it to safetensors, or pass --allow-unsafe-pickle if you trust the file")
@@ -131,7 +136,7 @@ def _load_timm_folder(spec: str, path: Path, opts: LoadOptions) -> LoadedModel:
     try:
         model = timm.create_model(f"local-dir:{path}", pretrained=True)
     except Exception as e:  # timm raises RuntimeError/AssertionError/OSError for all of these
-        if isinstance(e, (pickle.UnpicklingError,)) or "Weights only load failed" in str(e):
+        if needs_full_unpickling(e):
             if not opts.allow_unsafe_pickle:
                 raise _map_timm_error(spec, e) from None
             model = _load_unsafe(path)

@@ -255,13 +255,16 @@ class Measurement:
     metrics: dict[str, dict[str, Any]]
     trace: dict[str, SideTrace]
     outlier_ratio: list[float]  # original: mean norm / median at detect-layer outlier positions, per layer
-    emergence: Optional[int]
+    emergence: Optional[int]  # first block where the eventual outlier positions already break the outlier rule
+    peak_from: Optional[int]  # first block where they reach 90 % of their peak norm ratio (discovery's max-layer rule)
+    outlier_norm: list[float]  # original: mean norm at detect-layer outlier positions, per block
     cosine: list[float]
     show: list[dict[str, Any]]  # per shown image: name, pixels, norms/attn per side, outlier mask
     grid: tuple[int, int]
     detect_layer: int
     depth: int
     skipped: int
+    threshold: float | str = "auto"
 
 
 def _side_diag(loaded: LoadedModel, model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -289,6 +292,7 @@ def measure(pair: Pair, files: list[Path], *, detect_layer: Optional[int], thres
     layer_sum = {"original": torch.zeros(depth, 3, dtype=torch.float64), "baked": torch.zeros(depth, 3, dtype=torch.float64)}
     reg_sum = torch.zeros(depth, dtype=torch.float64)
     ratio_sum = torch.zeros(depth, dtype=torch.float64)
+    onorm_sum = torch.zeros(depth, dtype=torch.float64)
     with_outliers = 0
     cosine: list[float] = []
     names: list[str] = []
@@ -304,6 +308,8 @@ def measure(pair: Pair, files: list[Path], *, detect_layer: Optional[int], thres
         per_image: dict[str, dict[str, torch.Tensor]] = {}
         for name, (model, d, p, r) in sides.items():
             m = effect_metrics(d, p, r, detect_layer=det, threshold=threshold)
+            if not r:  # no test-time register on this side: nothing to measure there
+                m["cls_attention_register_mass"] = None
             cls = d["attn"][:, :, 0, :].float().mean(1)  # [B, N], averaged over heads
             patch_attn = cls[:, p:] / cls[:, p:].sum(1, keepdim=True).clamp_min(1e-12)
             m["cls_patch_attention_entropy"] = float(
@@ -323,6 +329,7 @@ def measure(pair: Pair, files: list[Path], *, detect_layer: Optional[int], thres
                     med = n[:, :, p:].median(2).values  # [L, B]
                     out_mean = (n * mask).sum(2) / mask.sum(1).clamp(min=1)  # [L, B]
                     ratio_sum += (out_mean / med)[:, has].sum(1).double().cpu()
+                    onorm_sum += out_mean[:, has].sum(1).double().cpu()
                     with_outliers += int(has.sum())
         if grid is None:
             grid = _grid(pair.original, orig, per_image["original"]["norms"].shape[1])
@@ -348,13 +355,20 @@ def measure(pair: Pair, files: list[Path], *, detect_layer: Optional[int], thres
         trace[name] = SideTrace(avg[:, 0].tolist(), avg[:, 1].tolist(), avg[:, 2].tolist(),
                                 (reg_sum / n).tolist() if name == "baked" and regs else None)
     ratio = (ratio_sum / max(with_outliers, 1)).tolist()
-    emergence = None
+    onorm = (onorm_sum / max(with_outliers, 1)).tolist()
+    emergence = peak = None
     if with_outliers:
-        emergence = emergence_layer([{"outlier_ratio": r} for r in ratio], det)
+        peak = emergence_layer([{"outlier_ratio": r} for r in ratio], det)
+        if threshold == "auto":
+            over = [i for i in range(det + 1) if ratio[i] > AUTO_FACTOR]
+        else:
+            over = [i for i in range(det + 1) if onorm[i] > float(threshold)]
+        emergence = over[0] if over else peak
     metrics = {name: mm.result() for name, mm in means.items() if mm.n}
     return Measurement(images=names, metrics=metrics, trace=trace, outlier_ratio=ratio, emergence=emergence,
+                       peak_from=peak, outlier_norm=onorm if with_outliers else [],
                        cosine=cosine, show=shown, grid=grid or (1, 1), detect_layer=det, depth=depth,
-                       skipped=len(batches.skipped))
+                       skipped=len(batches.skipped), threshold=threshold)
 
 
 # ---- figures ----------------------------------------------------------------------------------
@@ -377,43 +391,74 @@ COLORS = {"median": "#1f77b4", "p99": "#ff7f0e", "max": "#d62728", "register": "
 
 
 def plot_layer_norms(m: Measurement, recipe: Optional[Recipe], path: Path) -> bytes:
-    fig = _figure(11, 4.2)
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    fig = _figure(11, 4.8)
     ax, ax2 = fig.subplots(1, 2)
     x = np.arange(m.depth)
+    handles = []
     for side, style in (("original", "-"), ("baked", "--")):
         t = m.trace.get(side)
         if t is None:
             continue
+        handles.append(Line2D([], [], color="black", ls=style, label=side))
         for key in ("median", "p99", "max"):
-            ax.plot(x, getattr(t, key), style, color=COLORS[key], marker="o", ms=3,
-                    label=f"{side}: {key} patch norm")
+            ax.plot(x, getattr(t, key), style, color=COLORS[key], marker="o", ms=3)
         if t.register is not None:
-            ax.plot(x, t.register, ":", color=COLORS["register"], marker="s", ms=3, label="baked: register token norm")
+            ax.plot(x, t.register, ":", color=COLORS["register"], marker="s", ms=4)
         ratio = np.asarray(t.max) / np.maximum(np.asarray(t.median), 1e-12)
-        ax2.plot(x, ratio, style, color="black" if side == "original" else "#9467bd", marker="o", ms=3,
-                 label=f"{side}: max / median")
-    ax2.axhline(AUTO_FACTOR, color="gray", lw=1, ls=":", label=f"outlier rule ({AUTO_FACTOR:g} x median)")
+        ax2.plot(x, ratio, style, color=COLORS["max"], marker="o", ms=3)
+    handles += [Line2D([], [], color=COLORS[k], label=f"{k} patch norm") for k in ("median", "p99", "max")]
+    if "baked" in m.trace and m.trace["baked"].register is not None:
+        handles.append(Line2D([], [], color=COLORS["register"], ls=":", marker="s", ms=4, label="register token (baked)"))
+    if m.threshold == "auto":
+        ax2.axhline(AUTO_FACTOR, color="gray", lw=1, ls=":")
+        ax2.text(0, AUTO_FACTOR * 1.08, f"outlier rule: {AUTO_FACTOR:g} x median", fontsize=7, color="gray")
+    else:
+        ax.axhline(float(m.threshold), color="gray", lw=1, ls=":")
+        ax.text(0, float(m.threshold) * 1.08, f"outlier rule: norm > {float(m.threshold):g}", fontsize=7, color="gray")
     for a in (ax, ax2):
         if recipe is not None:
-            for i, layer in enumerate(recipe.neurons):
-                a.axvspan(layer - 0.4, layer + 0.4, color="#bcbd22", alpha=0.18, lw=0,
-                          label="blocks with register neurons" if i == 0 else None)
+            for layer in recipe.neurons:
+                a.axvspan(layer - 0.4, layer + 0.4, color="#bcbd22", alpha=0.18, lw=0)
         if m.emergence is not None:
-            a.axvline(m.emergence, color="#d62728", lw=1, ls="-.", label=f"outliers appear (block {m.emergence})")
-        a.axvline(m.detect_layer, color="gray", lw=0.8, ls="--", alpha=0.6)
+            a.axvline(m.emergence, color="#d62728", lw=1, ls="-.")
         a.set_xlabel("block (0-based)")
         a.set_xticks(x)
         a.set_yscale("log")
+        _plain_log_axis(a.yaxis)
         a.grid(alpha=0.25, which="both")
-    ax.set_ylabel("token L2 norm at block output (mean over images)")
-    ax.set_title("Patch-token norms per block")
+    if recipe is not None:
+        handles.append(Patch(color="#bcbd22", alpha=0.3, label="blocks with register neurons"))
+    if m.emergence is not None:
+        handles.append(Line2D([], [], color="#d62728", ls="-.", label=f"outliers appear (block {m.emergence})"))
+    ax.set_ylabel("patch-token L2 norm at block output")
+    ax.set_title("Patch-token norms per block (mean over images)", fontsize=10)
     ax2.set_ylabel("max / median patch-token norm")
-    ax2.set_title(f"Outlier strength per block (dashed grey: detect block {m.detect_layer})")
-    ax.legend(fontsize=7, loc="upper left", ncol=1)
-    ax2.legend(fontsize=7, loc="upper left")
-    fig.suptitle(f"Token norms through the network, {len(m.images)} images (solid: original, dashed: baked)",
-                 fontsize=11)
+    ax2.set_title(f"Outlier strength per block (measured at block {m.detect_layer})", fontsize=10)
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 5), fontsize=8)
+    fig.suptitle(f"Token norms through the network, {len(m.images)} images", fontsize=11)
     return _save(fig, path)
+
+
+def _plain_fmt(v: float, _pos: Any = None) -> str:
+    return f"{v:g}"
+
+
+def _plain_minor_fmt(v: float, _pos: Any = None) -> str:
+    """Label minor log ticks only at 2x and 5x a decade (keeps the axis readable)."""
+    if v <= 0:
+        return ""
+    mant = v / 10 ** math.floor(math.log10(v) + 1e-9)
+    return f"{v:g}" if round(mant, 6) in (2.0, 5.0) else ""
+
+
+def _plain_log_axis(axis: Any) -> None:
+    from matplotlib.ticker import FuncFormatter
+
+    axis.set_major_formatter(FuncFormatter(_plain_fmt))
+    axis.set_minor_formatter(FuncFormatter(_plain_minor_fmt))
 
 
 def _maps_figure(m: Measurement, key: str, path: Path, title: str, cbar_label: str, log: bool) -> bytes:
@@ -449,10 +494,10 @@ def _maps_figure(m: Measurement, key: str, path: Path, title: str, cbar_label: s
                 ax.scatter(xs, ys, s=60, facecolors="none", edgecolors="#00e5ff", linewidths=1.2,
                            label="outlier in the original")
             sub = s
-            if key == "attn" and it[s]["register_attn"] is not None:
-                sub += f" ({it[s]['register_attn']:.0%} on register)"
-            elif key == "attn":
-                sub += f" (max patch {float(it[s][key].max()):.0%})"
+            if key == "attn":
+                sub += f": max patch {float(it[s][key].max()):.1%}"
+                if it[s]["register_attn"] is not None:
+                    sub += f",\nregister {it[s]['register_attn']:.1%}"
             else:
                 sub += f" (max/median {float(it[s][key].max() / max(np.median(it[s][key]), 1e-12)):.1f})"
             ax.set_title(sub, fontsize=8)
@@ -484,6 +529,7 @@ def plot_ranking(doc: dict[str, Any], recipe: Optional[Recipe], path: Path) -> b
     ax.set_ylabel("score: mean |activation| at outlier positions")
     if vals.size and vals.min() > 0:
         ax.set_yscale("log")
+        _plain_log_axis(ax.yaxis)
     ax.grid(alpha=0.25, axis="y", which="both")
     ax.legend(fontsize=8)
     rule = str(sel.get("rule", ""))
@@ -554,7 +600,7 @@ def _html(summary: dict[str, Any], pictures: dict[str, bytes]) -> str:
     cos = s.get("pooled_cosine_similarity")
     if cos:
         parts.append(f"<tr><td>cosine similarity of pooled outputs, original vs baked</td>"
-                     f"<td colspan=\"2\">mean {cos['mean']:.6f}, min {cos['min']:.6f}</td></tr>")
+                     f"<td colspan=\"2\">mean {cos['mean']:.7g}, min {cos['min']:.7g}</td></tr>")
     parts.append("</table>")
     parts.append('<p class="small">Outlier: a patch token whose norm at the measured block exceeds the rule above. '
                  'Top 1 %: the largest 1 % of the CLS token\'s attention weights over patches (at least one patch), '
@@ -562,7 +608,9 @@ def _html(summary: dict[str, Any], pictures: dict[str, bytes]) -> str:
                  'Pooled output: the model\'s image embedding / head output.</p>')
     sections = [
         ("layer_norms.png", "Token norms per block",
-         f"Outliers appear at block {s['outliers_appear_at_block']}." if s["outliers_appear_at_block"] is not None
+         (f"Outliers appear at block {s['outliers_appear_at_block']}: the patches that are outliers at block "
+          f"{s['detect_layer']} already break the outlier rule there, and reach 90 % of their peak norm ratio "
+          f"at block {s['outliers_peak_from_block']}.") if s["outliers_appear_at_block"] is not None
          else "No outliers in the original on these images."),
         ("norm_maps.png", "Token-norm maps over the patch grid", ""),
         ("attention_maps.png", "Last-block CLS attention over patches", ""),
@@ -662,6 +710,8 @@ def write_report(model_spec: str, baked_spec: Optional[str] = None, images: Any 
         "pooled_cosine_similarity": ({"mean": float(np.mean(m.cosine)), "min": float(np.min(m.cosine)),
                                       "per_image": m.cosine} if m.cosine else None),
         "outliers_appear_at_block": m.emergence,
+        "outliers_peak_from_block": m.peak_from,
+        "outlier_norm_per_block": m.outlier_norm,
         "layer_norms": trace,
         "outlier_norm_ratio_per_block": m.outlier_ratio,
         "ranking": ranking,

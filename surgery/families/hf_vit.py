@@ -142,14 +142,16 @@ class HFClipVision(_HFVisionFamily):
         raise ModelInputError(f"unsupported HF CLIP MLP type {type(mlp).__name__}")
 
     def make_mlp(self, weights: MlpWeights) -> nn.Module:
-        from transformers import CLIPVisionConfig
         from transformers.models.clip.modeling_clip import CLIPMLP
 
         if weights.gated:
             raise ModelInputError("HF CLIP has no gated MLPs")
         D, H = weights.fc1_weight.shape[1], weights.hidden
-        mlp = CLIPMLP(CLIPVisionConfig(hidden_size=D, intermediate_size=H))
+        mlp = CLIPMLP.__new__(CLIPMLP)  # the stock module, without needing a whole config
+        nn.Module.__init__(mlp)
         mlp.activation_fn = weights.act
+        mlp.fc1 = nn.Linear(D, H, bias=weights.fc1_bias is not None)
+        mlp.fc2 = nn.Linear(H, weights.fc2_weight.shape[0], bias=weights.fc2_bias is not None)
         mlp = mlp.to(weights.fc1_weight.device, weights.fc1_weight.dtype)
         self._copy_linear(mlp.fc1, weights.fc1_weight, weights.fc1_bias)
         self._copy_linear(mlp.fc2, weights.fc2_weight, weights.fc2_bias)

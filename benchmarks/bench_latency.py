@@ -1,0 +1,105 @@
+"""Baked model latency vs the original (PyTorch eager), and the hooked reference vs the baked model.
+
+Model: timm `vit_base_patch16_clip_224` (ViT-B/16), random weights. Recipe: 10 register neurons in
+blocks 2-5 (benchlib.BENCH_RECIPE), one test-time register (197 -> 198 tokens, +0.5 %).
+Three arms on the same input, interleaved (A B C, C B A, ...), one forward call per arm per round:
+  original  - the untouched model
+  baked     - bake_registers(copy of the model, recipe)
+  hooked    - the untouched model inside surgery.hooked_reference(recipe) (forward hooks)
+Ratios are medians over rounds of the per-round ratio; per-arm medians and minima are listed too.
+
+Targets (issue 6): baked <= 1.02 x original at batch 1 and 8. The hooked reference is reported only.
+
+    .venv/bin/python benchmarks/bench_latency.py [--write]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+
+import benchlib as bl
+
+TARGET = 1.02
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--rounds", type=int, nargs="+", default=[40, 12], help="rounds per batch size")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--write", action="store_true",
+                    help="write the 'Baked latency (PyTorch eager)' and 'Hooked reference vs baked' sections")
+    ap.add_argument("--note", default="", help="extra line for RESULTS.md (e.g. before/after a change)")
+    args = ap.parse_args()
+    bl.set_threads(args.threads)
+    import torch
+
+    from surgery import Recipe, bake_registers, hooked_reference
+
+    dev = torch.device(args.device)
+    sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
+    recipe = Recipe(neurons=bl.BENCH_RECIPE)
+    original = bl.build_vitb().to(dev)
+    baked = bake_registers(copy.deepcopy(original), recipe)
+    hooked_model = copy.deepcopy(original)
+    stack = contextlib.ExitStack()
+    stack.enter_context(hooked_reference(hooked_model, recipe))
+
+    rows, hook_rows = [], []
+    try:
+        for B, rounds in zip(args.batches, args.rounds + args.rounds[-1:] * len(args.batches)):
+            x = torch.randn(B, 3, 224, 224, generator=torch.Generator().manual_seed(B)).to(dev)
+
+            def arm(model):
+                def run():
+                    with torch.inference_mode():
+                        return model(x)
+                return run
+
+            arms = {"original": arm(original), "baked": arm(baked), "hooked": arm(hooked_model)}
+            with torch.inference_mode():
+                diff = (baked(x) - hooked_model(x)).abs().max().item()
+            for f in arms.values():  # warm-up
+                f(), f()
+            t = bl.interleave(arms, rounds, sync)
+            r_bo = bl.paired_ratio(t["baked"], t["original"])
+            r_hb = bl.paired_ratio(t["hooked"], t["baked"])
+            med = {k: 1000 * bl.median(v) for k, v in t.items()}
+            mn = {k: 1000 * min(v) for k, v in t.items()}
+            print(f"batch {B}: original {med['original']:.1f} ms, baked {med['baked']:.1f} ms, hooked "
+                  f"{med['hooked']:.1f} ms (medians); baked/original {r_bo:.4f}, hooked/baked {r_hb:.4f}; "
+                  f"min-based {mn['baked'] / mn['original']:.4f} / {mn['hooked'] / mn['baked']:.4f}; "
+                  f"|baked - hooked| max {diff:.2e}", flush=True)
+            rows.append(f"| {B} | {rounds} | {med['original']:.1f} ({mn['original']:.1f}) | "
+                        f"{med['baked']:.1f} ({mn['baked']:.1f}) | {r_bo:.4f} | {mn['baked'] / mn['original']:.4f} | "
+                        f"{bl.met(r_bo <= TARGET)} |")
+            hook_rows.append(f"| {B} | {med['hooked']:.1f} ({mn['hooked']:.1f}) | {med['baked']:.1f} "
+                             f"({mn['baked']:.1f}) | {r_hb:.4f} | {mn['hooked'] / mn['baked']:.4f} | {diff:.1e} |")
+    finally:
+        stack.close()
+
+    ctx = bl.context_lines(f"\n- Device: {args.device}") + (f"- Note: {args.note}\n" if args.note else "")
+    recipe_txt = ", ".join(f"block {k}: {list(v)}" for k, v in recipe.neurons.items())
+    lat = (ctx + f"\nRecipe: {recipe.num_neurons} register neurons ({recipe_txt}), 1 register token "
+           "(197 -> 198 tokens). Arms interleaved per round (original, baked, hooked, then reversed); "
+           "one full `model(x)` call per arm per round.\n\n"
+           "| batch | rounds | original ms, median (min) | baked ms, median (min) | baked / original "
+           "(median of per-round ratios) | min / min | target ≤ 1.02 |\n|---|---|---|---|---|---|---|\n"
+           + "\n".join(rows) + "\n")
+    hook = (ctx + "\nSame run as 'Baked latency (PyTorch eager)': `hooked_reference` (forward pre-hooks on the "
+            "pre-norm and on each split block's `fc2`, `index_select`/`index_copy` on the full hidden "
+            "activations) vs the baked model. No target; reported as the cost of hooks and Python indexing.\n\n"
+            "| batch | hooked ms, median (min) | baked ms, median (min) | hooked / baked (median of per-round "
+            "ratios) | min / min | max abs diff of outputs |\n|---|---|---|---|---|---|\n" + "\n".join(hook_rows) + "\n")
+    print(lat)
+    print(hook)
+    if args.write:
+        bl.write_section("Baked latency (PyTorch eager)", lat)
+        bl.write_section("Hooked reference vs baked", hook)
+        print(f"wrote sections of {bl.RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

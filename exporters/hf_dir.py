@@ -1,0 +1,128 @@
+"""Writes a baked HF transformers model as a folder `AutoModel.from_pretrained(DIR, trust_remote_code=True)` loads.
+
+Files: config.json (the stock config plus `auto_map` -> modeling_vit_surgery.py and a `vit_surgery` block
+with the recipe and token layout), modeling_vit_surgery.py (self-contained: torch + transformers only),
+model.safetensors (recipe in the metadata), preprocessor_config.json (so AutoImageProcessor works),
+surgery.json and README.md (where the register token sits in `last_hidden_state`).
+
+vit-surgery's own loader reads the same folder without remote code (stock model + recipe + weights).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .safetensors_io import save_state_dict
+
+MODELING_FILE = "modeling_vit_surgery.py"
+_TEMPLATE = Path(__file__).with_name("hf_remote_modeling.py")
+REMOTE_CLASSES = {
+    "CLIPVisionModel": "VitSurgeryCLIPVisionModel",
+    "CLIPVisionModelWithProjection": "VitSurgeryCLIPVisionModelWithProjection",
+    "CLIPModel": "VitSurgeryCLIPModel",
+    "Dinov2Model": "VitSurgeryDinov2Model",
+    "Dinov2WithRegistersModel": "VitSurgeryDinov2WithRegistersModel",
+}
+
+
+def stock_class_name(model: nn.Module) -> str:
+    """The transformers class a (possibly subclassed) model is built on."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in REMOTE_CLASSES and cls.__module__.startswith("transformers.models."):
+            return cls.__name__
+    raise ValueError(f"{type(model).__name__} is not one of {sorted(REMOTE_CLASSES)}")
+
+
+def _processor_config(preprocess: dict[str, Any], model_type: str) -> dict[str, Any]:
+    """An HF image-processor config equivalent to the timm-style preprocessing dict."""
+    _, h, w = preprocess["input_size"]
+    crop_pct = float(preprocess.get("crop_pct", 1.0))
+    squash = preprocess.get("crop_mode") == "squash"
+    resample = {"nearest": 0, "bilinear": 2, "bicubic": 3}.get(preprocess.get("interpolation", "bicubic"), 3)
+    cls = "CLIPImageProcessor" if model_type.startswith("clip") else "BitImageProcessor"
+    out: dict[str, Any] = {"image_processor_type": cls, "do_resize": True, "do_rescale": True,
+                           "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
+                           "image_mean": list(preprocess["mean"]), "image_std": list(preprocess["std"]),
+                           "resample": resample}
+    if squash:
+        out.update(size={"height": h, "width": w}, do_center_crop=False)
+    else:
+        out.update(size={"shortest_edge": int(round(min(h, w) / crop_pct))}, do_center_crop=True,
+                   crop_size={"height": h, "width": w})
+    return out
+
+
+def write_hf_dir(model: nn.Module, out_dir: Path, *, source: dict[str, Any], surgery: dict[str, Any],
+                 preprocessor_config: dict[str, Any] | None = None) -> list[Path]:
+    """Save a baked HF model (CLIPVisionModel / CLIPModel / Dinov2Model / Dinov2WithRegistersModel)."""
+    from surgery.bake import register_token_indices
+    from surgery.families import family_for
+    from surgery.loaders_hf import SURGERY_CONFIG_KEY
+
+    recipe = model.surgery_recipe
+    fam = family_for(model)
+    base = stock_class_name(model)
+    remote = REMOTE_CLASSES[base]
+    regs = register_token_indices(model, fam)
+    p_after = fam.num_prefix_tokens(model)
+    p_before = p_after - recipe.num_registers
+    cfg = model.config.to_dict()
+    cfg.pop(SURGERY_CONFIG_KEY, None)
+    for k in ("_name_or_path", "_attn_implementation_autoset"):
+        cfg.pop(k, None)
+    cfg["architectures"] = [remote]
+    cfg["auto_map"] = {"AutoModel": f"{MODELING_FILE[:-3]}.{remote}"}
+    preprocess = fam.preprocess_config(model)  # type: ignore[attr-defined]
+    pre_json = {k: (list(v) if isinstance(v, tuple) else v) for k, v in preprocess.items()}
+    src = dict(source)
+    src.setdefault("preprocess", pre_json)
+    cfg[SURGERY_CONFIG_KEY] = {
+        "format": 1,
+        "base_class": base,
+        "recipe": recipe.to_dict(),
+        "num_prefix_tokens": p_before,
+        "num_prefix_tokens_with_registers": p_after,
+        "register_indices": regs,
+        "token_layout": "[CLS, trained registers, test-time registers, patches]; "
+                        f"patches = last_hidden_state[:, {p_after}:]",
+        "source": src,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = [out_dir / "config.json", out_dir / MODELING_FILE, out_dir / "model.safetensors",
+             out_dir / "preprocessor_config.json", out_dir / "surgery.json", out_dir / "README.md"]
+    files[0].write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    shutil.copyfile(_TEMPLATE, files[1])
+    save_state_dict(model.state_dict(), files[2], surgery)
+    proc = dict(preprocessor_config) if preprocessor_config else _processor_config(preprocess, cfg.get("model_type", ""))
+    files[3].write_text(json.dumps(proc, indent=2, sort_keys=True) + "\n")
+    files[4].write_text(json.dumps(surgery, indent=2, sort_keys=True, default=float) + "\n")
+    reg_text = ", ".join(str(i) for i in regs)
+    files[5].write_text(
+        f"# {base} with baked test-time registers (vit-surgery)\n\n"
+        "```python\nfrom transformers import AutoModel\n"
+        "model = AutoModel.from_pretrained(DIR, trust_remote_code=True)  # modeling_vit_surgery.py\n```\n\n"
+        f"`last_hidden_state` has {recipe.num_registers} extra token(s): the test-time register(s) at index "
+        f"{reg_text}. Layout: [CLS, trained registers, test-time registers, patches]; patch tokens are "
+        f"`last_hidden_state[:, {p_after}:]` (or `model.patch_tokens(last_hidden_state)`). `pooler_output` "
+        "is unchanged in meaning (from CLS).\n\n"
+        f"Register neurons (block: units): {json.dumps(recipe.to_dict()['register_neurons'])}.\n"
+        "vit-surgery reads this folder without remote code: `vit-surgery check DIR`.\n")
+    return files
+
+
+def _hf_exporter(model: nn.Module, out: Path, loaded: Any, surgery: dict[str, Any]) -> list[Path]:
+    raw = (getattr(loaded, "extra", {}) or {}).get("preprocessor_config") or None
+    return write_hf_dir(model, out, source=loaded.source, surgery=surgery, preprocessor_config=raw)
+
+
+def _register() -> None:
+    from surgery.pipeline import register_exporter
+
+    register_exporter("hf", _hf_exporter)
+
+
+_register()

@@ -1,0 +1,163 @@
+"""Vision Transformer with baked test-time registers (written by vit-surgery; needs only torch + transformers).
+
+Load with `AutoModel.from_pretrained(DIR, trust_remote_code=True)`. The classes below are the stock
+transformers classes with two structural changes, described by the `vit_surgery` block of config.json:
+
+- R register tokens (a `register_tokens` buffer, zeros) are inserted right after the prefix tokens at
+  the input of CLIP's `pre_layrnorm`, or at the end of DINOv2's embeddings;
+- in the listed blocks the MLP is split into its ordinary units and a small branch holding the register
+  neurons; the branch moves those units' activations onto the register tokens (register rows get the
+  signed maximum over all tokens, patch rows 0, the CLS row is unchanged).
+
+Outputs are the usual transformers output objects. Token layout of `last_hidden_state` (and of every
+entry of `hidden_states`):
+
+    [CLS, trained registers (Dinov2WithRegisters only), R test-time registers, patches]
+
+The test-time registers sit at `config.vit_surgery["register_indices"]`; patch tokens are
+`last_hidden_state[:, model.num_prefix_tokens:]` (model.num_prefix_tokens counts CLS, trained and
+test-time registers). `pooler_output` / `image_embeds` are computed from the CLS token exactly as in the
+stock model. Note that stock heads which slice `last_hidden_state[:, 1:]` as patches would include the
+registers; use `model.patch_tokens(last_hidden_state)` instead.
+"""
+from __future__ import annotations
+
+import torch
+import transformers
+from torch import nn
+
+
+def register_edit(h, num_prefix: int, num_registers: int, scale: float = 1.0, per_neuron: bool = False):
+    """Register rows <- scale * signed max (largest |.| over tokens, and units unless per_neuron), patch
+    rows <- 0, prefix rows unchanged; one max per image."""
+    B, N, k = h.shape
+    if per_neuron:
+        idx = h.abs().argmax(dim=1, keepdim=True)
+        m = h.gather(1, idx)
+    else:
+        flat = h.reshape(B, N * k)
+        idx = flat.abs().argmax(dim=1, keepdim=True)
+        m = flat.gather(1, idx).reshape(B, 1, 1).expand(B, 1, k)
+    reg = (m * scale).expand(B, num_registers, k)
+    p, r = num_prefix, num_registers
+    return torch.cat([h[:, :p], reg, torch.zeros_like(h[:, p + r:])], dim=1)
+
+
+class PrependRegisters(nn.Module):
+    """Inserts the register tokens after the prefix tokens, then applies the wrapped module."""
+
+    def __init__(self, inner: nn.Module, num_registers: int, embed_dim: int, num_prefix: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.num_prefix = int(num_prefix)
+        self.num_registers = int(num_registers)
+        self.register_buffer("register_tokens", torch.zeros(1, num_registers, embed_dim))
+
+    def forward(self, x):
+        reg = self.register_tokens.to(x.dtype).expand(x.shape[0], -1, -1)
+        p = self.num_prefix
+        return self.inner(torch.cat([x[:, :p], reg, x[:, p:]], dim=1))
+
+
+class RegisterMlp(nn.Module):
+    """out = fc2(act(fc1 x)) + reg_fc2(register_edit(act(reg_fc1 x))); gated MLPs pack [gate; up] rows."""
+
+    def __init__(self, dim: int, hidden: int, out_dim: int, num_units: int, act: nn.Module, gated: bool,
+                 fc1_bias: bool, fc2_bias: bool, num_prefix: int, num_registers: int, scale: float,
+                 per_neuron: bool) -> None:
+        super().__init__()
+        m = 2 if gated else 1
+        keep = hidden - num_units
+        self.gated = gated
+        self.act = act
+        self.fc1 = nn.Linear(dim, keep * m, bias=fc1_bias)
+        self.fc2 = nn.Linear(keep, out_dim, bias=fc2_bias)
+        self.reg_fc1 = nn.Linear(dim, num_units * m, bias=fc1_bias)
+        self.reg_fc2 = nn.Linear(num_units, out_dim, bias=False)
+        self.register_buffer("units", torch.zeros(num_units, dtype=torch.long))
+        self.hidden_features = hidden
+        self.num_prefix = int(num_prefix)
+        self.num_registers = int(num_registers)
+        self.scale = float(scale)
+        self.per_neuron = bool(per_neuron)
+
+    def _hidden(self, pre):
+        if self.gated:
+            gate, up = pre.chunk(2, dim=-1)
+            return self.act(gate) * up
+        return self.act(pre)
+
+    def forward(self, x):
+        out = self.fc2(self._hidden(self.fc1(x)))
+        reg = register_edit(self._hidden(self.reg_fc1(x)), self.num_prefix, self.num_registers, self.scale,
+                            self.per_neuron)
+        return out + self.reg_fc2(reg)
+
+
+def _split_mlp(old: nn.Module, num_units: int, p: int, recipe: dict) -> RegisterMlp:
+    if all(hasattr(old, n) for n in ("gate_proj", "up_proj", "down_proj")):  # DINOv2 SwiGLU
+        first, down, act, gated = old.gate_proj, old.down_proj, old.act_fn, True
+    elif hasattr(old, "weights_in"):  # packed SwiGLU (older transformers)
+        first, down, act, gated = old.weights_in, old.weights_out, nn.SiLU(), True
+    else:
+        first, down, act, gated = old.fc1, old.fc2, old.activation_fn, False
+    hidden = down.in_features
+    return RegisterMlp(first.in_features, hidden, down.out_features, num_units, act, gated,
+                       first.bias is not None, down.bias is not None, p, int(recipe.get("num_registers", 1)),
+                       float(recipe.get("scale", 1.0)), recipe.get("mode", "shared") == "per_neuron")
+
+
+def bake_structure(model: nn.Module, vision: nn.Module, blocks, parent: nn.Module, attr: str, embed_dim: int,
+                   spec: dict) -> None:
+    """Turn a freshly built stock model into the baked structure described by config.vit_surgery."""
+    recipe = spec["recipe"]
+    p = int(spec["num_prefix_tokens"])
+    R = int(recipe.get("num_registers", 1))
+    for layer, units in recipe["register_neurons"].items():
+        block = blocks[int(layer)]
+        block.mlp = _split_mlp(block.mlp, len(units), p, recipe)
+    setattr(parent, attr, PrependRegisters(getattr(parent, attr), R, embed_dim, p))
+    vision.num_prefix_tokens = p + R
+    model.num_prefix_tokens = p + R
+    model.register_token_indices = list(range(p, p + R))
+
+
+class _PatchTokensMixin:
+    def patch_tokens(self, hidden_state):
+        """Patch tokens of `last_hidden_state` (or a `hidden_states` entry): CLS and registers skipped."""
+        return hidden_state[:, self.num_prefix_tokens:]
+
+
+class VitSurgeryCLIPVisionModel(_PatchTokensMixin, transformers.CLIPVisionModel):
+    def __init__(self, config):
+        super().__init__(config)
+        bake_structure(self, self, self.encoder.layers, self, "pre_layrnorm", config.hidden_size, config.vit_surgery)
+
+
+class VitSurgeryCLIPVisionModelWithProjection(_PatchTokensMixin, transformers.CLIPVisionModelWithProjection):
+    def __init__(self, config):
+        super().__init__(config)
+        v = self.vision_model
+        bake_structure(self, v, v.encoder.layers, v, "pre_layrnorm", config.hidden_size, config.vit_surgery)
+
+
+class VitSurgeryCLIPModel(_PatchTokensMixin, transformers.CLIPModel):
+    def __init__(self, config):
+        super().__init__(config)
+        v = self.vision_model
+        bake_structure(self, v, v.encoder.layers, v, "pre_layrnorm", config.vision_config.hidden_size,
+                       config.vit_surgery)
+
+
+class VitSurgeryDinov2Model(_PatchTokensMixin, transformers.Dinov2Model):
+    def __init__(self, config):
+        super().__init__(config)
+        bake_structure(self, self, self.encoder.layer, self.embeddings, "dropout", config.hidden_size,
+                       config.vit_surgery)
+
+
+class VitSurgeryDinov2WithRegistersModel(_PatchTokensMixin, transformers.Dinov2WithRegistersModel):
+    def __init__(self, config):
+        super().__init__(config)
+        bake_structure(self, self, self.encoder.layer, self.embeddings, "dropout", config.hidden_size,
+                       config.vit_surgery)

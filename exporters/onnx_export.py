@@ -1,0 +1,717 @@
+"""ONNX export of a baked model, validated in onnxruntime against PyTorch and the hooked reference.
+
+`export_and_validate(OUT)` loads the baked model in OUT through the real loader, exports
+`OUT/model.onnx` and validates it before moving it into place; `validate_onnx` is the validation step
+alone (also run by `vit-surgery check`). The fix is inside the graph: the register tokens are a
+constant and the register-neuron edit is ordinary ops (argmax / gather / concat), no hooks.
+
+Graph interface (declared once, in `VIT_ONNX_SPEC`):
+  input  pixel_values  float32 [batch, 3, H, W]    (preprocessed as the model's own transform does)
+  output pooled        float32 [batch, E]          (the family's pooled embedding / head output)
+  output tokens        float32 [batch, N, D]       (final normalised tokens, register tokens included)
+Only the batch axis is dynamic. An `--fp16` export computes in float16 inside the graph but keeps this
+float32 interface. The recipe and token layout are in the model's metadata properties
+(`read_onnx_metadata`). Weights go to `model.onnx.data` (external data) when they would push the
+protobuf past its 2 GB limit.
+
+Validation (onnx.checker, then onnxruntime on the CPU provider with graph optimisation level ALL):
+every output is compared with the PyTorch baked model and with the hooked reference on the un-baked
+source, at batch sizes that include one different from the export batch. Relative error is the
+parity definition: max |onnx - torch| / max |torch| per output. Tolerances: FP32_TOLERANCE (1e-5) for
+float32 exports, FP16_TOLERANCE (2e-2) for float16 exports (float16 keeps 11 significant bits, unit
+roundoff 4.9e-4; a dozen residual blocks accumulate a few times 1e-3 against the float32 model).
+
+Ill-conditioned outputs: where an output is out of tolerance, the same images are also run through
+the baked model in float64, and the comparison passes only if the error is within the tolerance plus
+PyTorch's own float32 error on that output (max |torch fp32 - torch fp64| / max |torch fp64|). This
+happens on a register token whose residual stream stays almost constant (an image without outliers in
+a model whose pre-norm has no bias): the final LayerNorm divides by its tiny spread and amplifies the
+last-bit differences between PyTorch's CPU GELU (a 1.5e-7-accurate erf approximation) and
+onnxruntime's. The report shows both numbers and marks such outputs (`within_fp32_noise`).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+from surgery import __version__
+from surgery.errors import ModelInputError, ParityError, SurgeryError
+from surgery.parity import OutputError
+
+log = logging.getLogger("vit-surgery")
+
+ONNX_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"  # external weights, next to model.onnx, only for models over the limit
+META_PREFIX = "vit_surgery."
+FORMAT_VERSION = "1"
+FP32_TOLERANCE = 1e-5
+FP16_TOLERANCE = 2e-2
+# Protobuf cannot serialise a message of 2 GiB or more; weights above this go to external data.
+EXTERNAL_DATA_THRESHOLD = 2**31 - 64 * 2**20
+EXPORTERS = ("dynamo", "legacy")
+
+
+# ---- the graph interface, declared once ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: its name, axis names, which axes are dynamic, what it holds."""
+
+    name: str
+    axes: tuple[str, ...]
+    dynamic: tuple[int, ...] = (0,)
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class OnnxSpec:
+    """Inputs, outputs, dynamic axes and opset of the exported graph (optimum-style export config)."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    opset: int = 18
+    export_batch_size: int = 2  # never 1: exporters may specialise a batch of 1 into the graph
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """For the TorchScript (legacy) exporter."""
+        return {t.name: {i: t.axes[i] for i in t.dynamic} for t in self.inputs + self.outputs}
+
+    def dynamic_shapes(self) -> dict[str, dict[int, Any]]:
+        """For the torch.export (dynamo) exporter: one Dim per axis name, shared by every tensor."""
+        dims: dict[str, Any] = {}
+        out: dict[str, dict[int, Any]] = {}
+        for t in self.inputs:
+            out[t.name] = {}
+            for i in t.dynamic:
+                name = t.axes[i]
+                dims.setdefault(name, torch.export.Dim(name, min=1))
+                out[t.name][i] = dims[name]
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"inputs": {t.name: {"axes": list(t.axes), "dynamic": list(t.dynamic), "doc": t.doc}
+                           for t in self.inputs},
+                "outputs": {t.name: {"axes": list(t.axes), "dynamic": list(t.dynamic), "doc": t.doc}
+                            for t in self.outputs}}
+
+
+VIT_ONNX_SPEC = OnnxSpec(
+    inputs=(TensorSpec("pixel_values", ("batch", "channels", "height", "width"),
+                       doc="float32 images, preprocessed with the model's own transform"),),
+    outputs=(TensorSpec("pooled", ("batch", "embed"), doc="pooled image embedding (head output)"),
+             TensorSpec("tokens", ("batch", "sequence", "width"),
+                        doc="final normalised token features: [prefix | test-time registers | patches]")),
+)
+
+
+class _ExportWrapper(nn.Module):
+    """family.forward_both as a module with a float32 interface (fp16 exports cast inside the graph)."""
+
+    def __init__(self, model: nn.Module, family: Any, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model = model
+        self.family = family
+        self.dtype = dtype
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled, tokens = self.family.forward_both(self.model, pixel_values.to(self.dtype))
+        return pooled.float(), tokens.float()
+
+
+# ---- small helpers -----------------------------------------------------------------------------
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return (lines[0] if lines else type(e).__name__)[:300]
+
+
+@contextlib.contextmanager
+def _mha_fastpath_disabled() -> Iterator[None]:
+    """open_clip's nn.MultiheadAttention fast path becomes aten::_native_multi_head_attention, which the
+    exporters cannot translate; the ordinary path computes the same thing."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    prev = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(prev)
+
+
+@contextlib.contextmanager
+def _exact_torch() -> Iterator[None]:
+    """No TF32 on CUDA while PyTorch outputs serve as references."""
+    m, c = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = m, c
+
+
+def _say(progress: bool, msg: str) -> None:
+    if progress:
+        print(f"vit-surgery: {msg}", file=sys.stderr)
+
+
+def _surgery_doc(out_dir: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads((out_dir / "surgery.json").read_text(encoding="utf-8"))
+        return doc if isinstance(doc, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def token_layout(loaded: Any) -> dict[str, Any]:
+    """Where the tokens of the `tokens` output come from (the baked model's own bookkeeping)."""
+    from surgery.bake import register_token_indices
+
+    fam, model = loaded.family, loaded.model
+    regs = register_token_indices(model, fam)
+    leading = fam.num_prefix_tokens(model)  # prefix + test-time registers in a baked model
+    return {"num_prefix_tokens": leading - len(regs), "num_registers": len(regs), "register_indices": regs,
+            "first_patch_index": leading, "order": "[prefix (CLS, trained registers) | test-time registers | patches]"}
+
+
+def build_metadata(loaded: Any, out_dir: Path, *, dtype: str, exporter: str, spec: OnnxSpec,
+                   num_tokens: int) -> dict[str, str]:
+    """The metadata properties written into model.onnx (all values are strings; JSON where structured)."""
+    doc = _surgery_doc(out_dir)
+    layout = token_layout(loaded)
+    layout["num_tokens"] = num_tokens
+    cfg = dict(loaded.source.get("pretrained_cfg") or {}) if isinstance(loaded.source, dict) else {}
+    preprocess = {k: cfg[k] for k in ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
+                  if k in cfg}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "recipe": json.dumps(loaded.recipe.to_dict(), sort_keys=True),
+        "token_layout": json.dumps(layout, sort_keys=True),
+        "register_token_indices": json.dumps(layout["register_indices"]),
+        "num_prefix_tokens": str(layout["num_prefix_tokens"]),
+        "num_registers": str(layout["num_registers"]),
+        "source_model": str(doc.get("source_model") or loaded.spec),
+        "source": json.dumps(doc.get("source", loaded.source), sort_keys=True, default=str),
+        "family": loaded.family.name,
+        "tool": "vit-surgery",
+        "tool_version": __version__,
+        "dtype": dtype,
+        "exporter": f"torch {torch.__version__} {exporter}",
+        "export_batch_size": str(spec.export_batch_size),
+        "interface": json.dumps(spec.describe(), sort_keys=True),
+        "preprocess": json.dumps(preprocess, sort_keys=True),
+    }
+    return {META_PREFIX + k: v for k, v in meta.items()}
+
+
+_JSON_KEYS = {"recipe", "token_layout", "register_token_indices", "source", "interface", "preprocess"}
+_INT_KEYS = {"num_prefix_tokens", "num_registers", "export_batch_size"}
+
+
+def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
+    """vit-surgery's metadata properties of an ONNX file, decoded (prefix dropped). Weights not loaded."""
+    model = _load_proto(Path(path), load_external_data=False)
+    out: dict[str, Any] = {}
+    for p in model.metadata_props:
+        if not p.key.startswith(META_PREFIX):
+            continue
+        key = p.key[len(META_PREFIX):]
+        try:
+            out[key] = json.loads(p.value) if key in _JSON_KEYS else int(p.value) if key in _INT_KEYS else p.value
+        except ValueError:
+            raise ModelInputError(f"{path}: metadata property {p.key} is malformed") from None
+    return out
+
+
+def _load_proto(path: Path, load_external_data: bool) -> Any:
+    import onnx
+
+    if not path.is_file():
+        raise ModelInputError(f"{path}: no such ONNX file")
+    try:
+        return onnx.load(str(path), load_external_data=load_external_data)
+    except Exception as e:  # DecodeError, OSError, ValidationError for a bad external-data reference, ...
+        raise ModelInputError(f"{path}: not a readable ONNX model ({type(e).__name__}: {_first_line(e)}); "
+                              "re-export it with `vit-surgery export OUT --format onnx --overwrite`") from None
+
+
+# ---- export ------------------------------------------------------------------------------------
+
+def _export_proto(wrapper: nn.Module, example: torch.Tensor, spec: OnnxSpec, exporter: str, scratch: Path,
+                  progress: bool) -> Any:
+    """Run one torch exporter; return the ModelProto (weights in memory)."""
+    import onnx
+
+    sink = sys.stderr if progress else io.StringIO()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(warnings.catch_warnings())
+        warnings.simplefilter("ignore")  # TracerWarnings, the legacy exporter's DeprecationWarning
+        stack.enter_context(contextlib.redirect_stdout(sink))  # the dynamo exporter prints its steps
+        stack.enter_context(_mha_fastpath_disabled())
+        stack.enter_context(torch.no_grad())
+        if exporter == "dynamo":
+            prog = torch.onnx.export(wrapper, (example,), None, input_names=spec.input_names,
+                                     output_names=spec.output_names, opset_version=spec.opset, dynamo=True,
+                                     dynamic_shapes=spec.dynamic_shapes(), verbose=False, optimize=True)
+            return prog.model_proto
+        raw = scratch / "legacy-export.onnx"
+        torch.onnx.export(wrapper, (example,), str(raw), input_names=spec.input_names,
+                          output_names=spec.output_names, opset_version=spec.opset, dynamo=False,
+                          dynamic_axes=spec.dynamic_axes(), do_constant_folding=True)
+        proto = onnx.load(str(raw), load_external_data=True)
+        for f in scratch.iterdir():
+            if f.name != ONNX_FILE and f.name != DATA_FILE:
+                f.unlink()
+        return proto
+
+
+def _fix_io_shapes(proto: Any, spec: OnnxSpec, shapes: dict[str, Sequence[int]]) -> None:
+    """Dynamic axes get their spec name, every other axis its concrete size (some exporters leave
+    generated names on fixed axes)."""
+    by_name = {t.name: t for t in spec.inputs + spec.outputs}
+    for vi in list(proto.graph.input) + list(proto.graph.output):
+        t = by_name.get(vi.name)
+        if t is None or vi.name not in shapes:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) != len(shapes[vi.name]):
+            continue
+        for i, d in enumerate(dims):
+            if i in t.dynamic:
+                d.ClearField("dim_value")
+                d.dim_param = t.axes[i]
+            else:
+                d.ClearField("dim_param")
+                d.dim_value = int(shapes[vi.name][i])
+
+
+def _weights_bytes(proto: Any) -> int:
+    import numpy as np
+    from onnx import helper
+
+    total = 0
+    for t in proto.graph.initializer:
+        n = int(np.prod(t.dims)) if len(t.dims) else 1
+        try:
+            total += n * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        except (KeyError, TypeError, ValueError):
+            total += len(t.raw_data)
+    return total
+
+
+def _save_proto(proto: Any, path: Path, external: bool) -> None:
+    import onnx
+
+    if external:
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=DATA_FILE, size_threshold=1024, convert_attribute=False)
+    else:
+        onnx.save_model(proto, str(path))
+
+
+@dataclass
+class ExportInfo:
+    path: Path
+    exporter: str
+    dtype: str
+    external_data: bool
+    weights_bytes: int
+
+
+def export_onnx(loaded: Any, out_dir: Path, scratch: Path, *, fp16: bool = False, exporter: str = "dynamo",
+                spec: OnnxSpec = VIT_ONNX_SPEC, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+                progress: bool = True) -> ExportInfo:
+    """Export `loaded` (a baked LoadedModel) to `scratch/model.onnx` (+ model.onnx.data when the weights
+    exceed `external_data_threshold` bytes). `exporter` "dynamo" falls back to "legacy" on failure."""
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+    if loaded.recipe is None:
+        raise ModelInputError(f"{loaded.spec} carries no baked test-time registers (not a vit-surgery output)")
+    dtype = torch.float16 if fp16 else torch.float32
+    model = loaded.model
+    ref = next(model.parameters())
+    if ref.device.type != "cpu" or ref.dtype != dtype:
+        model = copy.deepcopy(model).to("cpu", dtype)  # export on CPU; the graph is device-independent
+    model.eval()
+    wrapper = _ExportWrapper(model, loaded.family, dtype).eval()
+    c, h, w = loaded.family.input_size(loaded.model)
+    example = torch.randn(spec.export_batch_size, c, h, w, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), _mha_fastpath_disabled():
+        pooled, tokens = wrapper(example)
+    shapes = {spec.input_names[0]: tuple(example.shape), spec.output_names[0]: tuple(pooled.shape),
+              spec.output_names[1]: tuple(tokens.shape)}
+    order = [exporter] + [e for e in EXPORTERS if e != exporter]
+    errors: list[str] = []
+    proto = None
+    used = exporter
+    for name in order:
+        _say(progress, f"exporting ONNX with the {name} exporter (opset {spec.opset}, "
+                       f"{'float16' if fp16 else 'float32'}, batch {spec.export_batch_size})")
+        try:
+            proto = _export_proto(wrapper, example, spec, name, scratch, progress)
+            used = name
+            break
+        except SurgeryError:
+            raise
+        except Exception as e:  # each exporter has its own gaps; the other one may cover them
+            errors.append(f"{name}: {type(e).__name__}: {_first_line(e)}")
+            log.warning("the %s ONNX exporter failed (%s)%s", name, errors[-1],
+                        "; trying the next one" if name != order[-1] else "")
+    if proto is None:
+        raise ModelInputError("could not export the model to ONNX: " + "; ".join(errors))
+    opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if opset < 17:
+        raise ModelInputError(f"the exporter produced opset {opset}; ONNX export needs opset >= 17")
+    _fix_io_shapes(proto, spec, shapes)
+    meta = build_metadata(loaded, out_dir, dtype="float16" if fp16 else "float32", exporter=used, spec=spec,
+                          num_tokens=int(tokens.shape[1]))
+    kept = [p for p in proto.metadata_props if not p.key.startswith(META_PREFIX)]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    for k, v in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    proto.doc_string = ("vit-surgery baked model with test-time registers inside the graph; "
+                        "inputs/outputs and recipe in metadata_props (vit_surgery.*)")
+    size = _weights_bytes(proto)
+    external = size > external_data_threshold
+    path = scratch / ONNX_FILE
+    _save_proto(proto, path, external)
+    return ExportInfo(path, used, "float16" if fp16 else "float32", external, size)
+
+
+# ---- validation ------------------------------------------------------------------------------------
+
+@dataclass
+class Comparison:
+    """One ONNX output against one PyTorch reference, over every validated image."""
+
+    output: str
+    against: str  # "pytorch" (the baked model) or "hooked_reference" (source model + hooks)
+    error: OutputError
+    tolerance: float
+    fp32_noise: Optional[float] = None  # relative error of that PyTorch reference vs float64, if measured
+
+    @property
+    def relative(self) -> float:
+        return self.error.relative
+
+    @property
+    def within_fp32_noise(self) -> bool:
+        return (self.relative > self.tolerance and self.fp32_noise is not None
+                and self.relative <= self.tolerance + self.fp32_noise)
+
+    @property
+    def passed(self) -> bool:
+        return self.relative <= self.tolerance or self.within_fp32_noise
+
+    @property
+    def label(self) -> str:
+        return f"{self.output} vs {self.against.replace('_', ' ')}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.error.to_dict()
+        d.update(output=self.output, against=self.against, tolerance=self.tolerance, passed=self.passed,
+                 pytorch_fp32_error_vs_fp64=self.fp32_noise, within_fp32_noise=self.within_fp32_noise)
+        return d
+
+
+@dataclass
+class OnnxReport:
+    path: str
+    dtype: str = "float32"
+    tolerance: float = FP32_TOLERANCE
+    export_batch_size: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+    images: int = 0
+    opset: int = 0
+    external_data: bool = False
+    comparisons: list[Comparison] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # failures that are not numeric (stale metadata)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems and bool(self.comparisons) and all(c.passed for c in self.comparisons)
+
+    def failures(self) -> list[Comparison]:
+        return [c for c in self.comparisons if not c.passed]
+
+    @property
+    def worst(self) -> Optional[Comparison]:
+        return max(self.comparisons, key=lambda c: c.relative) if self.comparisons else None
+
+    def summary(self) -> str:
+        head = (f"onnx {'PASS' if self.passed else 'FAIL'} ({self.dtype}, onnxruntime CPU, optimisation ALL, "
+                f"batch sizes {sorted(set(self.batch_sizes))}, exported at batch {self.export_batch_size})")
+        if self.problems:
+            return f"{head}: {'; '.join(self.problems)}"
+        fails = self.failures()
+        if fails:
+            parts = [f"{c.label} relative error {c.relative:.3g} > tolerance {c.tolerance:g}"
+                     + (f" at (image, token, channel) {tuple(c.error.where)}" if c.error.where else "")
+                     + (f" (PyTorch's own fp32 error {c.fp32_noise:.3g})" if c.fp32_noise is not None else "")
+                     for c in fails]
+            return f"{head}: out of tolerance: {'; '.join(parts)}, over {self.images} image(s)"
+        w = self.worst
+        if w is None:
+            return f"{head}: nothing compared"
+        note = ""
+        noisy = [c for c in self.comparisons if c.within_fp32_noise]
+        if noisy:
+            note = ("; within PyTorch's own float32 error on " + ", ".join(
+                f"{c.label} ({c.relative:.3g} <= {c.tolerance:g} + {c.fp32_noise:.3g})" for c in noisy))
+        return (f"{head}: worst relative error {w.relative:.3g} (tolerance {w.tolerance:g}) in {w.label}"
+                f"{note}, over {self.images} image(s)")
+
+    def to_dict(self) -> dict[str, Any]:
+        w = self.worst
+        return {"passed": self.passed, "path": self.path, "dtype": self.dtype, "tolerance": self.tolerance,
+                "runtime": "onnxruntime CPUExecutionProvider, graph_optimization_level ORT_ENABLE_ALL",
+                "relative_error_definition": "max |onnx - torch| / max |torch| per output",
+                "export_batch_size": self.export_batch_size, "batch_sizes": self.batch_sizes,
+                "images": self.images, "opset": self.opset, "external_data": self.external_data,
+                "worst": w.to_dict() if w else None, "comparisons": [c.to_dict() for c in self.comparisons],
+                "problems": self.problems, "summary": self.summary()}
+
+
+def _ort_session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise ModelInputError(f"{path}: onnxruntime cannot load it ({_first_line(e)})") from None
+
+
+def _check_model(path: Path) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as e:
+        raise ModelInputError(f"{path}: not a valid ONNX model (onnx.checker: {_first_line(e)}); "
+                              "re-export it with `vit-surgery export OUT --format onnx --overwrite`") from None
+
+
+def _rebatch(batches: Sequence[torch.Tensor], export_batch: int) -> list[torch.Tensor]:
+    """The given batches, split so that at least one has a size other than the export batch size."""
+    out = [b for b in batches if len(b)]
+    if out and all(len(b) == export_batch for b in out):
+        first = out[0]
+        out = [first[:1], first[1:]] + out[1:] if len(first) > 1 else out
+    return out
+
+
+def _torch_outputs(model: nn.Module, family: Any, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    pooled, tokens = family.forward_both(model, pixels)
+    return {"pooled": pooled, "tokens": tokens}
+
+
+@torch.inference_mode()
+def validate_onnx(out_dir: Path, loaded: Any, batches: list[torch.Tensor], *, onnx_path: Optional[Path] = None,
+                  tolerance: Optional[float] = None, progress: bool = False) -> OnnxReport:
+    """Check `out_dir/model.onnx` (or `onnx_path`): onnx.checker, then onnxruntime (CPU, optimisation
+    ALL) against the PyTorch baked model and the hooked reference on `batches` (re-split so one batch
+    size differs from the export batch). A missing, corrupt or foreign file raises ModelInputError;
+    numeric disagreement is reported (`passed`, `summary`), not raised."""
+    import numpy as np
+
+    from surgery.bake import unbake
+    from surgery.reference import hooked_reference
+
+    path = Path(onnx_path) if onnx_path is not None else Path(out_dir) / ONNX_FILE
+    if loaded.recipe is None:
+        raise ModelInputError(f"{loaded.spec} carries no baked test-time registers (not a vit-surgery output)")
+    _check_model(path)
+    meta = read_onnx_metadata(path)
+    proto = _load_proto(path, load_external_data=False)
+    names_in = [i.name for i in proto.graph.input]
+    names_out = [o.name for o in proto.graph.output]
+    spec = VIT_ONNX_SPEC
+    if names_in != spec.input_names or names_out != spec.output_names or "recipe" not in meta:
+        raise ModelInputError(f"{path}: not a vit-surgery ONNX export (inputs {names_in}, outputs {names_out}, "
+                              f"{'no ' if 'recipe' not in meta else ''}vit_surgery metadata)")
+    dtype = str(meta.get("dtype", "float32"))
+    tol = tolerance if tolerance is not None else (FP16_TOLERANCE if dtype == "float16" else FP32_TOLERANCE)
+    report = OnnxReport(path=str(path), dtype=dtype, tolerance=tol,
+                        export_batch_size=int(meta.get("export_batch_size", spec.export_batch_size)),
+                        opset=max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0),
+                        external_data=any(t.data_location == 1 for t in proto.graph.initializer),
+                        metadata=meta)
+    del proto
+    if meta.get("recipe") != loaded.recipe.to_dict():
+        report.problems.append(f"{path.name} was exported with another recipe than the model in {out_dir} "
+                               "(stale export); re-export it with --overwrite")
+    layout = token_layout(loaded)
+    if meta.get("register_token_indices") != layout["register_indices"]:
+        report.problems.append(f"{path.name} records register tokens at {meta.get('register_token_indices')}, "
+                               f"the model has them at {layout['register_indices']}")
+    if report.problems:
+        return report
+
+    session = _ort_session(path)
+    fam, baked = loaded.family, loaded.model
+    dev = next(baked.parameters()).device
+    mdtype = next(baked.parameters()).dtype
+    source = copy.deepcopy(baked)
+    unbake(source, fam)
+    refs = {"pytorch": lambda x: _torch_outputs(baked, fam, x)}
+
+    def hooked(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        with hooked_reference(source, loaded.recipe, fam):
+            return _torch_outputs(source, fam, x)
+    refs["hooked_reference"] = hooked
+
+    comps = {(o, a): Comparison(o, a, OutputError(o), tol) for o in spec.output_names for a in refs}
+    work = _rebatch(batches, report.export_batch_size)
+    offset = 0
+    with _exact_torch():
+        for pixels in work:
+            x = pixels.to("cpu", torch.float32).contiguous()
+            try:
+                got = dict(zip(spec.output_names, session.run(spec.output_names, {spec.input_names[0]: x.numpy()})))
+            except Exception as e:
+                raise ModelInputError(f"{path}: onnxruntime failed on a batch of {tuple(x.shape)} "
+                                      f"({_first_line(e)})") from None
+            for against, fn in refs.items():
+                want = fn(pixels.to(dev, mdtype))
+                for o in spec.output_names:
+                    g = torch.from_numpy(np.asarray(got[o]))
+                    comps[(o, against)].error.update(g, want[o].float().cpu(), offset=offset)
+            offset += len(x)
+            report.batch_sizes.append(len(x))
+    report.images = offset
+    report.comparisons = list(comps.values())
+    if report.failures():
+        _say(progress, "an ONNX output is out of tolerance; measuring PyTorch's own float32 error (float64 run)")
+        _measure_fp32_noise(report, baked, source, loaded, work)
+    return report
+
+
+def _measure_fp32_noise(report: OnnxReport, baked: nn.Module, source: nn.Module, loaded: Any,
+                        work: list[torch.Tensor]) -> None:
+    """Error of each float32 PyTorch reference against the baked model run in float64."""
+    from surgery.reference import hooked_reference
+
+    fam = loaded.family
+    exact = copy.deepcopy(baked).double()
+    dev = next(baked.parameters()).device
+    mdtype = next(baked.parameters()).dtype
+    noise = {c.against: {o: OutputError(o) for o in VIT_ONNX_SPEC.output_names} for c in report.comparisons}
+    with _exact_torch():
+        for pixels in work:
+            want = _torch_outputs(exact, fam, pixels.to(dev, torch.float64))
+            f32 = {"pytorch": _torch_outputs(baked, fam, pixels.to(dev, mdtype))}
+            with hooked_reference(source, loaded.recipe, fam):
+                f32["hooked_reference"] = _torch_outputs(source, fam, pixels.to(dev, mdtype))
+            for against, outs in noise.items():
+                for o, err in outs.items():
+                    err.update(f32[against][o].double().cpu(), want[o].cpu())
+    for c in report.comparisons:
+        c.fp32_noise = noise[c.against][c.output].relative
+
+
+# ---- export + validate + move into place ---------------------------------------------------------
+
+def validation_batches(loaded: Any, sizes: Sequence[int] = (1, 5)) -> list[torch.Tensor]:
+    """Built-in calibration images through the model's own transform, in batches of `sizes`."""
+    from surgery.images import ImageBatches, list_images
+    from surgery.organism import builtin_images
+
+    files = list_images(builtin_images())[:sum(sizes)]
+    pixels = torch.cat([x for x, _ in ImageBatches(files, loaded.transform, 8, progress=False)])
+    out, start = [], 0
+    for s in sizes:
+        if start < len(pixels):
+            out.append(pixels[start:start + s])
+        start += s
+    return out
+
+
+def _update_parity_json(out_dir: Path, report: OnnxReport) -> None:
+    f = out_dir / "parity.json"
+    if not f.is_file():
+        return
+    try:
+        doc = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(doc, dict):
+        return
+    doc["onnx"] = report.to_dict()
+    tmp = f.with_name(f".{f.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True, default=float) + "\n")
+    os.replace(tmp, f)
+
+
+def _move_into_place(scratch: Path, out_dir: Path, external: bool) -> None:
+    target, data = out_dir / ONNX_FILE, out_dir / DATA_FILE
+    if external:
+        os.replace(scratch / DATA_FILE, data)
+        os.replace(scratch / ONNX_FILE, target)
+    else:
+        os.replace(scratch / ONNX_FILE, target)
+        if data.exists():  # a previous, larger export's weights
+            data.unlink()
+
+
+def export_and_validate(out_dir: Path, fp16: bool = False, progress: bool = True, *, options: Any = None,
+                        exporter: str = "dynamo", batches: Optional[list[torch.Tensor]] = None,
+                        external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+                        tolerance: Optional[float] = None) -> OnnxReport:
+    """Load the baked model in `out_dir`, export it, validate it, and only then move `model.onnx` (and
+    `model.onnx.data` for large models) into `out_dir`. Failing validation raises ParityError naming the
+    outputs out of tolerance and writes nothing; an existing model.onnx is replaced only on success."""
+    from surgery.loading import load_model
+
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise ModelInputError(f"model folder not found: {out_dir}")
+    loaded = load_model(str(out_dir), options)
+    if loaded.recipe is None:
+        raise ModelInputError(f"{out_dir} carries no baked test-time registers (run `vit-surgery convert` first)")
+    scratch = Path(tempfile.mkdtemp(prefix=".onnx-export-", dir=out_dir))
+    try:
+        info = export_onnx(loaded, out_dir, scratch, fp16=fp16, exporter=exporter,
+                           external_data_threshold=external_data_threshold, progress=progress)
+        _say(progress, f"validating {ONNX_FILE} in onnxruntime against PyTorch and the hooked reference")
+        work = batches if batches is not None else validation_batches(loaded)
+        report = validate_onnx(out_dir, loaded, work, onnx_path=info.path, tolerance=tolerance, progress=progress)
+        report.path = str(out_dir / ONNX_FILE)
+        if not report.passed:
+            raise ParityError(f"ONNX export failed validation, no {ONNX_FILE} written: {report.summary()}")
+        _move_into_place(scratch, out_dir, info.external_data)
+        _update_parity_json(out_dir, report)
+        _say(progress, report.summary())
+        return report
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
