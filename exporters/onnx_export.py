@@ -536,7 +536,7 @@ def _torch_outputs(model: nn.Module, family: Any, pixels: torch.Tensor) -> dict[
     return {"pooled": pooled, "tokens": tokens}
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def validate_onnx(out_dir: Path, loaded: Any, batches: list[torch.Tensor], *, onnx_path: Optional[Path] = None,
                   tolerance: Optional[float] = None, progress: bool = False) -> OnnxReport:
     """Check `out_dir/model.onnx` (or `onnx_path`): onnx.checker, then onnxruntime (CPU, optimisation
@@ -617,6 +617,7 @@ def validate_onnx(out_dir: Path, loaded: Any, batches: list[torch.Tensor], *, on
     return report
 
 
+@torch.no_grad()
 def _measure_fp32_noise(report: OnnxReport, baked: nn.Module, source: nn.Module, loaded: Any,
                         work: list[torch.Tensor]) -> None:
     """Error of each float32 PyTorch reference against the baked model run in float64."""

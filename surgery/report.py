@@ -491,8 +491,8 @@ def _maps_figure(m: Measurement, key: str, path: Path, title: str, cbar_label: s
                            interpolation="nearest")
             ys, xs = np.nonzero(it["original"]["mask"].reshape(gh, gw))
             if len(xs):
-                ax.scatter(xs, ys, s=60, facecolors="none", edgecolors="#00e5ff", linewidths=1.2,
-                           label="outlier in the original")
+                ax.scatter(xs, ys, s=max(6.0, 60.0 * (8.0 / max(gh, gw)) ** 2), facecolors="none",
+                           edgecolors="#00e5ff", linewidths=1.0 if max(gh, gw) > 16 else 1.2)
             sub = s
             if key == "attn":
                 sub += f": max patch {float(it[s][key].max()):.1%}"
@@ -504,8 +504,12 @@ def _maps_figure(m: Measurement, key: str, path: Path, title: str, cbar_label: s
             ax.set_xticks([]), ax.set_yticks([])
     cb = fig.colorbar(im, ax=axes[:, 1:].ravel().tolist(), shrink=0.9, aspect=40)
     cb.set_label(cbar_label + (" (log scale)" if log else ""))
-    fig.suptitle(title + "\ncyan circles: patches that are outliers in the original; one color scale for both sides",
-                 fontsize=10)
+    lines = [title]
+    if any(it["original"]["mask"].any() for it in m.show):
+        lines.append("cyan circles: patches that are outliers in the original")
+    if len(sides) > 1:
+        lines.append("one color scale for original and baked")
+    fig.suptitle("\n".join(lines), fontsize=10)
     return _save(fig, path)
 
 
