@@ -41,7 +41,11 @@ def effect_metrics(diag: dict[str, torch.Tensor], num_prefix: int, register_posi
     B, N = norms.shape
     patch = norms[:, num_prefix:]
     mask, _ = outlier_mask(norms, num_prefix, threshold, include_prefix=False)
-    cls_attn = diag["attn"][:, :, 0, :].mean(1)  # [B, N], averaged over heads
+    original_prefix = num_prefix - len(register_positions)
+    if original_prefix > 0:  # the CLS token's attention, averaged over heads
+        cls_attn = diag["attn"][:, :, 0, :].mean(1)  # [B, N]
+    else:  # no CLS (attention-pool models): the patches' average attention
+        cls_attn = diag["attn"][:, :, num_prefix:, :].mean(dim=(1, 2))
     patch_attn = cls_attn[:, num_prefix:]
     k = max(1, int(round(top_share * patch_attn.shape[1])))
     top_mass = patch_attn.topk(k, dim=1).values.sum(1)

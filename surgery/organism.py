@@ -138,6 +138,7 @@ TIMM_VARIANTS: dict[str, tuple[str, dict]] = {
     "dinov2": ("vit_small_patch14_dinov2", {"init_values": 1.0}),  # LayerScale
     "swiglu": ("vit_giant_patch14_dinov2", {"init_values": 1.0}),  # SwiGLUPacked MLP
     "reg4": ("vit_small_patch14_reg4_dinov2", {"init_values": 1.0}),  # trained registers
+    "siglip": ("vit_base_patch16_siglip_224", {}),  # no CLS token, attention-pool head
 }
 ORGANISM_SIZE = dict(img_size=64, patch_size=8, embed_dim=64, depth=6, num_heads=4, mlp_ratio=4.0)
 
@@ -155,7 +156,9 @@ def build_timm_organism(seed: int = 0, variant: str = "vit", *, num_classes: int
         raise ValueError(f"unknown organism variant {variant!r}; choose from {sorted(TIMM_VARIANTS)}")
     arch, extra = TIMM_VARIANTS[variant]
     size = ORGANISM_SIZE["img_size"]
-    model_args = dict(ORGANISM_SIZE, num_classes=num_classes, global_pool="token", **extra)
+    model_args = dict(ORGANISM_SIZE, num_classes=num_classes, **extra)
+    if variant != "siglip":
+        model_args["global_pool"] = "token"
     if variant in ("dinov2", "swiglu", "reg4"):
         model_args["dynamic_img_size"] = False
     overlay = dict(input_size=(3, size, size), crop_pct=1.0, interpolation="bicubic",
@@ -163,7 +166,8 @@ def build_timm_organism(seed: int = 0, variant: str = "vit", *, num_classes: int
     torch.manual_seed(seed)
     model = timm.create_model(arch, pretrained=False, pretrained_cfg_overlay=overlay, **model_args)
     model.eval()
-    planting = plant_register_neurons(model, plant, seed=seed, cls_token=model.cls_token, pos_embed=model.pos_embed,
+    planting = plant_register_neurons(model, plant, seed=seed, cls_token=getattr(model, "cls_token", None),
+                                      pos_embed=model.pos_embed,
                                       pos_includes_cls=not model.no_embed_class)
     cfg = dict(model.pretrained_cfg)
     cfg.pop("url", None), cfg.pop("hf_hub_id", None)
