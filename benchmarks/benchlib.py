@@ -111,18 +111,23 @@ def timed(fn: Callable[[], object]) -> float:
 
 
 def interleave(arms: dict[str, Callable[[], object]], rounds: int, sync: Callable[[], None] = lambda: None
-               ) -> dict[str, list[float]]:
-    """Time each arm once per round; the order alternates (A B C, C B A, ...) so drift cancels."""
+               ) -> dict[str, dict[str, list[float]]]:
+    """Time each arm once per round; the order alternates (A B C, C B A, ...) so drift cancels.
+
+    Returns {"wall": {arm: [s, ...]}, "cpu": {arm: [s, ...]}}: wall-clock seconds and process CPU seconds
+    (all threads). With one torch thread the CPU time is the work done, whatever else runs on the machine.
+    """
     names = list(arms)
-    times: dict[str, list[float]] = {n: [] for n in names}
+    out: dict[str, dict[str, list[float]]] = {"wall": {n: [] for n in names}, "cpu": {n: [] for n in names}}
     for r in range(rounds):
         for n in (names if r % 2 == 0 else names[::-1]):
             sync()
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             arms[n]()
             sync()
-            times[n].append(time.perf_counter() - t)
-    return times
+            out["wall"][n].append(time.perf_counter() - t)
+            out["cpu"][n].append(time.process_time() - c)
+    return out
 
 
 def paired_ratio(num: list[float], den: list[float]) -> float:
@@ -155,3 +160,33 @@ def write_section(title: str, body: str, path: Path = RESULTS) -> None:
 def context_lines(extra: str = "") -> str:
     return (f"- Machine: {machine()}\n- Command: `{command_line()}`\n- Date: {today()} "
             f"(load average at the end: {load_average()}; other jobs shared the 2 cores){extra}\n")
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS mark (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size since the last reset_peak_rss() (VmHWM), else since the process started."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mib() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")

@@ -131,7 +131,8 @@ class _PatchTokensMixin:
 class VitSurgeryCLIPVisionModel(_PatchTokensMixin, transformers.CLIPVisionModel):
     def __init__(self, config):
         super().__init__(config)
-        bake_structure(self, self, self.encoder.layers, self, "pre_layrnorm", config.hidden_size, config.vit_surgery)
+        v = getattr(self, "vision_model", self)  # transformers 4.x wraps a CLIPVisionTransformer
+        bake_structure(self, v, v.encoder.layers, v, "pre_layrnorm", config.hidden_size, config.vit_surgery)
 
 
 class VitSurgeryCLIPVisionModelWithProjection(_PatchTokensMixin, transformers.CLIPVisionModelWithProjection):

@@ -235,8 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("convert", help="bake test-time registers and write a standalone model folder")
     c.add_argument("model")
-    src = c.add_mutually_exclusive_group(required=True)
-    src.add_argument("--neurons", help="neurons JSON file, or a published set name (e.g. dinov2_vitl14)")
+    src = c.add_mutually_exclusive_group(required=False)
+    src.add_argument("--neurons", help="neurons JSON file, or a published set name (e.g. dinov2_vitl14); "
+                                       "default: the published set when the model is recognised")
     src.add_argument("--images", help="calibration images: find the neurons first")
     c.add_argument("--out", required=True, help="output folder")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

@@ -12,14 +12,13 @@ the trained ones, `[cls, reg x4, test-time registers, patches]`.
 """
 from __future__ import annotations
 
-import pickle
 import re
 from pathlib import Path
 from typing import Any, Optional
 
 from .errors import ModelInputError, UnsafeCheckpointError
 from .families import family_for
-from .loading import LoadedModel, LoadOptions, _timm_source, register_loader
+from .loading import LoadedModel, LoadOptions, _timm_source, needs_full_unpickling, register_loader
 
 PREFIX = "dinov2:"
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
@@ -39,13 +38,9 @@ def _read_state_dict(path: Path, spec: str, opts: LoadOptions) -> dict[str, Any]
             raise ModelInputError(f"{spec}: unreadable safetensors file {path} ({str(e).splitlines()[0]})") from None
     try:
         sd = torch.load(path, map_location="cpu", weights_only=not opts.allow_unsafe_pickle)
-    except pickle.UnpicklingError:
-        raise UnsafeCheckpointError(
-            f"{spec}: the checkpoint needs full unpickling, which can run arbitrary code; refused. "
-            "Convert it to safetensors, or pass --allow-unsafe-pickle if you trust the file") from None
     except Exception as e:
         msg = str(e)
-        if "weights_only" in msg or "Weights only load failed" in msg:
+        if needs_full_unpickling(e):
             raise UnsafeCheckpointError(
                 f"{spec}: the checkpoint needs full unpickling, which can run arbitrary code; refused. "
                 "Convert it to safetensors, or pass --allow-unsafe-pickle if you trust the file") from None

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -23,7 +22,7 @@ from torch import nn
 
 from .errors import ModelInputError, UnsafeCheckpointError
 from .families import family_for
-from .loading import LoadedModel, LoadOptions, register_loader
+from .loading import LoadedModel, LoadOptions, needs_full_unpickling, register_loader
 
 # model_type -> stock class loaded for it (CLIPModel stays whole; its vision tower is what we edit).
 HF_MODEL_TYPES = {
@@ -194,7 +193,7 @@ def _stock_class(cfg: dict[str, Any], spec: str) -> str:
 
 def _map_hf_error(spec: str, e: BaseException) -> Exception:
     text = str(e)
-    if isinstance(e, pickle.UnpicklingError) or "weights_only" in text or "Weights only load failed" in text:
+    if needs_full_unpickling(e):
         return UnsafeCheckpointError(
             f"{spec}: the checkpoint (pytorch_model.bin) needs full unpickling, which can run arbitrary code; refused. "
             "Convert it to safetensors, or pass --allow-unsafe-pickle if you trust the file")
@@ -218,13 +217,17 @@ def _quiet_transformers():
         from transformers.utils import logging as hf_logging
 
         old = hf_logging.get_verbosity()
+        bars = hf_logging.is_progress_bar_enabled()
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 yield
         finally:
             hf_logging.set_verbosity(old)
+            if bars:
+                hf_logging.enable_progress_bar()
     return ctx()
 
 

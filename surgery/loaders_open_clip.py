@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-import torch
 from torch import nn
 
 from .errors import ModelInputError, UnsafeCheckpointError
@@ -145,6 +144,8 @@ def _map_error(spec: str, e: BaseException) -> Exception:
             "Convert it to safetensors, or pass --allow-unsafe-pickle if you trust the file")
     if "size mismatch" in text or "Missing key" in text or "Unexpected key" in text:
         return ModelInputError(f"{spec}: weights do not match the model config: {' '.join(text.split())[:300]}")
+    if "Last error" in msg:  # open_clip's download errors append huggingface_hub's whole explanation
+        msg = msg.split(". Last error")[0]
     if ("download" in text.lower() or "hub" in text.lower() or "offline" in text.lower()
             or isinstance(e, (OSError, ConnectionError))):
         return ModelInputError(f"{spec}: could not get the pretrained weights ({msg[:300]}); with no network, use a "
@@ -154,8 +155,8 @@ def _map_error(spec: str, e: BaseException) -> Exception:
 
 
 _NO_CLS_MAP_WHY = ("it has no CLS token and pools with an attention-pool (MAP) head that attends over every output "
-                   "token, so a test-time register would flow into the image embedding (the method assumes a CLS-token "
-                   "or patch-mean readout that registers stay out of)")
+                   "token, so a test-time register would flow into the image embedding, which the method does not "
+                   "define (it assumes a CLS-token or patch-mean readout that registers stay out of)")
 
 
 def check_model_cfg(spec: str, cfg: Any) -> None:
@@ -171,8 +172,7 @@ def check_model_cfg(spec: str, cfg: Any) -> None:
         else:
             why = (f"its image tower is timm's {timm_name} wrapped by open_clip's TimmModel (pool={pool!r}), not "
                    "open_clip's own VisionTransformer")
-        raise ModelInputError(f"{spec}: not supported: {why}. Refused rather than change encode_image in a way "
-                              "the parity check cannot vouch for")
+        raise ModelInputError(f"{spec}: not supported: {why}. Refused rather than guess")
     if isinstance(vision.get("layers"), (list, tuple)):
         raise ModelInputError(f"{spec}: the image tower is a ResNet (ModifiedResNet), not a Vision Transformer")
     if vision.get("scale_fc"):
@@ -204,8 +204,7 @@ def check_image_tower(spec: str, clip: nn.Module) -> nn.Module:
         else:
             why = (f"its image tower is a timm {tname} wrapped by open_clip's TimmModel (pool={pool!r}), not open_clip's "
                    "own VisionTransformer")
-        raise ModelInputError(f"{spec}: not supported: {why}. Refused rather than change encode_image in a way the "
-                              "parity check cannot vouch for")
+        raise ModelInputError(f"{spec}: not supported: {why}. Refused rather than guess")
     if kind == "ModifiedResNet":
         raise ModelInputError(f"{spec}: the image tower is a ResNet (ModifiedResNet), not a Vision Transformer")
     raise ModelInputError(f"{spec}: unsupported open_clip image tower {kind} (vit-surgery bakes open_clip's "

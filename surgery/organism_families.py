@@ -248,6 +248,9 @@ def build_hf_dinov2_organism(seed: int = 0, *, swiglu: bool = False, num_registe
                                           pos_embed=emb.position_embeddings, pos_includes_cls=True)
     finally:
         fam.finish()
+    if num_register_tokens:  # trained registers: the CLS pattern (well conditioned), not exact zeros
+        with torch.no_grad():
+            emb.register_tokens.copy_(emb.cls_token.expand_as(emb.register_tokens))
     return model, planting
 
 
@@ -259,3 +262,55 @@ def save_hf_organism(model: nn.Module, path: str | Path, *, preprocessor: bool =
     if preprocessor:
         (path / "preprocessor_config.json").write_text(json.dumps(HF_ORGANISM_PREPROCESSOR, indent=2) + "\n")
     return path
+
+
+# ---- DINOv2 torch-hub layout (facebookresearch/dinov2 state dicts) ---------------------------------
+
+DINOV2_HUB_VARIANTS = {"plain": ("vit_small_patch14_dinov2", {}),
+                       "swiglu": ("vit_giant_patch14_dinov2", {}),
+                       "reg4": ("vit_small_patch14_reg4_dinov2", {})}
+
+
+def build_dinov2_hub_organism(seed: int = 0, variant: str = "plain", *,
+                              plant: dict[int, list[tuple[int, int]]] | None = None
+                              ) -> tuple[nn.Module, Planting, dict[str, torch.Tensor]]:
+    """A small timm DINOv2 with planted register neurons, and the same weights as a DINOv2 torch-hub
+    state dict (`blocks.i.mlp.fc1` / SwiGLU `w12`+`w3`, `ls1.gamma`, `mask_token`, `register_tokens`,
+    a CLS row in `pos_embed`). One head of width 64 keeps DINOv2's head size of 64, which is how a hub
+    checkpoint's head count is read back.
+    """
+    import timm
+
+    arch, extra = DINOV2_HUB_VARIANTS[variant]
+    s = ORGANISM_SIZE
+    args = dict(img_size=s["img_size"], patch_size=s["patch_size"], embed_dim=s["embed_dim"], depth=s["depth"], num_heads=1,
+                mlp_ratio=s["mlp_ratio"], init_values=1.0, num_classes=0, dynamic_img_size=False, **extra)
+    overlay = dict(input_size=(3, s["img_size"], s["img_size"]), crop_pct=1.0, num_classes=0)
+    torch.manual_seed(seed)
+    model = timm.create_model(arch, pretrained=False, pretrained_cfg_overlay=overlay, **args)
+    model.eval()
+    planting = plant_register_neurons(model, plant, seed=seed, cls_token=model.cls_token, pos_embed=model.pos_embed,
+                                      pos_includes_cls=not model.no_embed_class)
+    if model.reg_token is not None:  # trained registers: the CLS pattern (well conditioned), not ~1e-6 noise
+        with torch.no_grad():
+            model.reg_token.copy_(model.cls_token.expand_as(model.reg_token))
+    return model, planting, timm_to_dinov2_hub(model)
+
+
+def timm_to_dinov2_hub(model: nn.Module) -> dict[str, torch.Tensor]:
+    """timm DINOv2 weights in the torch-hub layout (the inverse of timm's dinov2 checkpoint filter)."""
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    out: dict[str, torch.Tensor] = {}
+    swiglu = type(model.blocks[0].mlp).__name__ == "GluMlp"  # timm's SwiGLUPacked
+    for k, v in sd.items():
+        if swiglu and ".mlp.fc1." in k:
+            k = k.replace(".mlp.fc1.", ".mlp.w12.")
+        elif swiglu and ".mlp.fc2." in k:
+            k = k.replace(".mlp.fc2.", ".mlp.w3.")
+        out[k] = v
+    D = out["cls_token"].shape[-1]
+    if "reg_token" in out:  # timm keeps no CLS position for registers models; the hub layout does
+        out["register_tokens"] = out.pop("reg_token")
+        out["pos_embed"] = torch.cat([torch.zeros(1, 1, D), out["pos_embed"]], dim=1)
+    out["mask_token"] = torch.zeros(1, D)
+    return out

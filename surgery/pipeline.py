@@ -154,7 +154,13 @@ def run_convert(
         result = run_find(loaded, images, cfg, progress)
         recipe = result.recipe.with_options(**overrides)
     else:
-        raise SurgeryError("convert needs --neurons FILE|NAME or --images DIR")
+        from .published import published_for_model
+
+        name = published_for_model(loaded)
+        if name is None:
+            raise SurgeryError(f"convert needs --neurons FILE|NAME or --images DIR: no published register neurons "
+                               f"are known for {loaded.spec}")
+        recipe, _ = resolve_recipe(loaded, name, overrides)
     baked = bake_registers(copy.deepcopy(loaded.model), recipe, loaded.family)
     surgery_doc = {"recipe": recipe.to_dict(), "source_model": loaded.spec, "source": loaded.source,
                    "tool": "vit-surgery", "tool_version": __version__,

@@ -35,3 +35,26 @@ def match_published(model_name: str) -> Optional[str]:
         if any(m.lower() in low for m in entry.get("models", [])):
             return name
     return None
+
+
+def published_for_model(loaded: Any) -> Optional[str]:
+    """The published set for a loaded model, recognised by name (spec, architecture, hub id) and checked
+    against the entry's optional `depth`, `hidden_size` and `num_prefix_tokens` (default 1: a set found
+    on a model without trained registers never applies to its `reg4` / with-registers sibling)."""
+    src = getattr(loaded, "source", {}) or {}
+    names = [loaded.spec] + [str(src[k]) for k in ("architecture", "name_or_path", "spec") if src.get(k)]
+    fam, model = loaded.family, loaded.model
+    blocks = fam.blocks(model)
+    for n in names:
+        name = match_published(n)
+        if name is None:
+            continue
+        entry = registry()[name]
+        if entry.get("depth") is not None and int(entry["depth"]) != len(blocks):
+            continue
+        if entry.get("hidden_size") is not None and any(fam.hidden_size(b) != int(entry["hidden_size"]) for b in blocks):
+            continue
+        if int(entry.get("num_prefix_tokens", 1)) != fam.num_prefix_tokens(model):
+            continue
+        return name
+    return None

@@ -28,7 +28,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ import torch
 from .bake import bake_registers, register_token_indices
 from .discovery import AUTO_FACTOR, DiscoveryConfig, emergence_layer, find_register_neurons, outlier_mask
 from .effect import effect_metrics, token_diagnostics
-from .errors import ModelInputError, NoOutliersError
+from .errors import NoOutliersError, SurgeryError
 from .images import ImageBatches, list_images
 from .loading import LoadedModel, LoadOptions, load_model
 from .recipe import Recipe
@@ -68,7 +68,8 @@ class Pair:
     baked: Optional[LoadedModel]
     how: str  # how the baked side was obtained
     ranking_doc: Optional[dict[str, Any]] = None
-    ranking_source: str = ""
+    ranking_source: str = ""  # how the ranking was obtained (appended to ranking_path when that is set)
+    ranking_path: str = ""  # the file it was read from
     notes: list[str] = field(default_factory=list)
     original_label: str = ""
     original_suffix: str = ""  # e.g. " (un-baked copy)"
@@ -110,8 +111,8 @@ def _find_ranking(folder: Path, recipe: Recipe) -> tuple[Optional[dict[str, Any]
         if doc is not None and key:
             doc = doc.get(key) if isinstance(doc.get(key), dict) else None
         if doc is not None and isinstance(doc.get("scores"), list) and _same_neurons(doc, recipe):
-            return doc, str(path) + (f' ("{key}")' if key else "")
-    return None, ""
+            return doc, str(path), (f' ("{key}")' if key else "")
+    return None, "", ""
 
 
 def _discover(loaded: LoadedModel, files: list[Path], cfg: DiscoveryConfig, progress: bool) -> dict[str, Any]:
@@ -142,7 +143,7 @@ def resolve_pair(model_spec: str, baked_spec: Optional[str], files: list[Path], 
                 recipe, doc = resolve_recipe(first, neurons, {})
                 pair = Pair(first, None, f"baked in memory from {neurons}", original_label=model_spec)
                 if isinstance(doc.get("scores"), list):
-                    pair.ranking_doc, pair.ranking_source = doc, neurons
+                    pair.ranking_doc, pair.ranking_path = doc, neurons
             else:
                 try:
                     doc = _discover(first, files, cfg, progress)
@@ -158,7 +159,7 @@ def resolve_pair(model_spec: str, baked_spec: Optional[str], files: list[Path], 
             baked.recipe = recipe
             pair.baked = baked
     if pair.ranking_doc is None and folder is not None and folder.is_dir():
-        pair.ranking_doc, pair.ranking_source = _find_ranking(folder, pair.baked.recipe)
+        pair.ranking_doc, pair.ranking_path, pair.ranking_source = _find_ranking(folder, pair.baked.recipe)
     if pair.ranking_doc is None:
         try:
             pair.ranking_doc = _discover(pair.original, files, cfg, progress)
@@ -265,11 +266,7 @@ class Measurement:
     depth: int
     skipped: int
     threshold: float | str = "auto"
-
-
-def _side_diag(loaded: LoadedModel, model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    d = token_diagnostics(model, x, family=loaded.family)
-    return d
+    has_cls: bool = True  # False: attention rows are the patches' mean attention (attention-pool models)
 
 
 @torch.inference_mode()
@@ -281,7 +278,7 @@ def measure(pair: Pair, files: list[Path], *, detect_layer: Optional[int], thres
     depth = len(fam.blocks(orig))
     det = depth - 1 if detect_layer is None else (detect_layer + depth if detect_layer < 0 else detect_layer)
     if not 0 <= det < depth:
-        raise ModelInputError(f"--detect-layer {detect_layer} out of range (model has {depth} blocks)")
+        raise SurgeryError(f"--detect-layer {detect_layer} out of range (model has {depth} blocks)")
     p_o = fam.num_prefix_tokens(orig)
     p_b = fam.num_prefix_tokens(baked) if baked is not None else 0
     regs = register_token_indices(baked, fam) if baked is not None else []
@@ -302,15 +299,18 @@ def measure(pair: Pair, files: list[Path], *, detect_layer: Optional[int], thres
     for pixels, paths in batches:
         x = pixels.to(device=device, dtype=dtype)
         B = x.shape[0]
-        sides = {"original": (orig, _side_diag(pair.original, orig, x), p_o, [])}
+        sides = {"original": (orig, token_diagnostics(orig, x, family=fam), p_o, [])}
         if baked is not None:
-            sides["baked"] = (baked, _side_diag(pair.baked, baked, x), p_b, regs)
+            sides["baked"] = (baked, token_diagnostics(baked, x, family=fam), p_b, regs)
         per_image: dict[str, dict[str, torch.Tensor]] = {}
         for name, (model, d, p, r) in sides.items():
             m = effect_metrics(d, p, r, detect_layer=det, threshold=threshold)
             if not r:  # no test-time register on this side: nothing to measure there
                 m["cls_attention_register_mass"] = None
-            cls = d["attn"][:, :, 0, :].float().mean(1)  # [B, N], averaged over heads
+            if p - len(r) > 0:  # the CLS token's attention row, averaged over heads  [B, N]
+                cls = d["attn"][:, :, 0, :].float().mean(1)
+            else:  # no CLS (attention-pool models): the patches' average attention, as effect_metrics does
+                cls = d["attn"][:, :, p:, :].float().mean(dim=(1, 2))
             patch_attn = cls[:, p:] / cls[:, p:].sum(1, keepdim=True).clamp_min(1e-12)
             m["cls_patch_attention_entropy"] = float(
                 -(patch_attn.clamp_min(1e-12) * patch_attn.clamp_min(1e-12).log()).sum(1).mean())
@@ -368,7 +368,7 @@ def measure(pair: Pair, files: list[Path], *, detect_layer: Optional[int], thres
     return Measurement(images=names, metrics=metrics, trace=trace, outlier_ratio=ratio, emergence=emergence,
                        peak_from=peak, outlier_norm=onorm if with_outliers else [],
                        cosine=cosine, show=shown, grid=grid or (1, 1), detect_layer=det, depth=depth,
-                       skipped=len(batches.skipped), threshold=threshold)
+                       skipped=len(batches.skipped), threshold=threshold, has_cls=p_o > 0)
 
 
 # ---- figures ----------------------------------------------------------------------------------
@@ -461,6 +461,10 @@ def _plain_log_axis(axis: Any) -> None:
     axis.set_minor_formatter(FuncFormatter(_plain_minor_fmt))
 
 
+def _pct(v: float) -> str:
+    return f"{v:.1%}" if v >= 0.01 or v == 0 else f"{100 * v:.2g}%"
+
+
 def _maps_figure(m: Measurement, key: str, path: Path, title: str, cbar_label: str, log: bool) -> bytes:
     from matplotlib.colors import LogNorm, Normalize
 
@@ -495,15 +499,17 @@ def _maps_figure(m: Measurement, key: str, path: Path, title: str, cbar_label: s
                            edgecolors="#00e5ff", linewidths=1.0 if max(gh, gw) > 16 else 1.2)
             sub = s
             if key == "attn":
-                sub += f": max patch {float(it[s][key].max()):.1%}"
+                sub += f": max patch {_pct(float(it[s][key].max()))}"
                 if it[s]["register_attn"] is not None:
-                    sub += f",\nregister {it[s]['register_attn']:.1%}"
+                    sub += f",\nregister {_pct(it[s]['register_attn'])}"
             else:
                 sub += f" (max/median {float(it[s][key].max() / max(np.median(it[s][key]), 1e-12)):.1f})"
             ax.set_title(sub, fontsize=8)
             ax.set_xticks([]), ax.set_yticks([])
     cb = fig.colorbar(im, ax=axes[:, 1:].ravel().tolist(), shrink=0.9, aspect=40)
     cb.set_label(cbar_label + (" (log scale)" if log else ""))
+    if log:
+        _plain_log_axis(cb.ax.yaxis)
     lines = [title]
     if any(it["original"]["mask"].any() for it in m.show):
         lines.append("cyan circles: patches that are outliers in the original")
@@ -548,11 +554,9 @@ def _display_spec(spec: str, out_dir: Path) -> str:
     to the report, so the report does not name a folder that no longer exists once it is moved."""
     p = Path(spec)
     parent = out_dir.resolve().parent
-    if p.exists() and parent.name.startswith(".") and ".partial-" in parent.name:
-        try:
-            return os.path.relpath(p.resolve(), out_dir.resolve())
-        except ValueError:
-            return spec
+    if p.exists() and parent.name.startswith(".") and ".partial-" in parent.name \
+            and p.resolve().is_relative_to(parent):
+        return os.path.relpath(p.resolve(), out_dir.resolve())
     return spec
 
 
@@ -678,13 +682,15 @@ def write_report(model_spec: str, baked_spec: Optional[str] = None, images: Any 
                                              f"Patch-token norms at block {m.detect_layer}", "token L2 norm", log=True)
         pics["attention_maps.png"] = _maps_figure(
             m, "attn", out_dir / "attention_maps.png",
-            f"CLS attention over patches, last block (block {m.depth - 1}), mean over heads",
-            "attention weight of the CLS token", log=False)
+            f"{'CLS' if m.has_cls else 'Mean patch-query (no CLS token)'} attention over patches, last block "
+            f"(block {m.depth - 1}), mean over heads",
+            "attention weight of the CLS token" if m.has_cls else "mean attention weight from the patches", log=False)
     ranking = None
     if pair.ranking_doc is not None and pair.ranking_doc.get("scores"):
         pics["neuron_ranking.png"] = plot_ranking(pair.ranking_doc, recipe, out_dir / "neuron_ranking.png")
         sel = pair.ranking_doc.get("selection") or {}
-        ranking = {"source": pair.ranking_source, "cut": sel.get("top_k"), "rule": sel.get("rule"),
+        source = (_display_spec(pair.ranking_path, out_dir) if pair.ranking_path else "") + pair.ranking_source
+        ranking = {"source": source, "cut": sel.get("top_k"), "rule": sel.get("rule"),
                    "chosen": pair.ranking_doc.get("register_neurons"),
                    "top": pair.ranking_doc["scores"][:max(RANKING_BARS, int(sel.get("top_k") or 0) + 10)]}
 
@@ -720,7 +726,9 @@ def write_report(model_spec: str, baked_spec: Optional[str] = None, images: Any 
         "outlier_norm_ratio_per_block": m.outlier_ratio,
         "ranking": ranking,
         "knn": knn,
-        "notes": pair.notes,
+        "attention_query": "CLS token" if m.has_cls else "mean over patch queries (the model has no CLS token)",
+        "notes": pair.notes + ([] if m.has_cls else [
+            "this model has no CLS token: every 'CLS attention' number and map uses the patches' mean attention row"]),
         "files": ["report.html", "summary.json", *pics],
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=float) + "\n")

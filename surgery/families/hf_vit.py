@@ -36,6 +36,11 @@ PREFIX_ATTR = "num_prefix_tokens"  # kept on the vision tower: tokens before the
 PREPROCESS_ATTR = "surgery_preprocess"  # optional dict set by the loader (from preprocessor_config.json)
 
 
+def _from_transformers(model: nn.Module) -> bool:
+    """Cheap pre-check (no transformers import): is any class in the model's MRO from transformers?"""
+    return any(c.__module__.startswith("transformers.") for c in type(model).__mro__)
+
+
 def _hf_classes(*names: str) -> tuple[type, ...]:
     import transformers
 
@@ -123,6 +128,8 @@ class HFClipVision(_HFVisionFamily):
         return _hf_classes("CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel")
 
     def matches(self, model: nn.Module) -> bool:
+        if not _from_transformers(model):
+            return False
         try:
             return isinstance(model, self._classes())
         except ImportError:
@@ -201,6 +208,8 @@ class HFDinov2(_HFVisionFamily):
         return _hf_classes("Dinov2Model", "Dinov2WithRegistersModel")
 
     def matches(self, model: nn.Module) -> bool:
+        if not _from_transformers(model):
+            return False
         try:
             return isinstance(model, self._classes())
         except ImportError:
@@ -237,7 +246,11 @@ class HFDinov2(_HFVisionFamily):
         D, H = weights.fc1_weight.shape[1], weights.hidden
         ref = weights.fc1_weight
         if weights.gated:
-            mlp = md.Dinov2SwiGLUFFN.__new__(md.Dinov2SwiGLUFFN)
+            stock = md.Dinov2SwiGLUFFN
+            # transformers 5 splits the SwiGLU into gate/up/down; older releases pack `weights_in`: use an
+            # equivalent module with the new layout there (never a stock module with another forward)
+            cls = stock if "gate_proj" in stock.forward.__code__.co_names else _SwiGLU
+            mlp = cls.__new__(cls)
             nn.Module.__init__(mlp)
             mlp.gate_proj = nn.Linear(D, H, bias=weights.fc1_bias is not None)
             mlp.up_proj = nn.Linear(D, H, bias=weights.fc1_bias is not None)
@@ -277,10 +290,15 @@ class HFDinov2(_HFVisionFamily):
 
     def attention(self, block: nn.Module) -> AttentionParts:
         a = block.attention
-        if not hasattr(a, "q_proj"):
+        if hasattr(a, "q_proj"):
+            q, k = a.q_proj, a.k_proj
+        elif hasattr(getattr(a, "attention", None), "query"):  # transformers 4.x layout
+            a = a.attention
+            q, k = a.query, a.key
+        else:
             raise ModelInputError(f"unsupported HF DINOv2 attention module {type(a).__name__}")
-        return AttentionParts(norm=block.norm1, q_weight=a.q_proj.weight, q_bias=a.q_proj.bias,
-                              k_weight=a.k_proj.weight, k_bias=a.k_proj.bias, num_heads=int(a.num_attention_heads))
+        return AttentionParts(norm=block.norm1, q_weight=q.weight, q_bias=q.bias, k_weight=k.weight, k_bias=k.bias,
+                              num_heads=int(a.num_attention_heads))
 
     def patch_embed(self, model: nn.Module) -> nn.Conv2d:
         return model.embeddings.patch_embeddings.projection
@@ -294,6 +312,13 @@ class HFDinov2(_HFVisionFamily):
     def forward_both(self, model: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = model(pixel_values=pixels, return_dict=True)
         return out.pooler_output, out.last_hidden_state
+
+
+class _SwiGLU(nn.Module):
+    """down(act(gate(x)) * up(x)) with transformers 5's parameter names (for un-baking on older releases)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 HF_CLIP = register_family(HFClipVision())

@@ -46,8 +46,9 @@ class TimmViT(Family):
 
         D, H = weights.fc1_weight.shape[1], weights.hidden
         cls = GluMlp if weights.gated else Mlp
+        extra = {"gate_last": False} if weights.gated else {}  # [gate; up] rows, as SwiGLUPacked / DINOv2 w12
         mlp = cls(D, H * (2 if weights.gated else 1), weights.fc2_weight.shape[0], act_layer=nn.Identity,
-                  bias=weights.fc1_bias is not None)
+                  bias=weights.fc1_bias is not None, **extra)
         mlp.act = weights.act
         with torch.no_grad():
             mlp.fc1.weight.copy_(weights.fc1_weight)

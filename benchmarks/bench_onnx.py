@@ -1,0 +1,178 @@
+"""onnxruntime vs PyTorch eager, for the baked model and for the original model (issue 3).
+
+Model: timm `vit_base_patch16_clip_224` (ViT-B/16, 197 tokens), random weights (pretrained=False),
+baked with ~10 register neurons in blocks <= 5 (benchlib.BENCH_RECIPE). Both models are exported the
+way `vit-surgery export` does it (exporters.onnx_export.export_graph: dynamo exporter, opset 18, batch 2,
+dynamic batch axis) and run in onnxruntime on the CPU provider with graph optimisation level ALL.
+
+Per batch size (1 and 8) the four arms (torch original, torch baked, ort original, ort baked) run
+interleaved, a few warm-up calls each and then R timed rounds in alternating order, so machine drift
+hits every arm alike. Ratios are medians of per-round ratios. Torch and onnxruntime get the same
+number of threads (1 by default: on the shared 2-core machine, other jobs keep the cores busy and
+two OpenMP threads stall each other: PyTorch ViT-B batch 1 took 1.5 s with 2 threads, 0.39 s with 1).
+Outputs are checked against PyTorch before timing.
+
+    .venv/bin/python benchmarks/bench_onnx.py [--rounds 5] [--warmup 2] [--threads 1] [--write]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import shutil
+import statistics
+import sys
+import time
+from typing import Callable
+
+import benchlib as bl
+
+
+def interleave(arms: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Wall-clock seconds of each arm, once per round, the order alternating (A B C D, D C B A, ...)."""
+    names = list(arms)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            t = time.perf_counter()
+            arms[n]()
+            times[n].append(time.perf_counter() - t)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def paired_ratio(num: list[float], den: list[float]) -> float:
+    """Median over rounds of num[i] / den[i] (the two arms ran side by side in each round)."""
+    return median([a / b for a, b in zip(num, den)])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="threads for torch and onnxruntime (default 1: on the shared 2-core machine two "
+                         "OpenMP threads stall each other; see RESULTS.md)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo")
+    ap.add_argument("--write", action="store_true", help="replace the 'ONNX export' section of RESULTS.md")
+    a = ap.parse_args()
+
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from exporters.onnx_export import export_graph
+    from surgery import Recipe, bake_registers
+    from surgery.families import family_for
+    from surgery.parity import OutputError
+
+    t_start = time.perf_counter()
+    bl.set_threads(a.threads)
+    original = bl.build_vitb(seed=0)
+    fam = family_for(original)
+    recipe = Recipe(bl.BENCH_RECIPE)
+    baked = bake_registers(copy.deepcopy(original), recipe, fam)
+    work = bl.work_dir("onnx")
+    sessions, export_s = {}, {}
+    try:
+        for name, model in (("original", original), ("baked", baked)):
+            scratch = work / name
+            scratch.mkdir()
+            t = time.perf_counter()
+            g = export_graph(model, fam, scratch, exporter=a.exporter, progress=False)
+            export_s[name] = time.perf_counter() - t
+            import onnx
+
+            path = scratch / "model.onnx"
+            onnx.save_model(g.proto, str(path))
+            so = ort.SessionOptions()
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            so.intra_op_num_threads = a.threads
+            so.inter_op_num_threads = 1
+            sessions[name] = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            print(f"exported {name} with {g.exporter} in {export_s[name]:.1f}s", file=sys.stderr)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    models = {"original": original, "baked": baked}
+    rows, checks = [], []
+    gen = torch.Generator().manual_seed(0)
+    for bs in a.batches:
+        x = torch.randn(bs, 3, 224, 224, generator=gen)
+        xn = x.numpy()
+
+        def torch_arm(m):
+            def f():
+                with torch.inference_mode():
+                    return fam.forward_both(m, x)
+            return f
+
+        def ort_arm(s):
+            return lambda: s.run(["pooled", "tokens"], {"pixel_values": xn})
+
+        arms = {"torch original": torch_arm(original), "torch baked": torch_arm(baked),
+                "ort original": ort_arm(sessions["original"]), "ort baked": ort_arm(sessions["baked"])}
+        for name in ("original", "baked"):  # correctness before speed
+            want = torch_arm(models[name])()
+            got = ort_arm(sessions[name])()
+            worst = 0.0
+            for o, w, g in zip(("pooled", "tokens"), want, got):
+                e = OutputError(o)
+                e.update(torch.from_numpy(np.asarray(g)), w)
+                worst = max(worst, e.relative)
+            checks.append((bs, name, worst))
+        for _ in range(a.warmup):
+            for f in arms.values():
+                f()
+        times = interleave(arms, a.rounds)
+        med = {k: median(v) for k, v in times.items()}
+        rows.append({
+            "batch": bs, "median_s": med,
+            "ort_speedup_original": paired_ratio(times["torch original"], times["ort original"]),
+            "ort_speedup_baked": paired_ratio(times["torch baked"], times["ort baked"]),
+            "baked_over_original_torch": paired_ratio(times["torch baked"], times["torch original"]),
+            "baked_over_original_ort": paired_ratio(times["ort baked"], times["ort original"]),
+        })
+        print(f"batch {bs}: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in med.items()), file=sys.stderr)
+    total = time.perf_counter() - t_start
+
+    lines = [
+        "| batch | torch eager original | torch eager baked | ort original | ort baked "
+        "| ort speed-up, original (torch/ort) | ort speed-up, baked (torch/ort) "
+        "| baked / original, torch | baked / original, ort |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        m = r["median_s"]
+        lines.append(f"| {r['batch']} | {m['torch original'] * 1000:.0f} ms | {m['torch baked'] * 1000:.0f} ms "
+                     f"| {m['ort original'] * 1000:.0f} ms | {m['ort baked'] * 1000:.0f} ms "
+                     f"| {r['ort_speedup_original']:.2f}x | {r['ort_speedup_baked']:.2f}x "
+                     f"| {r['baked_over_original_torch']:.3f} | {r['baked_over_original_ort']:.3f} |")
+    table = "\n".join(lines)
+    check_txt = "; ".join(f"batch {bs} {n}: {w:.2g}" for bs, n, w in checks)
+    body = (
+        "onnxruntime (CPU provider, graph optimisation level ALL) against PyTorch eager (inference_mode), "
+        f"for the baked and the original model. ViT-B/16 (`{bl.ARCH}`, random weights), baked with "
+        f"{recipe.num_neurons} register neurons in blocks {sorted(recipe.neurons)} (R=1). Both exported with "
+        f"`exporters.onnx_export.export_graph` ({a.exporter} exporter, opset 18, export batch 2, dynamic batch). "
+        f"{a.threads} threads for torch and onnxruntime; {a.warmup} warm-up calls per arm, then {a.rounds} "
+        "interleaved rounds; times are medians, ratios medians of per-round ratios (speed-up > 1: "
+        "onnxruntime faster; baked / original > 1: the fix costs time).\n\n"
+        f"{table}\n\n"
+        f"- Export time: original {export_s['original']:.1f} s, baked {export_s['baked']:.1f} s.\n"
+        f"- onnxruntime vs PyTorch before timing (worst per-vector relative error, pooled and tokens): {check_txt}.\n"
+        f"- Whole run: {total:.0f} s.\n"
+        + bl.context_lines()
+    )
+    print(body)
+    if a.write:
+        bl.write_section("ONNX export", body)
+        print(f"wrote section 'ONNX export' of {bl.RESULTS}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
