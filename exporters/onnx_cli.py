@@ -18,7 +18,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     target = out / ONNX_FILE
     if (target.exists() or (out / DATA_FILE).exists()) and not a.overwrite:
         raise OutputExistsError(f"output {target} already exists; pass --overwrite to replace it")
-    report = export_and_validate(out, fp16=a.fp16, progress=not a.quiet, exporter=a.exporter,
+    report = export_and_validate(out, fp16=a.fp16, progress=not a.quiet, exporter=a.exporter, say_summary=False,
                                  options=LoadOptions(a.allow_unsafe_pickle, a.trust_remote_code, a.device))
     print(report.summary())
     print(f"wrote {target}" + (f" (+ {DATA_FILE})" if report.external_data else ""))

@@ -719,6 +719,10 @@ def validate_onnx(out_dir: Path, loaded: Any, batches: list[torch.Tensor], *, on
                 want = fn(pixels.to(dev, mdtype))
                 for o in spec.output_names:
                     g = torch.from_numpy(np.asarray(got[o]))
+                    if g.shape != want[o].shape:
+                        report.problems.append(f"{path.name} output {o} has shape {tuple(g.shape)}, the model's "
+                                               f"{tuple(want[o].shape)} (exported from another model?)")
+                        return report
                     comps[(o, against)].error.update(g, want[o].float().cpu(), offset=offset)
             offset += len(x)
             report.batch_sizes.append(len(x))
@@ -811,10 +815,11 @@ def _move_into_place(scratch: Path, out_dir: Path, external: bool) -> None:
 def export_and_validate(out_dir: Path, fp16: bool = False, progress: bool = True, *, options: Any = None,
                         exporter: str = "dynamo", batches: Optional[list[torch.Tensor]] = None,
                         external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
-                        tolerance: Optional[float] = None) -> OnnxReport:
+                        tolerance: Optional[float] = None, say_summary: bool = True) -> OnnxReport:
     """Load the baked model in `out_dir`, export it, validate it, and only then move `model.onnx` (and
     `model.onnx.data` for large models) into `out_dir`. Failing validation raises ParityError naming the
-    outputs out of tolerance and writes nothing; an existing model.onnx is replaced only on success."""
+    outputs out of tolerance and writes nothing; an existing model.onnx is replaced only on success.
+    With `progress`, steps (and the summary, unless `say_summary` is False) go to stderr."""
     from surgery.loading import load_model
 
     out_dir = Path(out_dir)
@@ -835,7 +840,7 @@ def export_and_validate(out_dir: Path, fp16: bool = False, progress: bool = True
             raise ParityError(f"ONNX export failed validation, no {ONNX_FILE} written: {report.summary()}")
         _move_into_place(scratch, out_dir, info.external_data)
         _update_parity_json(out_dir, report)
-        _say(progress, report.summary())
+        _say(progress and say_summary, report.summary())
         return report
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
