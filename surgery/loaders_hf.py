@@ -186,6 +186,10 @@ def _stock_class(cfg: dict[str, Any], spec: str) -> str:
             return HF_ARCH_CLASSES[a]
     if mt == "dinov2_with_registers" or mt in HF_MODEL_TYPES:
         return HF_MODEL_TYPES[mt]
+    if mt and "siglip" in str(mt):
+        raise ModelInputError(
+            f"{spec}: HF SigLIP vision towers (no CLS token, attention-pool head) have no adapter yet; "
+            "the timm SigLIP models (vit_*_siglip_*) are supported")
     raise ModelInputError(
         f"{spec}: HF model_type {mt!r} is not supported (supported: {', '.join(sorted(HF_MODEL_TYPES))}; "
         "vit-surgery edits CLIP vision towers and DINOv2 backbones)")
