@@ -173,6 +173,10 @@ def _print_effect(effect: Optional[dict[str, Any]]) -> None:
           f"max/median patch norm: {b['max_over_median_patch_norm']:.2f} -> {f['max_over_median_patch_norm']:.2f}; "
           f"CLS attention on top 1% patches: {b['cls_attention_top_patch_mass']:.2%} -> "
           f"{f['cls_attention_top_patch_mass']:.2%} (register: {f['cls_attention_register_mass']:.2%})")
+    if f["outlier_share"] > 0:
+        print(f"vit-surgery: warning: {f['outlier_share']:.2%} of patch tokens are still outliers after baking; "
+              "other units also create them: see the ranking in neurons.json and try a larger --max-layer or "
+              "--top-k", file=sys.stderr)
 
 
 def cmd_check(a: argparse.Namespace) -> int:

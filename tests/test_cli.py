@@ -133,3 +133,11 @@ def test_bad_arguments_exit_2(organism_dir, calib_dir, tmp_path, capsys):
             main(["find", str(organism_dir), "--images", str(calib_dir), "--out", str(tmp_path / "n.json"), *bad])
         assert e.value.code == 2
     capsys.readouterr()
+
+
+def test_convert_warns_when_outliers_remain(organism_dir, tmp_path, capsys):
+    neurons = tmp_path / "n.json"
+    neurons.write_text(json.dumps({"register_neurons": {"3": [42]}}))  # misses the dark-patch units of block 2
+    code, stdout, err = run(["convert", organism_dir, "--neurons", neurons, "--out", tmp_path / "o", "-q"], capsys)
+    assert code == 0, err
+    assert "still outliers after baking" in err
