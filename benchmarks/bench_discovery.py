@@ -102,8 +102,8 @@ def child_memory(args) -> None:
 
 def run_child(mode: str, n: int, images_dir: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--child-memory", str(n), "--images-dir", str(images_dir), "--mode", mode,
-           "--threads", str(args.threads), "--batch-size", str(args.batch_size)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+           "--threads", str(args.memory_threads), "--batch-size", str(args.batch_size)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=bl.default_malloc_env()).stdout
     res = json.loads(out.strip().splitlines()[-1])
     print(f"  memory child {mode:9s} {n:4d} images: peak RSS {res['peak_mib']:.0f} MiB "
           f"(RSS before the run {res['base_mib']:.0f} MiB, lifetime ru_maxrss {res['lifetime_maxrss_mib']:.0f} MiB)",
@@ -121,24 +121,26 @@ def summarize(t: dict, n: int, clock: str) -> tuple[float, float, float, list[fl
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=48, help="images per timed pass (end to end)")
-    ap.add_argument("--model-only-images", type=int, default=32, help="images per timed pass (model only)")
+    ap.add_argument("--images", type=int, default=32, help="images per timed pass (end to end)")
+    ap.add_argument("--model-only-images", type=int, default=24, help="images per timed pass (model only)")
     ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds per comparison")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: CPU time is a stable measure on a shared machine)")
     ap.add_argument("--memory-images", type=int, nargs=2, default=[64, 512])
+    ap.add_argument("--memory-threads", type=int, default=2, help="torch threads in the memory children (speed only)")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--write", action="store_true", help="write the 'Discovery' section of benchmarks/RESULTS.md")
     ap.add_argument("--note", default="", help="extra line for RESULTS.md (e.g. before/after a change)")
+    ap.add_argument("--no-pin-malloc", action="store_true", help="keep glibc's default malloc thresholds for timing")
     ap.add_argument("--child-memory", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--images-dir", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="discovery", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child_memory:
         return child_memory(args)
-
+    pinned = bl.pin_malloc(not args.no_pin_malloc)
     bl.set_threads(args.threads)
     import torch
 
@@ -218,7 +220,8 @@ def main() -> None:
         reset_note = ("VmHWM reset after the model was built and warmed up, so the peak is the run's own"
                       if d_lo["peak_reset"] else "ru_maxrss (lifetime)")
         lines += [
-            f"Peak memory: one fresh child process per row, batch {args.batch_size}; peak RSS = {reset_note} "
+            f"Peak memory: one fresh child process per row, batch {args.batch_size}, torch threads "
+            f"{args.memory_threads}, default malloc; peak RSS = {reset_note} "
             "(it still includes Python, torch and the 86 M-parameter model).",
             "",
             "| child process | images | RSS before the run (MiB) | peak RSS during the run (MiB) | lifetime ru_maxrss (MiB) |",
@@ -229,12 +232,14 @@ def main() -> None:
             "",
             f"Discovery peak, {hi} vs {lo} images: {100 * growth:+.1f} % (target within 10 %: "
             f"{bl.met(abs(growth) <= TARGET_MEM)}). Discovery's extra peak over the plain forward at {lo} images: "
-            f"{d_lo['peak_mib'] - f_lo['peak_mib']:+.0f} MiB (one batch's hooked MLP activations, "
-            f"12 x 8 x 197 x 3072 fp32 = 232 MB at most, held until the batch's statistics are reduced).",
+            f"{d_lo['peak_mib'] - f_lo['peak_mib']:+.0f} MiB: one batch's hooked MLP hidden activations, held until "
+            f"the batch's outlier positions are known and its statistics reduced (12 blocks x {args.batch_size} x "
+            f"197 x 3072 fp32 = {12 * args.batch_size * 197 * 3072 * 4 / 2**20:.0f} MiB), the rest malloc slack; "
+            f"it depends on the batch size, not on the number of images.",
             "",
         ]
 
-    body = bl.context_lines() + (f"- Note: {args.note}\n" if args.note else "") + "\n" + "\n".join(lines)
+    body = bl.context_lines(f"\n- Timing: {bl.malloc_note(pinned)}; memory children: default malloc") + (f"- Note: {args.note}\n" if args.note else "") + "\n" + "\n".join(lines)
     print(body)
     print("all targets met" if met_all else "TARGET MISSED")
     if args.write:

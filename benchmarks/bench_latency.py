@@ -2,10 +2,13 @@
 
 Model: timm `vit_base_patch16_clip_224` (ViT-B/16), random weights. Recipe: 10 register neurons in
 blocks 2-5 (benchlib.BENCH_RECIPE), one test-time register (197 -> 198 tokens, +0.5 %).
-Three arms on the same input, interleaved (A B C, C B A, ...), one forward call per arm per round:
+Four arms on the same input, interleaved (A B C D, D C B A, ...), one forward call per arm per round:
   original  - the untouched model
   baked     - bake_registers(copy of the model, recipe)
+  token     - a copy with only the register token inserted (no split MLPs): the extra token's own cost
   hooked    - the untouched model inside surgery.hooked_reference(recipe) (forward hooks)
+  unpadded  - (--unpadded-arm) the baked model with surgery.modules.PAD_FC1_ROWS = False, i.e. the
+              RegisterMlp forward before the padded-fc1 fix (before/after in one run)
 Ratios are medians over rounds of the per-round ratio; per-arm medians and minima are listed too.
 
 Targets (issue 6): baked <= 1.02 x original at batch 1 and 8. The hooked reference is reported only.
@@ -33,11 +36,18 @@ def main() -> None:
     ap.add_argument("--write", action="store_true",
                     help="write the 'Baked latency (PyTorch eager)' and 'Hooked reference vs baked' sections")
     ap.add_argument("--note", default="", help="extra line for RESULTS.md (e.g. before/after a change)")
+    ap.add_argument("--no-pin-malloc", action="store_true", help="keep glibc's default malloc thresholds")
+    ap.add_argument("--no-token-arm", action="store_true", help="skip the token-only arm")
+    ap.add_argument("--unpadded-arm", action="store_true",
+                    help="add the baked model without the padded-fc1 fast path (before/after the fix)")
     args = ap.parse_args()
+    pinned = bl.pin_malloc(not args.no_pin_malloc)
     bl.set_threads(args.threads)
     import torch
 
     from surgery import Recipe, bake_registers, hooked_reference
+    from surgery.families import family_for
+    from surgery.modules import PrependRegisters
 
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
@@ -48,10 +58,28 @@ def main() -> None:
     original = bl.build_vitb().to(dev)
     baked = bake_registers(copy.deepcopy(original), recipe)
     hooked_model = copy.deepcopy(original)
+    token_only = copy.deepcopy(original)
+    fam = family_for(token_only)
+    parent, attr = fam.insertion_point(token_only)
+    p = fam.num_prefix_tokens(token_only)
+    setattr(parent, attr, PrependRegisters(getattr(parent, attr), recipe.num_registers, fam.embed_dim(token_only), p))
+    fam.set_num_prefix_tokens(token_only, p + recipe.num_registers)
     stack = contextlib.ExitStack()
     stack.enter_context(hooked_reference(hooked_model, recipe))
 
-    rows, hook_rows = [], []
+    import surgery.modules as sm
+
+    def unpadded(run):
+        def go():
+            sm.PAD_FC1_ROWS = False
+            try:
+                return run()
+            finally:
+                sm.PAD_FC1_ROWS = True
+        return go
+
+    rows, hook_rows, fix_rows = [], [], []
+    bitwise: list[bool] = []
     met_all = True
     rounds_for = dict(zip(args.batches, args.rounds + args.rounds[-1:] * len(args.batches)))
     try:
@@ -66,8 +94,17 @@ def main() -> None:
                 return run
 
             arms = {"original": arm(original), "baked": arm(baked), "hooked": arm(hooked_model)}
+            if not args.no_token_arm:
+                arms["token"] = arm(token_only)
+            if args.unpadded_arm:
+                arms["unpadded"] = unpadded(arm(baked))
             with torch.inference_mode():
-                diff = (baked(x) - hooked_model(x)).abs().max().item()
+                y = baked(x)
+                diff = (y - hooked_model(x)).abs().max().item()
+                if args.unpadded_arm:
+                    same = torch.equal(y, unpadded(lambda: baked(x))())
+                    bitwise.append(same)
+                    print(f"batch {B}: baked output with and without the padded fc1 bitwise equal: {same}", flush=True)
             for f in arms.values():  # warm-up
                 f(), f()
             t = bl.interleave(arms, rounds, sync)
@@ -77,6 +114,7 @@ def main() -> None:
                 tc = t[clock]
                 r_bo = bl.paired_ratio(tc["baked"], tc["original"])
                 r_hb = bl.paired_ratio(tc["hooked"], tc["baked"])
+                r_to = bl.paired_ratio(tc["token"], tc["original"]) if "token" in tc else float("nan")
                 med = {k: 1000 * bl.median(v) for k, v in tc.items()}
                 mn = {k: 1000 * min(v) for k, v in tc.items()}
                 is_primary = clock == primary
@@ -84,29 +122,38 @@ def main() -> None:
                     met_all &= r_bo <= TARGET
                 verdict = bl.met(r_bo <= TARGET) if is_primary else f"(see {primary} row)"
                 print(f"batch {B} [{clock}]: original {med['original']:.1f} ms, baked {med['baked']:.1f} ms, hooked "
-                      f"{med['hooked']:.1f} ms (medians); baked/original {r_bo:.4f}, hooked/baked {r_hb:.4f}; "
+                      f"{med['hooked']:.1f} ms (medians); baked/original {r_bo:.4f}, token-only/original {r_to:.4f}, "
+                      f"hooked/baked {r_hb:.4f}; "
                       f"min-based {mn['baked'] / mn['original']:.4f} / {mn['hooked'] / mn['baked']:.4f}; "
                       f"|baked - hooked| max {diff:.2e}", flush=True)
                 rows.append(f"| {B} | {clock} | {rounds} | {med['original']:.1f} ({mn['original']:.1f}) | "
                             f"{med['baked']:.1f} ({mn['baked']:.1f}) | **{r_bo:.4f}** | "
-                            f"{mn['baked'] / mn['original']:.4f} | {verdict} |")
+                            f"{mn['baked'] / mn['original']:.4f} | {r_to:.4f} | {verdict} |")
+                if "unpadded" in tc:
+                    r_ub = bl.paired_ratio(tc["unpadded"], tc["original"])
+                    fix_rows.append(f"| {B} | {clock} | {rounds} | {med['original']:.1f} | {med['unpadded']:.1f} | "
+                                    f"{med['baked']:.1f} | {r_ub:.4f} | {r_bo:.4f} | {r_to:.4f} |")
+                    print(f"  before the fix (unpadded fc1): baked/original {r_ub:.4f}", flush=True)
                 hook_rows.append(f"| {B} | {clock} | {med['hooked']:.1f} ({mn['hooked']:.1f}) | {med['baked']:.1f} "
                                  f"({mn['baked']:.1f}) | **{r_hb:.3f}** | {mn['hooked'] / mn['baked']:.3f} | "
                                  f"{diff:.1e} |")
     finally:
         stack.close()
 
-    ctx = bl.context_lines(f"\n- Device: {args.device}") + (f"- Note: {args.note}\n" if args.note else "")
+    ctx = (bl.context_lines(f"\n- Device: {args.device}; {bl.malloc_note(pinned)}")
+           + (f"- Note: {args.note}\n" if args.note else ""))
     recipe_txt = ", ".join(f"block {k}: {list(v)}" for k, v in recipe.neurons.items())
     clocks = ("`cpu` = process CPU time (torch threads = 1, so it is the work done whatever else ran on the "
               "machine; the row the target is judged on), `wall` = wall clock on the shared machine"
               if primary == "cpu" else f"`wall` = wall clock (the row the target is judged on), torch threads = "
               f"{args.threads}")
     lat = (ctx + f"\nRecipe: {recipe.num_neurons} register neurons ({recipe_txt}), 1 register token "
-           "(197 -> 198 tokens). Arms interleaved per round (original, baked, hooked, then reversed); "
+           "(197 -> 198 tokens). Arms interleaved per round (original, baked, hooked, token only, then "
+           "reversed); "
            f"one full `model(x)` call per arm per round under `torch.inference_mode()`. {clocks}.\n\n"
            "| batch | clock | rounds | original ms, median (min) | baked ms, median (min) | baked / original "
-           "(median of per-round ratios) | min / min | target ≤ 1.02 |\n|---|---|---|---|---|---|---|---|\n"
+           "(median of per-round ratios) | min / min | token only / original (the extra token's own cost) "
+           "| target ≤ 1.02 |\n|---|---|---|---|---|---|---|---|---|\n"
            + "\n".join(rows) + "\n")
     hook = (ctx + "\nSame run as 'Baked latency (PyTorch eager)': `hooked_reference` (forward pre-hooks on the "
             "pre-norm and on each listed block's `fc2`, `index_select`/`index_copy` on the full hidden "
@@ -114,12 +161,23 @@ def main() -> None:
             "| batch | clock | hooked ms, median (min) | baked ms, median (min) | hooked / baked (median of per-round "
             "ratios) | min / min | max abs diff of outputs |\n|---|---|---|---|---|---|---|\n" + "\n".join(hook_rows)
             + "\n")
+    fix = ""
+    if fix_rows:
+        fix = ctx + (
+            "\nBefore/after the padded-fc1 fix in `surgery/modules.py`, side by side in one run: `before` = the "
+            "baked model with `surgery.modules.PAD_FC1_ROWS = False` (the RegisterMlp forward as it was), "
+            f"`after` = the default. Baked outputs before and after bitwise identical: {all(bitwise)}.\n\n"
+            "| batch | clock | rounds | original ms | before ms | after ms | before / original | after / original "
+            "| token only / original |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(fix_rows) + "\n")
     print(lat)
     print(hook)
+    print(fix)
     print("all targets met" if met_all else "TARGET MISSED")
     if args.write:
         bl.write_section("Baked latency (PyTorch eager)", lat)
         bl.write_section("Hooked reference vs baked", hook)
+        if fix:
+            bl.write_section("Baked latency: before/after the padded-fc1 fix", fix)
         print(f"wrote sections of {bl.RESULTS}")
 
 
