@@ -11,7 +11,8 @@ Targets (issue 6):
 Throughput: the two pipelines run interleaved in one process (plain, discovery, discovery, plain, ...)
 and the ratio is the median of per-round ratios. "End to end" includes decoding and the eval
 transform in both arms; "model only" feeds both arms the same pre-decoded tensors.
-Memory: each measurement runs in its own child process (ru_maxrss is a per-process high-water mark).
+Memory: each measurement runs in its own child process with the default malloc; the peak is VmHWM,
+reset once the model is built and warm (Linux /proc/self/clear_refs), so it is the pipeline's own.
 
     .venv/bin/python benchmarks/bench_discovery.py [--write]
 """
@@ -239,7 +240,8 @@ def main() -> None:
             "",
         ]
 
-    body = bl.context_lines(f"\n- Timing: {bl.malloc_note(pinned)}; memory children: default malloc") + (f"- Note: {args.note}\n" if args.note else "") + "\n" + "\n".join(lines)
+    body = (bl.context_lines(f"\n- Timing: {bl.malloc_note(pinned)}; memory children: default malloc")
+            + (f"- Note: {args.note}\n" if args.note else "") + "\n" + "\n".join(lines))
     print(body)
     print("all targets met" if met_all else "TARGET MISSED")
     if args.write:

@@ -2,7 +2,7 @@
 
 Model: timm `vit_base_patch16_clip_224` (ViT-B/16), random weights. Recipe: 10 register neurons in
 blocks 2-5 (benchlib.BENCH_RECIPE), one test-time register (197 -> 198 tokens, +0.5 %).
-Four arms on the same input, interleaved (A B C D, D C B A, ...), one forward call per arm per round:
+Arms on the same input, interleaved (A B C D, D C B A, ...), one forward call per arm per round:
   original  - the untouched model
   baked     - bake_registers(copy of the model, recipe)
   token     - a copy with only the register token inserted (no split MLPs): the extra token's own cost
@@ -34,7 +34,8 @@ def main() -> None:
                     help="torch threads (1: CPU time is a stable measure on a shared machine)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--write", action="store_true",
-                    help="write the 'Baked latency (PyTorch eager)' and 'Hooked reference vs baked' sections")
+                    help="write the 'Baked latency (PyTorch eager)' and 'Hooked reference vs baked' sections "
+                         "(and, with --unpadded-arm, 'Baked latency: before/after the padded-fc1 fix')")
     ap.add_argument("--note", default="", help="extra line for RESULTS.md (e.g. before/after a change)")
     ap.add_argument("--no-pin-malloc", action="store_true", help="keep glibc's default malloc thresholds")
     ap.add_argument("--no-token-arm", action="store_true", help="skip the token-only arm")
@@ -62,7 +63,8 @@ def main() -> None:
     fam = family_for(token_only)
     parent, attr = fam.insertion_point(token_only)
     p = fam.num_prefix_tokens(token_only)
-    setattr(parent, attr, PrependRegisters(getattr(parent, attr), recipe.num_registers, fam.embed_dim(token_only), p))
+    setattr(parent, attr, PrependRegisters(getattr(parent, attr), recipe.num_registers, fam.embed_dim(token_only),
+                                          p).to(dev))
     fam.set_num_prefix_tokens(token_only, p + recipe.num_registers)
     stack = contextlib.ExitStack()
     stack.enter_context(hooked_reference(hooked_model, recipe))

@@ -103,7 +103,8 @@ def child_memory(args) -> None:
 def run_child(mode: str, images_dir: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--child-memory", "--images-dir", str(images_dir), "--mode", mode,
            "--threads", str(args.threads[0]), "--batch-size", str(args.batch_size), "--images", str(args.images)]
-    res = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, env=bl.default_malloc_env()).stdout.strip().splitlines()[-1])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=bl.default_malloc_env()).stdout
+    res = json.loads(out.strip().splitlines()[-1])
     print(f"  memory child {mode}: peak RSS {res['peak_mib']:.0f} MiB (before the run {res['base_mib']:.0f} MiB)",
           flush=True)
     return res
@@ -166,7 +167,8 @@ def main() -> None:
                f"(+{mo['peak_mib'] - mo['base_mib']:.0f} MiB). The naive pipeline keeps every activation: "
                f"{args.images} x 12 blocks x 197 tokens x (3072 + 768) fp32 = {act_mb:.0f} MB, growing linearly with "
                "the image count; ours is flat (see 'Discovery').\n")
-    body = (bl.context_lines(f"\n- Timing: {bl.malloc_note(pinned)}; memory children: default malloc") + (f"- Note: {args.note}\n" if args.note else "") +
+    body = (bl.context_lines(f"\n- Timing: {bl.malloc_note(pinned)}; memory children: default malloc")
+            + (f"- Note: {args.note}\n" if args.note else "") +
             f"\nSame {args.images} images (224-px organism PNGs, decoded inside both pipelines), same model "
             f"(ViT-B/16, random weights, planted units), same rule (auto threshold, blocks ≤ {MAX_LAYER}, "
             f"top {TOP_K}); {args.rounds} interleaved rounds, speed-up = median of per-round naive/ours time ratios. "
