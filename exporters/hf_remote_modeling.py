@@ -67,11 +67,11 @@ class RegisterMlp(nn.Module):
                  per_neuron: bool) -> None:
         super().__init__()
         m = 2 if gated else 1
-        keep = hidden - num_units
         self.gated = gated
         self.act = act
-        self.fc1 = nn.Linear(dim, keep * m, bias=fc1_bias)
-        self.fc2 = nn.Linear(keep, out_dim, bias=fc2_bias)
+        # the ordinary MLP keeps its shape; the register units' rows/columns are zero in it
+        self.fc1 = nn.Linear(dim, hidden * m, bias=fc1_bias)
+        self.fc2 = nn.Linear(hidden, out_dim, bias=fc2_bias)
         self.reg_fc1 = nn.Linear(dim, num_units * m, bias=fc1_bias)
         self.reg_fc2 = nn.Linear(num_units, out_dim, bias=False)
         self.register_buffer("units", torch.zeros(num_units, dtype=torch.long))

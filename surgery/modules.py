@@ -12,7 +12,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as _module
 
 
 def register_edit(
@@ -82,59 +81,6 @@ class MlpWeights:
         return self.fc2_weight.shape[1]
 
 
-# The split leaves fc1 with H - k output rows (3069 of 3072, say). On CPU (MKL) a GEMM whose output
-# rows are not a multiple of 16 floats is 5-8 % slower per fc1 call on ViT-B/16 shapes. So in plain
-# eager float32 CPU inference the ordinary path computes fc1 into rows padded to 16 floats (pad
-# columns zeroed), applies the activation to the whole padded buffer (as the unsplit model does, fully
-# vectorised) and reads fc2's input as a strided view: same parameters, same kernels (addmm, as
-# F.linear runs for a contiguous input), bitwise the same values. Anything else (non-contiguous input,
-# missing biases, autograd, tracing, export, compile, autocast, hooks on fc1/fc2 or global module
-# hooks, gated MLPs, unknown activations, other dtypes or devices) takes `fc2(act(fc1(x)))` as before.
-_ALIGN = 16
-PAD_FC1_ROWS = True  # switch for benchmarks (bench_latency compares both); the values are the same either way
-_ELEMENTWISE_ACTS = (nn.GELU, nn.SiLU, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Identity)
-_ELEMENTWISE_ACT_NAMES = {  # activation classes of timm, open_clip and transformers known to be elementwise
-    "GELU", "GELUTanh", "QuickGELU", "SiLU", "Swish", "ReLU", "Tanh", "Sigmoid", "Identity", "GELUActivation",
-    "QuickGELUActivation", "NewGELUActivation", "FastGELUActivation", "PytorchGELUTanh", "SiLUActivation",
-}
-
-
-def _elementwise(act: nn.Module) -> bool:
-    if type(act) in _ELEMENTWISE_ACTS:
-        return True
-    mod = type(act).__module__ or ""
-    return type(act).__name__ in _ELEMENTWISE_ACT_NAMES and mod.startswith(("timm.", "open_clip.", "transformers."))
-
-
-def _autocast_cpu() -> bool:
-    try:
-        return torch.is_autocast_enabled("cpu")
-    except TypeError:  # torch < 2.4
-        return torch.is_autocast_cpu_enabled()
-
-
-def _exporting() -> bool:
-    fn = getattr(torch.compiler, "is_exporting", None)
-    return bool(fn()) if fn is not None else False
-
-
-def _plain_linear(x: torch.Tensor, lin: nn.Module) -> bool:
-    """Calling F.linear instead of `lin(x)` is unobservable: a plain nn.Linear without hooks."""
-    return (type(lin) is nn.Linear and lin.weight.dtype == x.dtype and not lin._forward_hooks
-            and not lin._forward_pre_hooks)
-
-
-def _plain_eager(x: torch.Tensor) -> bool:
-    """Eager float32 CPU inference on a real, contiguous 2-D/3-D tensor: no autograd, tracing, compiling,
-    exporting, autocast or global module hooks."""
-    return (type(x) is torch.Tensor and x.dtype == torch.float32 and x.device.type == "cpu"
-            and x.dim() in (2, 3) and x.is_contiguous()
-            and not torch.is_grad_enabled() and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
-            and not _exporting() and not _autocast_cpu()
-            and not getattr(_module, "_global_forward_hooks", None)
-            and not getattr(_module, "_global_forward_pre_hooks", None))
-
-
 def _linear(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Linear:
     lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
@@ -145,20 +91,29 @@ def _linear(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Linear:
 
 
 def _rows(t: Optional[torch.Tensor], units: torch.Tensor, hidden: int, gated: bool) -> Optional[torch.Tensor]:
+    """Rows of fc1 (weight or bias) that produce `units`; gated MLPs: the gate rows, then the up rows."""
     if t is None:
         return None
-    if gated:  # same units of the gate half and of the up half
+    if gated:
         return torch.cat([t[units], t[hidden + units]], dim=0)
     return t[units]
+
+
+def _row_index(units: torch.Tensor, hidden: int, gated: bool) -> torch.Tensor:
+    return torch.cat([units, hidden + units]) if gated else units
 
 
 class RegisterMlp(nn.Module):
     """An MLP split into its ordinary hidden units and a small register branch.
 
-    out = fc2(act(fc1 x)) + reg_fc2(register_edit(act(reg_fc1 x)))
-    The ordinary path is the original MLP minus the register units; the branch carries the register
-    units, whose activations are moved onto the register tokens. `units` (buffer) keeps the original
-    unit indices so the split can be described and undone.
+        out = fc2(act(fc1 x)) + reg_fc2(register_edit(act(reg_fc1 x)))
+
+    The register units' weights move to the branch (`reg_fc1` rows, `reg_fc2` columns); the ordinary
+    MLP keeps its original shape with those rows and columns set to zero. Keeping the shape means the
+    ordinary matrix multiplies run exactly as in the original model (no odd widths, which CPU GEMMs
+    run several per cent slower) and, since a removed unit contributes an exact 0, every patch row is
+    bit-for-bit what the hooked reference computes. `units` (buffer) records the original indices, so
+    the split is exactly reversible (`merged_weights`).
     """
 
     def __init__(
@@ -175,17 +130,21 @@ class RegisterMlp(nn.Module):
         unit_idx = torch.tensor(sorted(units), dtype=torch.long, device=weights.fc2_weight.device)
         if len(unit_idx) == 0 or int(unit_idx.max()) >= hidden or int(unit_idx.min()) < 0:
             raise ValueError(f"register units {units} out of range for hidden width {hidden}")
-        keep = torch.ones(hidden, dtype=torch.bool, device=unit_idx.device)
-        keep[unit_idx] = False
-        keep_idx = keep.nonzero().squeeze(1)
         rows_expected = hidden * (2 if weights.gated else 1)
         assert weights.fc1_weight.shape[0] == rows_expected, (weights.fc1_weight.shape, rows_expected)
         self.gated = weights.gated
         self.act = weights.act
-        self.fc1 = _linear(_rows(weights.fc1_weight, keep_idx, hidden, self.gated), _rows(weights.fc1_bias, keep_idx, hidden, self.gated))
-        self.fc2 = _linear(weights.fc2_weight[:, keep_idx], weights.fc2_bias)
-        self.reg_fc1 = _linear(_rows(weights.fc1_weight, unit_idx, hidden, self.gated), _rows(weights.fc1_bias, unit_idx, hidden, self.gated))
+        self.fc1 = _linear(weights.fc1_weight, weights.fc1_bias)
+        self.fc2 = _linear(weights.fc2_weight, weights.fc2_bias)
+        self.reg_fc1 = _linear(_rows(weights.fc1_weight, unit_idx, hidden, self.gated),
+                               _rows(weights.fc1_bias, unit_idx, hidden, self.gated))
         self.reg_fc2 = _linear(weights.fc2_weight[:, unit_idx], None)
+        with torch.no_grad():  # remove the register units from the ordinary MLP
+            rows = _row_index(unit_idx, hidden, self.gated)
+            self.fc1.weight[rows] = 0.0
+            if self.fc1.bias is not None:
+                self.fc1.bias[rows] = 0.0
+            self.fc2.weight[:, unit_idx] = 0.0
         self.register_buffer("units", unit_idx)
         self.hidden_features = hidden
         self.num_prefix = int(num_prefix)
@@ -199,57 +158,26 @@ class RegisterMlp(nn.Module):
             return self.act(gate) * up
         return self.act(pre)
 
-    @torch.jit.unused
-    def _ordinary_padded(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """fc2(act(fc1 x)) with fc1's output rows padded to _ALIGN floats, or None where not applicable."""
-        fc1, fc2 = self.fc1, self.fc2
-        n = fc1.weight.shape[0]
-        if (not PAD_FC1_ROWS or n % _ALIGN == 0 or self.gated or not _elementwise(self.act) or not _plain_eager(x)
-                or not _plain_linear(x, fc1) or not _plain_linear(x, fc2) or fc1.bias is None or fc2.bias is None):
-            return None  # (without biases F.linear takes other kernels; not worth matching them bit for bit)
-        x2 = x.reshape(-1, x.shape[-1])
-        buf = torch.empty(x2.shape[0], n + (-n) % _ALIGN, dtype=x.dtype, device=x.device)
-        torch.addmm(fc1.bias, x2, fc1.weight.t(), out=buf[:, :n])  # what F.linear runs for a 3-D input
-        buf[:, n:].zero_()
-        out = F.linear(self.act(buf)[:, :n], fc2.weight, fc2.bias)  # 2-D input: one addmm, as for 3-D
-        return out.view(*x.shape[:-1], out.shape[-1])
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: Optional[torch.Tensor] = None
-        if not torch.jit.is_scripting():
-            out = self._ordinary_padded(x)
-        if out is None:
-            out = self.fc2(self._hidden(self.fc1(x)))
+        out = self.fc2(self._hidden(self.fc1(x)))
         reg = self._hidden(self.reg_fc1(x))
         reg = register_edit(reg, self.num_prefix, self.num_registers, self.scale, self.per_neuron)
         return out + self.reg_fc2(reg)
 
     def merged_weights(self) -> MlpWeights:
-        """The original (unsplit) MLP weights, for undoing the split."""
+        """The original (unsplit) MLP weights: the branch's rows and columns put back in place."""
         hidden, units = self.hidden_features, self.units
-        keep = torch.ones(hidden, dtype=torch.bool, device=units.device)
-        keep[units] = False
-        keep_idx = keep.nonzero().squeeze(1)
-        order = torch.cat([keep_idx, units])
-        inv = torch.empty_like(order)
-        inv[order] = torch.arange(hidden, device=order.device)
-
-        def merge_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            if self.gated:
-                ag, au = a.chunk(2, 0)
-                bg, bu = b.chunk(2, 0)
-                return torch.cat([torch.cat([ag, bg])[inv], torch.cat([au, bu])[inv]])
-            return torch.cat([a, b])[inv]
-
-        fc1_b = merge_rows(self.fc1.bias, self.reg_fc1.bias) if self.fc1.bias is not None else None
-        return MlpWeights(
-            fc1_weight=merge_rows(self.fc1.weight, self.reg_fc1.weight),
-            fc1_bias=fc1_b,
-            fc2_weight=torch.cat([self.fc2.weight, self.reg_fc2.weight], dim=1)[:, inv],
-            fc2_bias=self.fc2.bias,
-            act=self.act,
-            gated=self.gated,
-        )
+        rows = _row_index(units, hidden, self.gated)
+        fc1_w = self.fc1.weight.detach().clone()
+        fc1_w[rows] = self.reg_fc1.weight.detach()
+        fc1_b = None
+        if self.fc1.bias is not None:
+            fc1_b = self.fc1.bias.detach().clone()
+            fc1_b[rows] = self.reg_fc1.bias.detach()
+        fc2_w = self.fc2.weight.detach().clone()
+        fc2_w[:, units] = self.reg_fc2.weight.detach()
+        fc2_b = None if self.fc2.bias is None else self.fc2.bias.detach().clone()
+        return MlpWeights(fc1_w, fc1_b, fc2_w, fc2_b, self.act, self.gated)
 
     def extra_repr(self) -> str:
         return (f"units={self.units.tolist()}, hidden={self.hidden_features}, gated={self.gated}, "
