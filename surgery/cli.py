@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import math
 import os
 import sys
 import warnings
@@ -16,50 +16,32 @@ from .errors import EXIT_CODES, SurgeryError
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _threshold(v: str) -> float | str:
-    if v == "auto":
-        return v
-    try:
-        f = float(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number or 'auto', got {v!r}") from None
-    if not f > 0 or f == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {v!r}")
-    return f
-
-
-def _int_or_auto(minimum: int) -> Callable[[str], int | str]:
-    def parse(v: str) -> int | str:
-        if v == "auto":
-            return v
+def _number(cast: Callable[[str], Any], what: str, ok: Callable[[Any], bool]) -> Callable[[str], Any]:
+    """An argparse type: `cast` the text and check it, else a usage error naming what was expected."""
+    def parse(v: str) -> Any:
         try:
-            i = int(v)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer or 'auto', got {v!r}") from None
-        if i < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {i}")
-        return i
+            x = cast(v)
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {v!r}") from None
+        if not ok(x):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {v!r}")
+        return x
     return parse
 
 
-def _positive_int(v: str) -> int:
-    try:
-        i = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v!r}") from None
-    if i < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v!r}")
-    return i
+def _or_auto(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    return lambda v: v if v == "auto" else parse(v)
 
 
-def _finite_float(v: str) -> float:
-    try:
-        f = float(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {v!r}") from None
-    if f != f or f in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {v!r}")
-    return f
+_positive_int = _number(int, "a positive integer", lambda i: i >= 1)
+_finite_float = _number(float, "a finite number", math.isfinite)
+_positive_float = _number(float, "a positive number", lambda f: f > 0 and math.isfinite(f))
+_fraction = _number(float, "a number between 0 and 1 (exclusive)", lambda f: 0 < f < 1)
+_threshold = _or_auto(_number(float, "a positive number or 'auto'", lambda f: f > 0 and math.isfinite(f)))
+
+
+def _int_or_auto(minimum: int) -> Callable[[str], int | str]:
+    return _or_auto(_number(int, f"an integer >= {minimum} or 'auto'", lambda i: i >= minimum))
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -124,8 +106,7 @@ def cmd_find(a: argparse.Namespace) -> int:
 
     out = Path(a.out)
     if out.exists() and not a.overwrite:
-        from .errors import OutputExistsError
-        raise OutputExistsError(f"output {out} already exists; pass --overwrite to replace it")
+        check_output_target(out, a.overwrite)
     loaded = _load(a, a.model)
     result = run_find(loaded, a.images, _discovery_config(a), progress=not a.quiet)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -145,12 +126,13 @@ def cmd_convert(a: argparse.Namespace) -> int:
 
     loaded = _load(a, a.model)
     overrides = {"num_registers": a.num_registers, "scale": a.scale, "mode": a.mode}
-    after = None
+    after: Optional[Callable[[Path, Any], None]] = None
     if getattr(a, "onnx", False):
         from exporters.onnx_export import export_and_validate
 
-        def after(tmp: Path, _loaded: Any) -> None:
+        def export_onnx(tmp: Path, _loaded: Any) -> None:
             export_and_validate(tmp, fp16=a.fp16, progress=not a.quiet)
+        after = export_onnx
     res = run_convert(loaded, a.out, neurons=a.neurons, images=a.images, discovery=_discovery_config(a),
                       overrides=overrides, check=not a.no_check, check_images=a.check_images,
                       tolerance=a.tolerance, overwrite=a.overwrite,

@@ -12,7 +12,7 @@ from .discovery import DiscoveryConfig
 from .loading import load_model
 from .organism import build_timm_organism, builtin_images
 from .outputs import atomic_output_dir
-from .pipeline import run_check, run_convert, run_find, write_json, parity_batches
+from .pipeline import run_convert, run_find, write_json
 
 
 def save_organism(model, path: Path) -> Path:

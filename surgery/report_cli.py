@@ -7,33 +7,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .cli import _positive_int, _threshold, add_model_options
+from .cli import _fraction, _positive_float, _positive_int, _threshold, add_model_options
 
 
 def _options(a: argparse.Namespace):
     from .loading import LoadOptions
 
     return LoadOptions(a.allow_unsafe_pickle, a.trust_remote_code, a.device)
-
-
-def _fraction(v: str) -> float:
-    try:
-        f = float(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, got {v!r}") from None
-    if not 0.0 < f < 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {v!r}")
-    return f
-
-
-def _positive_float(v: str) -> float:
-    try:
-        f = float(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {v!r}") from None
-    if not f > 0 or f == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {v!r}")
-    return f
 
 
 def _knn_kwargs(a: argparse.Namespace) -> dict[str, Any]:

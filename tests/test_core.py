@@ -69,7 +69,6 @@ def test_fixed_threshold_and_top_k(timm_organism, calib_dir):
 
 def _naive_reference(model, recipe, x):
     """Independent per-image implementation of the paper's intervention, written out longhand."""
-    fam = family_for(model)
     outs = []
     for i in range(x.shape[0]):
         handles = []
