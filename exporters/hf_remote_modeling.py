@@ -27,9 +27,9 @@ import transformers
 from torch import nn
 
 
-def register_edit(h, num_prefix: int, num_registers: int, scale: float = 1.0, per_neuron: bool = False):
-    """Register rows <- scale * signed max (largest |.| over tokens, and units unless per_neuron), patch
-    rows <- 0, prefix rows unchanged; one max per image."""
+def register_rows(h, num_prefix: int, num_registers: int, scale: float = 1.0, per_neuron: bool = False):
+    """Prefix rows unchanged, register rows <- scale * signed max (largest |.| over tokens, and units unless
+    per_neuron), one max per image; [B, num_prefix + num_registers, k]. Patch rows of the edit are 0."""
     B, N, k = h.shape
     if per_neuron:
         idx = h.abs().argmax(dim=1, keepdim=True)
@@ -39,8 +39,7 @@ def register_edit(h, num_prefix: int, num_registers: int, scale: float = 1.0, pe
         idx = flat.abs().argmax(dim=1, keepdim=True)
         m = flat.gather(1, idx).reshape(B, 1, 1).expand(B, 1, k)
     reg = (m * scale).expand(B, num_registers, k)
-    p, r = num_prefix, num_registers
-    return torch.cat([h[:, :p], reg, torch.zeros_like(h[:, p + r:])], dim=1)
+    return torch.cat([h[:, :num_prefix], reg], dim=1)  # the patch rows of the edit are all zero
 
 
 class PrependRegisters(nn.Module):
@@ -89,9 +88,10 @@ class RegisterMlp(nn.Module):
 
     def forward(self, x):
         out = self.fc2(self._hidden(self.fc1(x)))
-        reg = register_edit(self._hidden(self.reg_fc1(x)), self.num_prefix, self.num_registers, self.scale,
-                            self.per_neuron)
-        return out + self.reg_fc2(reg)
+        head = self.reg_fc2(register_rows(self._hidden(self.reg_fc1(x)), self.num_prefix, self.num_registers,
+                                          self.scale, self.per_neuron))
+        q = head.shape[1]
+        return torch.cat([out[:, :q] + head, out[:, q:]], dim=1)
 
 
 def _split_mlp(old: nn.Module, num_units: int, p: int, recipe: dict) -> RegisterMlp:

@@ -13,15 +13,11 @@ import torch
 from torch import nn
 
 
-def register_edit(
+def register_rows(
     h: torch.Tensor, num_prefix: int, num_registers: int, scale: float = 1.0, per_neuron: bool = False
 ) -> torch.Tensor:
-    """The test-time-register rule on register-neuron activations `h` [B, N, k].
-
-    Register rows <- scale * signed max (value of largest |.| over all tokens, and over all k units
-    unless `per_neuron`), patch rows <- 0, prefix (CLS) rows unchanged. Each image gets its own max.
-    Written with gather/cat (no in-place row writes) so exported graphs keep a dynamic batch axis.
-    """
+    """The rows of `register_edit(h, ...)` that can be non-zero: prefix rows (unchanged) and register
+    rows (scale * signed max), [B, num_prefix + num_registers, k]. Patch rows are all zero."""
     B, N, k = h.shape
     if per_neuron:
         idx = h.abs().argmax(dim=1, keepdim=True)  # [B, 1, k]
@@ -31,8 +27,20 @@ def register_edit(
         idx = flat.abs().argmax(dim=1, keepdim=True)  # [B, 1]
         m = flat.gather(1, idx).reshape(B, 1, 1).expand(B, 1, k)
     reg = (m * scale).expand(B, num_registers, k)
-    p, r = num_prefix, num_registers
-    return torch.cat([h[:, :p], reg, torch.zeros_like(h[:, p + r:])], dim=1)
+    return torch.cat([h[:, :num_prefix], reg], dim=1)
+
+
+def register_edit(
+    h: torch.Tensor, num_prefix: int, num_registers: int, scale: float = 1.0, per_neuron: bool = False
+) -> torch.Tensor:
+    """The test-time-register rule on register-neuron activations `h` [B, N, k].
+
+    Register rows <- scale * signed max (value of largest |.| over all tokens, and over all k units
+    unless `per_neuron`), patch rows <- 0, prefix (CLS) rows unchanged. Each image gets its own max.
+    Written with gather/cat (no in-place row writes) so exported graphs keep a dynamic batch axis.
+    """
+    head = register_rows(h, num_prefix, num_registers, scale, per_neuron)
+    return torch.cat([head, torch.zeros_like(h[:, num_prefix + num_registers:])], dim=1)
 
 
 class PrependRegisters(nn.Module):
@@ -105,7 +113,7 @@ def _row_index(units: torch.Tensor, hidden: int, gated: bool) -> torch.Tensor:
 class RegisterMlp(nn.Module):
     """An MLP split into its ordinary hidden units and a small register branch.
 
-        out = fc2(act(fc1 x)) + reg_fc2(register_edit(act(reg_fc1 x)))
+        out = fc2(act(fc1 x)) + reg_fc2(register_edit(act(reg_fc1 x)))   (branch: prefix + register rows only)
 
     The register units' weights move to the branch (`reg_fc1` rows, `reg_fc2` columns); the ordinary
     MLP keeps its original shape with those rows and columns set to zero. Keeping the shape means the
@@ -160,8 +168,11 @@ class RegisterMlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.fc2(self._hidden(self.fc1(x)))
         reg = self._hidden(self.reg_fc1(x))
-        reg = register_edit(reg, self.num_prefix, self.num_registers, self.scale, self.per_neuron)
-        return out + self.reg_fc2(reg)
+        # After the edit only the prefix and register rows of the branch are non-zero, so its output
+        # projection runs on those rows alone (a k-wide GEMM over every token is slow on CPU kernels).
+        head = self.reg_fc2(register_rows(reg, self.num_prefix, self.num_registers, self.scale, self.per_neuron))
+        q = head.shape[1]
+        return torch.cat([out[:, :q] + head, out[:, q:]], dim=1)
 
     def merged_weights(self) -> MlpWeights:
         """The original (unsplit) MLP weights: the branch's rows and columns put back in place."""
