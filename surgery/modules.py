@@ -118,8 +118,8 @@ class RegisterMlp(nn.Module):
     The register units' weights move to the branch (`reg_fc1` rows, `reg_fc2` columns); the ordinary
     MLP keeps its original shape with those rows and columns set to zero. Keeping the shape means the
     ordinary matrix multiplies run exactly as in the original model (no odd widths, which CPU GEMMs
-    run several per cent slower) and, since a removed unit contributes an exact 0, every patch row is
-    bit-for-bit what the hooked reference computes. `units` (buffer) records the original indices, so
+    run several per cent slower) and, since a removed unit contributes an exact 0, the MLP's patch rows
+    are computed exactly as the hooked reference computes them. `units` (buffer) records the original indices, so
     the split is exactly reversible (`merged_weights`).
     """
 
