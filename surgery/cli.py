@@ -125,6 +125,10 @@ def cmd_convert(a: argparse.Namespace) -> int:
     from .pipeline import run_convert
 
     loaded = _load(a, a.model)
+    if a.to == "timm":
+        from .to_timm import to_timm
+
+        loaded = to_timm(loaded)
     overrides = {"num_registers": a.num_registers, "scale": a.scale, "mode": a.mode}
     after: Optional[Callable[[Path, Any], None]] = None
     if getattr(a, "onnx", False):
@@ -230,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-check", action="store_true", help="skip the parity check (not recommended)")
     c.add_argument("--check-images", default=None, help="images for the parity check (default: --images or built-in)")
     c.add_argument("--tolerance", type=_finite_float, default=1e-5, help="relative error allowed (default 1e-5, fp32)")
+    c.add_argument("--to", choices=["native", "timm"], default="native",
+                   help="output library: the input's own (default), or timm (timm and open_clip CLIP inputs)")
     c.add_argument("--onnx", action="store_true", help="also write and validate OUT/model.onnx")
     c.add_argument("--fp16", action="store_true", help="with --onnx: export in float16 (looser tolerance)")
     c.add_argument("-q", "--quiet", action="store_true")

@@ -1,0 +1,45 @@
+"""convert --to timm: an open_clip CLIP image tower re-expressed as timm's CLIP ViT, then baked."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+
+import surgery
+from surgery.cli import main
+from surgery.loading import load_model
+from surgery.organism_families import build_open_clip_organism, save_open_clip_organism
+from surgery.to_timm import to_timm
+
+
+@pytest.mark.parametrize("quick_gelu", [False, True])
+def test_open_clip_to_timm_folder(quick_gelu, tmp_path, calib_dir, capsys):
+    clip, planting = build_open_clip_organism(0, quick_gelu=quick_gelu)
+    src = save_open_clip_organism(clip, tmp_path / "oc")
+    out = tmp_path / "out"
+    code = main(["convert", str(src), "--images", str(calib_dir), "--out", str(out), "--to", "timm", "-q"])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    doc = json.loads((out / "surgery.json").read_text())
+    assert doc["recipe"]["register_neurons"] == {str(k): v for k, v in planting.neurons.items()}
+    assert json.loads((out / "parity.json").read_text())["parity"]["passed"]
+    baked = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert baked.num_prefix_tokens == 2
+    loaded = load_model(str(src))
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad(), surgery.hooked_reference(loaded.model, surgery.Recipe(planting.neurons)):
+        reference = loaded.model(x)  # open_clip encode_image path under the hooked reference
+    with torch.no_grad():
+        got = baked(x)
+    assert float((got - reference).norm(dim=-1).max() / reference.norm(dim=-1).min()) < 1e-5
+
+
+def test_to_timm_refuses_other_libraries(tmp_path):
+    from surgery.errors import ModelInputError
+
+    clip, _ = build_open_clip_organism(0, attentional_pool=True)
+    src = save_open_clip_organism(clip, tmp_path / "ap")
+    with pytest.raises(ModelInputError, match="no timm equivalent"):
+        to_timm(load_model(str(src)))
