@@ -1,8 +1,8 @@
 """Re-expressing other libraries' models as timm models, so `convert --to timm` can emit a timm folder.
 
 open_clip CLIP image towers map onto timm's CLIP ViT (`vit_base_patch16_clip_224` skeleton with the
-tower's sizes) through timm's own open_clip checkpoint filter; hidden-unit order is kept, so register
-neurons found on the open_clip model apply unchanged. The conversion is checked numerically before
+tower's sizes) through timm's own open_clip checkpoint filter, HF CLIP vision towers through the key
+mapping below; hidden-unit order is kept, so register neurons found on the source apply unchanged. The conversion is checked numerically before
 use: the timm model must reproduce `visual(x)` (the image embedding) to fp32 precision.
 """
 from __future__ import annotations
@@ -54,13 +54,64 @@ def open_clip_to_timm(loaded: LoadedModel) -> LoadedModel:
     except RuntimeError as e:
         raise ModelInputError(f"{loaded.spec}: open_clip weights do not map onto timm's CLIP ViT: "
                               f"{str(e).splitlines()[0]}") from None
+    return _checked(loaded, model, args, pretrained_cfg, visual)
+
+
+@torch.no_grad()
+def hf_clip_to_timm(loaded: LoadedModel) -> LoadedModel:
+    """An HF CLIP vision tower (with its visual projection when the model has one) as timm's CLIP ViT."""
+    import timm
+
+    fam = loaded.family
+    vt = fam.vision(loaded.model)
+    cfg = vt.config
+    D, L = int(cfg.hidden_size), int(cfg.num_hidden_layers)
+    proj = getattr(loaded.model, "visual_projection", None)
+    args = {"img_size": int(cfg.image_size), "patch_size": int(cfg.patch_size), "embed_dim": D, "depth": L,
+            "num_heads": int(cfg.num_attention_heads), "mlp_ratio": cfg.intermediate_size / D,
+            "num_classes": int(proj.weight.shape[0]) if proj is not None else 0, "global_pool": "token",
+            "pre_norm": True}
+    act = getattr(cfg, "hidden_act", "quick_gelu")
+    if act == "quick_gelu":
+        args["act_layer"] = "quick_gelu"
+    elif act not in ("gelu",):
+        raise ModelInputError(f"{loaded.spec}: HF CLIP activation {act!r} has no timm equivalent")
+    pre = fam.preprocess_config(loaded.model)  # the source's own preprocessing travels with it
+    pretrained_cfg = {"input_size": list(pre["input_size"]), "mean": list(pre["mean"]), "std": list(pre["std"]),
+                      "interpolation": pre.get("interpolation", "bicubic"), "crop_pct": pre.get("crop_pct", 1.0),
+                      "crop_mode": pre.get("crop_mode", "center"), "num_classes": args["num_classes"]}
+    model = timm.create_model(TIMM_CLIP_SKELETON, pretrained=False, pretrained_cfg_overlay=pretrained_cfg, **args)
+    emb = vt.embeddings
+    sd = {"cls_token": emb.class_embedding.reshape(1, 1, D), "pos_embed": emb.position_embedding.weight[None],
+          "patch_embed.proj.weight": emb.patch_embedding.weight,
+          "norm_pre.weight": vt.pre_layrnorm.weight, "norm_pre.bias": vt.pre_layrnorm.bias,
+          "norm.weight": vt.post_layernorm.weight, "norm.bias": vt.post_layernorm.bias}
+    for i, layer in enumerate(vt.encoder.layers):
+        a, pre = layer.self_attn, f"blocks.{i}."
+        sd[pre + "attn.qkv.weight"] = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+        sd[pre + "attn.qkv.bias"] = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+        for ours, theirs in (("attn.proj", a.out_proj), ("norm1", layer.layer_norm1), ("norm2", layer.layer_norm2),
+                             ("mlp.fc1", layer.mlp.fc1), ("mlp.fc2", layer.mlp.fc2)):
+            sd[pre + ours + ".weight"], sd[pre + ours + ".bias"] = theirs.weight, theirs.bias
+    if proj is not None:
+        sd["head.weight"], sd["head.bias"] = proj.weight, torch.zeros(proj.weight.shape[0])
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise ModelInputError(f"{loaded.spec}: HF CLIP weights do not map onto timm's CLIP ViT: "
+                              f"{str(e).splitlines()[0]}") from None
+    return _checked(loaded, model, args, pretrained_cfg, lambda x: fam.forward_pooled(loaded.model, x))
+
+
+def _checked(loaded: LoadedModel, model, args: dict, pretrained_cfg: dict, reference) -> LoadedModel:
+    """Accept the timm re-expression only if it reproduces the source's pooled output."""
     model.eval()
-    c, h, w = 3, *size
-    x = torch.randn(2, c, h, w, generator=torch.Generator().manual_seed(0))
-    want, got = visual(x), model(x)
+    _, h, w = pretrained_cfg["input_size"]
+    x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
+    want, got = reference(x), model(x)
     rel = float((got - want).norm(dim=-1).max() / want.norm(dim=-1).min())
     if not rel < 1e-5:
-        raise ModelInputError(f"{loaded.spec}: the timm re-expression differs from open_clip (relative {rel:.2g})")
+        raise ModelInputError(f"{loaded.spec}: the timm re-expression differs from the source (relative {rel:.2g})")
     fam = family_by_name("timm")
     source = {"library": "timm", "architecture": TIMM_CLIP_SKELETON, "model_args": args,
               "pretrained_cfg": dict(pretrained_cfg, architecture=TIMM_CLIP_SKELETON), "converted_from": loaded.spec}
@@ -74,4 +125,7 @@ def to_timm(loaded: LoadedModel) -> LoadedModel:
         return loaded
     if library == "open_clip":
         return open_clip_to_timm(loaded)
-    raise ModelInputError(f"{loaded.spec}: --to timm is available for timm and open_clip CLIP inputs, not {library}")
+    if loaded.family.name == "hf_clip":
+        return hf_clip_to_timm(loaded)
+    raise ModelInputError(f"{loaded.spec}: --to timm is available for timm, open_clip CLIP and HF CLIP inputs, "
+                          f"not {loaded.family.name}")

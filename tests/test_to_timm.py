@@ -43,3 +43,25 @@ def test_to_timm_refuses_other_libraries(tmp_path):
     src = save_open_clip_organism(clip, tmp_path / "ap")
     with pytest.raises(ModelInputError, match="no timm equivalent"):
         to_timm(load_model(str(src)))
+
+
+@pytest.mark.parametrize("full_clip", [False, True])
+def test_hf_clip_to_timm_folder(full_clip, tmp_path, calib_dir, capsys):
+    from surgery.organism_families import build_hf_clip_organism, save_hf_organism
+
+    model, planting = build_hf_clip_organism(0, full_clip=full_clip)
+    src = save_hf_organism(model, tmp_path / "hf")
+    out = tmp_path / "out"
+    code = main(["convert", str(src), "--images", str(calib_dir), "--out", str(out), "--to", "timm", "-q"])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    doc = json.loads((out / "surgery.json").read_text())
+    assert doc["recipe"]["register_neurons"] == {str(k): v for k, v in planting.neurons.items()}
+    baked = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    loaded = load_model(str(src))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), surgery.hooked_reference(loaded.model, surgery.Recipe(planting.neurons)):
+        reference = loaded.family.forward_pooled(loaded.model, x)
+    with torch.no_grad():
+        got = baked(x)
+    assert float((got - reference).norm(dim=-1).max() / reference.norm(dim=-1).min()) < 1e-5
