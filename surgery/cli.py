@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--check-images", default=None, help="images for the parity check (default: --images or built-in)")
     c.add_argument("--tolerance", type=_finite_float, default=1e-5, help="relative error allowed (default 1e-5, fp32)")
     c.add_argument("--to", choices=["native", "timm"], default="native",
-                   help="output library: the input's own (default), or timm (timm, open_clip CLIP and HF CLIP inputs)")
+                   help="output library: the input's own (default), or timm (open_clip CLIP, HF CLIP and HF DINOv2 inputs too)")
     c.add_argument("--onnx", action="store_true", help="also write and validate OUT/model.onnx")
     c.add_argument("--fp16", action="store_true", help="with --onnx: export in float16 (looser tolerance)")
     c.add_argument("-q", "--quiet", action="store_true")

@@ -1,8 +1,8 @@
 """Re-expressing other libraries' models as timm models, so `convert --to timm` can emit a timm folder.
 
 open_clip CLIP image towers map onto timm's CLIP ViT (`vit_base_patch16_clip_224` skeleton with the
-tower's sizes) through timm's own open_clip checkpoint filter, HF CLIP vision towers through the key
-mapping below; hidden-unit order is kept, so register neurons found on the source apply unchanged. The conversion is checked numerically before
+tower's sizes) through timm's own open_clip checkpoint filter, HF CLIP vision towers and HF DINOv2
+backbones (LayerScale, SwiGLU, trained registers) through the key mappings below; hidden-unit order is kept, so register neurons found on the source apply unchanged. The conversion is checked numerically before
 use: the timm model must reproduce `visual(x)` (the image embedding) to fp32 precision.
 """
 from __future__ import annotations
@@ -103,7 +103,94 @@ def hf_clip_to_timm(loaded: LoadedModel) -> LoadedModel:
     return _checked(loaded, model, args, pretrained_cfg, lambda x: fam.forward_pooled(loaded.model, x))
 
 
-def _checked(loaded: LoadedModel, model, args: dict, pretrained_cfg: dict, reference) -> LoadedModel:
+def _first(obj, *paths: str):
+    """The first attribute path that exists (transformers renamed modules across releases)."""
+    for path in paths:
+        cur = obj
+        for part in path.split("."):
+            cur = getattr(cur, part, None)
+            if cur is None:
+                break
+        if cur is not None:
+            return cur
+    raise ModelInputError(f"unexpected HF module layout: none of {paths} on {type(obj).__name__}")
+
+
+@torch.no_grad()
+def hf_dinov2_to_timm(loaded: LoadedModel) -> LoadedModel:
+    """An HF `Dinov2Model` / `Dinov2WithRegistersModel` as timm's DINOv2 ViT (LayerScale, SwiGLU, registers)."""
+    import timm
+
+    m = loaded.model
+    cfg = m.config
+    D, L = int(cfg.hidden_size), int(cfg.num_hidden_layers)
+    regs = int(getattr(cfg, "num_register_tokens", 0) or 0)
+    swiglu = bool(getattr(cfg, "use_swiglu_ffn", False))
+    emb = m.embeddings
+    layers = list(m.encoder.layer)
+    if getattr(cfg, "hidden_act", "gelu") != "gelu" and not swiglu:
+        raise ModelInputError(f"{loaded.spec}: HF DINOv2 activation {cfg.hidden_act!r} has no timm equivalent")
+    down = _first(layers[0].mlp, "down_proj", "fc2", "weights_out")
+    hidden = int(down.weight.shape[1])
+    arch = ("vit_small_patch14_reg4_dinov2" if regs else
+            "vit_giant_patch14_dinov2" if swiglu else "vit_small_patch14_dinov2")
+    args = {"img_size": int(cfg.image_size), "patch_size": int(cfg.patch_size), "embed_dim": D, "depth": L,
+            "num_heads": int(cfg.num_attention_heads), "mlp_ratio": (2 * hidden if swiglu else hidden) / D,
+            "init_values": 1.0, "num_classes": 0, "global_pool": "token", "dynamic_img_size": False}
+    if regs:
+        args["reg_tokens"] = regs
+        if swiglu:  # timm has no SwiGLU DINOv2 with registers to build from
+            raise ModelInputError(f"{loaded.spec}: SwiGLU DINOv2 with registers has no timm skeleton here")
+    pre = loaded.family.preprocess_config(m)
+    pretrained_cfg = {"input_size": list(pre["input_size"]), "mean": list(pre["mean"]), "std": list(pre["std"]),
+                      "interpolation": pre.get("interpolation", "bicubic"), "crop_pct": pre.get("crop_pct", 1.0),
+                      "crop_mode": pre.get("crop_mode", "center"), "num_classes": 0}
+    model = timm.create_model(arch, pretrained=False, pretrained_cfg_overlay=pretrained_cfg, **args)
+    pos = emb.position_embeddings
+    sd = {"patch_embed.proj.weight": emb.patch_embeddings.projection.weight,
+          "patch_embed.proj.bias": emb.patch_embeddings.projection.bias,
+          "norm.weight": m.layernorm.weight, "norm.bias": m.layernorm.bias}
+    if model.no_embed_class:  # timm's reg4 layout: the CLS position folded into the CLS token
+        sd["cls_token"], sd["pos_embed"] = emb.cls_token + pos[:, :1], pos[:, 1:]
+        sd["reg_token"] = emb.register_tokens
+    else:
+        sd["cls_token"], sd["pos_embed"] = emb.cls_token, pos
+    for i, layer in enumerate(layers):
+        pre_, a = f"blocks.{i}.", layer.attention
+        q = _first(a, "q_proj", "attention.query")
+        k = _first(a, "k_proj", "attention.key")
+        v = _first(a, "v_proj", "attention.value")
+        o = _first(a, "o_proj", "output.dense")
+        sd[pre_ + "attn.qkv.weight"] = torch.cat([q.weight, k.weight, v.weight])
+        sd[pre_ + "attn.qkv.bias"] = torch.cat([q.bias, k.bias, v.bias])
+        sd[pre_ + "attn.proj.weight"], sd[pre_ + "attn.proj.bias"] = o.weight, o.bias
+        for ours, theirs in (("norm1", layer.norm1), ("norm2", layer.norm2)):
+            sd[pre_ + ours + ".weight"], sd[pre_ + ours + ".bias"] = theirs.weight, theirs.bias
+        sd[pre_ + "ls1.gamma"] = layer.layer_scale1.lambda1
+        sd[pre_ + "ls2.gamma"] = layer.layer_scale2.lambda1
+        mlp = layer.mlp
+        if swiglu:
+            if hasattr(mlp, "gate_proj"):
+                w = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+                b = torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias])
+            else:  # packed weights_in: [gate; up]
+                w, b = mlp.weights_in.weight, mlp.weights_in.bias
+            d = _first(mlp, "down_proj", "weights_out")
+            sd[pre_ + "mlp.fc1.weight"], sd[pre_ + "mlp.fc1.bias"] = w, b
+            sd[pre_ + "mlp.fc2.weight"], sd[pre_ + "mlp.fc2.bias"] = d.weight, d.bias
+        else:
+            sd[pre_ + "mlp.fc1.weight"], sd[pre_ + "mlp.fc1.bias"] = mlp.fc1.weight, mlp.fc1.bias
+            sd[pre_ + "mlp.fc2.weight"], sd[pre_ + "mlp.fc2.bias"] = mlp.fc2.weight, mlp.fc2.bias
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise ModelInputError(f"{loaded.spec}: HF DINOv2 weights do not map onto timm's DINOv2 ViT: "
+                              f"{' '.join(str(e).split())[:200]}") from None
+    return _checked(loaded, model, args, pretrained_cfg, lambda x: loaded.family.forward_pooled(m, x), arch)
+
+
+def _checked(loaded: LoadedModel, model, args: dict, pretrained_cfg: dict, reference,
+             arch: str = TIMM_CLIP_SKELETON) -> LoadedModel:
     """Accept the timm re-expression only if it reproduces the source's pooled output."""
     model.eval()
     _, h, w = pretrained_cfg["input_size"]
@@ -113,8 +200,8 @@ def _checked(loaded: LoadedModel, model, args: dict, pretrained_cfg: dict, refer
     if not rel < 1e-5:
         raise ModelInputError(f"{loaded.spec}: the timm re-expression differs from the source (relative {rel:.2g})")
     fam = family_by_name("timm")
-    source = {"library": "timm", "architecture": TIMM_CLIP_SKELETON, "model_args": args,
-              "pretrained_cfg": dict(pretrained_cfg, architecture=TIMM_CLIP_SKELETON), "converted_from": loaded.spec}
+    source = {"library": "timm", "architecture": arch, "model_args": args,
+              "pretrained_cfg": dict(pretrained_cfg, architecture=arch), "converted_from": loaded.spec}
     return LoadedModel(model, fam, loaded.spec, source, fam.data_transform(model), None)
 
 
@@ -127,5 +214,7 @@ def to_timm(loaded: LoadedModel) -> LoadedModel:
         return open_clip_to_timm(loaded)
     if loaded.family.name == "hf_clip":
         return hf_clip_to_timm(loaded)
-    raise ModelInputError(f"{loaded.spec}: --to timm is available for timm, open_clip CLIP and HF CLIP inputs, "
-                          f"not {loaded.family.name}")
+    if loaded.family.name == "hf_dinov2":
+        return hf_dinov2_to_timm(loaded)
+    raise ModelInputError(f"{loaded.spec}: --to timm is available for timm, open_clip CLIP, HF CLIP and HF DINOv2 "
+                          f"inputs, not {loaded.family.name}")

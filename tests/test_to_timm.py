@@ -65,3 +65,26 @@ def test_hf_clip_to_timm_folder(full_clip, tmp_path, calib_dir, capsys):
     with torch.no_grad():
         got = baked(x)
     assert float((got - reference).norm(dim=-1).max() / reference.norm(dim=-1).min()) < 1e-5
+
+
+@pytest.mark.parametrize("kw", [{}, {"swiglu": True}, {"num_register_tokens": 4}], ids=["plain", "swiglu", "reg4"])
+def test_hf_dinov2_to_timm_folder(kw, tmp_path, calib_dir, capsys):
+    from surgery.organism_families import build_hf_dinov2_organism, save_hf_organism
+
+    model, planting = build_hf_dinov2_organism(0, **kw)
+    src = save_hf_organism(model, tmp_path / "hf")
+    out = tmp_path / "out"
+    code = main(["convert", str(src), "--images", str(calib_dir), "--out", str(out), "--to", "timm", "-q"])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    doc = json.loads((out / "surgery.json").read_text())
+    assert doc["recipe"]["register_neurons"] == {str(k): v for k, v in planting.neurons.items()}
+    baked = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert baked.num_prefix_tokens == 1 + kw.get("num_register_tokens", 0) + 1
+    loaded = load_model(str(src))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), surgery.hooked_reference(loaded.model, surgery.Recipe(planting.neurons)):
+        reference = loaded.family.forward_pooled(loaded.model, x)
+    with torch.no_grad():
+        got = baked(x)
+    assert float((got - reference).norm(dim=-1).max() / reference.norm(dim=-1).min()) < 1e-5
