@@ -16,9 +16,10 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import ModelInputError, UnsafeCheckpointError
+from .errors import ModelInputError
 from .families import family_for
-from .loading import LoadedModel, LoadOptions, _timm_source, needs_full_unpickling, register_loader
+from .loading import (LoadedModel, LoadOptions, _timm_source, needs_full_unpickling, register_loader,
+                      unsafe_pickle_error)
 
 PREFIX = "dinov2:"
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
@@ -41,9 +42,7 @@ def _read_state_dict(path: Path, spec: str, opts: LoadOptions) -> dict[str, Any]
     except Exception as e:
         msg = str(e)
         if needs_full_unpickling(e):
-            raise UnsafeCheckpointError(
-                f"{spec}: the checkpoint needs full unpickling, which can run arbitrary code; refused. "
-                "Convert it to safetensors, or pass --allow-unsafe-pickle if you trust the file") from None
+            raise unsafe_pickle_error(spec) from None
         raise ModelInputError(f"{spec}: unreadable checkpoint {path} ({msg.splitlines()[0] if msg else type(e).__name__})") from None
     if not isinstance(sd, dict):
         raise ModelInputError(f"{spec}: {path} does not hold a state dict")

@@ -22,7 +22,7 @@ from torch import nn
 
 from .errors import ModelInputError, UnsafeCheckpointError
 from .families import family_for
-from .loading import LoadedModel, LoadOptions, needs_full_unpickling, register_loader
+from .loading import LoadedModel, LoadOptions, needs_full_unpickling, register_loader, unsafe_pickle_error
 
 # model_type -> stock class loaded for it (CLIPModel stays whole; its vision tower is what we edit).
 HF_MODEL_TYPES = {
@@ -198,9 +198,7 @@ def _stock_class(cfg: dict[str, Any], spec: str) -> str:
 def _map_hf_error(spec: str, e: BaseException) -> Exception:
     text = str(e)
     if needs_full_unpickling(e):
-        return UnsafeCheckpointError(
-            f"{spec}: the checkpoint (pytorch_model.bin) needs full unpickling, which can run arbitrary code; refused. "
-            "Convert it to safetensors, or pass --allow-unsafe-pickle if you trust the file")
+        return unsafe_pickle_error(spec)
     if "trust_remote_code" in text:
         return UnsafeCheckpointError(f"{spec}: the model needs its own code from the model folder; "
                                      "pass --trust-remote-code if you trust it")

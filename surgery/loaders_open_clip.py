@@ -19,15 +19,14 @@ import copy
 import difflib
 import json
 import logging
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from torch import nn
 
-from .errors import ModelInputError, UnsafeCheckpointError
-from .loading import LoadedModel, LoadOptions, register_loader
+from .errors import ModelInputError
+from .loading import LoadedModel, LoadOptions, needs_full_unpickling, register_loader, unsafe_pickle_error
 from .recipe import Recipe
 
 PREFIX = "open_clip:"
@@ -138,10 +137,8 @@ def _jsonable(v: Any) -> Any:
 def _map_error(spec: str, e: BaseException) -> Exception:
     text = str(e)
     msg = _first_line(e)
-    if isinstance(e, pickle.UnpicklingError) or "weights_only" in text or "Weights only load failed" in text:
-        return UnsafeCheckpointError(
-            f"{spec}: the checkpoint needs full unpickling, which can run arbitrary code; refused. "
-            "Convert it to safetensors, or pass --allow-unsafe-pickle if you trust the file")
+    if needs_full_unpickling(e):
+        return unsafe_pickle_error(spec)
     if "size mismatch" in text or "Missing key" in text or "Unexpected key" in text:
         return ModelInputError(f"{spec}: weights do not match the model config: {' '.join(text.split())[:300]}")
     if "Last error" in msg:  # open_clip's download errors append huggingface_hub's whole explanation

@@ -75,12 +75,17 @@ def needs_full_unpickling(e: BaseException) -> bool:
     return isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e) or "Weights only load failed" in str(e)
 
 
+def unsafe_pickle_error(spec: str) -> UnsafeCheckpointError:
+    """The one refusal for checkpoints that only load with full unpickling."""
+    return UnsafeCheckpointError(
+        f"{spec}: the checkpoint needs full unpickling, which can run arbitrary code; refused. "
+        "Convert it to safetensors, or pass --allow-unsafe-pickle if you trust the file")
+
+
 def _map_timm_error(spec: str, e: BaseException) -> Exception:
     msg = _first_line(e)
     if needs_full_unpickling(e):
-        return UnsafeCheckpointError(
-            f"{spec}: the checkpoint needs full unpickling, which can run arbitrary code; refused. "
-            "Convert it to safetensors, or pass --allow-unsafe-pickle if you trust the file")
+        return unsafe_pickle_error(spec)
     if "Unknown model" in msg:
         return ModelInputError(f"unknown model {spec!r}: not a timm model name, hf-hub:ORG/NAME, local-dir:PATH "
                                "or a folder with config.json + model.safetensors")

@@ -59,6 +59,17 @@ class _HFVisionFamily(Family):
     default_std: tuple[float, ...] = IMAGENET_STD
     default_crop_pct: float = 1.0
 
+    def _classes(self) -> tuple[type, ...]:
+        raise NotImplementedError
+
+    def matches(self, model: nn.Module) -> bool:
+        if not _from_transformers(model):
+            return False
+        try:
+            return isinstance(model, self._classes())
+        except ImportError:
+            return False
+
     def vision(self, model: nn.Module) -> nn.Module:
         return model
 
@@ -126,14 +137,6 @@ class HFClipVision(_HFVisionFamily):
 
     def _classes(self) -> tuple[type, ...]:
         return _hf_classes("CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel")
-
-    def matches(self, model: nn.Module) -> bool:
-        if not _from_transformers(model):
-            return False
-        try:
-            return isinstance(model, self._classes())
-        except ImportError:
-            return False
 
     def vision(self, model: nn.Module) -> nn.Module:
         return model.vision_model if hasattr(model, "vision_model") else model
@@ -206,14 +209,6 @@ class HFDinov2(_HFVisionFamily):
 
     def _classes(self) -> tuple[type, ...]:
         return _hf_classes("Dinov2Model", "Dinov2WithRegistersModel")
-
-    def matches(self, model: nn.Module) -> bool:
-        if not _from_transformers(model):
-            return False
-        try:
-            return isinstance(model, self._classes())
-        except ImportError:
-            return False
 
     def default_prefix(self, vision: nn.Module) -> int:
         return 1 + int(getattr(vision.config, "num_register_tokens", 0) or 0)
