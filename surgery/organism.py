@@ -57,6 +57,7 @@ def plant_register_neurons(
     trigger_gain: float = 3.0,
     outlier_norm: float = 12.0,
     sink_strength: float = 4.0,
+    sink_head_dim: int = 0,
 ) -> Planting:
     """Plant register neurons into a freshly initialised ViT (in place).
 
@@ -68,7 +69,8 @@ def plant_register_neurons(
     - every block after the first planted one adds a key/query component that reads SINK_DIM, so
       high-norm tokens become attention sinks.
     `cls_token` is the parameter holding the CLS embedding (set to the stable pattern so CLS never fires);
-    `pos_embed` carries the pattern when the patch embedding has no bias (CLIP).
+    `pos_embed` carries the pattern when the patch embedding has no bias (CLIP). `sink_head_dim` is the
+    dimension within each head that carries the sink (RoPE models: one their rotary table barely turns).
     """
     fam = family or family_for(model)
     plant = plant or DEFAULT_PLANT
@@ -118,11 +120,12 @@ def plant_register_neurons(
         a = fam.attention(blocks[layer])
         hd = a.q_weight.shape[0] // a.num_heads
         for h in range(a.num_heads):
-            a.k_weight[h * hd] = 0.0
-            a.k_weight[h * hd, SINK_DIM] = 1.0
+            row = h * hd + sink_head_dim
+            a.k_weight[row] = 0.0
+            a.k_weight[row, SINK_DIM] = 1.0
             if a.q_bias is not None:
-                a.q_weight[h * hd] = 0.0
-                a.q_bias[h * hd] = sink_strength
+                a.q_weight[row] = 0.0
+                a.q_bias[row] = sink_strength
         planting.sink_blocks.append(layer)
     for units in planting.neurons.values():
         units.sort()

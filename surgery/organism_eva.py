@@ -1,0 +1,114 @@
+"""Model organisms for today's backbones: timm `Eva` (DINOv3, EVA02, PE-Core) and the libraries that
+wrap or re-implement them (open_clip timm trunks, HF DINOv3 and SigLIP). Same recipe as organism.py:
+small random-init models in the library's own module structure with planted register neurons.
+
+RoPE models: the planted attention sink reads one dimension per head; it is put on the dimension the
+model's rotary table turns least, so patch-to-patch and CLS-to-patch sinks survive the rotation.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .organism import ORGANISM_SIZE, Planting, plant_register_neurons
+
+# variant -> (timm architecture, extra model args); all JSON so the organism saves as a timm local-dir
+EVA_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "dinov3": ("vit_small_patch16_dinov3_qkvb", {"init_values": 1.0}),  # CLS + 4 trained registers, LayerScale, DINOv3 rope
+    "dinov3_swiglu": ("vit_huge_plus_patch16_dinov3_qkvb", {"init_values": 1.0}),  # SwiGLU (fc1_g / fc1_x)
+    "eva02": ("eva02_tiny_patch14_224", {}),  # abs pos + rope, GluMlp, avg pool
+    "pe_core": ("vit_pe_core_tiny_patch16_384", {}),  # norm_pre, AttentionRope, attention-pool head
+}
+
+
+def quiet_rope_dim(rope_table: torch.Tensor) -> int:
+    """Head dimension whose rotation is smallest over all patch positions (rope_table: [P, 2 * hd] sin|cos)."""
+    sin = rope_table[..., : rope_table.shape[-1] // 2]
+    return int(sin.abs().amax(dim=0).argmin())
+
+
+def rope_table(model: nn.Module) -> torch.Tensor | None:
+    if getattr(model, "rope", None) is None:
+        return None
+    grid = list(model.patch_embed.grid_size)
+    return model.rope.get_embed(shape=grid)
+
+
+class SplitGluPlanting:
+    """Planting view for gated MLPs with separate gate/up projections (timm SwiGLU `fc1_g`/`fc1_x`, HF
+    `gate_proj`/`up_proj`): both are re-pointed at halves of one packed parameter, which
+    `plant_register_neurons` writes into; `finish()` gives each its own storage again."""
+
+    def __init__(self, family: Any, gate: str, up: str, down: str, act: str) -> None:
+        self.family, self.names = family, (gate, up, down, act)
+        self._touched: list[nn.Module] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.family, name)
+
+    def mlp_weights(self, mlp: nn.Module):
+        from .modules import MlpWeights
+
+        gate, up, down, act = self.names
+        if not all(hasattr(mlp, n) for n in (gate, up, down)):
+            return self.family.mlp_weights(mlp)
+        g, u = getattr(mlp, gate), getattr(mlp, up)
+        H = g.weight.shape[0]
+        w = nn.Parameter(torch.cat([g.weight.data, u.weight.data]))
+        b = nn.Parameter(torch.cat([g.bias.data, u.bias.data]))
+        g.weight, u.weight = nn.Parameter(w.data[:H]), nn.Parameter(w.data[H:])
+        g.bias, u.bias = nn.Parameter(b.data[:H]), nn.Parameter(b.data[H:])
+        self._touched.append(mlp)
+        d = getattr(mlp, down)
+        return MlpWeights(w, b, d.weight, d.bias, getattr(mlp, act), gated=True)
+
+    def finish(self) -> None:
+        gate, up, _, _ = self.names
+        for mlp in self._touched:
+            for lin in (getattr(mlp, gate), getattr(mlp, up)):
+                lin.weight = nn.Parameter(lin.weight.data.clone())
+                lin.bias = nn.Parameter(lin.bias.data.clone())
+
+
+def build_eva_organism(seed: int = 0, variant: str = "dinov3", *, num_classes: int = 16,
+                       plant: dict[int, list[tuple[int, int]]] | None = None) -> tuple[nn.Module, Planting]:
+    """A small timm `Eva` with planted register neurons (eval, fp32); `model.organism_source` as in
+    organism.build_timm_organism (save with demo.save_organism)."""
+    import timm
+
+    if variant not in EVA_VARIANTS:
+        raise ValueError(f"unknown Eva organism variant {variant!r}; choose from {sorted(EVA_VARIANTS)}")
+    arch, extra = EVA_VARIANTS[variant]
+    s = ORGANISM_SIZE
+    model_args: dict[str, Any] = dict(img_size=s["img_size"], patch_size=s["patch_size"], embed_dim=s["embed_dim"],
+                                      depth=s["depth"], num_heads=s["num_heads"], num_classes=num_classes, **extra)
+    if variant == "eva02":
+        model_args["mlp_ratio"] = 4 * 2 / 3
+    overlay = dict(input_size=(3, s["img_size"], s["img_size"]), crop_pct=1.0, interpolation="bicubic",
+                   mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), num_classes=num_classes)
+    torch.manual_seed(seed)
+    model = timm.create_model(arch, pretrained=False, pretrained_cfg_overlay=overlay, **model_args)
+    model.eval()
+    table = rope_table(model)
+    sink_dim = quiet_rope_dim(table) if table is not None else 0
+    from .families import family_for
+
+    fam = SplitGluPlanting(family_for(model), "fc1_g", "fc1_x", "fc2", "act")
+    try:
+        planting = plant_register_neurons(model, plant, seed=seed, family=fam,  # type: ignore[arg-type]
+                                          cls_token=model.cls_token, pos_embed=model.pos_embed,
+                                          pos_includes_cls=not model.no_embed_class, sink_head_dim=sink_dim)
+    finally:
+        fam.finish()
+    if model.reg_token is not None:  # trained registers: the CLS pattern (well conditioned)
+        with torch.no_grad():
+            model.reg_token.copy_(model.cls_token.expand_as(model.reg_token))
+    cfg = dict(model.pretrained_cfg)
+    cfg.pop("url", None), cfg.pop("hf_hub_id", None)
+    model.organism_source = {"architecture": arch, "model_args": model_args, "pretrained_cfg": cfg}
+    return model, planting
