@@ -151,25 +151,12 @@ def _map_error(spec: str, e: BaseException) -> Exception:
     return ModelInputError(f"{spec}: could not load: {msg[:300]}")
 
 
-_NO_CLS_MAP_WHY = ("it has no CLS token and pools with an attention-pool (MAP) head that attends over every output "
-                   "token, so a test-time register would flow into the image embedding, which the method does not "
-                   "define (it assumes a CLS-token or patch-mean readout that registers stay out of)")
-
-
 def check_model_cfg(spec: str, cfg: Any) -> None:
     """Refuse, from the model config alone, image towers vit-surgery cannot bake exactly (no download needed)."""
     vision = cfg.get("vision_cfg", {}) if isinstance(cfg, dict) else {}
     if not isinstance(vision, dict):
         return
-    timm_name = vision.get("timm_model_name")
-    if timm_name:
-        pool = vision.get("timm_pool", "avg")
-        if pool == "map" or "siglip" in str(timm_name):
-            why = f"{_NO_CLS_MAP_WHY}; its image tower is timm's {timm_name} wrapped by open_clip's TimmModel"
-        else:
-            why = (f"its image tower is timm's {timm_name} wrapped by open_clip's TimmModel (pool={pool!r}), not "
-                   "open_clip's own VisionTransformer")
-        raise ModelInputError(f"{spec}: not supported: {why}. Refused rather than guess")
+    # timm trunks (SigLIP, EVA02, PE-Core): supported when the built trunk is a timm ViT / Eva (check_image_tower)
     if isinstance(vision.get("layers"), (list, tuple)):
         raise ModelInputError(f"{spec}: the image tower is a ResNet (ModifiedResNet), not a Vision Transformer")
     if vision.get("scale_fc"):
@@ -190,18 +177,15 @@ def check_image_tower(spec: str, clip: nn.Module) -> nn.Module:
         if why:
             raise ModelInputError(f"{spec}: unsupported open_clip image tower: {why}")
         return visual
+    from .families.open_clip_timm import OPEN_CLIP_TIMM
+
+    if OPEN_CLIP_TIMM.matches(visual):  # timm trunk (ViT or Eva) inside open_clip's TimmModel
+        return visual
     kind = type(visual).__name__
     if kind == "TimmModel":
-        trunk = getattr(visual, "trunk", None)
-        tname = type(trunk).__name__ if trunk is not None else "?"
-        n_prefix = getattr(trunk, "num_prefix_tokens", None)
-        pool = getattr(trunk, "global_pool", None)
-        if n_prefix == 0 or pool == "map":
-            why = f"{_NO_CLS_MAP_WHY}; its image tower is a timm {tname} wrapped by open_clip's TimmModel"
-        else:
-            why = (f"its image tower is a timm {tname} wrapped by open_clip's TimmModel (pool={pool!r}), not open_clip's "
-                   "own VisionTransformer")
-        raise ModelInputError(f"{spec}: not supported: {why}. Refused rather than guess")
+        tname = type(getattr(visual, "trunk", None)).__name__
+        raise ModelInputError(f"{spec}: not supported: its image tower is a timm {tname} (not a Vision Transformer "
+                              "vit-surgery has an adapter for) wrapped by open_clip's TimmModel")
     if kind == "ModifiedResNet":
         raise ModelInputError(f"{spec}: the image tower is a ResNet (ModifiedResNet), not a Vision Transformer")
     raise ModelInputError(f"{spec}: unsupported open_clip image tower {kind} (vit-surgery bakes open_clip's "
@@ -210,13 +194,13 @@ def check_image_tower(spec: str, clip: nn.Module) -> nn.Module:
 
 def _loaded(spec: str, clip: nn.Module, transform: Callable, source: dict[str, Any],
             recipe: Optional[Recipe] = None) -> LoadedModel:
-    from .families.open_clip_vit import OPEN_CLIP
+    from .families import family_for
 
     import exporters.open_clip_dir  # noqa: F401  (registers the "open_clip" exporter with the pipeline)
 
     visual = check_image_tower(spec, clip)
     clip.eval()
-    return LoadedModel(visual, OPEN_CLIP, spec, source, transform, recipe, extra={"clip": clip})
+    return LoadedModel(visual, family_for(visual), spec, source, transform, recipe, extra={"clip": clip})
 
 
 def _load_spec(rs: OpenClipSpec, opts: LoadOptions, display: Optional[str] = None) -> LoadedModel:
@@ -265,7 +249,7 @@ def build_baked_clip(path: str | Path, device: str = "cpu") -> tuple[nn.Module, 
     from safetensors.torch import load_file
 
     from .bake import bake_registers
-    from .families.open_clip_vit import OPEN_CLIP
+    from .families import family_for
 
     path = Path(path)
     spec = str(path)
@@ -284,7 +268,7 @@ def build_baked_clip(path: str | Path, device: str = "cpu") -> tuple[nn.Module, 
     except Exception as e:
         raise _map_error(spec, e) from None
     visual = check_image_tower(spec, clip)
-    bake_registers(visual, recipe, OPEN_CLIP)
+    bake_registers(visual, recipe, family_for(visual))
     try:
         state = load_file(str(weights), device=str(device))
         clip.load_state_dict(state, strict=True)

@@ -112,3 +112,70 @@ def build_eva_organism(seed: int = 0, variant: str = "dinov3", *, num_classes: i
     cfg.pop("url", None), cfg.pop("hf_hub_id", None)
     model.organism_source = {"architecture": arch, "model_args": model_args, "pretrained_cfg": cfg}
     return model, planting
+
+
+# ---- open_clip image tower on a timm trunk (TimmModel) -----------------------------------------------
+
+OPEN_CLIP_TIMM_BASE = "PE-Core-T-16-384"  # Eva trunk vit_pe_core_tiny_patch16_384: RoPE, attention-pool head
+OPEN_CLIP_TIMM_TRUNK = "vit_pe_core_tiny_patch16_384"
+
+
+def write_trunk_config(path: str | Path, arch: str = OPEN_CLIP_TIMM_TRUNK) -> str:
+    """A timm model folder holding only config.json: `arch` at organism size. open_clip builds its timm
+    trunk with `timm.create_model(timm_model_name)`, and timm reads architecture + model_args from a
+    `local-dir:` config, so an organism-sized trunk goes through open_clip's and timm's own code."""
+    s = ORGANISM_SIZE
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    args = dict(img_size=s["img_size"], patch_size=s["patch_size"], embed_dim=s["embed_dim"], depth=s["depth"],
+                num_heads=s["num_heads"])
+    (path / "config.json").write_text(json.dumps({"architecture": arch, "model_args": args,
+                                                  "pretrained_cfg": {"input_size": [3, s["img_size"], s["img_size"]]}},
+                                                 indent=2) + "\n")
+    return f"local-dir:{path}"
+
+
+def open_clip_timm_organism_config(trunk: str, base: str = OPEN_CLIP_TIMM_BASE) -> dict[str, Any]:
+    """open_clip's own model_cfg for `base` (a timm-trunk tower) with trunk `trunk` (see write_trunk_config),
+    a tiny text tower and embedding."""
+    import open_clip
+
+    cfg = copy.deepcopy(open_clip.get_model_config(base))
+    cfg["embed_dim"] = 32
+    cfg["vision_cfg"].update(timm_model_name=trunk, image_size=ORGANISM_SIZE["img_size"])
+    cfg["text_cfg"] = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}
+    return cfg
+
+
+def open_clip_timm_preprocess(size: int = ORGANISM_SIZE["img_size"]) -> dict[str, Any]:
+    """ImageNet statistics like every organism (the planted units read the normalised patch mean)."""
+    return {"size": [size, size], "mode": "RGB", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+            "interpolation": "bicubic", "resize_mode": "shortest", "fill_color": 0}
+
+
+def build_open_clip_timm_organism(trunk_dir: str | Path, seed: int = 0, base: str = OPEN_CLIP_TIMM_BASE,
+                                  arch: str = OPEN_CLIP_TIMM_TRUNK,
+                                  plant: dict[int, list[tuple[int, int]]] | None = None) -> tuple[nn.Module, Planting]:
+    """An open_clip CustomTextCLIP (built from `base`'s config) whose image tower is open_clip's `TimmModel`
+    around an organism-sized timm `arch` trunk (config written to `trunk_dir`), with planted register
+    neurons. Save with organism_families.save_open_clip_organism."""
+    import open_clip
+    from open_clip.model import set_model_preprocess_cfg
+
+    from .families import family_for
+
+    cfg = open_clip_timm_organism_config(write_trunk_config(trunk_dir, arch), base)
+    torch.manual_seed(seed)
+    kwargs = {k: v for k, v in copy.deepcopy(cfg).items() if k != "custom_text"}
+    model = (open_clip.CustomTextCLIP if cfg.get("custom_text") else open_clip.CLIP)(**kwargs)
+    pre = open_clip_timm_preprocess()
+    set_model_preprocess_cfg(model, copy.deepcopy(pre))
+    model.eval()
+    trunk = model.visual.trunk
+    table = rope_table(trunk)
+    planting = plant_register_neurons(model.visual, plant, seed=seed, family=family_for(model.visual),
+                                      cls_token=getattr(trunk, "cls_token", None), pos_embed=trunk.pos_embed,
+                                      pos_includes_cls=not trunk.no_embed_class,
+                                      sink_head_dim=quiet_rope_dim(table) if table is not None else 0)
+    model.organism_source = {"model_cfg": cfg, "preprocess_cfg": pre}
+    return model, planting
