@@ -26,6 +26,8 @@ REMOTE_CLASSES = {
     "CLIPModel": "VitSurgeryCLIPModel",
     "Dinov2Model": "VitSurgeryDinov2Model",
     "Dinov2WithRegistersModel": "VitSurgeryDinov2WithRegistersModel",
+    "DINOv3ViTModel": "VitSurgeryDINOv3ViTModel",
+    "SiglipVisionModel": "VitSurgerySiglipVisionModel",
 }
 
 

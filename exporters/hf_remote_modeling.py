@@ -52,10 +52,10 @@ class PrependRegisters(nn.Module):
         self.num_registers = int(num_registers)
         self.register_buffer("register_tokens", torch.zeros(1, num_registers, embed_dim))
 
-    def forward(self, x):
+    def forward(self, x, *args, **kwargs):
         reg = self.register_tokens.to(x.dtype).expand(x.shape[0], -1, -1)
         p = self.num_prefix
-        return self.inner(torch.cat([x[:, :p], reg, x[:, p:]], dim=1))
+        return self.inner(torch.cat([x[:, :p], reg, x[:, p:]], dim=1), *args, **kwargs)
 
 
 class RegisterMlp(nn.Module):
@@ -97,6 +97,8 @@ class RegisterMlp(nn.Module):
 def _split_mlp(old: nn.Module, num_units: int, p: int, recipe: dict) -> RegisterMlp:
     if all(hasattr(old, n) for n in ("gate_proj", "up_proj", "down_proj")):  # DINOv2 SwiGLU
         first, down, act, gated = old.gate_proj, old.down_proj, old.act_fn, True
+    elif all(hasattr(old, n) for n in ("up_proj", "down_proj", "act_fn")):  # DINOv3 plain MLP
+        first, down, act, gated = old.up_proj, old.down_proj, old.act_fn, False
     elif hasattr(old, "weights_in"):  # packed SwiGLU (older transformers)
         first, down, act, gated = old.weights_in, old.weights_out, nn.SiLU(), True
     else:
@@ -161,4 +163,26 @@ class VitSurgeryDinov2WithRegistersModel(_PatchTokensMixin, transformers.Dinov2W
     def __init__(self, config):
         super().__init__(config)
         bake_structure(self, self, self.encoder.layer, self.embeddings, "dropout", config.hidden_size,
+                       config.vit_surgery)
+
+
+class VitSurgeryDINOv3ViTModel(_PatchTokensMixin, transformers.DINOv3ViTModel):
+    """Registers enter at the input of the first layer (HF DINOv3 has no pre-norm); HF's rotary code rotates
+    only the last (patch) tokens, so the test-time register gets no rotary position, like CLS and the
+    trained registers."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        bake_structure(self, self, list(self.model.layer), self.model.layer, "0", config.hidden_size,
+                       config.vit_surgery)
+
+
+class VitSurgerySiglipVisionModel(_PatchTokensMixin, transformers.SiglipVisionModel):
+    """No CLS token: the register is token 0; the attention-pool head (`pooler_output`) attends over every
+    token, the register included."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        v = getattr(self, "vision_model", self)
+        bake_structure(self, v, list(v.encoder.layers), v.encoder.layers, "0", config.hidden_size,
                        config.vit_surgery)

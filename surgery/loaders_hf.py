@@ -30,6 +30,8 @@ HF_MODEL_TYPES = {
     "clip_vision_model": "CLIPVisionModel",
     "dinov2": "Dinov2Model",
     "dinov2_with_registers": "Dinov2WithRegistersModel",
+    "dinov3_vit": "DINOv3ViTModel",
+    "siglip_vision_model": "SiglipVisionModel",
 }
 # architectures[] entries that pick another stock class than the model_type default.
 HF_ARCH_CLASSES = {"CLIPVisionModelWithProjection": "CLIPVisionModelWithProjection"}
@@ -186,10 +188,13 @@ def _stock_class(cfg: dict[str, Any], spec: str) -> str:
             return HF_ARCH_CLASSES[a]
     if mt == "dinov2_with_registers" or mt in HF_MODEL_TYPES:
         return HF_MODEL_TYPES[mt]
-    if mt and "siglip" in str(mt):
+    if mt and "siglip2" in str(mt):
         raise ModelInputError(
-            f"{spec}: HF SigLIP vision towers (no CLS token, attention-pool head) have no adapter yet; "
-            "the timm SigLIP models (vit_*_siglip_*) are supported")
+            f"{spec}: HF Siglip2 takes variable-resolution patch sequences (pixel_attention_mask, spatial_shapes), "
+            "which vit-surgery does not bake; use the fixed-resolution timm or open_clip SigLIP2 (vit_*_siglip_*)")
+    if mt == "siglip":
+        raise ModelInputError(f"{spec}: a whole HF SiglipModel; save its vision tower (SiglipVisionModel) and convert "
+                              "that, or use the timm / open_clip SigLIP")
     raise ModelInputError(
         f"{spec}: HF model_type {mt!r} is not supported (supported: {', '.join(sorted(HF_MODEL_TYPES))}; "
         "vit-surgery edits CLIP vision towers and DINOv2 backbones)")

@@ -58,10 +58,11 @@ class PrependRegisters(nn.Module):
         self.num_registers = int(num_registers)
         self.register_buffer("register_tokens", torch.zeros(1, num_registers, embed_dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        # extra arguments pass through (a wrapped transformer layer also takes masks / rotary tables)
         reg = self.register_tokens.to(x.dtype).expand(x.shape[0], -1, -1)
         p = self.num_prefix
-        return self.inner(torch.cat([x[:, :p], reg, x[:, p:]], dim=1))
+        return self.inner(torch.cat([x[:, :p], reg, x[:, p:]], dim=1), *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"num_registers={self.num_registers}, num_prefix={self.num_prefix}"

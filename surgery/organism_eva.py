@@ -105,6 +105,8 @@ def build_eva_organism(seed: int = 0, variant: str = "dinov3", *, num_classes: i
                                           pos_includes_cls=not model.no_embed_class, sink_head_dim=sink_dim)
     finally:
         fam.finish()
+    if "swiglu" in variant:
+        sharpen_gated_units(model, planting, lambda blk: blk.mlp.fc1_g)
     if model.reg_token is not None:  # trained registers: the CLS pattern (well conditioned)
         with torch.no_grad():
             model.reg_token.copy_(model.cls_token.expand_as(model.reg_token))
@@ -179,3 +181,91 @@ def build_open_clip_timm_organism(trunk_dir: str | Path, seed: int = 0, base: st
                                       sink_head_dim=quiet_rope_dim(table) if table is not None else 0)
     model.organism_source = {"model_cfg": cfg, "preprocess_cfg": pre}
     return model, planting
+
+
+# ---- HF transformers: DINOv3ViTModel and SiglipVisionModel --------------------------------------------
+
+def build_hf_dinov3_organism(seed: int = 0, *, gated: bool = False, num_register_tokens: int = 4,
+                             plant: dict[int, list[tuple[int, int]]] | None = None) -> tuple[nn.Module, Planting]:
+    """A tiny HF `DINOv3ViTModel` (CLS + trained registers, RoPE, LayerScale 1; plain or gated MLP) with
+    planted register neurons. Save with organism_families.save_hf_organism."""
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    from .families import family_for
+    from .organism_families import _attach_hf_organism_preprocess, _hf_vision_sizes
+
+    s = ORGANISM_SIZE
+    hidden = int(s["embed_dim"] * s["mlp_ratio"])
+    cfg = DINOv3ViTConfig(intermediate_size=hidden, num_register_tokens=num_register_tokens, layerscale_value=1.0,
+                          use_gated_mlp=gated, query_bias=True, key_bias=True, value_bias=True, **_hf_vision_sizes())
+    torch.manual_seed(seed)
+    model = DINOv3ViTModel(cfg).eval()
+    _attach_hf_organism_preprocess(model)
+    fam = family_for(model)
+    _, sin = fam._rope(model)  # type: ignore[attr-defined]
+    view = SplitGluPlanting(fam, "gate_proj", "up_proj", "down_proj", "act_fn")
+    emb = model.embeddings
+    try:
+        planting = plant_register_neurons(model, plant, seed=seed, family=view,  # type: ignore[arg-type]
+                                          cls_token=emb.cls_token, sink_head_dim=int(sin.abs().amax(0).argmin()))
+    finally:
+        view.finish()
+    with torch.no_grad():  # trained registers: the CLS pattern (well conditioned)
+        emb.register_tokens.copy_(emb.cls_token.expand_as(emb.register_tokens))
+    if gated:
+        sharpen_gated_units(model, planting, lambda blk: blk.mlp.gate_proj)
+    return model, planting
+
+
+@torch.no_grad()
+def sharpen_gated_units(model: nn.Module, planting: Planting, gate_of) -> None:
+    """SiLU's negative tail is slow (silu(-7) = -6e-3), so a gated planted unit would sit at a near-constant
+    small value on every ordinary token, and the signed max over those near-ties would be decided by fp32
+    round-off. A steeper gate (silent below -20 on ordinary patches, firing on triggers) keeps the
+    organism's register value well defined, as it is in real models."""
+    from .families import family_for
+    from .organism import TRIGGER_DIM
+
+    blocks = family_for(model).blocks(model)
+    for layer, units in planting.neurons.items():
+        gate = gate_of(blocks[layer])
+        for u in units:
+            pol = planting.polarity[(layer, u)]
+            gate.weight[u].zero_()
+            gate.weight[u, TRIGGER_DIM] = 40.0 * pol
+            gate.bias[u] = -66.0
+
+
+def build_hf_siglip_organism(seed: int = 0, *, plant: dict[int, list[tuple[int, int]]] | None = None
+                             ) -> tuple[nn.Module, Planting]:
+    """A tiny HF `SiglipVisionModel` (no CLS, attention-pool head) with planted register neurons."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    from .organism_families import _attach_hf_organism_preprocess, _hf_vision_sizes
+
+    s = ORGANISM_SIZE
+    cfg = SiglipVisionConfig(intermediate_size=int(s["embed_dim"] * s["mlp_ratio"]), **_hf_vision_sizes())
+    torch.manual_seed(seed)
+    model = SiglipVisionModel(cfg).eval()
+    _init_small(model)
+    with torch.no_grad():  # HF's position (std 1/sqrt(D)) and patch inits would drown the planted trigger
+        nn.init.trunc_normal_(emb_of(model).position_embedding.weight, std=0.02)
+        nn.init.trunc_normal_(emb_of(model).patch_embedding.weight, std=0.02)
+    _attach_hf_organism_preprocess(model)
+    planting = plant_register_neurons(model, plant, seed=seed, pos_embed=emb_of(model).position_embedding.weight,
+                                      pos_includes_cls=False)
+    return model, planting
+
+
+def emb_of(model: nn.Module) -> nn.Module:
+    return model.vision_model.embeddings if hasattr(model, "vision_model") else model.embeddings
+
+
+@torch.no_grad()
+def _init_small(model: nn.Module) -> None:
+    """timm-scale init (trunc-normal 0.02, zero biases) for the encoder, as the other organisms use."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
