@@ -127,6 +127,13 @@ def convert(src: Path, out: Path, capsys, *extra: str) -> dict:
     return json.loads((out / "surgery.json").read_text())
 
 
+def ours(stderr: str) -> list[str]:
+    """vit-surgery's own stderr lines (transformers' save progress bars may land in the same capture)."""
+    lines = stderr.replace("\r", "\n").splitlines()
+    assert not any("Traceback" in ln for ln in lines)
+    return [ln for ln in lines if ln.startswith("vit-surgery")]
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """max over feature vectors of ||a - b|| / ||b||"""
     return float(((a.double() - b.double()).norm(dim=-1) / b.double().norm(dim=-1).clamp_min(1e-12)).max())
@@ -271,8 +278,8 @@ def test_hf_siglip2_is_refused_in_one_line(tmp_path, capsys):
                                            num_attention_heads=2, num_patches=16, patch_size=8)).save_pretrained(
         tmp_path / "s2")
     code = main(["find", str(tmp_path / "s2"), "--images", str(builtin_images()), "--out", str(tmp_path / "n.json")])
-    err = capsys.readouterr().err.strip()
-    assert code == 4 and len(err.splitlines()) == 1 and "variable-resolution" in err
+    err = ours(capsys.readouterr().err)
+    assert code == 4 and len(err) == 1 and "variable-resolution" in err[0]
 
 
 # ---- no outliers: the existing exit in every family ---------------------------------------------------
@@ -291,9 +298,9 @@ def test_no_outliers_exit_in_every_family(tmp_path, trigger_free_images, capsys)
     for name, src in _sources(tmp_path).items():
         assert load_model(str(src)).family.name == name
         code = main(["find", str(src), "--images", str(trigger_free_images), "--out", str(tmp_path / f"{name}.json")])
-        err = capsys.readouterr().err.strip()
+        err = ours(capsys.readouterr().err)
         assert code == 6, (name, err)
-        assert len(err.splitlines()) == 1 and "patch-token norms: median" in err and "p99" in err
+        assert len(err) == 1 and "patch-token norms: median" in err[0] and "p99" in err[0]
 
 
 def test_published_registry_has_no_entries_for_these_yet(tmp_path):
