@@ -35,15 +35,17 @@ def _hf_dinov3(tmp: Path) -> Path:
 
 def _open_clip(tmp: Path, name: str) -> Path:
     import open_clip
-    from open_clip.push_to_hf_hub import save_for_hf
+
+    from surgery.organism_families import save_open_clip_organism
 
     cfg = open_clip.get_model_config(name)
     cfg["text_cfg"] = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
     cfg.pop("custom_text", None)
     torch.manual_seed(0)
     model = open_clip.CLIP(**cfg).eval()
-    save_for_hf(model, open_clip.get_tokenizer("ViT-B-16"), {"model_cfg": cfg, "preprocess_cfg": {}}, tmp / "src")
-    return tmp / "src"
+    # open_clip's hub layout (its save_for_hf needs an HF tokenizer download); real-size image tower
+    model.organism_source = {"model_cfg": cfg, "preprocess_cfg": dict(model.visual.preprocess_cfg)}
+    return save_open_clip_organism(model, tmp / "src")
 
 
 ROWS = {"timm_dinov3": lambda t: _timm(t, "vit_base_patch16_dinov3"),
