@@ -1,24 +1,48 @@
 """vit-surgery: bake test-time registers into pretrained Vision Transformers.
 
-Importing the package registers the `vit_surgery_baked` timm architecture, so
+The package is light to import (no torch, timm, transformers): the public names below load their
+module on first use (PEP 562), so `vit-surgery --help` answers at once. The baked timm architecture
+`vit_surgery_baked` is still registered for `import surgery, timm` users: right away when timm is
+already imported, otherwise the moment timm is (see `surgery.timm_registration`). Then
 `timm.create_model('local-dir:OUT', pretrained=True)` loads baked checkpoints.
 """
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
-from . import timm_baked  # noqa: F401  (registers the timm architecture)
-from .bake import bake_registers, register_token_indices, unbake
-from .discovery import DiscoveryConfig, DiscoveryResult, find_register_neurons
-from .errors import SurgeryError
-from .modules import PrependRegisters, RegisterMlp
-from .parity import ParityReport, check_parity
-from .recipe import Recipe, read_neurons_file
-from .reference import hooked_reference
-from .loaders_open_clip import open_clip_load  # noqa: E402  (one-call loader for open_clip outputs)
+# public name -> the submodule that defines it (imported on first attribute access)
+_LAZY = {
+    "bake_registers": "bake", "register_token_indices": "bake", "unbake": "bake",
+    "DiscoveryConfig": "discovery", "DiscoveryResult": "discovery", "find_register_neurons": "discovery",
+    "SurgeryError": "errors",
+    "PrependRegisters": "modules", "RegisterMlp": "modules",
+    "ParityReport": "parity", "check_parity": "parity",
+    "Recipe": "recipe", "read_neurons_file": "recipe",
+    "hooked_reference": "reference",
+    "open_clip_load": "loaders_open_clip",
+    "convert": "api", "load": "api",
+    "register_timm": "timm_registration",
+}
 
-__all__ = [
-    "DiscoveryConfig", "DiscoveryResult", "ParityReport", "PrependRegisters", "Recipe", "RegisterMlp",
-    "SurgeryError", "bake_registers", "check_parity", "find_register_neurons", "hooked_reference",
-    "open_clip_load", "read_neurons_file", "register_token_indices", "unbake",
-]
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:  # AttributeError lets `from surgery import submodule` fall back to importing it
+        raise AttributeError(f"module 'surgery' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+from .timm_registration import register_when_timm_is_imported  # noqa: E402  (stdlib only)
+
+register_when_timm_is_imported()
