@@ -33,6 +33,9 @@ def _as_loaded(model_or_spec: Any, options: LoadOptions) -> Iterator[LoadedModel
             spec = _save_in_own_format(model_or_spec, Path(tmp) / "model")
             loaded = load_model(str(spec), options)
             loaded.spec = _describe(model_or_spec)
+            hub = (getattr(model_or_spec, "pretrained_cfg", None) or {}).get("hf_hub_id")
+            if hub:  # where the weights came from: the model card's base_model
+                loaded.source["base_model"] = hub
             yield loaded
     else:
         raise ModelInputError(f"convert takes a model spec, a folder or a timm / transformers model, "

@@ -180,6 +180,9 @@ def run_convert(
             write_json(tmp / "parity.json", {"parity": report.to_dict(), "effect": effect})
             if not report.passed:
                 raise ParityError(report.summary() + "; no output written")
+        from exporters.model_card import write_model_card
+
+        write_model_card(tmp, library, loaded.model, surgery_doc, report.to_dict() if report else None, effect)
         if after_write is not None:
             after_write(tmp, loaded)
     return ConvertResult(out, recipe, report, effect, result)
