@@ -50,6 +50,20 @@ class UnsafeCheckpointError(SurgeryError):
     exit_code = 9
 
 
+class MissingExtraError(SurgeryError):
+    """An optional package a command needs is not installed (the message names the pip extra)."""
+
+    exit_code = 10
+
+
+def require_extra(module: str, extra: str, what: str) -> None:
+    """Raise MissingExtraError naming `pip install "vit-surgery[extra]"` when `module` is not importable."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise MissingExtraError(f'{what} needs the {module} package: pip install "vit-surgery[{extra}]"')
+
+
 EXIT_CODES = {
     0: "success",
     1: "unexpected internal error",
@@ -61,5 +75,6 @@ EXIT_CODES = {
     7: ParityError.__doc__,
     8: OutputExistsError.__doc__,
     9: UnsafeCheckpointError.__doc__,
+    10: MissingExtraError.__doc__,
     130: "interrupted (Ctrl-C); no output was left behind",
 }

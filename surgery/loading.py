@@ -16,7 +16,6 @@ from typing import Any, Callable, Optional
 from torch import nn
 
 from .errors import ModelInputError, UnsafeCheckpointError
-from .families import Family, family_for
 from .recipe import Recipe
 
 
@@ -215,4 +214,6 @@ def timm_loader(spec: str, opts: LoadOptions) -> Optional[LoadedModel]:
 
 register_loader(timm_loader)
 
+# Last: families -> hf_vit -> loaders_hf imports this module's names, whichever is imported first.
+from .families import Family, family_for  # noqa: E402
 from . import loaders_open_clip  # noqa: E402,F401  (registers the open_clip loader)
