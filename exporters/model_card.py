@@ -95,8 +95,8 @@ def source_facts(source: dict[str, Any], model: Any) -> dict[str, Optional[str]]
 
 
 def pipeline_tag(library: str, model: Any) -> str:
-    if library == "open_clip":
-        return "zero-shot-image-classification"
+    if library == "open_clip" or getattr(getattr(model, "config", None), "model_type", "") == "clip":
+        return "zero-shot-image-classification"  # a whole CLIP (text tower included)
     if library == "timm" and int(getattr(model, "num_classes", 0) or 0) > 0 and \
             not (getattr(model, "pretrained_cfg", None) or {}).get("architecture", "").count("clip"):
         return "image-classification"

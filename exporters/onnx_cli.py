@@ -33,12 +33,12 @@ def cmd_export(a: argparse.Namespace) -> int:
     if a.format == "openvino":
         if a.fp16 or a.layout != "plain":
             raise SurgeryError("--format openvino takes neither --fp16 nor --layout hf")
-        from .openvino_export import OV_XML, export_openvino, require_openvino
+        from .openvino_export import OV_XML, export_openvino, openvino_summary, require_openvino
 
         require_openvino()
         report = export_openvino(out, progress=not a.quiet, options=options, exporter=a.exporter,
                                  overwrite=a.overwrite)
-        print(report.summary().replace("onnxruntime CPU, optimisation ALL", "OpenVINO CPU plugin, f32"))
+        print(openvino_summary(report))
         print(f"wrote {out / OV_XML} (+ .bin)")
         return 0
     if a.layout == "hf":

@@ -40,6 +40,11 @@ def require_openvino() -> None:
     require_extra("openvino", "openvino", "OpenVINO export")
 
 
+def openvino_summary(report: OnnxReport) -> str:
+    text = report.summary().replace("onnxruntime CPU, optimisation ALL", "OpenVINO CPU plugin, f32")
+    return "openvino" + text[len("onnx"):] if text.startswith("onnx") else text
+
+
 def compile_cpu(xml: Path) -> Any:
     """The IR compiled on the CPU plugin in float32."""
     import openvino as ov
@@ -91,7 +96,7 @@ def export_openvino(out_dir: Path, *, progress: bool = True, options: Any = None
                             export_batch_size=VIT_ONNX_SPEC.export_batch_size, opset=0)
         validate_runtime(report, openvino_session(scratch / OV_XML), loaded,
                          batches if batches is not None else validation_batches(loaded))
-        summary = report.summary().replace("onnxruntime CPU, optimisation ALL", "OpenVINO CPU plugin, f32")
+        summary = openvino_summary(report)
         if not report.passed:
             raise ParityError(f"OpenVINO export failed validation, nothing written: {summary}")
         os.replace(scratch / OV_BIN, out_dir / OV_BIN)
@@ -119,4 +124,4 @@ def _record(out_dir: Path, report: OnnxReport, summary: str) -> None:
     os.replace(tmp, f)
 
 
-__all__ = ["OV_BIN", "OV_XML", "META_PREFIX", "compile_cpu", "export_openvino", "openvino_session"]
+__all__ = ["OV_BIN", "OV_XML", "META_PREFIX", "compile_cpu", "export_openvino", "openvino_session", "openvino_summary"]

@@ -1,0 +1,202 @@
+"""`vit-surgery export OUT --format onnx --layout hf`: the layout of HF ONNX repos (optimum, transformers.js).
+
+For a folder written from an HF transformers model (CLIPVisionModel, CLIPVisionModelWithProjection,
+CLIPModel's image side, Dinov2Model, Dinov2WithRegistersModel), next to its `config.json` and
+`preprocessor_config.json`:
+
+  onnx/model.onnx        input pixel_values [batch, 3, H, W] float32
+                         outputs last_hidden_state [batch, N, D] (register token(s) included, as in the
+                         PyTorch model), pooler_output [batch, D], and image_embeds [batch, E] for CLIP
+                         with a projection (CLIPModel, CLIPVisionModelWithProjection)
+  onnx/model_fp16.onnx   with --fp16: the same graph computing in float16 (float32 interface)
+
+The config keeps the standard `model_type` (clip_vision_model, clip, dinov2, ...): runtimes that pick a
+class from it (optimum's ORTModelForFeatureExtraction, transformers.js) only run the graph, so the
+`auto_map` remote code is not needed there. Every file is validated like model.onnx (onnxruntime CPU,
+optimisation ALL, a batch size other than the export's, against the PyTorch baked model and the hooked
+reference; 1e-5 fp32, 2e-2 fp16) before it is moved into place.
+
+timm and open_clip outputs have no transformers config to put next to the graph; for them use the
+plain layout (`OUT/model.onnx`), or convert an HF model (`hf:...`, or `--to timm` the other way round).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from surgery.errors import ModelInputError, OutputExistsError, ParityError
+
+from .onnx_export import (FP16_TOLERANCE, FP32_TOLERANCE, META_PREFIX, OnnxReport, OnnxSpec, TensorSpec, _fix_io_shapes,
+                          _export_proto, _float64_register_branch, _mha_fastpath_disabled, _ort_session, _save_proto,
+                          _say, build_metadata, validation_batches)
+from .runtime_check import RenamedSession, validate_runtime
+
+ONNX_DIR = "onnx"
+FILES = {"float32": "model.onnx", "float16": "model_fp16.onnx"}
+_PIXELS = TensorSpec("pixel_values", ("batch", "num_channels", "height", "width"),
+                     doc="float32 images, preprocessed as preprocessor_config.json says")
+_HIDDEN = TensorSpec("last_hidden_state", ("batch", "sequence_length", "hidden_size"),
+                     doc="final tokens: [CLS, trained registers, test-time registers, patches]")
+_POOLER = TensorSpec("pooler_output", ("batch", "hidden_size"), doc="the model's pooler_output")
+_EMBEDS = TensorSpec("image_embeds", ("batch", "projection_dim"), doc="CLIP image embedding (projection)")
+
+
+def _vision_and_projection(model: nn.Module) -> tuple[nn.Module, Optional[nn.Module]]:
+    """The module returning last_hidden_state / pooler_output, and CLIP's visual projection if any."""
+    if hasattr(model, "vision_model") and hasattr(model, "visual_projection"):
+        return model.vision_model, model.visual_projection  # CLIPModel, CLIPVisionModelWithProjection
+    return model, None
+
+
+class _HFOutputs(nn.Module):
+    """pixel_values -> (last_hidden_state, pooler_output[, image_embeds]) in float32."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model = model
+        self.vision, self.projection = _vision_and_projection(model)
+        self.dtype = dtype
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.vision(pixel_values=pixel_values.to(self.dtype), return_dict=True)
+        res = [out.last_hidden_state.float(), out.pooler_output.float()]
+        if self.projection is not None:
+            res.append(self.projection(out.pooler_output).float())
+        return tuple(res)
+
+
+def hf_spec(model: nn.Module) -> OnnxSpec:
+    has_projection = _vision_and_projection(model)[1] is not None
+    return OnnxSpec(inputs=(_PIXELS,), outputs=(_HIDDEN, _POOLER) + ((_EMBEDS,) if has_projection else ()))
+
+
+def _export(loaded: Any, out_dir: Path, scratch: Path, fp16: bool, exporter: str, progress: bool) -> Path:
+    dtype = torch.float16 if fp16 else torch.float32
+    model = copy.deepcopy(loaded.model).to("cpu", dtype).eval()
+    spec = hf_spec(model)
+    wrapper = _HFOutputs(model, dtype).eval()
+    c, h, w = loaded.family.input_size(loaded.model)
+    example = torch.randn(spec.export_batch_size, c, h, w, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), _mha_fastpath_disabled():
+        outs = wrapper(example)
+    shapes = {spec.input_names[0]: tuple(example.shape)}
+    shapes.update({name: tuple(o.shape) for name, o in zip(spec.output_names, outs)})
+    order = [exporter] + [e for e in ("dynamo", "legacy") if e != exporter]
+    errors = []
+    for name in order:
+        _say(progress, f"exporting ONNX (HF layout) with the {name} exporter ({'float16' if fp16 else 'float32'})")
+        try:
+            with _float64_register_branch(model):
+                proto = _export_proto(wrapper, example, spec, name, scratch, progress)
+            break
+        except Exception as e:  # each exporter has its own gaps; the other one may cover them
+            errors.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    else:
+        raise ModelInputError("could not export the model to ONNX: " + "; ".join(errors))
+    _fix_io_shapes(proto, spec, shapes)
+    meta = build_metadata(loaded, out_dir, dtype="float16" if fp16 else "float32", exporter=name, spec=spec,
+                          num_tokens=int(shapes[_HIDDEN.name][1]))
+    for k, v in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    path = scratch / FILES["float16" if fp16 else "float32"]
+    _save_proto(proto, path, external=False)
+    return path
+
+
+def _validate(path: Path, loaded: Any, fp16: bool, progress: bool) -> OnnxReport:
+    """onnxruntime on the graph vs PyTorch and the hooked reference: last_hidden_state and pooler_output,
+    then image_embeds (when present) in a second pass under the pooled slot."""
+    session = _ort_session(path)
+    names = [o.name for o in session.get_outputs()]
+    vision, projection = _vision_and_projection(loaded.model)
+    tol = FP16_TOLERANCE if fp16 else FP32_TOLERANCE
+    batches = validation_batches(loaded)
+
+    def run(pixels: Any) -> dict[str, Any]:
+        return dict(zip(names, session.run(names, {"pixel_values": pixels})))
+
+    def pooler(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return _vision_and_projection(model)[0](pixel_values=x, return_dict=True).pooler_output
+
+    def embeds(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        v, p = _vision_and_projection(model)
+        return p(v(pixel_values=x, return_dict=True).pooler_output)
+
+    report = OnnxReport(path=str(path), dtype="float16" if fp16 else "float32", tolerance=tol, export_batch_size=2)
+    _say(progress, f"validating {path.name} in onnxruntime against PyTorch and the hooked reference")
+    validate_runtime(report, RenamedSession(run, {"pooled": _POOLER.name, "tokens": _HIDDEN.name}), loaded,
+                     batches, pooled=pooler)
+    for c in report.comparisons:
+        c.output = {"pooled": _POOLER.name, "tokens": _HIDDEN.name}[c.output]
+    if projection is not None and report.passed:
+        extra = OnnxReport(path=str(path), dtype=report.dtype, tolerance=tol, export_batch_size=2)
+        validate_runtime(extra, RenamedSession(run, {"pooled": _EMBEDS.name, "tokens": _HIDDEN.name}), loaded,
+                         batches, pooled=embeds)
+        report.problems += extra.problems
+        report.comparisons += [c for c in extra.comparisons if c.output == "pooled"]
+        for c in report.comparisons:
+            c.output = _EMBEDS.name if c.output == "pooled" else c.output
+    return report
+
+
+def export_hf_layout(out_dir: Path, *, fp16: bool = False, progress: bool = True, options: Any = None,
+                     exporter: str = "dynamo", overwrite: bool = False) -> tuple[OnnxReport, Path]:
+    """Write OUT/onnx/model.onnx (and model_fp16.onnx with fp16), validated; returns the last report."""
+    from surgery.loading import load_model
+
+    out_dir = Path(out_dir)
+    loaded = load_model(str(out_dir), options)
+    if loaded.recipe is None:
+        raise ModelInputError(f"{out_dir} carries no baked test-time registers (run `vit-surgery convert` first)")
+    if loaded.source.get("library") != "hf":
+        raise ModelInputError(f"--layout hf needs a folder converted from an HF transformers model (its "
+                              f"config.json and preprocessor_config.json go with the graph); {out_dir} is a "
+                              f"{loaded.source.get('library')} folder: use --layout plain")
+    dtypes = ["float32"] + (["float16"] if fp16 else [])
+    targets = [out_dir / ONNX_DIR / FILES[d] for d in dtypes]
+    for t in targets:
+        if t.exists() and not overwrite:
+            raise OutputExistsError(f"output {t} already exists; pass --overwrite to replace it")
+    scratch = Path(tempfile.mkdtemp(prefix=".onnx-hf-export-", dir=out_dir))
+    try:
+        reports = []
+        for d in dtypes:
+            path = _export(loaded, out_dir, scratch, d == "float16", exporter, progress)
+            report = _validate(path, loaded, d == "float16", progress)
+            report.path = str(out_dir / ONNX_DIR / path.name)
+            if not report.passed:
+                raise ParityError(f"ONNX export failed validation, nothing written: {report.summary()}")
+            reports.append(report)
+        (out_dir / ONNX_DIR).mkdir(exist_ok=True)
+        for d in dtypes:
+            os.replace(scratch / FILES[d], out_dir / ONNX_DIR / FILES[d])
+        _record(out_dir, reports)
+        return reports[-1], out_dir / ONNX_DIR
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _record(out_dir: Path, reports: list[OnnxReport]) -> None:
+    f = out_dir / "parity.json"
+    try:
+        doc = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+    except (OSError, ValueError):
+        doc = {}
+    if not isinstance(doc, dict):
+        doc = {}
+    doc["onnx_hf_layout"] = {Path(r.path).name: r.to_dict() for r in reports}
+    tmp = f.with_name(f".{f.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True, default=float) + "\n")
+    os.replace(tmp, f)
+
+
+__all__ = ["FILES", "META_PREFIX", "ONNX_DIR", "export_hf_layout", "hf_spec"]
