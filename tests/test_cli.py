@@ -46,7 +46,7 @@ def test_convert_with_neurons_then_check(organism_dir, tmp_path, capsys, timm_or
     out = tmp_path / "out"
     code, stdout, err = run(["convert", organism_dir, "--neurons", neurons, "--out", out, "-q"], capsys)
     assert code == 0, err
-    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "surgery.json", "parity.json"}
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "surgery.json", "parity.json", "README.md"}
     parity = json.loads((out / "parity.json").read_text())
     assert parity["parity"]["passed"] and parity["parity"]["worst"]["relative"] <= 1e-5
     assert parity["effect"]["after"]["outlier_share"] == 0.0

@@ -264,7 +264,7 @@ def test_convert_with_onnx_writes_a_validated_graph(organism_dir, tmp_path, caps
     code, stdout, err = run(["convert", organism_dir, "--neurons", neurons, "--out", out, "--onnx", "-q"], capsys)
     assert code == 0, err
     assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "surgery.json", "parity.json",
-                                              ONNX_FILE}
+                                              "README.md", ONNX_FILE}
     doc = json.loads((out / "parity.json").read_text())
     assert doc["parity"]["passed"] and doc["onnx"]["passed"] and doc["onnx"]["batch_sizes"] == [1, 5]
     assert read_onnx_metadata(out / ONNX_FILE)["recipe"]["register_neurons"] == {"2": [17, 101], "3": [42]}
