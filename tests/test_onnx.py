@@ -249,7 +249,7 @@ def test_export_command_exit_codes(exported, organism_dir, tmp_path, capsys):
     assert "onnx PASS" in out and f"wrote {d / ONNX_FILE}" in out and err == ""
     assert (d / ONNX_FILE).stat().st_mtime_ns != before
     code, out, err = run(["export", organism_dir, "--format", "onnx", "-q"], capsys)  # not a converted folder
-    assert code == 4 and "no baked test-time registers" in err
+    assert code == 4 and "not a vit-surgery output" in err
     code, out, err = run(["export", tmp_path / "missing", "-q"], capsys)
     assert code == 4 and "not found" in err
     with pytest.raises(SystemExit) as e:
