@@ -101,18 +101,14 @@ def _say(a: argparse.Namespace, msg: str) -> None:
 # ---- commands ----------------------------------------------------------------------------------
 
 def cmd_find(a: argparse.Namespace) -> int:
-    from .outputs import check_output_target
+    from .outputs import atomic_output_file
     from .pipeline import run_find, write_json
 
     out = Path(a.out)
-    if out.exists() and not a.overwrite:
-        check_output_target(out, a.overwrite)
     loaded = _load(a, a.model)
     result = run_find(loaded, a.images, _discovery_config(a), progress=not a.quiet)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial")
-    write_json(tmp, result.to_json())
-    os.replace(tmp, out)
+    with atomic_output_file(out, a.overwrite) as tmp:
+        write_json(tmp, result.to_json())
     units = ", ".join(f"{k}: {list(v)}" for k, v in result.recipe.neurons.items())
     print(f"found {result.recipe.num_neurons} register neuron(s) in {result.counts['images_with_outliers']}/"
           f"{result.counts['images']} images with outliers -> {units}")
@@ -167,12 +163,17 @@ def _print_effect(effect: Optional[dict[str, Any]]) -> None:
 
 def cmd_check(a: argparse.Namespace) -> int:
     from .errors import ParityError
+    from .integrity import source_for_check, verify_output
     from .pipeline import parity_batches, run_check, write_json
 
+    if not verify_output(Path(a.out_dir)) and (Path(a.out_dir) / "surgery.json").is_file():
+        warnings.warn(f"{a.out_dir} has no integrity record (written by an older vit-surgery): damaged weights "
+                      "are only caught with --source")
     loaded = _load(a, a.out_dir)
-    source = _load(a, a.source).model if a.source else None
+    source, used = source_for_check(Path(a.out_dir), a.source, lambda spec: _load(a, spec))
     batches = parity_batches(loaded, a.images, a.num_images, a.batch_size, a.seed, not a.quiet)
     report, effect = run_check(loaded, batches, source=source, tolerance=a.tolerance)
+    print(f"compared against {used}")
     doc = {"parity": report.to_dict(), "effect": effect}
     extra_ok = True
     onnx_file = Path(a.out_dir) / "model.onnx"
@@ -287,26 +288,96 @@ def _load_extra_commands() -> None:
             _EXTRA_COMMANDS.append(mod.add_commands)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    _load_extra_commands()
-    parser = build_parser()
-    a = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="vit-surgery: %(message)s")
-    warnings.showwarning = lambda msg, cat, *rest, **kw: print(f"vit-surgery: warning: {msg}", file=sys.stderr)
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeouts, `docker stop`, Slurm) unwinds like Ctrl-C, so temporary outputs are removed."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _check_device(spec: str) -> None:
+    import torch
+
+    from .errors import UsageError
+
     try:
-        return int(a.func(a) or 0)
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"--device {spec!r} is not a torch device ({str(e).splitlines()[0]})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {spec}: this machine has no usable CUDA device")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {spec}: MPS is not available on this machine")
+
+
+def _validate_before_loading(a: argparse.Namespace) -> None:
+    """Everything cheap (device, images, neurons file, OUT) is checked before a model loads, so these
+    mistakes cost no waiting and get their own exit codes."""
+    from .images import list_images
+    from .outputs import check_output_target, refuse_source_overlap
+    from .recipe import read_neurons_file
+
+    if a.command not in ("find", "convert", "check", "demo"):
+        return
+    if getattr(a, "device", None):
+        _check_device(a.device)
+    for images in (getattr(a, "images", None), getattr(a, "check_images", None)):
+        if images:
+            list_images(images)
+    neurons = getattr(a, "neurons", None)
+    if neurons and (Path(neurons).exists() or neurons.endswith(".json")):
+        read_neurons_file(neurons)
+    if a.command == "find":
+        check_output_target(a.out, a.overwrite, "file")
+    elif a.command in ("convert", "demo"):
+        check_output_target(a.out, a.overwrite, "folder")
+        if a.command == "convert":
+            refuse_source_overlap(a.out, a.model)
+    elif a.report:
+        check_output_target(a.report, True, "file")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one command. User errors: one line on stderr and their exit code; Ctrl-C 130, SIGTERM 143, each
+    one line, whenever they arrive; exit 1 only for bugs."""
+    import contextlib
+    import signal
+    import threading
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    handles_signals = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if handles_signals else None
+    try:
+        _load_extra_commands()
+        a = build_parser().parse_args(args)
+        logging.basicConfig(level=logging.WARNING, format="vit-surgery: %(message)s")
+        warnings.showwarning = lambda msg, cat, *rest, **kw: print(f"vit-surgery: warning: {msg}", file=sys.stderr)
+        with contextlib.ExitStack() as stack:
+            if getattr(a, "quiet", False):  # -q: no summary lines; warnings and errors still go to stderr
+                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+            _validate_before_loading(a)
+            return int(a.func(a) or 0)
     except SurgeryError as e:
         print(f"vit-surgery: error: {e}", file=sys.stderr)
         return e.exit_code
+    except Terminated:
+        print("vit-surgery: terminated (SIGTERM); no output was left behind", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("vit-surgery: interrupted; no output was left behind", file=sys.stderr)
         return 130
     except Exception as e:  # an unexpected failure: one line unless --debug
-        if a.debug:
+        if "--debug" in args:
             raise
         print(f"vit-surgery: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
               "(rerun with --debug for a traceback)", file=sys.stderr)
         return 1
+    finally:
+        if handles_signals:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ def run_demo(out: Path, overwrite: bool = False, quiet: bool = False, seed: int 
         print(f"built the demonstration organism (CLIP-style timm ViT, planted register neurons "
               f"{ {k: v for k, v in planting.neurons.items()} }) -> {out / 'source_model'}")
         loaded = load_model(str(src_dir))
+        loaded.spec = str(out / "source_model")  # where it will be, not the temporary folder (reproducible files)
         images = builtin_images()
         result = run_find(loaded, images, DiscoveryConfig(), progress)
         write_json(tmp / "neurons.json", result.to_json())

@@ -14,10 +14,20 @@ class ImageInputError(SurgeryError):
     exit_code = 3
 
 
+class UsageError(SurgeryError):
+    """A bad option value found before any work starts (e.g. a device this machine does not have)."""
+
+    exit_code = 2
+
+
 class ModelInputError(SurgeryError):
-    """Unknown model name, unsupported architecture, missing or mismatched weights."""
+    """Unknown model name, unsupported architecture, missing or mismatched weights, NaN/Inf weights."""
 
     exit_code = 4
+
+
+class NonFiniteError(ModelInputError):
+    """A model's weights contain NaN or Inf (the message names the tensor)."""
 
 
 class NeuronsFileError(SurgeryError):
@@ -50,10 +60,23 @@ class UnsafeCheckpointError(SurgeryError):
     exit_code = 9
 
 
+class OutputPathError(SurgeryError):
+    """OUT cannot be written: its folder is missing or read-only, a file or dangling link is in the way, or it
+    is, contains or is inside the source model."""
+
+    exit_code = 10
+
+
+class IntegrityError(SurgeryError):
+    """OUT's files differ from what convert recorded (corrupted or modified), or --source is not OUT's source."""
+
+    exit_code = 11
+
+
 class MissingExtraError(SurgeryError):
     """An optional package a command needs is not installed (the message names the pip extra)."""
 
-    exit_code = 10
+    exit_code = 12
 
 
 def require_extra(module: str, extra: str, what: str) -> None:
@@ -75,6 +98,9 @@ EXIT_CODES = {
     7: ParityError.__doc__,
     8: OutputExistsError.__doc__,
     9: UnsafeCheckpointError.__doc__,
-    10: MissingExtraError.__doc__,
+    10: OutputPathError.__doc__,
+    11: IntegrityError.__doc__,
+    12: MissingExtraError.__doc__,
     130: "interrupted (Ctrl-C); no output was left behind",
+    143: "terminated (SIGTERM); no output was left behind",
 }

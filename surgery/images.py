@@ -5,6 +5,7 @@ Unreadable files (corrupt, truncated, zero-byte, not an image) are skipped and c
 """
 from __future__ import annotations
 
+import os
 import random
 import warnings
 from dataclasses import dataclass, field
@@ -18,9 +19,10 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from .errors import ImageInputError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
-# Decoding a huge image fully only to shrink it to 224 px wastes memory; past this many pixels we
-# decode reduced (JPEG draft mode) and downscale before the transform.
-MAX_PIXELS = 64_000_000
+# Decoding a huge image fully only to shrink it to 224 px wastes memory: JPEGs larger than this are
+# decoded at 1/2..1/8 scale (draft mode); other formats cannot be decoded reduced, so past MAX_PIXELS
+# (about 100 MB as RGB) they are skipped as unreadable with a reason instead of being decoded.
+MAX_PIXELS = 32_000_000
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
@@ -31,12 +33,29 @@ def list_images(folder: str | Path, num_images: int | None = None, seed: int = 0
         raise ImageInputError(f"image folder not found: {root}")
     if not root.is_dir():
         raise ImageInputError(f"not a folder: {root}")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = sorted(p for p in _walk(root) if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise ImageInputError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {root}")
     if num_images is not None and 0 < num_images < len(files):
         files = sorted(random.Random(seed).sample(files, num_images))
     return files
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    """Files under `root`, following symbolic links to folders; a folder reached twice (a link loop, or two
+    links to one folder) is read once."""
+    seen: set[tuple[int, int]] = set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:
+            subfolders.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        subfolders.sort()
+        for name in names:
+            path = Path(folder) / name
+            if path.is_file():
+                yield path
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -58,8 +77,11 @@ def load_image(path: Path, max_side: int = 2048) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(path) as img:
-            if img.width * img.height > MAX_PIXELS and img.format == "JPEG":
+            if img.format == "JPEG" and max(img.size) > 2 * max_side:
                 img.draft("RGB", (max_side, max_side))
+            if img.width * img.height > MAX_PIXELS:
+                raise ValueError(f"image too large to decode ({img.width}x{img.height} {img.format}, more than "
+                                 f"{MAX_PIXELS // 1_000_000} megapixels); downscale it first")
             img.load()
             if max(img.size) > max_side:
                 img.thumbnail((max_side, max_side))

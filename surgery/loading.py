@@ -56,6 +56,9 @@ def load_model(spec: str, options: LoadOptions | None = None) -> LoadedModel:
     for loader in list(_LOADERS):
         loaded = loader(spec, opts)
         if loaded is not None:
+            from .integrity import assert_finite
+
+            assert_finite(loaded.model, spec)
             loaded.model.eval()
             loaded.model.to(opts.device)
             return loaded
@@ -144,6 +147,9 @@ def _load_timm_folder(spec: str, path: Path, opts: LoadOptions) -> LoadedModel:
             if not opts.allow_unsafe_pickle:
                 raise _map_timm_error(spec, e) from None
             model = _load_unsafe(path)
+        elif "Unknown model" in _first_line(e):
+            raise ModelInputError(f"{spec}: config.json names architecture {cfg['architecture']!r}, which timm "
+                                  f"{timm.__version__} does not know") from None
         else:
             raise _map_timm_error(spec, e) from None
     arch = cfg["architecture"]

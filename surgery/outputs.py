@@ -1,43 +1,227 @@
-"""Output folders are written to a temporary sibling and moved into place only when complete.
+"""Outputs are written to a temporary sibling and moved into place only when complete.
 
-Ctrl-C, a crash or a failed parity check leaves nothing at OUT (and an existing OUT untouched).
+- A crash, Ctrl-C, SIGTERM or a failed check leaves nothing at OUT (an existing OUT untouched).
+- The final move never replaces anything that appeared at OUT meanwhile: of several runs writing one
+  OUT at the same time exactly one wins, the others fail with exit 8 (rename with RENAME_NOREPLACE /
+  RENAME_EXCHANGE on Linux, under a lock on the parent folder everywhere).
+- Folders and files get the modes `mkdir`/`cp` would give them (the umask is respected).
+- A temporary left by a process that no longer exists (SIGKILL, power loss) is removed by the next
+  run that writes the same OUT; its name says which host and process made it.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import socket
+import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal, Optional
 
-from .errors import OutputExistsError, SurgeryError
+from .errors import OutputExistsError, OutputPathError
+
+Kind = Literal["folder", "file"]
+_AT_FDCWD = -100
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 
 
-def check_output_target(out: str | Path, overwrite: bool) -> Path:
+# ---- validation (cheap, before any model is loaded) ------------------------------------------
+
+def check_output_target(out: str | Path, overwrite: bool, kind: Kind = "folder") -> Path:
+    """OUT must be creatable: absent (or, with --overwrite, an existing `kind`), in a writable folder."""
     path = Path(out)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"output {path} already exists; pass --overwrite to replace it")
-    if path.exists() and not path.is_dir():
-        raise SurgeryError(f"output {path} exists and is not a folder")
+    if path.is_symlink() and not path.exists():
+        raise OutputPathError(f"output {path} is a dangling symbolic link (to {os.readlink(path)}); remove it "
+                              "or choose another output")
+    if path.exists():
+        if not overwrite:
+            raise OutputExistsError(f"output {path} already exists; pass --overwrite to replace it")
+        if kind == "folder" and not path.is_dir():
+            raise OutputPathError(f"output {path} exists and is a file, not a folder; --overwrite only replaces folders")
+        if kind == "file" and path.is_dir():
+            raise OutputPathError(f"output {path} is a folder; give a file path")
+    _check_writable_parent(path)
     return path
+
+
+def _check_writable_parent(path: Path) -> None:
+    ancestor = path.absolute().parent
+    while not ancestor.exists() and not ancestor.is_symlink():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputPathError(f"cannot create {path}: {ancestor} is not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputPathError(f"cannot create {path}: no permission to write in {ancestor} (or it is read-only)")
+
+
+def local_source_path(spec: str) -> Optional[Path]:
+    """The file or folder a model spec names on this machine (None for hub names)."""
+    for prefix in ("local-dir:", "hf:", "dinov2:", "open_clip:"):
+        if spec.startswith(prefix):
+            spec = spec[len(prefix):]
+            break
+    path = Path(spec)
+    return path.resolve() if spec and path.exists() else None
+
+
+def refuse_source_overlap(out: str | Path, spec: str) -> None:
+    """The source is never modified: OUT may not be the source, contain it, or lie inside it."""
+    src = local_source_path(spec)
+    if src is None:
+        return
+    target = Path(out).resolve()
+    if target == src:
+        raise OutputPathError(f"output {out} is the source model {spec}; choose another output (the source is "
+                              "never modified)")
+    if src in target.parents:
+        raise OutputPathError(f"output {out} is inside the source model {spec}; choose an output outside it")
+    if target in src.parents:
+        raise OutputPathError(f"output {out} contains the source model {spec}; choose another output")
+
+
+# ---- temporary names and stale temporaries ---------------------------------------------------
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
+def _temp_name(path: Path, what: str = "partial") -> Path:
+    return path.parent / f".{path.name}.{what}-{_host()}.{os.getpid()}.{secrets.token_hex(4)}"
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def clean_stale_partials(path: Path) -> list[Path]:
+    """Remove temporaries of `path` whose process (on this host) is gone; warn about ones we cannot judge."""
+    parent = path.parent
+    if not parent.is_dir():
+        return []
+    ours = re.compile(rf"\.{re.escape(path.name)}\.partial-(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.[0-9a-f]{{8}}")
+    older = re.compile(rf"\.{re.escape(path.name)}\.(partial|old)-[A-Za-z0-9_]{{8}}")
+    removed = []
+    for entry in sorted(parent.iterdir()):
+        m = ours.fullmatch(entry.name)
+        if m and m["host"] == _host() and not _process_exists(int(m["pid"])):
+            _remove(entry)
+            removed.append(entry)
+            warnings.warn(f"removed {entry}: an unfinished output left by a run that was killed (pid {m['pid']})",
+                          stacklevel=2)
+        elif older.fullmatch(entry.name):
+            warnings.warn(f"found {entry}, left by an older vit-surgery run that was killed; delete it unless "
+                          "another run is writing this output now", stacklevel=2)
+    return removed
+
+
+# ---- the final, no-replace move ----------------------------------------------------------------
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """Linux renameat2(2); False where the C library or the file system lacks it."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(dst))
+
+
+@contextlib.contextmanager
+def _parent_locked(folder: Path) -> Iterator[None]:
+    """Serialise final moves into one folder between vit-surgery processes (released if a process dies)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: renameat2 is not there either; os.rename below still refuses non-empty folders
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _identity(path: Path) -> Optional[tuple[int, int]]:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _move_into_place(tmp: Path, path: Path, before: Optional[tuple[int, int]]) -> None:
+    """Move `tmp` to `path`, which must still be what it was when the run started (absent, or the same
+    folder the user asked to overwrite). Anything else appeared meanwhile and is left untouched."""
+    with _parent_locked(path.parent):
+        if _identity(path) != before:
+            raise OutputExistsError(f"output {path} appeared while this run was writing it (another run?); "
+                                    "left it untouched, nothing written")
+        try:
+            if before is None:
+                if not _renameat2(tmp, path, _RENAME_NOREPLACE):
+                    if os.path.lexists(path):
+                        raise FileExistsError(errno.EEXIST, "exists", str(path))
+                    os.rename(tmp, path)
+            elif not _renameat2(tmp, path, _RENAME_EXCHANGE):  # now tmp holds the old output
+                old = _temp_name(path, "old")
+                os.rename(path, old)
+                os.rename(tmp, path)
+                os.rename(old, tmp)
+        except FileExistsError:
+            raise OutputExistsError(f"output {path} appeared while this run was writing it (another run?); "
+                                    "left it untouched, nothing written") from None
 
 
 @contextlib.contextmanager
 def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder next to `out`; on success it replaces `out` (one rename)."""
-    path = check_output_target(out, overwrite)
+    """Yield a temporary folder next to `out`; on success it becomes `out` (replacing it only with overwrite)."""
+    path = check_output_target(out, overwrite, "folder")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    clean_stale_partials(path)
+    before = _identity(path)
+    tmp = _temp_name(path)
+    os.mkdir(tmp)  # mode 0o777 minus the umask, as mkdir(1) would
     try:
         yield tmp
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _move_into_place(tmp, path, before)
+    finally:
+        _remove(tmp)  # the unfinished output, or the replaced one
+
+
+@contextlib.contextmanager
+def atomic_output_file(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary file path next to `out` for the caller to write; on success it becomes `out`."""
+    path = check_output_target(out, overwrite, "file")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_partials(path)
+    before = _identity(path)
+    tmp = _temp_name(path)
+    try:
+        yield tmp
+        _move_into_place(tmp, path, before)
+    finally:
+        _remove(tmp)

@@ -17,7 +17,8 @@ from .errors import ModelInputError, NeuronsFileError, ParityError, SurgeryError
 from .images import ImageBatches, list_images
 from .loading import LoadedModel, LoadOptions, load_model
 from .organism import builtin_images
-from .outputs import atomic_output_dir, check_output_target
+from .integrity import assert_finite, record_integrity
+from .outputs import atomic_output_dir, check_output_target, refuse_source_overlap
 from .parity import FP32_TOLERANCE, ParityReport, check_parity
 from .recipe import Recipe, read_neurons_file, validate_recipe_for_model
 
@@ -139,6 +140,7 @@ def run_convert(
     loader -> parity against the hooked reference -> move into place. Fails leave nothing at OUT."""
     out = Path(out)
     check_output_target(out, overwrite)
+    refuse_source_overlap(out, loaded.spec)
     if loaded.recipe is not None:
         raise ModelInputError(f"{loaded.spec} already carries baked test-time registers")
     library = loaded.source.get("library", loaded.family.name)
@@ -161,6 +163,7 @@ def run_convert(
                                f"are known for {loaded.spec}")
         recipe, _ = resolve_recipe(loaded, name, overrides)
     baked = bake_registers(copy.deepcopy(loaded.model), recipe, loaded.family)
+    assert_finite(baked, "the baked model")
     surgery_doc = {"recipe": recipe.to_dict(), "source_model": loaded.spec, "source": loaded.source,
                    "tool": "vit-surgery", "tool_version": __version__,
                    "token_layout": {"num_prefix_tokens": loaded.family.num_prefix_tokens(loaded.model),
@@ -169,9 +172,10 @@ def run_convert(
         surgery_doc["discovery"] = {k: v for k, v in result.to_json().items() if k not in ("layer_norms",)}
     report = effect = None
     with atomic_output_dir(out, overwrite) as tmp:
-        EXPORTERS[library](baked, tmp, loaded, surgery_doc)
+        files = EXPORTERS[library](baked, tmp, loaded, surgery_doc)
         if result is not None:
             write_json(tmp / "neurons.json", result.to_json())
+        record_integrity(tmp, files, loaded.spec, loaded.model)
         if check:
             reloaded = load_model(str(tmp), options)
             batches = parity_batches(reloaded, check_images or images, CHECK_IMAGES,

@@ -97,15 +97,33 @@ class Recipe:
         return Recipe(**d)
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKey(key)
+        obj[key] = value
+    return obj
+
+
 def read_neurons_file(path: str | Path) -> tuple[Recipe, dict[str, Any]]:
     """Read a neurons JSON file. Returns the recipe and the whole document (for provenance checks)."""
     p = Path(path)
     if not p.is_file():
         raise NeuronsFileError(f"neurons file not found: {p}")
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        data = json.loads(p.read_text(encoding="utf-8"), object_pairs_hook=_object_without_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise NeuronsFileError(f"neurons file {p} is not valid JSON: {e}") from None
+    except _DuplicateKey as e:
+        raise NeuronsFileError(f"neurons file {p}: key {e.args[0]!r} appears twice in one object "
+                               "(JSON readers would silently keep only one)") from None
+    except RecursionError:
+        raise NeuronsFileError(f"neurons file {p} is nested too deeply to be a neurons file") from None
     return Recipe.from_dict(data, source=str(p)), data
 
 

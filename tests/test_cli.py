@@ -27,7 +27,7 @@ def run(args, capsys):
 
 def test_find_writes_neurons_json(organism_dir, calib_dir, tmp_path, capsys, timm_organism):
     out = tmp_path / "neurons.json"
-    code, stdout, err = run(["find", organism_dir, "--images", calib_dir, "--out", out, "-q"], capsys)
+    code, stdout, err = run(["find", organism_dir, "--images", calib_dir, "--out", out], capsys)
     assert code == 0, err
     doc = json.loads(out.read_text())
     assert doc["register_neurons"] == {str(k): v for k, v in timm_organism[1].neurons.items()}
@@ -83,7 +83,7 @@ def test_hf_hub_name_through_a_fake_offline_cache(organism_dir, tmp_path):
         "config.json": organism_dir / "config.json", "model.safetensors": organism_dir / "model.safetensors"})
     out = tmp_path / "out"
     proc = subprocess.run(CLI + ["convert", "hf-hub:vit-surgery/organism-clip", "--images", str(builtin_images()),
-                                 "--out", str(out), "-q"], capture_output=True, text=True, env=offline_env(cache))
+                                 "--out", str(out)], capture_output=True, text=True, env=offline_env(cache))
     assert proc.returncode == 0, proc.stderr
     assert "parity PASS" in proc.stdout
     surgery_doc = json.loads((out / "surgery.json").read_text())

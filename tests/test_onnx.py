@@ -205,7 +205,7 @@ def test_check_validates_the_onnx_file_and_rejects_a_corrupt_one(exported, tmp_p
     src, _ = exported
     d = tmp_path / "out"
     shutil.copytree(src, d)
-    code, out, err = run(["check", d, "-q", "--num-images", "8"], capsys)
+    code, out, err = run(["check", d, "--num-images", "8"], capsys)
     assert code == 0, err
     assert "onnx PASS" in out and "parity PASS" in out
     assert json.loads((d / "parity.json").read_text())["onnx"]["passed"]
@@ -232,7 +232,7 @@ def test_check_flags_an_onnx_file_from_another_recipe(exported, tmp_path, capsys
         if p.key == "vit_surgery.recipe":
             p.value = json.dumps({"register_neurons": {"2": [17]}, "num_registers": 1, "scale": 1.0, "mode": "shared"})
     onnx.save(model, str(d / ONNX_FILE))
-    code, out, err = run(["check", d, "-q", "--num-images", "4"], capsys)
+    code, out, err = run(["check", d, "--num-images", "4"], capsys)
     assert code == 7 and "onnx FAIL" in out and "another recipe" in out
     assert "ONNX" in err and "\n" not in err.strip()
 

@@ -1,0 +1,204 @@
+"""What convert wrote, recorded so that `check` can tell a corrupted or modified output from a good one.
+
+surgery.json gets two blocks:
+- "integrity": sha256 of every tensor's bytes in each safetensors file (with dtype and shape) and of
+  every other file convert wrote (configs, modeling code), so a flipped byte names its tensor;
+- "source_identity": the source's spec, its local path when it has one, and a sha256 over its weights
+  (names, dtypes, shapes, bytes), so `check --source` can tell whether it was given the right model.
+
+Also here: the NaN/Inf scan every loaded model goes through (the message names the tensor).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from .errors import IntegrityError, NonFiniteError
+
+SURGERY_FILE = "surgery.json"
+_CHUNK = 1 << 24
+
+
+# ---- NaN / Inf -----------------------------------------------------------------------------------
+
+def assert_finite(model: nn.Module, what: str) -> None:
+    """Refuse weights holding NaN or Inf, naming the first such tensor (exit 4)."""
+    for name, t in model.state_dict().items():
+        if not torch.is_floating_point(t) or bool(torch.isfinite(t).all()):
+            continue
+        nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        raise NonFiniteError(f"{what}: weight tensor {name} contains {nan} NaN and {inf} Inf value(s); "
+                             "the model cannot be converted or checked")
+
+
+# ---- hashing ---------------------------------------------------------------------------------------
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _safetensors_header(f: Any) -> tuple[dict[str, Any], int]:
+    raw = f.read(8)
+    if len(raw) < 8:
+        raise ValueError("file too short")
+    n = struct.unpack("<Q", raw)[0]
+    header = json.loads(f.read(n))
+    return header, 8 + n
+
+
+def safetensors_digests(path: Path) -> dict[str, dict[str, Any]]:
+    """name -> {dtype, shape, sha256 of the tensor's bytes}, read straight from the file (no torch)."""
+    out: dict[str, dict[str, Any]] = {}
+    with open(path, "rb") as f:
+        header, base = _safetensors_header(f)
+        for name, info in sorted(header.items()):
+            if name == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            f.seek(base + start)
+            h, left = hashlib.sha256(), end - start
+            while left > 0:
+                chunk = f.read(min(_CHUNK, left))
+                if not chunk:
+                    break
+                h.update(chunk)
+                left -= len(chunk)
+            out[name] = {"dtype": info["dtype"], "shape": info["shape"], "sha256": h.hexdigest()}
+    return out
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """One hash over a model's state dict: names, dtypes, shapes and bytes (independent of file format)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+# ---- recording (convert) ---------------------------------------------------------------------------
+
+def integrity_record(folder: Path, files: Iterable[Path]) -> dict[str, Any]:
+    record: dict[str, Any] = {"algorithm": "sha256", "files": {}, "tensors": {}}
+    for f in sorted({Path(f) for f in files}):
+        name = f.relative_to(folder).as_posix()
+        if name == SURGERY_FILE or not f.is_file():
+            continue
+        if f.suffix == ".safetensors":
+            record["tensors"][name] = safetensors_digests(f)
+        else:
+            record["files"][name] = file_sha256(f)
+    return record
+
+
+def source_identity(spec: str, model: nn.Module) -> dict[str, Any]:
+    from .outputs import local_source_path
+
+    path = local_source_path(spec)
+    prefix = next((p for p in ("local-dir:", "hf:", "dinov2:", "open_clip:") if spec.startswith(p)), "")
+    return {"spec": spec, "path": str(path) if path else None, "local_spec": f"{prefix}{path}" if path else None,
+            "model_class": type(model).__name__, "weights_sha256": weights_sha256(model)}
+
+
+def record_integrity(folder: Path, files: Iterable[Path], spec: str, source_model: nn.Module) -> None:
+    """Add "integrity" and "source_identity" to folder/surgery.json (written by every exporter)."""
+    path = folder / SURGERY_FILE
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    doc["integrity"] = integrity_record(folder, files)
+    doc["source_identity"] = source_identity(spec, source_model)
+    path.write_text(json.dumps(doc, indent=2, sort_keys=True, default=float) + "\n")
+
+
+# ---- verification (check) --------------------------------------------------------------------------
+
+def read_surgery(folder: Path) -> Optional[dict[str, Any]]:
+    path = folder / SURGERY_FILE
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise IntegrityError(f"{path} is corrupted (not valid JSON: {e})") from None
+    return doc if isinstance(doc, dict) else None
+
+
+def verify_output(folder: Path) -> bool:
+    """Compare OUT's files with the hashes convert recorded. Returns False when there is no record
+    (an output of an older vit-surgery); raises IntegrityError naming the first damaged file or tensor."""
+    doc = read_surgery(folder)
+    record = (doc or {}).get("integrity")
+    if not isinstance(record, dict):
+        return False
+    for name, digest in sorted(record.get("files", {}).items()):
+        f = folder / name
+        if not f.is_file():
+            raise IntegrityError(f"{folder}: {name} is missing (convert wrote it)")
+        if file_sha256(f) != digest:
+            raise IntegrityError(f"{folder}: {name} differs from what convert wrote (corrupted or modified)")
+    for name, tensors in sorted(record.get("tensors", {}).items()):
+        f = folder / name
+        if not f.is_file():
+            raise IntegrityError(f"{folder}: {name} is missing (convert wrote it)")
+        try:
+            have = safetensors_digests(f)
+        except (ValueError, KeyError, OSError, UnicodeDecodeError) as e:
+            raise IntegrityError(f"{folder}: {name} is corrupted (unreadable header: {e})") from None
+        for tensor, want in sorted(tensors.items()):
+            got = have.get(tensor)
+            if got is None:
+                raise IntegrityError(f"{folder}: tensor {tensor} is missing from {name}")
+            if got != want:
+                raise IntegrityError(f"{folder}: tensor {tensor} in {name} differs from what convert wrote "
+                                     "(corrupted or modified)")
+        extra = sorted(set(have) - set(tensors))
+        if extra:
+            raise IntegrityError(f"{folder}: {name} holds tensor {extra[0]} that convert did not write")
+    return True
+
+
+def recorded_source(folder: Path) -> Optional[dict[str, Any]]:
+    doc = read_surgery(folder)
+    ident = (doc or {}).get("source_identity")
+    return ident if isinstance(ident, dict) else None
+
+
+def same_source(identity: dict[str, Any], model: nn.Module) -> Optional[bool]:
+    """Is `model` the recorded source? None when it cannot be told (another class, e.g. after --to timm)."""
+    if identity.get("model_class") != type(model).__name__ or not identity.get("weights_sha256"):
+        return None
+    return weights_sha256(model) == identity["weights_sha256"]
+
+
+def source_for_check(folder: Path, explicit: Optional[str], load: Callable[[str], Any]) -> tuple[Optional[nn.Module], str]:
+    """The model `check` compares OUT against: --source (which must be OUT's source when that can be
+    told), else the recorded source when it is still on this machine unchanged, else None (un-bake OUT,
+    trustworthy only because its hashes were verified). Returns (model or None, what was used)."""
+    ident = recorded_source(folder) or {}
+    if explicit:
+        model = load(explicit).model
+        if ident and same_source(ident, model) is False:
+            raise IntegrityError(f"--source {explicit} is not the model {folder} was converted from "
+                                 f"({ident.get('spec')}): its weights differ from the recorded hash")
+        return model, f"the source model {explicit}"
+    spec = ident.get("local_spec")
+    if spec and ident.get("path") and Path(ident["path"]).exists():
+        model = load(spec).model
+        same = same_source(ident, model)
+        if same:
+            return model, f"the source model {spec}"
+        if same is False:
+            warnings.warn(f"the source recorded for {folder} ({spec}) has changed since convert; compared against "
+                          "the un-baked weights instead", stacklevel=2)
+    return None, "OUT's own weights un-baked (pass --source MODEL to compare against the original)"
