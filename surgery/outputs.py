@@ -4,7 +4,7 @@
 - The final move never replaces anything that appeared at OUT meanwhile: of several runs writing one
   OUT at the same time exactly one wins, the others fail with exit 8 (rename with RENAME_NOREPLACE /
   RENAME_EXCHANGE on Linux, under a lock on the parent folder everywhere).
-- Folders and files get the modes `mkdir`/`cp` would give them (the umask is respected).
+- Folders and files get the modes `mkdir`/`cp` would give them (0o777/0o666 minus the umask).
 - A temporary left by a process that no longer exists (SIGKILL, power loss) is removed by the next
   run that writes the same OUT; its name says which host and process made it.
 """
@@ -85,12 +85,12 @@ def refuse_source_overlap(out: str | Path, spec: str) -> None:
 
 # ---- temporary names and stale temporaries ---------------------------------------------------
 
-def _host() -> str:
+def host_tag() -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
 
 
 def _temp_name(path: Path, what: str = "partial") -> Path:
-    return path.parent / f".{path.name}.{what}-{_host()}.{os.getpid()}.{secrets.token_hex(4)}"
+    return path.parent / f".{path.name}.{what}-{host_tag()}.{os.getpid()}.{secrets.token_hex(4)}"
 
 
 def _process_exists(pid: int) -> bool:
@@ -121,7 +121,7 @@ def clean_stale_partials(path: Path) -> list[Path]:
     removed = []
     for entry in sorted(parent.iterdir()):
         m = ours.fullmatch(entry.name)
-        if m and m["host"] == _host() and not _process_exists(int(m["pid"])):
+        if m and m["host"] == host_tag() and not _process_exists(int(m["pid"])):
             _remove(entry)
             removed.append(entry)
             warnings.warn(f"removed {entry}: an unfinished output left by a run that was killed (pid {m['pid']})",
@@ -196,6 +196,25 @@ def _move_into_place(tmp: Path, path: Path, before: Optional[tuple[int, int]]) -
                                     "left it untouched, nothing written") from None
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_usual_modes(path: Path) -> None:
+    """Folders 0o777 and files 0o666 (0o777 if executable) minus the umask, as mkdir/cp create them:
+    some writers (safetensors, mkdtemp) create private 0o600/0o700 files that another user could not read."""
+    mask = _umask()
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if p.is_symlink():
+            continue
+        mode = os.stat(p).st_mode
+        full = 0o777 if p.is_dir() or mode & 0o111 else 0o666
+        if mode & 0o777 != full & ~mask:
+            os.chmod(p, full & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder next to `out`; on success it becomes `out` (replacing it only with overwrite)."""
@@ -207,6 +226,7 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     os.mkdir(tmp)  # mode 0o777 minus the umask, as mkdir(1) would
     try:
         yield tmp
+        give_usual_modes(tmp)
         _move_into_place(tmp, path, before)
     finally:
         _remove(tmp)  # the unfinished output, or the replaced one
@@ -222,6 +242,7 @@ def atomic_output_file(out: str | Path, overwrite: bool = False) -> Iterator[Pat
     tmp = _temp_name(path)
     try:
         yield tmp
+        give_usual_modes(tmp)
         _move_into_place(tmp, path, before)
     finally:
         _remove(tmp)

@@ -1,0 +1,462 @@
+"""Issue 15: nothing lost, nothing silently wrong (integrity, concurrency, signals, honest exit codes).
+
+Each test here failed on the code before issue 15 (the behaviour it asserts did not exist).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import stat
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from surgery.cli import main
+from surgery.errors import NeuronsFileError, OutputExistsError
+from surgery.images import ImageBatches, list_images, load_image
+from surgery.outputs import atomic_output_dir, atomic_output_file, host_tag
+from surgery.recipe import read_neurons_file
+
+CLI = [sys.executable, "-m", "surgery.cli"]
+NEURONS = {"register_neurons": {"2": [17, 101], "3": [42]}}
+
+
+def run(args, capsys):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(err: str) -> bool:
+    return err.count("\n") == 1 and "Traceback" not in err
+
+
+def _env() -> dict[str, str]:
+    root = str(Path(__file__).resolve().parents[1])
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _tensor_span(path: Path, name: str) -> tuple[int, int]:
+    """Absolute byte range of one tensor in a safetensors file (from the format's JSON header)."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    start, end = header[name]["data_offsets"]
+    return 8 + n + start, 8 + n + end
+
+
+def _patch_tensor(path: Path, name: str, offset: int, data: bytes) -> None:
+    start, end = _tensor_span(path, name)
+    assert start + offset + len(data) <= end
+    with open(path, "r+b") as f:
+        f.seek(start + offset)
+        f.write(data)
+
+
+def _flip_middle(path: Path, name: str, count: int = 64) -> None:
+    start, end = _tensor_span(path, name)
+    middle = start + (end - start) // 2 - count // 2
+    with open(path, "r+b") as f:
+        f.seek(middle)
+        data = f.read(count)
+        f.seek(middle)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
+def _drop_integrity(out: Path) -> None:
+    doc = json.loads((out / "surgery.json").read_text())
+    doc.pop("integrity")
+    (out / "surgery.json").write_text(json.dumps(doc))
+
+
+@pytest.fixture
+def neurons_file(tmp_path) -> Path:
+    p = tmp_path / "n.json"
+    p.write_text(json.dumps(NEURONS))
+    return p
+
+
+# ---- 1. check catches corrupted outputs --------------------------------------------------------
+
+@pytest.mark.parametrize("tensor", ["blocks.0.attn.qkv.weight", "head.weight", "blocks.2.mlp.reg_fc1.weight",
+                                    "blocks.2.mlp.fc1.weight"])
+def test_check_fails_on_a_corrupted_tensor(tensor, baked_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(baked_dir, out)
+    recipe = json.loads((out / "surgery.json").read_text())["recipe"]["register_neurons"]
+    if tensor == "blocks.2.mlp.fc1.weight":  # the zeroed row of register unit 17 (64 inputs, fp32)
+        assert 17 in recipe["2"]
+        _patch_tensor(out / "model.safetensors", tensor, 17 * 64 * 4, bytes(range(1, 65)))
+    else:
+        _flip_middle(out / "model.safetensors", tensor)
+    code, _, err = run(["check", out, "-q", "--report", tmp_path / "p.json"], capsys)
+    assert code == 11, err
+    assert f"tensor {tensor} in model.safetensors differs from what convert wrote" in err and one_line(err)
+
+
+def test_check_compares_against_the_recorded_source_not_itself(baked_dir, tmp_path, capsys):
+    """Even with the hash record gone, a damaged weight is caught: the recorded source is on this machine."""
+    out = tmp_path / "out"
+    shutil.copytree(baked_dir, out)
+    _patch_tensor(out / "model.safetensors", "blocks.0.attn.qkv.weight", 4096, struct.pack("<16f", *[0.5] * 16))
+    _drop_integrity(out)
+    code, stdout, err = run(["check", out, "--report", tmp_path / "p.json"], capsys)
+    assert code == 7, err
+    assert "parity FAIL" in err and "compared against the source model" in stdout
+
+
+def test_check_refuses_a_source_that_is_not_the_one(baked_dir, tmp_path, capsys):
+    from surgery.demo import save_organism
+    from surgery.organism import build_timm_organism
+
+    other = save_organism(build_timm_organism(1, "clip")[0], tmp_path / "other")
+    code, _, err = run(["check", baked_dir, "-q", "--source", other, "--report", tmp_path / "p.json"], capsys)
+    assert code == 11 and "is not the model" in err and one_line(err)
+
+
+def test_convert_records_tensor_hashes_and_the_source(baked_dir, organism_dir):
+    from safetensors import safe_open
+
+    doc = json.loads((baked_dir / "surgery.json").read_text())
+    ident = doc["source_identity"]
+    assert ident["path"] == str(Path(organism_dir).resolve())
+    h = hashlib.sha256()  # independent of the code under test: the rule written out
+    for name, t in sorted(load_file(str(organism_dir / "model.safetensors")).items()):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    assert ident["weights_sha256"] == h.hexdigest()
+    tensors = doc["integrity"]["tensors"]["model.safetensors"]
+    with safe_open(str(baked_dir / "model.safetensors"), "pt") as f:
+        assert sorted(tensors) == sorted(f.keys())
+        t = f.get_tensor("blocks.0.attn.qkv.weight")
+    assert tensors["blocks.0.attn.qkv.weight"]["sha256"] == hashlib.sha256(t.numpy().tobytes()).hexdigest()
+    assert doc["integrity"]["files"]["config.json"] == hashlib.sha256((baked_dir / "config.json").read_bytes()).hexdigest()
+
+
+# ---- 2. concurrent writers: exactly one wins ---------------------------------------------------
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_of_two_overlapping_writers_exactly_one_wins(tmp_path, overwrite):
+    out = tmp_path / "out"
+    if overwrite:
+        out.mkdir()
+        (out / "who").write_text("old")
+    first, second = atomic_output_dir(out, overwrite), atomic_output_dir(out, overwrite)
+    a, b = first.__enter__(), second.__enter__()
+    (a / "who").write_text("a")
+    (b / "who").write_text("b")
+    first.__exit__(None, None, None)
+    with pytest.raises(OutputExistsError, match="appeared while this run was writing"):
+        second.__exit__(None, None, None)
+    assert (out / "who").read_text() == "a" and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_an_empty_folder_that_appears_meanwhile_is_not_replaced(tmp_path):
+    out = tmp_path / "out"
+    ctx = atomic_output_dir(out)
+    (ctx.__enter__() / "model").write_text("x")
+    out.mkdir()
+    (tmp_path / "out" / ".keep").touch()
+    os.remove(out / ".keep")  # still empty: a plain rename would silently replace it
+    with pytest.raises(OutputExistsError):
+        ctx.__exit__(None, None, None)
+    assert out.is_dir() and list(out.iterdir()) == [] and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_file_that_appears_meanwhile_is_not_replaced(tmp_path):
+    out = tmp_path / "n.json"
+    ctx = atomic_output_file(out)
+    ctx.__enter__().write_text("mine")
+    out.write_text("theirs")
+    with pytest.raises(OutputExistsError):
+        ctx.__exit__(None, None, None)
+    assert out.read_text() == "theirs" and [p.name for p in tmp_path.iterdir()] == ["n.json"]
+
+
+def test_two_concurrent_converts_one_wins_the_other_exits_8(organism_dir, neurons_file, tmp_path):
+    out = tmp_path / "out"
+    cmd = CLI + ["convert", str(organism_dir), "--neurons", str(neurons_file), "--out", str(out), "-q"]
+    procs = [subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=_env()) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(r for r, _ in results) == [0, 8], results
+    assert "already exists" in results[0][1] + results[1][1] or "appeared" in results[0][1] + results[1][1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["n.json", "out"]
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "surgery.json", "parity.json"}
+
+
+# ---- 3. the source is never the output ---------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["same", "inside", "contains"])
+def test_output_may_not_be_contain_or_lie_inside_the_source(where, organism_dir, neurons_file, tmp_path, capsys):
+    src = tmp_path / "models" / "src"
+    shutil.copytree(organism_dir, src)
+    before = _digests(tmp_path / "models")
+    out = {"same": src, "inside": src / "baked", "contains": tmp_path / "models"}[where]
+    code, _, err = run(["convert", src, "--neurons", neurons_file, "--out", out, "--overwrite", "-q"], capsys)
+    assert code == 10 and "source" in err and one_line(err)
+    assert _digests(tmp_path / "models") == before
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["src"]
+
+
+# ---- 4. SIGTERM and processes that died --------------------------------------------------------
+
+def test_sigterm_cleans_up_like_ctrl_c(organism_dir, calib_dir, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = subprocess.Popen(CLI + ["convert", str(organism_dir), "--images", str(calib_dir), "--out",
+                                   str(work / "out"), "-q"], stderr=subprocess.PIPE, text=True, env=_env())
+    deadline = time.time() + 240
+    while not any(p.name.startswith(".out.partial-") for p in work.iterdir()):
+        assert proc.poll() is None and time.time() < deadline, "the run never started writing"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143
+    err = proc.stderr.read()
+    assert one_line(err) and "terminated" in err
+    assert list(work.iterdir()) == []
+
+
+def test_partial_outputs_of_dead_processes_are_removed(organism_dir, neurons_file, tmp_path, capsys):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".out.partial-{host_tag()}.{dead.pid}.0badf00d"
+    live = tmp_path / f".out.partial-{host_tag()}.{os.getpid()}.0000cafe"
+    old = tmp_path / ".out.partial-ab_c1234"  # made by an older vit-surgery: reported, not touched
+    for d in (stale, live, old):
+        d.mkdir()
+        (d / "model.safetensors").write_text("complete-looking")
+    code, _, err = run(["convert", organism_dir, "--neurons", neurons_file, "--out", tmp_path / "out", "-q"], capsys)
+    assert code == 0, err
+    assert not stale.exists() and live.exists() and old.exists()
+    assert f"removed {stale}" in err and f"found {old}" in err
+
+
+# ---- 5. neurons files ----------------------------------------------------------------------------
+
+def test_duplicate_keys_and_deep_nesting_in_a_neurons_file(organism_dir, tmp_path, capsys):
+    dup = tmp_path / "dup.json"
+    dup.write_text('{"register_neurons": {"2": [17], "2": [101]}}')
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"register_neurons": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(NeuronsFileError, match="'2' appears twice"):
+        read_neurons_file(dup)
+    for path, words in ((dup, "appears twice"), (deep, "nested too deeply")):
+        code, _, err = run(["convert", organism_dir, "--neurons", path, "--out", tmp_path / "o"], capsys)
+        assert code == 5 and words in err and one_line(err)
+    assert not (tmp_path / "o").exists()
+
+
+# ---- 6. NaN / Inf ------------------------------------------------------------------------------
+
+@pytest.fixture
+def nan_model(organism_dir, tmp_path) -> Path:
+    d = tmp_path / "nan_model"
+    d.mkdir()
+    shutil.copy(organism_dir / "config.json", d)
+    state = load_file(str(organism_dir / "model.safetensors"))
+    state["blocks.1.mlp.fc2.weight"][3, 5] = float("nan")
+    save_file(state, str(d / "model.safetensors"))
+    return d
+
+
+@pytest.mark.parametrize("command", ["find", "convert --no-check", "convert", "convert --images"])
+def test_nan_weights_are_named_in_every_command(command, nan_model, neurons_file, calib_dir, tmp_path, capsys):
+    name, *flags = command.split()
+    args = [name, nan_model, "--out", tmp_path / "o", *flags]
+    if name == "find" or "--images" in flags:
+        args += [] if "--images" in flags else ["--images"]
+        args += [calib_dir]
+    else:
+        args += ["--neurons", neurons_file]
+    code, _, err = run(args, capsys)
+    assert code == 4, err
+    assert "blocks.1.mlp.fc2.weight contains 1 NaN" in err and one_line(err) and not (tmp_path / "o").exists()
+
+
+def test_check_names_an_inf_weight_in_the_output(baked_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(baked_dir, out)
+    _patch_tensor(out / "model.safetensors", "blocks.4.mlp.fc2.weight", 8, struct.pack("<f", float("inf")))
+    _drop_integrity(out)
+    code, _, err = run(["check", out, "-q", "--report", tmp_path / "p.json"], capsys)
+    assert code == 4 and "Traceback" not in err, err
+    assert "no integrity record" in err.splitlines()[0]  # a warning, then the error
+    assert "blocks.4.mlp.fc2.weight contains 0 NaN and 1 Inf" in err.splitlines()[1] and err.count("\n") == 2
+
+
+# ---- also found: start-up, usage problems before loading, -q, reproducibility, permissions -----
+
+def test_ctrl_c_during_startup_is_one_line(monkeypatch, capsys):
+    import surgery.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "_load_extra_commands", interrupted)
+    code, _, err = run(["--help"], capsys)
+    assert code == 130 and one_line(err)
+
+
+@pytest.mark.parametrize("case, code, words", [
+    ("device-cuda", 2, "no usable CUDA"),
+    ("device-nonsense", 2, "not a torch device"),
+    ("images-missing", 3, "image folder not found"),
+    ("neurons-bad", 5, "not valid JSON"),
+    ("out-file-overwrite", 10, "is a file, not a folder"),
+    ("out-dangling-link", 10, "dangling symbolic link"),
+    ("out-parent-is-a-file", 10, "is not a folder"),
+    ("find-out-is-a-folder", 10, "is a folder; give a file path"),
+    ("check-images-missing", 3, "image folder not found"),
+])
+def test_usage_problems_are_found_before_the_model_loads(case, code, words, organism_dir, calib_dir, baked_dir,
+                                                         tmp_path, capsys, monkeypatch):
+    import surgery.cli as cli
+
+    def must_not_load(*a, **k):
+        raise AssertionError("the model was loaded before a cheap check")
+    monkeypatch.setattr(cli, "_load", must_not_load)
+    if case == "device-cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    (tmp_path / "bad.json").write_text("{")
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    convert = ["convert", organism_dir, "--images", calib_dir, "--out"]
+    args = {
+        "device-cuda": convert + [tmp_path / "o", "--device", "cuda"],
+        "device-nonsense": convert + [tmp_path / "o", "--device", "gpu-please"],
+        "images-missing": ["convert", organism_dir, "--images", tmp_path / "nope", "--out", tmp_path / "o"],
+        "neurons-bad": ["convert", organism_dir, "--neurons", tmp_path / "bad.json", "--out", tmp_path / "o"],
+        "out-file-overwrite": convert + [tmp_path / "afile", "--overwrite"],
+        "out-dangling-link": convert + [tmp_path / "dangling"],
+        "out-parent-is-a-file": convert + [tmp_path / "afile" / "o"],
+        "find-out-is-a-folder": ["find", organism_dir, "--images", calib_dir, "--out", tmp_path / "adir", "--overwrite"],
+        "check-images-missing": ["check", baked_dir, "--images", tmp_path / "nope"],
+    }[case]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    got, _, err = run(args, capsys)
+    assert got == code, err
+    assert words in err and one_line(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root may write in read-only folders")
+def test_read_only_output_folder_is_found_before_loading(organism_dir, calib_dir, tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        code, _, err = run(["convert", organism_dir, "--images", calib_dir, "--out", ro / "o"], capsys)
+    finally:
+        ro.chmod(0o755)
+    assert code == 10 and "no permission" in err and one_line(err)
+
+
+def test_quiet_prints_no_summary(organism_dir, neurons_file, tmp_path, capsys):
+    code, out, err = run(["convert", organism_dir, "--neurons", neurons_file, "--out", tmp_path / "a"], capsys)
+    assert code == 0 and "parity PASS" in out
+    code, out, err = run(["convert", organism_dir, "--neurons", neurons_file, "--out", tmp_path / "b", "-q"], capsys)
+    assert code == 0 and out == "" and err == ""
+
+
+def test_find_and_convert_are_byte_identical_across_processes(organism_dir, calib_dir, tmp_path):
+    procs = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        env = dict(_env(), PYTHONHASHSEED=str(len(name) * 7 + ord(name)))
+        cmd = CLI + ["convert", str(organism_dir), "--images", str(calib_dir), "--out", "out", "-q"]
+        procs.append(subprocess.Popen(cmd, cwd=tmp_path / name, env=env, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read()
+    a, b = _digests(tmp_path / "a" / "out"), _digests(tmp_path / "b" / "out")
+    assert set(a) == {"config.json", "model.safetensors", "neurons.json", "parity.json", "surgery.json"}
+    assert a == b
+
+
+@pytest.mark.slow
+def test_demo_is_byte_identical_across_processes(tmp_path):
+    procs = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        procs.append(subprocess.Popen(CLI + ["demo", "--out", "demo_out", "-q"], cwd=tmp_path / name,
+                                      env=dict(_env(), PYTHONHASHSEED=str(ord(name))), stderr=subprocess.PIPE,
+                                      text=True))
+    for p in procs:
+        assert p.wait(timeout=600) == 0, p.stderr.read()
+    a, b = _digests(tmp_path / "a" / "demo_out"), _digests(tmp_path / "b" / "demo_out")
+    assert len(a) > 8 and a == b
+
+
+def _modes(root: Path) -> set[tuple[str, int]]:
+    return {("dir" if p.is_dir() else "file", stat.S_IMODE(p.stat().st_mode)) for p in [root, *root.rglob("*")]}
+
+
+def test_outputs_honour_the_umask_like_cp(organism_dir, neurons_file, calib_dir, tmp_path, capsys):
+    old = os.umask(0o022)
+    try:
+        code, _, err = run(["convert", organism_dir, "--neurons", neurons_file, "--out", tmp_path / "out", "-q"],
+                           capsys)
+        assert code == 0, err
+        code, _, err = run(["find", organism_dir, "--images", calib_dir, "--out", tmp_path / "n2.json", "-q"], capsys)
+        assert code == 0, err
+    finally:
+        os.umask(old)
+    assert _modes(tmp_path / "out") == {("dir", 0o755), ("file", 0o644)}
+    assert stat.S_IMODE((tmp_path / "n2.json").stat().st_mode) == 0o644
+
+
+# ---- images and model folders ------------------------------------------------------------------
+
+def test_symlinked_image_subfolders_are_followed_once(calib_dir, tmp_path):
+    root = tmp_path / "imgs"
+    (root / "real").mkdir(parents=True)
+    for p in sorted(calib_dir.glob("*.png"))[:3]:
+        shutil.copy(p, root / "real" / p.name)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(sorted(calib_dir.glob("*.png"))[3], elsewhere / "x.png")
+    (root / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (root / "real" / "loop").symlink_to(root, target_is_directory=True)  # a loop back to the top
+    files = list_images(root)
+    assert [p.relative_to(root).as_posix() for p in files] == sorted(
+        ["linked/x.png"] + [f"real/{p.name}" for p in sorted(calib_dir.glob("*.png"))[:3]])
+
+
+def test_huge_images_are_refused_before_decoding(tmp_path, timm_organism):
+    import timm
+
+    big = tmp_path / "big.png"
+    Image.new("1", (12000, 12000)).save(big)  # 144 megapixels, a few kB on disk
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="too large to decode"):
+        load_image(big)
+    assert time.perf_counter() - t0 < 0.5
+    model, _ = timm_organism
+    tf = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    batches = ImageBatches([big], tf, progress=False)
+    with pytest.warns(UserWarning, match="too large to decode"):
+        assert list(batches) == []
+
+
+def test_unknown_timm_architecture_is_named(organism_dir, calib_dir, tmp_path, capsys):
+    d = tmp_path / "m"
+    shutil.copytree(organism_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architecture"] = "vit_from_the_future_patch16"
+    (d / "config.json").write_text(json.dumps(cfg))
+    code, _, err = run(["find", d, "--images", calib_dir, "--out", tmp_path / "n.json"], capsys)
+    assert code == 4 and "'vit_from_the_future_patch16'" in err and one_line(err)
