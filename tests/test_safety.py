@@ -374,32 +374,19 @@ def test_quiet_prints_no_summary(organism_dir, neurons_file, tmp_path, capsys):
     assert code == 0 and out == "" and err == ""
 
 
-_DEMO = ("import sys, surgery.report; from surgery.cli import main; {stub}"
-         "sys.exit(main(['demo', '--out', 'demo_out', '-q']))")
-
-
-def _two_demos(tmp_path: Path, stub: str) -> tuple[dict[str, str], dict[str, str]]:
-    """The demo (find + convert + check [+ report]) in two processes with different hash seeds, same OUT path."""
-    procs = []
-    for seed, name in ((1, "a"), (2, "b")):
+def test_demo_outputs_are_byte_identical_across_processes(tmp_path, monkeypatch):
+    """The demo (find, convert, check, report) in another process (its own hash seed) and in this one, both
+    writing OUT at the same relative path: every file is the same, byte for byte."""
+    for name in ("a", "b"):
         (tmp_path / name).mkdir()
-        procs.append(subprocess.Popen([sys.executable, "-c", _DEMO.format(stub=stub)], cwd=tmp_path / name,
-                                      env=dict(_env(), PYTHONHASHSEED=str(seed)), stderr=subprocess.PIPE, text=True))
-    for p in procs:
-        assert p.wait(timeout=600) == 0, p.stderr.read()
-    return _digests(tmp_path / "a" / "demo_out"), _digests(tmp_path / "b" / "demo_out")
-
-
-def test_demo_outputs_are_byte_identical_across_processes(tmp_path):
-    a, b = _two_demos(tmp_path, "surgery.report.write_report = lambda *a, **k: None; ")  # the report: slow test
-    assert {"neurons.json", "baked/model.safetensors", "baked/surgery.json", "source_model/model.safetensors"} <= set(a)
+    other = subprocess.Popen(CLI + ["demo", "--out", "demo_out", "-q"], cwd=tmp_path / "a",
+                             env=dict(_env(), PYTHONHASHSEED="1"), stderr=subprocess.PIPE, text=True)
+    monkeypatch.chdir(tmp_path / "b")
+    assert main(["demo", "--out", "demo_out", "-q"]) == 0
+    assert other.wait(timeout=600) == 0, other.stderr.read()
+    a, b = _digests(tmp_path / "a" / "demo_out"), _digests(tmp_path / "b" / "demo_out")
+    assert {"neurons.json", "baked/model.safetensors", "baked/surgery.json", "report/report.html"} <= set(a)
     assert a == b
-
-
-@pytest.mark.slow
-def test_demo_with_report_is_byte_identical_across_processes(tmp_path):
-    a, b = _two_demos(tmp_path, "")
-    assert "report/report.html" in a and a == b
 
 
 def _modes(root: Path) -> set[tuple[str, int]]:
