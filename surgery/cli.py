@@ -166,11 +166,14 @@ def cmd_check(a: argparse.Namespace) -> int:
     from .integrity import source_for_check, verify_output
     from .pipeline import parity_batches, run_check, write_json
 
-    if not verify_output(Path(a.out_dir)) and (Path(a.out_dir) / "surgery.json").is_file():
+    from .outputs import local_source_path
+
+    folder = local_source_path(a.out_dir) or Path(a.out_dir)
+    if not verify_output(folder) and (folder / "surgery.json").is_file():
         warnings.warn(f"{a.out_dir} has no integrity record (written by an older vit-surgery): damaged weights "
                       "are only caught with --source")
     loaded = _load(a, a.out_dir)
-    source, used = source_for_check(Path(a.out_dir), a.source, lambda spec: _load(a, spec))
+    source, used = source_for_check(folder, a.source, lambda spec: _load(a, spec))
     batches = parity_batches(loaded, a.images, a.num_images, a.batch_size, a.seed, not a.quiet)
     report, effect = run_check(loaded, batches, source=source, tolerance=a.tolerance)
     print(f"compared against {used}")

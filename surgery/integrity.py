@@ -94,7 +94,7 @@ def integrity_record(folder: Path, files: Iterable[Path]) -> dict[str, Any]:
     record: dict[str, Any] = {"algorithm": "sha256", "files": {}, "tensors": {}}
     for f in sorted({Path(f) for f in files}):
         name = f.relative_to(folder).as_posix()
-        if name == SURGERY_FILE or not f.is_file():
+        if name == SURGERY_FILE or f.suffix == ".md" or not f.is_file():  # documentation may be rewritten
             continue
         if f.suffix == ".safetensors":
             record["tensors"][name] = safetensors_digests(f)
