@@ -164,9 +164,8 @@ def _print_effect(effect: Optional[dict[str, Any]]) -> None:
 def cmd_check(a: argparse.Namespace) -> int:
     from .errors import ParityError
     from .integrity import source_for_check, verify_output
-    from .pipeline import parity_batches, run_check, write_json
-
     from .outputs import local_source_path
+    from .pipeline import parity_batches, run_check, write_json
 
     folder = local_source_path(a.out_dir) or Path(a.out_dir)
     if not verify_output(folder) and (folder / "surgery.json").is_file():

@@ -15,7 +15,7 @@ import json
 import struct
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -90,9 +90,10 @@ def weights_sha256(model: nn.Module) -> str:
 
 # ---- recording (convert) ---------------------------------------------------------------------------
 
-def integrity_record(folder: Path, files: Iterable[Path]) -> dict[str, Any]:
+def integrity_record(folder: Path) -> dict[str, Any]:
+    """Hashes of every file now in `folder` (what the exporter wrote), tensor by tensor for safetensors."""
     record: dict[str, Any] = {"algorithm": "sha256", "files": {}, "tensors": {}}
-    for f in sorted({Path(f) for f in files}):
+    for f in sorted(folder.rglob("*")):
         name = f.relative_to(folder).as_posix()
         if name == SURGERY_FILE or f.suffix == ".md" or not f.is_file():  # documentation may be rewritten
             continue
@@ -112,11 +113,11 @@ def source_identity(spec: str, model: nn.Module) -> dict[str, Any]:
             "model_class": type(model).__name__, "weights_sha256": weights_sha256(model)}
 
 
-def record_integrity(folder: Path, files: Iterable[Path], spec: str, source_model: nn.Module) -> None:
+def record_integrity(folder: Path, spec: str, source_model: nn.Module) -> None:
     """Add "integrity" and "source_identity" to folder/surgery.json (written by every exporter)."""
     path = folder / SURGERY_FILE
     doc = json.loads(path.read_text(encoding="utf-8"))
-    doc["integrity"] = integrity_record(folder, files)
+    doc["integrity"] = integrity_record(folder)
     doc["source_identity"] = source_identity(spec, source_model)
     path.write_text(json.dumps(doc, indent=2, sort_keys=True, default=float) + "\n")
 

@@ -172,10 +172,10 @@ def run_convert(
         surgery_doc["discovery"] = {k: v for k, v in result.to_json().items() if k not in ("layer_norms",)}
     report = effect = None
     with atomic_output_dir(out, overwrite) as tmp:
-        files = EXPORTERS[library](baked, tmp, loaded, surgery_doc)
+        EXPORTERS[library](baked, tmp, loaded, surgery_doc)
         if result is not None:
             write_json(tmp / "neurons.json", result.to_json())
-        record_integrity(tmp, files, loaded.spec, loaded.model)
+        record_integrity(tmp, loaded.spec, loaded.model)
         if check:
             reloaded = load_model(str(tmp), options)
             batches = parity_batches(reloaded, check_images or images, CHECK_IMAGES,
