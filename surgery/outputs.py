@@ -118,12 +118,16 @@ def clean_stale_partials(path: Path) -> list[Path]:
     parent = path.parent
     if not parent.is_dir():
         return []
-    ours = re.compile(rf"\.{re.escape(path.name)}\.partial-(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.[0-9a-f]{{8}}")
+    ours = re.compile(rf"\.{re.escape(path.name)}\.(?P<what>partial|old)-(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.[0-9a-f]{{8}}")
     older = re.compile(rf"\.{re.escape(path.name)}\.(partial|old)-[A-Za-z0-9_]{{8}}")
     removed = []
     for entry in sorted(parent.iterdir()):
         m = ours.fullmatch(entry.name)
         if m and m["host"] == host_tag() and not _process_exists(int(m["pid"])):
+            if m["what"] == "old":  # the previous OUT, moved aside just before a killed run's final rename
+                warnings.warn(f"found {entry}: the previous {path.name}, moved aside by a run that was killed; "
+                              "move it back or delete it", stacklevel=2)
+                continue
             _remove(entry)
             removed.append(entry)
             warnings.warn(f"removed {entry}: an unfinished output left by a run that was killed (pid {m['pid']})",
