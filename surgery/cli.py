@@ -315,6 +315,9 @@ def _check_device(spec: str) -> None:
         raise UsageError(f"--device {spec}: MPS is not available on this machine")
 
 
+_CORE_COMMANDS = ("find", "convert", "check", "demo")  # the ones main() validates and quiets (-q)
+
+
 def _validate_before_loading(a: argparse.Namespace) -> None:
     """Everything cheap (device, images, neurons file, OUT) is checked before a model loads, so these
     mistakes cost no waiting and get their own exit codes."""
@@ -322,7 +325,7 @@ def _validate_before_loading(a: argparse.Namespace) -> None:
     from .outputs import check_output_target, refuse_source_overlap
     from .recipe import read_neurons_file
 
-    if a.command not in ("find", "convert", "check", "demo"):
+    if a.command not in _CORE_COMMANDS:
         return
     if getattr(a, "device", None):
         _check_device(a.device)
@@ -358,7 +361,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.basicConfig(level=logging.WARNING, format="vit-surgery: %(message)s")
         warnings.showwarning = lambda msg, cat, *rest, **kw: print(f"vit-surgery: warning: {msg}", file=sys.stderr)
         with contextlib.ExitStack() as stack:
-            if getattr(a, "quiet", False):  # -q: no summary lines; warnings and errors still go to stderr
+            if a.command in _CORE_COMMANDS and a.quiet:  # -q: no summary lines; warnings, errors on stderr
                 stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
             _validate_before_loading(a)
             return int(a.func(a) or 0)

@@ -321,6 +321,8 @@ def test_normformer_mlp_is_refused():
 def test_cli_reports_refusal_on_one_line(fake_hub, tmp_path, capsys):
     from surgery.cli import main
 
-    code = main(["find", "open_clip:RN50/openai", "--images", str(tmp_path), "--out", str(tmp_path / "n.json")])
+    from surgery.organism import builtin_images
+
+    code = main(["find", "open_clip:RN50/openai", "--images", str(builtin_images()), "--out", str(tmp_path / "n.json")])
     err = capsys.readouterr().err.strip()
     assert code == 4 and len(err.splitlines()) == 1 and "ResNet" in err
