@@ -320,7 +320,6 @@ def test_normformer_mlp_is_refused():
 
 def test_cli_reports_refusal_on_one_line(fake_hub, tmp_path, capsys):
     from surgery.cli import main
-
     from surgery.organism import builtin_images
 
     code = main(["find", "open_clip:RN50/openai", "--images", str(builtin_images()), "--out", str(tmp_path / "n.json")])
