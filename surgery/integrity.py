@@ -104,13 +104,17 @@ def integrity_record(folder: Path) -> dict[str, Any]:
     return record
 
 
+def _class_name(model: nn.Module) -> str:
+    return f"{type(model).__module__}.{type(model).__qualname__}"  # timm's and open_clip's VisionTransformer differ
+
+
 def source_identity(spec: str, model: nn.Module) -> dict[str, Any]:
     from .outputs import local_source_path
 
     path = local_source_path(spec)
     prefix = next((p for p in ("local-dir:", "hf:", "dinov2:", "open_clip:") if spec.startswith(p)), "")
     return {"spec": spec, "path": str(path) if path else None, "local_spec": f"{prefix}{path}" if path else None,
-            "model_class": type(model).__name__, "weights_sha256": weights_sha256(model)}
+            "model_class": _class_name(model), "weights_sha256": weights_sha256(model)}
 
 
 def record_integrity(folder: Path, spec: str, source_model: nn.Module) -> None:
@@ -177,7 +181,7 @@ def recorded_source(folder: Path) -> Optional[dict[str, Any]]:
 
 def same_source(identity: dict[str, Any], model: nn.Module) -> Optional[bool]:
     """Is `model` the recorded source? None when it cannot be told (another class, e.g. after --to timm)."""
-    if identity.get("model_class") != type(model).__name__ or not identity.get("weights_sha256"):
+    if identity.get("model_class") != _class_name(model) or not identity.get("weights_sha256"):
         return None
     return weights_sha256(model) == identity["weights_sha256"]
 
