@@ -207,6 +207,19 @@ def emergence_layer(layers: list[dict[str, Any]], detect_layer: int) -> int:
     return detect_layer
 
 
+def layer_range(cfg: DiscoveryConfig, depth: int) -> tuple[int, int]:
+    """(detect layer, last block whose units are scored) for a model of `depth` blocks."""
+    detect = depth - 1 if cfg.detect_layer is None else int(cfg.detect_layer)
+    if detect < 0:
+        detect += depth
+    if not 0 <= detect < depth:
+        raise SurgeryError(f"--detect-layer {cfg.detect_layer} out of range (model has {depth} blocks)")
+    if isinstance(cfg.max_layer, int) and not 0 <= cfg.max_layer < depth:
+        raise SurgeryError(f"--max-layer {cfg.max_layer} out of range (model has {depth} blocks)")
+    score_layers = detect if cfg.max_layer == "auto" else min(int(cfg.max_layer), depth - 1)
+    return detect, score_layers
+
+
 @torch.inference_mode()
 def find_register_neurons(
     model: nn.Module,
@@ -227,14 +240,7 @@ def find_register_neurons(
     fam = family or family_for(model)
     blocks = fam.blocks(model)
     depth = len(blocks)
-    detect = depth - 1 if cfg.detect_layer is None else int(cfg.detect_layer)
-    if detect < 0:
-        detect += depth
-    if not 0 <= detect < depth:
-        raise SurgeryError(f"--detect-layer {cfg.detect_layer} out of range (model has {depth} blocks)")
-    if isinstance(cfg.max_layer, int) and not 0 <= cfg.max_layer < depth:
-        raise SurgeryError(f"--max-layer {cfg.max_layer} out of range (model has {depth} blocks)")
-    score_layers = detect if cfg.max_layer == "auto" else min(int(cfg.max_layer), depth - 1)
+    detect, score_layers = layer_range(cfg, depth)
     if isinstance(images, (str, Path)):
         files = list_images(images, cfg.num_images, cfg.seed)
     else:
@@ -272,10 +278,17 @@ def find_register_neurons(
             h.remove()
         model.train(was_training)
     batches.require_some(used)
+    return summarise(stats, cfg, detect=detect, score_layers=score_layers, depth=depth, hidden_sizes=hidden_sizes,
+                     num_files=len(files), skipped=len(batches.skipped), family_name=fam.name, provenance=provenance)
 
+
+def summarise(stats: NeuronStatistics, cfg: DiscoveryConfig, *, detect: int, score_layers: int, depth: int,
+              hidden_sizes: list[int], num_files: int, skipped: int, family_name: str,
+              provenance: dict[str, Any] | None) -> DiscoveryResult:
+    """Rank the units from the streamed statistics and cut the list (shared by every model runner)."""
     counts = {"images": stats.images, "images_with_outliers": stats.images_with_outliers,
               "outlier_tokens": stats.outlier_tokens, "patch_tokens": stats.patch_tokens,
-              "skipped_images": len(batches.skipped)}
+              "skipped_images": skipped}
     layers = stats.layer_table()
     thr_info: dict[str, Any] = {
         "mode": "auto" if cfg.threshold == "auto" else "fixed",
@@ -307,8 +320,8 @@ def find_register_neurons(
         neurons.setdefault(layer, []).append(unit)
     recipe = Recipe(neurons=neurons, num_registers=cfg.num_registers, scale=cfg.scale, mode=cfg.mode)
     prov = dict(provenance or {})
-    prov.update({"family": fam.name, "depth": depth, "hidden_sizes": sorted(set(hidden_sizes)),
-                 "num_images": len(files), "seed": cfg.seed, "batch_size": cfg.batch_size,
+    prov.update({"family": family_name, "depth": depth, "hidden_sizes": sorted(set(hidden_sizes)),
+                 "num_images": num_files, "seed": cfg.seed, "batch_size": cfg.batch_size,
                  "sparsity_filter": cfg.sparsity_filter, "include_prefix": cfg.include_prefix})
     return DiscoveryResult(
         recipe=recipe,

@@ -1,0 +1,163 @@
+"""Discovery on an ONNX model: block-output norms and MLP post-activations exposed as onnxruntime outputs,
+fed batch by batch to the same streaming reducer `find` uses on PyTorch models (surgery.discovery)."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import numpy as np
+import torch
+
+from ..discovery import (DiscoveryConfig, DiscoveryResult, NeuronStatistics, layer_range, outlier_mask,
+                         summarise)
+from ..errors import ModelInputError
+from ..images import ImageBatches, list_images
+from .recognise import VitGraph, block_output, node_label, recognise
+from .runtime import ExposedSession
+
+log = logging.getLogger("vit-surgery")
+
+FAMILY_NAME = "onnx"
+DEFAULT_PREPROCESS = {"interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+                      "crop_pct": 1.0, "crop_mode": "center"}
+
+
+def static_input_size(vit: VitGraph) -> tuple[int, int, int]:
+    x = vit.model.graph.inputs[0]
+    dims = list(x.shape) if x.shape is not None else []
+    if len(dims) != 4 or not all(isinstance(d, int) for d in dims[1:]):
+        raise ModelInputError(f"{vit.path}: input '{x.name}' must be [batch, 3, H, W] with fixed C, H, W "
+                              f"(has {dims})")
+    return int(dims[1]), int(dims[2]), int(dims[3])
+
+
+def preprocess_config(vit: VitGraph) -> tuple[dict[str, Any], str]:
+    """timm transform arguments for the images, and where they came from: preprocessor_config.json next to
+    the file (HF ONNX repos, optimum exports), else vit-surgery's own metadata, else ImageNet defaults at
+    the graph's input size (with a warning)."""
+    from ..loaders_hf import preprocess_from_processor
+
+    size = static_input_size(vit)
+    base = dict(DEFAULT_PREPROCESS, input_size=size)
+    proc_file = vit.path.parent / "preprocessor_config.json"
+    if proc_file.is_file():
+        try:
+            raw = json.loads(proc_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ModelInputError(f"{proc_file}: unreadable ({type(e).__name__})") from None
+        cfg = preprocess_from_processor(raw, base)
+        if tuple(cfg["input_size"]) != size:
+            raise ModelInputError(f"{proc_file} crops to {tuple(cfg['input_size'])[1:]}, the graph takes {size[1:]}")
+        return cfg, str(proc_file)
+    stored = vit.model.metadata_props.get("vit_surgery.preprocess")
+    if stored:
+        try:
+            cfg = dict(base, **{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(stored).items()})
+            return cfg, "metadata vit_surgery.preprocess"
+        except (ValueError, TypeError):
+            pass
+    log.warning("%s: no preprocessor_config.json next to the model; using ImageNet mean/std, bicubic resize to %s",
+                vit.path, size[1:])
+    return base, "default (ImageNet mean/std)"
+
+
+def transform_for(vit: VitGraph) -> tuple[Callable, dict[str, Any]]:
+    import timm.data
+
+    cfg, origin = preprocess_config(vit)
+    tf = timm.data.create_transform(input_size=tuple(cfg["input_size"]), interpolation=cfg["interpolation"],
+                                    mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), crop_pct=cfg["crop_pct"],
+                                    crop_mode=cfg.get("crop_mode", "center"), is_training=False)
+    return tf, {"preprocess": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+                "preprocess_from": origin}
+
+
+@dataclass
+class TokenLayout:
+    num_tokens: int
+    num_patches: int
+
+    @property
+    def num_prefix(self) -> int:
+        return self.num_tokens - self.num_patches
+
+
+def measure_layout(vit: VitGraph) -> TokenLayout:
+    """Token count at the register entry and patch count from the patch-embedding Conv (batch 2 probe)."""
+    c, h, w = static_input_size(vit)
+    sess = ExposedSession(vit.model, [vit.entry, vit.patch_conv.outputs[0]], str(vit.path))
+    try:
+        x = np.random.default_rng(0).standard_normal((2, c, h, w)).astype(np.float32)
+        _, (entry, conv) = sess.run(x)
+    finally:
+        sess.close()
+    if entry.ndim != 3 or entry.shape[0] != 2 or entry.shape[2] != vit.embed_dim:
+        raise ModelInputError(f"{vit.path}: the stream entering block 0 ('{vit.entry.name}') has shape "
+                              f"{list(entry.shape)} at batch 2; expected [batch, tokens, {vit.embed_dim}]")
+    patches = int(np.prod(conv.shape[2:]))
+    layout = TokenLayout(int(entry.shape[1]), patches)
+    if not 0 <= layout.num_prefix <= 16:
+        raise ModelInputError(f"{vit.path}: {layout.num_tokens} tokens but {patches} patches at "
+                              f"{node_label(vit.patch_conv)}: cannot place prefix tokens")
+    return layout
+
+
+def _as_tokens(a: np.ndarray, batch: int, tokens: int, what: str) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if t.ndim == 2 and t.shape[0] == batch * tokens:
+        t = t.reshape(batch, tokens, -1)
+    if t.ndim != 3 or t.shape[0] != batch or t.shape[1] != tokens:
+        raise ModelInputError(f"{what} has shape {list(a.shape)}; expected [batch {batch}, tokens {tokens}, width]")
+    return t
+
+
+@torch.inference_mode()
+def find_register_neurons_onnx(
+    path: str | Path,
+    images: str | Path | Iterable[Path],
+    config: Optional[DiscoveryConfig] = None,
+    *,
+    transform: Any = None,
+    progress: bool = True,
+    provenance: Optional[dict[str, Any]] = None,
+) -> DiscoveryResult:
+    """`find` on an ONNX file: the same statistics and ranking as surgery.discovery, from onnxruntime."""
+    cfg = config or DiscoveryConfig()
+    vit = recognise(path)
+    depth = vit.depth
+    detect, score_layers = layer_range(cfg, depth)
+    layout = measure_layout(vit)
+    p = layout.num_prefix
+    prov = dict(provenance or {})
+    prov.update({"model": str(path), "onnx": vit.describe(), "num_prefix_tokens": p})
+    if transform is None:
+        transform, info = transform_for(vit)
+        prov.update(info)
+    files = list_images(images, cfg.num_images, cfg.seed) if isinstance(images, (str, Path)) else list(images)
+    outs = [block_output(vit.mlps[i]) for i in range(detect + 1)]
+    hids = [vit.mlps[i].hidden for i in range(score_layers + 1)]
+    sess = ExposedSession(vit.model, outs + hids, str(path))
+    hidden_sizes = vit.hidden_sizes[: score_layers + 1]
+    stats = NeuronStatistics(hidden_sizes, detect + 1, torch.device("cpu"))
+    batches = ImageBatches(files, transform, cfg.batch_size, progress=progress, desc="calibrating (onnxruntime)")
+    used = 0
+    try:
+        for pixels, names in batches:
+            B = len(pixels)
+            _, got = sess.run(pixels.float().numpy())
+            norms = [_as_tokens(a, B, layout.num_tokens, f"block {i} output").norm(dim=-1)
+                     for i, a in enumerate(got[: detect + 1])]
+            hidden = {i: _as_tokens(a, B, layout.num_tokens, f"block {i} MLP activation")
+                      for i, a in enumerate(got[detect + 1:])}
+            mask, thr = outlier_mask(norms[detect], p, cfg.threshold, cfg.include_prefix)
+            stats.update(norms, hidden, mask, thr, p, cfg.sparsity_filter)
+            stats.add_histogram(norms[detect][:, p:])
+            used += len(names)
+    finally:
+        sess.close()
+    batches.require_some(used)
+    return summarise(stats, cfg, detect=detect, score_layers=score_layers, depth=depth, hidden_sizes=hidden_sizes,
+                     num_files=len(files), skipped=len(batches.skipped), family_name=FAMILY_NAME, provenance=prov)

@@ -1,0 +1,60 @@
+"""Source ONNX files for tests and benchmarks: each family's model organism exported by torch's exporters
+(optionally passed through onnxruntime's transformer optimizer), i.e. the kind of file a user brings."""
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+ORGANISMS = ("timm_clip", "timm_vit", "timm_reg4", "open_clip", "open_clip_quickgelu", "hf_clip", "hf_dinov2",
+             "hf_dinov2_reg")
+
+
+def build_organism(name: str, seed: int = 0) -> tuple[nn.Module, Any]:
+    """(model, planting) of an organism; the model is what the family adapter runs."""
+    from .. import organism_families as of
+    from ..organism import build_timm_organism
+
+    if name.startswith("timm_"):
+        return build_timm_organism(seed, {"timm_clip": "clip", "timm_vit": "vit", "timm_reg4": "reg4"}[name])
+    if name.startswith("open_clip"):
+        model, planting = of.build_open_clip_organism(seed, quick_gelu=name.endswith("quickgelu"))
+        return model.visual, planting
+    if name == "hf_clip":
+        return of.build_hf_clip_organism(seed)
+    if name.startswith("hf_dinov2"):
+        return of.build_hf_dinov2_organism(seed, num_register_tokens=4 if name.endswith("reg") else 0)
+    raise ValueError(f"unknown organism {name!r}; choose from {ORGANISMS}")
+
+
+def export_source_onnx(model: nn.Module, out: Path, *, exporter: str = "dynamo", opset: int = 18,
+                       optimize: str | None = None) -> Path:
+    """`model` (unbaked) to `out` through torch's `exporter` at `opset` (vit-surgery's export wrapper:
+    input pixel_values, outputs pooled and tokens, dynamic batch); `optimize`: an onnxruntime.transformers
+    model_type ("vit", "clip") to apply its fused transformer optimisations afterwards."""
+    import onnx
+
+    from exporters.onnx_export import VIT_ONNX_SPEC, export_graph
+
+    from ..families import family_for
+
+    fam = family_for(model)
+    spec = dataclasses.replace(VIT_ONNX_SPEC, opset=opset)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        g = export_graph(model, fam, Path(scratch), exporter=exporter, spec=spec, progress=False)
+        if g.exporter != exporter:
+            raise RuntimeError(f"the {exporter} exporter failed; got a {g.exporter} export")
+        onnx.save(g.proto, str(out))
+    if optimize:
+        from onnxruntime.transformers import optimizer
+
+        dim = fam.embed_dim(model)
+        heads = fam.attention(fam.blocks(model)[0]).num_heads if hasattr(fam.attention(fam.blocks(model)[0]),
+                                                                         "num_heads") else 0
+        opt = optimizer.optimize_model(str(out), model_type=optimize, num_heads=heads, hidden_size=dim, opt_level=0)
+        opt.save_model_to_file(str(out))
+    return out

@@ -1,0 +1,362 @@
+"""Recognise a Vision Transformer inside an ONNX graph (no PyTorch source needed).
+
+What is found, on the onnx-ir graph (`onnx_ir`: a mutable IR with producer/consumer links, lazy external
+data and faithful round trips, which plain protobuf editing lacks):
+- every transformer MLP: `MatMul(x, W1[D, H])` (+ `Add(b1[H])`) -> an elementwise GELU-family activation
+  subgraph -> `MatMul(h, W2[H, D])`. Activations recognised: the `Gelu` op (opset 20 / com.microsoft),
+  the exact erf subgraph, tanh GELU, QuickGELU `x * sigmoid(1.702 x)`, and onnxruntime's fused
+  `FastGelu` / `BiasGelu` / `QuickGelu` (their bias inputs are per-unit constants);
+- the residual stream: each MLP's output (through an optional bias `Add` and LayerScale `Mul`) joins
+  it at an `Add` or at a fused `SkipLayerNormalization` (whose optional 4th output is the sum);
+- the register's entry point: the stream tensor that enters block 0, moved to before the pre-norm
+  (CLIP `ln_pre`) when there is one, i.e. after the positional embedding was added.
+The prefix-token count (CLS, trained registers) is measured by `probe` (tokens minus patches).
+Anything else raises ModelInputError naming the node where recognition stopped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import onnx_ir as ir
+
+from ..errors import ModelInputError
+
+# ops an MLP activation subgraph may contain (elementwise, GELU family)
+_ACT_OPS = {"Div", "Mul", "Add", "Sub", "Erf", "Sigmoid", "Tanh", "Pow", "Gelu", "FastGelu", "BiasGelu",
+            "QuickGelu", "Cast", "Identity"}
+_MAX_ACT_NODES = 14
+_PASS_THROUGH = {"Identity", "Cast"}
+
+
+@dataclass
+class MlpSite:
+    """One block's MLP in the graph. `pre` is the activation's input (fc1 output, bias added unless a fused
+    activation adds it), `hidden` the post-activation units (input of fc2), `down` fc2's MatMul output."""
+
+    block: int
+    fc1: ir.Node
+    fc1_bias_add: Optional[ir.Node]
+    act_nodes: list[ir.Node]
+    activation: str
+    pre: ir.Value
+    hidden: ir.Value
+    fc2: ir.Node
+    down: ir.Value
+    joins: ir.Node  # the Add / SkipLayerNormalization where the MLP output joins the residual stream
+
+    @property
+    def width(self) -> int:
+        return int(const_array(self.fc2.inputs[1]).shape[0])
+
+
+@dataclass
+class VitGraph:
+    model: ir.Model
+    path: Path
+    mlps: list[MlpSite]
+    entry: ir.Value  # where the test-time registers enter: [B, N, D] before the pre-norm
+    patch_conv: ir.Node
+    embed_dim: int
+    input_name: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def depth(self) -> int:
+        return len(self.mlps)
+
+    @property
+    def hidden_sizes(self) -> list[int]:
+        return [m.width for m in self.mlps]
+
+    def describe(self) -> dict:
+        return {"blocks": self.depth, "embed_dim": self.embed_dim, "mlp_hidden": sorted(set(self.hidden_sizes)),
+                "activations": sorted({m.activation for m in self.mlps}),
+                "register_entry": self.entry.name, "pre_norm": self.entry.name != self._block0_stream_name(),
+                "patch_embedding": self.patch_conv.name}
+
+    def _block0_stream_name(self) -> str:
+        return self.entry.name or ""
+
+
+def node_label(node: Optional[ir.Node]) -> str:
+    if node is None:
+        return "<graph input>"
+    dom = f"{node.domain}." if node.domain not in ("", "ai.onnx") else ""
+    return f"'{node.name}' ({dom}{node.op_type})"
+
+
+def const_array(v: Optional[ir.Value]) -> Optional[np.ndarray]:
+    """The value of a constant tensor: an initializer, a Constant node, or those through Identity."""
+    if v is None:
+        return None
+    t = ir.convenience.get_const_tensor(v)
+    if t is not None:
+        return t.numpy()
+    p = v.producer()
+    if p is not None and p.op_type == "Identity" and p.domain in ("", "ai.onnx"):
+        return const_array(p.inputs[0])
+    return None
+
+
+def _is_const(v: Optional[ir.Value]) -> bool:
+    return v is None or const_array(v) is not None
+
+
+def _weight_matmul(node: Optional[ir.Node]) -> Optional[tuple[int, int]]:
+    """(in, out) when `node` is MatMul(activation, constant 2-D weight)."""
+    if node is None or node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+        return None
+    if _is_const(node.inputs[0]):
+        return None
+    w = const_array(node.inputs[1])
+    if w is None or w.ndim != 2:
+        return None
+    return int(w.shape[0]), int(w.shape[1])
+
+
+def _classify(nodes: list[ir.Node]) -> Optional[str]:
+    ops = sorted(n.op_type for n in nodes if n.op_type not in _PASS_THROUGH)
+    fused = {"Gelu": "gelu", "BiasGelu": "gelu", "FastGelu": "gelu_tanh", "QuickGelu": "quick_gelu"}
+    if len(ops) == 1 and ops[0] in fused:
+        node = next(n for n in nodes if n.op_type == ops[0])
+        if ops[0] == "Gelu" and node.attributes.get("approximate") is not None \
+                and node.attributes["approximate"].value == "tanh":
+            return "gelu_tanh"
+        if ops[0] == "QuickGelu":
+            a = node.attributes.get("alpha")
+            return "quick_gelu" if a is None or abs(a.value - 1.702) < 1e-3 else None
+        return fused[ops[0]]
+    if "Erf" in ops and set(ops) <= {"Erf", "Div", "Mul", "Add"} and len(ops) <= 5:
+        return "gelu"
+    if "Tanh" in ops and set(ops) <= {"Tanh", "Pow", "Mul", "Add"}:
+        return "gelu_tanh"
+    if ops == ["Mul", "Mul", "Sigmoid"] or ops == ["Mul", "Sigmoid"]:
+        consts = [const_array(i) for n in nodes for i in n.inputs if i is not None and _is_const(i)]
+        scal = [float(c.ravel()[0]) for c in consts if c is not None and c.size == 1]
+        if any(abs(s - 1.702) < 1e-3 for s in scal):
+            return "quick_gelu"
+    return None
+
+
+def _activation_subgraph(hidden: ir.Value) -> tuple[list[ir.Node], ir.Node, str]:
+    """Walk back from fc2's input through elementwise activation ops to the fc1 MatMul.
+    Returns (activation nodes incl. a possible fc1 bias Add, the fc1 MatMul, why-not if it failed)."""
+    seen: dict[int, ir.Node] = {}
+    sources: dict[int, ir.Node] = {}
+    stack = [hidden]
+    while stack:
+        v = stack.pop()
+        if _is_const(v):
+            continue
+        p = v.producer()
+        if p is None:
+            return [], None, "reached a graph input"  # type: ignore[return-value]
+        if _weight_matmul(p) is not None:
+            sources[id(p)] = p
+            continue
+        if p.op_type not in _ACT_OPS or p.domain not in ("", "ai.onnx", "com.microsoft"):
+            return [], p, "not an elementwise GELU-family op"  # type: ignore[return-value]
+        if id(p) in seen:
+            continue
+        seen[id(p)] = p
+        if len(seen) > _MAX_ACT_NODES:
+            return [], p, "too many nodes for an activation"  # type: ignore[return-value]
+        stack.extend(i for i in p.inputs if i is not None)
+    if len(sources) != 1:
+        return [], None, f"{len(sources)} MatMul sources"  # type: ignore[return-value]
+    return list(seen.values()), next(iter(sources.values())), ""
+
+
+def _follow_to_residual(down: ir.Value, D: int) -> Optional[ir.Node]:
+    """From fc2's output through an optional bias Add and LayerScale Mul to the residual Add or fused
+    SkipLayerNormalization."""
+    v = down
+    for _ in range(4):
+        uses = list(v.uses())
+        if len(uses) != 1:
+            return None
+        node = uses[0].node
+        if node.op_type == "SkipLayerNormalization" and uses[0].idx in (0, 1):
+            return node
+        if node.op_type in ("Add", "Mul") and node.domain in ("", "ai.onnx"):
+            other = node.inputs[1 - uses[0].idx]
+            if _is_const(other):
+                v = node.outputs[0]
+                continue
+            if node.op_type == "Add":
+                return node
+        if node.op_type in _PASS_THROUGH:
+            v = node.outputs[0]
+            continue
+        return None
+    return None
+
+
+def _ancestors(v: ir.Value, limit: int = 200000) -> set[int]:
+    out: set[int] = set()
+    stack = [v]
+    while stack and len(out) < limit:
+        x = stack.pop()
+        if id(x) in out:
+            continue
+        out.add(id(x))
+        p = x.producer()
+        if p is not None:
+            stack.extend(i for i in p.inputs if i is not None)
+    return out
+
+
+def block_output(site: MlpSite) -> ir.Value:
+    """The residual stream after the block (exposes SkipLayerNormalization's optional sum output)."""
+    j = site.joins
+    if j.op_type == "SkipLayerNormalization":
+        if len(j.outputs) < 4:
+            j.resize_outputs(4)
+            for o in j.outputs[1:3]:
+                if o.name is None and not o.uses():
+                    o.name = ""  # absent optional output
+        out = j.outputs[3]
+        if not out.name:
+            out.name = f"{j.name or 'skip_ln'}_sum_vit_surgery"
+        return out
+    return j.outputs[0]
+
+
+def _residual_inputs(v: ir.Value) -> Optional[tuple[ir.Value, ir.Value, ir.Node]]:
+    """(skip, branch, node) for a residual sum value: an Add's output or a SkipLayerNormalization's sum."""
+    p = v.producer()
+    if p is None:
+        return None
+    if p.op_type == "Add" and p.domain in ("", "ai.onnx") or (p.op_type == "SkipLayerNormalization"
+                                                              and v is (p.outputs[3] if len(p.outputs) > 3 else None)):
+        a, b = p.inputs[0], p.inputs[1]
+        if a is None or b is None or _is_const(a) or _is_const(b):
+            return None
+        if id(a) in _ancestors(b):
+            return a, b, p
+        if id(b) in _ancestors(a):
+            return b, a, p
+    return None
+
+
+def _stream_before_block0(site: MlpSite) -> tuple[ir.Value, list[str]]:
+    """The stream tensor entering block 0 (before its attention), moved before a pre-norm if any."""
+    j = site.joins
+    pair = [i for i in j.inputs[:2] if i is not None]
+    mid = next((i for i in pair if id(site.down) not in _ancestors(i)), None)
+    if mid is None:
+        raise ModelInputError(f"block 0: cannot tell the residual stream at {node_label(j)}")
+    if mid.producer() is not None and mid.producer().op_type == "SkipLayerNormalization" \
+            and (len(mid.producer().outputs) < 4 or mid is not mid.producer().outputs[3]):
+        raise ModelInputError(f"block 0: residual stream comes from a normalised output at {node_label(mid.producer())}")
+    res = _residual_inputs(mid)
+    if res is None:
+        raise ModelInputError(f"block 0: no attention residual sum found at {node_label(mid.producer())}")
+    x, _branch, _node = res
+    notes = []
+    p = x.producer()
+    if p is not None and p.op_type == "LayerNormalization" and p.domain in ("", "ai.onnx"):
+        notes.append(f"pre-norm {node_label(p)}: registers enter before it")
+        x = p.inputs[0]
+    elif p is not None and p.op_type in ("SkipLayerNormalization", "SimplifiedLayerNormalization"):
+        raise ModelInputError(f"the pre-norm is fused with the positional-embedding Add at {node_label(p)}; "
+                              "the register's entry point is inside it (export without that fusion)")
+    return x, notes
+
+
+def _patch_conv(graph: ir.Graph) -> ir.Node:
+    x = graph.inputs[0]
+    frontier = [x]
+    for _ in range(4):
+        nxt = []
+        for v in frontier:
+            for u in v.uses():
+                if u.node.op_type == "Conv":
+                    return u.node
+                if u.node.op_type in ("Cast", "Identity", "Div", "Sub", "Mul"):
+                    nxt.append(u.node.outputs[0])
+        frontier = nxt
+    raise ModelInputError(f"no patch-embedding Conv found on the graph input '{x.name}'")
+
+
+def load_ir(path: str | Path) -> ir.Model:
+    p = Path(path)
+    if not p.is_file():
+        raise ModelInputError(f"{p}: no such ONNX file")
+    try:
+        return ir.load(str(p))
+    except Exception as e:  # DecodeError, OSError, bad external-data reference
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ModelInputError(f"{p}: not a readable ONNX model ({type(e).__name__}: {first})") from None
+
+
+def recognise(path: str | Path, model: Optional[ir.Model] = None) -> VitGraph:
+    """Find blocks, MLPs, the residual stream and the register entry point in an ONNX ViT."""
+    model = model if model is not None else load_ir(path)
+    graph = model.graph
+    if len(graph.inputs) != 1:
+        raise ModelInputError(f"{path}: expected one image input, the graph has {len(graph.inputs)} "
+                              f"({[i.name for i in graph.inputs]})")
+    if any(n.op_type in ("If", "Loop", "Scan") for n in graph):
+        bad = next(n for n in graph if n.op_type in ("If", "Loop", "Scan"))
+        raise ModelInputError(f"{path}: control flow is not supported: stopped at {node_label(bad)}")
+    sites: list[MlpSite] = []
+    first_refusal: Optional[str] = None
+    for node in graph:  # topological order
+        shape = _weight_matmul(node)
+        if shape is None:
+            continue
+        H, D = shape
+        hidden = node.inputs[0]
+        act_nodes, fc1, why = _activation_subgraph(hidden)
+        if fc1 is None or not act_nodes:
+            continue  # attention projections, heads: not an MLP's down projection
+        fc1_shape = _weight_matmul(fc1)
+        if fc1_shape is None or fc1_shape[1] != H or fc1_shape[0] != D:
+            continue
+        pre = fc1.outputs[0]
+        bias_add = None
+        users = [u.node for u in pre.uses()]
+        if len(users) == 1 and users[0].op_type == "Add" and users[0] in act_nodes:
+            other = users[0].inputs[1 - [i is pre for i in users[0].inputs].index(True)]
+            b = const_array(other)
+            if b is not None and b.size == H:
+                bias_add = users[0]
+                pre = users[0].outputs[0]
+        acts = [n for n in act_nodes if n is not bias_add]
+        kind = _classify(acts)
+        if kind is None:
+            first_refusal = first_refusal or (
+                f"MLP at {node_label(fc1)} -> {node_label(node)}: activation "
+                f"[{', '.join(sorted(n.op_type for n in acts))}] at {node_label(hidden.producer())} is not a "
+                "recognised GELU (Gelu, erf GELU, tanh GELU, QuickGELU, FastGelu)")
+            continue
+        for a in acts:  # every use of an inner value must stay inside the activation
+            for o in a.outputs:
+                if o is not hidden and any(u.node not in acts for u in o.uses()):
+                    first_refusal = first_refusal or f"activation value at {node_label(a)} is used outside the MLP"
+        joins = _follow_to_residual(node.outputs[0], D)
+        if joins is None:
+            first_refusal = first_refusal or (f"MLP output of {node_label(node)} does not join a residual stream "
+                                              "(Add or SkipLayerNormalization)")
+            continue
+        sites.append(MlpSite(len(sites), fc1, bias_add, acts, kind, pre, hidden, node, node.outputs[0], joins))
+    if first_refusal:
+        raise ModelInputError(f"{path}: unsupported ViT graph: {first_refusal}")
+    if not sites:
+        mm = next((n for n in graph if n.op_type in ("MatMul", "Gemm")), None)
+        raise ModelInputError(f"{path}: no transformer MLP (MatMul -> GELU -> MatMul with constant weights) "
+                              f"found; first matrix multiply: {node_label(mm)}")
+    dims = {int(const_array(s.fc2.inputs[1]).shape[1]) for s in sites}
+    if len(dims) != 1:
+        raise ModelInputError(f"{path}: MLPs of different widths {sorted(dims)}: stopped at {node_label(sites[-1].fc2)}")
+    for a, b in zip(sites, sites[1:]):  # each block reads the previous one's stream
+        if id(block_output(a)) not in _ancestors(b.down):
+            raise ModelInputError(f"{path}: block {b.block} at {node_label(b.fc1)} does not read block {a.block}'s "
+                                  "output: not one residual stream")
+    entry, notes = _stream_before_block0(sites[0])
+    conv = _patch_conv(graph)
+    return VitGraph(model, Path(path), sites, entry, conv, dims.pop(), graph.inputs[0].name, notes)

@@ -1,0 +1,82 @@
+"""Running a (possibly rewritten) onnx-ir model in onnxruntime, with chosen intermediate tensors exposed."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from ..errors import ModelInputError
+
+_IN_MEMORY_LIMIT = 1 << 30  # larger models go through a temporary file with external data
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return (lines[0] if lines else type(e).__name__)[:300]
+
+
+def session_options() -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return so
+
+
+def session_for_file(path: Path) -> Any:
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise ModelInputError(f"{path}: onnxruntime cannot load it ({_first_line(e)})") from None
+
+
+class ExposedSession:
+    """An onnxruntime session of `model` whose outputs are the model's own plus `extra` values.
+
+    The extra values become graph outputs of a copy of the graph made by serialising `model`; `model`
+    itself is restored (its outputs list) before returning."""
+
+    def __init__(self, model: ir.Model, extra: Sequence[ir.Value], label: str) -> None:
+        import onnxruntime as ort
+
+        graph = model.graph
+        own = list(graph.outputs)
+        self.names = [v.name for v in extra]
+        added = [v for v in dict.fromkeys(extra) if not v.is_graph_output()]
+        graph.outputs.extend(added)
+        self._tmp = None
+        try:
+            proto = ir.to_proto(model)
+            size = sum(t.ByteSize() for t in proto.graph.initializer)
+            if size < _IN_MEMORY_LIMIT:
+                payload: Any = proto.SerializeToString()
+            else:
+                self._tmp = tempfile.TemporaryDirectory(prefix="vit-surgery-ort-")
+                payload = str(Path(self._tmp.name) / "model.onnx")
+                ir.save(model, payload, external_data="model.onnx.data")
+            del proto
+        finally:
+            for _ in added:
+                graph.outputs.pop()
+            assert [v.name for v in graph.outputs] == [v.name for v in own]
+        try:
+            self.session = ort.InferenceSession(payload, session_options(), providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise ModelInputError(f"{label}: onnxruntime cannot load it ({_first_line(e)})") from None
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in own]
+
+    def run(self, pixels: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """(the model's own outputs, the extra values), for one batch of pixels."""
+        got = self.session.run(self.output_names + self.names, {self.input_name: pixels})
+        return got[:len(self.output_names)], got[len(self.output_names):]
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
