@@ -98,12 +98,19 @@ def _say(a: argparse.Namespace, msg: str) -> None:
         print(msg, file=sys.stderr)
 
 
+def _is_onnx(spec: Optional[str]) -> bool:
+    return bool(spec) and str(spec).lower().endswith(".onnx")
+
+
 # ---- commands ----------------------------------------------------------------------------------
 
 def cmd_find(a: argparse.Namespace) -> int:
     from .outputs import atomic_output_file
     from .pipeline import run_find, write_json
 
+    if _is_onnx(a.model):  # an ONNX file: graph rewriting, no PyTorch model (surgery/onnx_graph)
+        from .onnx_graph.cli import cmd_find_onnx
+        return cmd_find_onnx(a, _discovery_config(a))
     out = Path(a.out)
     loaded = _load(a, a.model)
     result = run_find(loaded, a.images, _discovery_config(a), progress=not a.quiet)
@@ -120,6 +127,9 @@ def cmd_convert(a: argparse.Namespace) -> int:
     from .loading import LoadOptions
     from .pipeline import run_convert
 
+    if _is_onnx(a.model):
+        from .onnx_graph.cli import cmd_convert_onnx
+        return cmd_convert_onnx(a, _discovery_config(a))
     loaded = _load(a, a.model)
     if a.to == "timm":
         from .to_timm import to_timm
@@ -167,6 +177,9 @@ def cmd_check(a: argparse.Namespace) -> int:
     from .outputs import local_source_path
     from .pipeline import parity_batches, run_check, write_json
 
+    if _is_onnx(a.out_dir):
+        from .onnx_graph.cli import cmd_check_onnx
+        return cmd_check_onnx(a)
     folder = local_source_path(a.out_dir) or Path(a.out_dir)
     if not verify_output(folder) and (folder / "surgery.json").is_file():
         warnings.warn(f"{a.out_dir} has no integrity record (written by an older vit-surgery): damaged weights "

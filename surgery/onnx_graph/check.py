@@ -1,0 +1,185 @@
+"""Check a rewritten ONNX model against a hooked reference built on the source ONNX graph.
+
+The reference is the paper's hook expressed in the source graph, without splitting any weight: R zero
+tokens enter at the recognised entry point, and in each listed block the MLP's post-activation units are
+overwritten in place (`reference.py`'s index_select -> register_edit -> index_copy): the register
+units are gathered, their signed max is taken with ReduceMax/ReduceMin (not the bake's ArgMax), patch
+rows are zeroed, and the edited units are put back with a 0/1 mask and a one-hot MatMul (exact). Both
+models run in onnxruntime (CPU, optimisation level ALL) at several batch sizes; the error of each output
+is parity's (max over feature vectors of ||rewritten - reference|| / ||reference||).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from ..errors import ModelInputError
+from ..parity import OutputError
+from ..recipe import Recipe
+from .bake import _Builder, _insert_registers, _remake_side_tensors, _replace_uses, _shift_token_constants, \
+    _side_tensors
+from .discover import TokenLayout, measure_layout
+from .recognise import VitGraph, const_array, load_ir, recognise
+from .runtime import ExposedSession, session_for_file
+
+FP32_TOLERANCE = 1e-5
+META_PREFIX = "vit_surgery."
+
+
+def _reduce(b: _Builder, op: str, x: ir.Value, axes: list[int], opset: int) -> ir.Value:
+    if opset >= 18:
+        return b.op(op, [x, b.i64("axes", axes)], {"keepdims": 1})
+    return b.op(op, [x], {"axes": axes, "keepdims": 1})
+
+
+def _hooked_units(b: _Builder, h: ir.Value, units: list[int], H: int, p: int, R: int, scale: float,
+                  per_neuron: bool, opset: int) -> ir.Value:
+    k = len(units)
+    dtype = np.float32
+    sel = b.op("Gather", [h, b.i64("units", units)], {"axis": 2})  # [B, N, k]
+    axes = [1] if per_neuron else [1, 2]
+    mx = _reduce(b, "ReduceMax", sel, axes, opset)
+    mn = _reduce(b, "ReduceMin", sel, axes, opset)
+    signed = b.op("Where", [b.op("GreaterOrEqual", [mx, b.op("Neg", [mn])]), mx, mn])
+    if scale != 1.0:
+        signed = b.op("Mul", [signed, b.const("scale", np.asarray(scale, dtype=dtype))])
+    reg = b.op("Expand", [signed, b.i64("rk", [1, R, k])])
+    axis1 = b.i64("axis1", [1])
+    prefix = b.op("Slice", [sel, b.i64("s", [0]), b.i64("e", [p]), axis1])
+    rest = b.op("Slice", [sel, b.i64("s", [p + R]), b.i64("e", [np.iinfo(np.int64).max]), axis1])
+    zeros = b.op("Mul", [rest, b.const("zero", np.zeros((), dtype=dtype))])
+    edited = b.op("Concat", [prefix, reg, zeros], {"axis": 1})  # [B, N, k]
+    keep = np.ones(H, dtype=dtype); keep[units] = 0
+    onehot = np.zeros((k, H), dtype=dtype); onehot[np.arange(k), units] = 1
+    return b.op("Add", [b.op("Mul", [h, b.const("keep", keep)]), b.op("MatMul", [edited, b.const("onehot", onehot)])])
+
+
+def hooked_reference_graph(source: str | Path, recipe: Recipe, layout: Optional[TokenLayout] = None) -> ir.Model:
+    """The source ONNX model with the test-time-register hooks written into it (see module doc)."""
+    vit = recognise(source)
+    layout = layout or measure_layout(vit)
+    side = _side_tensors(vit, layout)
+    graph = vit.model.graph
+    opset = vit.model.opset_imports.get("", 17)
+    b = _Builder(graph, "vit_surgery_reference")
+    R, p = recipe.num_registers, layout.num_prefix
+    entry = _insert_registers(b, vit, layout, R, const_array(vit.mlps[0].fc2.inputs[1]).dtype)
+    for block, units in recipe.neurons.items():
+        site = vit.mlps[block]
+        before = len(b.nodes)
+        new_h = _hooked_units(b, site.hidden, list(units), site.width, p, R, recipe.scale,
+                              recipe.mode == "per_neuron", opset)
+        _replace_uses(site.hidden, new_h, {id(n) for n in b.nodes[before:]})
+    own = {id(n) for n in b.nodes}
+    b.commit()
+    _shift_token_constants(b, entry, layout, R, own)
+    _remake_side_tensors(b, side, layout, R)
+    graph.sort()
+    return vit.model
+
+
+@dataclass
+class OnnxCheckReport:
+    path: str
+    source: str
+    tolerance: float
+    batch_sizes: list[int] = field(default_factory=list)
+    errors: dict[str, OutputError] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def worst(self) -> Optional[OutputError]:
+        return max(self.errors.values(), key=lambda e: e.relative, default=None)
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems and all(e.relative <= self.tolerance for e in self.errors.values())
+
+    def summary(self) -> str:
+        if self.problems:
+            return f"ONNX check FAILED: {self.problems[0]}"
+        w = self.worst
+        state = "passed" if self.passed else "FAILED"
+        return (f"ONNX check {state}: {Path(self.path).name} vs the hooked reference on {Path(self.source).name} "
+                f"at batch sizes {self.batch_sizes}; worst relative error {w.relative:.2e} ({w.name}) "
+                f"<= {self.tolerance:g}" if self.passed else
+                f"ONNX check {state}: worst relative error {w.relative:.2e} ({w.name} at {w.where}) > {self.tolerance:g}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "path": self.path, "source": self.source, "tolerance": self.tolerance,
+                "batch_sizes": self.batch_sizes, "problems": self.problems,
+                "relative_error_definition": "max over feature vectors of ||rewritten - reference|| / ||reference||",
+                "reference": "source ONNX graph with the test-time-register hooks written in (no weight split)",
+                "runtime": "onnxruntime CPUExecutionProvider, graph_optimization_level ORT_ENABLE_ALL",
+                "outputs": {k: {"relative": e.relative, "max_abs": e.max_abs, "where": list(e.where)}
+                            for k, e in self.errors.items()},
+                "summary": self.summary()}
+
+
+def read_recipe(path: str | Path) -> Recipe:
+    meta = load_ir(path).metadata_props
+    raw = meta.get(META_PREFIX + "recipe")
+    if raw is None:
+        raise ModelInputError(f"{path}: no vit_surgery.recipe metadata (not written by `vit-surgery convert`)")
+    try:
+        return Recipe.from_dict(json.loads(raw), source=f"{path} metadata")
+    except ValueError:
+        raise ModelInputError(f"{path}: metadata vit_surgery.recipe is malformed") from None
+
+
+def rebatch(pixels: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
+    out, start = [], 0
+    for s in sizes:
+        if start >= len(pixels):
+            break
+        out.append(pixels[start:start + s])
+        start += s
+    return out
+
+
+@torch.no_grad()
+def check_onnx(baked: str | Path, source: str | Path, batches: list[torch.Tensor], *,
+               tolerance: float = FP32_TOLERANCE, recipe: Optional[Recipe] = None) -> OnnxCheckReport:
+    """Run the rewritten model and the hooked reference graph on `batches`; compare every output."""
+    baked, source = Path(baked), Path(source)
+    recipe = recipe or read_recipe(baked)
+    report = OnnxCheckReport(str(baked), str(source), tolerance)
+    src_vit = recognise(source)
+    layout = measure_layout(src_vit)
+    meta = dict(load_ir(baked).metadata_props)
+    report.metadata = {k[len(META_PREFIX):]: v for k, v in meta.items() if k.startswith(META_PREFIX)}
+    want_regs = list(range(layout.num_prefix, layout.num_prefix + recipe.num_registers))
+    if report.metadata.get("register_token_indices") not in (None, json.dumps(want_regs)):
+        report.problems.append(f"{baked.name} records register tokens at {report.metadata['register_token_indices']}, "
+                               f"the source's layout puts them at {want_regs}")
+    sess = session_for_file(baked)
+    ref_model = hooked_reference_graph(source, recipe, layout)
+    ref = ExposedSession(ref_model, [], f"hooked reference of {source}")
+    names = [o.name for o in sess.get_outputs()]
+    if names != ref.output_names:
+        report.problems.append(f"{baked.name} has outputs {names}, the source has {ref.output_names}")
+        return report
+    report.errors = {n: OutputError(n) for n in names}
+    offset = 0
+    try:
+        for pixels in batches:
+            x = pixels.float().numpy()
+            got = sess.run(names, {sess.get_inputs()[0].name: x})
+            want, _ = ref.run(x)
+            for n, g, w in zip(names, got, want):
+                if g.shape != w.shape:
+                    report.problems.append(f"output {n} has shape {list(g.shape)}, the reference {list(w.shape)}")
+                    return report
+                report.errors[n].update(torch.from_numpy(np.asarray(g)), torch.from_numpy(np.asarray(w)), offset=offset)
+            offset += len(x)
+            report.batch_sizes.append(len(x))
+    finally:
+        ref.close()
+    return report

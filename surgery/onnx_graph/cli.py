@@ -1,0 +1,134 @@
+"""`vit-surgery find|convert|check` when MODEL is an .onnx file (dispatched from surgery/cli.py)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .. import __version__
+from ..errors import ModelInputError, NeuronsFileError, ParityError, SurgeryError
+
+CHECK_BATCH_SIZES = (1, 3, 8)
+
+
+def is_onnx(spec: Optional[str]) -> bool:
+    return bool(spec) and str(spec).lower().endswith(".onnx")
+
+
+def _say(a: argparse.Namespace, msg: str) -> None:
+    if not getattr(a, "quiet", False):
+        print(f"vit-surgery: {msg}", file=sys.stderr)
+
+
+def _images_pixels(source: Path, images: Optional[str], count: int, seed: int, progress: bool) -> torch.Tensor:
+    from ..images import ImageBatches, list_images
+    from ..organism import builtin_images
+    from .discover import transform_for
+    from .recognise import recognise
+
+    tf, _ = transform_for(recognise(source))
+    folder = images or builtin_images()
+    files = list_images(folder, count, seed)
+    batches = ImageBatches(files, tf, 8, progress=progress, desc="check images")
+    chunks = [x for x, _ in batches]
+    batches.require_some(sum(len(c) for c in chunks))
+    return torch.cat(chunks)
+
+
+def check_batches(source: Path, images: Optional[str], count: int, seed: int, progress: bool) -> list[torch.Tensor]:
+    from .check import rebatch
+
+    pixels = _images_pixels(source, images, max(count, sum(CHECK_BATCH_SIZES[:2]) + 1), seed, progress)
+    rest = len(pixels) - sum(CHECK_BATCH_SIZES[:2])
+    return rebatch(pixels, list(CHECK_BATCH_SIZES[:2]) + [max(rest, 1)])
+
+
+def cmd_find_onnx(a: argparse.Namespace, config: Any) -> int:
+    from ..outputs import check_output_target
+    from ..pipeline import write_json
+    from .discover import find_register_neurons_onnx
+
+    out = Path(a.out)
+    if out.exists() and not a.overwrite:
+        check_output_target(out, a.overwrite)
+    prov = {"images": str(a.images), "tool_version": __version__}
+    result = find_register_neurons_onnx(a.model, a.images, config, progress=not a.quiet, provenance=prov)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial")
+    write_json(tmp, result.to_json())
+    os.replace(tmp, out)
+    units = ", ".join(f"{k}: {list(v)}" for k, v in result.recipe.neurons.items())
+    print(f"found {result.recipe.num_neurons} register neuron(s) in {result.counts['images_with_outliers']}/"
+          f"{result.counts['images']} images with outliers -> {units}")
+    print(f"wrote {out}")
+    return 0
+
+
+def _recipe(a: argparse.Namespace, config: Any) -> tuple[Any, dict[str, Any]]:
+    from ..recipe import read_neurons_file
+    from .discover import find_register_neurons_onnx
+
+    overrides = {"num_registers": a.num_registers, "scale": a.scale, "mode": a.mode}
+    if a.neurons:
+        path = Path(a.neurons)
+        if path.exists() or a.neurons.endswith(".json"):
+            recipe, doc = read_neurons_file(path)
+        else:
+            from ..published import published_neurons
+
+            recipe, doc = published_neurons(a.neurons), {"published": a.neurons}
+        return recipe.with_options(**overrides), doc
+    if a.images:
+        result = find_register_neurons_onnx(a.model, a.images, config, progress=not a.quiet,
+                                            provenance={"images": str(a.images), "tool_version": __version__})
+        return result.recipe, result.to_json()
+    raise NeuronsFileError("an ONNX model needs --neurons FILE or --images DIR (no published set is matched "
+                           "to ONNX files)")
+
+
+def cmd_convert_onnx(a: argparse.Namespace, config: Any) -> int:
+    from .convert import convert_onnx, require_onnx_file
+
+    if getattr(a, "to", "native") != "native" or getattr(a, "onnx", False) or getattr(a, "fp16", False):
+        raise SurgeryError("--to, --onnx and --fp16 apply to PyTorch models; an ONNX input is written as "
+                           "OUT/model.onnx")
+    from ..outputs import check_output_target
+
+    check_output_target(a.out, a.overwrite)
+    source = require_onnx_file(a.model)
+    recipe, doc = _recipe(a, config)
+    batches = None if a.no_check else check_batches(source, a.check_images or a.images, 16, 0, not a.quiet)
+    _say(a, f"rewriting {source.name}: {recipe.num_neurons} register neuron(s), R={recipe.num_registers}")
+    res = convert_onnx(source, a.out, recipe, overwrite=a.overwrite, check_batches=batches, tolerance=a.tolerance,
+                       extra_files={"neurons.json": doc})
+    units = ", ".join(f"{k}: {list(v)}" for k, v in recipe.neurons.items())
+    print(f"baked {recipe.num_neurons} register neuron(s) ({units}), R={recipe.num_registers} into the ONNX graph")
+    if res.report is not None:
+        print(res.report.summary())
+    print(f"wrote {res.out}" + (" (+ model.onnx.data)" if res.external_data else ""))
+    return 0
+
+
+def cmd_check_onnx(a: argparse.Namespace) -> int:
+    from ..pipeline import write_json
+    from .check import check_onnx
+    from .convert import require_onnx_file
+
+    baked = require_onnx_file(a.out_dir)
+    if not a.source:
+        raise ModelInputError("checking an ONNX file needs --source ORIGINAL.onnx (the model it was made from)")
+    source = require_onnx_file(a.source)
+    batches = check_batches(source, a.images, a.num_images, a.seed, not a.quiet)
+    report = check_onnx(baked, source, batches, tolerance=a.tolerance)
+    report_path = Path(a.report) if a.report else baked.parent / "parity.json"
+    write_json(report_path, {"onnx": report.to_dict()})
+    print(report.summary())
+    print(f"wrote {report_path}")
+    if not report.passed:
+        raise ParityError(report.summary())
+    return 0

@@ -1,0 +1,104 @@
+"""`convert model.onnx`: recognise, bake, save (external data kept for large models), check, move into place."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import onnx_ir as ir
+import torch
+
+from ..errors import ModelInputError, ParityError
+from ..outputs import check_output_target
+from ..recipe import Recipe
+from .bake import bake_graph
+from .check import FP32_TOLERANCE, OnnxCheckReport, check_onnx
+from .discover import measure_layout
+from .recognise import recognise
+
+ONNX_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+# protobuf cannot hold 2 GiB; above this (or when the source had external data) weights go to DATA_FILE
+EXTERNAL_DATA_THRESHOLD = 2**31 - 64 * 2**20
+
+
+def _weights_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def _has_external(model: ir.Model) -> bool:
+    return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+
+
+def _remove_unused(model: ir.Model) -> None:
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    RemoveUnusedNodesPass()(model)
+
+
+@dataclass
+class OnnxConvertResult:
+    out: Path
+    recipe: Recipe
+    external_data: bool
+    summary: dict[str, Any]
+    report: Optional[OnnxCheckReport]
+
+
+def convert_onnx(source: str | Path, out_dir: str | Path, recipe: Recipe, *, overwrite: bool = False,
+                 check_batches: Optional[list[torch.Tensor]] = None, tolerance: float = FP32_TOLERANCE,
+                 external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, extra_files: Optional[dict[str, Any]] = None
+                 ) -> OnnxConvertResult:
+    """Write OUT/model.onnx (+ model.onnx.data) with the registers baked into the graph. With
+    `check_batches`, the result is checked against the hooked reference graph first; a failure raises
+    ParityError and leaves nothing behind."""
+    source = Path(source)
+    out = check_output_target(out_dir, overwrite)
+    vit = recognise(source)
+    layout = measure_layout(vit)
+    external = _has_external(vit.model)
+    summary = bake_graph(vit, recipe, layout, source=str(source))
+    _remove_unused(vit.model)
+    external = external or _weights_bytes(vit.model) > external_data_threshold
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        path = tmp / ONNX_FILE
+        ir.save(vit.model, str(path), external_data=DATA_FILE if external else None)
+        del vit
+        report = None
+        if check_batches is not None:
+            report = check_onnx(path, source, check_batches, tolerance=tolerance, recipe=recipe)
+            if not report.passed:
+                raise ParityError(f"the rewritten ONNX model failed the check, nothing written: {report.summary()}")
+        for name, doc in (extra_files or {}).items():
+            (tmp / name).write_text(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+        if report is not None:
+            (tmp / "parity.json").write_text(json.dumps({"onnx": report.to_dict()}, indent=2, default=float) + "\n")
+        for f in ("preprocessor_config.json",):  # keep the image preprocessing next to the model
+            if (source.parent / f).is_file():
+                shutil.copy2(source.parent / f, tmp / f)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return OnnxConvertResult(out / ONNX_FILE, recipe, external, summary, report)
+
+
+def require_onnx_file(path: str | Path) -> Path:
+    p = Path(path)
+    if p.is_dir() and (p / ONNX_FILE).is_file():
+        return p / ONNX_FILE
+    if not p.is_file():
+        raise ModelInputError(f"{p}: no such ONNX file")
+    return p
