@@ -46,6 +46,8 @@ class _Builder:
         return f"{self.prefix}/{what}_{self.count}"
 
     def const(self, what: str, array: np.ndarray) -> ir.Value:
+        if array.ndim == 0:  # scalars as [1] (broadcasts the same; 0-d initializers lose their rank in onnx-ir)
+            array = array.reshape(1)
         v = ir.Value(name=self._name(what), const_value=ir.tensor(np.ascontiguousarray(array)))
         v.shape = ir.Shape(array.shape)
         v.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
@@ -141,36 +143,24 @@ def _edit_rows(b: _Builder, h: ir.Value, p: int, R: int, k: int, scale: float, p
     return b.op("Concat", [head, reg], {"axis": 1})
 
 
-def _split_mlp(b: _Builder, site: MlpSite, units: list[int], p: int, R: int, scale: float, per_neuron: bool,
-               order: dict[int, int]) -> None:
+def uses_float64(site: MlpSite) -> bool:
+    """As vit-surgery's own export does: the k register units' activation and edit run in float64 where
+    onnxruntime has float64 kernels for every op (not Erf, not the fused GELUs), because the register
+    row's signed max can sit in the activation's far tail, where float32 kernels differ relatively."""
+    return all((n.op_type in _F64_OPS and n.domain in ("", "ai.onnx")) or n.op_type == "QuickGelu"
+               for n in site.act_nodes)
+
+
+def clone_activation(b: _Builder, site: MlpSite, pre: ir.Value, idx: np.ndarray, order: dict[int, int], *,
+                     strip_ordinary: bool) -> tuple[ir.Value, bool]:
+    """The block's activation subgraph applied to `pre` (the k register units' pre-activation), per-unit
+    constants sliced to the units; with `strip_ordinary` those units are also zeroed in the original
+    subgraph's per-unit constants. Returns (post-activation [B, N, k], whether it runs in float64)."""
     H = site.width
-    idx = np.asarray(sorted(units), dtype=np.int64)
-    w1 = const_array(site.fc1.inputs[1])
-    w2 = const_array(site.fc2.inputs[1])
-    # the ordinary MLP: same shapes, register units removed (new initializers: exporters share constants)
-    w1z = w1.copy(); w1z[:, idx] = 0
-    w2z = w2.copy(); w2z[idx, :] = 0
-    site.fc1.replace_input_with(1, b.const(f"block{site.block}_fc1_weight", w1z))
-    site.fc2.replace_input_with(1, b.const(f"block{site.block}_fc2_weight", w2z))
-    x = site.fc1.inputs[0]
-    r = b.op("MatMul", [x, b.const(f"block{site.block}_reg_fc1_weight", np.ascontiguousarray(w1[:, idx]))])
-    mapping: dict[int, ir.Value] = {id(site.fc1.outputs[0]): r}
-    if site.fc1_bias_add is not None:
-        add = site.fc1_bias_add
-        bi = next(i for i, v in enumerate(add.inputs) if v is not site.fc1.outputs[0])
-        bias = const_array(add.inputs[bi])
-        bz = bias.copy(); bz.reshape(-1)[idx] = 0
-        r = b.op("Add", [r, b.const(f"block{site.block}_reg_fc1_bias", np.ascontiguousarray(bias.reshape(-1)[idx]))])
-        add.replace_input_with(bi, b.const(f"block{site.block}_fc1_bias", bz))
-        mapping[id(add.outputs[0])] = r
-    # As vit-surgery's own export does: the k register units' activation and edit run in float64 where
-    # onnxruntime has float64 kernels for every op (not Erf, not the fused GELUs), because the register
-    # row's signed max can sit in the activation's far tail, where float32 kernels differ relatively.
-    f64 = all((n.op_type in _F64_OPS and n.domain in ("", "ai.onnx")) or n.op_type == "QuickGelu"
-              for n in site.act_nodes)
+    f64 = uses_float64(site)
     if f64:
-        r = b.op("Cast", [r], {"to": ir.DataType.DOUBLE})
-        mapping[id(site.pre)] = r
+        pre = b.op("Cast", [pre], {"to": ir.DataType.DOUBLE})
+    mapping: dict[int, ir.Value] = {id(site.pre): pre}
     for node in sorted(site.act_nodes, key=lambda n: order[id(n)]):
         if f64 and node.op_type == "QuickGelu":  # onnxruntime's fused x * sigmoid(alpha x), float32 only
             a = node.attributes.get("alpha")
@@ -185,9 +175,11 @@ def _split_mlp(b: _Builder, site: MlpSite, units: list[int], p: int, R: int, sca
                 continue
             c = const_array(v) if v is not None else None
             if c is not None and c.size == H and c.shape[-1] == H:  # per-unit constant (fused bias)
-                cz = c.copy(); cz.reshape(-1)[idx] = 0
-                node.replace_input_with(j, b.const(f"block{site.block}_act_const", cz))
-                ins.append(b.const(f"block{site.block}_reg_act_const", np.ascontiguousarray(c.reshape(-1)[idx])))
+                if strip_ordinary:
+                    cz = c.copy(); cz.reshape(-1)[idx] = 0
+                    node.replace_input_with(j, b.const(f"block{site.block}_act_const", cz))
+                unit_c = np.ascontiguousarray(c.reshape(-1)[idx])
+                ins.append(b.const(f"block{site.block}_reg_act_const", unit_c.astype(np.float64) if f64 else unit_c))
             elif f64 and c is not None and c.dtype.kind == "f":
                 ins.append(b.const(f"block{site.block}_reg_act_const64", c.astype(np.float64)))
             else:
@@ -197,7 +189,32 @@ def _split_mlp(b: _Builder, site: MlpSite, units: list[int], p: int, R: int, sca
             mapping[id(o)] = no
     hr = mapping.get(id(site.hidden))
     if hr is None:
-        raise ModelInputError(f"block {site.block}: could not rebuild the activation at {node_label(site.hidden.producer())}")
+        raise ModelInputError(f"block {site.block}: could not rebuild the activation at "
+                              f"{node_label(site.hidden.producer())}")
+    return hr, f64
+
+
+def _split_mlp(b: _Builder, site: MlpSite, units: list[int], p: int, R: int, scale: float, per_neuron: bool,
+               order: dict[int, int]) -> None:
+    H = site.width
+    idx = np.asarray(sorted(units), dtype=np.int64)
+    w1 = const_array(site.fc1.inputs[1])
+    w2 = const_array(site.fc2.inputs[1])
+    # the ordinary MLP: same shapes, register units removed (new initializers: exporters share constants)
+    w1z = w1.copy(); w1z[:, idx] = 0
+    w2z = w2.copy(); w2z[idx, :] = 0
+    site.fc1.replace_input_with(1, b.const(f"block{site.block}_fc1_weight", w1z))
+    site.fc2.replace_input_with(1, b.const(f"block{site.block}_fc2_weight", w2z))
+    x = site.fc1.inputs[0]
+    r = b.op("MatMul", [x, b.const(f"block{site.block}_reg_fc1_weight", np.ascontiguousarray(w1[:, idx]))])
+    if site.fc1_bias_add is not None:
+        add = site.fc1_bias_add
+        bi = next(i for i, v in enumerate(add.inputs) if v is not site.fc1.outputs[0])
+        bias = const_array(add.inputs[bi])
+        bz = bias.copy(); bz.reshape(-1)[idx] = 0
+        r = b.op("Add", [r, b.const(f"block{site.block}_reg_fc1_bias", np.ascontiguousarray(bias.reshape(-1)[idx]))])
+        add.replace_input_with(bi, b.const(f"block{site.block}_fc1_bias", bz))
+    hr, f64 = clone_activation(b, site, r, idx, order, strip_ordinary=True)
     head = _edit_rows(b, hr, p, R, len(idx), scale, per_neuron, np.float64 if f64 else np.float32)
     if f64:
         head = b.op("Cast", [head], {"to": ir.DataType.from_numpy(w2.dtype)})

@@ -22,8 +22,8 @@ import torch
 from ..errors import ModelInputError
 from ..parity import OutputError
 from ..recipe import Recipe
-from .bake import _Builder, _insert_registers, _remake_side_tensors, _replace_uses, _shift_token_constants, \
-    _side_tensors
+from .bake import (_Builder, _insert_registers, _remake_side_tensors, _replace_uses, _shift_token_constants,
+                   _side_tensors, clone_activation, uses_float64)
 from .discover import TokenLayout, measure_layout
 from .recognise import VitGraph, const_array, load_ir, recognise
 from .runtime import ExposedSession, session_for_file
@@ -38,11 +38,10 @@ def _reduce(b: _Builder, op: str, x: ir.Value, axes: list[int], opset: int) -> i
     return b.op(op, [x], {"axes": axes, "keepdims": 1})
 
 
-def _hooked_units(b: _Builder, h: ir.Value, units: list[int], H: int, p: int, R: int, scale: float,
-                  per_neuron: bool, opset: int) -> ir.Value:
+def _hooked_units(b: _Builder, h: ir.Value, sel: ir.Value, units: list[int], H: int, p: int, R: int,
+                  scale: float, per_neuron: bool, opset: int, dtype: Any) -> ir.Value:
+    """h with the register units (`sel` = their activations [B, N, k], in `dtype`) edited in place."""
     k = len(units)
-    dtype = np.float32
-    sel = b.op("Gather", [h, b.i64("units", units)], {"axis": 2})  # [B, N, k]
     axes = [1] if per_neuron else [1, 2]
     mx = _reduce(b, "ReduceMax", sel, axes, opset)
     mn = _reduce(b, "ReduceMin", sel, axes, opset)
@@ -53,10 +52,12 @@ def _hooked_units(b: _Builder, h: ir.Value, units: list[int], H: int, p: int, R:
     axis1 = b.i64("axis1", [1])
     prefix = b.op("Slice", [sel, b.i64("s", [0]), b.i64("e", [p]), axis1])
     rest = b.op("Slice", [sel, b.i64("s", [p + R]), b.i64("e", [np.iinfo(np.int64).max]), axis1])
-    zeros = b.op("Mul", [rest, b.const("zero", np.zeros((), dtype=dtype))])
+    zeros = b.op("Mul", [rest, b.const("zero", np.zeros((), dtype=dtype))])  # exact zeros, same shape
     edited = b.op("Concat", [prefix, reg, zeros], {"axis": 1})  # [B, N, k]
-    keep = np.ones(H, dtype=dtype); keep[units] = 0
-    onehot = np.zeros((k, H), dtype=dtype); onehot[np.arange(k), units] = 1
+    if dtype != np.float32:
+        edited = b.op("Cast", [edited], {"to": ir.DataType.FLOAT})
+    keep = np.ones(H, dtype=np.float32); keep[units] = 0
+    onehot = np.zeros((k, H), dtype=np.float32); onehot[np.arange(k), units] = 1
     return b.op("Add", [b.op("Mul", [h, b.const("keep", keep)]), b.op("MatMul", [edited, b.const("onehot", onehot)])])
 
 
@@ -70,11 +71,19 @@ def hooked_reference_graph(source: str | Path, recipe: Recipe, layout: Optional[
     b = _Builder(graph, "vit_surgery_reference")
     R, p = recipe.num_registers, layout.num_prefix
     entry = _insert_registers(b, vit, layout, R, const_array(vit.mlps[0].fc2.inputs[1]).dtype)
+    order = {id(n): i for i, n in enumerate(graph)}
     for block, units in recipe.neurons.items():
         site = vit.mlps[block]
         before = len(b.nodes)
-        new_h = _hooked_units(b, site.hidden, list(units), site.width, p, R, recipe.scale,
-                              recipe.mode == "per_neuron", opset)
+        idx = list(units)
+        if uses_float64(site):  # the hooked units' activation, recomputed exactly (far tail: see bake.py)
+            pre = b.op("Gather", [site.pre, b.i64("units", idx)], {"axis": 2})
+            sel, _ = clone_activation(b, site, pre, np.asarray(idx), order, strip_ordinary=False)
+            dtype: Any = np.float64
+        else:
+            sel, dtype = b.op("Gather", [site.hidden, b.i64("units", idx)], {"axis": 2}), np.float32
+        new_h = _hooked_units(b, site.hidden, sel, idx, site.width, p, R, recipe.scale,
+                              recipe.mode == "per_neuron", opset, dtype)
         _replace_uses(site.hidden, new_h, {id(n) for n in b.nodes[before:]})
     own = {id(n) for n in b.nodes}
     b.commit()

@@ -267,6 +267,58 @@ def _stream_before_block0(site: MlpSite) -> tuple[ir.Value, list[str]]:
     return x, notes
 
 
+def _unfuse_skip_layer_norm(graph: ir.Graph, node: ir.Node) -> None:
+    """SkipLayerNormalization(a, b, gamma, beta, bias) -> s = a + b (+ bias); LayerNormalization(s): the same
+    computation, with the sum a separate tensor so tokens can be inserted between the two."""
+    if any(o.uses() for o in node.outputs[1:3]):
+        raise ModelInputError(f"{node_label(node)}: its mean / inv-std outputs are used; cannot un-fuse it")
+    ins = list(node.inputs) + [None] * (5 - len(node.inputs))
+    a, b, gamma, beta, bias = ins[:5]
+    eps = node.attributes.get("epsilon")
+    new: list[ir.Node] = []
+    add = ir.Node("", "Add", [a, b], name=f"{node.name}/unfused_add")
+    new.append(add)
+    s = add.outputs[0]
+    if bias is not None:
+        add_b = ir.Node("", "Add", [s, bias], name=f"{node.name}/unfused_bias")
+        new.append(add_b)
+        s = add_b.outputs[0]
+    attrs = [ir.AttrInt64("axis", -1), ir.AttrFloat32("epsilon", eps.value if eps is not None else 1e-12)]
+    ln = ir.Node("", "LayerNormalization", [s, gamma] + ([beta] if beta is not None else []), attrs,
+                 name=f"{node.name}/unfused_layer_norm")
+    new.append(ln)
+    s.name = f"{node.name}/sum"
+    ln.outputs[0].name = f"{node.name}/normalised"
+    graph.insert_before(node, new)
+    for old, repl in ((node.outputs[0], ln.outputs[0]), (node.outputs[3] if len(node.outputs) > 3 else None, s)):
+        if old is None:
+            continue
+        was_output = old.is_graph_output()
+        for u in list(old.uses()):
+            u.node.replace_input_with(u.idx, repl)
+        if was_output:
+            graph.outputs[[o is old for o in graph.outputs].index(True)] = repl
+            repl.name, old.name = old.name, f"{old.name}_fused_unused"
+    graph.remove(node, safe=True)
+
+
+def _unfuse_before_block0(graph: ir.Graph, site: "MlpSite") -> list[str]:
+    """Fused SkipLayerNormalization nodes in the embedding (positional Add + first norm) are split, so
+    the register entry point exists as a tensor. The attention residual of block 0 stays fused."""
+    j = site.joins
+    pair = [i for i in j.inputs[:2] if i is not None]
+    mid = next((i for i in pair if id(site.down) not in _ancestors(i)), None)
+    keep = mid.producer() if mid is not None else None
+    done = []
+    anc = _ancestors(site.fc1.inputs[0])
+    for node in list(graph):
+        if node.op_type == "SkipLayerNormalization" and node is not keep and node is not j \
+                and any(id(o) in anc for o in node.outputs):
+            done.append(f"un-fused {node_label(node)} (positional-embedding Add + LayerNorm)")
+            _unfuse_skip_layer_norm(graph, node)
+    return done
+
+
 def _patch_conv(graph: ir.Graph) -> ir.Node:
     x = graph.inputs[0]
     frontier = [x]
@@ -357,6 +409,8 @@ def recognise(path: str | Path, model: Optional[ir.Model] = None) -> VitGraph:
         if id(block_output(a)) not in _ancestors(b.down):
             raise ModelInputError(f"{path}: block {b.block} at {node_label(b.fc1)} does not read block {a.block}'s "
                                   "output: not one residual stream")
+    unfused = _unfuse_before_block0(graph, sites[0])
     entry, notes = _stream_before_block0(sites[0])
+    notes = unfused + notes
     conv = _patch_conv(graph)
     return VitGraph(model, Path(path), sites, entry, conv, dims.pop(), graph.inputs[0].name, notes)
