@@ -176,7 +176,8 @@ def test_external_data_is_written_and_kept(onnx_root, tmp_path):
     ext_src = tmp_path / "src" / "model.onnx"
     ext_src.parent.mkdir()
     onnx.save_model(onnx.load(str(src)), str(ext_src), save_as_external_data=True, location="model.onnx.data",
-                    size_threshold=0)
+                    size_threshold=1024)
+    assert (ext_src.parent / "model.onnx.data").stat().st_size > 100_000
     res2 = convert_onnx(ext_src, tmp_path / "ext2", recipe)
     assert res2.external_data and (tmp_path / "ext2" / "model.onnx.data").is_file()
     x = pixels_from(builtin_images(), family_for(model).data_transform(model), 2)

@@ -3,7 +3,7 @@ fed batch by batch to the same streaming reducer `find` uses on PyTorch models (
 from __future__ import annotations
 
 import json
-import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -17,8 +17,6 @@ from ..errors import ModelInputError
 from ..images import ImageBatches, list_images
 from .recognise import VitGraph, block_output, node_label, recognise
 from .runtime import ExposedSession
-
-log = logging.getLogger("vit-surgery")
 
 FAMILY_NAME = "onnx"
 DEFAULT_PREPROCESS = {"interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
@@ -59,8 +57,8 @@ def preprocess_config(vit: VitGraph) -> tuple[dict[str, Any], str]:
             return cfg, "metadata vit_surgery.preprocess"
         except (ValueError, TypeError):
             pass
-    log.warning("%s: no preprocessor_config.json next to the model; using ImageNet mean/std, bicubic resize to %s",
-                vit.path, size[1:])
+    warnings.warn(f"{vit.path}: no preprocessor_config.json next to the model; using ImageNet mean/std, "
+                  f"bicubic resize to {size[1:]}", stacklevel=2)
     return base, "default (ImageNet mean/std)"
 
 

@@ -54,9 +54,10 @@ class ExposedSession:
         try:
             proto = ir.to_proto(model)
             size = sum(t.ByteSize() for t in proto.graph.initializer)
-            if size < _IN_MEMORY_LIMIT:
+            external = any(isinstance(v.const_value, ir.ExternalTensor) for v in graph.initializers.values())
+            if size < _IN_MEMORY_LIMIT and not external:
                 payload: Any = proto.SerializeToString()
-            else:
+            else:  # external data is found relative to a file's folder
                 self._tmp = tempfile.TemporaryDirectory(prefix="vit-surgery-ort-")
                 payload = str(Path(self._tmp.name) / "model.onnx")
                 ir.save(model, payload, external_data="model.onnx.data")
