@@ -74,11 +74,9 @@ class VitGraph:
     def describe(self) -> dict:
         return {"blocks": self.depth, "embed_dim": self.embed_dim, "mlp_hidden": sorted(set(self.hidden_sizes)),
                 "activations": sorted({m.activation for m in self.mlps}),
-                "register_entry": self.entry.name, "pre_norm": self.entry.name != self._block0_stream_name(),
-                "patch_embedding": self.patch_conv.name}
-
-    def _block0_stream_name(self) -> str:
-        return self.entry.name or ""
+                "register_entry": self.entry.name, "patch_embedding": self.patch_conv.name,
+                "mlps": [{"fc1": m.fc1.name, "activation": m.activation, "fc2": m.fc2.name, "joins": m.joins.name}
+                         for m in self.mlps], "notes": self.notes}
 
 
 def node_label(node: Optional[ir.Node]) -> str:
