@@ -102,15 +102,32 @@ def _map_timm_error(spec: str, e: BaseException) -> Exception:
     return ModelInputError(f"{spec}: could not load: {msg}")
 
 
+def timm_build_args(model: nn.Module, declared: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The kwargs that rebuild `model`'s class exactly: what the factory recorded (model_args from the
+    config, create_model kwargs) plus the current head/pool/size/channels, as timm's own exporter
+    (`save_for_hf`) computes them. JSON-only; non-serialisable values are dropped."""
+    try:
+        from timm.models._input import get_model_args
+
+        args = dict(get_model_args(model))
+    except Exception:  # older timm: what the config declared, plus the head
+        args = dict(getattr(model, "_model_args", {}) or {})
+        args.setdefault("num_classes", int(getattr(model, "num_classes", 0)))
+    for k, v in (declared or {}).items():
+        args.setdefault(k, v)
+    for k in ("pretrained_cfg", "pretrained_cfg_overlay", "pretrained_model_args", "cache_dir", "device", "dtype"):
+        args.pop(k, None)
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in args.items() if _is_json(v)}
+
+
 def _timm_source(model: nn.Module, arch: str, model_args: dict[str, Any]) -> dict[str, Any]:
+    """What built `model`: its architecture, the kwargs and its resolved pretrained_cfg (labels included)."""
     cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
     for k in ("file", "source", "state_dict", "url", "hf_hub_id", "hf_hub_filename"):
         cfg.pop(k, None)
-    try:
-        json.dumps(model_args)
-    except TypeError:
-        model_args = {k: v for k, v in model_args.items() if _is_json(v)}
-    return {"library": "timm", "architecture": arch, "model_args": model_args, "pretrained_cfg": _jsonable(cfg)}
+    cfg["architecture"] = arch
+    return {"library": "timm", "architecture": arch, "model_args": timm_build_args(model, model_args),
+            "pretrained_cfg": _jsonable(cfg)}
 
 
 def _is_json(v: Any) -> bool:
@@ -210,9 +227,7 @@ def timm_loader(spec: str, opts: LoadOptions) -> Optional[LoadedModel]:
     except Exception as e:
         raise _map_timm_error(spec, e) from None
     arch = model.pretrained_cfg.get("architecture") or spec.split(":")[-1].split(".")[0]
-    margs = dict(getattr(model, "_model_args", {}) or {})
-    margs.pop("pretrained_cfg", None)
-    source = _timm_source(model, arch, margs)
+    source = _timm_source(model, arch, {})
     source["spec"] = spec
     fam = family_for(model)
     return LoadedModel(model, fam, spec, source, fam.data_transform(model), getattr(model, "surgery_recipe", None))

@@ -44,7 +44,10 @@ def vit_surgery_baked(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     for k in ("pretrained_model_args", "cache_dir"):
         kwargs.pop(k, None)
     source_args.update(kwargs)
-    model = timm.create_model(source_arch, pretrained=False, **source_args)
+    # Built from exactly what built the source: its resolved pretrained_cfg (head size, input size,
+    # labels) and kwargs, never the architecture's default tag.
+    source_cfg = dict(cfg, architecture=source_arch) if cfg else None
+    model = timm.create_model(source_arch, pretrained=False, pretrained_cfg=source_cfg, **source_args)
     bake_registers(model, recipe)
     if cfg:
         cfg["architecture"] = BAKED_ARCH

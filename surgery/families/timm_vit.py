@@ -66,6 +66,8 @@ class TimmViT(Family):
         return int(model.num_prefix_tokens)
 
     def set_num_prefix_tokens(self, model: nn.Module, n: int) -> None:
+        if getattr(model, "dynamic_img_size", False) and not getattr(model, "no_embed_class", False):
+            _pin_pos_embed_prefix(model)
         model.num_prefix_tokens = n
         # timm keeps num_reg_tokens for bookkeeping (e.g. forward_intermediates); registers count there.
         model.num_reg_tokens = n - (1 if getattr(model, "cls_token", None) is not None else 0)
@@ -116,6 +118,38 @@ class TimmViT(Family):
         import timm.data
 
         return timm.data.create_transform(**self._data_config(model), is_training=False)
+
+
+class _PosEmbedPrefixPinned:
+    """Mixin for dynamic_img_size models: the positional table is split with the source's prefix count.
+
+    timm resamples `pos_embed` for each input size using `num_prefix_tokens` as the number of leading
+    rows that have no grid position; test-time registers raise that count (pooling and slicing must
+    skip them) but have no positional rows, so the split must keep the count the table was made with.
+    """
+
+    surgery_pos_embed_prefix: int
+
+    def _pos_embed(self, x):  # type: ignore[no-untyped-def]
+        n = self.num_prefix_tokens
+        self.num_prefix_tokens = self.surgery_pos_embed_prefix
+        try:
+            return super()._pos_embed(x)  # type: ignore[misc]
+        finally:
+            self.num_prefix_tokens = n
+
+
+_PINNED_CLASSES: dict[type, type] = {}
+
+
+def _pin_pos_embed_prefix(model: nn.Module) -> None:
+    if isinstance(model, _PosEmbedPrefixPinned):
+        return
+    cls = type(model)
+    if cls not in _PINNED_CLASSES:
+        _PINNED_CLASSES[cls] = type(cls.__name__, (_PosEmbedPrefixPinned, cls), {"__module__": cls.__module__})
+    model.surgery_pos_embed_prefix = int(model.num_prefix_tokens)
+    model.__class__ = _PINNED_CLASSES[cls]
 
 
 TIMM = register_family(TimmViT())
