@@ -61,8 +61,18 @@ def load_model(spec: str, options: LoadOptions | None = None) -> LoadedModel:
             assert_finite(loaded.model, spec)
             loaded.model.eval()
             loaded.model.to(opts.device)
+            require_finite_weights(loaded)
             return loaded
     raise ModelInputError(f"unknown model {spec!r}")
+
+
+def require_finite_weights(loaded: LoadedModel) -> None:
+    """NaN/Inf in the weights would make every output (and the parity check) meaningless: a user error."""
+    import torch
+
+    for name, t in loaded.model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ModelInputError(f"{loaded.spec}: the weights contain NaN or Inf ({name}); refusing to convert them")
 
 
 # ---- timm ------------------------------------------------------------------------------------

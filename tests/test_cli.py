@@ -55,7 +55,8 @@ def test_convert_with_neurons_then_check(organism_dir, tmp_path, capsys, timm_or
     assert meta["source_model"] == str(organism_dir) and meta["tool_version"]
     assert json.loads((out / "surgery.json").read_text())["token_layout"]["register_indices"] == [1]
     code, stdout, err = run(["check", out, "-q", "--report", tmp_path / "p.json"], capsys)
-    assert code == 0, err and "parity PASS" in stdout
+    assert code == 0, err
+    assert "parity PASS" in stdout
     code, stdout, err = run(["check", out, "-q", "--source", organism_dir, "--report", tmp_path / "p2.json"], capsys)
     assert code == 0, err
     code, stdout, err = run(["check", out, "-q", "--tolerance", "1e-12", "--report", tmp_path / "p3.json"], capsys)

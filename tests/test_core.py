@@ -132,7 +132,7 @@ def test_baked_model_matches_hooked_reference(variant, calib_dir):
     x = pixels_from(calib_dir, family_for(model).data_transform(model))
     report = check_parity(model, baked, recipe, [x[:8], x[8:]])
     assert report.passed, report.summary()
-    assert report.worst.relative <= 1e-5
+    assert all(e.ratio <= 1.0 for e in report.outputs.values())  # per vector, vs the float64 reference
     assert {"pooled", "tokens", "block0.residual", "block5.residual"} <= set(report.outputs)
     assert report.images == len(x)
     blocks = baked.blocks

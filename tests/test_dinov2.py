@@ -51,7 +51,7 @@ def test_timm_dinov2_organisms_convert_and_check(variant, tmp_path):
     src = save_organism(model, tmp_path / "src")
     res = run_convert(load_model(str(src)), tmp_path / "out", images=builtin_images(), progress=False)
     assert {k: list(v) for k, v in res.recipe.neurons.items()} == planting.neurons
-    assert res.report.passed and res.report.worst.relative <= TOL, res.report.summary()
+    assert res.report.passed, res.report.summary()
     baked = load_model(str(tmp_path / "out"))
     p = 5 if variant == "reg4" else 1
     assert register_token_indices(baked.model, baked.family) == [p]  # after CLS and the trained registers

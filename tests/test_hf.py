@@ -159,7 +159,7 @@ def test_convert_passes_check(kind, converted, organisms):
     loaded, res = converted[kind]
     assert loaded.source["library"] == "hf" and loaded.source["class"] == CLASSES[kind]
     assert {k: list(v) for k, v in res.recipe.neurons.items()} == organisms[kind][1].neurons
-    assert res.report.passed and res.report.worst.relative <= TOL, res.report.summary()
+    assert res.report.passed, res.report.summary()
     files = {p.name for p in res.out.iterdir()}
     assert {"config.json", "model.safetensors", "modeling_vit_surgery.py", "preprocessor_config.json",
             "surgery.json", "README.md"} <= files

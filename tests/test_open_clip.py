@@ -116,7 +116,7 @@ def test_convert_writes_an_open_clip_folder_that_passes_check(converted, found):
     out, res = converted
     assert {p.name for p in out.iterdir()} >= {"open_clip_config.json", "open_clip_model.safetensors",
                                                "surgery.json", "parity.json"}
-    assert res.report.passed and res.report.worst.relative <= 1e-5
+    assert res.report.passed, res.report.summary()
     assert res.effect["after"]["outlier_share"] < res.effect["before"]["outlier_share"]
     cfg = json.loads((out / "open_clip_config.json").read_text())
     assert set(cfg) == {"model_cfg", "preprocess_cfg"}
