@@ -19,12 +19,13 @@ def register_rows(
     """The rows of `register_edit(h, ...)` that can be non-zero: prefix rows (unchanged) and register
     rows (scale * signed max), [B, num_prefix + num_registers, k]. Patch rows are all zero."""
     B, N, k = h.shape
+    mag = h.float().abs()  # selection in float32 whatever the dtype: half rounding cannot change the pick
     if per_neuron:
-        idx = h.abs().argmax(dim=1, keepdim=True)  # [B, 1, k]
+        idx = mag.argmax(dim=1, keepdim=True)  # [B, 1, k]
         m = h.gather(1, idx)
     else:
         flat = h.reshape(B, N * k)
-        idx = flat.abs().argmax(dim=1, keepdim=True)  # [B, 1]
+        idx = mag.reshape(B, N * k).argmax(dim=1, keepdim=True)  # [B, 1]
         m = flat.gather(1, idx).reshape(B, 1, 1).expand(B, 1, k)
     reg = (m * scale).expand(B, num_registers, k)
     return torch.cat([h[:, :num_prefix], reg], dim=1)
