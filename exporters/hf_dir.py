@@ -77,6 +77,7 @@ def write_hf_dir(model: nn.Module, out_dir: Path, *, source: dict[str, Any], sur
     for k in ("_name_or_path", "_attn_implementation_autoset"):
         cfg.pop(k, None)
     cfg["architectures"] = [remote]
+    cfg["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     cfg["auto_map"] = {"AutoModel": f"{MODELING_FILE[:-3]}.{remote}"}
     preprocess = fam.preprocess_config(model)  # type: ignore[attr-defined]
     pre_json = {k: (list(v) if isinstance(v, tuple) else v) for k, v in preprocess.items()}
@@ -117,8 +118,11 @@ def write_hf_dir(model: nn.Module, out_dir: Path, *, source: dict[str, Any], sur
 
 
 def _hf_exporter(model: nn.Module, out: Path, loaded: Any, surgery: dict[str, Any]) -> list[Path]:
+    from surgery.loading import copy_extra_files
+
     raw = (getattr(loaded, "extra", {}) or {}).get("preprocessor_config") or None
-    return write_hf_dir(model, out, source=loaded.source, surgery=surgery, preprocessor_config=raw)
+    files = write_hf_dir(model, out, source=loaded.source, surgery=surgery, preprocessor_config=raw)
+    return files + copy_extra_files(loaded, out)  # tokenizer / processor files: CLIPProcessor works on OUT
 
 
 def _register() -> None:

@@ -27,7 +27,9 @@ SURGERY_NAME = "surgery.json"
 def combined_state_dict(clip: nn.Module, visual: nn.Module) -> dict[str, Any]:
     """`clip`'s state dict with its image tower's entries replaced by `visual`'s (the same tensors
     everywhere else, so the text tower is written byte for byte)."""
-    state = {k: v for k, v in clip.state_dict().items() if not k.startswith("visual.")}
+    dtype = next(visual.parameters()).dtype  # the text tower is written in the image tower's dtype
+    state = {k: (v.to(dtype) if v.is_floating_point() else v)
+             for k, v in clip.state_dict().items() if not k.startswith("visual.")}
     state.update({f"visual.{k}": v for k, v in visual.state_dict().items()})
     return state
 
@@ -51,7 +53,10 @@ def open_clip_exporter(model: nn.Module, out: Path, loaded: Any, surgery: dict[s
     clip = loaded.extra.get("clip")
     if clip is None:
         raise ValueError("open_clip export needs the whole CLIP model (LoadedModel.extra['clip'])")
-    return write_open_clip_dir(clip, model, out, source=loaded.source, surgery=surgery)
+    from surgery.loading import copy_extra_files
+
+    files = write_open_clip_dir(clip, model, out, source=loaded.source, surgery=surgery)
+    return files + copy_extra_files(loaded, out)  # tokenizer files travel with the model
 
 
 def _register() -> None:

@@ -147,7 +147,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
                       overrides=overrides, check=not a.no_check, check_images=a.check_images,
                       tolerance=a.tolerance, overwrite=a.overwrite,
                       options=LoadOptions(a.allow_unsafe_pickle, a.trust_remote_code, a.device),
-                      progress=not a.quiet, after_write=after)
+                      progress=not a.quiet, after_write=after, dtype=a.dtype)
     units = ", ".join(f"{k}: {list(v)}" for k, v in res.recipe.neurons.items())
     print(f"baked {res.recipe.num_neurons} register neuron(s) ({units}), R={res.recipe.num_registers}")
     if res.report is not None:
@@ -252,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tolerance", type=_finite_float, default=1e-5, help="relative error allowed (default 1e-5, fp32)")
     c.add_argument("--to", choices=["native", "timm"], default="native",
                    help="output library: the input's own (default), or timm (open_clip CLIP, HF CLIP and HF DINOv2 inputs too)")
+    c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="dtype of the written weights (default: the source checkpoint's)")
     c.add_argument("--onnx", action="store_true", help="also write and validate OUT/model.onnx")
     c.add_argument("--fp16", action="store_true", help="with --onnx: export in float16 (looser tolerance)")
     c.add_argument("-q", "--quiet", action="store_true")

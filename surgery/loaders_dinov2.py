@@ -121,6 +121,7 @@ def load_dinov2_hub(spec: str, path: Path, opts: LoadOptions, sd: Optional[dict[
     source["pretrained_cfg"]["input_size"] = [3, img, img]
     source["spec"] = spec
     source["checkpoint_layout"] = "dinov2-torch-hub"
+    source["dtype"] = str(sd["cls_token"].dtype).replace("torch.", "")
     fam = family_for(model)
     return LoadedModel(model, fam, spec, source, fam.data_transform(model), None)
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from .errors import ModelInputError, UnsafeCheckpointError
 from .families import family_for
-from .loading import LoadedModel, LoadOptions, needs_full_unpickling, register_loader, unsafe_pickle_error
+from .loading import LoadedModel, LoadOptions, extra_files, needs_full_unpickling, register_loader, unsafe_pickle_error
 
 # model_type -> stock class loaded for it (CLIPModel stays whole; its vision tower is what we edit).
 HF_MODEL_TYPES = {
@@ -318,6 +318,9 @@ def _load_baked(src: _Source, cfg: dict[str, Any], opts: LoadOptions) -> LoadedM
         state = load_file(str(weights))
     except Exception as e:
         raise ModelInputError(f"{src.spec}: unreadable model.safetensors ({_first_line(e)})") from None
+    floats = [t.dtype for t in state.values() if t.is_floating_point()]
+    if floats:  # a baked folder runs in the dtype it was written in
+        model.to(max(set(floats), key=floats.count))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -335,7 +338,7 @@ def _load_baked(src: _Source, cfg: dict[str, Any], opts: LoadOptions) -> LoadedM
     fam = family_for(model)
     pre, raw = _attach_transform(model, src, source.get("preprocess"))
     loaded = LoadedModel(model, fam, src.spec, source, fam.data_transform(model), recipe,
-                         extra={"preprocessor_config": raw, "baked_folder": True})
+                         extra={"preprocessor_config": raw, "baked_folder": True, "extra_files": extra_files(src.file)})
     return loaded
 
 
@@ -361,9 +364,16 @@ def hf_loader(spec: str, opts: LoadOptions) -> Optional[LoadedModel]:
     fam = family_for(model)
     pre, raw = _attach_transform(model, src)
     source = {"library": "hf", "class": class_name, "model_type": cfg.get("model_type"),
-              "name_or_path": src.target, "spec": spec, "preprocess": _json_preprocess(pre)}
+              "name_or_path": src.target, "spec": spec, "preprocess": _json_preprocess(pre),
+              "dtype": _stored_dtype(cfg)}
     return LoadedModel(model, fam, spec, source, fam.data_transform(model), None,
-                       extra={"preprocessor_config": raw})
+                       extra={"preprocessor_config": raw, "extra_files": extra_files(src.file)})
+
+
+def _stored_dtype(cfg: dict[str, Any]) -> str:
+    """The dtype transformers recorded for the checkpoint (config `dtype` / `torch_dtype`)."""
+    name = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32").replace("torch.", "")
+    return name if name in ("float32", "float16", "bfloat16") else "float32"
 
 
 def _register_exporter() -> None:

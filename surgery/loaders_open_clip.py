@@ -193,14 +193,15 @@ def check_image_tower(spec: str, clip: nn.Module) -> nn.Module:
 
 
 def _loaded(spec: str, clip: nn.Module, transform: Callable, source: dict[str, Any],
-            recipe: Optional[Recipe] = None) -> LoadedModel:
+            recipe: Optional[Recipe] = None, files: Optional[dict[str, str]] = None) -> LoadedModel:
     from .families import family_for
 
     import exporters.open_clip_dir  # noqa: F401  (registers the "open_clip" exporter with the pipeline)
 
     visual = check_image_tower(spec, clip)
     clip.eval()
-    return LoadedModel(visual, family_for(visual), spec, source, transform, recipe, extra={"clip": clip})
+    return LoadedModel(visual, family_for(visual), spec, source, transform, recipe,
+                       extra={"clip": clip, "extra_files": files or {}})
 
 
 def _load_spec(rs: OpenClipSpec, opts: LoadOptions, display: Optional[str] = None) -> LoadedModel:
@@ -222,8 +223,31 @@ def _load_spec(rs: OpenClipSpec, opts: LoadOptions, display: Optional[str] = Non
     check_image_tower(spec, clip)
     source = {"library": "open_clip", "spec": spec, "model_name": rs.model_name, "pretrained": rs.pretrained,
               "quick_gelu": bool(model_cfg.get("quick_gelu", False)), "model_cfg": _jsonable(model_cfg),
-              "preprocess_cfg": _jsonable(dict(clip.visual.preprocess_cfg))}
-    return _loaded(spec, clip, preprocess, source)
+              "preprocess_cfg": _jsonable(dict(clip.visual.preprocess_cfg)), "dtype": _stored_dtype(rs)}
+    return _loaded(spec, clip, preprocess, source, files=_extra_files(rs))
+
+
+def _stored_dtype(rs: OpenClipSpec) -> str:
+    from .loading import hub_file, safetensors_dtype
+
+    files: list[Optional[Path]] = []
+    if rs.model_name.startswith("hf-hub:"):
+        files = [hub_file(rs.model_name[len("hf-hub:"):], n) for n in _WEIGHT_FILES if n.endswith(".safetensors")]
+    elif rs.model_name.startswith("local-dir:"):
+        files = [Path(rs.model_name[len("local-dir:"):]) / n for n in _WEIGHT_FILES]
+    return next((d for d in map(safetensors_dtype, files) if d), "float32")
+
+
+def _extra_files(rs: OpenClipSpec) -> dict[str, str]:
+    from .loading import extra_files, hub_file
+
+    if rs.model_name.startswith("hf-hub:"):
+        repo = rs.model_name[len("hf-hub:"):]
+        return extra_files(lambda n: hub_file(repo, n))
+    if rs.model_name.startswith("local-dir:"):
+        root = Path(rs.model_name[len("local-dir:"):])
+        return extra_files(lambda n: root / n)
+    return {}
 
 
 # ---- folders written by vit-surgery convert --------------------------------------------------------
@@ -271,6 +295,9 @@ def build_baked_clip(path: str | Path, device: str = "cpu") -> tuple[nn.Module, 
     bake_registers(visual, recipe, family_for(visual))
     try:
         state = load_file(str(weights), device=str(device))
+        floats = [t.dtype for t in state.values() if t.is_floating_point()]
+        if floats:  # a baked folder runs in the dtype it was written in
+            clip.to(max(set(floats), key=floats.count))
         clip.load_state_dict(state, strict=True)
     except Exception as e:
         raise _map_error(spec, e) from None
@@ -305,7 +332,8 @@ def _load_folder(spec: str, path: Path, opts: LoadOptions) -> LoadedModel:
     clip, preprocess, doc = build_baked_clip(path, opts.device)
     source = dict(doc.get("source") or {})
     source["library"] = "open_clip"
-    return _loaded(spec, clip, preprocess, source, clip.visual.surgery_recipe)
+    return _loaded(spec, clip, preprocess, source, clip.visual.surgery_recipe,
+                   files=_extra_files(OpenClipSpec(spec, f"local-dir:{path}", None)))
 
 
 def open_clip_loader(spec: str, opts: LoadOptions) -> Optional[LoadedModel]:

@@ -66,6 +66,69 @@ def load_model(spec: str, options: LoadOptions | None = None) -> LoadedModel:
     raise ModelInputError(f"unknown model {spec!r}")
 
 
+_SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def safetensors_dtype(path: Optional[Path | str]) -> Optional[str]:
+    """The floating dtype a .safetensors file stores its weights in (from its header), or None."""
+    import struct
+
+    if path is None or not Path(path).is_file() or Path(path).suffix != ".safetensors":
+        return None
+    try:
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error):
+        return None
+    kinds = [v.get("dtype") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    floats = [_SAFETENSORS_DTYPES[d] for d in kinds if d in _SAFETENSORS_DTYPES]
+    return max(set(floats), key=floats.count) if floats else None
+
+
+def hub_file(repo_id: str, filename: str) -> Optional[Path]:
+    """A file of a hub repo if it is in the local HF cache (no download)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        got = try_to_load_from_cache(repo_id, filename)
+    except Exception:
+        return None
+    return Path(got) if isinstance(got, str) else None
+
+
+def torch_dtype(name: Optional[str]):  # -> torch.dtype
+    import torch
+
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}.get(name or "", torch.float32)
+
+
+# Files a library reads next to the weights (tokenizers, processors, labels): carried to the output as-is.
+EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+               "added_tokens.json", "processor_config.json", "vocab.txt", "spiece.model", "tokenizer.model",
+               "chat_template.jinja")
+
+
+def extra_files(lookup: Callable[[str], Optional[Path]]) -> dict[str, str]:
+    """{name: local path} of the EXTRA_FILES the source has; `lookup(name)` finds one or returns None."""
+    found = {name: lookup(name) for name in EXTRA_FILES}
+    return {name: str(p) for name, p in found.items() if p is not None and Path(p).is_file()}
+
+
+def copy_extra_files(loaded: LoadedModel, out_dir: Path) -> list[Path]:
+    """Copy the source's tokenizer/processor files into an output folder (never over a written file)."""
+    import shutil
+
+    written = []
+    for name, path in sorted((loaded.extra.get("extra_files") or {}).items()):
+        dst = out_dir / name
+        if not dst.exists():
+            shutil.copyfile(path, dst)
+            written.append(dst)
+    return written
+
+
 def require_finite_weights(loaded: LoadedModel) -> None:
     """NaN/Inf in the weights would make every output (and the parity check) meaningless: a user error."""
     import torch
@@ -189,6 +252,10 @@ def _load_timm_folder(spec: str, path: Path, opts: LoadOptions) -> LoadedModel:
         source["pretrained_cfg"]["architecture"] = source["architecture"]
     else:
         source = _timm_source(model, arch, args)
+    stored = safetensors_dtype(next((p for p in sorted(path.iterdir()) if p.suffix == ".safetensors"), None))
+    source["dtype"] = stored or "float32"
+    if recipe is not None:  # a baked folder runs in the dtype it was written in
+        model.to(torch_dtype(stored))
     fam = family_for(model)
     return LoadedModel(model, fam, spec, source, fam.data_transform(model), recipe)
 
@@ -239,6 +306,9 @@ def timm_loader(spec: str, opts: LoadOptions) -> Optional[LoadedModel]:
     arch = model.pretrained_cfg.get("architecture") or spec.split(":")[-1].split(".")[0]
     source = _timm_source(model, arch, {})
     source["spec"] = spec
+    if spec.startswith("hf-hub:"):
+        repo = spec[len("hf-hub:"):].split("@")[0]
+        source["dtype"] = safetensors_dtype(hub_file(repo, "model.safetensors")) or "float32"
     fam = family_for(model)
     return LoadedModel(model, fam, spec, source, fam.data_transform(model), getattr(model, "surgery_recipe", None))
 

@@ -15,7 +15,7 @@ from .discovery import DiscoveryConfig, DiscoveryResult, find_register_neurons
 from .effect import effect_metrics, token_diagnostics
 from .errors import ModelInputError, NeuronsFileError, ParityError, SurgeryError
 from .images import ImageBatches, list_images
-from .loading import LoadedModel, LoadOptions, load_model
+from .loading import LoadedModel, LoadOptions, load_model, torch_dtype
 from .organism import builtin_images
 from .integrity import assert_finite, record_integrity
 from .outputs import atomic_output_dir, check_output_target, refuse_source_overlap
@@ -89,9 +89,13 @@ def measure_effect(source: torch.nn.Module, baked: torch.nn.Module, loaded: Load
                    threshold: float | str = "auto") -> dict[str, Any]:
     fam = loaded.family
     p = fam.num_prefix_tokens(source)
-    before = effect_metrics(token_diagnostics(source, pixels, family=fam), p, [], threshold=threshold)
+    def run(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        ref = next(model.parameters())
+        return token_diagnostics(model, pixels.to(ref.device, ref.dtype), family=fam)
+
+    before = effect_metrics(run(source), p, [], threshold=threshold)
     regs = register_token_indices(baked, fam)
-    after = effect_metrics(token_diagnostics(baked, pixels, family=fam), p + len(regs), regs, threshold=threshold)
+    after = effect_metrics(run(baked), p + len(regs), regs, threshold=threshold)
     return {"before": before, "after": after}
 
 
@@ -135,6 +139,7 @@ def run_convert(
     options: Optional[LoadOptions] = None,
     progress: bool = True,
     after_write: Optional[Callable[[Path, LoadedModel], None]] = None,
+    dtype: Optional[str] = None,
 ) -> ConvertResult:
     """find (or read) neurons -> bake -> write to a temporary folder -> reload it through the real
     loader -> parity against the hooked reference -> move into place. Fails leave nothing at OUT."""
@@ -163,11 +168,15 @@ def run_convert(
                                f"are known for {loaded.spec}")
         recipe, _ = resolve_recipe(loaded, name, overrides)
     baked = bake_registers(copy.deepcopy(loaded.model), recipe, loaded.family)
+    # Baked in float32; written in the source checkpoint's dtype unless --dtype says otherwise.
+    out_dtype = dtype or loaded.source.get("dtype") or "float32"
+    baked.to(torch_dtype(out_dtype))
     assert_finite(baked, "the baked model")
     surgery_doc = {"recipe": recipe.to_dict(), "source_model": loaded.spec, "source": loaded.source,
                    "tool": "vit-surgery", "tool_version": __version__,
                    "token_layout": {"num_prefix_tokens": loaded.family.num_prefix_tokens(loaded.model),
-                                    "register_indices": register_token_indices(baked, loaded.family)}}
+                                    "register_indices": register_token_indices(baked, loaded.family)},
+                   "dtype": out_dtype}
     if result is not None:
         surgery_doc["discovery"] = {k: v for k, v in result.to_json().items() if k not in ("layer_norms",)}
     report = effect = None
