@@ -134,19 +134,24 @@ def hf_dinov2_to_timm(loaded: LoadedModel) -> LoadedModel:
     hidden = int(down.weight.shape[1])
     arch = ("vit_small_patch14_reg4_dinov2" if regs else
             "vit_giant_patch14_dinov2" if swiglu else "vit_small_patch14_dinov2")
-    args = {"img_size": int(cfg.image_size), "patch_size": int(cfg.patch_size), "embed_dim": D, "depth": L,
+    pre = loaded.family.preprocess_config(m)
+    # HF DINOv2 resamples its positional table to every input size (checkpoints are 518 px, used at the
+    # processor's 224-px crop): the timm model is built at the size the source is used at, with the
+    # table HF itself computes for that size, so the two agree exactly there.
+    _, use_h, use_w = (int(v) for v in pre["input_size"])
+    args = {"img_size": [use_h, use_w], "patch_size": int(cfg.patch_size), "embed_dim": D, "depth": L,
             "num_heads": int(cfg.num_attention_heads), "mlp_ratio": (2 * hidden if swiglu else hidden) / D,
             "init_values": 1.0, "num_classes": 0, "global_pool": "token", "dynamic_img_size": False}
     if regs:
         args["reg_tokens"] = regs
         if swiglu:  # timm has no SwiGLU DINOv2 with registers to build from
             raise ModelInputError(f"{loaded.spec}: SwiGLU DINOv2 with registers has no timm skeleton here")
-    pre = loaded.family.preprocess_config(m)
     pretrained_cfg = {"input_size": list(pre["input_size"]), "mean": list(pre["mean"]), "std": list(pre["std"]),
                       "interpolation": pre.get("interpolation", "bicubic"), "crop_pct": pre.get("crop_pct", 1.0),
                       "crop_mode": pre.get("crop_mode", "center"), "num_classes": 0}
     model = timm.create_model(arch, pretrained=False, pretrained_cfg_overlay=pretrained_cfg, **args)
-    pos = emb.position_embeddings
+    probe = emb.position_embeddings.new_zeros(1, 1 + (use_h // int(cfg.patch_size)) * (use_w // int(cfg.patch_size)), D)
+    pos = emb.interpolate_pos_encoding(probe, use_h, use_w)
     sd = {"patch_embed.proj.weight": emb.patch_embeddings.projection.weight,
           "patch_embed.proj.bias": emb.patch_embeddings.projection.bias,
           "norm.weight": m.layernorm.weight, "norm.bias": m.layernorm.bias}
