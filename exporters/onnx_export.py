@@ -702,7 +702,7 @@ def validate_onnx(out_dir: Path, loaded: Any, batches: list[torch.Tensor], *, on
                     report.problems.append(f"{path.name} output {o} has shape {tuple(g.shape)}, the model's "
                                            f"{tuple(want.shape)} (exported from another model?)")
                     return report
-                comps[o].error.update(g, want, offset=offset, allowed=judge.allowed(o, tol).cpu())
+                comps[o].error.update(g, want, offset=offset, allowed=judge.allowed(o, tol, g).cpu())
             offset += len(x)
             report.batch_sizes.append(len(x))
     report.images = offset

@@ -157,6 +157,14 @@ def _json_preprocess(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
 
 
+def _read_json(src: _Source, path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelInputError(f"{src.spec}: unreadable {path.name} ({_first_line(e)})") from None
+    return data if isinstance(data, dict) else {}
+
+
 def _attach_transform(model: nn.Module, src: _Source, stored: Optional[dict[str, Any]] = None) -> tuple[dict, dict]:
     """Sets the model's preprocessing; returns (timm-style cfg, raw preprocessor_config.json or {})."""
     fam = family_for(model)
@@ -164,10 +172,12 @@ def _attach_transform(model: nn.Module, src: _Source, stored: Optional[dict[str,
     raw: dict[str, Any] = {}
     path = src.file("preprocessor_config.json")
     if path is not None:
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ModelInputError(f"{src.spec}: unreadable preprocessor_config.json ({_first_line(e)})") from None
+        raw = _read_json(src, path)
+    else:  # transformers 5 writes the image processor inside processor_config.json
+        proc_path = src.file("processor_config.json")
+        inner = _read_json(src, proc_path).get("image_processor") if proc_path is not None else None
+        raw = dict(inner) if isinstance(inner, dict) else {}
+    if raw:
         cfg = preprocess_from_processor(raw, base)
     elif stored:
         cfg = dict(stored)

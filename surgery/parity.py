@@ -181,9 +181,11 @@ def check_parity(
                 if name not in got:
                     raise ParityError(f"the baked model has no output {name!r} (the source has {len(judge.exact) - 2} "
                                       "blocks): it is not the source's architecture")
-                allowed = judge.allowed(name, tolerance)
                 if half:
-                    allowed = torch.maximum(allowed, half_allowed(per_vector_relative(own[name], exact)))
+                    allowed = torch.maximum(judge.allowed(name, tolerance),
+                                            half_allowed(per_vector_relative(own[name], exact)))
+                else:
+                    allowed = judge.allowed(name, tolerance, got[name])
                 report.outputs.setdefault(name, OutputError(name)).update(got[name], exact, offset=report.images,
                                                                           allowed=allowed)
             report.images += pixels.shape[0]
