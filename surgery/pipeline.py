@@ -91,7 +91,9 @@ def measure_effect(source: torch.nn.Module, baked: torch.nn.Module, loaded: Load
     p = fam.num_prefix_tokens(source)
     def run(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         ref = next(model.parameters())
-        return token_diagnostics(model, pixels.to(ref.device, ref.dtype), family=fam)
+        if ref.dtype != torch.float32:  # the effect statistics are measured in float32
+            model = copy.deepcopy(model).float()
+        return token_diagnostics(model, pixels.to(ref.device, torch.float32), family=fam)
 
     before = effect_metrics(run(source), p, [], threshold=threshold)
     regs = register_token_indices(baked, fam)
