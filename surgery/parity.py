@@ -8,7 +8,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from .errors import ParityError
+from .errors import ParityError, SurgeryError
 from .families import Family, family_for
 from .judge import as_float64, float64_reference, per_vector_relative
 from .recipe import Recipe
@@ -139,6 +139,27 @@ def half_allowed(own_error: torch.Tensor) -> torch.Tensor:
     return HALF_FACTOR * own_error.clamp_min(float(own_error.flatten().median()))
 
 
+def require_same_architecture(source: nn.Module, baked: nn.Module, recipe: Recipe, fam: Family) -> None:
+    """A source that is not the baked model's own (other depth, widths, prefix tokens or library) is a
+    user error, named in one line, before anything runs."""
+    try:
+        src_fam = family_for(source)
+    except SurgeryError:
+        src_fam = None
+    if src_fam is None or src_fam.name != fam.name:
+        raise ParityError(f"the source is a {getattr(src_fam, 'name', type(source).__name__)} model, the baked "
+                          f"model a {fam.name} one: not the source it was made from")
+    sb, bb = fam.blocks(source), fam.blocks(baked)
+    have = (len(sb), [fam.hidden_size(b) for b in sb], fam.embed_dim(source), fam.num_prefix_tokens(source))
+    want = (len(bb), [fam.hidden_size(b) for b in bb], fam.embed_dim(baked),
+            fam.num_prefix_tokens(baked) - (recipe.num_registers if getattr(baked, "surgery_recipe", None) else 0))
+    for what, a, b in zip(("blocks", "MLP widths", "width", "prefix tokens"), have, want):
+        if a != b:
+            shown = (sorted(set(a)), sorted(set(b))) if isinstance(a, list) else (a, b)
+            raise ParityError(f"the source has {what} {shown[0]}, the baked model {shown[1]}: "
+                              "not the source it was made from")
+
+
 @torch.inference_mode()
 def check_parity(
     source: nn.Module,
@@ -156,6 +177,7 @@ def check_parity(
     from .reference import hooked_reference
 
     fam = family or family_for(source)
+    require_same_architecture(source, baked, recipe, fam)
     report = ParityReport(tolerance=tolerance)
     source.eval()
     baked.eval()

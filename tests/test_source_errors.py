@@ -1,0 +1,79 @@
+"""User errors around sources: NaN/Inf weights, a --source that is not OUT's source, a head mismatch.
+Each is one line on stderr with its documented exit code, never an internal error."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from surgery.cli import main
+from surgery.demo import save_organism
+from surgery.organism import build_timm_organism
+
+
+def run(args, capsys) -> tuple[int, str]:
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def _one_line(err: str) -> None:
+    assert "\n" not in err
+    assert "internal error" not in err and "Traceback" not in err
+
+
+def test_nan_weights_are_refused(organism_dir, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "nan"
+    shutil.copytree(organism_dir, bad)
+    sd = load_file(str(bad / "model.safetensors"))
+    sd["blocks.1.mlp.fc1.weight"][3, 5] = float("nan")
+    save_file(sd, str(bad / "model.safetensors"))
+    nf = tmp_path / "n.json"
+    nf.write_text(json.dumps({"register_neurons": {"2": [17]}}))
+    code, err = run(["convert", bad, "--neurons", nf, "--out", tmp_path / "out", "-q"], capsys)
+    assert code == 4
+    _one_line(err)
+    assert "NaN or Inf" in err and "blocks.1.mlp.fc1.weight" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("other", ["head", "depth"])
+def test_check_against_another_source_is_a_user_error(baked_dir, tmp_path, capsys, other):
+    model, _ = build_timm_organism(1, "clip", num_classes=7) if other == "head" else (None, None)
+    if other == "depth":
+        import timm
+
+        src = build_timm_organism(0, "clip")[0].organism_source
+        args = dict(src["model_args"], depth=4)
+        model = timm.create_model(src["architecture"], pretrained=False, pretrained_cfg_overlay=src["pretrained_cfg"],
+                                  **args)
+        model.organism_source = dict(src, model_args=args)
+    folder = save_organism(model, tmp_path / "other")
+    code, err = run(["check", baked_dir, "--source", folder, "-q", "--num-images", "2", "--report", tmp_path / "p.json"],
+                    capsys)
+    assert code == 7
+    _one_line(err)
+    assert ("shape" in err and "(2, 7)" in err) if other == "head" else "blocks 4" in err
+
+
+def test_output_with_another_head_is_a_user_error(organism_dir, tmp_path, capsys):
+    """The baked folder's weights edited to a different head size than its config: refused on load."""
+    import shutil
+
+    nf = tmp_path / "n.json"
+    nf.write_text(json.dumps({"register_neurons": {"2": [17]}}))
+    out = tmp_path / "out"
+    assert main(["convert", str(organism_dir), "--neurons", str(nf), "--out", str(out), "-q"]) == 0
+    capsys.readouterr()
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    sd = load_file(str(broken / "model.safetensors"))
+    sd["head.weight"], sd["head.bias"] = sd["head.weight"][:5], sd["head.bias"][:5]
+    save_file(sd, str(broken / "model.safetensors"))
+    code, err = run(["check", broken, "-q", "--num-images", "2"], capsys)
+    assert code == 4
+    _one_line(err)
+    assert "do not match" in err and "head.weight" in err
