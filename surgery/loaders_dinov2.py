@@ -110,6 +110,7 @@ def load_dinov2_hub(spec: str, path: Path, opts: LoadOptions, sd: Optional[dict[
     overlay = {"input_size": (3, img, img), "crop_pct": 1.0, "num_classes": 0}
     model = timm.create_model(arch, pretrained=False, pretrained_cfg_overlay=overlay, **args)
     sd = dict(sd)
+    stored_dtype = str(sd["patch_embed.proj.weight"].dtype).replace("torch.", "")  # the filter below edits sd
     if "mask_token" not in sd:  # timm's filter recognises the hub layout by this key
         sd["mask_token"] = sd["cls_token"].new_zeros(1, sd["cls_token"].shape[-1])
     try:
@@ -121,7 +122,7 @@ def load_dinov2_hub(spec: str, path: Path, opts: LoadOptions, sd: Optional[dict[
     source["pretrained_cfg"]["input_size"] = [3, img, img]
     source["spec"] = spec
     source["checkpoint_layout"] = "dinov2-torch-hub"
-    source["dtype"] = str(sd["cls_token"].dtype).replace("torch.", "")
+    source["dtype"] = stored_dtype
     fam = family_for(model)
     return LoadedModel(model, fam, spec, source, fam.data_transform(model), None)
 
