@@ -190,7 +190,12 @@ def timm_build_args(model: nn.Module, declared: dict[str, Any] | None = None) ->
         args.setdefault(k, v)
     for k in ("pretrained_cfg", "pretrained_cfg_overlay", "pretrained_model_args", "cache_dir", "device", "dtype"):
         args.pop(k, None)
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in args.items() if _is_json(v)}
+    opaque = sorted(k for k, v in args.items() if not _is_json(v))
+    if opaque:  # the output could not be rebuilt from its config.json: refuse rather than build another class
+        raise ModelInputError(f"the timm model was built with argument(s) {', '.join(opaque)} that are not plain "
+                              "values (e.g. a Python class), so its output could not be rebuilt from config.json; "
+                              "pass them by name (e.g. act_layer='gelu')")
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in args.items()}
 
 
 def _timm_source(model: nn.Module, arch: str, model_args: dict[str, Any]) -> dict[str, Any]:
