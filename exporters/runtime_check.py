@@ -1,7 +1,7 @@
 """Validate an exported graph run by any runtime (OpenVINO, an HF-layout ONNX file) the way
-`onnx_export.validate_onnx` validates model.onnx: against the PyTorch baked model and the hooked
-reference, at batch sizes that include one other than the export batch, with the same relative error,
-tolerances and float64 judge (`within_fp32_noise`). The runtime is anything with ORT's
+`onnx_export.validate_onnx` validates model.onnx: against the hooked reference run in float64, per
+feature vector, at batch sizes that include one other than the export batch, with the same tolerances
+and conditioning rule (surgery/judge.py). The runtime is anything with ORT's
 `run(output_names, {input_name: array})`; `RenamedSession` maps another graph's names onto the
 `pixel_values` -> (`pooled`, `tokens`) interface.
 """
@@ -15,8 +15,7 @@ import torch
 
 from surgery.parity import OutputError
 
-from .onnx_export import (VIT_ONNX_SPEC, Comparison, OnnxReport, _exact_torch, _measure_against_fp64, _rebatch,
-                          _torch_outputs)
+from .onnx_export import VIT_ONNX_SPEC, Comparison, OnnxReport, _exact_torch, _rebatch, _torch_outputs
 
 
 class RenamedSession:
@@ -33,48 +32,43 @@ class RenamedSession:
 @torch.no_grad()
 def validate_runtime(report: OnnxReport, session: Any, loaded: Any, batches: list[torch.Tensor],
                      pooled: Callable[[Any, torch.Tensor], torch.Tensor] | None = None) -> OnnxReport:
-    """Fill `report` (path, dtype, tolerance and export batch already set) with the comparisons.
+    """Fill `report` (path, dtype, tolerance and export batch already set) with the comparisons: each
+    output judged against the hooked reference run in float64, per vector (surgery/judge.py).
     `pooled(model, pixels)` overrides which PyTorch output the runtime's `pooled` is compared with."""
     from surgery.bake import unbake
-    from surgery.reference import hooked_reference
+    from surgery.judge import as_float64, float64_reference
 
     spec = VIT_ONNX_SPEC
     fam, baked = loaded.family, loaded.model
-    dev = next(baked.parameters()).device
-    mdtype = next(baked.parameters()).dtype
     source = copy.deepcopy(baked)
     unbake(source, fam)
+    source64 = as_float64(source)
+    del source
 
-    def outputs(model: Any, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = _torch_outputs(model, fam, x)
+    def capture(model: Any, family: Any, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = _torch_outputs(model, family, x)
         if pooled is not None:
             out["pooled"] = pooled(model, x)
         return out
 
-    def hooked(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        with hooked_reference(source, loaded.recipe, fam):
-            return outputs(source, x)
-    refs = {"pytorch": lambda x: outputs(baked, x), "hooked_reference": hooked}
-    comps = {(o, a): Comparison(o, a, OutputError(o), report.tolerance) for o in spec.output_names for a in refs}
+    tol = report.tolerance
+    comps = {o: Comparison(o, "float64_reference", OutputError(o), tol) for o in spec.output_names}
     work = _rebatch(batches, report.export_batch_size)
     offset = 0
     with _exact_torch():
         for pixels in work:
             x = pixels.to("cpu", torch.float32).contiguous()
             got = dict(zip(spec.output_names, session.run(spec.output_names, {spec.input_names[0]: x.numpy()})))
-            for against, fn in refs.items():
-                want = fn(pixels.to(dev, mdtype))
-                for o in spec.output_names:
-                    g = torch.from_numpy(np.asarray(got[o]).astype(np.float32))
-                    if g.shape != want[o].shape:
-                        report.problems.append(f"output {o} has shape {tuple(g.shape)}, the model's "
-                                               f"{tuple(want[o].shape)}")
-                        return report
-                    comps[(o, against)].error.update(g, want[o].float().cpu(), offset=offset)
+            judge = float64_reference(source64, loaded.recipe, fam, x, capture)
+            for o in spec.output_names:
+                g = torch.from_numpy(np.asarray(got[o]).astype(np.float32))
+                want = judge.exact[o].cpu()
+                if g.shape != want.shape:
+                    report.problems.append(f"output {o} has shape {tuple(g.shape)}, the model's {tuple(want.shape)}")
+                    return report
+                comps[o].error.update(g, want, offset=offset, allowed=judge.allowed(o, tol, g).cpu())
             offset += len(x)
             report.batch_sizes.append(len(x))
     report.images = offset
     report.comparisons = list(comps.values())
-    if report.failures() and pooled is None:
-        _measure_against_fp64(report, session, baked, source, loaded, work)
     return report
