@@ -54,7 +54,7 @@ def test_convert_with_neurons_then_check(organism_dir, tmp_path, capsys, timm_or
     assert meta["recipe"]["register_neurons"] == {"2": [17, 101], "3": [42]}
     assert meta["source_model"] == str(organism_dir) and meta["tool_version"]
     assert json.loads((out / "surgery.json").read_text())["token_layout"]["register_indices"] == [1]
-    code, stdout, err = run(["check", out, "-q", "--report", tmp_path / "p.json"], capsys)
+    code, stdout, err = run(["check", out, "--report", tmp_path / "p.json"], capsys)
     assert code == 0, err
     assert "parity PASS" in stdout
     code, stdout, err = run(["check", out, "-q", "--source", organism_dir, "--report", tmp_path / "p2.json"], capsys)

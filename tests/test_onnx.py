@@ -223,7 +223,7 @@ def test_check_validates_the_onnx_file_and_rejects_a_corrupt_one(exported, tmp_p
         assert code == 4, (code, err)
         line = err.strip()
         assert "\n" not in line and "model.onnx" in line and "Traceback" not in line
-    code, out, err = run(["check", d, "-q", "--num-images", "8", "--skip-onnx"], capsys)
+    code, out, err = run(["check", d, "--num-images", "8", "--skip-onnx"], capsys)
     assert code == 0, err
     assert "onnx PASS" not in out and "onnx FAIL" not in out  # --skip-onnx: not validated
     loaded = load_model(str(d))
