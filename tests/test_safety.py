@@ -113,7 +113,8 @@ def test_check_compares_against_the_recorded_source_not_itself(baked_dir, tmp_pa
     """Even with the hash record gone, a damaged weight is caught: the recorded source is on this machine."""
     out = tmp_path / "out"
     shutil.copytree(baked_dir, out)
-    _patch_tensor(out / "model.safetensors", "blocks.0.attn.qkv.weight", 4096, struct.pack("<16f", *[0.5] * 16))
+    # 64 corrupted bytes as large values (small ones could sit inside the judge's fp32-noise room)
+    _patch_tensor(out / "model.safetensors", "blocks.0.attn.qkv.weight", 4096, struct.pack("<16f", *[4.0] * 16))
     _drop_integrity(out)
     code, stdout, err = run(["check", out, "--report", tmp_path / "p.json"], capsys)
     assert code == 7, err

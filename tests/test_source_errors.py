@@ -18,6 +18,12 @@ def run(args, capsys) -> tuple[int, str]:
     return code, err
 
 
+def _edit_surgery_json(out, drop: str) -> None:
+    doc = json.loads((out / "surgery.json").read_text())
+    doc.pop(drop)
+    (out / "surgery.json").write_text(json.dumps(doc))
+
+
 def _one_line(err: str) -> None:
     assert "\n" not in err
     assert "internal error" not in err and "Traceback" not in err
@@ -36,12 +42,19 @@ def test_nan_weights_are_refused(organism_dir, tmp_path, capsys):
     code, err = run(["convert", bad, "--neurons", nf, "--out", tmp_path / "out", "-q"], capsys)
     assert code == 4
     _one_line(err)
-    assert "NaN or Inf" in err and "blocks.1.mlp.fc1.weight" in err
+    assert "NaN" in err and "blocks.1.mlp.fc1.weight" in err
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("other", ["head", "depth"])
 def test_check_against_another_source_is_a_user_error(baked_dir, tmp_path, capsys, other):
+    """Without a recorded source identity (older outputs), a structurally different --source is exit 7;
+    with one, tests/test_safety.py shows it is refused as not OUT's source (exit 11) before any forward."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(baked_dir, out)
+    _edit_surgery_json(out, "source_identity")
     model, _ = build_timm_organism(1, "clip", num_classes=7) if other == "head" else (None, None)
     if other == "depth":
         import timm
@@ -52,7 +65,7 @@ def test_check_against_another_source_is_a_user_error(baked_dir, tmp_path, capsy
                                   **args)
         model.organism_source = dict(src, model_args=args)
     folder = save_organism(model, tmp_path / "other")
-    code, err = run(["check", baked_dir, "--source", folder, "-q", "--num-images", "2", "--report", tmp_path / "p.json"],
+    code, err = run(["check", out, "--source", folder, "-q", "--num-images", "2", "--report", tmp_path / "p.json"],
                     capsys)
     assert code == 7
     _one_line(err)
@@ -73,7 +86,10 @@ def test_output_with_another_head_is_a_user_error(organism_dir, tmp_path, capsys
     sd = load_file(str(broken / "model.safetensors"))
     sd["head.weight"], sd["head.bias"] = sd["head.weight"][:5], sd["head.bias"][:5]
     save_file(sd, str(broken / "model.safetensors"))
+    _edit_surgery_json(broken, "integrity")  # else the hash check refuses it first (exit 11, tests/test_safety.py)
     code, err = run(["check", broken, "-q", "--num-images", "2"], capsys)
     assert code == 4
+    warning, err = err.split("\n", 1)
+    assert "no integrity record" in warning
     _one_line(err)
     assert "do not match" in err and "head.weight" in err
