@@ -16,10 +16,9 @@ NEURONS = {"register_neurons": {"3": [5, 77], "4": [11]}}
 
 def _timm(tmp: Path, arch: str) -> Path:
     import timm
-    from timm.models.push_to_hub import save_for_hf
 
     torch.manual_seed(0)
-    save_for_hf(timm.create_model(arch, pretrained=False).eval(), tmp / "src")
+    timm.models.save_for_hf(timm.create_model(arch, pretrained=False).eval(), tmp / "src", safe_serialization=True)
     return tmp / "src"
 
 
