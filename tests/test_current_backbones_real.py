@@ -34,6 +34,7 @@ def _hf_dinov3(tmp: Path) -> Path:
 
 def _open_clip(tmp: Path, name: str) -> Path:
     import open_clip
+    from open_clip.model import get_model_preprocess_cfg
 
     from surgery.organism_families import save_open_clip_organism
 
@@ -42,8 +43,9 @@ def _open_clip(tmp: Path, name: str) -> Path:
     cfg.pop("custom_text", None)
     torch.manual_seed(0)
     model = open_clip.CLIP(**cfg).eval()
-    # open_clip's hub layout (its save_for_hf needs an HF tokenizer download); real-size image tower
-    model.organism_source = {"model_cfg": cfg, "preprocess_cfg": dict(model.visual.preprocess_cfg)}
+    # open_clip's hub layout (its save_for_hf needs an HF tokenizer download); real-size image tower with
+    # open_clip's own preprocessing for a model built from a config (no pretrained tag)
+    model.organism_source = {"model_cfg": cfg, "preprocess_cfg": dict(get_model_preprocess_cfg(model))}
     return save_open_clip_organism(model, tmp / "src")
 
 
