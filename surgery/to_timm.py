@@ -1,6 +1,6 @@
 """Re-expressing other libraries' models as timm models, so `convert --to timm` can emit a timm folder.
 
-open_clip CLIP image towers map onto timm's CLIP ViT (`vit_base_patch16_clip_224` skeleton with the
+open_clip towers on timm trunks (SigLIP, EVA02, PE-Core) are their trunk, rebuilt by timm; open_clip CLIP image towers map onto timm's CLIP ViT (`vit_base_patch16_clip_224` skeleton with the
 tower's sizes) through timm's own open_clip checkpoint filter, HF CLIP vision towers and HF DINOv2
 backbones (LayerScale, SwiGLU, trained registers) through the key mappings below; hidden-unit order is kept, so register neurons found on the source apply unchanged. The conversion is checked numerically before
 use: the timm model must reproduce `visual(x)` (the image embedding) to fp32 precision.
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .errors import ModelInputError
-from .families import family_by_name
+from .families import family_for
 from .loading import LoadedModel
 
 TIMM_CLIP_SKELETON = "vit_base_patch16_clip_224"
@@ -101,6 +101,52 @@ def hf_clip_to_timm(loaded: LoadedModel) -> LoadedModel:
         raise ModelInputError(f"{loaded.spec}: HF CLIP weights do not map onto timm's CLIP ViT: "
                               f"{str(e).splitlines()[0]}") from None
     return _checked(loaded, model, args, pretrained_cfg, lambda x: fam.forward_pooled(loaded.model, x))
+
+
+def _trunk_args(loaded: LoadedModel, trunk) -> tuple[str, dict]:
+    """timm architecture and create_model arguments that rebuild open_clip's trunk: the arguments open_clip
+    passes (classifier size, pooling) over the model_args of a `local-dir:` trunk config, if any."""
+    import json
+    from pathlib import Path
+
+    name = str(dict((loaded.source.get("model_cfg") or {}).get("vision_cfg") or {}).get("timm_model_name", ""))
+    args: dict = {}
+    if name.startswith("local-dir:"):
+        cfg_file = Path(name[len("local-dir:"):]) / "config.json"
+        if not cfg_file.is_file():
+            raise ModelInputError(f"{loaded.spec}: the trunk's timm config {cfg_file} is gone; cannot rebuild the trunk")
+        args.update(json.loads(cfg_file.read_text()).get("model_args") or {})
+    arch = str(trunk.pretrained_cfg.get("architecture") or name)
+    args.update(num_classes=int(trunk.num_classes), global_pool=str(trunk.global_pool))
+    return arch, args
+
+
+@torch.no_grad()
+def open_clip_timm_trunk_to_timm(loaded: LoadedModel) -> LoadedModel:
+    """An open_clip tower on a timm trunk (SigLIP, EVA02, PE-Core): the trunk itself, when open_clip adds
+    no head of its own (`visual(x)` = `trunk(x)`), rebuilt by timm from its architecture and arguments."""
+    import timm
+
+    visual = loaded.model
+    trunk = visual.trunk
+    if len(list(visual.head.children())):
+        raise ModelInputError(f"{loaded.spec}: this open_clip tower adds its own head ({', '.join(n for n, _ in visual.head.named_children())}) "
+                              "on the timm trunk, which a timm folder cannot hold; convert it to an open_clip folder")
+    arch, args = _trunk_args(loaded, trunk)
+    pre = dict(loaded.source.get("preprocess_cfg") or {})
+    size = pre.get("size", tuple(visual.image_size))
+    size = [size, size] if isinstance(size, int) else list(size)
+    pretrained_cfg = {"input_size": [3, *size], "mean": list(pre.get("mean", trunk.pretrained_cfg.get("mean"))),
+                      "std": list(pre.get("std", trunk.pretrained_cfg.get("std"))),
+                      "interpolation": pre.get("interpolation", "bicubic"), "crop_pct": 1.0,
+                      "num_classes": args["num_classes"]}
+    model = timm.create_model(arch, pretrained=False, pretrained_cfg_overlay=pretrained_cfg, **args)
+    try:
+        model.load_state_dict(trunk.state_dict(), strict=True)
+    except RuntimeError as e:
+        raise ModelInputError(f"{loaded.spec}: the open_clip trunk does not rebuild as timm {arch}: "
+                              f"{' '.join(str(e).split())[:200]}") from None
+    return _checked(loaded, model, args, pretrained_cfg, visual, arch)
 
 
 def _first(obj, *paths: str):
@@ -204,7 +250,7 @@ def _checked(loaded: LoadedModel, model, args: dict, pretrained_cfg: dict, refer
     rel = float((got - want).norm(dim=-1).max() / want.norm(dim=-1).min())
     if not rel < 1e-5:
         raise ModelInputError(f"{loaded.spec}: the timm re-expression differs from the source (relative {rel:.2g})")
-    fam = family_by_name("timm")
+    fam = family_for(model)  # timm's VisionTransformer or Eva
     source = {"library": "timm", "architecture": arch, "model_args": args,
               "pretrained_cfg": dict(pretrained_cfg, architecture=arch), "converted_from": loaded.spec}
     return LoadedModel(model, fam, loaded.spec, source, fam.data_transform(model), None)
@@ -215,11 +261,13 @@ def to_timm(loaded: LoadedModel) -> LoadedModel:
     library = loaded.source.get("library")
     if library == "timm":
         return loaded
+    if loaded.family.name == "open_clip_timm":
+        return open_clip_timm_trunk_to_timm(loaded)
     if library == "open_clip":
         return open_clip_to_timm(loaded)
     if loaded.family.name == "hf_clip":
         return hf_clip_to_timm(loaded)
     if loaded.family.name == "hf_dinov2":
         return hf_dinov2_to_timm(loaded)
-    raise ModelInputError(f"{loaded.spec}: --to timm is available for timm, open_clip CLIP, HF CLIP and HF DINOv2 "
-                          f"inputs, not {loaded.family.name}")
+    raise ModelInputError(f"{loaded.spec}: --to timm is available for timm, open_clip CLIP and timm-trunk, HF CLIP and "
+                          f"HF DINOv2 inputs, not {loaded.family.name}")

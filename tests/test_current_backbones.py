@@ -357,3 +357,44 @@ def test_eva_rope_onnx_export_matches_the_independent_reference(tmp_path, capsys
     not_register[p] = False
     assert float(per_vector(tokens, ref_tokens)[:, not_register].max()) <= TOL
     assert float(per_vector(pooled, ref_pooled).max()) <= TOL
+
+
+# ---- --to timm for open_clip towers on timm trunks ------------------------------------------------------
+
+def test_open_clip_timm_trunk_to_timm_folder(tmp_path, capsys, pixels):
+    """convert --to timm: the trunk (timm Eva, RoPE, attention-pool head) as a timm folder with the fix baked;
+    it finds the planted units and reproduces the independent reference on the source tower's image embedding."""
+    import timm
+
+    clip, planting = build_open_clip_timm_organism(tmp_path / "trunk", 0)
+    src = save_open_clip_organism(clip, tmp_path / "src")
+    doc = convert(src, tmp_path / "out", capsys, "--to", "timm")
+    assert doc["recipe"]["register_neurons"] == {str(k): v for k, v in planting.neurons.items()}
+    baked = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()
+    assert family_for(baked).name == "timm_eva" and baked.num_prefix_tokens == 2
+    from surgery.judge import allowed_error, float32_sized_noise, per_vector_relative
+
+    visual = copy.deepcopy(clip.visual).double()
+    x64 = pixels.double()
+    with torch.no_grad():
+        with eva_reference(visual.trunk, planting.neurons):
+            ref_pooled = visual(x64)  # open_clip's image embedding (before normalisation)
+            ref_tokens = visual.trunk.forward_features(x64)
+            with float32_sized_noise(visual):  # the float64 judge's conditioning (surgery/judge.py)
+                cond_pooled = per_vector_relative(visual(x64), ref_pooled)
+                cond_tokens = per_vector_relative(visual.trunk.forward_features(x64), ref_tokens)
+        pooled, tokens = baked(pixels), baked.forward_features(pixels)
+    assert rel(pooled, ref_pooled) <= TOL
+    assert bool((per_vector_relative(tokens, ref_tokens) <= allowed_error(cond_tokens, TOL)).all())
+    assert bool((per_vector_relative(pooled, ref_pooled) <= allowed_error(cond_pooled, TOL)).all())
+
+
+def test_open_clip_timm_trunk_with_its_own_head_is_refused_for_timm(tmp_path):
+    from surgery.errors import ModelInputError
+    from surgery.to_timm import to_timm
+
+    clip, _ = build_open_clip_timm_organism(tmp_path / "trunk", 0)
+    loaded = load_model(str(save_open_clip_organism(clip, tmp_path / "src")))
+    loaded.model.head.add_module("proj", nn.Linear(32, 32, bias=False))  # open_clip's timm_proj='linear'
+    with pytest.raises(ModelInputError, match="adds its own head"):
+        to_timm(loaded)
