@@ -32,6 +32,16 @@ def _hf_dinov3(tmp: Path) -> Path:
     return tmp / "src"
 
 
+def _hf_siglip(tmp: Path) -> Path:
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    cfg = SiglipVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                             patch_size=16, image_size=224)  # siglip-base-patch16-224's vision tower
+    SiglipVisionModel(cfg).save_pretrained(tmp / "src")
+    return tmp / "src"
+
+
 def _open_clip(tmp: Path, name: str) -> Path:
     import open_clip
     from open_clip.model import get_model_preprocess_cfg
@@ -52,6 +62,7 @@ def _open_clip(tmp: Path, name: str) -> Path:
 ROWS = {"timm_dinov3": lambda t: _timm(t, "vit_base_patch16_dinov3"),
         "timm_pe_core": lambda t: _timm(t, "vit_pe_core_base_patch16_224"),
         "hf_dinov3": _hf_dinov3,
+        "hf_siglip": _hf_siglip,
         "open_clip_siglip2": lambda t: _open_clip(t, "ViT-B-16-SigLIP2"),
         "open_clip_pe_core": lambda t: _open_clip(t, "PE-Core-B-16")}
 
