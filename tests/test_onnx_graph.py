@@ -29,7 +29,7 @@ from surgery.organism import builtin_images
 from surgery.parity import OutputError
 from surgery.recipe import Recipe
 from surgery.reference import hooked_reference
-from tests.conftest import pixels_from
+from conftest import pixels_from
 
 TOL = 1e-5
 SCORE_RTOL = 1e-4  # float32 activations summed in float64: scores agree far better than this
