@@ -1,6 +1,9 @@
 """Baking: rewrite a model in place so the test-time register is part of its weights and graph."""
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 from torch import nn
 
@@ -83,3 +86,25 @@ def unbake(model: nn.Module, family: Family | None = None) -> Recipe:
     fam.set_num_prefix_tokens(model, fam.num_prefix_tokens(model) - recipe.num_registers)
     del model.surgery_recipe
     return recipe
+
+
+@contextlib.contextmanager
+def baked_in_place(model: nn.Module, recipe: Recipe, family: Family | None = None) -> Iterator[nn.Module]:
+    """`model` baked within the context and exactly the original afterwards: the original MLP and
+    insertion modules are kept aside and put back (not rebuilt), so convert needs no copy of the model.
+    The split copies weights, so while baked the model costs its size plus the split MLPs."""
+    fam = family or family_for(model)
+    blocks = list(fam.blocks(model))
+    mlps = [fam.get_mlp(b) for b in blocks]
+    parent, attr = fam.insertion_point(model)
+    inner = getattr(parent, attr)
+    p = fam.num_prefix_tokens(model)
+    try:
+        yield bake_registers(model, recipe, fam)
+    finally:
+        for block, mlp in zip(blocks, mlps):
+            fam.set_mlp(block, mlp)
+        setattr(parent, attr, inner)
+        fam.set_num_prefix_tokens(model, p)
+        if "surgery_recipe" in vars(model):
+            del model.surgery_recipe

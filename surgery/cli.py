@@ -45,7 +45,8 @@ def _int_or_auto(minimum: int) -> Callable[[str], int | str]:
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu); the reference runs "
+                   "in exact float32/float64 there, no autocast")
     p.add_argument("--allow-unsafe-pickle", action="store_true",
                    help="allow checkpoints that need full unpickling (runs code from the file; only for trusted files)")
     p.add_argument("--trust-remote-code", action="store_true",
@@ -343,6 +344,10 @@ def _validate_before_loading(a: argparse.Namespace) -> None:
     if a.command not in _CORE_COMMANDS:
         return
     if getattr(a, "device", None):
+        if a.device == "auto":  # CUDA when there is one
+            import torch
+
+            a.device = "cuda" if torch.cuda.is_available() else "cpu"
         _check_device(a.device)
     for images in (getattr(a, "images", None), getattr(a, "check_images", None)):
         if images:

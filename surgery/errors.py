@@ -79,6 +79,12 @@ class MissingExtraError(SurgeryError):
     exit_code = 12
 
 
+class OutOfMemoryRisk(SurgeryError):
+    """The estimated peak memory exceeds what this machine has available; stopped before starting."""
+
+    exit_code = 13
+
+
 def require_extra(module: str, extra: str, what: str) -> None:
     """Raise MissingExtraError naming `pip install "vit-surgery[extra]"` when `module` is not importable."""
     import importlib.util
@@ -101,6 +107,7 @@ EXIT_CODES = {
     10: OutputPathError.__doc__,
     11: IntegrityError.__doc__,
     12: MissingExtraError.__doc__,
+    13: OutOfMemoryRisk.__doc__,
     130: "interrupted (Ctrl-C); no output was left behind",
     143: "terminated (SIGTERM); no output was left behind",
 }

@@ -38,7 +38,11 @@ def _read_state_dict(path: Path, spec: str, opts: LoadOptions) -> dict[str, Any]
         except Exception as e:
             raise ModelInputError(f"{spec}: unreadable safetensors file {path} ({str(e).splitlines()[0]})") from None
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=not opts.allow_unsafe_pickle)
+        import zipfile
+
+        # mmap: the tensors stay in the page cache until copied into the model (a zip-format .pth)
+        sd = torch.load(path, map_location="cpu", weights_only=not opts.allow_unsafe_pickle,
+                        mmap=zipfile.is_zipfile(path))
     except Exception as e:
         msg = str(e)
         if needs_full_unpickling(e):
@@ -108,7 +112,10 @@ def load_dinov2_hub(spec: str, path: Path, opts: LoadOptions, sd: Optional[dict[
     arch, args = infer_architecture(sd, spec)
     img = args["img_size"]
     overlay = {"input_size": (3, img, img), "crop_pct": 1.0, "num_classes": 0}
-    model = timm.create_model(arch, pretrained=False, pretrained_cfg_overlay=overlay, **args)
+    from .weights import skip_weight_init
+
+    with skip_weight_init():  # load_state_dict(strict=True) below overwrites every stored tensor
+        model = timm.create_model(arch, pretrained=False, pretrained_cfg_overlay=overlay, **args)
     sd = dict(sd)
     stored_dtype = str(sd["patch_embed.proj.weight"].dtype).replace("torch.", "")  # the filter below edits sd
     if "mask_token" not in sd:  # timm's filter recognises the hub layout by this key

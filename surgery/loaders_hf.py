@@ -318,23 +318,18 @@ def build_baked_skeleton(cfg_dict: dict[str, Any], spec: str) -> tuple[nn.Module
 
 
 def _load_baked(src: _Source, cfg: dict[str, Any], opts: LoadOptions) -> LoadedModel:
-    from safetensors.torch import load_file
+    from .weights import load_safetensors_streamed
 
     model, recipe, class_name = build_baked_skeleton(cfg, src.spec)
     weights = src.file("model.safetensors")
     if weights is None:
         raise ModelInputError(f"{src.spec}: no model.safetensors (a vit-surgery HF folder keeps its weights there)")
-    try:
-        state = load_file(str(weights))
-    except Exception as e:
-        raise ModelInputError(f"{src.spec}: unreadable model.safetensors ({_first_line(e)})") from None
-    floats = [t.dtype for t in state.values() if t.is_floating_point()]
-    if floats:  # a baked folder runs in the dtype it was written in
-        model.to(max(set(floats), key=floats.count))
-    try:
-        model.load_state_dict(state, strict=True)
+    try:  # tensor by tensor, in the dtype it was written in
+        load_safetensors_streamed(model, weights, map_file=opts.convert_check)
     except RuntimeError as e:
         raise ModelInputError(f"{src.spec}: weights do not match the baked model: {' '.join(str(e).split())[:300]}") from None
+    except Exception as e:
+        raise ModelInputError(f"{src.spec}: unreadable model.safetensors ({_first_line(e)})") from None
     block = cfg[SURGERY_CONFIG_KEY]
     doc: dict[str, Any] = {}
     sj = src.file("surgery.json")

@@ -214,10 +214,7 @@ def _load_spec(rs: OpenClipSpec, opts: LoadOptions, display: Optional[str] = Non
         raise _map_error(spec, e) from None
     check_model_cfg(spec, model_cfg)  # refuse before downloading weights
     try:
-        with _quiet_open_clip():
-            clip, _, preprocess = open_clip.create_model_and_transforms(
-                rs.model_name, pretrained=rs.pretrained, force_quick_gelu=rs.force_quick_gelu,
-                device=opts.device, weights_only=not opts.allow_unsafe_pickle)
+        clip, preprocess = _create_streamed(rs, opts) or _create(rs, opts)
     except Exception as e:
         raise _map_error(spec, e) from None
     check_image_tower(spec, clip)
@@ -225,6 +222,40 @@ def _load_spec(rs: OpenClipSpec, opts: LoadOptions, display: Optional[str] = Non
               "quick_gelu": bool(model_cfg.get("quick_gelu", False)), "model_cfg": _jsonable(model_cfg),
               "preprocess_cfg": _jsonable(dict(clip.visual.preprocess_cfg)), "dtype": _stored_dtype(rs)}
     return _loaded(spec, clip, preprocess, source, files=_extra_files(rs))
+
+
+def _create(rs: OpenClipSpec, opts: LoadOptions) -> tuple[nn.Module, Callable]:
+    import open_clip
+
+    with _quiet_open_clip():
+        clip, _, preprocess = open_clip.create_model_and_transforms(
+            rs.model_name, pretrained=rs.pretrained, force_quick_gelu=rs.force_quick_gelu,
+            device=opts.device, weights_only=not opts.allow_unsafe_pickle)
+    return clip, preprocess
+
+
+def _create_streamed(rs: OpenClipSpec, opts: LoadOptions) -> Optional[tuple[nn.Module, Callable]]:
+    """A local open_clip folder with safetensors weights: the skeleton is built without random init and
+    filled tensor by tensor (surgery/weights.py), so loading costs one model instead of two. None when
+    the folder is not that simple case (open_clip's own loader handles the rest)."""
+    import open_clip
+
+    from .weights import load_safetensors_streamed, skip_weight_init
+
+    if not rs.model_name.startswith("local-dir:"):
+        return None
+    root = Path(rs.model_name[len("local-dir:"):])
+    weights = next((root / n for n in _WEIGHT_FILES if n.endswith(".safetensors") and (root / n).is_file()), None)
+    if weights is None:
+        return None
+    with _quiet_open_clip(), skip_weight_init():
+        clip, _, preprocess = open_clip.create_model_and_transforms(
+            rs.model_name, pretrained=rs.pretrained, force_quick_gelu=rs.force_quick_gelu, load_weights=False)
+    try:
+        load_safetensors_streamed(clip, weights, cast=False)
+    except RuntimeError:  # keys open_clip's loader would adapt: let it
+        return None
+    return clip.to(opts.device), preprocess
 
 
 def _stored_dtype(rs: OpenClipSpec) -> str:
@@ -265,15 +296,15 @@ def read_surgery_doc(path: Path) -> Optional[dict[str, Any]]:
     return doc
 
 
-def build_baked_clip(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Callable, dict[str, Any]]:
+def build_baked_clip(path: str | Path, device: str = "cpu", image_tower_only: bool = False
+                     ) -> tuple[nn.Module, Callable, dict[str, Any]]:
     """Rebuild a converted open_clip folder: open_clip builds the skeleton from open_clip_config.json,
     the recipe from surgery.json bakes the image tower's structure, then the weights load strictly."""
     import open_clip
     from open_clip.transform import PreprocessCfg, image_transform_v2
-    from safetensors.torch import load_file
-
     from .bake import bake_registers
     from .families import family_for
+    from .weights import load_safetensors_streamed, load_safetensors_subset
 
     path = Path(path)
     spec = str(path)
@@ -288,17 +319,23 @@ def build_baked_clip(path: str | Path, device: str = "cpu") -> tuple[nn.Module, 
         raise ModelInputError(f"{path}: no {WEIGHTS_NAME}")
     try:
         with _quiet_open_clip():
-            clip = open_clip.create_model(f"local-dir:{path}", load_weights=False, device=device)
+            if image_tower_only:  # no memory and no random init for what is not loaded
+                with torch.device("meta"):
+                    clip = open_clip.create_model(f"local-dir:{path}", load_weights=False, device="meta")
+                check_image_tower(spec, clip).to_empty(device=device)
+            else:
+                clip = open_clip.create_model(f"local-dir:{path}", load_weights=False, device=device)
     except Exception as e:
         raise _map_error(spec, e) from None
     visual = check_image_tower(spec, clip)
+    if image_tower_only and any(b.is_meta for b in visual.buffers()):  # pragma: no cover - defensive
+        raise ModelInputError(f"{spec}: image tower has buffers the weights file does not hold")
     bake_registers(visual, recipe, family_for(visual))
-    try:
-        state = load_file(str(weights), device=str(device))
-        floats = [t.dtype for t in state.values() if t.is_floating_point()]
-        if floats:  # a baked folder runs in the dtype it was written in
-            clip.to(max(set(floats), key=floats.count))
-        clip.load_state_dict(state, strict=True)
+    try:  # tensor by tensor, in the dtype it was written in
+        if image_tower_only:
+            clip.weights_not_loaded = load_safetensors_subset(clip, weights, "visual.", device, map_file=True)
+        else:
+            load_safetensors_streamed(clip, weights, device)
     except Exception as e:
         raise _map_error(spec, e) from None
     clip.eval()
@@ -329,11 +366,14 @@ def _load_folder(spec: str, path: Path, opts: LoadOptions) -> LoadedModel:
     doc = read_surgery_doc(path)
     if doc is None:  # an ordinary open_clip folder (hf-hub snapshot layout): open_clip's local-dir path
         return _load_spec(OpenClipSpec(spec, f"local-dir:{path}", None), opts, display=spec)
-    clip, preprocess, doc = build_baked_clip(path, opts.device)
+    clip, preprocess, doc = build_baked_clip(path, opts.device, opts.convert_check)
     source = dict(doc.get("source") or {})
     source["library"] = "open_clip"
-    return _loaded(spec, clip, preprocess, source, clip.visual.surgery_recipe,
-                   files=_extra_files(OpenClipSpec(spec, f"local-dir:{path}", None)))
+    loaded = _loaded(spec, clip, preprocess, source, clip.visual.surgery_recipe,
+                     files=_extra_files(OpenClipSpec(spec, f"local-dir:{path}", None)))
+    if opts.convert_check:
+        loaded.extra["weights_not_loaded"] = (path / WEIGHTS_NAME, clip.weights_not_loaded)
+    return loaded
 
 
 def open_clip_loader(spec: str, opts: LoadOptions) -> Optional[LoadedModel]:

@@ -24,6 +24,10 @@ class LoadOptions:
     allow_unsafe_pickle: bool = False  # full unpickling of .bin/.pt (runs code from the file)
     trust_remote_code: bool = False  # HF remote code (never on unless the user asks)
     device: str = "cpu"
+    # convert's own check of the output it has just written: weights are mapped from the file (shared
+    # with the page cache) instead of copied, and an open_clip output is rebuilt as its image tower only
+    # (the text tower stays on the meta device; convert compares its written tensors with the source's)
+    convert_check: bool = False
 
 
 @dataclass
@@ -61,6 +65,9 @@ def load_model(spec: str, options: LoadOptions | None = None) -> LoadedModel:
             assert_finite(loaded.model, spec)
             loaded.model.eval()
             loaded.model.to(opts.device)
+            from .memory import trim_heap
+
+            trim_heap()  # a state dict loaded whole and copied into the model is freed by now
             require_finite_weights(loaded)
             return loaded
     raise ModelInputError(f"unknown model {spec!r}")
@@ -236,7 +243,7 @@ def _load_timm_folder(spec: str, path: Path, opts: LoadOptions) -> LoadedModel:
     if not weights:
         raise ModelInputError(f"{spec}: no weights file (model.safetensors or pytorch_model.bin) in {path}")
     try:
-        model = timm.create_model(f"local-dir:{path}", pretrained=True)
+        model = _create_timm_from_folder(path, cfg, opts.convert_check)
     except Exception as e:  # timm raises RuntimeError/AssertionError/OSError for all of these
         if needs_full_unpickling(e):
             if not opts.allow_unsafe_pickle:
@@ -263,6 +270,24 @@ def _load_timm_folder(spec: str, path: Path, opts: LoadOptions) -> LoadedModel:
         model.to(torch_dtype(stored))
     fam = family_for(model)
     return LoadedModel(model, fam, spec, source, fam.data_transform(model), recipe)
+
+
+def _create_timm_from_folder(path: Path, cfg: dict, map_file: bool = False) -> nn.Module:
+    """timm's local-dir loading; a vit-surgery folder's weights are read tensor by tensor
+    (surgery/weights.py) so a reload during convert costs one model, not two."""
+    import timm
+
+    from .timm_baked import BAKED_ARCH
+
+    weights = path / "model.safetensors"
+    if cfg.get("architecture") != BAKED_ARCH or not weights.is_file():
+        return timm.create_model(f"local-dir:{path}", pretrained=True)
+    from .weights import load_safetensors_streamed, skip_weight_init
+
+    with skip_weight_init():  # every stored tensor is overwritten below (strictly)
+        model = timm.create_model(f"local-dir:{path}", pretrained=False)
+    load_safetensors_streamed(model, weights, map_file=map_file)
+    return model
 
 
 def _load_unsafe(path: Path) -> nn.Module:

@@ -1,16 +1,17 @@
 """Parity: does a baked model compute what the hooked reference computes on the source model?"""
 from __future__ import annotations
 
-import copy
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
 
 from .errors import ParityError, SurgeryError
 from .families import Family, family_for
-from .judge import as_float64, float64_reference, per_vector_relative
+from .cast import cast_blockwise
+from .judge import allowed_error, float32_sized_noise, per_vector_relative
 from .recipe import Recipe
 
 FP32_TOLERANCE = 1e-5
@@ -160,6 +161,72 @@ def require_same_architecture(source: nn.Module, baked: nn.Module, recipe: Recip
                               "not the source it was made from")
 
 
+Emit = Callable[[str, torch.Tensor], None]
+
+
+def _stream(model: nn.Module, fam: Family, pixels: torch.Tensor, emit: Emit) -> None:
+    """One forward pass; `emit(name, output)` for each block's residual the moment the block ends, then
+    for the final tokens and the pooled output (forward order, the names `_capture` uses)."""
+    count = [0]
+
+    def hook(_m: nn.Module, _a: tuple, o: object) -> None:
+        emit(f"block{count[0]}.residual", fam.block_output(o))
+        count[0] += 1
+
+    hs = [b.register_forward_hook(hook) for b in fam.blocks(model)]
+    try:
+        pooled, tokens = fam.forward_both(model, pixels)
+    finally:
+        for h in hs:
+            h.remove()
+    emit("tokens", tokens)
+    emit("pooled", pooled)
+
+
+class _BatchJudge:
+    """One batch, streamed: the baked model's outputs (and, for half models, the hooked reference's own
+    outputs in that dtype) are held; the float64 reference then runs block by block and each of its
+    outputs is judged and dropped the moment it is computed. Conditioning (a second, perturbed float64
+    run) is measured only for the outputs where some vector is off by more than the plain tolerance:
+    vectors within it pass whatever their conditioning, so the verdict is that of the full judge."""
+
+    def __init__(self, report: ParityReport, got: dict[str, torch.Tensor], own: dict[str, torch.Tensor],
+                 tolerance: float) -> None:
+        self.report, self.got, self.own, self.tol = report, got, own, tolerance
+        self.pending: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+        self.seen: set[str] = set()
+
+    def exact(self, name: str, exact: torch.Tensor) -> None:
+        self.seen.add(name)
+        if not torch.isfinite(exact).all():
+            raise ParityError(f"the hooked reference itself gives NaN/Inf in {name} on these images: the "
+                              "source model is not usable as it is")
+        if name not in self.got:
+            raise ParityError(f"the baked model has no output {name!r} (the source has more blocks): it is not "
+                              "the source's architecture")
+        got = self.got.pop(name)
+        if got.shape != exact.shape:
+            OutputError(name).update(got, exact)  # raises the one-line shape error
+        rel = per_vector_relative(got, exact)
+        floor = half_allowed(per_vector_relative(self.own.pop(name), exact)) if name in self.own else None
+        plain = torch.full_like(rel, self.tol) if floor is None else torch.maximum(torch.full_like(rel, self.tol), floor)
+        if bool((rel <= plain).all()):
+            self._update(name, got, exact, plain)
+        else:  # judged once the conditioning run has measured how ill-conditioned these vectors are
+            self.pending[name] = (got, exact, floor)
+
+    def conditioning(self, name: str, noisy: torch.Tensor) -> None:
+        if name not in self.pending:
+            return
+        got, exact, floor = self.pending.pop(name)
+        allowed = allowed_error(per_vector_relative(noisy, exact), self.tol)
+        self._update(name, got, exact, allowed if floor is None else torch.maximum(allowed, floor))
+
+    def _update(self, name: str, got: torch.Tensor, exact: torch.Tensor, allowed: torch.Tensor) -> None:
+        self.report.outputs.setdefault(name, OutputError(name)).update(got, exact, offset=self.report.images,
+                                                                      allowed=allowed)
+
+
 @torch.inference_mode()
 def check_parity(
     source: nn.Module,
@@ -169,11 +236,19 @@ def check_parity(
     *,
     family: Family | None = None,
     tolerance: float = FP32_TOLERANCE,
+    seed: int = 0,
+    on_baked_batch: Optional[Callable[[nn.Module, torch.Tensor], Any]] = None,
 ) -> ParityReport:
     """Judge `baked` against the hooked reference on `source` run in float64 (surgery/judge.py): pooled
     output, every token (register included) and every block's residual stream, vector by vector.
     `baked` runs in its own dtype; a float16/bfloat16 model is also allowed HALF_FACTOR x the error of
-    the hooked reference in that dtype."""
+    the hooked reference in that dtype.
+
+    Memory: no copy of either model. The source runs in float64 (or the half dtype) one block at a
+    time (surgery/cast.py); batches are judged one by one and the float64 outputs are judged as they
+    are computed, so the extra memory is one block's weights plus one batch of the baked model's
+    residuals. `on_baked_batch(baked, pixels)`, if given, runs inside the baked model's pass (hooks
+    placed by it see that pass: the effect statistics use it to cost no extra forward pass)."""
     from .reference import hooked_reference
 
     fam = family or family_for(source)
@@ -184,33 +259,29 @@ def check_parity(
     dev = next(baked.parameters()).device
     dtype = next(baked.parameters()).dtype
     half = dtype in (torch.float16, torch.bfloat16)
-    source64 = as_float64(source)
-    source_half = None
-    if half:
-        source_half = source if next(source.parameters()).dtype == dtype else copy.deepcopy(source).to(dtype)
-    try:
-        for pixels in batches:
-            judge = float64_reference(source64, recipe, fam, pixels, _capture)
-            got = _capture(baked, fam, pixels.to(dev, dtype))
-            own: dict[str, torch.Tensor] = {}
-            if source_half is not None:
-                with hooked_reference(source_half, recipe, fam):
-                    own = _capture(source_half, fam, pixels.to(dev, dtype))
-            for name, exact in judge.exact.items():
-                if not torch.isfinite(exact).all():
-                    raise ParityError(f"the hooked reference itself gives NaN/Inf in {name} on these images: the "
-                                      "source model is not usable as it is")
-                if name not in got:
-                    raise ParityError(f"the baked model has no output {name!r} (the source has {len(judge.exact) - 2} "
-                                      "blocks): it is not the source's architecture")
-                if half:
-                    allowed = torch.maximum(judge.allowed(name, tolerance),
-                                            half_allowed(per_vector_relative(own[name], exact)))
-                else:
-                    allowed = judge.allowed(name, tolerance, got[name])
-                report.outputs.setdefault(name, OutputError(name)).update(got[name], exact, offset=report.images,
-                                                                          allowed=allowed)
-            report.images += pixels.shape[0]
-    finally:
-        del source64
+    src_dev = next(source.parameters()).device
+    blocks = fam.blocks(source)
+    for pixels in batches:
+        got: dict[str, torch.Tensor] = {}
+        with contextlib.ExitStack() as stack:
+            if on_baked_batch is not None:
+                stack.enter_context(on_baked_batch(baked, pixels))
+            _stream(baked, fam, pixels.to(dev, dtype), got.__setitem__)
+        own: dict[str, torch.Tensor] = {}
+        if half:
+            with cast_blockwise(source, blocks, dtype), hooked_reference(source, recipe, fam):
+                _stream(source, fam, pixels.to(src_dev, dtype), own.__setitem__)
+        judge = _BatchJudge(report, got, own, tolerance)
+        x64 = pixels.to(src_dev, torch.float64)
+        with cast_blockwise(source, blocks, torch.float64):
+            with hooked_reference(source, recipe, fam):
+                _stream(source, fam, x64, judge.exact)
+            if judge.pending:
+                with hooked_reference(source, recipe, fam), float32_sized_noise(source, seed):
+                    _stream(source, fam, x64, judge.conditioning)
+        if judge.got:
+            extra = sorted(judge.got)[0]
+            raise ParityError(f"the baked model has an output {extra!r} the source does not: it is not the "
+                              "source's architecture")
+        report.images += pixels.shape[0]
     return report

@@ -1,28 +1,34 @@
 """The jobs behind the CLI (find, convert, check), as functions for programmatic use and tests."""
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
 from . import __version__
-from .bake import bake_registers, register_token_indices, unbake
+from .bake import baked_in_place, bake_registers, register_token_indices, unbake
+from .cast import cast_blockwise
 from .discovery import DiscoveryConfig, DiscoveryResult, find_register_neurons
-from .effect import effect_metrics, token_diagnostics
+from .effect import collected, effect_metrics, last_block_diagnostics
 from .errors import ModelInputError, NeuronsFileError, ParityError, SurgeryError
 from .images import ImageBatches, list_images
 from .loading import LoadedModel, LoadOptions, load_model, torch_dtype
+from .memory import Estimate, activation_bytes, current_rss, module_bytes, require_fits, tokens_for, trim_heap
 from .organism import builtin_images
 from .integrity import assert_finite, record_integrity
 from .outputs import atomic_output_dir, check_output_target, refuse_source_overlap
 from .parity import FP32_TOLERANCE, ParityReport, check_parity
 from .recipe import Recipe, read_neurons_file, validate_recipe_for_model
 
-CHECK_IMAGES = 16  # images used by the parity check unless told otherwise
+CHECK_IMAGES = 16  # images used by the parity check of a ViT-B/16 at 224 px unless told otherwise
+MIN_CHECK_IMAGES = 4  # ... and never fewer, however large the model (see default_check_images)
+_VITB16_WORK = 86e6 * 197  # parameters x tokens of a ViT-B/16 at 224 px
 
 # Exporters per source library: write the baked model as a drop-in folder for that library.
 Exporter = Callable[[torch.nn.Module, Path, LoadedModel, dict[str, Any]], list[Path]]
@@ -85,36 +91,109 @@ def parity_batches(loaded: LoadedModel, images: Optional[str | Path], count: int
     return batches
 
 
-def measure_effect(source: torch.nn.Module, baked: torch.nn.Module, loaded: LoadedModel, pixels: torch.Tensor,
-                   threshold: float | str = "auto") -> dict[str, Any]:
+def default_check_images(loaded: LoadedModel) -> int:
+    """How many images convert's parity check uses: the work of 16 ViT-B/16-at-224 images (work =
+    parameters x tokens per image), at least MIN_CHECK_IMAGES and at most CHECK_IMAGES. A ViT-B/16 gets
+    16, a ViT-L/14 at 518 px 4 (each image still judges every token of every block: 24 x 1370 vectors)."""
     fam = loaded.family
-    p = fam.num_prefix_tokens(source)
-    def run(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        ref = next(model.parameters())
-        if ref.dtype != torch.float32:  # the effect statistics are measured in float32
-            model = copy.deepcopy(model).float()
-        return token_diagnostics(model, pixels.to(ref.device, torch.float32), family=fam)
+    model = loaded.model
+    params = sum(p.numel() for p in model.parameters())
+    c, h, w = fam.input_size(model)
+    try:
+        k = fam.patch_embed(model).kernel_size
+        tokens = (h // k[0]) * (w // k[1]) + fam.num_prefix_tokens(model)
+    except (NotImplementedError, AttributeError):
+        return CHECK_IMAGES
+    return max(MIN_CHECK_IMAGES, min(CHECK_IMAGES, int(CHECK_IMAGES * _VITB16_WORK / max(1, params * tokens))))
 
-    before = effect_metrics(run(source), p, [], threshold=threshold)
-    regs = register_token_indices(baked, fam)
-    after = effect_metrics(run(baked), p + len(regs), regs, threshold=threshold)
-    return {"before": before, "after": after}
+
+def measure_effect(source: torch.nn.Module, family: Any, batches: list[torch.Tensor],
+                   after: dict[str, list[torch.Tensor]], registers: list[int],
+                   threshold: float | str = "auto") -> dict[str, Any]:
+    """Outliers and attention before (the source, float32, one pass over `batches`) and after (`after`:
+    collected by `last_block_diagnostics` during the parity check's pass of the baked model)."""
+    fam = family
+    p = fam.num_prefix_tokens(source)
+    sink: dict[str, list[torch.Tensor]] = {}
+    dev = next(source.parameters()).device
+    with torch.inference_mode(), cast_blockwise(source, fam.blocks(source), torch.float32), \
+            last_block_diagnostics(source, fam, 0, sink):
+        for pixels in batches:  # the effect statistics are measured in float32
+            fam.forward_both(source, pixels.to(dev, torch.float32))
+    before = effect_metrics(collected(sink), p, [], threshold=threshold)
+    return {"before": before, "after": effect_metrics(collected(after), p + len(registers), registers,
+                                                      threshold=threshold)}
 
 
 def run_check(baked_loaded: LoadedModel, batches: list[torch.Tensor], *, source: Optional[torch.nn.Module] = None,
               tolerance: float = FP32_TOLERANCE) -> tuple[ParityReport, dict[str, Any]]:
     """Parity of a baked model against the hooked reference on its source (rebuilt by un-baking when
-    no source model is given: the split is an exact permutation of the original weights)."""
+    no source model is given: the split is an exact permutation of the original weights).
+
+    Three forward passes per batch: the baked model (judged; its effect statistics collected on the
+    way), the hooked reference in float64 block by block, the source in float32 (effect before); a
+    fourth, perturbed float64 pass only for outputs that need their conditioning measured."""
     baked = baked_loaded.model
     recipe = baked_loaded.recipe
     if recipe is None:
         raise ModelInputError(f"{baked_loaded.spec} carries no baked test-time registers (not a vit-surgery output)")
+    fam = baked_loaded.family
     if source is None:
         source = copy.deepcopy(baked)
-        unbake(source, baked_loaded.family)
-    report = check_parity(source, baked, recipe, batches, family=baked_loaded.family, tolerance=tolerance)
-    effect = measure_effect(source, baked, baked_loaded, torch.cat(batches)[:32])
+        unbake(source, fam)
+    after: dict[str, list[torch.Tensor]] = {}
+    report = check_parity(source, baked, recipe, batches, family=fam, tolerance=tolerance,
+                          on_baked_batch=lambda m, _x: last_block_diagnostics(m, fam, recipe.num_registers, after))
+    effect = measure_effect(source, fam, batches, after, register_token_indices(baked, fam))
     return report, effect
+
+
+@contextlib.contextmanager
+def _baked_copy(model: torch.nn.Module, recipe: Recipe, fam: Any, out_dtype: str) -> Iterator[torch.nn.Module]:
+    """--dtype other than the model's: a baked copy in that dtype (baked in the model's own dtype first)."""
+    baked = bake_registers(copy.deepcopy(model), recipe, fam)
+    yield baked.to(torch_dtype(out_dtype))
+
+
+def _verify_not_reloaded(reloaded: LoadedModel, loaded: LoadedModel, out_dtype: str) -> None:
+    """The part of an output the check did not rebuild (an open_clip text tower) must be the source's
+    tensors bit for bit (in the written dtype): compared one tensor at a time."""
+    from .weights import differing_tensors, share_with_file
+
+    path, keys = reloaded.extra.get("weights_not_loaded", (None, []))
+    if not keys:
+        return
+    expected = loaded.extra["clip"].state_dict()
+    bad = differing_tensors(path, keys, expected)
+    if bad:
+        raise ParityError(f"{len(bad)} written tensor(s) outside the image tower differ from the source's "
+                          f"(first: {bad[0]}); no output written")
+    # Equal bit for bit: the source's text tower can live in the page cache (the file) from here on,
+    # which is what lets a 10 GB CLIP be checked next to its reloaded image tower on a 24 GB machine.
+    share_with_file(loaded.extra["clip"], path, keys)
+
+
+def convert_estimate(loaded: LoadedModel, out_dtype: str, batch_size: int, num_registers: int,
+                     in_place: bool) -> Estimate:
+    """convert's peak (surgery/memory.py): this process + the reloaded output + one float64 block + one batch."""
+    fam, model = loaded.family, loaded.model
+    whole = loaded.extra.get("clip", model)
+    blocks = fam.blocks(model)
+    c, h, w = fam.input_size(model)
+    try:
+        k = fam.patch_embed(model).kernel_size
+        tokens = tokens_for((c, h, w), int(k[0]), fam.num_prefix_tokens(model) + num_registers)
+        heads = fam.attention(blocks[0]).num_heads
+    except (NotImplementedError, AttributeError):
+        tokens, heads = (h // 14) * (w // 14) + 1 + num_registers, max(1, fam.embed_dim(model) // 64)
+    width = fam.embed_dim(model)
+    act = activation_bytes(len(blocks), width, tokens, batch_size, heads, torch_dtype(out_dtype),
+                           fam.hidden_size(blocks[0]) / width)
+    # an open_clip text tower written unchanged is re-pointed at the written file before the check
+    released = module_bytes(whole) - module_bytes(model) if in_place and whole is not model else 0
+    return Estimate(now=current_rss() - released, reload=module_bytes(model, torch.float32),  # the check reloads the image model
+                    block64=module_bytes(blocks[0], torch.float64) + module_bytes(model, torch.float64) // max(1, len(blocks)),
+                    activations=act, copy=0 if in_place else module_bytes(model, torch_dtype(out_dtype)))
 
 
 @dataclass
@@ -169,29 +248,40 @@ def run_convert(
             raise SurgeryError(f"convert needs --neurons FILE|NAME or --images DIR: no published register neurons "
                                f"are known for {loaded.spec}")
         recipe, _ = resolve_recipe(loaded, name, overrides)
-    baked = bake_registers(copy.deepcopy(loaded.model), recipe, loaded.family)
-    # Baked in float32; written in the source checkpoint's dtype unless --dtype says otherwise.
+    # Baked in the source's dtype; written in the source checkpoint's dtype unless --dtype says otherwise.
     out_dtype = dtype or loaded.source.get("dtype") or "float32"
-    baked.to(torch_dtype(out_dtype))
-    assert_finite(baked, "the baked model")
-    surgery_doc = {"recipe": recipe.to_dict(), "source_model": loaded.spec, "source": loaded.source,
-                   "tool": "vit-surgery", "tool_version": __version__,
-                   "token_layout": {"num_prefix_tokens": loaded.family.num_prefix_tokens(loaded.model),
-                                    "register_indices": register_token_indices(baked, loaded.family)},
-                   "dtype": out_dtype}
-    if result is not None:
-        surgery_doc["discovery"] = {k: v for k, v in result.to_json().items() if k not in ("layer_norms",)}
+    model, fam = loaded.model, loaded.family
+    in_place = torch_dtype(out_dtype) == next(model.parameters()).dtype
+    parity_count = default_check_images(loaded)
+    batch_size = min((discovery or DiscoveryConfig()).batch_size, parity_count)
+    if check:
+        require_fits(convert_estimate(loaded, out_dtype, batch_size, recipe.num_registers, in_place))
+    num_prefix = fam.num_prefix_tokens(model)
     report = effect = None
     with atomic_output_dir(out, overwrite) as tmp:
-        EXPORTERS[library](baked, tmp, loaded, surgery_doc)
+        # No copy of the model: baked in place, written tensor by tensor, and put back exactly (the
+        # original modules are restored) before the output is reloaded next to it for the check.
+        with (baked_in_place(model, recipe, fam) if in_place else _baked_copy(model, recipe, fam, out_dtype)) as baked:
+            surgery_doc = {"recipe": recipe.to_dict(), "source_model": loaded.spec, "source": loaded.source,
+                           "tool": "vit-surgery", "tool_version": __version__,
+                           "token_layout": {"num_prefix_tokens": num_prefix,
+                                            "register_indices": register_token_indices(baked, fam)},
+                           "dtype": out_dtype}
+            if result is not None:
+                surgery_doc["discovery"] = {k: v for k, v in result.to_json().items() if k not in ("layer_norms",)}
+            assert_finite(baked, "the baked model")
+            EXPORTERS[library](baked, tmp, loaded, surgery_doc)
+            del baked
+        trim_heap()  # the split MLPs (or the copy) are gone before the output is reloaded
         if result is not None:
             write_json(tmp / "neurons.json", result.to_json())
         record_integrity(tmp, loaded.spec, loaded.model)
         if check:
-            reloaded = load_model(str(tmp), options)
-            batches = parity_batches(reloaded, check_images or images, CHECK_IMAGES,
-                                     (discovery or DiscoveryConfig()).batch_size, 0, progress)
-            report, effect = run_check(reloaded, batches, source=loaded.model, tolerance=tolerance)
+            reloaded = load_model(str(tmp), dataclasses.replace(options or LoadOptions(), convert_check=True))
+            _verify_not_reloaded(reloaded, loaded, out_dtype)
+            batches = parity_batches(reloaded, check_images or images, parity_count, batch_size, 0, progress)
+            report, effect = run_check(reloaded, batches, source=model, tolerance=tolerance)
+            del reloaded
             write_json(tmp / "parity.json", {"parity": report.to_dict(), "effect": effect})
             if not report.passed:
                 raise ParityError(report.summary() + "; no output written")

@@ -1,0 +1,154 @@
+"""Refuse before the OOM killer: estimate what convert/check will hold at their peak, compare it with
+what the machine (and its cgroup) can still give, and stop with one line when it does not fit.
+
+The peak of convert (surgery/pipeline.py) is reached during the parity check, with both the source
+and the reloaded output in memory:
+
+  process now (imports + source model)
+  + the reloaded output (built in float32, then cast to the written dtype: the float32 size counts)
+  + one block of the source in float64 (the judge runs block by block, surgery/cast.py)
+  + one batch of activations (the baked model's residuals for every block, held while the float64
+    reference is compared with them as it runs; the float64 working set of one block)
+
+Read from /proc/meminfo (MemAvailable) and the cgroup's memory.max/memory.current (v2) or
+memory.limit_in_bytes/usage_in_bytes (v1); no psutil.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from .errors import OutOfMemoryRisk
+
+GiB = 2 ** 30
+MARGIN = 1.10  # allocator fragmentation and what the estimate leaves out (tokenisers, transforms)
+
+
+def _read_int(path: str) -> Optional[int]:
+    try:
+        text = Path(path).read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def current_rss() -> int:
+    """Resident memory of this process now (VmRSS), in bytes."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def available_bytes() -> Optional[int]:
+    """What new allocations can still get: MemAvailable, capped by the cgroup's limit minus its usage.
+    None when neither can be read (not Linux): the check is then skipped."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    for limit_f, usage_f in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                             ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                              "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit, usage = _read_int(limit_f), _read_int(usage_f)
+        if limit is not None and usage is not None and limit < 2 ** 60:
+            room = max(0, limit - usage)
+            avail = room if avail is None else min(avail, room)
+            break
+    return avail
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor], dtype: Optional[torch.dtype] = None) -> int:
+    """Bytes of distinct tensors, as stored or (floating ones) in `dtype`."""
+    seen: set[int] = set()
+    total = 0
+    for t in tensors:
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        size = t.element_size() if dtype is None or not t.is_floating_point() else torch.empty((), dtype=dtype).element_size()
+        total += t.numel() * size
+    return total
+
+
+def module_bytes(module: nn.Module, dtype: Optional[torch.dtype] = None) -> int:
+    return tensor_bytes(list(module.parameters()) + list(module.buffers()), dtype)
+
+
+@dataclass
+class Estimate:
+    now: int  # the process as it is (imports + the source model)
+    reload: int  # the written output, rebuilt for the check
+    block64: int  # one block of the source in float64
+    activations: int  # one batch
+    copy: int = 0  # a copy in another dtype (--dtype different from the source's)
+
+    @property
+    def peak(self) -> int:
+        return int(self.now + MARGIN * (self.reload + self.block64 + self.activations + self.copy))
+
+    def describe(self) -> str:
+        parts = [f"process now {self.now / GiB:.1f}", f"reloaded output {self.reload / GiB:.1f}",
+                 f"one batch of activations {self.activations / GiB:.1f}"]
+        if self.copy:
+            parts.append(f"copy in the output dtype {self.copy / GiB:.1f}")
+        return f"{self.peak / GiB:.1f} GiB ({', '.join(parts)} GiB, +{MARGIN - 1:.0%} on what is added)"
+
+
+def activation_bytes(num_blocks: int, width: int, tokens: int, batch: int, heads: int, out_dtype: torch.dtype,
+                     mlp_ratio: float = 4.0) -> int:
+    """One batch: the baked model's residual for every block (held until the float64 reference has
+    compared them), a half model's own hooked run too, and the float64 working set of one block
+    (MLP hidden layer, attention probabilities)."""
+    elem = torch.empty((), dtype=out_dtype).element_size()
+    held = (num_blocks + 2) * batch * tokens * width * elem
+    if out_dtype in (torch.float16, torch.bfloat16):
+        held *= 2
+    working = batch * (tokens * width * (2 * mlp_ratio + 4) + heads * tokens * tokens) * 8
+    compare = 3 * batch * tokens * width * 8  # one output judged: baked and reference in float64, difference
+    return int(held + 2 * working + compare)  # x2: a block's input and output live together
+
+
+def require_fits(estimate: Estimate, what: str = "convert") -> None:
+    """Stop with one line (exit 11) when the estimated peak exceeds what is available now."""
+    if os.environ.get("VIT_SURGERY_SKIP_MEMORY_CHECK"):
+        return
+    avail = available_bytes()
+    if avail is None:
+        return
+    extra = estimate.peak - estimate.now
+    if extra <= avail:
+        return
+    raise OutOfMemoryRisk(
+        f"{what} would need about {estimate.describe()}, {avail / GiB:.1f} GiB is available beyond this "
+        f"process: stopped before running out of memory (nothing written); options: --device cuda, "
+        f"fewer parity images (--check-images with fewer files, or --batch-size 1), --dtype float16/bfloat16, "
+        f"or a machine with more memory")
+
+
+def tokens_for(input_size: tuple[int, int, int], patch: int, prefix: int) -> int:
+    return prefix + math.ceil(input_size[1] / patch) * math.ceil(input_size[2] / patch)
+
+
+def trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc's malloc_trim). Memory torch frees in chunks under
+    glibc's mmap threshold stays in the process otherwise: after a skeleton's tensors are replaced by
+    the checkpoint's, that is a third of a model of RSS for nothing. No-op off glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
