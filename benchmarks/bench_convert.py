@@ -34,11 +34,15 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.benchlib import BENCH_RECIPE, command_line, machine, today  # noqa: E402
 
 GiB = 2 ** 30
+# dims: (blocks, width, tokens with one test-time register, heads, MLP ratio) for the activation estimate
 ROWS = {
-    "vitb16": {"desc": "timm ViT-B/16 (CLIP), local-dir, 224 px", "weights_gb": 0.35},
-    "dinov2_l14": {"desc": "DINOv2 ViT-L/14, torch-hub .pth, 518 px, published neurons", "weights_gb": 1.22},
-    "dinov2_g14": {"desc": "DINOv2 ViT-g/14 (SwiGLU), torch-hub .pth, 518 px", "weights_gb": 4.5},
-    "bigG": {"desc": "OpenCLIP ViT-bigG-14, full CLIP, open_clip folder, 224 px", "weights_gb": 10.2},
+    "vitb16": {"desc": "timm ViT-B/16 (CLIP), local-dir, 224 px", "weights_gb": 0.35, "dims": (12, 768, 198, 12, 4.0)},
+    "dinov2_l14": {"desc": "DINOv2 ViT-L/14, torch-hub .pth, 518 px, published neurons", "weights_gb": 1.22,
+                   "dims": (24, 1024, 1371, 16, 4.0)},
+    "dinov2_g14": {"desc": "DINOv2 ViT-g/14 (SwiGLU), torch-hub .pth, 518 px", "weights_gb": 4.5,
+                   "dims": (40, 1536, 1371, 24, 4096 / 1536)},
+    "bigG": {"desc": "OpenCLIP ViT-bigG-14, full CLIP, open_clip folder, 224 px", "weights_gb": 10.2,
+             "dims": (48, 1664, 258, 16, 8192 / 1664)},
 }
 NEURONS = {"vitb16": {"register_neurons": {str(k): v for k, v in BENCH_RECIPE.items()}},
            "dinov2_g14": {"register_neurons": {"10": [7, 300], "20": [1234]}},
@@ -95,7 +99,7 @@ def spec_of(row: str, folder: Path) -> tuple[str, list[str]]:
 
 
 def checkpoint_bytes(row: str, folder: Path) -> int:
-    files = [p for p in folder.rglob("*") if p.suffix in (".pth", ".safetensors")
+    files = [p for p in folder.rglob("*") if p.suffix in (".pth", ".bin", ".safetensors")
              and not any(part.startswith("out") for part in p.relative_to(folder).parts)]
     return sum(p.stat().st_size for p in files)
 
@@ -170,18 +174,33 @@ def forward_time(row: str, folder: Path, code: Path, threads: int) -> float:
     return json.loads(line[-1])["forward_s_per_image"] if line else float("nan")
 
 
+def activations(row: str, images: int, batch: int = 8) -> int:
+    """One batch of activations as convert's estimate counts it (surgery/memory.py)."""
+    import torch
+
+    from surgery.memory import activation_bytes
+
+    blocks, width, tokens, heads, ratio = ROWS[row]["dims"]
+    return activation_bytes(blocks, width, tokens, min(batch, images or batch), heads, torch.float32, ratio)
+
+
 def table(results: list[dict], forwards: dict[str, float]) -> str:
-    lines = ["| model | code | checkpoint | import | convert peak RSS | (peak - import) / checkpoint | wall | "
-             "parity images | wall / (one fp32 forward x images) | parity |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | code | checkpoint | import | convert peak RSS | (peak - import) / checkpoint | one batch of "
+             "activations (estimate) | target: import + 2 x checkpoint + activations | wall | parity images | "
+             "wall / (one fp32 forward x images) | parity |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        fw = forwards.get(r["row"], float("nan"))
+        fw = forwards.get(r["row"], r.get("forward_s_per_image", float("nan")))
         n = r["parity_images"] or 0
         passes = r["wall_s"] / (fw * n) if n and fw == fw else float("nan")
         ok = {True: "PASS", False: "FAIL", None: f"exit {r['rc']}"}[r["passed"] if r["rc"] == 0 else None]
+        act = activations(r["row"], n)
+        target = r["import_rss"] + 2 * r["checkpoint_bytes"] + act
+        met = "met" if r["peak_rss"] <= target else "missed"
         lines.append(f"| {ROWS[r['row']]['desc']} | {r['code']} | {r['checkpoint_bytes'] / 1e9:.2f} GB | "
                      f"{r['import_rss'] / GiB:.2f} GiB | {r['peak_rss'] / GiB:.2f} GiB | {r['ratio']:.2f}x | "
-                     f"{r['wall_s']:.0f} s | {n} | {passes:.1f} | {ok} |")
+                     f"{act / GiB:.2f} GiB | {target / GiB:.2f} GiB ({met}) | {r['wall_s']:.0f} s | {n} | "
+                     f"{passes:.1f} | {ok} |")
     return "\n".join(lines)
 
 
@@ -193,8 +212,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--json", default=None, help="append results as JSON lines to this file")
+    ap.add_argument("--table", default=None, help="print the table of a --json file and exit")
     ap.add_argument("--build", nargs=2, metavar=("ROW", "DIR"), help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.table:
+        print(table([json.loads(ln) for ln in Path(a.table).read_text().splitlines() if ln.strip()], {}))
+        return
     if a.build:
         build(a.build[0], Path(a.build[1]))
         return

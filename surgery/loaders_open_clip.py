@@ -301,7 +301,9 @@ def build_baked_clip(path: str | Path, device: str = "cpu", image_tower_only: bo
     """Rebuild a converted open_clip folder: open_clip builds the skeleton from open_clip_config.json,
     the recipe from surgery.json bakes the image tower's structure, then the weights load strictly."""
     import open_clip
+    import torch
     from open_clip.transform import PreprocessCfg, image_transform_v2
+
     from .bake import bake_registers
     from .families import family_for
     from .weights import load_safetensors_streamed, load_safetensors_subset

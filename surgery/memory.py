@@ -49,6 +49,17 @@ def current_rss() -> int:
     return 0
 
 
+def _inactive_file(cgroup: Path) -> int:
+    try:
+        for line in (cgroup / "memory.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key in ("inactive_file", "total_inactive_file") and value.strip().isdigit():
+                return int(value)
+    except OSError:
+        pass
+    return 0
+
+
 def available_bytes() -> Optional[int]:
     """What new allocations can still get: MemAvailable, capped by the cgroup's limit minus its usage.
     None when neither can be read (not Linux): the check is then skipped."""
@@ -64,6 +75,7 @@ def available_bytes() -> Optional[int]:
                               "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
         limit, usage = _read_int(limit_f), _read_int(usage_f)
         if limit is not None and usage is not None and limit < 2 ** 60:
+            usage -= _inactive_file(Path(limit_f).parent)  # page cache the cgroup can reclaim
             room = max(0, limit - usage)
             avail = room if avail is None else min(avail, room)
             break

@@ -132,7 +132,8 @@ def test_convert_peak_memory_stays_within_two_checkpoints(tmp_path):
     from surgery.memory import activation_bytes
 
     torch.manual_seed(0)
-    save_for_hf(timm.create_model("vit_base_patch16_clip_224", pretrained=False).eval(), tmp_path / "src")
+    save_for_hf(timm.create_model("vit_base_patch16_clip_224", pretrained=False).eval(), tmp_path / "src",
+                safe_serialization=True)
     (tmp_path / "n.json").write_text(json.dumps({"register_neurons": {"2": [17, 101], "3": [42, 1000]}}))
     ckpt = (tmp_path / "src" / "model.safetensors").stat().st_size
     rc, import_rss, err = _peak_rss(["-c", IMPORTS])
