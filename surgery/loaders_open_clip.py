@@ -324,14 +324,17 @@ def build_baked_clip(path: str | Path, device: str = "cpu", image_tower_only: bo
             if image_tower_only:  # no memory and no random init for what is not loaded
                 with torch.device("meta"):
                     clip = open_clip.create_model(f"local-dir:{path}", load_weights=False, device="meta")
-                check_image_tower(spec, clip).to_empty(device=device)
-            else:
+                tower = check_image_tower(spec, clip)
+                stored = set(tower.state_dict())
+                if any(name not in stored for name, _ in tower.named_buffers()):
+                    image_tower_only = False  # computed buffers (RoPE tables): build it for real
+                else:
+                    tower.to_empty(device=device)
+            if not image_tower_only:
                 clip = open_clip.create_model(f"local-dir:{path}", load_weights=False, device=device)
     except Exception as e:
         raise _map_error(spec, e) from None
     visual = check_image_tower(spec, clip)
-    if image_tower_only and any(b.is_meta for b in visual.buffers()):  # pragma: no cover - defensive
-        raise ModelInputError(f"{spec}: image tower has buffers the weights file does not hold")
     bake_registers(visual, recipe, family_for(visual))
     try:  # tensor by tensor, in the dtype it was written in
         if image_tower_only:
@@ -374,7 +377,7 @@ def _load_folder(spec: str, path: Path, opts: LoadOptions) -> LoadedModel:
     loaded = _loaded(spec, clip, preprocess, source, clip.visual.surgery_recipe,
                      files=_extra_files(OpenClipSpec(spec, f"local-dir:{path}", None)))
     if opts.convert_check:
-        loaded.extra["weights_not_loaded"] = (path / WEIGHTS_NAME, clip.weights_not_loaded)
+        loaded.extra["weights_not_loaded"] = (path / WEIGHTS_NAME, getattr(clip, "weights_not_loaded", []))
     return loaded
 
 
