@@ -160,6 +160,9 @@ def test_remote_model_equals_the_core_bake(family, mode, organisms, tmp_path):
     assert next(remote.parameters()).dtype == torch.float32
     R = recipe.num_registers
     assert remote.register_token_indices == list(range(prefix, prefix + R))
+    split = [m for m in remote.modules() if type(m).__name__ == "RegisterMlp"]
+    assert len(split) == len(recipe.neurons)  # the written file's own RegisterMlp, not vit-surgery's import
+    assert all(type(m).__module__.startswith("transformers_modules.") for m in split)
     remote = remote.double()
     core = bake_registers(copy.deepcopy(model), recipe, fam).double().eval()
     x = _pixels(model)
@@ -179,3 +182,60 @@ def test_remote_model_equals_the_core_bake(family, mode, organisms, tmp_path):
             ref_pooled, ref_tokens = fam.forward_both(source, x)
         err = max(_worst(pooled, ref_pooled), _worst(tokens, ref_tokens))
         assert (err < EXACT) if should_match else (err > 1e-4), (per_neuron, err)
+
+
+CORE_NAMES = ("register_rows", "register_edit", "PrependRegisters", "MlpWeights", "RegisterMlp")
+
+
+@pytest.fixture(scope="module")
+def written(organisms, tmp_path_factory) -> Path:
+    model, planting = _organism(organisms, "Dinov2WithRegistersModel")
+    out = tmp_path_factory.mktemp("written") / "out"
+    return _convert(model, Recipe(planting.neurons).with_options(num_registers=2, mode="per_neuron"), out)
+
+
+def test_written_file_holds_the_core_source_and_imports_only_torch_and_transformers(written):
+    """No hand copy that could drift: each core definition appears in modeling_vit_surgery.py verbatim."""
+    import surgery.modules as core
+
+    text = (written / "modeling_vit_surgery.py").read_text()
+    tree = ast.parse(text)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            assert {a.name.split(".")[0] for a in node.names} <= {"torch", "transformers", "dataclasses", "typing"}
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0 and node.module.split(".")[0] in {"__future__", "torch", "transformers",
+                                                                     "dataclasses", "typing"}, node.module
+    lines = text.splitlines()
+    for name in CORE_NAMES:
+        node = next(n for n in tree.body if getattr(n, "name", None) == name)
+        first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+        assert "\n".join(lines[first - 1:node.end_lineno]) == inspect.getsource(getattr(core, name)).rstrip("\n"), name
+    assert len([n for n in tree.body if getattr(n, "name", None) == "RegisterMlp"]) == 1
+
+
+def test_written_file_runs_where_vit_surgery_cannot_be_imported(written):
+    """The folder works for a user without vit-surgery: `surgery` / `exporters` imports are made to fail."""
+    import subprocess
+
+    script = f"""
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("surgery", "exporters"):
+            raise ImportError("vit-surgery is not installed here: " + name)
+sys.meta_path.insert(0, Block())
+import torch
+from transformers import AutoModel
+import transformers.dynamic_module_utils as dmu
+dmu.HF_MODULES_CACHE = {str(written.parent / "modules")!r}
+model = AutoModel.from_pretrained({str(written)!r}, trust_remote_code=True).eval()
+with torch.no_grad():
+    out = model(pixel_values=torch.zeros(2, 3, 64, 64))
+assert out.last_hidden_state.shape == (2, 5 + 2 + 64, model.config.hidden_size), out.last_hidden_state.shape
+assert not any(m.startswith(("surgery", "exporters")) for m in sys.modules)
+print("ok", type(model).__name__)
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         cwd=str(written.parent))
+    assert run.returncode == 0 and run.stdout.strip() == "ok VitSurgeryDinov2WithRegistersModel", run.stderr[-2000:]
