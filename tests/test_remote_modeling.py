@@ -34,7 +34,8 @@ from surgery.recipe import Recipe
 
 # float64 against float64 on the same weights and pixels: round-off (unit 1.1e-16, amplified by a
 # 6-block network) stays below ~1e-13; a wrong register value, row, scale or mode moves the outputs by
-# 1e-4 or more (asserted below for the mode), so a threshold anywhere in between separates them.
+# 1e-4 or more (asserted below for the mode), so a threshold anywhere in between separates them. Seen on
+# this machine: equal outputs within 1.1e-15, the other mode's rule off by 8e-4 to 38.
 EXACT = 1e-9
 MODES = {
     "shared-R1": dict(num_registers=1, scale=1.0, mode="shared"),
@@ -71,6 +72,10 @@ FAMILIES = {
 # The planted units of one block fire identically (shared and per-neuron maxima would coincide): ordinary units
 # are added so that the modes differ, and a block without planted units is edited too.
 EXTRA_UNITS = {1: [3], 2: [5]}
+IMAGE_OUTPUTS = {None: ("last_hidden_state", "pooler_output"),  # compared with every other output tensor too
+                 "CLIPVisionModelWithProjection": ("last_hidden_state", "image_embeds"),
+                 "CLIPModel": ("image_embeds", "vision_model_output.last_hidden_state",
+                               "vision_model_output.pooler_output")}
 TEXT_IDS = torch.tensor([[49406, 320, 49407], [49406, 1929, 49407]])  # CLIPModel's forward needs a text
 
 
@@ -168,7 +173,7 @@ def test_remote_model_equals_the_core_bake(family, mode, organisms, tmp_path):
     x = _pixels(model)
 
     got, want = _flat(_forward(remote, stock, x)), _flat(_forward(core, stock, x))
-    assert sorted(got) == sorted(want) and "last_hidden_state" in str(sorted(got))
+    assert sorted(got) == sorted(want) and set(IMAGE_OUTPUTS.get(stock, IMAGE_OUTPUTS[None])) <= set(got)
     errors = {k: _worst(got[k], want[k]) for k in want}
     assert max(errors.values()) < EXACT, {k: e for k, e in errors.items() if e >= EXACT}
 
