@@ -9,8 +9,10 @@ vit-surgery's own loader reads the same folder without remote code (stock model 
 """
 from __future__ import annotations
 
+import ast
+import importlib
+import inspect
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,8 @@ from .safetensors_io import save_state_dict
 
 MODELING_FILE = "modeling_vit_surgery.py"
 _TEMPLATE = Path(__file__).with_name("hf_remote_modeling.py")
+INLINE_MARK = "# vit-surgery: inline"  # ends the template's `from MODULE import ...` line that gets MODULE's source
+STANDALONE_IMPORTS = {"__future__", "dataclasses", "typing", "torch", "transformers"}
 REMOTE_CLASSES = {
     "CLIPVisionModel": "VitSurgeryCLIPVisionModel",
     "CLIPVisionModelWithProjection": "VitSurgeryCLIPVisionModelWithProjection",
@@ -37,6 +41,35 @@ def stock_class_name(model: nn.Module) -> str:
         if cls.__name__ in REMOTE_CLASSES and cls.__module__.startswith("transformers.models."):
             return cls.__name__
     raise ValueError(f"{type(model).__name__} is not one of {sorted(REMOTE_CLASSES)}")
+
+
+def _inlined_module(name: str) -> str:
+    """`name`'s source without its docstring and `from __future__` line, checked to import only what a
+    remote-code file may (torch, transformers, the standard library's dataclasses / typing)."""
+    source = inspect.getsource(importlib.import_module(name))
+    tree = ast.parse(source)
+    drop: set[int] = set()
+    for i, node in enumerate(tree.body):
+        docstring = i == 0 and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+        if docstring or (isinstance(node, ast.ImportFrom) and node.module == "__future__"):
+            drop.update(range(node.lineno, node.end_lineno + 1))
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            roots = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            if getattr(node, "level", 0) or any(r.split(".")[0] not in STANDALONE_IMPORTS for r in roots):
+                raise RuntimeError(f"{name} imports {roots}: it cannot be inlined into a remote-code file")
+    kept = [line for n, line in enumerate(source.splitlines(keepends=True), 1) if n not in drop]
+    return f"# ---- {name} (inlined by vit-surgery's writer) ----\n" + "".join(kept).strip("\n") + \
+        f"\n# ---- end of {name} ----\n"
+
+
+def remote_modeling_source() -> str:
+    """modeling_vit_surgery.py: the template with its marked import line replaced by the imported core
+    module's source, so the file needs only torch + transformers and runs the code vit-surgery bakes with."""
+    out = []
+    for line in _TEMPLATE.read_text().splitlines(keepends=True):
+        out.append(_inlined_module(line.split()[1]) if line.rstrip().endswith(INLINE_MARK) else line)
+    return "".join(out)
 
 
 def _processor_config(preprocess: dict[str, Any], model_type: str) -> dict[str, Any]:
@@ -98,7 +131,7 @@ def write_hf_dir(model: nn.Module, out_dir: Path, *, source: dict[str, Any], sur
     files = [out_dir / "config.json", out_dir / MODELING_FILE, out_dir / "model.safetensors",
              out_dir / "preprocessor_config.json", out_dir / "surgery.json", out_dir / "README.md"]
     files[0].write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    shutil.copyfile(_TEMPLATE, files[1])
+    files[1].write_text(remote_modeling_source())
     save_state_dict(model.state_dict(), files[2], surgery)
     proc = dict(preprocessor_config) if preprocessor_config else _processor_config(preprocess, cfg.get("model_type", ""))
     files[3].write_text(json.dumps(proc, indent=2, sort_keys=True) + "\n")

@@ -27,85 +27,29 @@ import transformers
 from torch import nn
 
 
-def register_rows(h, num_prefix: int, num_registers: int, scale: float = 1.0, per_neuron: bool = False):
-    """Prefix rows unchanged, register rows <- scale * signed max (largest |.| over tokens, and units unless
-    per_neuron), one max per image; [B, num_prefix + num_registers, k]. Patch rows of the edit are 0."""
-    B, N, k = h.shape
-    if per_neuron:
-        idx = h.abs().argmax(dim=1, keepdim=True)
-        m = h.gather(1, idx)
-    else:
-        flat = h.reshape(B, N * k)
-        idx = flat.abs().argmax(dim=1, keepdim=True)
-        m = flat.gather(1, idx).reshape(B, 1, 1).expand(B, 1, k)
-    reg = (m * scale).expand(B, num_registers, k)
-    return torch.cat([h[:, :num_prefix], reg], dim=1)  # the patch rows of the edit are all zero
+# The core modules (surgery/modules.py: register_rows, PrependRegisters, RegisterMlp ...). The writer
+# (exporters/hf_dir.py) replaces the import line below by that file's source, so the written modeling file is
+# standalone (torch + transformers) and holds the very code vit-surgery bakes and checks with: one copy.
+from surgery.modules import MlpWeights, PrependRegisters, RegisterMlp  # vit-surgery: inline
 
 
-class PrependRegisters(nn.Module):
-    """Inserts the register tokens after the prefix tokens, then applies the wrapped module."""
-
-    def __init__(self, inner: nn.Module, num_registers: int, embed_dim: int, num_prefix: int) -> None:
-        super().__init__()
-        self.inner = inner
-        self.num_prefix = int(num_prefix)
-        self.num_registers = int(num_registers)
-        self.register_buffer("register_tokens", torch.zeros(1, num_registers, embed_dim))
-
-    def forward(self, x, *args, **kwargs):
-        reg = self.register_tokens.to(x.dtype).expand(x.shape[0], -1, -1)
-        p = self.num_prefix
-        return self.inner(torch.cat([x[:, :p], reg, x[:, p:]], dim=1), *args, **kwargs)
-
-
-class RegisterMlp(nn.Module):
-    """out = fc2(act(fc1 x)) + reg_fc2(register_edit(act(reg_fc1 x))); gated MLPs pack [gate; up] rows."""
-
-    def __init__(self, dim: int, hidden: int, out_dim: int, num_units: int, act: nn.Module, gated: bool,
-                 fc1_bias: bool, fc2_bias: bool, num_prefix: int, num_registers: int, scale: float,
-                 per_neuron: bool) -> None:
-        super().__init__()
-        m = 2 if gated else 1
-        self.gated = gated
-        self.act = act
-        # the ordinary MLP keeps its shape; the register units' rows/columns are zero in it
-        self.fc1 = nn.Linear(dim, hidden * m, bias=fc1_bias)
-        self.fc2 = nn.Linear(hidden, out_dim, bias=fc2_bias)
-        self.reg_fc1 = nn.Linear(dim, num_units * m, bias=fc1_bias)
-        self.reg_fc2 = nn.Linear(num_units, out_dim, bias=False)
-        self.register_buffer("units", torch.zeros(num_units, dtype=torch.long))
-        self.hidden_features = hidden
-        self.num_prefix = int(num_prefix)
-        self.num_registers = int(num_registers)
-        self.scale = float(scale)
-        self.per_neuron = bool(per_neuron)
-
-    def _hidden(self, pre):
-        if self.gated:
-            gate, up = pre.chunk(2, dim=-1)
-            return self.act(gate) * up
-        return self.act(pre)
-
-    def forward(self, x):
-        out = self.fc2(self._hidden(self.fc1(x)))
-        head = self.reg_fc2(register_rows(self._hidden(self.reg_fc1(x)), self.num_prefix, self.num_registers,
-                                          self.scale, self.per_neuron))
-        q = head.shape[1]
-        return torch.cat([out[:, :q] + head, out[:, q:]], dim=1)
+def _mlp_weights(old: nn.Module) -> MlpWeights:
+    """The stock MLP's weights in the core's canonical view (gated MLPs: [gate; up] rows), as the
+    vit-surgery adapters read them when baking; on the meta device these are shapes only."""
+    if all(hasattr(old, n) for n in ("gate_proj", "up_proj", "down_proj")):  # DINOv2 / DINOv3 SwiGLU
+        g, u, down = old.gate_proj, old.up_proj, old.down_proj
+        bias = None if g.bias is None else torch.cat([g.bias, u.bias])
+        return MlpWeights(torch.cat([g.weight, u.weight]), bias, down.weight, down.bias, old.act_fn, gated=True)
+    if all(hasattr(old, n) for n in ("up_proj", "down_proj", "act_fn")):  # DINOv3 plain MLP
+        return MlpWeights(old.up_proj.weight, old.up_proj.bias, old.down_proj.weight, old.down_proj.bias, old.act_fn)
+    if hasattr(old, "weights_in"):  # packed SwiGLU (older transformers)
+        return MlpWeights(old.weights_in.weight, old.weights_in.bias, old.weights_out.weight, old.weights_out.bias,
+                          nn.SiLU(), gated=True)
+    return MlpWeights(old.fc1.weight, old.fc1.bias, old.fc2.weight, old.fc2.bias, old.activation_fn)
 
 
-def _split_mlp(old: nn.Module, num_units: int, p: int, recipe: dict) -> RegisterMlp:
-    if all(hasattr(old, n) for n in ("gate_proj", "up_proj", "down_proj")):  # DINOv2 SwiGLU
-        first, down, act, gated = old.gate_proj, old.down_proj, old.act_fn, True
-    elif all(hasattr(old, n) for n in ("up_proj", "down_proj", "act_fn")):  # DINOv3 plain MLP
-        first, down, act, gated = old.up_proj, old.down_proj, old.act_fn, False
-    elif hasattr(old, "weights_in"):  # packed SwiGLU (older transformers)
-        first, down, act, gated = old.weights_in, old.weights_out, nn.SiLU(), True
-    else:
-        first, down, act, gated = old.fc1, old.fc2, old.activation_fn, False
-    hidden = down.in_features
-    return RegisterMlp(first.in_features, hidden, down.out_features, num_units, act, gated,
-                       first.bias is not None, down.bias is not None, p, int(recipe.get("num_registers", 1)),
+def _split_mlp(old: nn.Module, units: list, p: int, recipe: dict) -> RegisterMlp:
+    return RegisterMlp(_mlp_weights(old), [int(u) for u in units], p, int(recipe.get("num_registers", 1)),
                        float(recipe.get("scale", 1.0)), recipe.get("mode", "shared") == "per_neuron")
 
 
@@ -117,7 +61,7 @@ def bake_structure(model: nn.Module, vision: nn.Module, blocks, parent: nn.Modul
     R = int(recipe.get("num_registers", 1))
     for layer, units in recipe["register_neurons"].items():
         block = blocks[int(layer)]
-        block.mlp = _split_mlp(block.mlp, len(units), p, recipe)
+        block.mlp = _split_mlp(block.mlp, units, p, recipe)
     setattr(parent, attr, PrependRegisters(getattr(parent, attr), R, embed_dim, p))
     vision.num_prefix_tokens = p + R
     model.num_prefix_tokens = p + R

@@ -136,9 +136,10 @@ class RegisterMlp(nn.Module):
     ) -> None:
         super().__init__()
         hidden = weights.hidden
-        unit_idx = torch.tensor(sorted(units), dtype=torch.long, device=weights.fc2_weight.device)
-        if len(unit_idx) == 0 or int(unit_idx.max()) >= hidden or int(unit_idx.min()) < 0:
+        # checked on the list, not the tensor: HF builds remote-code models on the meta device (no values)
+        if not units or max(units) >= hidden or min(units) < 0:
             raise ValueError(f"register units {units} out of range for hidden width {hidden}")
+        unit_idx = torch.tensor(sorted(units), dtype=torch.long, device=weights.fc2_weight.device)
         rows_expected = hidden * (2 if weights.gated else 1)
         assert weights.fc1_weight.shape[0] == rows_expected, (weights.fc1_weight.shape, rows_expected)
         self.gated = weights.gated
