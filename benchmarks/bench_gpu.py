@@ -37,10 +37,10 @@ def cuda_ms(fn, rounds: int) -> float:
 def main() -> None:
     import torch
 
-    from surgery.bake import bake_registers
-    from surgery.discovery import DiscoveryConfig, find_register_neurons
-    from surgery.families import family_for
-    from surgery.recipe import Recipe
+    from surgery.core.bake import bake_registers
+    from surgery.core.discovery import DiscoveryConfig, find_register_neurons
+    from surgery.backends import adapter_for
+    from surgery.core.recipe import Recipe
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
@@ -51,8 +51,8 @@ def main() -> None:
     if not dev.startswith("cuda") or not torch.cuda.is_available():
         sys.exit("bench_gpu.py needs a CUDA device")
     source = build_vitb(0, plant=True).to(dev)
-    fam = family_for(source)
-    baked = bake_registers(copy.deepcopy(source), Recipe(BENCH_RECIPE), fam)
+    fam = adapter_for(source)
+    baked = bake_registers(copy.deepcopy(source), Recipe(BENCH_RECIPE), adapter=fam)
     x = torch.randn(a.batch, 3, 224, 224, device=dev)
     rows = ["| arm | dtype | ms / batch of %d |" % a.batch, "|---|---|---|"]
     with torch.inference_mode():
@@ -74,7 +74,7 @@ def main() -> None:
     import time
 
     t = time.perf_counter()
-    find_register_neurons(source, sorted(imgs.glob("*.png")), DiscoveryConfig(batch_size=a.batch), family=fam,
+    find_register_neurons(source, sorted(imgs.glob("*.png")), DiscoveryConfig(batch_size=a.batch), adapter=fam,
                           progress=False)
     torch.cuda.synchronize()
     t_find = time.perf_counter() - t

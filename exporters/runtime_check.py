@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from surgery.parity import OutputError
+from surgery.core.parity import OutputError
 
 from .onnx_export import VIT_ONNX_SPEC, Comparison, OnnxReport, _exact_torch, _rebatch, _torch_outputs
 
@@ -35,13 +35,13 @@ def validate_runtime(report: OnnxReport, session: Any, loaded: Any, batches: lis
     """Fill `report` (path, dtype, tolerance and export batch already set) with the comparisons: each
     output judged against the hooked reference run in float64, per vector (surgery/judge.py).
     `pooled(model, pixels)` overrides which PyTorch output the runtime's `pooled` is compared with."""
-    from surgery.bake import unbake
-    from surgery.judge import as_float64, float64_reference
+    from surgery.core.bake import unbake
+    from surgery.core.judge import as_float64, float64_reference
 
     spec = VIT_ONNX_SPEC
     fam, baked = loaded.family, loaded.model
     source = copy.deepcopy(baked)
-    unbake(source, fam)
+    unbake(source, adapter=fam)
     source64 = as_float64(source)
     del source
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from . import __version__
-from .errors import EXIT_CODES, SurgeryError
+from .core.errors import EXIT_CODES, SurgeryError
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -79,7 +79,7 @@ def add_recipe_options(p: argparse.ArgumentParser) -> None:
 
 
 def _discovery_config(a: argparse.Namespace):
-    from .discovery import DiscoveryConfig
+    from .core.discovery import DiscoveryConfig
 
     return DiscoveryConfig(detect_layer=a.detect_layer, threshold=a.threshold, max_layer=a.max_layer,
                            top_k=a.top_k, sparsity_filter=a.sparsity_filter, include_prefix=a.include_prefix,
@@ -89,7 +89,8 @@ def _discovery_config(a: argparse.Namespace):
 
 
 def _load(a: argparse.Namespace, spec: str):
-    from .loading import LoadOptions, load_model
+    from .core.source import LoadOptions
+    from .backends import load_model
 
     return load_model(spec, LoadOptions(a.allow_unsafe_pickle, a.trust_remote_code, a.device))
 
@@ -106,7 +107,7 @@ def _is_onnx(spec: Optional[str]) -> bool:
 # ---- commands ----------------------------------------------------------------------------------
 
 def cmd_find(a: argparse.Namespace) -> int:
-    from .outputs import atomic_output_file
+    from .core.outputs import atomic_output_file
     from .pipeline import run_find, write_json
 
     if _is_onnx(a.model):  # an ONNX file: graph rewriting, no PyTorch model (surgery/onnx_graph)
@@ -125,7 +126,7 @@ def cmd_find(a: argparse.Namespace) -> int:
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
-    from .loading import LoadOptions
+    from .core.source import LoadOptions
     from .pipeline import run_convert
 
     if _is_onnx(a.model):
@@ -141,8 +142,10 @@ def cmd_convert(a: argparse.Namespace) -> int:
     if getattr(a, "onnx", False):
         from exporters.onnx_export import export_and_validate
 
+        from .backends import load_model
+
         def export_onnx(tmp: Path, _loaded: Any) -> None:
-            export_and_validate(tmp, fp16=a.fp16, progress=not a.quiet)
+            export_and_validate(tmp, fp16=a.fp16, progress=not a.quiet, loaded=load_model(str(tmp)))
         after = export_onnx
     res = run_convert(loaded, a.out, neurons=a.neurons, images=a.images, discovery=_discovery_config(a),
                       overrides=overrides, check=not a.no_check, check_images=a.check_images,
@@ -173,9 +176,9 @@ def _print_effect(effect: Optional[dict[str, Any]]) -> None:
 
 
 def cmd_check(a: argparse.Namespace) -> int:
-    from .errors import ParityError
-    from .integrity import source_for_check, verify_output
-    from .outputs import local_source_path
+    from .core.errors import ParityError
+    from .core.integrity import source_for_check, verify_output
+    from .core.outputs import local_source_path
     from .pipeline import parity_batches, run_check, write_json
 
     if _is_onnx(a.out_dir):
@@ -295,7 +298,7 @@ _EXTRA_COMMANDS: list[Callable[[Any], None]] = []
 def _load_extra_commands() -> None:
     import importlib
 
-    for name in ("exporters.onnx_cli", "surgery.report_cli"):
+    for name in ("surgery.onnx_cli", "surgery.report_cli"):
         try:
             mod = importlib.import_module(name)
         except ModuleNotFoundError as e:
@@ -317,7 +320,7 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 def _check_device(spec: str) -> None:
     import torch
 
-    from .errors import UsageError
+    from .core.errors import UsageError
 
     try:
         dev = torch.device(spec)
@@ -337,9 +340,9 @@ _CORE_COMMANDS = ("find", "convert", "check", "demo")  # the ones main() validat
 def _validate_before_loading(a: argparse.Namespace) -> None:
     """Everything cheap (device, images, neurons file, OUT) is checked before a model loads, so these
     mistakes cost no waiting and get their own exit codes."""
-    from .images import list_images
-    from .outputs import check_output_target, refuse_source_overlap
-    from .recipe import read_neurons_file
+    from .core.images import list_images
+    from .core.outputs import check_output_target, refuse_source_overlap
+    from .core.recipe import read_neurons_file
 
     if a.command not in _CORE_COMMANDS:
         return

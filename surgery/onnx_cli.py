@@ -14,7 +14,7 @@ LAYOUTS = ("plain", "hf")
 
 def check_converted_folder(out: Path) -> None:
     """A folder written by `convert` (it always holds surgery.json), else a one-line error (exit 4)."""
-    from surgery.errors import ModelInputError
+    from surgery.core.errors import ModelInputError
 
     if not out.is_dir():
         raise ModelInputError(f"model folder not found: {out} (export works on a folder written by `convert`)")
@@ -24,8 +24,9 @@ def check_converted_folder(out: Path) -> None:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from surgery.errors import OutputExistsError, SurgeryError
-    from surgery.loading import LoadOptions
+    from surgery.core.errors import OutputExistsError, SurgeryError
+    from surgery.backends import load_model
+    from surgery.core.source import LoadOptions
 
     out = Path(a.out_dir)
     check_converted_folder(out)
@@ -33,29 +34,29 @@ def cmd_export(a: argparse.Namespace) -> int:
     if a.format == "openvino":
         if a.fp16 or a.layout != "plain":
             raise SurgeryError("--format openvino takes neither --fp16 nor --layout hf")
-        from .openvino_export import OV_XML, export_openvino, openvino_summary, require_openvino
+        from exporters.openvino_export import OV_XML, export_openvino, openvino_summary, require_openvino
 
         require_openvino()
-        report = export_openvino(out, progress=not a.quiet, options=options, exporter=a.exporter,
+        report = export_openvino(out, progress=not a.quiet, loaded=load_model(str(out), options), exporter=a.exporter,
                                  overwrite=a.overwrite)
         print(openvino_summary(report))
         print(f"wrote {out / OV_XML} (+ .bin)")
         return 0
     if a.layout == "hf":
-        from .onnx_hf_layout import export_hf_layout
+        from exporters.onnx_hf_layout import export_hf_layout
 
-        report, written = export_hf_layout(out, fp16=a.fp16, progress=not a.quiet, options=options,
+        report, written = export_hf_layout(out, fp16=a.fp16, progress=not a.quiet, loaded=load_model(str(out), options),
                                            exporter=a.exporter, overwrite=a.overwrite)
         print(report.summary())
         print(f"wrote {written}")
         return 0
-    from .onnx_export import DATA_FILE, ONNX_FILE, export_and_validate
+    from exporters.onnx_export import DATA_FILE, ONNX_FILE, export_and_validate
 
     target = out / ONNX_FILE
     if (target.exists() or (out / DATA_FILE).exists()) and not a.overwrite:
         raise OutputExistsError(f"output {target} already exists; pass --overwrite to replace it")
     report = export_and_validate(out, fp16=a.fp16, progress=not a.quiet, exporter=a.exporter, say_summary=False,
-                                 options=options)
+                                 loaded=load_model(str(out), options))
     print(report.summary())
     print(f"wrote {target}" + (f" (+ {DATA_FILE})" if report.external_data else ""))
     return 0

@@ -144,10 +144,10 @@ def _hf_vision_sizes() -> dict[str, Any]:
 def _attach_hf_organism_preprocess(model: nn.Module) -> None:
     """The organism's preprocessing (what HF_ORGANISM_PREPROCESSOR gives once saved): 64 px, no crop margin,
     so the calibration images' trigger squares stay patch-aligned."""
-    from .families import family_for
-    from .loaders_hf import _set_preprocess, preprocess_from_processor
+    from .backends import adapter_for
+    from .backends.hf.loader import _set_preprocess, preprocess_from_processor
 
-    fam = family_for(model)
+    fam = adapter_for(model)
     _set_preprocess(model, preprocess_from_processor(HF_ORGANISM_PREPROCESSOR, fam.preprocess_config(model)))
 
 
@@ -199,7 +199,7 @@ class _UnpackedGluPlanting:
         return getattr(self.family, name)
 
     def mlp_weights(self, mlp: nn.Module):
-        from .modules import MlpWeights
+        from .core.modules import MlpWeights
 
         if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
             return self.family.mlp_weights(mlp)
@@ -229,7 +229,7 @@ def build_hf_dinov2_organism(seed: int = 0, *, swiglu: bool = False, num_registe
     """
     from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
-    from .families import family_for
+    from .backends import adapter_for
 
     sizes = dict(_hf_vision_sizes(), mlp_ratio=int(ORGANISM_SIZE["mlp_ratio"]), layerscale_value=1.0,
                  use_swiglu_ffn=swiglu)
@@ -241,7 +241,7 @@ def build_hf_dinov2_organism(seed: int = 0, *, swiglu: bool = False, num_registe
     model.set_attn_implementation(attn_implementation)
     model.eval()
     _attach_hf_organism_preprocess(model)
-    fam = _UnpackedGluPlanting(family_for(model))
+    fam = _UnpackedGluPlanting(adapter_for(model))
     emb = model.embeddings
     try:
         planting = plant_register_neurons(model, plant, seed=seed, family=fam, cls_token=emb.cls_token,  # type: ignore[arg-type]

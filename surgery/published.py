@@ -10,8 +10,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import NeuronsFileError
-from .recipe import Recipe
+from .core.errors import NeuronsFileError
+from .core.recipe import Recipe
 
 _FILE = Path(__file__).parent / "data" / "published_neurons.json"
 
@@ -52,7 +52,7 @@ def published_for_model(loaded: Any) -> Optional[str]:
         entry = registry()[name]
         if entry.get("depth") is not None and int(entry["depth"]) != len(blocks):
             continue
-        if entry.get("hidden_size") is not None and any(fam.hidden_size(b) != int(entry["hidden_size"]) for b in blocks):
+        if entry.get("hidden_size") is not None and any(fam.mlp_width(b) != int(entry["hidden_size"]) for b in blocks):
             continue
         if int(entry.get("num_prefix_tokens", 1)) != fam.num_prefix_tokens(model):
             continue

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from .errors import ModelInputError
-from .families import family_for
-from .loading import LoadedModel
+from .core.errors import ModelInputError
+from .backends import adapter_for
+from .core.source import LoadedModel
 
 TIMM_CLIP_SKELETON = "vit_base_patch16_clip_224"
 
@@ -250,7 +250,7 @@ def _checked(loaded: LoadedModel, model, args: dict, pretrained_cfg: dict, refer
     rel = float((got - want).norm(dim=-1).max() / want.norm(dim=-1).min())
     if not rel < 1e-5:
         raise ModelInputError(f"{loaded.spec}: the timm re-expression differs from the source (relative {rel:.2g})")
-    fam = family_for(model)  # timm's VisionTransformer or Eva
+    fam = adapter_for(model)  # timm's VisionTransformer or Eva
     source = {"library": "timm", "architecture": arch, "model_args": args,
               "pretrained_cfg": dict(pretrained_cfg, architecture=arch), "converted_from": loaded.spec}
     return LoadedModel(model, fam, loaded.spec, source, fam.data_transform(model), None)

@@ -12,7 +12,7 @@ import torch
 
 from exporters.safetensors_io import read_metadata
 from surgery.cli import main
-from surgery.organism import builtin_images
+from surgery.core.images import builtin_images
 
 from hub import add_to_fake_hub, offline_env
 

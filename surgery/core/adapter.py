@@ -1,7 +1,8 @@
-"""Family adapters: where a library keeps the blocks, the MLP units and the token layout.
+"""Library adapters: where a library keeps the blocks, the MLP units and the token layout.
 
 An adapter answers those questions and nothing more; discovery, the hooked reference, baking and
-parity are written once against this interface. `family_for(model)` is the one dispatch point.
+parity are written once against this interface and take the adapter from their caller. Which adapter
+fits a model is decided in one place, `surgery.backends.adapter_for(model)`.
 """
 from __future__ import annotations
 
@@ -11,8 +12,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from ..errors import ModelInputError
-from ..modules import MlpWeights
+from .modules import MlpWeights
 
 
 @dataclass
@@ -44,7 +44,7 @@ class AttentionParts:
         return ((q @ k.transpose(-2, -1)) * hd ** -0.5).softmax(dim=-1)
 
 
-class Family:
+class Adapter:
     """Base adapter. Subclasses implement the accessors for one library's module structure."""
 
     name: str = "base"
@@ -73,7 +73,8 @@ class Family:
         """The module whose input is the post-activation hidden layer (register neurons are its inputs)."""
         raise NotImplementedError
 
-    def hidden_size(self, block: nn.Module) -> int:
+    def mlp_width(self, block: nn.Module) -> int:
+        """Units of the block's MLP hidden layer (where register neurons live; not the residual width)."""
         mlp = self.get_mlp(block)
         if hasattr(mlp, "hidden_features") and hasattr(mlp, "reg_fc2"):
             return int(mlp.hidden_features)
@@ -121,29 +122,3 @@ class Family:
 
     def data_transform(self, model: nn.Module) -> Callable:
         raise NotImplementedError
-
-
-_FAMILIES: list[Family] = []
-
-
-def register_family(family: Family) -> Family:
-    _FAMILIES.append(family)
-    return family
-
-
-def family_for(model: nn.Module) -> Family:
-    """The adapter for `model`, or a one-line error naming what was given."""
-    for fam in _FAMILIES:
-        if fam.matches(model):
-            return fam
-    raise ModelInputError(
-        f"unsupported model type {type(model).__name__}: vit-surgery works on Vision Transformers "
-        "(timm VisionTransformer, open_clip VisionTransformer, HF CLIPVision/Dinov2)"
-    )
-
-
-def family_by_name(name: str) -> Family:
-    for fam in _FAMILIES:
-        if fam.name == name:
-            return fam
-    raise ModelInputError(f"unknown model family {name!r}")

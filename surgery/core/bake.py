@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .errors import ModelInputError
-from .families import Family, family_for
+from .adapter import Adapter
 from .modules import PrependRegisters, RegisterMlp
 from .recipe import Recipe, validate_recipe_for_model
 
@@ -19,7 +19,7 @@ def recipe_of(model: nn.Module) -> Recipe | None:
 
 
 @torch.no_grad()
-def split_mlp(family: Family, block: nn.Module, units: list[int], num_prefix: int, recipe: Recipe) -> RegisterMlp:
+def split_mlp(family: Adapter, block: nn.Module, units: list[int], num_prefix: int, recipe: Recipe) -> RegisterMlp:
     """Replace `block`'s MLP by a RegisterMlp whose branch holds `units`."""
     weights = family.mlp_weights(family.get_mlp(block))
     hidden = weights.hidden
@@ -30,18 +30,18 @@ def split_mlp(family: Family, block: nn.Module, units: list[int], num_prefix: in
 
 
 @torch.no_grad()
-def bake_registers(model: nn.Module, recipe: Recipe, family: Family | None = None) -> nn.Module:
+def bake_registers(model: nn.Module, recipe: Recipe, *, adapter: Adapter) -> nn.Module:
     """Bake `recipe` into `model` in place and return it.
 
     The register tokens are inserted at the family's insertion point (a PrependRegisters buffer in
     front of the pre-norm), the listed blocks get a RegisterMlp, and the model's prefix-token count
     grows by R so downstream pooling and slicing skip the registers.
     """
-    fam = family or family_for(model)
+    fam = adapter
     if recipe_of(model) is not None:
         raise ModelInputError("this model already carries baked test-time registers")
     blocks = fam.blocks(model)
-    validate_recipe_for_model(recipe, len(blocks), [fam.hidden_size(b) for b in blocks])
+    validate_recipe_for_model(recipe, len(blocks), [fam.mlp_width(b) for b in blocks])
     p = fam.num_prefix_tokens(model)
     for layer, units in recipe.neurons.items():
         split_mlp(fam, blocks[layer], list(units), p, recipe)
@@ -55,23 +55,23 @@ def bake_registers(model: nn.Module, recipe: Recipe, family: Family | None = Non
     return model
 
 
-def register_token_indices(model: nn.Module, family: Family | None = None) -> list[int]:
+def register_token_indices(model: nn.Module, *, adapter: Adapter) -> list[int]:
     """Sequence positions of the test-time registers in a baked model's token output."""
     recipe = recipe_of(model)
     if recipe is None:
         return []
-    fam = family or family_for(model)
+    fam = adapter
     p = fam.num_prefix_tokens(model) - recipe.num_registers
     return list(range(p, p + recipe.num_registers))
 
 
 @torch.no_grad()
-def unbake(model: nn.Module, family: Family | None = None) -> Recipe:
+def unbake(model: nn.Module, *, adapter: Adapter) -> Recipe:
     """Undo `bake_registers` in place (exactly: the split is a permutation of the original units).
 
     Returns the recipe that was baked. Lets `check` rebuild the source model from a baked checkpoint.
     """
-    fam = family or family_for(model)
+    fam = adapter
     recipe = recipe_of(model)
     if recipe is None:
         raise ModelInputError("this model carries no baked test-time registers")
@@ -89,18 +89,18 @@ def unbake(model: nn.Module, family: Family | None = None) -> Recipe:
 
 
 @contextlib.contextmanager
-def baked_in_place(model: nn.Module, recipe: Recipe, family: Family | None = None) -> Iterator[nn.Module]:
+def baked_in_place(model: nn.Module, recipe: Recipe, *, adapter: Adapter) -> Iterator[nn.Module]:
     """`model` baked within the context and exactly the original afterwards: the original MLP and
     insertion modules are kept aside and put back (not rebuilt), so convert needs no copy of the model.
     The split copies weights, so while baked the model costs its size plus the split MLPs."""
-    fam = family or family_for(model)
+    fam = adapter
     blocks = list(fam.blocks(model))
     mlps = [fam.get_mlp(b) for b in blocks]
     parent, attr = fam.insertion_point(model)
     inner = getattr(parent, attr)
     p = fam.num_prefix_tokens(model)
     try:
-        yield bake_registers(model, recipe, fam)
+        yield bake_registers(model, recipe, adapter=fam)
     finally:
         for block, mlp in zip(blocks, mlps):
             fam.set_mlp(block, mlp)

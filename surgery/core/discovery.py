@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .errors import NoOutliersError, SurgeryError
-from .families import Family, family_for
+from .adapter import Adapter
 from .images import ImageBatches, list_images
 from .recipe import Recipe
 
@@ -226,7 +226,7 @@ def find_register_neurons(
     images: str | Path | Iterable[Path],
     config: DiscoveryConfig | None = None,
     *,
-    family: Family | None = None,
+    adapter: Adapter,
     transform: Any = None,
     progress: bool = True,
     provenance: dict[str, Any] | None = None,
@@ -237,7 +237,7 @@ def find_register_neurons(
     excluded from outlier positions, image sampling is seeded, and statistics stream.
     """
     cfg = config or DiscoveryConfig()
-    fam = family or family_for(model)
+    fam = adapter
     blocks = fam.blocks(model)
     depth = len(blocks)
     detect, score_layers = layer_range(cfg, depth)
@@ -249,7 +249,7 @@ def find_register_neurons(
     p = fam.num_prefix_tokens(model)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    hidden_sizes = [fam.hidden_size(b) for b in blocks[: score_layers + 1]]
+    hidden_sizes = [fam.mlp_width(b) for b in blocks[: score_layers + 1]]
     stats = NeuronStatistics(hidden_sizes, detect + 1, device)
 
     norms: list[torch.Tensor | None] = [None] * (detect + 1)

@@ -8,14 +8,14 @@ import torch
 from torch import nn
 
 from .discovery import AUTO_FACTOR, outlier_mask
-from .families import Family, family_for
+from .adapter import Adapter
 
 
 @torch.inference_mode()
-def token_diagnostics(model: nn.Module, pixels: torch.Tensor, *, family: Family | None = None,
+def token_diagnostics(model: nn.Module, pixels: torch.Tensor, *, adapter: Adapter,
                       register_positions: list[int] | None = None) -> dict[str, torch.Tensor]:
     """One forward pass; returns per-block token norms [L, B, N] and last-block attention [B, heads, N, N]."""
-    fam = family or family_for(model)
+    fam = adapter
     blocks = fam.blocks(model)
     norms: list[torch.Tensor] = []
     last_in: list[torch.Tensor] = []
@@ -40,7 +40,7 @@ def cls_attention(attn: torch.Tensor, num_prefix: int, original_prefix: int) -> 
 
 
 @contextlib.contextmanager
-def last_block_diagnostics(model: nn.Module, fam: Family, num_registers: int,
+def last_block_diagnostics(model: nn.Module, fam: Adapter, num_registers: int,
                            sink: dict[str, list[torch.Tensor]]) -> Iterator[None]:
     """Hooks for the effect statistics, placed around a forward pass the caller runs anyway: the last
     block's output norms and the CLS attention row, recomputed in float32 from the block's input one

@@ -111,3 +111,9 @@ EXIT_CODES = {
     130: "interrupted (Ctrl-C); no output was left behind",
     143: "terminated (SIGTERM); no output was left behind",
 }
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's first non-empty line (at most 300 characters): the one-line form of a library error."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return (lines[0] if lines else type(e).__name__)[:300]

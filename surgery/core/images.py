@@ -129,3 +129,11 @@ class ImageBatches:
             raise ImageInputError(f"none of the {len(self.files)} image file(s) could be read "
                                   f"(first error: {self.skipped[0][0]}: {self.skipped[0][1]})" if self.skipped
                                   else "no images to process")
+
+
+BUILTIN_IMAGES = Path(__file__).parent.parent / "data" / "calibration"
+
+
+def builtin_images() -> Path:
+    """The built-in calibration set shipped with the package (organism-sized PNGs)."""
+    return BUILTIN_IMAGES

@@ -24,12 +24,12 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from .families import Family
+from .adapter import Adapter
 from .recipe import Recipe
 from .reference import hooked_reference
 
 FP32_UNIT_ROUNDOFF = 2.0 ** -24
-Capture = Callable[[nn.Module, Family, torch.Tensor], dict[str, torch.Tensor]]
+Capture = Callable[[nn.Module, Adapter, torch.Tensor], dict[str, torch.Tensor]]
 
 
 def _perturb(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -82,11 +82,11 @@ class Float64Reference:
     (a second, perturbed float64 run) only when some vector is off by more than the plain tolerance,
     since vectors within it pass whatever their conditioning: the verdict is the same, at half the cost."""
 
-    def __init__(self, source64: nn.Module, recipe: Recipe, family: Family, pixels: torch.Tensor,
+    def __init__(self, source64: nn.Module, recipe: Recipe, family: Adapter, pixels: torch.Tensor,
                  capture: Capture, seed: int = 0) -> None:
         self._args = (source64, recipe, family, pixels.to(next(source64.parameters()).device, torch.float64),
                       capture, seed)
-        with torch.inference_mode(), hooked_reference(source64, recipe, family):
+        with torch.inference_mode(), hooked_reference(source64, recipe, adapter=family):
             self.exact: dict[str, torch.Tensor] = capture(source64, family, self._args[3])
         self._conditioning: dict[str, torch.Tensor] | None = None
 
@@ -94,7 +94,7 @@ class Float64Reference:
     def conditioning(self) -> dict[str, torch.Tensor]:
         if self._conditioning is None:
             source64, recipe, family, x, capture, seed = self._args
-            with torch.inference_mode(), hooked_reference(source64, recipe, family), \
+            with torch.inference_mode(), hooked_reference(source64, recipe, adapter=family), \
                     float32_sized_noise(source64, seed):
                 noisy = capture(source64, family, x)
             self._conditioning = {k: per_vector_relative(noisy[k], v) for k, v in self.exact.items()}
@@ -117,7 +117,7 @@ def as_float64(source: nn.Module) -> nn.Module:
     return copy.deepcopy(source).to(torch.float64).eval()
 
 
-def float64_reference(source64: nn.Module, recipe: Recipe, family: Family, pixels: torch.Tensor,
+def float64_reference(source64: nn.Module, recipe: Recipe, family: Adapter, pixels: torch.Tensor,
                       capture: Capture, seed: int = 0) -> Float64Reference:
     """The hooked reference on `source64` (a float64 model); `capture(model, family, pixels)` names the
     outputs to judge. Conditioning (float32-sized noise) is measured when first needed."""

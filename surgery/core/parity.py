@@ -8,8 +8,8 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from .errors import ParityError, SurgeryError
-from .families import Family, family_for
+from .errors import ParityError
+from .adapter import Adapter
 from .cast import cast_blockwise
 from .judge import allowed_error, float32_sized_noise, per_vector_relative
 from .recipe import Recipe
@@ -116,7 +116,7 @@ class ParityReport:
                 "outputs": [e.to_dict() for e in self.outputs.values()]}
 
 
-def _capture(model: nn.Module, fam: Family, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+def _capture(model: nn.Module, fam: Adapter, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
     res: list[torch.Tensor] = []
     hs = [b.register_forward_hook(lambda _m, _a, o: res.append(fam.block_output(o)))
           for b in fam.blocks(model)]
@@ -140,19 +140,15 @@ def half_allowed(own_error: torch.Tensor) -> torch.Tensor:
     return HALF_FACTOR * own_error.clamp_min(float(own_error.flatten().median()))
 
 
-def require_same_architecture(source: nn.Module, baked: nn.Module, recipe: Recipe, fam: Family) -> None:
+def require_same_architecture(source: nn.Module, baked: nn.Module, recipe: Recipe, fam: Adapter) -> None:
     """A source that is not the baked model's own (other depth, widths, prefix tokens or library) is a
     user error, named in one line, before anything runs."""
-    try:
-        src_fam = family_for(source)
-    except SurgeryError:
-        src_fam = None
-    if src_fam is None or src_fam.name != fam.name:
-        raise ParityError(f"the source is a {getattr(src_fam, 'name', type(source).__name__)} model, the baked "
-                          f"model a {fam.name} one: not the source it was made from")
+    if not fam.matches(source):
+        raise ParityError(f"the source is a {type(source).__name__} model, the baked model a {fam.name} one: "
+                          "not the source it was made from")
     sb, bb = fam.blocks(source), fam.blocks(baked)
-    have = (len(sb), [fam.hidden_size(b) for b in sb], fam.embed_dim(source), fam.num_prefix_tokens(source))
-    want = (len(bb), [fam.hidden_size(b) for b in bb], fam.embed_dim(baked),
+    have = (len(sb), [fam.mlp_width(b) for b in sb], fam.embed_dim(source), fam.num_prefix_tokens(source))
+    want = (len(bb), [fam.mlp_width(b) for b in bb], fam.embed_dim(baked),
             fam.num_prefix_tokens(baked) - (recipe.num_registers if getattr(baked, "surgery_recipe", None) else 0))
     for what, a, b in zip(("blocks", "MLP widths", "width", "prefix tokens"), have, want):
         if a != b:
@@ -164,7 +160,7 @@ def require_same_architecture(source: nn.Module, baked: nn.Module, recipe: Recip
 Emit = Callable[[str, torch.Tensor], None]
 
 
-def _stream(model: nn.Module, fam: Family, pixels: torch.Tensor, emit: Emit) -> None:
+def _stream(model: nn.Module, fam: Adapter, pixels: torch.Tensor, emit: Emit) -> None:
     """One forward pass; `emit(name, output)` for each block's residual the moment the block ends, then
     for the final tokens and the pooled output (forward order, the names `_capture` uses)."""
     count = [0]
@@ -234,7 +230,7 @@ def check_parity(
     recipe: Recipe,
     batches: Iterable[torch.Tensor],
     *,
-    family: Family | None = None,
+    adapter: Adapter,
     tolerance: float = FP32_TOLERANCE,
     seed: int = 0,
     on_baked_batch: Optional[Callable[[nn.Module, torch.Tensor], Any]] = None,
@@ -251,7 +247,7 @@ def check_parity(
     placed by it see that pass: the effect statistics use it to cost no extra forward pass)."""
     from .reference import hooked_reference
 
-    fam = family or family_for(source)
+    fam = adapter
     require_same_architecture(source, baked, recipe, fam)
     report = ParityReport(tolerance=tolerance)
     source.eval()
@@ -269,15 +265,15 @@ def check_parity(
             _stream(baked, fam, pixels.to(dev, dtype), got.__setitem__)
         own: dict[str, torch.Tensor] = {}
         if half:
-            with cast_blockwise(source, blocks, dtype), hooked_reference(source, recipe, fam):
+            with cast_blockwise(source, blocks, dtype), hooked_reference(source, recipe, adapter=fam):
                 _stream(source, fam, pixels.to(src_dev, dtype), own.__setitem__)
         judge = _BatchJudge(report, got, own, tolerance)
         x64 = pixels.to(src_dev, torch.float64)
         with cast_blockwise(source, blocks, torch.float64):
-            with hooked_reference(source, recipe, fam):
+            with hooked_reference(source, recipe, adapter=fam):
                 _stream(source, fam, x64, judge.exact)
             if judge.pending:
-                with hooked_reference(source, recipe, fam), float32_sized_noise(source, seed):
+                with hooked_reference(source, recipe, adapter=fam), float32_sized_noise(source, seed):
                     _stream(source, fam, x64, judge.conditioning)
         if judge.got:
             extra = sorted(judge.got)[0]

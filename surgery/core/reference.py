@@ -12,13 +12,13 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .families import Family, family_for
+from .adapter import Adapter
 from .modules import register_edit
 from .recipe import Recipe
 
 
 @contextlib.contextmanager
-def hooked_reference(model: nn.Module, recipe: Recipe, family: Family | None = None) -> Iterator[nn.Module]:
+def hooked_reference(model: nn.Module, recipe: Recipe, *, adapter: Adapter) -> Iterator[nn.Module]:
     """Within the context, `model` computes the test-time-register intervention given by `recipe`.
 
     R zero tokens are inserted after the prefix tokens at the pre-norm input; in each listed block
@@ -26,7 +26,7 @@ def hooked_reference(model: nn.Module, recipe: Recipe, family: Family | None = N
     `register_edit`. The model's prefix-token count is raised by R inside the context so pooling and
     token slicing skip the registers, exactly as in the baked model.
     """
-    fam = family or family_for(model)
+    fam = adapter
     p = fam.num_prefix_tokens(model)
     R = recipe.num_registers
     dim = fam.embed_dim(model)

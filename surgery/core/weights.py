@@ -77,7 +77,7 @@ def _check_shapes(f, targets: dict[str, torch.Tensor], names: list[str], what: s
 
 def stored_float_dtype(path: str | Path) -> torch.dtype | None:
     """The most common floating dtype of the tensors in a safetensors file (from its header)."""
-    from .loading import safetensors_dtype, torch_dtype
+    from .source import safetensors_dtype, torch_dtype
 
     name = safetensors_dtype(path)
     return torch_dtype(name) if name else None

@@ -16,10 +16,11 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import ModelInputError
-from .families import family_for
-from .loading import (LoadedModel, LoadOptions, _timm_source, needs_full_unpickling, register_loader,
-                      unsafe_pickle_error)
+from ...core.errors import ModelInputError
+from ...core.source import LoadedModel, LoadOptions
+from ..timm.loader import _timm_source
+from ..base import adapter_among, needs_full_unpickling, unsafe_pickle_error
+from ..timm.loader import ADAPTERS as TIMM_ADAPTERS  # the checkpoint becomes a timm model
 
 PREFIX = "dinov2:"
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
@@ -112,7 +113,7 @@ def load_dinov2_hub(spec: str, path: Path, opts: LoadOptions, sd: Optional[dict[
     arch, args = infer_architecture(sd, spec)
     img = args["img_size"]
     overlay = {"input_size": (3, img, img), "crop_pct": 1.0, "num_classes": 0}
-    from .weights import skip_weight_init
+    from ...core.weights import skip_weight_init
 
     with skip_weight_init():  # load_state_dict(strict=True) below overwrites every stored tensor
         model = timm.create_model(arch, pretrained=False, pretrained_cfg_overlay=overlay, **args)
@@ -130,7 +131,7 @@ def load_dinov2_hub(spec: str, path: Path, opts: LoadOptions, sd: Optional[dict[
     source["spec"] = spec
     source["checkpoint_layout"] = "dinov2-torch-hub"
     source["dtype"] = stored_dtype
-    fam = family_for(model)
+    fam = adapter_among(TIMM_ADAPTERS, model)
     return LoadedModel(model, fam, spec, source, fam.data_transform(model), None)
 
 
@@ -157,5 +158,3 @@ def dinov2_hub_loader(spec: str, opts: LoadOptions) -> Optional[LoadedModel]:
             return load_dinov2_hub(spec, path, opts, sd)
     return None
 
-
-register_loader(dinov2_hub_loader)

@@ -22,9 +22,9 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..errors import ModelInputError
-from ..modules import MlpWeights, RegisterMlp
-from .base import AttentionParts, Family, register_family
+from ...core.errors import ModelInputError
+from ...core.modules import MlpWeights, RegisterMlp
+from ...core.adapter import AttentionParts, Adapter
 
 # Preprocessing defaults when a model comes without preprocessor_config.json.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -52,7 +52,7 @@ def _hf_classes(*names: str) -> tuple[type, ...]:
     return tuple(out)
 
 
-class _HFVisionFamily(Family):
+class _HFVisionFamily(Adapter):
     """Shared parts of the HF adapters: config-driven sizes, preprocessing, the prefix attribute."""
 
     default_mean: tuple[float, ...] = IMAGENET_MEAN
@@ -316,7 +316,5 @@ class _SwiGLU(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-HF_CLIP = register_family(HFClipVision())
-HF_DINOV2 = register_family(HFDinov2())
-
-from .. import loaders_hf  # noqa: E402,F401  (registers the HF transformers loader)
+HF_CLIP = HFClipVision()
+HF_DINOV2 = HFDinov2()

@@ -24,10 +24,10 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..errors import ModelInputError
-from ..modules import MlpWeights, PrependRegisters, RegisterMlp
-from .base import AttentionParts, register_family
-from .hf_vit import _HFVisionFamily, _hf_classes
+from ...core.errors import ModelInputError
+from ...core.modules import MlpWeights, PrependRegisters, RegisterMlp
+from ...core.adapter import AttentionParts
+from .adapter import _HFVisionFamily, _hf_classes
 
 
 def _unwrap(block: nn.Module) -> nn.Module:
@@ -226,5 +226,5 @@ class HFSiglipVision(_FirstLayerInsertion):
         return pooled, out.last_hidden_state
 
 
-HF_DINOV3 = register_family(HFDinov3())
-HF_SIGLIP = register_family(HFSiglipVision())
+HF_DINOV3 = HFDinov3()
+HF_SIGLIP = HFSiglipVision()

@@ -20,9 +20,13 @@ from typing import Any, Optional
 
 from torch import nn
 
-from .errors import ModelInputError, UnsafeCheckpointError
-from .families import family_for
-from .loading import LoadedModel, LoadOptions, extra_files, needs_full_unpickling, register_loader, unsafe_pickle_error
+from ...core.errors import ModelInputError, UnsafeCheckpointError, first_line
+from ...core.source import LoadedModel, LoadOptions
+from ..base import adapter_among, extra_files, needs_full_unpickling, unsafe_pickle_error
+from .adapter import HF_CLIP, HF_DINOV2, PREPROCESS_ATTR
+from .current import HF_DINOV3, HF_SIGLIP
+
+ADAPTERS = (HF_CLIP, HF_DINOV2, HF_DINOV3, HF_SIGLIP)
 
 # model_type -> stock class loaded for it (CLIPModel stays whole; its vision tower is what we edit).
 HF_MODEL_TYPES = {
@@ -39,11 +43,6 @@ SUPPORTED_CLASSES = set(HF_MODEL_TYPES.values()) | set(HF_ARCH_CLASSES.values())
 SURGERY_CONFIG_KEY = "vit_surgery"  # the block our HF exporter writes into config.json
 
 _RESAMPLE = {0: "nearest", 1: "bicubic", 2: "bilinear", 3: "bicubic", 4: "bilinear", 5: "bicubic"}
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 # ---- resolving files ---------------------------------------------------------------------------
@@ -77,7 +76,7 @@ class _Source:
         try:
             cfg = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ModelInputError(f"{self.spec}: unreadable config.json ({_first_line(e)})") from None
+            raise ModelInputError(f"{self.spec}: unreadable config.json ({first_line(e)})") from None
         if not isinstance(cfg, dict):
             raise ModelInputError(f"{self.spec}: config.json is not a JSON object")
         return cfg
@@ -147,9 +146,7 @@ def preprocess_from_processor(proc: dict[str, Any], fallback: dict[str, Any]) ->
 
 
 def _set_preprocess(model: nn.Module, cfg: dict[str, Any]) -> None:
-    from .families.hf_vit import PREPROCESS_ATTR
-
-    fam = family_for(model)
+    fam = adapter_among(ADAPTERS, model)
     setattr(fam.vision(model), PREPROCESS_ATTR, cfg)  # type: ignore[attr-defined]
 
 
@@ -161,13 +158,13 @@ def _read_json(src: _Source, path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelInputError(f"{src.spec}: unreadable {path.name} ({_first_line(e)})") from None
+        raise ModelInputError(f"{src.spec}: unreadable {path.name} ({first_line(e)})") from None
     return data if isinstance(data, dict) else {}
 
 
 def _attach_transform(model: nn.Module, src: _Source, stored: Optional[dict[str, Any]] = None) -> tuple[dict, dict]:
     """Sets the model's preprocessing; returns (timm-style cfg, raw preprocessor_config.json or {})."""
-    fam = family_for(model)
+    fam = adapter_among(ADAPTERS, model)
     base = fam.preprocess_config(model)  # type: ignore[attr-defined]
     raw: dict[str, Any] = {}
     path = src.file("preprocessor_config.json")
@@ -220,9 +217,9 @@ def _map_hf_error(spec: str, e: BaseException) -> Exception:
     if "size mismatch" in text or "mismatched" in text.lower():
         return ModelInputError(f"{spec}: weights do not match the model config: {' '.join(text.split())[:300]}")
     if isinstance(e, OSError) or "offline" in text.lower() or "connect" in text.lower():
-        return ModelInputError(f"{spec}: could not get the weights ({_first_line(e)}); with no network, use a "
+        return ModelInputError(f"{spec}: could not get the weights ({first_line(e)}); with no network, use a "
                                "local folder or a populated HF hub cache (HF_HUB_CACHE, HF_HUB_OFFLINE=1)")
-    return ModelInputError(f"{spec}: could not load: {_first_line(e)}")
+    return ModelInputError(f"{spec}: could not load: {first_line(e)}")
 
 
 def _quiet_transformers():
@@ -290,8 +287,8 @@ def build_baked_skeleton(cfg_dict: dict[str, Any], spec: str) -> tuple[nn.Module
     import torch
     import transformers
 
-    from .bake import bake_registers
-    from .recipe import Recipe
+    from ...core.bake import bake_registers
+    from ...core.recipe import Recipe
 
     block = cfg_dict.get(SURGERY_CONFIG_KEY)
     if not isinstance(block, dict) or "recipe" not in block:
@@ -308,17 +305,17 @@ def build_baked_skeleton(cfg_dict: dict[str, Any], spec: str) -> tuple[nn.Module
     with _quiet_transformers():
         model = cls(config).to(torch.float32)
     model.eval()
-    fam = family_for(model)
+    fam = adapter_among(ADAPTERS, model)
     want_p = block.get("num_prefix_tokens")
     if want_p is not None and int(want_p) != fam.num_prefix_tokens(model):
         raise ModelInputError(f"{spec}: config says {want_p} prefix token(s) before the registers, the model has "
                               f"{fam.num_prefix_tokens(model)}")
-    bake_registers(model, recipe, fam)
+    bake_registers(model, recipe, adapter=fam)
     return model, recipe, class_name
 
 
 def _load_baked(src: _Source, cfg: dict[str, Any], opts: LoadOptions) -> LoadedModel:
-    from .weights import load_safetensors_streamed
+    from ...core.weights import load_safetensors_streamed
 
     model, recipe, class_name = build_baked_skeleton(cfg, src.spec)
     weights = src.file("model.safetensors")
@@ -329,7 +326,7 @@ def _load_baked(src: _Source, cfg: dict[str, Any], opts: LoadOptions) -> LoadedM
     except RuntimeError as e:
         raise ModelInputError(f"{src.spec}: weights do not match the baked model: {' '.join(str(e).split())[:300]}") from None
     except Exception as e:
-        raise ModelInputError(f"{src.spec}: unreadable model.safetensors ({_first_line(e)})") from None
+        raise ModelInputError(f"{src.spec}: unreadable model.safetensors ({first_line(e)})") from None
     block = cfg[SURGERY_CONFIG_KEY]
     doc: dict[str, Any] = {}
     sj = src.file("surgery.json")
@@ -340,7 +337,7 @@ def _load_baked(src: _Source, cfg: dict[str, Any], opts: LoadOptions) -> LoadedM
             doc = {}
     source = dict(doc.get("source") or block.get("source") or {"library": "hf", "class": class_name})
     source["library"] = "hf"
-    fam = family_for(model)
+    fam = adapter_among(ADAPTERS, model)
     pre, raw = _attach_transform(model, src, source.get("preprocess"))
     loaded = LoadedModel(model, fam, src.spec, source, fam.data_transform(model), recipe,
                          extra={"preprocessor_config": raw, "baked_folder": True, "extra_files": extra_files(src.file)})
@@ -352,7 +349,6 @@ def hf_loader(spec: str, opts: LoadOptions) -> Optional[LoadedModel]:
     if src is None:
         return None
     cfg = src.config()
-    _register_exporter()
     if SURGERY_CONFIG_KEY in cfg:
         return _load_baked(src, cfg, opts)
     if cfg.get("auto_map"):
@@ -366,7 +362,7 @@ def hf_loader(spec: str, opts: LoadOptions) -> Optional[LoadedModel]:
             raise ModelInputError(f"{spec}: config.json has no model_type (not an HF transformers model)")
         model, class_name = _load_stock(src, cfg, opts)
     model.eval()
-    fam = family_for(model)
+    fam = adapter_among(ADAPTERS, model)
     pre, raw = _attach_transform(model, src)
     source = {"library": "hf", "class": class_name, "model_type": cfg.get("model_type"),
               "name_or_path": src.target, "spec": spec, "preprocess": _json_preprocess(pre),
@@ -380,12 +376,3 @@ def _stored_dtype(cfg: dict[str, Any]) -> str:
     name = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32").replace("torch.", "")
     return name if name in ("float32", "float16", "bfloat16") else "float32"
 
-
-def _register_exporter() -> None:
-    """The HF exporter registers itself with the pipeline when imported."""
-    import exporters.hf_dir  # noqa: F401
-
-
-register_loader(hf_loader)
-
-from . import loaders_dinov2  # noqa: E402,F401  (DINOv2 torch-hub checkpoints into timm)

@@ -16,10 +16,14 @@ from typing import Any
 
 from torch import nn
 
-from .safetensors_io import save_state_dict
+from exporters.safetensors_io import save_state_dict
+
+from ...core.bake import register_token_indices
+from ..base import adapter_among, copy_extra_files
+from .loader import ADAPTERS, SURGERY_CONFIG_KEY
 
 MODELING_FILE = "modeling_vit_surgery.py"
-_TEMPLATE = Path(__file__).with_name("hf_remote_modeling.py")
+_TEMPLATE = Path(__file__).with_name("remote_modeling.py")
 REMOTE_CLASSES = {
     "CLIPVisionModel": "VitSurgeryCLIPVisionModel",
     "CLIPVisionModelWithProjection": "VitSurgeryCLIPVisionModelWithProjection",
@@ -61,15 +65,11 @@ def _processor_config(preprocess: dict[str, Any], model_type: str) -> dict[str, 
 def write_hf_dir(model: nn.Module, out_dir: Path, *, source: dict[str, Any], surgery: dict[str, Any],
                  preprocessor_config: dict[str, Any] | None = None) -> list[Path]:
     """Save a baked HF model (CLIPVisionModel / CLIPModel / Dinov2Model / Dinov2WithRegistersModel)."""
-    from surgery.bake import register_token_indices
-    from surgery.families import family_for
-    from surgery.loaders_hf import SURGERY_CONFIG_KEY
-
     recipe = model.surgery_recipe
-    fam = family_for(model)
+    fam = adapter_among(ADAPTERS, model)
     base = stock_class_name(model)
     remote = REMOTE_CLASSES[base]
-    regs = register_token_indices(model, fam)
+    regs = register_token_indices(model, adapter=fam)
     p_after = fam.num_prefix_tokens(model)
     p_before = p_after - recipe.num_registers
     cfg = model.config.to_dict()
@@ -117,18 +117,9 @@ def write_hf_dir(model: nn.Module, out_dir: Path, *, source: dict[str, Any], sur
     return files
 
 
-def _hf_exporter(model: nn.Module, out: Path, loaded: Any, surgery: dict[str, Any]) -> list[Path]:
-    from surgery.loading import copy_extra_files
-
+def write(model: nn.Module, out: Path, loaded: Any, surgery: dict[str, Any]) -> list[Path]:
+    """The backend's writer (see surgery.backends.base.Writer): the HF folder plus the source's extra files."""
     raw = (getattr(loaded, "extra", {}) or {}).get("preprocessor_config") or None
     files = write_hf_dir(model, out, source=loaded.source, surgery=surgery, preprocessor_config=raw)
     return files + copy_extra_files(loaded, out)  # tokenizer / processor files: CLIPProcessor works on OUT
 
-
-def _register() -> None:
-    from surgery.pipeline import register_exporter
-
-    register_exporter("hf", _hf_exporter)
-
-
-_register()

@@ -20,9 +20,9 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from ..errors import ModelInputError
-from ..modules import MlpWeights, RegisterMlp
-from .base import AttentionParts, Family, register_family
+from ...core.errors import ModelInputError
+from ...core.modules import MlpWeights, RegisterMlp
+from ...core.adapter import AttentionParts, Adapter
 
 try:  # open_clip is a hard dependency, but keep `import surgery` working without it
     from open_clip.transformer import VisionTransformer as _OpenClipViT
@@ -113,7 +113,7 @@ def unsupported_reason(visual: nn.Module) -> Optional[str]:
     return None
 
 
-class OpenClipViT(Family):
+class OpenClipViT(Adapter):
     name = "open_clip"
 
     def matches(self, model: nn.Module) -> bool:
@@ -246,4 +246,4 @@ class OpenClipViT(Family):
         return image_transform_v2(PreprocessCfg(**{k: v for k, v in cfg.items() if k in known}), is_train=False)
 
 
-OPEN_CLIP = register_family(OpenClipViT())
+OPEN_CLIP = OpenClipViT()

@@ -25,9 +25,14 @@ from typing import Any, Callable, Iterator, Optional
 
 from torch import nn
 
-from .errors import ModelInputError
-from .loading import LoadedModel, LoadOptions, needs_full_unpickling, register_loader, unsafe_pickle_error
-from .recipe import Recipe
+from ...core.errors import ModelInputError, first_line
+from ...core.source import LoadedModel, LoadOptions
+from ...core.recipe import Recipe
+from ..base import adapter_among, extra_files, hub_file, needs_full_unpickling, unsafe_pickle_error
+from .adapter import OPEN_CLIP, unsupported_reason
+from .timm_trunk import OPEN_CLIP_TIMM
+
+ADAPTERS = (OPEN_CLIP, OPEN_CLIP_TIMM)  # open_clip's VisionTransformer; timm trunks inside its TimmModel
 
 PREFIX = "open_clip:"
 CONFIG_NAME = "open_clip_config.json"
@@ -45,11 +50,6 @@ class OpenClipSpec:
     model_name: str  # arch name or 'hf-hub:ORG/NAME' / 'local-dir:PATH'
     pretrained: Optional[str]  # tag or file (only with a plain arch name)
     force_quick_gelu: bool = False
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 @contextlib.contextmanager
@@ -136,7 +136,7 @@ def _jsonable(v: Any) -> Any:
 
 def _map_error(spec: str, e: BaseException) -> Exception:
     text = str(e)
-    msg = _first_line(e)
+    msg = first_line(e)
     if needs_full_unpickling(e):
         return unsafe_pickle_error(spec)
     if "size mismatch" in text or "Missing key" in text or "Unexpected key" in text:
@@ -167,8 +167,6 @@ def check_model_cfg(spec: str, cfg: Any) -> None:
 
 def check_image_tower(spec: str, clip: nn.Module) -> nn.Module:
     """The CLIP model's image tower if vit-surgery can bake it exactly, else a ModelInputError saying why."""
-    from .families.open_clip_vit import OPEN_CLIP, unsupported_reason
-
     visual = getattr(clip, "visual", None)
     if visual is None:
         raise ModelInputError(f"{spec}: open_clip model {type(clip).__name__} has no image tower (.visual)")
@@ -177,8 +175,6 @@ def check_image_tower(spec: str, clip: nn.Module) -> nn.Module:
         if why:
             raise ModelInputError(f"{spec}: unsupported open_clip image tower: {why}")
         return visual
-    from .families.open_clip_timm import OPEN_CLIP_TIMM
-
     if OPEN_CLIP_TIMM.matches(visual):  # timm trunk (ViT or Eva) inside open_clip's TimmModel
         return visual
     kind = type(visual).__name__
@@ -194,13 +190,9 @@ def check_image_tower(spec: str, clip: nn.Module) -> nn.Module:
 
 def _loaded(spec: str, clip: nn.Module, transform: Callable, source: dict[str, Any],
             recipe: Optional[Recipe] = None, files: Optional[dict[str, str]] = None) -> LoadedModel:
-    from .families import family_for
-
-    import exporters.open_clip_dir  # noqa: F401  (registers the "open_clip" exporter with the pipeline)
-
     visual = check_image_tower(spec, clip)
     clip.eval()
-    return LoadedModel(visual, family_for(visual), spec, source, transform, recipe,
+    return LoadedModel(visual, adapter_among(ADAPTERS, visual), spec, source, transform, recipe,
                        extra={"clip": clip, "extra_files": files or {}})
 
 
@@ -240,7 +232,7 @@ def _create_streamed(rs: OpenClipSpec, opts: LoadOptions) -> Optional[tuple[nn.M
     the folder is not that simple case (open_clip's own loader handles the rest)."""
     import open_clip
 
-    from .weights import load_safetensors_streamed, skip_weight_init
+    from ...core.weights import load_safetensors_streamed, skip_weight_init
 
     if not rs.model_name.startswith("local-dir:"):
         return None
@@ -259,7 +251,7 @@ def _create_streamed(rs: OpenClipSpec, opts: LoadOptions) -> Optional[tuple[nn.M
 
 
 def _stored_dtype(rs: OpenClipSpec) -> str:
-    from .loading import hub_file, safetensors_dtype
+    from ...core.source import safetensors_dtype
 
     files: list[Optional[Path]] = []
     if rs.model_name.startswith("hf-hub:"):
@@ -270,8 +262,6 @@ def _stored_dtype(rs: OpenClipSpec) -> str:
 
 
 def _extra_files(rs: OpenClipSpec) -> dict[str, str]:
-    from .loading import extra_files, hub_file
-
     if rs.model_name.startswith("hf-hub:"):
         repo = rs.model_name[len("hf-hub:"):]
         return extra_files(lambda n: hub_file(repo, n))
@@ -290,7 +280,7 @@ def read_surgery_doc(path: Path) -> Optional[dict[str, Any]]:
     try:
         doc = json.loads(f.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelInputError(f"{path}: unreadable {SURGERY_NAME} ({_first_line(e)})") from None
+        raise ModelInputError(f"{path}: unreadable {SURGERY_NAME} ({first_line(e)})") from None
     if not isinstance(doc, dict) or "recipe" not in doc:
         raise ModelInputError(f"{path}: {SURGERY_NAME} has no 'recipe' (not written by vit-surgery)")
     return doc
@@ -304,9 +294,8 @@ def build_baked_clip(path: str | Path, device: str = "cpu", image_tower_only: bo
     import torch
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
-    from .bake import bake_registers
-    from .families import family_for
-    from .weights import load_safetensors_streamed, load_safetensors_subset
+    from ...core.bake import bake_registers
+    from ...core.weights import load_safetensors_streamed, load_safetensors_subset
 
     path = Path(path)
     spec = str(path)
@@ -335,7 +324,7 @@ def build_baked_clip(path: str | Path, device: str = "cpu", image_tower_only: bo
     except Exception as e:
         raise _map_error(spec, e) from None
     visual = check_image_tower(spec, clip)
-    bake_registers(visual, recipe, family_for(visual))
+    bake_registers(visual, recipe, adapter=adapter_among(ADAPTERS, visual))
     try:  # tensor by tensor, in the dtype it was written in
         if image_tower_only:
             clip.weights_not_loaded = load_safetensors_subset(clip, weights, "visual.", device, map_file=True)
@@ -394,6 +383,3 @@ def open_clip_loader(spec: str, opts: LoadOptions) -> Optional[LoadedModel]:
         return _load_folder(spec, path, opts)
     return None
 
-
-# Before the timm loader, which refuses folders without config.json.
-register_loader(open_clip_loader, first=True)

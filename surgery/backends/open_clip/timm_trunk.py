@@ -15,10 +15,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ..modules import MlpWeights
-from .base import AttentionParts, Family, register_family
-from .eva import TIMM_EVA
-from .timm_vit import TIMM
+from ...core.modules import MlpWeights
+from ...core.adapter import AttentionParts, Adapter
+from ..timm.eva import TIMM_EVA
+from ..timm.adapter import TIMM
 
 
 def _timm_model_class() -> type | None:
@@ -29,11 +29,11 @@ def _timm_model_class() -> type | None:
     return TimmModel
 
 
-def _block_family(block: nn.Module) -> Family:
+def _block_family(block: nn.Module) -> Adapter:
     return TIMM_EVA if type(block).__module__ == "timm.models.eva" else TIMM
 
 
-class OpenClipTimmTrunk(Family):
+class OpenClipTimmTrunk(Adapter):
     name = "open_clip_timm"
 
     def matches(self, model: nn.Module) -> bool:
@@ -44,7 +44,7 @@ class OpenClipTimmTrunk(Family):
         return trunk is not None and (TIMM.matches(trunk) or TIMM_EVA.matches(trunk))
 
     @staticmethod
-    def trunk_family(model: nn.Module) -> Family:
+    def trunk_family(model: nn.Module) -> Adapter:
         return TIMM_EVA if TIMM_EVA.matches(model.trunk) else TIMM
 
     # --- delegated to the trunk's adapter ------------------------------------------------------
@@ -110,4 +110,4 @@ class OpenClipTimmTrunk(Family):
         return image_transform_v2(PreprocessCfg(**{k: v for k, v in cfg.items() if k in known}), is_train=False)
 
 
-OPEN_CLIP_TIMM = register_family(OpenClipTimmTrunk())
+OPEN_CLIP_TIMM = OpenClipTimmTrunk()

@@ -17,7 +17,9 @@ from typing import Any
 
 from torch import nn
 
-from .safetensors_io import save_state_dict
+from exporters.safetensors_io import save_state_dict
+
+from ..base import copy_extra_files
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
@@ -48,21 +50,11 @@ def write_open_clip_dir(clip: nn.Module, visual: nn.Module, out_dir: Path, *, so
     return [out_dir / CONFIG_NAME, out_dir / WEIGHTS_NAME, out_dir / SURGERY_NAME]
 
 
-def open_clip_exporter(model: nn.Module, out: Path, loaded: Any, surgery: dict[str, Any]) -> list[Path]:
-    """Pipeline exporter: `model` is the baked image tower, `loaded.extra['clip']` the source CLIP."""
+def write(model: nn.Module, out: Path, loaded: Any, surgery: dict[str, Any]) -> list[Path]:
+    """The backend's writer: `model` is the baked image tower, `loaded.extra['clip']` the source CLIP."""
     clip = loaded.extra.get("clip")
     if clip is None:
         raise ValueError("open_clip export needs the whole CLIP model (LoadedModel.extra['clip'])")
-    from surgery.loading import copy_extra_files
-
     files = write_open_clip_dir(clip, model, out, source=loaded.source, surgery=surgery)
     return files + copy_extra_files(loaded, out)  # tokenizer files travel with the model
 
-
-def _register() -> None:
-    from surgery.pipeline import register_exporter
-
-    register_exporter("open_clip", open_clip_exporter)
-
-
-_register()

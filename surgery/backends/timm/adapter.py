@@ -6,12 +6,12 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..errors import ModelInputError
-from ..modules import MlpWeights, RegisterMlp
-from .base import AttentionParts, Family, register_family
+from ...core.errors import ModelInputError
+from ...core.modules import MlpWeights, RegisterMlp
+from ...core.adapter import AttentionParts, Adapter
 
 
-class TimmViT(Family):
+class TimmViT(Adapter):
     name = "timm"
 
     def matches(self, model: nn.Module) -> bool:
@@ -152,4 +152,4 @@ def _pin_pos_embed_prefix(model: nn.Module) -> None:
     model.__class__ = _PINNED_CLASSES[cls]
 
 
-TIMM = register_family(TimmViT())
+TIMM = TimmViT()

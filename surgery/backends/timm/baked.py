@@ -13,6 +13,12 @@ from typing import Any
 from timm.models import register_model
 from torch import nn
 
+from ...core.bake import bake_registers
+from ...core.recipe import Recipe
+from ..base import adapter_among
+from .adapter import TIMM
+from .eva import TIMM_EVA
+
 BAKED_ARCH = "vit_surgery_baked"
 
 
@@ -30,9 +36,6 @@ def vit_surgery_baked(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     import timm
     from timm.models import load_pretrained
 
-    from .bake import bake_registers
-    from .recipe import Recipe
-
     try:
         source_arch = kwargs.pop("source_architecture")
         recipe = Recipe.from_dict(kwargs.pop("surgery"), source="config.json model_args.surgery")
@@ -48,7 +51,7 @@ def vit_surgery_baked(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     # labels) and kwargs, never the architecture's default tag.
     source_cfg = dict(cfg, architecture=source_arch) if cfg else None
     model = timm.create_model(source_arch, pretrained=False, pretrained_cfg=source_cfg, **source_args)
-    bake_registers(model, recipe)
+    bake_registers(model, recipe, adapter=adapter_among((TIMM, TIMM_EVA), model))
     if cfg:
         cfg["architecture"] = BAKED_ARCH
         model.pretrained_cfg = model.default_cfg = cfg

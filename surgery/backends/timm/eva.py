@@ -20,10 +20,10 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..errors import ModelInputError
-from ..modules import MlpWeights, RegisterMlp
-from .base import AttentionParts, register_family
-from .timm_vit import TimmViT
+from ...core.errors import ModelInputError
+from ...core.modules import MlpWeights, RegisterMlp
+from ...core.adapter import AttentionParts
+from .adapter import TimmViT
 
 
 @dataclass
@@ -155,4 +155,4 @@ class TimmEva(TimmViT):
         return tuple(cfg["input_size"])  # type: ignore[return-value]
 
 
-TIMM_EVA = register_family(TimmEva())
+TIMM_EVA = TimmEva()

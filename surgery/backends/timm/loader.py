@@ -1,171 +1,29 @@
-"""Loading models from the names users type: timm names, hf-hub:, local-dir:, folders.
+"""Loading timm models from the names users type: timm names, hf-hub:, local-dir:, folders.
 
-Every loader returns a LoadedModel: the module in eval mode, its family adapter, the preprocessing
-transform from the model's own pretrained config, and a `source` record that exporters write back
-(so a baked checkpoint can rebuild its skeleton). Other families register loaders with
-`register_loader`; `load_model` is the one dispatch point.
+The loader returns a LoadedModel: the module in eval mode, its adapter, the preprocessing transform
+from the model's own pretrained config, and a `source` record that the writer writes back (so a baked
+checkpoint can rebuild its skeleton). `surgery.backends.load_model` is the one dispatch point.
 """
 from __future__ import annotations
 
 import json
-import pickle
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from torch import nn
 
-from .errors import ModelInputError, UnsafeCheckpointError
-from .recipe import Recipe
+from ...core.errors import ModelInputError, first_line
+from ...core.source import LoadedModel, LoadOptions, safetensors_dtype, torch_dtype
+from ..base import adapter_among, hub_file, needs_full_unpickling, unsafe_pickle_error
+from .adapter import TIMM
+from .baked import BAKED_ARCH
+from .eva import TIMM_EVA
 
-
-@dataclass
-class LoadOptions:
-    allow_unsafe_pickle: bool = False  # full unpickling of .bin/.pt (runs code from the file)
-    trust_remote_code: bool = False  # HF remote code (never on unless the user asks)
-    device: str = "cpu"
-    # convert's own check of the output it has just written: weights are mapped from the file (shared
-    # with the page cache) instead of copied, and an open_clip output is rebuilt as its image tower only
-    # (the text tower stays on the meta device; convert compares its written tensors with the source's)
-    convert_check: bool = False
-
-
-@dataclass
-class LoadedModel:
-    model: nn.Module
-    family: Family
-    spec: str
-    source: dict[str, Any]
-    transform: Callable
-    recipe: Optional[Recipe] = None  # set when the model carries baked registers
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-Loader = Callable[[str, LoadOptions], Optional[LoadedModel]]
-_LOADERS: list[Loader] = []
-
-
-def register_loader(loader: Loader, first: bool = False) -> Loader:
-    """A loader returns None when the spec is not its kind, a LoadedModel, or raises a SurgeryError."""
-    if first:
-        _LOADERS.insert(0, loader)
-    else:
-        _LOADERS.append(loader)
-    return loader
-
-
-def load_model(spec: str, options: LoadOptions | None = None) -> LoadedModel:
-    """Load MODEL as the user typed it; any failure is a one-line SurgeryError."""
-    opts = options or LoadOptions()
-    for loader in list(_LOADERS):
-        loaded = loader(spec, opts)
-        if loaded is not None:
-            from .integrity import assert_finite
-
-            assert_finite(loaded.model, spec)
-            loaded.model.eval()
-            loaded.model.to(opts.device)
-            from .memory import trim_heap
-
-            trim_heap()  # a state dict loaded whole and copied into the model is freed by now
-            require_finite_weights(loaded)
-            return loaded
-    raise ModelInputError(f"unknown model {spec!r}")
-
-
-_SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
-OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
-
-
-def safetensors_dtype(path: Optional[Path | str]) -> Optional[str]:
-    """The floating dtype a .safetensors file stores its weights in (from its header), or None."""
-    import struct
-
-    if path is None or not Path(path).is_file() or Path(path).suffix != ".safetensors":
-        return None
-    try:
-        with open(path, "rb") as f:
-            n = struct.unpack("<Q", f.read(8))[0]
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, struct.error):
-        return None
-    kinds = [v.get("dtype") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
-    floats = [_SAFETENSORS_DTYPES[d] for d in kinds if d in _SAFETENSORS_DTYPES]
-    return max(set(floats), key=floats.count) if floats else None
-
-
-def hub_file(repo_id: str, filename: str) -> Optional[Path]:
-    """A file of a hub repo if it is in the local HF cache (no download)."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        got = try_to_load_from_cache(repo_id, filename)
-    except Exception:
-        return None
-    return Path(got) if isinstance(got, str) else None
-
-
-def torch_dtype(name: Optional[str]):  # -> torch.dtype
-    import torch
-
-    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}.get(name or "", torch.float32)
-
-
-# Files a library reads next to the weights (tokenizers, processors, labels): carried to the output as-is.
-EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-               "added_tokens.json", "processor_config.json", "vocab.txt", "spiece.model", "tokenizer.model",
-               "chat_template.jinja")
-
-
-def extra_files(lookup: Callable[[str], Optional[Path]]) -> dict[str, str]:
-    """{name: local path} of the EXTRA_FILES the source has; `lookup(name)` finds one or returns None."""
-    found = {name: lookup(name) for name in EXTRA_FILES}
-    return {name: str(p) for name, p in found.items() if p is not None and Path(p).is_file()}
-
-
-def copy_extra_files(loaded: LoadedModel, out_dir: Path) -> list[Path]:
-    """Copy the source's tokenizer/processor files into an output folder (never over a written file)."""
-    import shutil
-
-    written = []
-    for name, path in sorted((loaded.extra.get("extra_files") or {}).items()):
-        dst = out_dir / name
-        if not dst.exists():
-            shutil.copyfile(path, dst)
-            written.append(dst)
-    return written
-
-
-def require_finite_weights(loaded: LoadedModel) -> None:
-    """NaN/Inf in the weights would make every output (and the parity check) meaningless: a user error."""
-    import torch
-
-    for name, t in loaded.model.state_dict().items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ModelInputError(f"{loaded.spec}: the weights contain NaN or Inf ({name}); refusing to convert them")
-
-
-# ---- timm ------------------------------------------------------------------------------------
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
-
-def needs_full_unpickling(e: BaseException) -> bool:
-    """torch.load(weights_only=True) refused the file: it holds more than tensors and plain containers."""
-    return isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e) or "Weights only load failed" in str(e)
-
-
-def unsafe_pickle_error(spec: str) -> UnsafeCheckpointError:
-    """The one refusal for checkpoints that only load with full unpickling."""
-    return UnsafeCheckpointError(
-        f"{spec}: the checkpoint needs full unpickling, which can run arbitrary code; refused. "
-        "Convert it to safetensors, or pass --allow-unsafe-pickle if you trust the file")
+ADAPTERS = (TIMM, TIMM_EVA)  # timm's VisionTransformer and Eva (DINOv3, EVA02, PE-Core)
 
 
 def _map_timm_error(spec: str, e: BaseException) -> Exception:
-    msg = _first_line(e)
+    msg = first_line(e)
     if needs_full_unpickling(e):
         return unsafe_pickle_error(spec)
     if "Unknown model" in msg:
@@ -230,13 +88,12 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
 def _load_timm_folder(spec: str, path: Path, opts: LoadOptions) -> LoadedModel:
     import timm
 
-    from .timm_baked import BAKED_ARCH
 
     cfg_file = path / "config.json"
     try:
         cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelInputError(f"{spec}: unreadable config.json ({_first_line(e)})") from None
+        raise ModelInputError(f"{spec}: unreadable config.json ({first_line(e)})") from None
     if not isinstance(cfg, dict) or "architecture" not in cfg:
         raise ModelInputError(f"{spec}: config.json has no 'architecture' (not a timm model folder)")
     weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pth", ".pt")]
@@ -249,7 +106,7 @@ def _load_timm_folder(spec: str, path: Path, opts: LoadOptions) -> LoadedModel:
             if not opts.allow_unsafe_pickle:
                 raise _map_timm_error(spec, e) from None
             model = _load_unsafe(path)
-        elif "Unknown model" in _first_line(e):
+        elif "Unknown model" in first_line(e):
             raise ModelInputError(f"{spec}: config.json names architecture {cfg['architecture']!r}, which timm "
                                   f"{timm.__version__} does not know") from None
         else:
@@ -268,7 +125,7 @@ def _load_timm_folder(spec: str, path: Path, opts: LoadOptions) -> LoadedModel:
     source["dtype"] = stored or "float32"
     if recipe is not None:  # a baked folder runs in the dtype it was written in
         model.to(torch_dtype(stored))
-    fam = family_for(model)
+    fam = adapter_among(ADAPTERS, model)
     return LoadedModel(model, fam, spec, source, fam.data_transform(model), recipe)
 
 
@@ -277,12 +134,11 @@ def _create_timm_from_folder(path: Path, cfg: dict, map_file: bool = False) -> n
     (surgery/weights.py) so a reload during convert costs one model, not two."""
     import timm
 
-    from .timm_baked import BAKED_ARCH
 
     weights = path / "model.safetensors"
     if cfg.get("architecture") != BAKED_ARCH or not weights.is_file():
         return timm.create_model(f"local-dir:{path}", pretrained=True)
-    from .weights import load_safetensors_streamed, skip_weight_init
+    from ...core.weights import load_safetensors_streamed, skip_weight_init
 
     with skip_weight_init():  # every stored tensor is overwritten below (strictly)
         model = timm.create_model(f"local-dir:{path}", pretrained=False)
@@ -318,7 +174,7 @@ def timm_loader(spec: str, opts: LoadOptions) -> Optional[LoadedModel]:
             try:
                 cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ModelInputError(f"{spec}: unreadable config.json ({_first_line(e)})") from None
+                raise ModelInputError(f"{spec}: unreadable config.json ({first_line(e)})") from None
             if isinstance(cfg, dict) and "architecture" in cfg:
                 return _load_timm_folder(spec, path, opts)
             return None  # another library's folder (HF transformers config has model_type)
@@ -339,12 +195,6 @@ def timm_loader(spec: str, opts: LoadOptions) -> Optional[LoadedModel]:
     if spec.startswith("hf-hub:"):
         repo = spec[len("hf-hub:"):].split("@")[0]
         source["dtype"] = safetensors_dtype(hub_file(repo, "model.safetensors")) or "float32"
-    fam = family_for(model)
+    fam = adapter_among(ADAPTERS, model)
     return LoadedModel(model, fam, spec, source, fam.data_transform(model), getattr(model, "surgery_recipe", None))
 
-
-register_loader(timm_loader)
-
-# Last: families -> hf_vit -> loaders_hf imports this module's names, whichever is imported first.
-from .families import Family, family_for  # noqa: E402
-from . import loaders_open_clip  # noqa: E402,F401  (registers the open_clip loader)

@@ -7,9 +7,9 @@ from typing import Any
 
 from torch import nn
 
-from surgery.timm_baked import BAKED_ARCH
+from exporters.safetensors_io import save_state_dict
 
-from .safetensors_io import save_state_dict
+from .baked import BAKED_ARCH
 
 
 def write_timm_dir(model: nn.Module, out_dir: Path, *, source: dict[str, Any], surgery: dict[str, Any]) -> list[Path]:
@@ -34,3 +34,8 @@ def write_timm_dir(model: nn.Module, out_dir: Path, *, source: dict[str, Any], s
     save_state_dict(model.state_dict(), out_dir / "model.safetensors", surgery)
     (out_dir / "surgery.json").write_text(json.dumps(surgery, indent=2, sort_keys=True) + "\n")
     return [out_dir / "config.json", out_dir / "model.safetensors", out_dir / "surgery.json"]
+
+
+def write(model: nn.Module, out: Path, loaded: Any, surgery: dict[str, Any]) -> list[Path]:
+    """The backend's writer (see surgery.backends.base.Writer)."""
+    return write_timm_dir(model, out, source=loaded.source, surgery=surgery)
