@@ -286,7 +286,7 @@ def build_metadata(loaded: Any, out_dir: Path, *, dtype: str, exporter: str, spe
     doc = _surgery_doc(out_dir)
     layout = token_layout(loaded)
     layout["num_tokens"] = num_tokens
-    cfg = dict(loaded.source.get("pretrained_cfg") or {}) if isinstance(loaded.source, dict) else {}
+    cfg = dict(loaded.source.pretrained_cfg or {})
     preprocess = {k: cfg[k] for k in ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
                   if k in cfg}
     meta = {
@@ -297,7 +297,7 @@ def build_metadata(loaded: Any, out_dir: Path, *, dtype: str, exporter: str, spe
         "num_prefix_tokens": str(layout["num_prefix_tokens"]),
         "num_registers": str(layout["num_registers"]),
         "source_model": str(doc.get("source_model") or loaded.spec),
-        "source": json.dumps(doc.get("source", loaded.source), sort_keys=True, default=str),
+        "source": json.dumps(doc.get("source", loaded.source.to_dict()), sort_keys=True, default=str),
         "family": loaded.family.name,
         "tool": "vit-surgery",
         "tool_version": __version__,

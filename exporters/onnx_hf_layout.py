@@ -154,10 +154,10 @@ def export_hf_layout(out_dir: Path, *, loaded: Any, fp16: bool = False, progress
     out_dir = Path(out_dir)
     if loaded.recipe is None:
         raise ModelInputError(f"{out_dir} carries no baked test-time registers (run `vit-surgery convert` first)")
-    if loaded.source.get("library") != "hf":
+    if loaded.source.library != "hf":
         raise ModelInputError(f"--layout hf needs a folder converted from an HF transformers model (its "
                               f"config.json and preprocessor_config.json go with the graph); {out_dir} is a "
-                              f"{loaded.source.get('library')} folder: use --layout plain")
+                              f"{loaded.source.library} folder: use --layout plain")
     dtypes = ["float32"] + (["float16"] if fp16 else [])
     targets = [out_dir / ONNX_DIR / FILES[d] for d in dtypes]
     for t in targets:

@@ -36,7 +36,7 @@ def _as_loaded(model_or_spec: Any, options: LoadOptions) -> Iterator[LoadedModel
             loaded.spec = _describe(model_or_spec)
             hub = (getattr(model_or_spec, "pretrained_cfg", None) or {}).get("hf_hub_id")
             if hub:  # where the weights came from: the model card's base_model
-                loaded.source["base_model"] = hub
+                loaded.source.base_model = hub
             yield loaded
     else:
         raise ModelInputError(f"convert takes a model spec, a folder or a timm / transformers model, "

@@ -108,9 +108,9 @@ def save_open_clip_organism(model: nn.Module, path: str | Path) -> Path:
 
 # ---- fake offline hub cache (any library's hf-hub: path) -------------------------------------------
 
-def write_fake_hub_repo(cache_dir: str | Path, repo_id: str, files: dict[str, Path],
+def write_fake_hub_repo(cache_dir: str | Path, repo_id: str, files: dict[str, Path | bytes | str],
                         revision: str = "0123456789abcdef0123456789abcdef01234567") -> Path:
-    """Lay `files` (name -> local file) out as a Hugging Face hub cache entry for `repo_id`:
+    """Lay `files` (name -> local file, bytes or text) out as a Hugging Face hub cache entry for `repo_id`:
     CACHE/models--ORG--NAME/refs/main + snapshots/<revision>/NAME. With HF_HUB_OFFLINE=1 and
     HF_HUB_CACHE=CACHE, libraries' real `hf-hub:ORG/NAME` code paths load these files."""
     import shutil
@@ -121,7 +121,14 @@ def write_fake_hub_repo(cache_dir: str | Path, repo_id: str, files: dict[str, Pa
     (root / "refs").mkdir(parents=True, exist_ok=True)
     (root / "refs" / "main").write_text(revision)
     for name, src in files.items():
-        shutil.copyfile(src, snap / name)
+        dst = snap / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(src, Path):
+            shutil.copyfile(src, dst)
+        elif isinstance(src, bytes):
+            dst.write_bytes(src)
+        else:
+            dst.write_text(src)
     return snap
 
 

@@ -214,7 +214,7 @@ def run_convert(
     refuse_source_overlap(out, loaded.spec)
     if loaded.recipe is not None:
         raise ModelInputError(f"{loaded.spec} already carries baked test-time registers")
-    library = loaded.source.get("library", loaded.family.name)
+    library = loaded.source.library
     write = writer_for(library)
     overrides = overrides or {}
     result: Optional[DiscoveryResult] = None
@@ -233,7 +233,7 @@ def run_convert(
                                f"are known for {loaded.spec}")
         recipe, _ = resolve_recipe(loaded, name, overrides)
     # Baked in the source's dtype; written in the source checkpoint's dtype unless --dtype says otherwise.
-    out_dtype = dtype or loaded.source.get("dtype") or "float32"
+    out_dtype = dtype or loaded.source.dtype or "float32"
     model, fam = loaded.model, loaded.family
     in_place = torch_dtype(out_dtype) == next(model.parameters()).dtype
     parity_count = default_check_images(loaded)
@@ -246,7 +246,7 @@ def run_convert(
         # No copy of the model: baked in place, written tensor by tensor, and put back exactly (the
         # original modules are restored) before the output is reloaded next to it for the check.
         with (baked_in_place(model, recipe, adapter=fam) if in_place else _baked_copy(model, recipe, fam, out_dtype)) as baked:
-            surgery_doc = {"recipe": recipe.to_dict(), "source_model": loaded.spec, "source": loaded.source,
+            surgery_doc = {"recipe": recipe.to_dict(), "source_model": loaded.spec, "source": loaded.source.to_dict(),
                            "tool": "vit-surgery", "tool_version": __version__,
                            "token_layout": {"num_prefix_tokens": num_prefix,
                                             "register_indices": register_token_indices(baked, adapter=fam)},

@@ -41,8 +41,8 @@ def published_for_model(loaded: Any) -> Optional[str]:
     """The published set for a loaded model, recognised by name (spec, architecture, hub id) and checked
     against the entry's optional `depth`, `hidden_size` and `num_prefix_tokens` (default 1: a set found
     on a model without trained registers never applies to its `reg4` / with-registers sibling)."""
-    src = getattr(loaded, "source", {}) or {}
-    names = [loaded.spec] + [str(src[k]) for k in ("architecture", "name_or_path", "spec") if src.get(k)]
+    src = loaded.source
+    names = [loaded.spec] + [str(v) for v in (src.architecture, src.name_or_path, src.spec) if v]
     fam, model = loaded.family, loaded.model
     blocks = fam.blocks(model)
     for n in names:

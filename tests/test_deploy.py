@@ -23,7 +23,7 @@ from surgery.core.images import builtin_images
 from surgery.organism_families import build_hf_clip_organism, build_hf_dinov2_organism, save_hf_organism
 
 from conftest import pixels_from
-from hub import add_to_fake_hub
+from surgery.organism_families import write_fake_hub_repo
 
 HEAVY = ("torch", "timm", "transformers", "open_clip", "onnx", "onnxruntime", "openvino", "matplotlib", "numpy")
 
@@ -150,7 +150,7 @@ def test_hf_model_card_copies_license_from_the_source_card(tmp_path, monkeypatch
     src = save_hf_organism(model, tmp_path / "src")
     ModelCard(f"---\n{ModelCardData(license='cc-by-nc-4.0', library_name='transformers').to_yaml()}\n---\n# src\n"
               ).save(src / "README.md")
-    add_to_fake_hub(cache, "vit-surgery-test/dinov2", {p.name: p for p in src.iterdir()})
+    write_fake_hub_repo(cache, "vit-surgery-test/dinov2", {p.name: p for p in src.iterdir()})
     nf = tmp_path / "n.json"
     nf.write_text(json.dumps({"register_neurons": {str(k): v for k, v in planting.neurons.items()}}))
     out = tmp_path / "out"

@@ -15,7 +15,7 @@ from surgery.demo import save_organism
 from surgery.core.errors import ModelInputError, NeuronsFileError, SurgeryError, UnsafeCheckpointError
 from surgery.backends import adapter_for
 from surgery.core.images import ImageBatches, list_images
-from surgery.core.source import LoadedModel
+from surgery.core.source import LoadedModel, SourceInfo
 from surgery.backends import load_model
 from surgery.organism import build_timm_organism
 from surgery.core.images import builtin_images
@@ -88,8 +88,8 @@ def test_hub_layout_loads_into_timm(variant, hub_organisms):
     assert ("blocks.0.mlp.w12.weight" in sd) == (variant == "swiglu")
     assert ("register_tokens" in sd) == (variant == "reg4")
     loaded = load_model(f"dinov2:{path}")
-    assert loaded.source["library"] == "timm" and loaded.source["checkpoint_layout"] == "dinov2-torch-hub"
-    assert loaded.source["architecture"] == {"plain": "vit_small_patch14_dinov2", "swiglu": "vit_giant_patch14_dinov2",
+    assert loaded.source.library == "timm" and loaded.source.checkpoint_layout == "dinov2-torch-hub"
+    assert loaded.source.architecture == {"plain": "vit_small_patch14_dinov2", "swiglu": "vit_giant_patch14_dinov2",
                                              "reg4": "vit_small_patch14_reg4_dinov2"}[variant]
     x = _pixels(model, 3)
     with torch.no_grad():
@@ -115,8 +115,8 @@ def test_hub_layout_spec_forms_and_errors(hub_organisms, tmp_path):
     folder = tmp_path / "folder"
     folder.mkdir()
     (folder / path.name).write_bytes(path.read_bytes())
-    assert load_model(f"dinov2:{folder}").source["architecture"] == "vit_small_patch14_dinov2"
-    assert load_model(str(path)).source["checkpoint_layout"] == "dinov2-torch-hub"  # bare path, recognised by keys
+    assert load_model(f"dinov2:{folder}").source.architecture == "vit_small_patch14_dinov2"
+    assert load_model(str(path)).source.checkpoint_layout == "dinov2-torch-hub"  # bare path, recognised by keys
     with pytest.raises(ModelInputError, match="not found"):
         load_model(f"dinov2:{tmp_path / 'nope.pth'}")
     other = tmp_path / "other.pth"
@@ -157,14 +157,14 @@ def _vit_large(arch: str = "vit_large_patch14_dinov2", **narrow) -> LoadedModel:
     """ViT-L/14 DINOv2 at 28 px (4 patches); `narrow` args shrink the residual width for speed."""
     import timm
 
-    from surgery.backends.timm.loader import _timm_source
+    from surgery.backends.timm.loader import timm_source
 
     with torch.device("meta"):
         model = timm.create_model(arch, pretrained=False, img_size=28, num_classes=0,
                                   pretrained_cfg_overlay={"input_size": (3, 28, 28)}, **narrow)
     model = _fast_random(model)
     fam = adapter_for(model)
-    return LoadedModel(model, fam, arch, _timm_source(model, arch, {"img_size": 28}), fam.data_transform(model))
+    return LoadedModel(model, fam, arch, timm_source(model, arch, {"img_size": 28}), fam.data_transform(model))
 
 
 @pytest.fixture(scope="module")
@@ -183,14 +183,14 @@ def test_published_dinov2_vitl14_validates_bakes_and_passes_parity(vit_large):
     # recognised by name: `convert vit_large_patch14_dinov2` needs no --neurons and no images
     assert published.published_for_model(vit_large) == "dinov2_vitl14"
     for spec in ("dinov2:/models/dinov2_vitl14_pretrain.pth", "hf:facebook/dinov2-large"):
-        assert published.published_for_model(LoadedModel(vit_large.model, vit_large.family, spec, {}, None)) == \
+        assert published.published_for_model(LoadedModel(vit_large.model, vit_large.family, spec, SourceInfo("timm"), None)) == \
             "dinov2_vitl14"
 
 
 def test_published_set_is_not_applied_to_the_trained_register_sibling():
     reg = _vit_large("vit_large_patch14_reg4_dinov2", embed_dim=64, num_heads=1, mlp_ratio=64)  # depth 24, MLP 4096
     assert reg.family.num_prefix_tokens(reg.model) == 5
-    named_like_l14 = LoadedModel(reg.model, reg.family, "dinov2:/m/dinov2_vitl14_reg4_pretrain.pth", {}, None)
+    named_like_l14 = LoadedModel(reg.model, reg.family, "dinov2:/m/dinov2_vitl14_reg4_pretrain.pth", SourceInfo("timm"), None)
     assert published.published_for_model(named_like_l14) is None
     assert published.published_for_model(reg) is None
 

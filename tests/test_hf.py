@@ -158,7 +158,7 @@ def test_attention_implementation_does_not_affect_parity(pixels):
 @pytest.mark.parametrize("kind", list(BUILDERS))
 def test_convert_passes_check(kind, converted, organisms):
     loaded, res = converted[kind]
-    assert loaded.source["library"] == "hf" and loaded.source["class"] == CLASSES[kind]
+    assert loaded.source.library == "hf" and loaded.source.hf_class == CLASSES[kind]
     assert {k: list(v) for k, v in res.recipe.neurons.items()} == organisms[kind][1].neurons
     assert res.report.passed, res.report.summary()
     files = {p.name for p in res.out.iterdir()}
@@ -229,8 +229,8 @@ def test_hub_ids_load_through_a_fake_offline_cache(kind, fake_hub, saved, organi
     repo = f"vit-surgery-test/{kind.replace('_', '-')}"
     write_fake_hub_repo(fake_hub, repo, {p.name: p for p in saved[kind].iterdir()})
     loaded = load_model(f"hf:{repo}")
-    assert loaded.source["name_or_path"] == repo and loaded.source["class"] == CLASSES[kind]
-    assert loaded.source["preprocess"]["mean"] == [0.485, 0.456, 0.406]  # from preprocessor_config.json
+    assert loaded.source.name_or_path == repo and loaded.source.hf_class == CLASSES[kind]
+    assert loaded.source.preprocess["mean"] == [0.485, 0.456, 0.406]  # from preprocessor_config.json
     model = organisms[kind][0]
     fam = adapter_for(model)
     with torch.no_grad():
@@ -297,7 +297,7 @@ def test_pickled_bin_needs_permission(saved, tmp_path):
     with pytest.raises(UnsafeCheckpointError, match="allow-unsafe-pickle"):
         load_model(str(d))
     torch.save(sd, d / "pytorch_model.bin")  # a plain state dict loads with weights_only semantics
-    assert load_model(str(d)).source["class"] == "Dinov2Model"
+    assert load_model(str(d)).source.hf_class == "Dinov2Model"
 
 
 def test_convert_without_neurons_or_images_needs_a_published_set(saved):
@@ -313,7 +313,7 @@ def test_published_neurons_for_hf_dinov2_large():
     residual stream (64) to stay fast; tests/test_dinov2.py runs the full-width timm ViT-L/14."""
     from transformers import Dinov2Config, Dinov2Model
 
-    from surgery.core.source import LoadedModel
+    from surgery.core.source import LoadedModel, SourceInfo
     from surgery.pipeline import resolve_recipe
     from surgery.published import published_for_model
 
@@ -333,7 +333,7 @@ def test_published_neurons_for_hf_dinov2_large():
                 p.fill_(1.0) if name.endswith("weight") else p.normal_(0, 0.02, generator=g)
     fam = adapter_for(model)
     loaded = LoadedModel(model, fam, "hf:facebook/dinov2-large",
-                         {"library": "hf", "class": "Dinov2Model", "name_or_path": "facebook/dinov2-large"}, None)
+                         SourceInfo("hf", hf_class="Dinov2Model", name_or_path="facebook/dinov2-large"), None)
     name = published_for_model(loaded)
     assert name == "dinov2_vitl14"
     recipe, _ = resolve_recipe(loaded, name, {})

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from hub import add_to_fake_hub
+from surgery.organism_families import write_fake_hub_repo
 from rule_reference import per_vector_relative, rule_reference
 from surgery.cli import main
 from surgery.core.images import builtin_images
@@ -55,7 +55,7 @@ def two_images(tmp_path_factory) -> Path:
 
 
 def publish(cache: Path, repo: str, folder: Path) -> None:
-    add_to_fake_hub(cache, repo, {p.name: p for p in folder.iterdir() if p.is_file()})
+    write_fake_hub_repo(cache, repo, {p.name: p for p in folder.iterdir() if p.is_file()})
 
 
 def cli(args: list[Any]) -> None:

@@ -94,10 +94,10 @@ def fake_hub(tmp_path, monkeypatch):
 def test_loader_returns_the_image_tower_and_keeps_the_clip_model(loaded, organism):
     assert isinstance(loaded.model, VisionTransformer)
     assert loaded.family is OPEN_CLIP and adapter_for(loaded.model) is OPEN_CLIP
-    assert loaded.source["library"] == "open_clip" and loaded.recipe is None
+    assert loaded.source.library == "open_clip" and loaded.recipe is None
     clip = loaded.extra["clip"]
     assert isinstance(clip, open_clip.CLIP) and clip.visual is loaded.model
-    assert loaded.source["model_cfg"] == organism[0].organism_source["model_cfg"]
+    assert loaded.source.model_cfg == organism[0].organism_source["model_cfg"]
     ref = organism[0].state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in clip.state_dict().items())
     assert OPEN_CLIP.num_prefix_tokens(loaded.model) == 1
@@ -258,7 +258,7 @@ def test_load_and_convert_through_a_fake_offline_hub_cache(fake_hub, organism_di
     write_fake_hub_repo(fake_hub, HUB_REPO, {n: organism_dir / n for n in
                                              ("open_clip_config.json", "open_clip_model.safetensors")})
     lm = load_model(f"open_clip:hf-hub:{HUB_REPO}")
-    assert isinstance(lm.model, VisionTransformer) and lm.source["model_name"] == f"hf-hub:{HUB_REPO}"
+    assert isinstance(lm.model, VisionTransformer) and lm.source.model_name == f"hf-hub:{HUB_REPO}"
     ref = organism[0].state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in lm.extra["clip"].state_dict().items())
     res = run_convert(lm, tmp_path / "out", neurons=str(found[1]), progress=False)
@@ -286,7 +286,7 @@ def test_openai_tags_build_quickgelu(fake_hub, organism_dir, monkeypatch):
     assert isinstance(plain.visual.transformer.resblocks[0].mlp.gelu, torch.nn.GELU)
     lm = load_model("open_clip:vit-surgery-tiny/openai")
     assert all(isinstance(b.mlp.gelu, QuickGELU) for b in lm.model.transformer.resblocks)
-    assert lm.source["quick_gelu"] and lm.source["model_cfg"]["quick_gelu"] is True  # exported configs keep it
+    assert lm.source.quick_gelu and lm.source.model_cfg["quick_gelu"] is True  # exported configs keep it
 
 
 # ---- refusals ------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ Writer = Callable[[nn.Module, Path, LoadedModel, dict[str, Any]], list[Path]]
 class Backend:
     """One library: the adapters for its module structures, its loaders and its folder writer."""
 
-    name: str  # the library name recorded in LoadedModel.source["library"]
+    name: str  # the library name recorded in LoadedModel.source.library
     adapters: tuple[Adapter, ...] = ()
     loaders: tuple[Loader, ...] = ()
     writer: Optional[Writer] = None

@@ -6,15 +6,77 @@ Library-free (torch + stdlib): the backends fill it in.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 from torch import nn
 
 from .adapter import Adapter
 from .errors import ModelInputError
 from .recipe import Recipe
+
+
+@dataclass
+class SourceInfo:
+    """What built the source model, as its loader found it: what a writer needs to write an output the
+    source's library rebuilds (written to surgery.json as `source`, and read back from it).
+
+    Fields are per library; `to_dict` writes the set fields (and the keys a library always records,
+    even when null) under the JSON names of earlier versions, so files stay byte-identical.
+    """
+
+    library: str  # "timm", "open_clip" or "hf": which backend writes the output
+    spec: Optional[str] = None  # MODEL as the user typed it
+    dtype: Optional[str] = None  # the checkpoint's floating dtype (float32 / float16 / bfloat16)
+    base_model: Optional[str] = None  # the hub repo the weights came from (model card)
+    converted_from: Optional[str] = None  # the spec a re-expression (`--to timm`) was made from
+    # timm: what `timm.create_model` needs to rebuild the model
+    architecture: Optional[str] = None
+    model_args: Optional[dict[str, Any]] = None
+    pretrained_cfg: Optional[dict[str, Any]] = None  # resolved: head, input size, labels, preprocessing
+    checkpoint_layout: Optional[str] = None  # "dinov2-torch-hub" when loaded from a torch-hub checkpoint
+    # open_clip: the model config and preprocessing written to open_clip_config.json
+    model_name: Optional[str] = None
+    pretrained: Optional[str] = None
+    quick_gelu: Optional[bool] = None
+    model_cfg: Optional[dict[str, Any]] = None
+    preprocess_cfg: Optional[dict[str, Any]] = None
+    # HF transformers: the stock class and its preprocessing
+    hf_class: Optional[str] = None  # JSON key "class"
+    model_type: Optional[str] = None
+    name_or_path: Optional[str] = None
+    preprocess: Optional[dict[str, Any]] = None
+    extra: dict[str, Any] = field(default_factory=dict)  # keys of a surgery.json this version does not know
+
+    _JSON_NAMES: ClassVar[dict[str, str]] = {"hf_class": "class"}
+    # keys a library's loader always records (null included)
+    _ALWAYS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "open_clip": ("spec", "model_name", "pretrained", "quick_gelu", "model_cfg", "preprocess_cfg", "dtype"),
+        "hf": ("hf_class", "model_type", "name_or_path", "spec", "preprocess", "dtype"),
+        "timm": ("architecture", "model_args", "pretrained_cfg"),
+    }
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (the `source` of surgery.json)."""
+        always = self._ALWAYS.get(self.library, ())
+        out: dict[str, Any] = {"library": self.library}
+        for f in fields(self):
+            if f.name in ("library", "extra"):
+                continue
+            value = getattr(self, f.name)
+            if value is not None or f.name in always:
+                out[self._JSON_NAMES.get(f.name, f.name)] = value
+        out.update(self.extra)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], library: str) -> "SourceInfo":
+        """Read back a `source` record (a surgery.json written by any version); `library` wins."""
+        names = {cls._JSON_NAMES.get(f.name, f.name): f.name for f in fields(cls) if f.name not in ("library", "extra")}
+        known = {names[k]: v for k, v in data.items() if k in names}
+        extra = {k: v for k, v in data.items() if k not in names and k != "library"}
+        return cls(library=library, extra=extra, **known)
 
 
 @dataclass
@@ -33,7 +95,7 @@ class LoadedModel:
     model: nn.Module
     family: Adapter
     spec: str
-    source: dict[str, Any]
+    source: SourceInfo
     transform: Callable
     recipe: Optional[Recipe] = None  # set when the model carries baked registers
     extra: dict[str, Any] = field(default_factory=dict)

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from ...core.errors import ModelInputError
 from ...core.source import LoadedModel, LoadOptions
-from ..timm.loader import _timm_source
+from ..timm.loader import timm_source
 from ..base import adapter_among, needs_full_unpickling, unsafe_pickle_error
 from ..timm.loader import ADAPTERS as TIMM_ADAPTERS  # the checkpoint becomes a timm model
 
@@ -126,11 +126,11 @@ def load_dinov2_hub(spec: str, path: Path, opts: LoadOptions, sd: Optional[dict[
     except RuntimeError as e:
         raise ModelInputError(f"{spec}: weights do not match the inferred {arch}: {' '.join(str(e).split())[:300]}") from None
     model.eval()
-    source = _timm_source(model, arch, args)
-    source["pretrained_cfg"]["input_size"] = [3, img, img]
-    source["spec"] = spec
-    source["checkpoint_layout"] = "dinov2-torch-hub"
-    source["dtype"] = stored_dtype
+    source = timm_source(model, arch, args)
+    source.pretrained_cfg["input_size"] = [3, img, img]
+    source.spec = spec
+    source.checkpoint_layout = "dinov2-torch-hub"
+    source.dtype = stored_dtype
     fam = adapter_among(TIMM_ADAPTERS, model)
     return LoadedModel(model, fam, spec, source, fam.data_transform(model), None)
 

@@ -21,7 +21,7 @@ from typing import Any, Optional
 from torch import nn
 
 from ...core.errors import ModelInputError, UnsafeCheckpointError, first_line
-from ...core.source import LoadedModel, LoadOptions
+from ...core.source import LoadedModel, LoadOptions, SourceInfo
 from ..base import adapter_among, extra_files, needs_full_unpickling, unsafe_pickle_error
 from .adapter import HF_CLIP, HF_DINOV2, PREPROCESS_ATTR
 from .current import HF_DINOV3, HF_SIGLIP
@@ -335,10 +335,9 @@ def _load_baked(src: _Source, cfg: dict[str, Any], opts: LoadOptions) -> LoadedM
             doc = json.loads(sj.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             doc = {}
-    source = dict(doc.get("source") or block.get("source") or {"library": "hf", "class": class_name})
-    source["library"] = "hf"
+    source = SourceInfo.from_dict(doc.get("source") or block.get("source") or {"class": class_name}, "hf")
     fam = adapter_among(ADAPTERS, model)
-    pre, raw = _attach_transform(model, src, source.get("preprocess"))
+    pre, raw = _attach_transform(model, src, source.preprocess)
     loaded = LoadedModel(model, fam, src.spec, source, fam.data_transform(model), recipe,
                          extra={"preprocessor_config": raw, "baked_folder": True, "extra_files": extra_files(src.file)})
     return loaded
@@ -364,9 +363,8 @@ def hf_loader(spec: str, opts: LoadOptions) -> Optional[LoadedModel]:
     model.eval()
     fam = adapter_among(ADAPTERS, model)
     pre, raw = _attach_transform(model, src)
-    source = {"library": "hf", "class": class_name, "model_type": cfg.get("model_type"),
-              "name_or_path": src.target, "spec": spec, "preprocess": _json_preprocess(pre),
-              "dtype": _stored_dtype(cfg)}
+    source = SourceInfo("hf", hf_class=class_name, model_type=cfg.get("model_type"), name_or_path=src.target,
+                        spec=spec, preprocess=_json_preprocess(pre), dtype=_stored_dtype(cfg))
     return LoadedModel(model, fam, spec, source, fam.data_transform(model), None,
                        extra={"preprocessor_config": raw, "extra_files": extra_files(src.file)})
 

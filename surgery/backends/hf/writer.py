@@ -19,6 +19,7 @@ from torch import nn
 from exporters.safetensors_io import save_state_dict
 
 from ...core.bake import register_token_indices
+from ...core.source import SourceInfo
 from ..base import adapter_among, copy_extra_files
 from .loader import ADAPTERS, SURGERY_CONFIG_KEY
 
@@ -62,7 +63,7 @@ def _processor_config(preprocess: dict[str, Any], model_type: str) -> dict[str, 
     return out
 
 
-def write_hf_dir(model: nn.Module, out_dir: Path, *, source: dict[str, Any], surgery: dict[str, Any],
+def write_hf_dir(model: nn.Module, out_dir: Path, *, source: SourceInfo, surgery: dict[str, Any],
                  preprocessor_config: dict[str, Any] | None = None) -> list[Path]:
     """Save a baked HF model (CLIPVisionModel / CLIPModel / Dinov2Model / Dinov2WithRegistersModel)."""
     recipe = model.surgery_recipe
@@ -81,7 +82,7 @@ def write_hf_dir(model: nn.Module, out_dir: Path, *, source: dict[str, Any], sur
     cfg["auto_map"] = {"AutoModel": f"{MODELING_FILE[:-3]}.{remote}"}
     preprocess = fam.preprocess_config(model)  # type: ignore[attr-defined]
     pre_json = {k: (list(v) if isinstance(v, tuple) else v) for k, v in preprocess.items()}
-    src = dict(source)
+    src = source.to_dict()
     src.setdefault("preprocess", pre_json)
     cfg[SURGERY_CONFIG_KEY] = {
         "format": 1,

@@ -164,6 +164,8 @@ class OpenClipViT(Adapter):
         if n < 1:
             raise ValueError("an open_clip VisionTransformer always has its class token")
         base = _base_class(type(model))
+        # A class swap, not instance patching: open_clip's forward calls `self._pool` / `forward_intermediates`
+        # and the model must stay an open_clip VisionTransformer (isinstance checks, deepcopy, export tracing).
         model.__class__ = _registered_class(base) if n > 1 else base
         if n > 1:
             model.num_prefix_tokens = int(n)

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, Optional
 from torch import nn
 
 from ...core.errors import ModelInputError, first_line
-from ...core.source import LoadedModel, LoadOptions
+from ...core.source import LoadedModel, LoadOptions, SourceInfo
 from ...core.recipe import Recipe
 from ..base import adapter_among, extra_files, hub_file, needs_full_unpickling, unsafe_pickle_error
 from .adapter import OPEN_CLIP, unsupported_reason
@@ -188,7 +188,7 @@ def check_image_tower(spec: str, clip: nn.Module) -> nn.Module:
                           "VisionTransformer)")
 
 
-def _loaded(spec: str, clip: nn.Module, transform: Callable, source: dict[str, Any],
+def _loaded(spec: str, clip: nn.Module, transform: Callable, source: SourceInfo,
             recipe: Optional[Recipe] = None, files: Optional[dict[str, str]] = None) -> LoadedModel:
     visual = check_image_tower(spec, clip)
     clip.eval()
@@ -210,9 +210,9 @@ def _load_spec(rs: OpenClipSpec, opts: LoadOptions, display: Optional[str] = Non
     except Exception as e:
         raise _map_error(spec, e) from None
     check_image_tower(spec, clip)
-    source = {"library": "open_clip", "spec": spec, "model_name": rs.model_name, "pretrained": rs.pretrained,
-              "quick_gelu": bool(model_cfg.get("quick_gelu", False)), "model_cfg": _jsonable(model_cfg),
-              "preprocess_cfg": _jsonable(dict(clip.visual.preprocess_cfg)), "dtype": _stored_dtype(rs)}
+    source = SourceInfo("open_clip", spec=spec, model_name=rs.model_name, pretrained=rs.pretrained,
+                        quick_gelu=bool(model_cfg.get("quick_gelu", False)), model_cfg=_jsonable(model_cfg),
+                        preprocess_cfg=_jsonable(dict(clip.visual.preprocess_cfg)), dtype=_stored_dtype(rs))
     return _loaded(spec, clip, preprocess, source, files=_extra_files(rs))
 
 
@@ -361,8 +361,7 @@ def _load_folder(spec: str, path: Path, opts: LoadOptions) -> LoadedModel:
     if doc is None:  # an ordinary open_clip folder (hf-hub snapshot layout): open_clip's local-dir path
         return _load_spec(OpenClipSpec(spec, f"local-dir:{path}", None), opts, display=spec)
     clip, preprocess, doc = build_baked_clip(path, opts.device, opts.convert_check)
-    source = dict(doc.get("source") or {})
-    source["library"] = "open_clip"
+    source = SourceInfo.from_dict(doc.get("source") or {}, "open_clip")
     loaded = _loaded(spec, clip, preprocess, source, clip.visual.surgery_recipe,
                      files=_extra_files(OpenClipSpec(spec, f"local-dir:{path}", None)))
     if opts.convert_check:

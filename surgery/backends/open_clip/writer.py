@@ -19,6 +19,7 @@ from torch import nn
 
 from exporters.safetensors_io import save_state_dict
 
+from ...core.source import SourceInfo
 from ..base import copy_extra_files
 
 CONFIG_NAME = "open_clip_config.json"
@@ -36,12 +37,12 @@ def combined_state_dict(clip: nn.Module, visual: nn.Module) -> dict[str, Any]:
     return state
 
 
-def write_open_clip_dir(clip: nn.Module, visual: nn.Module, out_dir: Path, *, source: dict[str, Any],
+def write_open_clip_dir(clip: nn.Module, visual: nn.Module, out_dir: Path, *, source: SourceInfo,
                         surgery: dict[str, Any]) -> list[Path]:
     """Save the CLIP model `clip` with image tower `visual` (baked) as an open_clip folder."""
-    if source.get("model_cfg") is None:
-        raise ValueError("open_clip export needs source['model_cfg'] (written by the open_clip loader)")
-    config = {"model_cfg": source["model_cfg"], "preprocess_cfg": source.get("preprocess_cfg") or {}}
+    if source.model_cfg is None:
+        raise ValueError("open_clip export needs source.model_cfg (written by the open_clip loader)")
+    config = {"model_cfg": source.model_cfg, "preprocess_cfg": source.preprocess_cfg or {}}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -149,6 +149,8 @@ def _pin_pos_embed_prefix(model: nn.Module) -> None:
     if cls not in _PINNED_CLASSES:
         _PINNED_CLASSES[cls] = type(cls.__name__, (_PosEmbedPrefixPinned, cls), {"__module__": cls.__module__})
     model.surgery_pos_embed_prefix = int(model.num_prefix_tokens)
+    # A class swap, not instance patching: `_pos_embed` is looked up on the class by timm's forward paths,
+    # and the model must stay an instance of its timm class (isinstance checks, deepcopy, export tracing).
     model.__class__ = _PINNED_CLASSES[cls]
 
 

@@ -13,7 +13,7 @@ from typing import Any, Optional
 from torch import nn
 
 from ...core.errors import ModelInputError, first_line
-from ...core.source import LoadedModel, LoadOptions, safetensors_dtype, torch_dtype
+from ...core.source import LoadedModel, LoadOptions, SourceInfo, safetensors_dtype, torch_dtype
 from ..base import adapter_among, hub_file, needs_full_unpickling, unsafe_pickle_error
 from .adapter import TIMM
 from .baked import BAKED_ARCH
@@ -63,14 +63,14 @@ def timm_build_args(model: nn.Module, declared: dict[str, Any] | None = None) ->
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in args.items()}
 
 
-def _timm_source(model: nn.Module, arch: str, model_args: dict[str, Any]) -> dict[str, Any]:
+def timm_source(model: nn.Module, arch: str, model_args: dict[str, Any]) -> SourceInfo:
     """What built `model`: its architecture, the kwargs and its resolved pretrained_cfg (labels included)."""
     cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
     for k in ("file", "source", "state_dict", "url", "hf_hub_id", "hf_hub_filename"):
         cfg.pop(k, None)
     cfg["architecture"] = arch
-    return {"library": "timm", "architecture": arch, "model_args": timm_build_args(model, model_args),
-            "pretrained_cfg": _jsonable(cfg)}
+    return SourceInfo("timm", architecture=arch, model_args=timm_build_args(model, model_args),
+                      pretrained_cfg=_jsonable(cfg))
 
 
 def _is_json(v: Any) -> bool:
@@ -115,14 +115,14 @@ def _load_timm_folder(spec: str, path: Path, opts: LoadOptions) -> LoadedModel:
     args = dict(cfg.get("model_args", {}) or {})
     recipe = getattr(model, "surgery_recipe", None)
     if arch == BAKED_ARCH:
-        source = {"library": "timm", "architecture": args.get("source_architecture"),
-                  "model_args": args.get("source_model_args", {}),
-                  "pretrained_cfg": _jsonable(dict(cfg.get("pretrained_cfg", {})))}
-        source["pretrained_cfg"]["architecture"] = source["architecture"]
+        source = SourceInfo("timm", architecture=args.get("source_architecture"),
+                            model_args=args.get("source_model_args", {}),
+                            pretrained_cfg=_jsonable(dict(cfg.get("pretrained_cfg", {}))))
+        source.pretrained_cfg["architecture"] = source.architecture
     else:
-        source = _timm_source(model, arch, args)
+        source = timm_source(model, arch, args)
     stored = safetensors_dtype(next((p for p in sorted(path.iterdir()) if p.suffix == ".safetensors"), None))
-    source["dtype"] = stored or "float32"
+    source.dtype = stored or "float32"
     if recipe is not None:  # a baked folder runs in the dtype it was written in
         model.to(torch_dtype(stored))
     fam = adapter_among(ADAPTERS, model)
@@ -190,11 +190,11 @@ def timm_loader(spec: str, opts: LoadOptions) -> Optional[LoadedModel]:
     except Exception as e:
         raise _map_timm_error(spec, e) from None
     arch = model.pretrained_cfg.get("architecture") or spec.split(":")[-1].split(".")[0]
-    source = _timm_source(model, arch, {})
-    source["spec"] = spec
+    source = timm_source(model, arch, {})
+    source.spec = spec
     if spec.startswith("hf-hub:"):
         repo = spec[len("hf-hub:"):].split("@")[0]
-        source["dtype"] = safetensors_dtype(hub_file(repo, "model.safetensors")) or "float32"
+        source.dtype = safetensors_dtype(hub_file(repo, "model.safetensors")) or "float32"
     fam = adapter_among(ADAPTERS, model)
     return LoadedModel(model, fam, spec, source, fam.data_transform(model), getattr(model, "surgery_recipe", None))
 

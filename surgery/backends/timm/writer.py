@@ -9,22 +9,23 @@ from torch import nn
 
 from exporters.safetensors_io import save_state_dict
 
+from ...core.source import SourceInfo
 from .baked import BAKED_ARCH
 
 
-def write_timm_dir(model: nn.Module, out_dir: Path, *, source: dict[str, Any], surgery: dict[str, Any]) -> list[Path]:
+def write_timm_dir(model: nn.Module, out_dir: Path, *, source: SourceInfo, surgery: dict[str, Any]) -> list[Path]:
     """Save `model` (baked, timm) so `timm.create_model('local-dir:OUT', pretrained=True)` rebuilds it
     after `import surgery`. `surgery` is the recipe + provenance dict (written to surgery.json too)."""
     recipe = model.surgery_recipe
-    cfg = dict(source.get("pretrained_cfg") or {})
+    cfg = dict(source.pretrained_cfg or {})
     cfg["architecture"] = BAKED_ARCH
     config = {
         "architecture": BAKED_ARCH,
         "num_classes": int(getattr(model, "num_classes", 0)),
         "num_features": int(getattr(model, "num_features", 0)),
         "model_args": {
-            "source_architecture": source["architecture"],
-            "source_model_args": source.get("model_args", {}),
+            "source_architecture": source.architecture,
+            "source_model_args": source.model_args if source.model_args is not None else {},
             "surgery": recipe.to_dict(),
         },
         "pretrained_cfg": cfg,
