@@ -3,54 +3,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from . import __version__
+from . import __version__, onnx_cli, report_cli
+from .cli_args import _finite_float, _int_or_auto, _positive_int, _threshold, add_model_options
 from .core.errors import EXIT_CODES, SurgeryError
 
 Handler = Callable[[argparse.Namespace], int]
-
-
-def _number(cast: Callable[[str], Any], what: str, ok: Callable[[Any], bool]) -> Callable[[str], Any]:
-    """An argparse type: `cast` the text and check it, else a usage error naming what was expected."""
-    def parse(v: str) -> Any:
-        try:
-            x = cast(v)
-        except (ValueError, OverflowError):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {v!r}") from None
-        if not ok(x):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {v!r}")
-        return x
-    return parse
-
-
-def _or_auto(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    return lambda v: v if v == "auto" else parse(v)
-
-
-_positive_int = _number(int, "a positive integer", lambda i: i >= 1)
-_finite_float = _number(float, "a finite number", math.isfinite)
-_positive_float = _number(float, "a positive number", lambda f: f > 0 and math.isfinite(f))
-_fraction = _number(float, "a number between 0 and 1 (exclusive)", lambda f: 0 < f < 1)
-_threshold = _or_auto(_number(float, "a positive number or 'auto'", lambda f: f > 0 and math.isfinite(f)))
-
-
-def _int_or_auto(minimum: int) -> Callable[[str], int | str]:
-    return _or_auto(_number(int, f"an integer >= {minimum} or 'auto'", lambda i: i >= minimum))
-
-
-def add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu); the reference runs "
-                   "in exact float32/float64 there, no autocast")
-    p.add_argument("--allow-unsafe-pickle", action="store_true",
-                   help="allow checkpoints that need full unpickling (runs code from the file; only for trusted files)")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow HF models whose code lives in the model folder (never on by default)")
 
 
 def add_discovery_options(p: argparse.ArgumentParser) -> None:
@@ -291,22 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# Other modules add subcommands here (export, inspect, eval): fn(subparsers) -> None.
-_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
-
-
-def _load_extra_commands() -> None:
-    import importlib
-
-    for name in ("surgery.onnx_cli", "surgery.report_cli"):
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-            continue
-        if mod.add_commands not in _EXTRA_COMMANDS:
-            _EXTRA_COMMANDS.append(mod.add_commands)
+# Subcommands defined next to their jobs (export; inspect, eval): fn(subparsers) -> None.
+_EXTRA_COMMANDS: tuple[Callable[[Any], None], ...] = (onnx_cli.add_commands, report_cli.add_commands)
 
 
 class Terminated(KeyboardInterrupt):
@@ -379,7 +328,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     handles_signals = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if handles_signals else None
     try:
-        _load_extra_commands()
         a = build_parser().parse_args(args)
         logging.basicConfig(level=logging.WARNING, format="vit-surgery: %(message)s")
         warnings.showwarning = lambda msg, cat, *rest, **kw: print(f"vit-surgery: warning: {msg}", file=sys.stderr)

@@ -63,7 +63,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def add_commands(subparsers: Any) -> None:
-    from surgery.cli import add_model_options
+    from surgery.cli_args import add_model_options
 
     e = subparsers.add_parser(
         "export", help="export a converted folder to ONNX or OpenVINO (validated before it is written)",

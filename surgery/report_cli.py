@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .cli import _fraction, _positive_float, _positive_int, _threshold, add_model_options
+from .cli_args import _fraction, _positive_float, _positive_int, _threshold, add_model_options
 
 
 def _options(a: argparse.Namespace):

@@ -40,7 +40,7 @@ def module_files(root: Path, packages: tuple[str, ...] = PACKAGES) -> dict[str, 
 
 def imported_names(name: str, path: Path) -> set[str]:
     """Every absolute module name `name` imports, anywhere in the file (functions included); for
-    `from X import y` both X and X.y (y may be a submodule)."""
+    `from X import y` both X and X.y (y may be a submodule); `importlib.import_module("X")` counts."""
     is_pkg = path.name == "__init__.py"
     out: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -55,7 +55,15 @@ def imported_names(name: str, path: Path) -> set[str]:
                 mod = node.module or ""
             out.add(mod)
             out.update(f"{mod}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Call) and _is_import_module(node.func) and node.args \
+                and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+            out.add(node.args[0].value)  # importlib.import_module("pkg.mod"): an import by name is an import
     return out
+
+
+def _is_import_module(func: ast.expr) -> bool:
+    return (isinstance(func, ast.Attribute) and func.attr == "import_module") or \
+        (isinstance(func, ast.Name) and func.id == "import_module")
 
 
 def import_graph(root: Path, packages: tuple[str, ...] = PACKAGES) -> dict[str, set[str]]:
@@ -207,17 +215,20 @@ def _write(root: Path, files: dict[str, str]) -> Path:
     return root
 
 
-def test_cycle_checker_finds_a_cycle_through_a_function_level_import(tmp_path):
+def test_cycle_checker_finds_cycles_through_function_level_and_by_name_imports(tmp_path):
     root = _write(tmp_path, {
         "surgery/__init__.py": "",
         "surgery/core/__init__.py": "",
         "surgery/core/a.py": "from . import b\n",
         "surgery/core/b.py": "def f():\n    from .c import g\n",
         "surgery/core/c.py": "from surgery.core.a import x\n",
+        "surgery/core/e.py": "def f():\n    import importlib\n    importlib.import_module('surgery.core.f')\n",
+        "surgery/core/f.py": "import surgery.core.e\n",
         "surgery/core/d.py": "from .a import y\n",
         "exporters/__init__.py": "",
     })
-    assert cycles(import_graph(root)) == [["surgery.core.a", "surgery.core.b", "surgery.core.c"]]
+    assert cycles(import_graph(root)) == [["surgery.core.a", "surgery.core.b", "surgery.core.c"],
+                                          ["surgery.core.e", "surgery.core.f"]]
     assert cycles({"x": {"y"}, "y": set()}) == []
 
 

@@ -308,7 +308,7 @@ def test_ctrl_c_during_startup_is_one_line(monkeypatch, capsys):
 
     def interrupted():
         raise KeyboardInterrupt
-    monkeypatch.setattr(cli, "_load_extra_commands", interrupted)
+    monkeypatch.setattr(cli, "build_parser", interrupted)
     code, _, err = run(["--help"], capsys)
     assert code == 130 and one_line(err)
 
