@@ -77,12 +77,13 @@ def build(row: str, folder: Path) -> None:
 
         from exporters.safetensors_io import save_state_dict
 
+        from open_clip.push_to_hf_hub import save_config_for_hf
+
         cfg = open_clip.get_model_config("ViT-bigG-14")
-        model = open_clip.CLIP(**cfg).eval()
+        model = open_clip.create_model("ViT-bigG-14", pretrained=None).eval()  # sets the preprocess config
         src = folder / "src"
         src.mkdir(exist_ok=True)
-        (src / "open_clip_config.json").write_text(json.dumps(
-            {"model_cfg": cfg, "preprocess_cfg": dict(model.visual.preprocess_cfg)}, indent=2) + "\n")
+        save_config_for_hf(model, src / "open_clip_config.json", model_config=cfg)  # open_clip's own writer
         save_state_dict(model.state_dict(), src / "open_clip_model.safetensors", None)  # tensor by tensor
     if row in NEURONS:
         (folder / "neurons.json").write_text(json.dumps(NEURONS[row]))
@@ -226,7 +227,7 @@ def main() -> None:
     for row in a.rows.split(","):
         folder = Path(a.work) / row
         if not (folder / "built").exists():
-            need = 2.2 * ROWS[row]["weights_gb"] * 1e9
+            need = 1.3 * ROWS[row]["weights_gb"] * 1e9  # the built model plus one tensor being written
             if mem_available() < need:
                 print(f"{row}: skipped building, {mem_available() / GiB:.1f} GiB available", flush=True)
                 continue

@@ -34,11 +34,66 @@ def cuda_ms(fn, rounds: int) -> float:
     return statistics.median(times)
 
 
+def discovery_rows(source, fam, dev: str, batch: int, rounds: int) -> list[str]:
+    """Discovery vs a plain forward over the same 64 images, interleaved per round: end to end (both arms
+    decode the PNGs with the model's transform) and model only (both arms get the same decoded tensors)."""
+    import time
+
+    import torch
+
+    import surgery.core.discovery as discovery
+    from surgery.core.discovery import DiscoveryConfig, find_register_neurons
+    from surgery.core.images import ImageBatches
+
+    imgs = work_dir("gpu") / "imgs"
+    files = write_images(imgs, 64)
+    tf = fam.data_transform(source)
+    decoded = list(ImageBatches(files, tf, batch, progress=False))
+
+    class Decoded:  # stands in for ImageBatches with the decoded tensors (model-only arm)
+        def __init__(self, *args, **kwargs):
+            self.skipped: list = []
+
+        def __iter__(self):
+            return iter(decoded)
+
+        def require_some(self, used: int) -> None:
+            pass
+
+    def plain(pre_decoded: bool) -> None:
+        with torch.inference_mode():
+            for x, _ in (decoded if pre_decoded else ImageBatches(files, tf, batch, progress=False)):
+                fam.forward_tokens(source, x.to(dev, non_blocking=True))
+
+    def find(pre_decoded: bool) -> None:
+        real = discovery.ImageBatches
+        discovery.ImageBatches = Decoded if pre_decoded else real
+        try:
+            find_register_neurons(source, files, DiscoveryConfig(batch_size=batch), adapter=fam, progress=False)
+        finally:
+            discovery.ImageBatches = real
+
+    rows = []
+    for pre in (False, True):
+        t = {"plain": [], "find": []}
+        for r in range(rounds // 4 + 2):
+            for name in (("plain", "find") if r % 2 == 0 else ("find", "plain")):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                (plain if name == "plain" else find)(pre)
+                torch.cuda.synchronize()
+                t[name].append(time.perf_counter() - t0)
+        p, f = statistics.median(t["plain"][1:]), statistics.median(t["find"][1:])  # first round warms up
+        what = "model only (decoded tensors)" if pre else "end to end (PNG decoding included)"
+        rows.append(f"| discovery vs plain forward, 64 images, {what} | float32 | {batch} | {1000 * p:.0f} (plain) | "
+                    f"{1000 * f:.0f} (discovery) | {f / p:.3f} |")
+    return rows
+
+
 def main() -> None:
     import torch
 
     from surgery.core.bake import bake_registers
-    from surgery.core.discovery import DiscoveryConfig, find_register_neurons
     from surgery.backends import adapter_for
     from surgery.core.recipe import Recipe
 
@@ -53,40 +108,23 @@ def main() -> None:
     source = build_vitb(0, plant=True).to(dev)
     fam = adapter_for(source)
     baked = bake_registers(copy.deepcopy(source), Recipe(BENCH_RECIPE), adapter=fam)
-    x = torch.randn(a.batch, 3, 224, 224, device=dev)
-    rows = ["| arm | dtype | ms / batch of %d |" % a.batch, "|---|---|---|"]
+    rows = ["| arm | dtype | batch | original ms | baked ms | baked / original |", "|---|---|---|---|---|---|"]
     with torch.inference_mode():
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            s, b = copy.deepcopy(source).to(dtype), copy.deepcopy(baked).to(dtype)
-            xd = x.to(dtype)
-            for _ in range(3):
-                s.forward_features(xd), b.forward_features(xd)
-            t_s, t_b = [], []
-            for r in range(a.rounds):
-                order = [(s, t_s), (b, t_b)] if r % 2 == 0 else [(b, t_b), (s, t_s)]
-                for m, acc in order:
-                    acc.append(cuda_ms(lambda m=m: m.forward_features(xd), 1))
-            rows.append(f"| original | {str(dtype)[6:]} | {statistics.median(t_s):.2f} |")
-            rows.append(f"| baked | {str(dtype)[6:]} | {statistics.median(t_b):.2f} |")
+            s, b = copy.deepcopy(source).to(dtype), copy.deepcopy(baked).to(dtype)  # cast, no autocast
+            for bs in (1, a.batch):
+                xd = torch.randn(bs, 3, 224, 224, device=dev, dtype=dtype)
+                for _ in range(3):
+                    s.forward_features(xd), b.forward_features(xd)
+                t_s, t_b = [], []
+                for r in range(a.rounds):
+                    order = [(s, t_s), (b, t_b)] if r % 2 == 0 else [(b, t_b), (s, t_s)]
+                    for m, acc in order:
+                        acc.append(cuda_ms(lambda m=m: m.forward_features(xd), 1))
+                ms_s, ms_b = statistics.median(t_s), statistics.median(t_b)
+                rows.append(f"| forward_features | {str(dtype)[6:]} | {bs} | {ms_s:.2f} | {ms_b:.2f} | {ms_b / ms_s:.3f} |")
             del s, b
-    imgs = work_dir("gpu") / "imgs"
-    write_images(imgs, 64)
-    import time
-
-    t = time.perf_counter()
-    find_register_neurons(source, sorted(imgs.glob("*.png")), DiscoveryConfig(batch_size=a.batch), adapter=fam,
-                          progress=False)
-    torch.cuda.synchronize()
-    t_find = time.perf_counter() - t
-    with torch.inference_mode():
-        xs = torch.randn(64, 3, 224, 224, device=dev)
-        t = time.perf_counter()
-        for i in range(0, 64, a.batch):
-            source.forward_features(xs[i:i + a.batch])
-        torch.cuda.synchronize()
-        t_fwd = time.perf_counter() - t
-    rows.append(f"| discovery, 64 images (incl. image decoding) | float32 | {1000 * t_find:.0f} total |")
-    rows.append(f"| plain forward, 64 images | float32 | {1000 * t_fwd:.0f} total |")
+    rows += discovery_rows(source, fam, dev, a.batch, a.rounds)
     print(f"machine: {machine()}, {torch.cuda.get_device_name()}; date {today()}")
     print("\n".join(rows))
 
