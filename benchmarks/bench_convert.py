@@ -123,14 +123,14 @@ def run_measured(cmd: list[str], code: Path, timeout: float) -> tuple[int, float
     return d["rc"], d["wall"], d["rss"], (p.stdout + p.stderr)[-2000:]
 
 
-IMPORTS = ("import torch, timm, open_clip, safetensors, PIL, surgery.pipeline, surgery.loading, "
-           "surgery.loaders_dinov2, surgery.loaders_open_clip, surgery.parity, surgery.cli")
+IMPORTS = ("import torch, timm, open_clip, safetensors, PIL, surgery.pipeline, surgery.backends, "
+           "surgery.core.parity, surgery.cli")
 
 FORWARD = r'''
 import sys, time, json, torch
-from surgery.loading import load_model
-from surgery.organism import builtin_images
-from surgery.images import ImageBatches, list_images
+from surgery.backends import load_model
+from surgery.core.images import builtin_images
+from surgery.core.images import ImageBatches, list_images
 torch.set_num_threads(int(sys.argv[2]))
 lm = load_model(sys.argv[1])
 files = list_images(builtin_images(), 2, 0)
@@ -179,7 +179,7 @@ def activations(row: str, images: int, batch: int = 8) -> int:
     """One batch of activations as convert's estimate counts it (surgery/memory.py)."""
     import torch
 
-    from surgery.memory import activation_bytes
+    from surgery.core.memory import activation_bytes
 
     blocks, width, tokens, heads, ratio = ROWS[row]["dims"]
     return activation_bytes(blocks, width, tokens, min(batch, images or batch), heads, torch.float32, ratio)

@@ -51,10 +51,10 @@ def plain_forward(model, files, batch_size: int) -> int:
     """The same data loading as discovery, then only the forward pass (what discovery is compared to)."""
     import torch
 
-    from surgery.families import family_for
-    from surgery.images import ImageBatches
+    from surgery.backends import adapter_for
+    from surgery.core.images import ImageBatches
 
-    fam = family_for(model)
+    fam = adapter_for(model)
     n = 0
     with torch.inference_mode():
         for pixels, paths in ImageBatches(files, fam.data_transform(model), batch_size, progress=False):
@@ -72,9 +72,10 @@ def plain_forward_cached(model, batches) -> None:
 
 
 def discover(model, files, batch_size: int):
-    from surgery.discovery import DiscoveryConfig, find_register_neurons
+    from surgery.backends import adapter_for
+    from surgery.core.discovery import DiscoveryConfig, find_register_neurons
 
-    return find_register_neurons(model, files, DiscoveryConfig(batch_size=batch_size), progress=False)
+    return find_register_neurons(model, files, DiscoveryConfig(batch_size=batch_size), progress=False, adapter=adapter_for(model))
 
 
 def child_memory(args) -> None:
@@ -145,9 +146,9 @@ def main() -> None:
     bl.set_threads(args.threads)
     import torch
 
-    import surgery.discovery as disc
-    from surgery.families import family_for
-    from surgery.images import ImageBatches
+    import surgery.core.discovery as disc
+    from surgery.backends import adapter_for
+    from surgery.core.images import ImageBatches
 
     work = bl.work_dir("discovery")
     n_files = max(args.images, args.model_only_images, *args.memory_images)
@@ -166,7 +167,7 @@ def main() -> None:
         e2e_files = files[: args.images]
         t = bl.interleave({"forward": lambda: plain_forward(model, e2e_files, B),
                            "discovery": lambda: discover(model, e2e_files, B)}, args.rounds)
-        tf = family_for(model).data_transform(model)
+        tf = adapter_for(model).data_transform(model)
         n2 = args.model_only_images
         mo_files = files[:n2]
         decode = bl.median([bl.timed(lambda: list(ImageBatches(mo_files, tf, B, progress=False))) for _ in range(2)])

@@ -41,9 +41,9 @@ def discovery_rows(source, fam, dev: str, batch: int, rounds: int) -> list[str]:
 
     import torch
 
-    import surgery.discovery as discovery
-    from surgery.discovery import DiscoveryConfig, find_register_neurons
-    from surgery.images import ImageBatches
+    import surgery.core.discovery as discovery
+    from surgery.core.discovery import DiscoveryConfig, find_register_neurons
+    from surgery.core.images import ImageBatches
 
     imgs = work_dir("gpu") / "imgs"
     files = write_images(imgs, 64)
@@ -69,7 +69,7 @@ def discovery_rows(source, fam, dev: str, batch: int, rounds: int) -> list[str]:
         real = discovery.ImageBatches
         discovery.ImageBatches = Decoded if pre_decoded else real
         try:
-            find_register_neurons(source, files, DiscoveryConfig(batch_size=batch), family=fam, progress=False)
+            find_register_neurons(source, files, DiscoveryConfig(batch_size=batch), adapter=fam, progress=False)
         finally:
             discovery.ImageBatches = real
 
@@ -93,10 +93,10 @@ def discovery_rows(source, fam, dev: str, batch: int, rounds: int) -> list[str]:
 def main() -> None:
     import torch
 
-    from surgery.bake import bake_registers
-    from surgery.bake import baked_copy
-    from surgery.families import family_for
-    from surgery.recipe import Recipe
+    from surgery.core.bake import bake_registers
+    from surgery.core.bake import baked_copy
+    from surgery.backends import adapter_for
+    from surgery.core.recipe import Recipe
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
@@ -107,8 +107,8 @@ def main() -> None:
     if not dev.startswith("cuda") or not torch.cuda.is_available():
         sys.exit("bench_gpu.py needs a CUDA device")
     source = build_vitb(0, plant=True).to(dev)
-    fam = family_for(source)
-    baked = baked_copy(source, Recipe(BENCH_RECIPE), fam)
+    fam = adapter_for(source)
+    baked = baked_copy(source, Recipe(BENCH_RECIPE), adapter=fam)
     rows = ["| arm | dtype | batch | original ms | baked ms | baked / original |", "|---|---|---|---|---|---|"]
     with torch.inference_mode():
         for dtype in (torch.float32, torch.float16, torch.bfloat16):

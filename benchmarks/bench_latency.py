@@ -34,7 +34,7 @@ def narrow_split(baked):
     import torch
     from torch import nn
 
-    from surgery.modules import RegisterMlp
+    from surgery.core.modules import RegisterMlp
 
     class NarrowSplitMlp(nn.Module):
         def __init__(self, m: RegisterMlp) -> None:
@@ -50,7 +50,7 @@ def narrow_split(baked):
                 self.fc2.weight.copy_(m.fc2.weight[:, idx]), self.fc2.bias.copy_(m.fc2.bias)
 
         def forward(self, x):
-            from surgery.modules import register_edit
+            from surgery.core.modules import register_edit
 
             m = self.m
             out = self.fc2(m.act(self.fc1(x)))
@@ -85,9 +85,9 @@ def main() -> None:
     import torch
 
     from surgery import Recipe, bake_registers, hooked_reference
-    from surgery.bake import baked_copy
-    from surgery.families import family_for
-    from surgery.modules import PrependRegisters
+    from surgery.core.bake import baked_copy
+    from surgery.backends import adapter_for
+    from surgery.core.modules import PrependRegisters
 
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
@@ -96,17 +96,17 @@ def main() -> None:
     primary = "wall" if cuda or args.threads > 1 else "cpu"
     recipe = Recipe(neurons=bl.BENCH_RECIPE)
     original = bl.build_vitb().to(dev)
-    baked = baked_copy(original, recipe)
+    baked = baked_copy(original, recipe, adapter=adapter_for(original))
     hooked_model = copy.deepcopy(original)
     token_only = copy.deepcopy(original)
-    fam = family_for(token_only)
+    fam = adapter_for(token_only)
     parent, attr = fam.insertion_point(token_only)
     p = fam.num_prefix_tokens(token_only)
     setattr(parent, attr, PrependRegisters(getattr(parent, attr), recipe.num_registers, fam.embed_dim(token_only),
                                           p).to(dev))
     fam.set_num_prefix_tokens(token_only, p + recipe.num_registers)
     stack = contextlib.ExitStack()
-    stack.enter_context(hooked_reference(hooked_model, recipe))
+    stack.enter_context(hooked_reference(hooked_model, recipe, adapter=adapter_for(hooked_model)))
 
     narrow = narrow_split(baked) if args.narrow_arm else None
 

@@ -34,7 +34,7 @@ def naive_find(model, files, transform, max_layer: int = MAX_LAYER, top_k: int =
     """Reference-style: batch 1, every layer's activations copied to numpy, scoring afterwards."""
     import torch
 
-    from surgery.images import load_image
+    from surgery.core.images import load_image
 
     blocks = list(model.blocks)
     p = int(model.num_prefix_tokens)
@@ -74,10 +74,11 @@ def naive_find(model, files, transform, max_layer: int = MAX_LAYER, top_k: int =
 
 
 def ours_find(model, files, batch_size: int = 8):
-    from surgery.discovery import DiscoveryConfig, find_register_neurons
+    from surgery.backends import adapter_for
+    from surgery.core.discovery import DiscoveryConfig, find_register_neurons
 
     res = find_register_neurons(model, files, DiscoveryConfig(max_layer=MAX_LAYER, top_k=TOP_K,
-                                                              batch_size=batch_size), progress=False)
+                                                              batch_size=batch_size), progress=False, adapter=adapter_for(model))
     return [(r["layer"], r["unit"]) for r in res.ranking[:TOP_K]]
 
 
@@ -85,7 +86,7 @@ def child_memory(args) -> None:
     bl.set_threads(args.threads[0])
     import torch
 
-    from surgery.families import family_for
+    from surgery.backends import adapter_for
 
     model = bl.build_vitb(plant=True)
     files = sorted(Path(args.images_dir).glob("*.png"))[: args.images]
@@ -94,7 +95,7 @@ def child_memory(args) -> None:
     base = bl.rss_mib()
     bl.reset_peak_rss()
     if args.mode == "naive":
-        naive_find(model, files, family_for(model).data_transform(model))
+        naive_find(model, files, adapter_for(model).data_transform(model))
     else:
         ours_find(model, files, args.batch_size)
     print(json.dumps({"base_mib": base, "peak_mib": bl.peak_rss_mib()}))
@@ -131,12 +132,12 @@ def main() -> None:
     bl.set_threads(args.threads[0])
     import torch
 
-    from surgery.families import family_for
+    from surgery.backends import adapter_for
 
     work = bl.work_dir("naive")
     files = bl.write_images(work, args.images)
     model = bl.build_vitb(plant=True)
-    tf = family_for(model).data_transform(model)
+    tf = adapter_for(model).data_transform(model)
     with torch.inference_mode():
         model.forward_features(torch.zeros(args.batch_size, 3, 224, 224))
     found: dict[str, list] = {}

@@ -44,19 +44,19 @@ def main() -> int:
 
     from exporters.onnx_export import export_graph
     from surgery import Recipe, bake_registers
-    from surgery.bake import baked_copy
-    from surgery.families import family_for
+    from surgery.core.bake import baked_copy
+    from surgery.backends import adapter_for
     from surgery.onnx_graph.bake import _Builder, _insert_registers, _remake_side_tensors, _shift_token_constants, \
         _side_tensors
     from surgery.onnx_graph.convert import convert_onnx
     from surgery.onnx_graph.discover import measure_layout
     from surgery.onnx_graph.recognise import recognise
-    from surgery.parity import OutputError
+    from surgery.core.parity import OutputError
 
     t_start = time.perf_counter()
     bl.set_threads(a.threads)
     original = bl.build_vitb(seed=0)
-    fam = family_for(original)
+    fam = adapter_for(original)
     recipe = Recipe(bl.BENCH_RECIPE)
     work = bl.work_dir("onnx_graph")
     paths = {}
@@ -69,7 +69,7 @@ def main() -> int:
         rewrite_s = time.perf_counter() - t
         paths["rewritten"] = res.out
         (work / "own").mkdir()
-        baked = baked_copy(original, recipe, fam)
+        baked = baked_copy(original, recipe, adapter=fam)
         paths["own export"] = work / "own" / "model.onnx"
         onnx.save_model(export_graph(baked, fam, work / "own", progress=False).proto, str(paths["own export"]))
         vit = recognise(paths["original"])  # token only: the rewriter's register insertion alone

@@ -43,16 +43,16 @@ def main() -> int:
 
     from exporters.onnx_export import export_graph
     from surgery import Recipe, bake_registers
-    from surgery.bake import baked_copy
-    from surgery.families import family_for
-    from surgery.parity import OutputError
+    from surgery.core.bake import baked_copy
+    from surgery.backends import adapter_for
+    from surgery.core.parity import OutputError
 
     t_start = time.perf_counter()
     bl.set_threads(a.threads)
     original = bl.build_vitb(seed=0)
-    fam = family_for(original)
+    fam = adapter_for(original)
     recipe = Recipe(bl.BENCH_RECIPE)
-    baked = baked_copy(original, recipe, fam)
+    baked = baked_copy(original, recipe, adapter=fam)
     models = {"original": original, "baked": baked}
     core = ov.Core()
     ort_s, ov_c = {}, {}

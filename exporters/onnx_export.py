@@ -1,6 +1,6 @@
 """ONNX export of a baked model, validated in onnxruntime against PyTorch and the hooked reference.
 
-`export_and_validate(OUT)` loads the baked model in OUT through the real loader, exports
+`export_and_validate(OUT, loaded=...)` takes the baked model in OUT as loaded by the caller, exports
 `OUT/model.onnx` and validates it before moving it into place; `validate_onnx` is the validation step
 alone (also run by `vit-surgery check`). The fix is inside the graph: the register tokens are a
 constant and the register-neuron edit is ordinary ops (argmax / gather / concat), no hooks.
@@ -53,8 +53,8 @@ import torch
 from torch import nn
 
 from surgery import __version__
-from surgery.errors import ModelInputError, ParityError, SurgeryError
-from surgery.parity import JUDGE, OutputError
+from surgery.core.errors import ModelInputError, ParityError, SurgeryError, first_line
+from surgery.core.parity import JUDGE, OutputError
 
 log = logging.getLogger("vit-surgery")
 
@@ -208,7 +208,7 @@ def _float64_register_branch(model: nn.Module) -> Iterator[list[str]]:
     """Within the context, every RegisterMlp computes its register branch (activation + edit of the k
     register units) in float64: reg_fc1's output is cast up, reg_fc2's input cast back. Yields the
     names of the MLPs changed; MLPs whose activation onnxruntime cannot run in float64 are left alone."""
-    from surgery.modules import RegisterMlp
+    from surgery.core.modules import RegisterMlp
 
     changed: list[tuple[RegisterMlp, nn.Module, nn.Module]] = []
     try:
@@ -227,11 +227,6 @@ def _float64_register_branch(model: nn.Module) -> Iterator[list[str]]:
 
 
 # ---- small helpers -----------------------------------------------------------------------------
-
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    return (lines[0] if lines else type(e).__name__)[:300]
-
 
 @contextlib.contextmanager
 def _mha_fastpath_disabled() -> Iterator[None]:
@@ -276,10 +271,10 @@ def _surgery_doc(out_dir: Path) -> dict[str, Any]:
 
 def token_layout(loaded: Any) -> dict[str, Any]:
     """Where the tokens of the `tokens` output come from (the baked model's own bookkeeping)."""
-    from surgery.bake import register_token_indices
+    from surgery.core.bake import register_token_indices
 
     fam, model = loaded.family, loaded.model
-    regs = register_token_indices(model, fam)
+    regs = register_token_indices(model, adapter=fam)
     leading = fam.num_prefix_tokens(model)  # prefix + test-time registers in a baked model
     return {"num_prefix_tokens": leading - len(regs), "num_registers": len(regs), "register_indices": regs,
             "first_patch_index": leading, "order": "[prefix (CLS, trained registers) | test-time registers | patches]"}
@@ -291,7 +286,7 @@ def build_metadata(loaded: Any, out_dir: Path, *, dtype: str, exporter: str, spe
     doc = _surgery_doc(out_dir)
     layout = token_layout(loaded)
     layout["num_tokens"] = num_tokens
-    cfg = dict(loaded.source.get("pretrained_cfg") or {}) if isinstance(loaded.source, dict) else {}
+    cfg = dict(loaded.source.pretrained_cfg or {})
     preprocess = {k: cfg[k] for k in ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
                   if k in cfg}
     meta = {
@@ -302,7 +297,7 @@ def build_metadata(loaded: Any, out_dir: Path, *, dtype: str, exporter: str, spe
         "num_prefix_tokens": str(layout["num_prefix_tokens"]),
         "num_registers": str(layout["num_registers"]),
         "source_model": str(doc.get("source_model") or loaded.spec),
-        "source": json.dumps(doc.get("source", loaded.source), sort_keys=True, default=str),
+        "source": json.dumps(doc.get("source", loaded.source.to_dict()), sort_keys=True, default=str),
         "family": loaded.family.name,
         "tool": "vit-surgery",
         "tool_version": __version__,
@@ -343,7 +338,7 @@ def _load_proto(path: Path, load_external_data: bool) -> Any:
     try:
         return onnx.load(str(path), load_external_data=load_external_data)
     except Exception as e:  # DecodeError, OSError, ValidationError for a bad external-data reference, ...
-        raise ModelInputError(f"{path}: not a readable ONNX model ({type(e).__name__}: {_first_line(e)}); "
+        raise ModelInputError(f"{path}: not a readable ONNX model ({type(e).__name__}: {first_line(e)}); "
                               "re-export it with `vit-surgery export OUT --format onnx --overwrite`") from None
 
 
@@ -468,7 +463,7 @@ def export_graph(model: nn.Module, family: Any, scratch: Path, *, fp16: bool = F
         except SurgeryError:
             raise
         except Exception as e:  # each exporter has its own gaps; the other one may cover them
-            errors.append(f"{name}: {type(e).__name__}: {_first_line(e)}")
+            errors.append(f"{name}: {type(e).__name__}: {first_line(e)}")
             log.warning("the %s ONNX exporter failed (%s)%s", name, errors[-1],
                         "; trying the next one" if name != order[-1] else "")
             continue
@@ -604,7 +599,7 @@ def _ort_session(path: Path) -> Any:
     try:
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise ModelInputError(f"{path}: onnxruntime cannot load it ({_first_line(e)})") from None
+        raise ModelInputError(f"{path}: onnxruntime cannot load it ({first_line(e)})") from None
 
 
 def _check_model(path: Path) -> None:
@@ -613,7 +608,7 @@ def _check_model(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as e:
-        raise ModelInputError(f"{path}: not a valid ONNX model (onnx.checker: {_first_line(e)}); "
+        raise ModelInputError(f"{path}: not a valid ONNX model (onnx.checker: {first_line(e)}); "
                               "re-export it with `vit-surgery export OUT --format onnx --overwrite`") from None
 
 
@@ -643,7 +638,7 @@ class _RefusingSession:
         except Exception as e:
             shape = tuple(next(iter(feeds.values())).shape)
             raise ModelInputError(f"{self.path}: onnxruntime failed on a batch of {shape} "
-                                  f"({_first_line(e)})") from None
+                                  f"({first_line(e)})") from None
 
 
 @torch.no_grad()
@@ -658,7 +653,7 @@ def judge_runtime_outputs(report: OnnxReport, session: Any, loaded: Any, batches
     Shared by `validate_onnx` and `runtime_check.validate_runtime`."""
     import numpy as np
 
-    from surgery.judge import float64_reference
+    from surgery.core.judge import float64_reference
 
     spec, fam, tol = VIT_ONNX_SPEC, loaded.family, report.tolerance
     source64 = _unbaked_float64(loaded)
@@ -693,9 +688,9 @@ def judge_runtime_outputs(report: OnnxReport, session: Any, loaded: Any, batches
 
 def _unbaked_float64(loaded: Any) -> nn.Module:
     """The judge's model: the loaded baked model with its registers taken out, in float64."""
-    from surgery.bake import unbaked_copy
+    from surgery.core.bake import unbaked_copy
 
-    return unbaked_copy(loaded.model, loaded.family).to(torch.float64).eval()  # judge.as_float64, one copy
+    return unbaked_copy(loaded.model, adapter=loaded.family).to(torch.float64).eval()  # judge.as_float64, one copy
 
 
 def _onnx_report_header(path: Path, out_dir: Path, loaded: Any, tolerance: Optional[float]) -> OnnxReport:
@@ -748,8 +743,8 @@ def validate_onnx(out_dir: Path, loaded: Any, batches: list[torch.Tensor], *, on
 
 def validation_batches(loaded: Any, sizes: Sequence[int] = (1, 5)) -> list[torch.Tensor]:
     """Built-in calibration images through the model's own transform, in batches of `sizes`."""
-    from surgery.images import ImageBatches, list_images
-    from surgery.organism import builtin_images
+    from surgery.core.images import ImageBatches, list_images
+    from surgery.core.images import builtin_images
 
     files = list_images(builtin_images())[:sum(sizes)]
     pixels = torch.cat([x for x, _ in ImageBatches(files, loaded.transform, 8, progress=False)])
@@ -811,7 +806,7 @@ def _staged_moves(scratch: Path, out_dir: Path, external: bool) -> list[tuple[Pa
     return moves + [(scratch / ONNX_FILE, out_dir / ONNX_FILE)]
 
 
-def export_and_validate(out_dir: Path, fp16: bool = False, progress: bool = True, *, options: Any = None,
+def export_and_validate(out_dir: Path, fp16: bool = False, progress: bool = True, *, loaded: Any,
                         exporter: str = "dynamo", batches: Optional[list[torch.Tensor]] = None,
                         external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
                         tolerance: Optional[float] = None, say_summary: bool = True) -> OnnxReport:
@@ -819,12 +814,9 @@ def export_and_validate(out_dir: Path, fp16: bool = False, progress: bool = True
     `model.onnx.data` for large models) into `out_dir`. Failing validation raises ParityError naming the
     outputs out of tolerance and writes nothing; an existing model.onnx is replaced only on success.
     With `progress`, steps (and the summary, unless `say_summary` is False) go to stderr."""
-    from surgery.loading import load_model
-
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise ModelInputError(f"model folder not found: {out_dir}")
-    loaded = load_model(str(out_dir), options)
     if loaded.recipe is None:
         raise ModelInputError(f"{out_dir} carries no baked test-time registers (run `vit-surgery convert` first)")
     with staged_output(out_dir, ".onnx-export-") as scratch:

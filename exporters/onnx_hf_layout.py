@@ -32,7 +32,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from surgery.errors import ModelInputError, OutputExistsError, ParityError
+from surgery.core.errors import ModelInputError, OutputExistsError, ParityError
 
 from .onnx_export import (FP16_TOLERANCE, FP32_TOLERANCE, META_PREFIX, OnnxReport, OnnxSpec, TensorSpec, _fix_io_shapes,
                           _export_proto, _float64_register_branch, _mha_fastpath_disabled, _ort_session, _save_proto,
@@ -149,19 +149,16 @@ def _validate(path: Path, loaded: Any, fp16: bool, progress: bool) -> OnnxReport
     return report
 
 
-def export_hf_layout(out_dir: Path, *, fp16: bool = False, progress: bool = True, options: Any = None,
+def export_hf_layout(out_dir: Path, *, loaded: Any, fp16: bool = False, progress: bool = True,
                      exporter: str = "dynamo", overwrite: bool = False) -> tuple[OnnxReport, Path]:
     """Write OUT/onnx/model.onnx (and model_fp16.onnx with fp16), validated; returns the last report."""
-    from surgery.loading import load_model
-
     out_dir = Path(out_dir)
-    loaded = load_model(str(out_dir), options)
     if loaded.recipe is None:
         raise ModelInputError(f"{out_dir} carries no baked test-time registers (run `vit-surgery convert` first)")
-    if loaded.source.get("library") != "hf":
+    if loaded.source.library != "hf":
         raise ModelInputError(f"--layout hf needs a folder converted from an HF transformers model (its "
                               f"config.json and preprocessor_config.json go with the graph); {out_dir} is a "
-                              f"{loaded.source.get('library')} folder: use --layout plain")
+                              f"{loaded.source.library} folder: use --layout plain")
     dtypes = ["float32"] + (["float16"] if fp16 else [])
     targets = [out_dir / ONNX_DIR / FILES[d] for d in dtypes]
     for t in targets:

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-from surgery.errors import ModelInputError, ParityError, require_extra
+from surgery.core.errors import ModelInputError, ParityError, require_extra
 
 from .onnx_export import (META_PREFIX, VIT_ONNX_SPEC, OnnxReport, _say, export_onnx,
                           read_onnx_metadata, validation_batches)
@@ -73,18 +73,15 @@ def _convert(onnx_path: Path, xml: Path) -> None:
     ov.save_model(ov_model, str(xml), compress_to_fp16=False)
 
 
-def export_openvino(out_dir: Path, *, progress: bool = True, options: Any = None, exporter: str = "dynamo",
+def export_openvino(out_dir: Path, *, loaded: Any, progress: bool = True, exporter: str = "dynamo",
                     batches: Optional[list[Any]] = None, overwrite: bool = False) -> OnnxReport:
     """Write OUT/openvino_model.{xml,bin} for the baked model in OUT, validated before it is moved in."""
-    from surgery.loading import load_model
-
     require_openvino()
     out_dir = Path(out_dir)
     if (out_dir / OV_XML).exists() and not overwrite:
-        from surgery.errors import OutputExistsError
+        from surgery.core.errors import OutputExistsError
 
         raise OutputExistsError(f"output {out_dir / OV_XML} already exists; pass --overwrite to replace it")
-    loaded = load_model(str(out_dir), options)
     if loaded.recipe is None:
         raise ModelInputError(f"{out_dir} carries no baked test-time registers (run `vit-surgery convert` first)")
     with staged_output(out_dir, ".openvino-export-") as scratch:

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from surgery.parity import OutputError
+from surgery.core.parity import OutputError
 
 from .onnx_export import VIT_ONNX_SPEC, Comparison, OnnxReport, _exact_torch, _rebatch, _torch_outputs
 from .onnx_export import judge_runtime_outputs

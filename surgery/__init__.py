@@ -11,18 +11,20 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .timm_registration import register_when_timm_is_imported  # stdlib only
+
 __version__ = "0.1.0"
 
 # public name -> the submodule that defines it (imported on first attribute access)
 _LAZY = {
-    "bake_registers": "bake", "register_token_indices": "bake", "unbake": "bake",
-    "DiscoveryConfig": "discovery", "DiscoveryResult": "discovery", "find_register_neurons": "discovery",
-    "SurgeryError": "errors",
-    "PrependRegisters": "modules", "RegisterMlp": "modules",
-    "ParityReport": "parity", "check_parity": "parity",
-    "Recipe": "recipe", "read_neurons_file": "recipe",
-    "hooked_reference": "reference",
-    "open_clip_load": "loaders_open_clip",
+    "bake_registers": "core.bake", "register_token_indices": "core.bake", "unbake": "core.bake",
+    "DiscoveryConfig": "core.discovery", "DiscoveryResult": "core.discovery", "find_register_neurons": "core.discovery",
+    "SurgeryError": "core.errors",
+    "PrependRegisters": "core.modules", "RegisterMlp": "core.modules",
+    "ParityReport": "core.parity", "check_parity": "core.parity",
+    "Recipe": "core.recipe", "read_neurons_file": "core.recipe",
+    "hooked_reference": "core.reference",
+    "open_clip_load": "backends.open_clip.loader", "adapter_for": "backends",
     "convert": "api", "load": "api",
     "register_timm": "timm_registration",
 }
@@ -42,7 +44,5 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
-
-from .timm_registration import register_when_timm_is_imported  # noqa: E402  (stdlib only)
 
 register_when_timm_is_imported()

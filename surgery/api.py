@@ -15,10 +15,11 @@ from typing import Any, Iterator, Optional
 
 from torch import nn
 
-from .discovery import DiscoveryConfig
-from .errors import ModelInputError
-from .loading import LoadedModel, LoadOptions, load_model
-from .parity import FP32_TOLERANCE
+from .core.discovery import DiscoveryConfig
+from .core.errors import ModelInputError
+from .core.source import LoadedModel, LoadOptions
+from .backends import load_model
+from .core.parity import FP32_TOLERANCE
 from .pipeline import ConvertResult, run_convert
 
 
@@ -35,7 +36,7 @@ def _as_loaded(model_or_spec: Any, options: LoadOptions) -> Iterator[LoadedModel
             loaded.spec = _describe(model_or_spec)
             hub = (getattr(model_or_spec, "pretrained_cfg", None) or {}).get("hf_hub_id")
             if hub:  # where the weights came from: the model card's base_model
-                loaded.source["base_model"] = hub
+                loaded.source.base_model = hub
             yield loaded
     else:
         raise ModelInputError(f"convert takes a model spec, a folder or a timm / transformers model, "
@@ -99,7 +100,7 @@ def convert(
         from exporters.onnx_export import export_and_validate
 
         def after(tmp: Path, _loaded: LoadedModel) -> None:
-            export_and_validate(tmp, fp16=fp16, progress=progress, options=opts)
+            export_and_validate(tmp, fp16=fp16, progress=progress, loaded=load_model(str(tmp), opts))
     with _as_loaded(model_or_spec, opts) as loaded:
         if to == "timm":
             from .to_timm import to_timm

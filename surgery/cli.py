@@ -3,54 +3,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from . import __version__
-from .errors import EXIT_CODES, SurgeryError
+from . import __version__, onnx_cli, report_cli
+from .cli_args import _finite_float, _int_or_auto, _positive_int, _threshold, add_model_options
+from .core.errors import EXIT_CODES, SurgeryError
 
 Handler = Callable[[argparse.Namespace], int]
-
-
-def _number(cast: Callable[[str], Any], what: str, ok: Callable[[Any], bool]) -> Callable[[str], Any]:
-    """An argparse type: `cast` the text and check it, else a usage error naming what was expected."""
-    def parse(v: str) -> Any:
-        try:
-            x = cast(v)
-        except (ValueError, OverflowError):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {v!r}") from None
-        if not ok(x):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {v!r}")
-        return x
-    return parse
-
-
-def _or_auto(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    return lambda v: v if v == "auto" else parse(v)
-
-
-_positive_int = _number(int, "a positive integer", lambda i: i >= 1)
-_finite_float = _number(float, "a finite number", math.isfinite)
-_positive_float = _number(float, "a positive number", lambda f: f > 0 and math.isfinite(f))
-_fraction = _number(float, "a number between 0 and 1 (exclusive)", lambda f: 0 < f < 1)
-_threshold = _or_auto(_number(float, "a positive number or 'auto'", lambda f: f > 0 and math.isfinite(f)))
-
-
-def _int_or_auto(minimum: int) -> Callable[[str], int | str]:
-    return _or_auto(_number(int, f"an integer >= {minimum} or 'auto'", lambda i: i >= minimum))
-
-
-def add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu); the reference runs "
-                   "in exact float32/float64 there, no autocast")
-    p.add_argument("--allow-unsafe-pickle", action="store_true",
-                   help="allow checkpoints that need full unpickling (runs code from the file; only for trusted files)")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow HF models whose code lives in the model folder (never on by default)")
 
 
 def add_discovery_options(p: argparse.ArgumentParser) -> None:
@@ -79,7 +42,7 @@ def add_recipe_options(p: argparse.ArgumentParser) -> None:
 
 
 def _discovery_config(a: argparse.Namespace):
-    from .discovery import DiscoveryConfig
+    from .core.discovery import DiscoveryConfig
 
     return DiscoveryConfig(detect_layer=a.detect_layer, threshold=a.threshold, max_layer=a.max_layer,
                            top_k=a.top_k, sparsity_filter=a.sparsity_filter, include_prefix=a.include_prefix,
@@ -89,7 +52,8 @@ def _discovery_config(a: argparse.Namespace):
 
 
 def _load(a: argparse.Namespace, spec: str):
-    from .loading import LoadOptions, load_model
+    from .core.source import LoadOptions
+    from .backends import load_model
 
     return load_model(spec, LoadOptions(a.allow_unsafe_pickle, a.trust_remote_code, a.device))
 
@@ -106,7 +70,7 @@ def _is_onnx(spec: Optional[str]) -> bool:
 # ---- commands ----------------------------------------------------------------------------------
 
 def cmd_find(a: argparse.Namespace) -> int:
-    from .outputs import atomic_output_file
+    from .core.outputs import atomic_output_file
     from .pipeline import run_find, write_json
 
     if _is_onnx(a.model):  # an ONNX file: graph rewriting, no PyTorch model (surgery/onnx_graph)
@@ -125,7 +89,7 @@ def cmd_find(a: argparse.Namespace) -> int:
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
-    from .loading import LoadOptions
+    from .core.source import LoadOptions
     from .pipeline import run_convert
 
     if _is_onnx(a.model):
@@ -141,8 +105,10 @@ def cmd_convert(a: argparse.Namespace) -> int:
     if getattr(a, "onnx", False):
         from exporters.onnx_export import export_and_validate
 
+        from .backends import load_model
+
         def export_onnx(tmp: Path, _loaded: Any) -> None:
-            export_and_validate(tmp, fp16=a.fp16, progress=not a.quiet)
+            export_and_validate(tmp, fp16=a.fp16, progress=not a.quiet, loaded=load_model(str(tmp)))
         after = export_onnx
     res = run_convert(loaded, a.out, neurons=a.neurons, images=a.images, discovery=_discovery_config(a),
                       overrides=overrides, check=not a.no_check, check_images=a.check_images,
@@ -173,9 +139,9 @@ def _print_effect(effect: Optional[dict[str, Any]]) -> None:
 
 
 def cmd_check(a: argparse.Namespace) -> int:
-    from .errors import ParityError
-    from .integrity import source_for_check, verify_output
-    from .outputs import local_source_path
+    from .core.errors import ParityError
+    from .core.integrity import source_for_check, verify_output
+    from .core.outputs import local_source_path
     from .pipeline import parity_batches, run_check, write_json
 
     if _is_onnx(a.out_dir):
@@ -289,22 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# Other modules add subcommands here (export, inspect, eval): fn(subparsers) -> None.
-_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
-
-
-def _load_extra_commands() -> None:
-    import importlib
-
-    for name in ("exporters.onnx_cli", "surgery.report_cli"):
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-            continue
-        if mod.add_commands not in _EXTRA_COMMANDS:
-            _EXTRA_COMMANDS.append(mod.add_commands)
+# Subcommands defined next to their jobs (export; inspect, eval): fn(subparsers) -> None.
+_EXTRA_COMMANDS: tuple[Callable[[Any], None], ...] = (onnx_cli.add_commands, report_cli.add_commands)
 
 
 class Terminated(KeyboardInterrupt):
@@ -318,7 +270,7 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 def _check_device(spec: str) -> None:
     import torch
 
-    from .errors import UsageError
+    from .core.errors import UsageError
 
     try:
         dev = torch.device(spec)
@@ -338,9 +290,9 @@ _CORE_COMMANDS = ("find", "convert", "check", "demo")  # the ones main() validat
 def _validate_before_loading(a: argparse.Namespace) -> None:
     """Everything cheap (device, images, neurons file, OUT) is checked before a model loads, so these
     mistakes cost no waiting and get their own exit codes."""
-    from .images import list_images
-    from .outputs import check_output_target, refuse_source_overlap
-    from .recipe import read_neurons_file
+    from .core.images import list_images
+    from .core.outputs import check_output_target, refuse_source_overlap
+    from .core.recipe import read_neurons_file
 
     if a.command not in _CORE_COMMANDS:
         return
@@ -377,7 +329,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     handles_signals = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if handles_signals else None
     try:
-        _load_extra_commands()
         a = build_parser().parse_args(args)
         logging.basicConfig(level=logging.WARNING, format="vit-surgery: %(message)s")
         warnings.showwarning = lambda msg, cat, *rest, **kw: print(f"vit-surgery: warning: {msg}", file=sys.stderr)

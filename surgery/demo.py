@@ -8,10 +8,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .discovery import DiscoveryConfig
-from .loading import load_model
-from .organism import build_timm_organism, builtin_images
-from .outputs import atomic_output_dir
+from .core.discovery import DiscoveryConfig
+from .backends import load_model
+from .organism import build_timm_organism
+from .core.images import builtin_images
+from .core.outputs import atomic_output_dir
 from .pipeline import run_convert, run_find, write_json
 
 

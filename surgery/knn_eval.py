@@ -23,9 +23,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .errors import ImageInputError, ModelInputError, SurgeryError
-from .families import Family
-from .images import IMAGE_EXTENSIONS, ImageBatches
+from .core.errors import ImageInputError, ModelInputError, SurgeryError
+from .core.adapter import Adapter
+from .core.images import IMAGE_EXTENSIONS, ImageBatches
 
 DEFAULT_K = 20
 DEFAULT_TEMPERATURE = 0.07  # similarity-weighted vote, exp(sim / T) (as in DINO's k-NN protocol)
@@ -119,7 +119,7 @@ def dataset_split(root: str | Path, test_fraction: float = 0.2, seed: int = 0,
 
 
 @torch.inference_mode()
-def extract_features(models: list[nn.Module], family: Family, transform: Any, items: list[tuple[Path, int]],
+def extract_features(models: list[nn.Module], family: Adapter, transform: Any, items: list[tuple[Path, int]],
                      batch_size: int = 32, progress: bool = True, desc: str = "features"
                      ) -> tuple[list[torch.Tensor], torch.Tensor, int]:
     """Pooled features of every model on the same pixels: ([N, E] per model, labels [N], skipped count)."""
@@ -193,7 +193,7 @@ class KnnResult:
                 "per_class": self.per_class}
 
 
-def knn_compare(original: nn.Module, baked: nn.Module, family: Family, transform: Any, dataset: str | Path, *,
+def knn_compare(original: nn.Module, baked: nn.Module, family: Adapter, transform: Any, dataset: str | Path, *,
                 k: int = DEFAULT_K, test_fraction: float = 0.2, seed: int = 0, max_per_class: Optional[int] = None,
                 batch_size: int = 32, temperature: float = DEFAULT_TEMPERATURE, progress: bool = True) -> KnnResult:
     """k-NN top-1 of `original` and `baked` on the same deterministic split of `dataset`."""
@@ -236,10 +236,10 @@ def knn_compare(original: nn.Module, baked: nn.Module, family: Family, transform
 def unbaked_original(baked: Any, spec: str) -> Any:
     """The loaded baked model's source: the same LoadedModel with an un-baked copy of its model
     (`baked` is untouched), labelled `spec (un-baked)`."""
-    from .bake import unbaked_copy
+    from .core.bake import unbaked_copy
 
     original = copy.copy(baked)
-    original.model = unbaked_copy(baked.model, baked.family)
+    original.model = unbaked_copy(baked.model, adapter=baked.family)
     original.recipe = None
     original.spec = f"{spec} (un-baked)"
     return original
@@ -248,7 +248,7 @@ def unbaked_original(baked: Any, spec: str) -> Any:
 def original_and_baked(model_spec: str, baked_spec: Optional[str], options: Any = None) -> tuple[Any, Any]:
     """(original LoadedModel, baked LoadedModel). One converted folder suffices: the original is its
     un-baked copy (exact: the split is a permutation of the original weights)."""
-    from .loading import load_model
+    from .backends import load_model
 
     first = load_model(model_spec, options)
     if baked_spec is None:

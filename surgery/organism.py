@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .families import Family, family_for
+from .core.adapter import Adapter
+from .backends import adapter_for
 
 # Where the trigger feature lives in the residual stream, and the direction outliers are written to.
 TRIGGER_DIM = 0
@@ -51,7 +52,7 @@ def plant_register_neurons(
     plant: dict[int, list[tuple[int, int]]] | None = None,
     *,
     seed: int = 0,
-    family: Family | None = None,
+    family: Adapter | None = None,
     cls_token: torch.Tensor | None = None,
     pos_embed: torch.Tensor | None = None,
     pos_includes_cls: bool = True,
@@ -73,7 +74,7 @@ def plant_register_neurons(
     `pos_embed` carries the pattern when the patch embedding has no bias (CLIP). `sink_head_dim` is the
     dimension within each head that carries the sink (RoPE models: one their rotary table barely turns).
     """
-    fam = family or family_for(model)
+    fam = family or adapter_for(model)
     plant = plant or DEFAULT_PLANT
     gen = torch.Generator().manual_seed(seed)
     pattern = 3.0 * _norm_vector(fam.embed_dim(model), gen, (TRIGGER_DIM, SINK_DIM))
@@ -229,11 +230,3 @@ def write_organism_images(out_dir: str | Path, count: int = 24, seed: int = 0, s
         img.save(p, optimize=False)
         paths.append(p)
     return paths
-
-
-BUILTIN_IMAGES = Path(__file__).parent / "data" / "calibration"
-
-
-def builtin_images() -> Path:
-    """The built-in calibration set shipped with the package (organism-sized PNGs)."""
-    return BUILTIN_IMAGES

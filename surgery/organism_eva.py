@@ -122,7 +122,7 @@ def build_open_clip_timm_organism(trunk_dir: str | Path, seed: int = 0, base: st
     import open_clip
     from open_clip.model import set_model_preprocess_cfg
 
-    from .families import family_for
+    from .backends import adapter_for
 
     cfg = open_clip_timm_organism_config(write_trunk_config(trunk_dir, arch), base)
     torch.manual_seed(seed)
@@ -133,7 +133,7 @@ def build_open_clip_timm_organism(trunk_dir: str | Path, seed: int = 0, base: st
     model.eval()
     trunk = model.visual.trunk
     table = rope_table(trunk)
-    planting = plant_register_neurons(model.visual, plant, seed=seed, family=family_for(model.visual),
+    planting = plant_register_neurons(model.visual, plant, seed=seed, family=adapter_for(model.visual),
                                       cls_token=getattr(trunk, "cls_token", None), pos_embed=trunk.pos_embed,
                                       pos_includes_cls=not trunk.no_embed_class,
                                       sink_head_dim=quiet_rope_dim(table) if table is not None else 0)
@@ -149,7 +149,7 @@ def build_hf_dinov3_organism(seed: int = 0, *, gated: bool = False, num_register
     planted register neurons. Save with organism_families.save_hf_organism."""
     from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
-    from .families import family_for
+    from .backends import adapter_for
     from .organism_families import _attach_hf_organism_preprocess, _hf_vision_sizes
 
     s = ORGANISM_SIZE
@@ -159,7 +159,7 @@ def build_hf_dinov3_organism(seed: int = 0, *, gated: bool = False, num_register
     torch.manual_seed(seed)
     model = DINOv3ViTModel(cfg).eval()
     _attach_hf_organism_preprocess(model)
-    _, sin = family_for(model)._rope(model)  # type: ignore[attr-defined]
+    _, sin = adapter_for(model)._rope(model)  # type: ignore[attr-defined]
     emb = model.embeddings
     planting = plant_split_glu(model, plant, seed=seed, cls_token=emb.cls_token,
                                sink_head_dim=int(sin.abs().amax(0).argmin()))
@@ -175,10 +175,10 @@ def sharpen_gated_units(model: nn.Module, planting: Planting, gate_of) -> None:
     small value on every ordinary token, and the signed max over those near-ties would be decided by fp32
     round-off. A steeper gate (silent below -20 on ordinary patches, firing on triggers) keeps the
     organism's register value well defined, as it is in real models."""
-    from .families import family_for
+    from .backends import adapter_for
     from .organism import TRIGGER_DIM
 
-    blocks = family_for(model).blocks(model)
+    blocks = adapter_for(model).blocks(model)
     for layer, units in planting.neurons.items():
         gate = gate_of(blocks[layer])
         for u in units:

@@ -109,9 +109,9 @@ def save_open_clip_organism(model: nn.Module, path: str | Path) -> Path:
 
 # ---- fake offline hub cache (any library's hf-hub: path) -------------------------------------------
 
-def write_fake_hub_repo(cache_dir: str | Path, repo_id: str, files: dict[str, Path],
+def write_fake_hub_repo(cache_dir: str | Path, repo_id: str, files: dict[str, Path | bytes | str],
                         revision: str = "0123456789abcdef0123456789abcdef01234567") -> Path:
-    """Lay `files` (name -> local file) out as a Hugging Face hub cache entry for `repo_id`:
+    """Lay `files` (name -> local file, bytes or text) out as a Hugging Face hub cache entry for `repo_id`:
     CACHE/models--ORG--NAME/refs/main + snapshots/<revision>/NAME. With HF_HUB_OFFLINE=1 and
     HF_HUB_CACHE=CACHE, libraries' real `hf-hub:ORG/NAME` code paths load these files."""
     import shutil
@@ -122,7 +122,14 @@ def write_fake_hub_repo(cache_dir: str | Path, repo_id: str, files: dict[str, Pa
     (root / "refs").mkdir(parents=True, exist_ok=True)
     (root / "refs" / "main").write_text(revision)
     for name, src in files.items():
-        shutil.copyfile(src, snap / name)
+        dst = snap / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(src, Path):
+            shutil.copyfile(src, dst)
+        elif isinstance(src, bytes):
+            dst.write_bytes(src)
+        else:
+            dst.write_text(src)
     return snap
 
 
@@ -145,10 +152,10 @@ def _hf_vision_sizes() -> dict[str, Any]:
 def _attach_hf_organism_preprocess(model: nn.Module) -> None:
     """The organism's preprocessing (what HF_ORGANISM_PREPROCESSOR gives once saved): 64 px, no crop margin,
     so the calibration images' trigger squares stay patch-aligned."""
-    from .families import family_for
-    from .loaders_hf import _set_preprocess, preprocess_from_processor
+    from .backends import adapter_for
+    from .backends.hf.loader import _set_preprocess, preprocess_from_processor
 
-    fam = family_for(model)
+    fam = adapter_for(model)
     _set_preprocess(model, preprocess_from_processor(HF_ORGANISM_PREPROCESSOR, fam.preprocess_config(model)))
 
 
@@ -200,7 +207,7 @@ class SplitGluPlanting:
         return getattr(self.family, name)
 
     def mlp_weights(self, mlp: nn.Module):
-        from .modules import MlpWeights
+        from .core.modules import MlpWeights
 
         gate, up, down, act = self.names
         if not all(hasattr(mlp, n) for n in (gate, up, down)):
@@ -228,9 +235,9 @@ def plant_split_glu(model: nn.Module, plant: dict[int, list[tuple[int, int]]] | 
                     **where: Any) -> Planting:
     """`plant_register_neurons` through a SplitGluPlanting view on `model`'s adapter (gated MLPs with
     separate gate/up projections; other MLPs are planted as usual); `where`: cls_token, pos_embed, ..."""
-    from .families import family_for
+    from .backends import adapter_for
 
-    view = SplitGluPlanting(family_for(model), *names)
+    view = SplitGluPlanting(adapter_for(model), *names)
     try:
         return plant_register_neurons(model, plant, seed=seed, family=view, **where)  # type: ignore[arg-type]
     finally:

@@ -12,41 +12,25 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from . import __version__
-from .bake import baked_in_place, bake_registers, register_token_indices, unbake
-from .bake import baked_copy, unbaked_copy
-from .cast import cast_blockwise
-from .discovery import DiscoveryConfig, DiscoveryResult, find_register_neurons
-from .effect import collected, effect_metrics, last_block_diagnostics
-from .errors import ModelInputError, NeuronsFileError, ParityError, SurgeryError
-from .images import ImageBatches, list_images
-from .loading import LoadedModel, LoadOptions, load_model, torch_dtype
-from .memory import Estimate, activation_bytes, current_rss, module_bytes, require_fits, tokens_for, trim_heap
-from .organism import builtin_images
-from .integrity import assert_finite, record_integrity
-from .outputs import atomic_output_dir, check_output_target, refuse_source_overlap
-from .parity import FP32_TOLERANCE, ParityReport, check_parity
-from .recipe import Recipe, read_neurons_file, validate_recipe_for_model
+from .core.bake import baked_copy, baked_in_place, bake_registers, register_token_indices, unbake, unbaked_copy
+from .core.cast import cast_blockwise
+from .core.discovery import DiscoveryConfig, DiscoveryResult, find_register_neurons
+from .core.effect import collected, effect_metrics, last_block_diagnostics
+from .core.errors import ModelInputError, NeuronsFileError, ParityError, SurgeryError
+from .core.images import ImageBatches, list_images
+from .core.source import LoadedModel, LoadOptions, torch_dtype
+from .backends import load_model, writer_for
+from .core.memory import Estimate, activation_bytes, current_rss, module_bytes, require_fits, tokens_for, trim_heap
+from .core.images import builtin_images
+from .core.integrity import assert_finite, record_integrity
+from .core.outputs import atomic_output_dir, check_output_target, refuse_source_overlap
+from .core.parity import FP32_TOLERANCE, ParityReport, check_parity
+from .core.recipe import Recipe, read_neurons_file, validate_recipe_for_model
 
 CHECK_IMAGES = 16  # images used by the parity check of a ViT-B/16 at 224 px unless told otherwise
 MIN_CHECK_IMAGES = 4  # ... and never fewer, however large the model (see default_check_images)
 _VITB16_WORK = 86e6 * 197  # parameters x tokens of a ViT-B/16 at 224 px
 
-# Exporters per source library: write the baked model as a drop-in folder for that library.
-Exporter = Callable[[torch.nn.Module, Path, LoadedModel, dict[str, Any]], list[Path]]
-EXPORTERS: dict[str, Exporter] = {}
-
-
-def register_exporter(library: str, fn: Exporter) -> None:
-    EXPORTERS[library] = fn
-
-
-def _timm_exporter(model: torch.nn.Module, out: Path, loaded: LoadedModel, surgery: dict[str, Any]) -> list[Path]:
-    from exporters.timm_dir import write_timm_dir
-
-    return write_timm_dir(model, out, source=loaded.source, surgery=surgery)
-
-
-register_exporter("timm", _timm_exporter)
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -57,7 +41,7 @@ def run_find(loaded: LoadedModel, images: str | Path, config: DiscoveryConfig, p
     files = list_images(images, config.num_images, config.seed)
     prov = {"model": loaded.spec, "images": str(images), "tool_version": __version__,
             "image_files": [str(Path(f).relative_to(images)) for f in files][:1000]}
-    return find_register_neurons(loaded.model, files, config, family=loaded.family, transform=loaded.transform,
+    return find_register_neurons(loaded.model, files, config, adapter=loaded.family, transform=loaded.transform,
                                  progress=progress, provenance=prov)
 
 
@@ -73,10 +57,10 @@ def resolve_recipe(loaded: LoadedModel, neurons: str, overrides: dict[str, Any])
         recipe, doc = published_neurons(neurons), {"published": neurons}
         source = f"published neurons {neurons!r}"
     blocks = loaded.family.blocks(loaded.model)
-    validate_recipe_for_model(recipe, len(blocks), [loaded.family.hidden_size(b) for b in blocks], source)
+    validate_recipe_for_model(recipe, len(blocks), [loaded.family.mlp_width(b) for b in blocks], source)
     prov = doc.get("provenance", {}) if isinstance(doc, dict) else {}
     made_for = prov.get("hidden_sizes"), prov.get("depth")
-    have = sorted({loaded.family.hidden_size(b) for b in blocks}), len(blocks)
+    have = sorted({loaded.family.mlp_width(b) for b in blocks}), len(blocks)
     if made_for[1] is not None and (made_for[0] != have[0] or made_for[1] != have[1]):
         raise NeuronsFileError(f"{source} was made for a model with {made_for[1]} blocks of MLP width {made_for[0]}, "
                                f"this one has {have[1]} blocks of width {have[0]}")
@@ -140,11 +124,11 @@ def run_check(baked_loaded: LoadedModel, batches: list[torch.Tensor], *, source:
         raise ModelInputError(f"{baked_loaded.spec} carries no baked test-time registers (not a vit-surgery output)")
     fam = baked_loaded.family
     if source is None:
-        source = unbaked_copy(baked, fam)
+        source = unbaked_copy(baked, adapter=fam)
     after: dict[str, list[torch.Tensor]] = {}
-    report = check_parity(source, baked, recipe, batches, family=fam, tolerance=tolerance,
+    report = check_parity(source, baked, recipe, batches, adapter=fam, tolerance=tolerance,
                           on_baked_batch=lambda m, _x: last_block_diagnostics(m, fam, recipe.num_registers, after))
-    effect = measure_effect(source, fam, batches, after, register_token_indices(baked, fam))
+    effect = measure_effect(source, fam, batches, after, register_token_indices(baked, adapter=fam))
     return report, effect
 
 
@@ -170,7 +154,7 @@ def _convert_recipe(loaded: LoadedModel, neurons: Optional[str], images: Optiona
 def _surgery_doc(loaded: LoadedModel, recipe: Recipe, result: Optional[DiscoveryResult], num_prefix: int,
                  register_indices: list[int], out_dtype: str) -> dict[str, Any]:
     """surgery.json: what was baked into the output, from which source, with which token layout."""
-    doc = {"recipe": recipe.to_dict(), "source_model": loaded.spec, "source": loaded.source,
+    doc = {"recipe": recipe.to_dict(), "source_model": loaded.spec, "source": loaded.source.to_dict(),
            "tool": "vit-surgery", "tool_version": __version__,
            "token_layout": {"num_prefix_tokens": num_prefix, "register_indices": register_indices},
            "dtype": out_dtype}
@@ -182,13 +166,13 @@ def _surgery_doc(loaded: LoadedModel, recipe: Recipe, result: Optional[Discovery
 @contextlib.contextmanager
 def _baked_copy(model: torch.nn.Module, recipe: Recipe, fam: Any, out_dtype: str) -> Iterator[torch.nn.Module]:
     """--dtype other than the model's: a baked copy in that dtype (baked in the model's own dtype first)."""
-    yield baked_copy(model, recipe, fam).to(torch_dtype(out_dtype))
+    yield baked_copy(model, recipe, adapter=fam).to(torch_dtype(out_dtype))
 
 
 def _verify_not_reloaded(reloaded: LoadedModel, loaded: LoadedModel, out_dtype: str) -> None:
     """The part of an output the check did not rebuild (an open_clip text tower) must be the source's
     tensors bit for bit (in the written dtype): compared one tensor at a time."""
-    from .weights import differing_tensors, share_with_file
+    from .core.weights import differing_tensors, share_with_file
 
     path, keys = reloaded.extra.get("weights_not_loaded", (None, []))
     if not keys:
@@ -218,7 +202,7 @@ def convert_estimate(loaded: LoadedModel, out_dtype: str, batch_size: int, num_r
         tokens, heads = (h // 14) * (w // 14) + 1 + num_registers, max(1, fam.embed_dim(model) // 64)
     width = fam.embed_dim(model)
     act = activation_bytes(len(blocks), width, tokens, batch_size, heads, torch_dtype(out_dtype),
-                           fam.hidden_size(blocks[0]) / width)
+                           fam.mlp_width(blocks[0]) / width)
     # an open_clip text tower written unchanged is re-pointed at the written file before the check
     released = module_bytes(whole) - module_bytes(model) if in_place and whole is not model else 0
     return Estimate(now=current_rss() - released, reload=module_bytes(model, torch.float32),  # the check reloads the image model
@@ -260,12 +244,10 @@ def run_convert(
     refuse_source_overlap(out, loaded.spec)
     if loaded.recipe is not None:
         raise ModelInputError(f"{loaded.spec} already carries baked test-time registers")
-    library = loaded.source.get("library", loaded.family.name)
-    if library not in EXPORTERS:
-        raise ModelInputError(f"no exporter for {library} models")
+    write = writer_for(loaded.source.library)
     recipe, result = _convert_recipe(loaded, neurons, images, discovery, overrides or {}, progress)
     # Baked in the source's dtype; written in the source checkpoint's dtype unless --dtype says otherwise.
-    out_dtype = dtype or loaded.source.get("dtype") or "float32"
+    out_dtype = dtype or loaded.source.dtype or "float32"
     model, fam = loaded.model, loaded.family
     in_place = torch_dtype(out_dtype) == next(model.parameters()).dtype
     parity_count = default_check_images(loaded)
@@ -277,10 +259,11 @@ def run_convert(
     with atomic_output_dir(out, overwrite) as tmp:
         # No copy of the model: baked in place, written tensor by tensor, and put back exactly (the
         # original modules are restored) before the output is reloaded next to it for the check.
-        with (baked_in_place(model, recipe, fam) if in_place else _baked_copy(model, recipe, fam, out_dtype)) as baked:
-            surgery_doc = _surgery_doc(loaded, recipe, result, num_prefix, register_token_indices(baked, fam), out_dtype)
+        with (baked_in_place(model, recipe, adapter=fam) if in_place else _baked_copy(model, recipe, fam, out_dtype)) as baked:
+            surgery_doc = _surgery_doc(loaded, recipe, result, num_prefix, register_token_indices(baked, adapter=fam),
+                                       out_dtype)
             assert_finite(baked, "the baked model")
-            EXPORTERS[library](baked, tmp, loaded, surgery_doc)
+            write(baked, tmp, loaded, surgery_doc)
             del baked
         trim_heap()  # the split MLPs (or the copy) are gone before the output is reloaded
         if result is not None:

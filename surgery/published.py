@@ -10,8 +10,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import NeuronsFileError
-from .recipe import Recipe
+from .core.errors import NeuronsFileError
+from .core.recipe import Recipe
 
 _FILE = Path(__file__).parent / "data" / "published_neurons.json"
 
@@ -41,8 +41,8 @@ def published_for_model(loaded: Any) -> Optional[str]:
     """The published set for a loaded model, recognised by name (spec, architecture, hub id) and checked
     against the entry's optional `depth`, `hidden_size` and `num_prefix_tokens` (default 1: a set found
     on a model without trained registers never applies to its `reg4` / with-registers sibling)."""
-    src = getattr(loaded, "source", {}) or {}
-    names = [loaded.spec] + [str(src[k]) for k in ("architecture", "name_or_path", "spec") if src.get(k)]
+    src = loaded.source
+    names = [loaded.spec] + [str(v) for v in (src.architecture, src.name_or_path, src.spec) if v]
     fam, model = loaded.family, loaded.model
     blocks = fam.blocks(model)
     for n in names:
@@ -52,7 +52,7 @@ def published_for_model(loaded: Any) -> Optional[str]:
         entry = registry()[name]
         if entry.get("depth") is not None and int(entry["depth"]) != len(blocks):
             continue
-        if entry.get("hidden_size") is not None and any(fam.hidden_size(b) != int(entry["hidden_size"]) for b in blocks):
+        if entry.get("hidden_size") is not None and any(fam.mlp_width(b) != int(entry["hidden_size"]) for b in blocks):
             continue
         if int(entry.get("num_prefix_tokens", 1)) != fam.num_prefix_tokens(model):
             continue

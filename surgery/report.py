@@ -33,15 +33,14 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .bake import bake_registers, register_token_indices
-from .bake import baked_copy
-from .discovery import AUTO_FACTOR, DiscoveryConfig, emergence_layer, find_register_neurons, outlier_mask
-from .effect import effect_metrics, token_diagnostics
-from .effect import cls_attention
-from .errors import NoOutliersError, SurgeryError
-from .images import ImageBatches, list_images
-from .loading import LoadedModel, LoadOptions, load_model
-from .recipe import Recipe
+from .core.bake import baked_copy, bake_registers, register_token_indices
+from .core.discovery import AUTO_FACTOR, DiscoveryConfig, emergence_layer, find_register_neurons, outlier_mask
+from .core.effect import cls_attention, effect_metrics, token_diagnostics
+from .core.errors import NoOutliersError, SurgeryError
+from .core.images import ImageBatches, list_images
+from .core.source import LoadedModel, LoadOptions
+from .backends import load_model
+from .core.recipe import Recipe
 
 DEFAULT_NUM_IMAGES = 64  # images measured (a seeded sample when the folder has more)
 DEFAULT_SHOW = 6  # images drawn in the norm and attention maps
@@ -118,7 +117,7 @@ def _find_ranking(folder: Path, recipe: Recipe) -> tuple[Optional[dict[str, Any]
 
 
 def _discover(loaded: LoadedModel, files: list[Path], cfg: DiscoveryConfig, progress: bool) -> dict[str, Any]:
-    res = find_register_neurons(loaded.model, files, cfg, family=loaded.family, transform=loaded.transform,
+    res = find_register_neurons(loaded.model, files, cfg, adapter=loaded.family, transform=loaded.transform,
                                 progress=progress, provenance={"model": loaded.spec, "images": "report images"})
     return res.to_json()
 
@@ -157,7 +156,7 @@ def resolve_pair(model_spec: str, baked_spec: Optional[str], files: list[Path], 
                             ranking_doc=doc, ranking_source="discovery on the report images",
                             original_label=model_spec)
             baked = copy.copy(first)
-            baked.model = baked_copy(first.model, recipe, first.family)
+            baked.model = baked_copy(first.model, recipe, adapter=first.family)
             baked.recipe = recipe
             pair.baked = baked
     if pair.ranking_doc is None and folder is not None and folder.is_dir():
@@ -349,7 +348,7 @@ def measure(pair: Pair, files: list[Path], *, detect_layer: Optional[int], thres
     det = _detect_block(detect_layer, depth)
     p_o = fam.num_prefix_tokens(orig)
     p_b = fam.num_prefix_tokens(baked) if baked is not None else 0
-    regs = register_token_indices(baked, fam) if baked is not None else []
+    regs = register_token_indices(baked, adapter=fam) if baked is not None else []
     device = next(orig.parameters()).device
     dtype = next(orig.parameters()).dtype
     stats_px = _normalize_stats(pair.original.transform)
@@ -357,9 +356,9 @@ def measure(pair: Pair, files: list[Path], *, detect_layer: Optional[int], thres
     batches = ImageBatches(files, pair.original.transform, batch_size, progress=progress, desc="inspecting")
     for pixels, paths in batches:
         x = pixels.to(device=device, dtype=dtype)
-        sides = {"original": (token_diagnostics(orig, x, family=fam), p_o, [])}
+        sides = {"original": (token_diagnostics(orig, x, adapter=fam), p_o, [])}
         if baked is not None:
-            sides["baked"] = (token_diagnostics(baked, x, family=fam), p_b, regs)
+            sides["baked"] = (token_diagnostics(baked, x, adapter=fam), p_b, regs)
         per_image = {name: _measure_side(sums, name, d, p, r, det, threshold) for name, (d, p, r) in sides.items()}
         if sums.grid is None:
             sums.grid = _grid(pair.original, orig, per_image["original"]["norms"].shape[1])
@@ -705,7 +704,7 @@ def write_report(model_spec: str, baked_spec: Optional[str] = None, images: Any 
     `knn_compare` keyword arguments).
     """
     from . import __version__
-    from .organism import builtin_images
+    from .core.images import builtin_images
 
     out_dir = Path(out_dir)
     seed = int(opts.get("seed", 0))
@@ -782,7 +781,7 @@ def _summary(pair: Pair, m: Measurement, recipe: Optional[Recipe], out_dir: Path
                                                   else "in memory"),
         "baked_side": pair.how,
         "recipe": recipe.to_dict() if recipe is not None else None,
-        "register_indices": register_token_indices(pair.baked.model, pair.baked.family) if pair.baked else [],
+        "register_indices": register_token_indices(pair.baked.model, adapter=pair.baked.family) if pair.baked else [],
         "images": _display_spec(images_label, out_dir), "num_images": len(m.images),
         "skipped_images": m.skipped, "image_files": m.images[:1000],
         "detect_layer": m.detect_layer, "depth": m.depth,
@@ -807,7 +806,7 @@ def _summary(pair: Pair, m: Measurement, recipe: Optional[Recipe], out_dir: Path
 def run_inspect(model_spec: str, out: str | Path, images: Any, *, source: Optional[str] = None,
                 overwrite: bool = False, progress: bool = True, **opts: Any) -> Path:
     """`vit-surgery inspect MODEL|OUT --images DIR --out REPORT` (atomic: a failure leaves no REPORT)."""
-    from .outputs import atomic_output_dir
+    from .core.outputs import atomic_output_dir
 
     out = Path(out)
     with atomic_output_dir(out, overwrite) as tmp:

@@ -7,11 +7,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .cli import _fraction, _positive_float, _positive_int, _threshold, add_model_options
+from .cli_args import _fraction, _positive_float, _positive_int, _threshold, add_model_options
 
 
 def _options(a: argparse.Namespace):
-    from .loading import LoadOptions
+    from .core.source import LoadOptions
 
     return LoadOptions(a.allow_unsafe_pickle, a.trust_remote_code, a.device)
 
@@ -55,7 +55,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from .knn_eval import run_eval
 
     if a.json and Path(a.json).exists() and not a.overwrite:
-        from .errors import OutputExistsError
+        from .core.errors import OutputExistsError
 
         raise OutputExistsError(f"output {a.json} already exists; pass --overwrite to replace it")
     res = run_eval(a.model, a.out_dir, a.dataset, options=_options(a), progress=not a.quiet, **_knn_kwargs(a))

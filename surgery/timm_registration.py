@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 
 def register_timm() -> None:
     """Register `vit_surgery_baked` with timm's model registry (imports timm; idempotent)."""
-    importlib.import_module("surgery.timm_baked")
+    importlib.import_module("surgery.backends.timm.baked")
 
 
 class _RegisterAfterExec(importlib.abc.Loader):

@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from .errors import ModelInputError
-from .families import family_for
-from .loading import LoadedModel
+from .core.errors import ModelInputError
+from .backends import adapter_for
+from .core.source import LoadedModel, SourceInfo
 
 TIMM_CLIP_SKELETON = "vit_base_patch16_clip_224"
 
@@ -25,7 +25,7 @@ def open_clip_to_timm(loaded: LoadedModel) -> LoadedModel:
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     visual = loaded.model
-    cfg = dict(loaded.source.get("model_cfg") or {})
+    cfg = dict(loaded.source.model_cfg or {})
     v = dict(cfg.get("vision_cfg") or {})
     unsupported = [k for k in ("attentional_pool", "timm_model_name", "no_ln_pre", "final_ln_after_pool",
                                "output_tokens", "pos_embed_type")
@@ -42,7 +42,7 @@ def open_clip_to_timm(loaded: LoadedModel) -> LoadedModel:
             "global_pool": "token", "pre_norm": True}
     if cfg.get("quick_gelu"):
         args["act_layer"] = "quick_gelu"
-    pre = dict(loaded.source.get("preprocess_cfg") or {})
+    pre = dict(loaded.source.preprocess_cfg or {})
     size = pre.get("size", image_size)
     size = [size, size] if isinstance(size, int) else list(size)
     pretrained_cfg = {"input_size": [3, *size], "mean": list(pre.get("mean", (0.48145466, 0.4578275, 0.40821073))),
@@ -111,7 +111,7 @@ def _trunk_args(loaded: LoadedModel, trunk) -> tuple[str, dict]:
     import json
     from pathlib import Path
 
-    name = str(dict((loaded.source.get("model_cfg") or {}).get("vision_cfg") or {}).get("timm_model_name", ""))
+    name = str(dict((loaded.source.model_cfg or {}).get("vision_cfg") or {}).get("timm_model_name", ""))
     args: dict = {}
     if name.startswith("local-dir:"):
         cfg_file = Path(name[len("local-dir:"):]) / "config.json"
@@ -135,7 +135,7 @@ def open_clip_timm_trunk_to_timm(loaded: LoadedModel) -> LoadedModel:
         raise ModelInputError(f"{loaded.spec}: this open_clip tower adds its own head ({', '.join(n for n, _ in visual.head.named_children())}) "
                               "on the timm trunk, which a timm folder cannot hold; convert it to an open_clip folder")
     arch, args = _trunk_args(loaded, trunk)
-    pre = dict(loaded.source.get("preprocess_cfg") or {})
+    pre = dict(loaded.source.preprocess_cfg or {})
     size = pre.get("size", tuple(visual.image_size))
     size = [size, size] if isinstance(size, int) else list(size)
     pretrained_cfg = {"input_size": [3, *size], "mean": list(pre.get("mean", trunk.pretrained_cfg.get("mean"))),
@@ -260,15 +260,15 @@ def _checked(loaded: LoadedModel, model, args: dict, pretrained_cfg: dict, refer
     rel = float((got - want).norm(dim=-1).max() / want.norm(dim=-1).min())
     if not rel < 1e-5:
         raise ModelInputError(f"{loaded.spec}: the timm re-expression differs from the source (relative {rel:.2g})")
-    fam = family_for(model)  # timm's VisionTransformer or Eva
-    source = {"library": "timm", "architecture": arch, "model_args": args,
-              "pretrained_cfg": dict(pretrained_cfg, architecture=arch), "converted_from": loaded.spec}
+    fam = adapter_for(model)  # timm's VisionTransformer or Eva
+    source = SourceInfo("timm", architecture=arch, model_args=args,
+                        pretrained_cfg=dict(pretrained_cfg, architecture=arch), converted_from=loaded.spec)
     return LoadedModel(model, fam, loaded.spec, source, fam.data_transform(model), None)
 
 
 def to_timm(loaded: LoadedModel) -> LoadedModel:
     """`loaded` as a timm model (itself when it already is one)."""
-    library = loaded.source.get("library")
+    library = loaded.source.library
     if library == "timm":
         return loaded
     if loaded.family.name == "open_clip_timm":

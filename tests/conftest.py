@@ -13,7 +13,8 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 import surgery  # noqa: E402,F401  (registers the baked timm architecture)
 from surgery.demo import save_organism  # noqa: E402
-from surgery.organism import build_timm_organism, builtin_images, write_organism_images  # noqa: E402
+from surgery.organism import build_timm_organism, write_organism_images
+from surgery.core.images import builtin_images  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +46,7 @@ def organism_dir(tmp_path_factory, timm_organism) -> Path:
 @pytest.fixture(scope="session")
 def baked_dir(tmp_path_factory, organism_dir, calib_dir) -> Path:
     """A converted organism (convert with discovery, parity checked)."""
-    from surgery.loading import load_model
+    from surgery.backends import load_model
     from surgery.pipeline import run_convert
 
     out = tmp_path_factory.mktemp("baked") / "out"
@@ -54,7 +55,7 @@ def baked_dir(tmp_path_factory, organism_dir, calib_dir) -> Path:
 
 
 def pixels_from(folder: Path, transform, n: int | None = None) -> torch.Tensor:
-    from surgery.images import ImageBatches, list_images
+    from surgery.core.images import ImageBatches, list_images
 
     files = list_images(folder)[:n] if n else list_images(folder)
     return torch.cat([x for x, _ in ImageBatches(files, transform, 8, progress=False)])

@@ -47,9 +47,9 @@ def edit_post_activation(h: torch.Tensor, units: list[int], num_prefix: int, num
 @contextlib.contextmanager
 def rule_reference(model: nn.Module, neurons: dict[int, list[int]], *, num_registers: int = 1, scale: float = 1.0,
                    per_neuron: bool = False, family=None) -> Iterator[nn.Module]:
-    from surgery.families import family_for
+    from surgery.backends import adapter_for
 
-    fam = family or family_for(model)
+    fam = family or adapter_for(model)
     p = fam.num_prefix_tokens(model)
     blocks = fam.blocks(model)
     handles = []

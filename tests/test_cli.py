@@ -12,9 +12,10 @@ import torch
 
 from exporters.safetensors_io import read_metadata
 from surgery.cli import main
-from surgery.organism import builtin_images
+from surgery.core.images import builtin_images
 
-from hub import add_to_fake_hub, offline_env
+from hub import offline_env
+from surgery.organism_families import write_fake_hub_repo
 
 CLI = [sys.executable, "-m", "surgery.cli"]
 
@@ -80,7 +81,7 @@ def test_plain_timm_refuses_a_baked_folder(baked_dir):
 
 def test_hf_hub_name_through_a_fake_offline_cache(organism_dir, tmp_path):
     cache = tmp_path / "hub"
-    add_to_fake_hub(cache, "vit-surgery/organism-clip", {
+    write_fake_hub_repo(cache, "vit-surgery/organism-clip", {
         "config.json": organism_dir / "config.json", "model.safetensors": organism_dir / "model.safetensors"})
     out = tmp_path / "out"
     proc = subprocess.run(CLI + ["convert", "hf-hub:vit-surgery/organism-clip", "--images", str(builtin_images()),

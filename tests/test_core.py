@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from surgery import DiscoveryConfig, Recipe, bake_registers, check_parity, find_register_neurons, hooked_reference
-from surgery.bake import register_token_indices, unbake
-from surgery.effect import effect_metrics, token_diagnostics
-from surgery.families import family_for
-from surgery.modules import RegisterMlp, register_edit
+from surgery.core.bake import register_token_indices, unbake
+from surgery.core.effect import effect_metrics, token_diagnostics
+from surgery.backends import adapter_for
+from surgery.core.modules import RegisterMlp, register_edit
 from surgery.organism import TIMM_VARIANTS, build_timm_organism
 
 from conftest import pixels_from
@@ -25,7 +25,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_discovery_recovers_exactly_the_planted_units(variant, calib_dir):
     model, planting = build_timm_organism(0, variant)
-    result = find_register_neurons(model, calib_dir, progress=False)
+    result = find_register_neurons(model, calib_dir, progress=False, adapter=adapter_for(model))
     assert {k: list(v) for k, v in result.recipe.neurons.items()} == planting.neurons
     assert result.counts["images_with_outliers"] == 18  # every image with a trigger patch, none without
     assert result.max_layer == 3
@@ -35,14 +35,14 @@ def test_discovery_on_other_planting_and_unseen_images(unseen_images):
     plant = {1: [(5, +1)], 4: [(200, -1), (7, -1)]}  # bright patches made in block 1, dark in 4
     model, planting = build_timm_organism(7, "vit", plant=plant)
     assert planting.neurons == {1: [5], 4: [7, 200]}
-    result = find_register_neurons(model, unseen_images, progress=False)
+    result = find_register_neurons(model, unseen_images, progress=False, adapter=adapter_for(model))
     assert {k: list(v) for k, v in result.recipe.neurons.items()} == planting.neurons
 
 
 def test_discovery_is_deterministic_and_batch_size_independent(timm_organism, calib_dir):
     model, _ = timm_organism
-    r1 = find_register_neurons(model, calib_dir, DiscoveryConfig(batch_size=1), progress=False)
-    r2 = find_register_neurons(model, calib_dir, DiscoveryConfig(batch_size=7), progress=False)
+    r1 = find_register_neurons(model, calib_dir, DiscoveryConfig(batch_size=1), progress=False, adapter=adapter_for(model))
+    r2 = find_register_neurons(model, calib_dir, DiscoveryConfig(batch_size=7), progress=False, adapter=adapter_for(model))
     assert r1.recipe == r2.recipe
     for a, b in zip(r1.ranking, r2.ranking):
         assert (a["layer"], a["unit"]) == (b["layer"], b["unit"])
@@ -52,17 +52,17 @@ def test_discovery_is_deterministic_and_batch_size_independent(timm_organism, ca
 def test_seeded_sampling_is_reproducible(timm_organism, calib_dir):
     model, _ = timm_organism
     cfg = DiscoveryConfig(num_images=10, seed=3)
-    a = find_register_neurons(model, calib_dir, cfg, progress=False)
-    b = find_register_neurons(model, calib_dir, cfg, progress=False)
+    a = find_register_neurons(model, calib_dir, cfg, progress=False, adapter=adapter_for(model))
+    b = find_register_neurons(model, calib_dir, cfg, progress=False, adapter=adapter_for(model))
     assert a.to_json() == b.to_json()
-    c = find_register_neurons(model, calib_dir, DiscoveryConfig(num_images=10, seed=4), progress=False)
+    c = find_register_neurons(model, calib_dir, DiscoveryConfig(num_images=10, seed=4), progress=False, adapter=adapter_for(model))
     assert c.counts != a.counts or c.ranking != a.ranking
 
 
 def test_fixed_threshold_and_top_k(timm_organism, calib_dir):
     model, _ = timm_organism
     r = find_register_neurons(model, calib_dir, DiscoveryConfig(threshold=100.0, top_k=1, max_layer=5),
-                              progress=False)
+                              progress=False, adapter=adapter_for(model))
     assert r.threshold["value"] == 100.0 and r.max_layer == 5
     assert r.recipe.num_neurons == 1 and r.cut == 1
 
@@ -105,10 +105,10 @@ def _naive_reference(model, recipe, x):
 def test_hooked_reference_matches_longhand_per_image_implementation(timm_organism, calib_dir):
     model, planting = timm_organism
     recipe = Recipe(planting.neurons, scale=1.5)
-    x = pixels_from(calib_dir, family_for(model).data_transform(model), 6)
+    x = pixels_from(calib_dir, adapter_for(model).data_transform(model), 6)
     with torch.no_grad():
         expected = _naive_reference(model, recipe, x)
-        with hooked_reference(model, recipe):
+        with hooked_reference(model, recipe, adapter=adapter_for(model)):
             got = model.forward_features(x)
     assert _rel(got, expected) < 1e-6
     assert model.num_prefix_tokens == 1  # restored
@@ -128,9 +128,9 @@ def test_register_edit_rule():
 def test_baked_model_matches_hooked_reference(variant, calib_dir):
     model, planting = build_timm_organism(0, variant)
     recipe = Recipe(planting.neurons)
-    baked = bake_registers(copy.deepcopy(model), recipe)
-    x = pixels_from(calib_dir, family_for(model).data_transform(model))
-    report = check_parity(model, baked, recipe, [x[:8], x[8:]])
+    baked = bake_registers(copy.deepcopy(model), recipe, adapter=adapter_for(copy.deepcopy(model)))
+    x = pixels_from(calib_dir, adapter_for(model).data_transform(model))
+    report = check_parity(model, baked, recipe, [x[:8], x[8:]], adapter=adapter_for(model))
     assert report.passed, report.summary()
     assert all(e.ratio <= 1.0 for e in report.outputs.values())  # per vector, vs the float64 reference
     assert {"pooled", "tokens", "block0.residual", "block5.residual"} <= set(report.outputs)
@@ -142,11 +142,11 @@ def test_baked_model_matches_hooked_reference(variant, calib_dir):
 def test_parity_detects_a_wrong_model(timm_organism, calib_dir):
     model, planting = timm_organism
     recipe = Recipe(planting.neurons)
-    baked = bake_registers(copy.deepcopy(model), recipe)
+    baked = bake_registers(copy.deepcopy(model), recipe, adapter=adapter_for(copy.deepcopy(model)))
     with torch.no_grad():
         baked.blocks[4].mlp.fc2.weight[0, 0] += 0.05
-    x = pixels_from(calib_dir, family_for(model).data_transform(model), 8)
-    report = check_parity(model, baked, recipe, [x])
+    x = pixels_from(calib_dir, adapter_for(model).data_transform(model), 8)
+    report = check_parity(model, baked, recipe, [x], adapter=adapter_for(model))
     assert not report.passed
     assert report.failures()[0].name == "block4.residual"
 
@@ -154,8 +154,8 @@ def test_parity_detects_a_wrong_model(timm_organism, calib_dir):
 @pytest.mark.parametrize("mode", ["shared", "per_neuron"])
 def test_each_image_in_a_batch_equals_its_output_alone(timm_organism, calib_dir, mode):
     model, planting = timm_organism
-    baked = bake_registers(copy.deepcopy(model), Recipe(planting.neurons, num_registers=2, mode=mode))
-    x = pixels_from(calib_dir, family_for(model).data_transform(model), 6)
+    baked = bake_registers(copy.deepcopy(model), Recipe(planting.neurons, num_registers=2, mode=mode), adapter=adapter_for(copy.deepcopy(model)))
+    x = pixels_from(calib_dir, adapter_for(model).data_transform(model), 6)
     with torch.no_grad():
         batched = baked.forward_features(x)
         alone = torch.cat([baked.forward_features(x[i:i + 1]) for i in range(len(x))])
@@ -164,12 +164,12 @@ def test_each_image_in_a_batch_equals_its_output_alone(timm_organism, calib_dir,
 
 def test_outliers_vanish_and_the_sink_moves_to_the_register(timm_organism, calib_dir):
     model, planting = timm_organism
-    baked = bake_registers(copy.deepcopy(model), Recipe(planting.neurons))
-    x = pixels_from(calib_dir, family_for(model).data_transform(model))
-    regs = register_token_indices(baked)
+    baked = bake_registers(copy.deepcopy(model), Recipe(planting.neurons), adapter=adapter_for(copy.deepcopy(model)))
+    x = pixels_from(calib_dir, adapter_for(model).data_transform(model))
+    regs = register_token_indices(baked, adapter=adapter_for(baked))
     assert regs == [1]
-    before = effect_metrics(token_diagnostics(model, x), 1, [])
-    after = effect_metrics(token_diagnostics(baked, x), 2, regs)
+    before = effect_metrics(token_diagnostics(model, x, adapter=adapter_for(model)), 1, [])
+    after = effect_metrics(token_diagnostics(baked, x, adapter=adapter_for(baked)), 2, regs)
     assert before["outlier_share"] > 0.01 and after["outlier_share"] == 0.0
     assert before["max_over_median_patch_norm"] > 10 and after["max_over_median_patch_norm"] < 1.5
     assert before["cls_attention_top_patch_mass"] > 0.3 and after["cls_attention_top_patch_mass"] < 0.02
@@ -179,11 +179,11 @@ def test_outliers_vanish_and_the_sink_moves_to_the_register(timm_organism, calib
 
 def test_unbake_restores_the_original_exactly(timm_organism, calib_dir):
     model, planting = timm_organism
-    baked = bake_registers(copy.deepcopy(model), Recipe(planting.neurons))
+    baked = bake_registers(copy.deepcopy(model), Recipe(planting.neurons), adapter=adapter_for(copy.deepcopy(model)))
     restored = copy.deepcopy(baked)
-    recipe = unbake(restored)
+    recipe = unbake(restored, adapter=adapter_for(restored))
     assert recipe == baked.surgery_recipe
-    x = pixels_from(calib_dir, family_for(model).data_transform(model), 4)
+    x = pixels_from(calib_dir, adapter_for(model).data_transform(model), 4)
     with torch.no_grad():
         assert torch.equal(restored(x), model(x))
     sd, ref = restored.state_dict(), model.state_dict()
@@ -194,10 +194,10 @@ def test_timm_apis_skip_the_register(calib_dir):
     model, planting = build_timm_organism(0, "vit")
     model.global_pool = "avg"
     recipe = Recipe(planting.neurons)
-    baked = bake_registers(copy.deepcopy(model), recipe)
-    x = pixels_from(calib_dir, family_for(model).data_transform(model), 4)
+    baked = bake_registers(copy.deepcopy(model), recipe, adapter=adapter_for(copy.deepcopy(model)))
+    x = pixels_from(calib_dir, adapter_for(model).data_transform(model), 4)
     with torch.no_grad():
-        with hooked_reference(model, recipe):
+        with hooked_reference(model, recipe, adapter=adapter_for(model)):
             ref_pooled = model.forward_head(model.forward_features(x), pre_logits=True)
         tokens = baked.forward_features(x)
         pooled = baked.forward_head(tokens, pre_logits=True)
@@ -211,8 +211,8 @@ def test_timm_apis_skip_the_register(calib_dir):
 def test_graph_capture_sees_the_fix(timm_organism, calib_dir):
     model, planting = timm_organism
     recipe = Recipe(planting.neurons)
-    baked = bake_registers(copy.deepcopy(model), recipe)
-    x = pixels_from(calib_dir, family_for(model).data_transform(model), 4)
+    baked = bake_registers(copy.deepcopy(model), recipe, adapter=adapter_for(copy.deepcopy(model)))
+    x = pixels_from(calib_dir, adapter_for(model).data_transform(model), 4)
     with torch.no_grad():
         expected = baked(x)
         traced = torch.jit.trace(baked, x)
@@ -221,7 +221,7 @@ def test_graph_capture_sees_the_fix(timm_organism, calib_dir):
         assert _rel(exported.module()(x), expected) < 1e-6
         compiled = torch.compile(baked, backend="aot_eager")
         assert _rel(compiled(x), expected) < 1e-6
-        with hooked_reference(model, recipe):
+        with hooked_reference(model, recipe, adapter=adapter_for(model)):
             ref = model(x)
         fixed_patches = baked.forward_features(x)[:, 2:]
         plain_patches = model.forward_features(x)[:, 1:]

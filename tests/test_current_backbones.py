@@ -31,11 +31,11 @@ from torch import nn
 import surgery
 from surgery.cli import main
 from surgery.demo import save_organism
-from surgery.discovery import DiscoveryConfig, find_register_neurons
-from surgery.families import family_for
-from surgery.images import ImageBatches, list_images
-from surgery.loading import load_model
-from surgery.organism import builtin_images
+from surgery.core.discovery import DiscoveryConfig, find_register_neurons
+from surgery.backends import adapter_for
+from surgery.core.images import ImageBatches, list_images
+from surgery.backends import load_model
+from surgery.core.images import builtin_images
 from surgery.organism_eva import (build_eva_organism, build_hf_dinov3_organism, build_hf_siglip_organism,
                                   build_open_clip_timm_organism)
 from surgery.organism_families import save_hf_organism, save_open_clip_organism
@@ -107,7 +107,7 @@ def hf_reference(model: nn.Module, layers: nn.ModuleList, p: int, neurons: dict[
 @pytest.fixture(scope="module")
 def pixels() -> torch.Tensor:
     m, _ = build_eva_organism(0, "dinov3")
-    tf = family_for(m).data_transform(m)
+    tf = adapter_for(m).data_transform(m)
     return torch.cat([x for x, _ in ImageBatches(list_images(builtin_images())[:12], tf, 12, progress=False)])
 
 
@@ -151,8 +151,8 @@ def test_eva_discovery_bake_and_independent_reference(variant, tmp_path, capsys,
     import timm
 
     model, planting = build_eva_organism(0, variant)
-    assert family_for(model).name == "timm_eva" and model.rope is not None
-    res = find_register_neurons(model, list_images(builtin_images()), DiscoveryConfig(), progress=False)
+    assert adapter_for(model).name == "timm_eva" and model.rope is not None
+    res = find_register_neurons(model, list_images(builtin_images()), DiscoveryConfig(), progress=False, adapter=adapter_for(model))
     assert {k: list(v) for k, v in res.recipe.neurons.items()} == planting.neurons
 
     src = save_organism(model, tmp_path / "src")
@@ -185,15 +185,15 @@ def test_eva_register_gets_no_rotary_position(pixels):
 
 
 def test_eva_effect_outliers_leave_and_sink_moves(pixels):
-    from surgery.bake import bake_registers, register_token_indices
-    from surgery.effect import effect_metrics, token_diagnostics
+    from surgery.core.bake import bake_registers, register_token_indices
+    from surgery.core.effect import effect_metrics, token_diagnostics
 
     model, planting = build_eva_organism(0, "dinov3")
-    fam = family_for(model)
-    baked = bake_registers(copy.deepcopy(model), surgery.Recipe(planting.neurons))
-    before = effect_metrics(token_diagnostics(model, pixels, family=fam), 5, [])
-    regs = register_token_indices(baked, fam)
-    after = effect_metrics(token_diagnostics(baked, pixels, family=fam), 6, regs)
+    fam = adapter_for(model)
+    baked = bake_registers(copy.deepcopy(model), surgery.Recipe(planting.neurons), adapter=adapter_for(copy.deepcopy(model)))
+    before = effect_metrics(token_diagnostics(model, pixels, adapter=fam), 5, [])
+    regs = register_token_indices(baked, adapter=fam)
+    after = effect_metrics(token_diagnostics(baked, pixels, adapter=fam), 6, regs)
     assert before["outlier_share"] > 0.01 and after["outlier_share"] == 0.0
     assert before["cls_attention_top_patch_mass"] > 0.3 and after["cls_attention_top_patch_mass"] < 0.02
     assert after["cls_attention_register_mass"] > 0.5
@@ -202,12 +202,12 @@ def test_eva_effect_outliers_leave_and_sink_moves(pixels):
 def test_eva02_clip_hidden_norm_is_refused():
     import timm
 
-    from surgery.errors import ModelInputError
+    from surgery.core.errors import ModelInputError
 
     m = timm.create_model("eva02_base_patch16_clip_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64,
                           depth=2, num_heads=2)
     with pytest.raises(ModelInputError, match="scale_mlp"):
-        family_for(m).mlp_weights(m.blocks[0].mlp)
+        adapter_for(m).mlp_weights(m.blocks[0].mlp)
 
 
 # ---- open_clip towers on timm trunks ---------------------------------------------------------------
@@ -221,7 +221,7 @@ OPEN_CLIP_TIMM = [("PE-Core-T-16-384", "vit_pe_core_tiny_patch16_384", 1),  # Ev
 def test_open_clip_timm_trunk(base, trunk, prefix, tmp_path, capsys, pixels):
     clip, planting = build_open_clip_timm_organism(tmp_path / "trunk", 0, base, trunk)
     visual = clip.visual
-    assert type(visual).__name__ == "TimmModel" and family_for(visual).name == "open_clip_timm"
+    assert type(visual).__name__ == "TimmModel" and adapter_for(visual).name == "open_clip_timm"
     src = save_open_clip_organism(clip, tmp_path / "src")
     doc = convert(src, tmp_path / "out", capsys)
     assert doc["recipe"]["register_neurons"] == {str(k): v for k, v in planting.neurons.items()}
@@ -256,7 +256,7 @@ def test_hf_current(kind, tmp_path, capsys, pixels):
 
     build, prefix = HF[kind]
     model, planting = build()
-    res = find_register_neurons(model, list_images(builtin_images()), DiscoveryConfig(), progress=False)
+    res = find_register_neurons(model, list_images(builtin_images()), DiscoveryConfig(), progress=False, adapter=adapter_for(model))
     assert {k: list(v) for k, v in res.recipe.neurons.items()} == planting.neurons
     src = save_hf_organism(model, tmp_path / "src")
     doc = convert(src, tmp_path / "out", capsys)
@@ -321,7 +321,7 @@ def test_eva_rope_onnx_export_matches_the_independent_reference(tmp_path, capsys
     run under float32-sized noise). Patch tokens only match if the register had no rotary position in the graph."""
     import onnxruntime as ort
 
-    from surgery.judge import allowed_error, float32_sized_noise
+    from surgery.core.judge import allowed_error, float32_sized_noise
 
     model, planting = build_eva_organism(0, "dinov3")
     src = save_organism(model, tmp_path / "src")
@@ -371,8 +371,8 @@ def test_open_clip_timm_trunk_to_timm_folder(tmp_path, capsys, pixels):
     doc = convert(src, tmp_path / "out", capsys, "--to", "timm")
     assert doc["recipe"]["register_neurons"] == {str(k): v for k, v in planting.neurons.items()}
     baked = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()
-    assert family_for(baked).name == "timm_eva" and baked.num_prefix_tokens == 2
-    from surgery.judge import allowed_error, float32_sized_noise, per_vector_relative
+    assert adapter_for(baked).name == "timm_eva" and baked.num_prefix_tokens == 2
+    from surgery.core.judge import allowed_error, float32_sized_noise, per_vector_relative
 
     visual = copy.deepcopy(clip.visual).double()
     x64 = pixels.double()
@@ -390,7 +390,7 @@ def test_open_clip_timm_trunk_to_timm_folder(tmp_path, capsys, pixels):
 
 
 def test_open_clip_timm_trunk_with_its_own_head_is_refused_for_timm(tmp_path):
-    from surgery.errors import ModelInputError
+    from surgery.core.errors import ModelInputError
     from surgery.to_timm import to_timm
 
     clip, _ = build_open_clip_timm_organism(tmp_path / "trunk", 0)

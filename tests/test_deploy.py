@@ -16,12 +16,14 @@ import timm
 import torch
 
 import surgery
+from surgery.backends import adapter_for
 from surgery.cli import main
-from surgery.organism import build_timm_organism, builtin_images
+from surgery.organism import build_timm_organism
+from surgery.core.images import builtin_images
 from surgery.organism_families import build_hf_clip_organism, build_hf_dinov2_organism, save_hf_organism
 
 from conftest import pixels_from
-from hub import add_to_fake_hub
+from surgery.organism_families import write_fake_hub_repo
 
 HEAVY = ("torch", "timm", "transformers", "open_clip", "onnx", "onnxruntime", "openvino", "matplotlib", "numpy")
 
@@ -97,7 +99,7 @@ def test_convert_in_memory_model_and_load_it_back(api_converted, calib_dir):
     x = pixels_from(calib_dir, timm.data.create_transform(**timm.data.resolve_data_config({}, model=baked)), 5)
     with torch.no_grad():
         ref = timm.create_model(f"local-dir:{out}", pretrained=True).eval().forward_features(x)
-        with surgery.hooked_reference(model.eval(), surgery.Recipe(planting.neurons)):
+        with surgery.hooked_reference(model.eval(), surgery.Recipe(planting.neurons), adapter=adapter_for(model.eval())):
             hooked = model.forward_features(x)
         got = baked.forward_features(x)
     assert torch.equal(got, ref)
@@ -148,7 +150,7 @@ def test_hf_model_card_copies_license_from_the_source_card(tmp_path, monkeypatch
     src = save_hf_organism(model, tmp_path / "src")
     ModelCard(f"---\n{ModelCardData(license='cc-by-nc-4.0', library_name='transformers').to_yaml()}\n---\n# src\n"
               ).save(src / "README.md")
-    add_to_fake_hub(cache, "vit-surgery-test/dinov2", {p.name: p for p in src.iterdir()})
+    write_fake_hub_repo(cache, "vit-surgery-test/dinov2", {p.name: p for p in src.iterdir()})
     nf = tmp_path / "n.json"
     nf.write_text(json.dumps({"register_neurons": {str(k): v for k, v in planting.neurons.items()}}))
     out = tmp_path / "out"
@@ -201,7 +203,7 @@ def test_openvino_export_matches_pytorch_and_the_hooked_reference(baked_dir, org
     with torch.no_grad():
         tokens = baked.forward_features(x)
         pooled = baked.forward_head(tokens)
-        with surgery.hooked_reference(model.eval(), surgery.Recipe(planting.neurons)):
+        with surgery.hooked_reference(model.eval(), surgery.Recipe(planting.neurons), adapter=adapter_for(model.eval())):
             hooked = model.forward_features(x)
     assert res["tokens"].shape == tokens.shape == (3, 66, 64)  # batch 3: not the export batch (2)
     reg = 1

@@ -10,15 +10,17 @@ import pytest
 import torch
 
 from surgery import published
-from surgery.bake import bake_registers, register_token_indices
+from surgery.core.bake import bake_registers, register_token_indices
 from surgery.demo import save_organism
-from surgery.errors import ModelInputError, NeuronsFileError, SurgeryError, UnsafeCheckpointError
-from surgery.families import family_for
-from surgery.images import ImageBatches, list_images
-from surgery.loading import LoadedModel, load_model
-from surgery.organism import build_timm_organism, builtin_images
+from surgery.core.errors import ModelInputError, NeuronsFileError, SurgeryError, UnsafeCheckpointError
+from surgery.backends import adapter_for
+from surgery.core.images import ImageBatches, list_images
+from surgery.core.source import LoadedModel, SourceInfo
+from surgery.backends import load_model
+from surgery.organism import build_timm_organism
+from surgery.core.images import builtin_images
 from surgery.organism_families import build_dinov2_hub_organism
-from surgery.parity import check_parity
+from surgery.core.parity import check_parity
 from surgery.pipeline import resolve_recipe, run_check, run_convert
 
 TOL = 1e-5
@@ -39,7 +41,7 @@ def hub_organisms(tmp_path_factory):
 
 
 def _pixels(model, n=6):
-    tf = family_for(model).data_transform(model)
+    tf = adapter_for(model).data_transform(model)
     return torch.cat([x for x, _ in ImageBatches(list_images(builtin_images())[:n], tf, n, progress=False)])
 
 
@@ -54,17 +56,17 @@ def test_timm_dinov2_organisms_convert_and_check(variant, tmp_path):
     assert res.report.passed, res.report.summary()
     baked = load_model(str(tmp_path / "out"))
     p = 5 if variant == "reg4" else 1
-    assert register_token_indices(baked.model, baked.family) == [p]  # after CLS and the trained registers
+    assert register_token_indices(baked.model, adapter=baked.family) == [p]  # after CLS and the trained registers
     if variant == "swiglu":
         assert baked.model.blocks[2].mlp.gated
 
 
 def test_registers_go_after_the_trained_registers():
-    from surgery.recipe import Recipe
+    from surgery.core.recipe import Recipe
 
     model, planting = build_timm_organism(0, "reg4")
-    fam = family_for(model)
-    baked = bake_registers(copy.deepcopy(model), Recipe(planting.neurons), fam)
+    fam = adapter_for(model)
+    baked = bake_registers(copy.deepcopy(model), Recipe(planting.neurons), adapter=fam)
     seen = []
     baked.norm_pre.inner.register_forward_pre_hook(lambda _m, a: seen.append(a[0]))
     x = _pixels(model, 4)
@@ -73,7 +75,7 @@ def test_registers_go_after_the_trained_registers():
     assert b.shape[1] == a.shape[1] + 1 and baked.num_prefix_tokens == 6 and baked.num_reg_tokens == 5
     tokens = seen[0]  # what enters the pre-norm: [cls, 4 trained registers, test-time register (zeros), patches]
     assert torch.equal(tokens[:, 1:5], model.reg_token.expand(4, -1, -1))
-    assert torch.count_nonzero(tokens[:, 5]) == 0 and register_token_indices(baked, fam) == [5]
+    assert torch.count_nonzero(tokens[:, 5]) == 0 and register_token_indices(baked, adapter=fam) == [5]
 
 
 # ---- the torch-hub checkpoint layout -----------------------------------------------------------
@@ -86,8 +88,8 @@ def test_hub_layout_loads_into_timm(variant, hub_organisms):
     assert ("blocks.0.mlp.w12.weight" in sd) == (variant == "swiglu")
     assert ("register_tokens" in sd) == (variant == "reg4")
     loaded = load_model(f"dinov2:{path}")
-    assert loaded.source["library"] == "timm" and loaded.source["checkpoint_layout"] == "dinov2-torch-hub"
-    assert loaded.source["architecture"] == {"plain": "vit_small_patch14_dinov2", "swiglu": "vit_giant_patch14_dinov2",
+    assert loaded.source.library == "timm" and loaded.source.checkpoint_layout == "dinov2-torch-hub"
+    assert loaded.source.architecture == {"plain": "vit_small_patch14_dinov2", "swiglu": "vit_giant_patch14_dinov2",
                                              "reg4": "vit_small_patch14_reg4_dinov2"}[variant]
     x = _pixels(model, 3)
     with torch.no_grad():
@@ -113,8 +115,8 @@ def test_hub_layout_spec_forms_and_errors(hub_organisms, tmp_path):
     folder = tmp_path / "folder"
     folder.mkdir()
     (folder / path.name).write_bytes(path.read_bytes())
-    assert load_model(f"dinov2:{folder}").source["architecture"] == "vit_small_patch14_dinov2"
-    assert load_model(str(path)).source["checkpoint_layout"] == "dinov2-torch-hub"  # bare path, recognised by keys
+    assert load_model(f"dinov2:{folder}").source.architecture == "vit_small_patch14_dinov2"
+    assert load_model(str(path)).source.checkpoint_layout == "dinov2-torch-hub"  # bare path, recognised by keys
     with pytest.raises(ModelInputError, match="not found"):
         load_model(f"dinov2:{tmp_path / 'nope.pth'}")
     other = tmp_path / "other.pth"
@@ -155,14 +157,14 @@ def _vit_large(arch: str = "vit_large_patch14_dinov2", **narrow) -> LoadedModel:
     """ViT-L/14 DINOv2 at 28 px (4 patches); `narrow` args shrink the residual width for speed."""
     import timm
 
-    from surgery.loading import _timm_source
+    from surgery.backends.timm.loader import timm_source
 
     with torch.device("meta"):
         model = timm.create_model(arch, pretrained=False, img_size=28, num_classes=0,
                                   pretrained_cfg_overlay={"input_size": (3, 28, 28)}, **narrow)
     model = _fast_random(model)
-    fam = family_for(model)
-    return LoadedModel(model, fam, arch, _timm_source(model, arch, {"img_size": 28}), fam.data_transform(model))
+    fam = adapter_for(model)
+    return LoadedModel(model, fam, arch, timm_source(model, arch, {"img_size": 28}), fam.data_transform(model))
 
 
 @pytest.fixture(scope="module")
@@ -174,21 +176,21 @@ def test_published_dinov2_vitl14_validates_bakes_and_passes_parity(vit_large):
     recipe, _ = resolve_recipe(vit_large, "dinov2_vitl14", {})
     assert recipe.num_neurons == 45 and sorted(recipe.neurons) == [12, 13, 14, 15, 16, 17]
     assert recipe.neurons[17][-1] == 4047
-    baked = bake_registers(copy.deepcopy(vit_large.model), recipe, vit_large.family)
+    baked = bake_registers(copy.deepcopy(vit_large.model), recipe, adapter=vit_large.family)
     x = torch.randn(4, 3, 28, 28, generator=torch.Generator().manual_seed(1))
-    report = check_parity(vit_large.model, baked, recipe, [x[:3], x[3:]], family=vit_large.family)
+    report = check_parity(vit_large.model, baked, recipe, [x[:3], x[3:]], adapter=vit_large.family)
     assert report.passed, report.summary()
     # recognised by name: `convert vit_large_patch14_dinov2` needs no --neurons and no images
     assert published.published_for_model(vit_large) == "dinov2_vitl14"
     for spec in ("dinov2:/models/dinov2_vitl14_pretrain.pth", "hf:facebook/dinov2-large"):
-        assert published.published_for_model(LoadedModel(vit_large.model, vit_large.family, spec, {}, None)) == \
+        assert published.published_for_model(LoadedModel(vit_large.model, vit_large.family, spec, SourceInfo("timm"), None)) == \
             "dinov2_vitl14"
 
 
 def test_published_set_is_not_applied_to_the_trained_register_sibling():
     reg = _vit_large("vit_large_patch14_reg4_dinov2", embed_dim=64, num_heads=1, mlp_ratio=64)  # depth 24, MLP 4096
     assert reg.family.num_prefix_tokens(reg.model) == 5
-    named_like_l14 = LoadedModel(reg.model, reg.family, "dinov2:/m/dinov2_vitl14_reg4_pretrain.pth", {}, None)
+    named_like_l14 = LoadedModel(reg.model, reg.family, "dinov2:/m/dinov2_vitl14_reg4_pretrain.pth", SourceInfo("timm"), None)
     assert published.published_for_model(named_like_l14) is None
     assert published.published_for_model(reg) is None
 

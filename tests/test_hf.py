@@ -14,19 +14,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from surgery.bake import bake_registers, register_token_indices
-from surgery.discovery import DiscoveryConfig, find_register_neurons
-from surgery.errors import ModelInputError, SurgeryError, UnsafeCheckpointError
-from surgery.families import family_for
-from surgery.images import ImageBatches, list_images
-from surgery.loading import LoadOptions, load_model
-from surgery.organism import builtin_images
+from surgery.core.bake import bake_registers, register_token_indices
+from surgery.core.discovery import DiscoveryConfig, find_register_neurons
+from surgery.core.errors import ModelInputError, SurgeryError, UnsafeCheckpointError
+from surgery.backends import adapter_for
+from surgery.core.images import ImageBatches, list_images
+from surgery.core.source import LoadOptions
+from surgery.backends import load_model
+from surgery.core.images import builtin_images
 from surgery.organism_families import (build_hf_clip_organism, build_hf_dinov2_organism, save_hf_organism,
                                        write_fake_hub_repo)
-from surgery.parity import check_parity
+from surgery.core.parity import check_parity
 from surgery.pipeline import run_check, run_convert
-from surgery.recipe import Recipe
-from surgery.reference import hooked_reference
+from surgery.core.recipe import Recipe
+from surgery.core.reference import hooked_reference
 
 TOL = 1e-5
 BUILDERS = {
@@ -58,7 +59,7 @@ def saved(organisms, tmp_path_factory):
 @pytest.fixture(scope="module")
 def pixels(organisms):
     m, _ = organisms["dinov2"]
-    tf = family_for(m).data_transform(m)
+    tf = adapter_for(m).data_transform(m)
     files = list_images(builtin_images())
     return torch.cat([x for x, _ in ImageBatches(files[:12], tf, 12, progress=False)])
 
@@ -85,33 +86,33 @@ def converted(saved, organisms, tmp_path_factory):
 @pytest.mark.parametrize("kind", list(BUILDERS))
 def test_discovery_recovers_the_planted_neurons(kind, organisms):
     model, planting = organisms[kind]
-    fam = family_for(model)
+    fam = adapter_for(model)
     assert fam.name == ("hf_clip" if kind.startswith("clip") else "hf_dinov2")
-    res = find_register_neurons(model, list_images(builtin_images()), DiscoveryConfig(), family=fam, progress=False)
+    res = find_register_neurons(model, list_images(builtin_images()), DiscoveryConfig(), adapter=fam, progress=False)
     assert {k: list(v) for k, v in res.recipe.neurons.items()} == planting.neurons
 
 
 def test_token_layout_and_mlp_views(organisms):
     clip, _ = organisms["clip_model"]
-    fam = family_for(clip)
+    fam = adapter_for(clip)
     assert fam.vision(clip) is clip.vision_model and fam.insertion_point(clip) == (clip.vision_model, "pre_layrnorm")
     dino, _ = organisms["dinov2_reg4"]
-    fam = family_for(dino)
+    fam = adapter_for(dino)
     assert fam.num_prefix_tokens(dino) == 5 and fam.insertion_point(dino) == (dino.embeddings, "dropout")
     swi, _ = organisms["dinov2_swiglu"]
-    w = family_for(swi).mlp_weights(swi.encoder.layer[0].mlp)
+    w = adapter_for(swi).mlp_weights(swi.encoder.layer[0].mlp)
     assert w.gated and w.fc1_weight.shape[0] == 2 * w.hidden == 2 * swi.encoder.layer[0].mlp.down_proj.in_features
 
 
 @pytest.mark.parametrize("kind", ["clip_vision", "dinov2_swiglu"])
 def test_unbake_restores_the_stock_modules_exactly(kind, organisms, pixels):
-    from surgery.bake import unbake
+    from surgery.core.bake import unbake
 
     model, planting = organisms[kind]
-    fam = family_for(model)
+    fam = adapter_for(model)
     recipe = Recipe(planting.neurons)
-    baked = bake_registers(copy.deepcopy(model), recipe, fam)
-    unbake(baked, fam)
+    baked = bake_registers(copy.deepcopy(model), recipe, adapter=fam)
+    unbake(baked, adapter=fam)
     assert type(baked.encoder.layers[2].mlp if kind.startswith("clip") else baked.encoder.layer[2].mlp) is \
         type(model.encoder.layers[2].mlp if kind.startswith("clip") else model.encoder.layer[2].mlp)
     with torch.no_grad():
@@ -122,9 +123,9 @@ def test_unbake_restores_the_stock_modules_exactly(kind, organisms, pixels):
 def test_every_image_of_a_batch_is_fixed(organisms, pixels):
     """The reference code edited only batch element 0; here each image matches its own batch-1 run."""
     model, planting = organisms["dinov2"]
-    fam = family_for(model)
-    baked = bake_registers(copy.deepcopy(model), Recipe(planting.neurons), fam)
-    from surgery.effect import token_diagnostics
+    fam = adapter_for(model)
+    baked = bake_registers(copy.deepcopy(model), Recipe(planting.neurons), adapter=fam)
+    from surgery.core.effect import token_diagnostics
 
     x = pixels[:6]
     with torch.no_grad():
@@ -136,8 +137,8 @@ def test_every_image_of_a_batch_is_fixed(organisms, pixels):
     def outliers(norms: torch.Tensor) -> torch.Tensor:  # last-block patch norms -> outliers per image
         return (norms > 2.5 * norms.median(dim=1, keepdim=True).values).sum(dim=1)
 
-    before = outliers(token_diagnostics(model, x, family=fam)["norms"][-1][:, p:])
-    after = outliers(token_diagnostics(baked, x, family=fam)["norms"][-1][:, p + 1:])
+    before = outliers(token_diagnostics(model, x, adapter=fam)["norms"][-1][:, p:])
+    after = outliers(token_diagnostics(baked, x, adapter=fam)["norms"][-1][:, p + 1:])
     assert int((before > 0).sum()) >= 3  # several images of the batch have outliers ...
     assert int(after.sum()) == 0  # ... and none is left in any of them
 
@@ -147,8 +148,8 @@ def test_attention_implementation_does_not_affect_parity(pixels):
     sdpa, _ = build_hf_clip_organism(0, attn_implementation="sdpa")
     assert eager.config._attn_implementation == "eager" and sdpa.config._attn_implementation == "sdpa"
     recipe = Recipe(planting.neurons)
-    baked = bake_registers(copy.deepcopy(sdpa), recipe)
-    report = check_parity(eager, baked, recipe, [pixels[:6], pixels[6:]])
+    baked = bake_registers(copy.deepcopy(sdpa), recipe, adapter=adapter_for(copy.deepcopy(sdpa)))
+    report = check_parity(eager, baked, recipe, [pixels[:6], pixels[6:]], adapter=adapter_for(eager))
     assert report.passed, report.summary()
 
 
@@ -157,7 +158,7 @@ def test_attention_implementation_does_not_affect_parity(pixels):
 @pytest.mark.parametrize("kind", list(BUILDERS))
 def test_convert_passes_check(kind, converted, organisms):
     loaded, res = converted[kind]
-    assert loaded.source["library"] == "hf" and loaded.source["class"] == CLASSES[kind]
+    assert loaded.source.library == "hf" and loaded.source.hf_class == CLASSES[kind]
     assert {k: list(v) for k, v in res.recipe.neurons.items()} == organisms[kind][1].neurons
     assert res.report.passed, res.report.summary()
     files = {p.name for p in res.out.iterdir()}
@@ -169,7 +170,7 @@ def test_convert_passes_check(kind, converted, organisms):
     assert cfg["vit_surgery"]["register_indices"] == [p] and cfg["vit_surgery"]["num_prefix_tokens"] == p
     # our loader reads it back without remote code, and `check` (un-baking) passes
     again = load_model(str(res.out))
-    assert again.recipe == res.recipe and register_token_indices(again.model, again.family) == [p]
+    assert again.recipe == res.recipe and register_token_indices(again.model, adapter=again.family) == [p]
     batches = [x for x, _ in ImageBatches(list_images(builtin_images())[:8], again.transform, 8, progress=False)]
     report, _ = run_check(again, batches)
     assert report.passed, report.summary()
@@ -185,7 +186,7 @@ def test_automodel_trust_remote_code_is_a_drop_in(kind, converted, pixels):
     assert any(c.__name__ == CLASSES[kind] for c in type(model).__mro__)
     src, fam = loaded.model, loaded.family
     x = pixels[:5]
-    with torch.no_grad(), hooked_reference(src, res.recipe, fam):
+    with torch.no_grad(), hooked_reference(src, res.recipe, adapter=fam):
         ref_pooled, ref_tokens = fam.forward_both(src, x)
     with torch.no_grad():
         if kind == "clip_model":
@@ -228,10 +229,10 @@ def test_hub_ids_load_through_a_fake_offline_cache(kind, fake_hub, saved, organi
     repo = f"vit-surgery-test/{kind.replace('_', '-')}"
     write_fake_hub_repo(fake_hub, repo, {p.name: p for p in saved[kind].iterdir()})
     loaded = load_model(f"hf:{repo}")
-    assert loaded.source["name_or_path"] == repo and loaded.source["class"] == CLASSES[kind]
-    assert loaded.source["preprocess"]["mean"] == [0.485, 0.456, 0.406]  # from preprocessor_config.json
+    assert loaded.source.name_or_path == repo and loaded.source.hf_class == CLASSES[kind]
+    assert loaded.source.preprocess["mean"] == [0.485, 0.456, 0.406]  # from preprocessor_config.json
     model = organisms[kind][0]
-    fam = family_for(model)
+    fam = adapter_for(model)
     with torch.no_grad():
         a, b = fam.forward_both(model, pixels[:3]), loaded.family.forward_both(loaded.model, pixels[:3])
     assert all(torch.equal(x, y) for x, y in zip(a, b))
@@ -296,7 +297,7 @@ def test_pickled_bin_needs_permission(saved, tmp_path):
     with pytest.raises(UnsafeCheckpointError, match="allow-unsafe-pickle"):
         load_model(str(d))
     torch.save(sd, d / "pytorch_model.bin")  # a plain state dict loads with weights_only semantics
-    assert load_model(str(d)).source["class"] == "Dinov2Model"
+    assert load_model(str(d)).source.hf_class == "Dinov2Model"
 
 
 def test_convert_without_neurons_or_images_needs_a_published_set(saved):
@@ -312,7 +313,7 @@ def test_published_neurons_for_hf_dinov2_large():
     residual stream (64) to stay fast; tests/test_dinov2.py runs the full-width timm ViT-L/14."""
     from transformers import Dinov2Config, Dinov2Model
 
-    from surgery.loading import LoadedModel
+    from surgery.core.source import LoadedModel, SourceInfo
     from surgery.pipeline import resolve_recipe
     from surgery.published import published_for_model
 
@@ -330,14 +331,14 @@ def test_published_neurons_for_hf_dinov2_large():
                 p.fill_(0.1)
             else:
                 p.fill_(1.0) if name.endswith("weight") else p.normal_(0, 0.02, generator=g)
-    fam = family_for(model)
+    fam = adapter_for(model)
     loaded = LoadedModel(model, fam, "hf:facebook/dinov2-large",
-                         {"library": "hf", "class": "Dinov2Model", "name_or_path": "facebook/dinov2-large"}, None)
+                         SourceInfo("hf", hf_class="Dinov2Model", name_or_path="facebook/dinov2-large"), None)
     name = published_for_model(loaded)
     assert name == "dinov2_vitl14"
     recipe, _ = resolve_recipe(loaded, name, {})
-    baked = bake_registers(copy.deepcopy(model), recipe, fam)
+    baked = bake_registers(copy.deepcopy(model), recipe, adapter=fam)
     assert type(baked.encoder.layer[17].mlp).__name__ == "RegisterMlp" and len(baked.encoder.layer[17].mlp.units) == 17
     x = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(1))
-    report = check_parity(model, baked, recipe, [x], family=fam)
+    report = check_parity(model, baked, recipe, [x], adapter=fam)
     assert report.passed, report.summary()

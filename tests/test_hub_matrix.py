@@ -17,10 +17,10 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from hub import add_to_fake_hub
+from surgery.organism_families import write_fake_hub_repo
 from rule_reference import per_vector_relative, rule_reference
 from surgery.cli import main
-from surgery.organism import builtin_images
+from surgery.core.images import builtin_images
 
 EXACT = 1e-9  # float64 output against the float64 rule on the source
 
@@ -55,7 +55,7 @@ def two_images(tmp_path_factory) -> Path:
 
 
 def publish(cache: Path, repo: str, folder: Path) -> None:
-    add_to_fake_hub(cache, repo, {p.name: p for p in folder.iterdir() if p.is_file()})
+    write_fake_hub_repo(cache, repo, {p.name: p for p in folder.iterdir() if p.is_file()})
 
 
 def cli(args: list[Any]) -> None:
@@ -320,7 +320,7 @@ def test_hf_save_pretrained(row, hub_cache, tmp_path, two_images):
         key = "image_embeds" if getattr(want, "image_embeds", None) is not None else "pooler_output"
         assert getattr(got, key).shape == getattr(want, key).shape
         assert got.last_hidden_state.shape[1] == want.last_hidden_state.shape[1] + 1  # one register token
-    from surgery.loading import load_model
+    from surgery.backends import load_model
 
     src = load_model(spec)  # the source as vit-surgery's family sees it, float32
     baked = load_model(str(out))

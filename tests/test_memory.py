@@ -13,12 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from surgery.bake import baked_in_place
-from surgery.cast import cast_blockwise
+from surgery.core.bake import baked_in_place
+from surgery.core.cast import cast_blockwise
 from surgery.cli import main
-from surgery.families import family_for
+from surgery.backends import adapter_for
 from surgery.organism import build_timm_organism
-from surgery.recipe import Recipe
+from surgery.core.recipe import Recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = Recipe({2: [17, 101], 3: [42]})
@@ -30,7 +30,7 @@ def _pixels(n: int = 3) -> torch.Tensor:
 
 def test_blockwise_float64_equals_a_float64_copy_bit_for_bit():
     model, _ = build_timm_organism(0, "clip")
-    fam = family_for(model)
+    fam = adapter_for(model)
     x = _pixels()
     with torch.inference_mode():
         want = fam.forward_both(copy.deepcopy(model).double(), x.double())
@@ -45,10 +45,10 @@ def test_blockwise_float64_equals_a_float64_copy_bit_for_bit():
 
 def test_baked_in_place_is_the_source_again_afterwards():
     model, _ = build_timm_organism(0, "clip")
-    fam = family_for(model)
+    fam = adapter_for(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     mlp = fam.get_mlp(fam.blocks(model)[2])
-    with baked_in_place(model, RECIPE, fam) as baked:
+    with baked_in_place(model, RECIPE, adapter=fam) as baked:
         assert baked is model and fam.num_prefix_tokens(model) == 2
         assert type(fam.get_mlp(fam.blocks(model)[2])).__name__ == "RegisterMlp"
     assert fam.get_mlp(fam.blocks(model)[2]) is mlp and fam.num_prefix_tokens(model) == 1
@@ -74,7 +74,7 @@ def test_streamed_safetensors_writer_round_trips(tmp_path):
 
 
 def test_convert_refuses_before_running_out_of_memory(organism_dir, tmp_path, capsys, monkeypatch):
-    import surgery.memory as memory
+    import surgery.core.memory as memory
 
     neurons = tmp_path / "n.json"
     neurons.write_text(json.dumps({"register_neurons": {"2": [17, 101], "3": [42]}}))
@@ -111,7 +111,7 @@ def test_device_auto_runs_on_what_there_is(organism_dir, tmp_path, capsys):
 
 MEASURE = ("import os,sys,subprocess,json;p=subprocess.Popen(sys.argv[1:]);_,s,ru=os.wait4(p.pid,0);"
            "print(json.dumps({'rc':os.waitstatus_to_exitcode(s),'rss':ru.ru_maxrss*1024}),file=sys.stderr)")
-IMPORTS = "import torch, timm, safetensors, PIL, surgery.pipeline, surgery.loading, surgery.parity, surgery.cli"
+IMPORTS = "import torch, timm, safetensors, PIL, surgery.pipeline, surgery.backends, surgery.core.parity, surgery.cli"
 
 
 def _peak_rss(args: list[str]) -> tuple[int, int, str]:
@@ -129,7 +129,7 @@ def test_convert_peak_memory_stays_within_two_checkpoints(tmp_path):
     import timm
     from timm.models._hub import save_for_hf
 
-    from surgery.memory import activation_bytes
+    from surgery.core.memory import activation_bytes
 
     torch.manual_seed(0)
     save_for_hf(timm.create_model("vit_base_patch16_clip_224", pretrained=False).eval(), tmp_path / "src",

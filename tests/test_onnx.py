@@ -20,14 +20,15 @@ from exporters import onnx_export as ox
 from exporters.onnx_export import (DATA_FILE, FP16_TOLERANCE, FP32_TOLERANCE, ONNX_FILE, export_and_validate,
                                    read_onnx_metadata, validate_onnx, validation_batches)
 from surgery import __version__
-from surgery.bake import register_token_indices, unbake
+from surgery.backends import adapter_for
+from surgery.core.bake import register_token_indices, unbake
 from surgery.cli import main
-from surgery.errors import ModelInputError, ParityError
-from surgery.loading import load_model
-from surgery.judge import allowed_error, as_float64, float64_reference
-from surgery.parity import OutputError
-from surgery.recipe import Recipe
-from surgery.reference import hooked_reference
+from surgery.core.errors import ModelInputError, ParityError
+from surgery.backends import load_model
+from surgery.core.judge import allowed_error, as_float64, float64_reference
+from surgery.core.parity import OutputError
+from surgery.core.recipe import Recipe
+from surgery.core.reference import hooked_reference
 
 
 def run(args, capsys):
@@ -88,7 +89,7 @@ def test_onnxruntime_matches_pytorch_and_hooked_reference_at_batch_1_and_5(expor
     loaded = load_model(str(d))
     fam, baked = loaded.family, loaded.model
     source = copy.deepcopy(baked)
-    unbake(source, fam)
+    unbake(source, adapter=fam)
     sess = session(d / ONNX_FILE)
     pixels = torch.cat(validation_batches(loaded, (6,)))
     # both implementations judged against the hooked reference in float64, per vector (surgery/judge.py)
@@ -111,7 +112,7 @@ def test_onnxruntime_matches_pytorch_and_hooked_reference_at_batch_1_and_5(expor
     for (o, a), err in errors.items():
         assert err.passed(1e-5), (o, a, err.to_dict())
     # the register token (index 1) is a real output: the fix is in the graph, not dropped
-    assert register_token_indices(baked, fam) == [1]
+    assert register_token_indices(baked, adapter=fam) == [1]
     tok = singles[1]["tokens"]
     assert torch.isfinite(tok).all() and tok[:, 1].norm(dim=-1).min() > 0
     # batch 5 is not a batch-2 graph evaluated five times wrongly: each row equals its batch-1 run
@@ -126,7 +127,7 @@ def test_metadata_round_trips(exported):
     meta = read_onnx_metadata(d / ONNX_FILE)
     assert Recipe.from_dict(meta["recipe"]) == loaded.recipe
     assert meta["recipe"] == loaded.recipe.to_dict()
-    assert meta["register_token_indices"] == register_token_indices(loaded.model) == [1]
+    assert meta["register_token_indices"] == register_token_indices(loaded.model, adapter=adapter_for(loaded.model)) == [1]
     assert meta["num_prefix_tokens"] == 1 and meta["num_registers"] == 1
     layout = meta["token_layout"]
     assert layout["register_indices"] == [1] and layout["first_patch_index"] == 2 and layout["num_tokens"] == 66
@@ -280,7 +281,7 @@ def test_convert_with_onnx_writes_a_validated_graph(organism_dir, tmp_path, caps
 
 def test_register_branch_runs_in_float64_only_where_onnxruntime_can():
     from timm.layers import QuickGELU
-    from surgery.modules import MlpWeights, RegisterMlp
+    from surgery.core.modules import MlpWeights, RegisterMlp
 
     def mlp(act):
         w = MlpWeights(torch.randn(16, 8), torch.randn(16), torch.randn(8, 16), torch.randn(8), act)

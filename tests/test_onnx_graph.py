@@ -18,17 +18,17 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from surgery.bake import bake_registers
+from surgery.core.bake import bake_registers
 from surgery.cli import main
-from surgery.discovery import find_register_neurons
-from surgery.families import family_for
+from surgery.core.discovery import find_register_neurons
+from surgery.backends import adapter_for
 from surgery.onnx_graph import check_onnx, convert_onnx, find_register_neurons_onnx, recognise
 from surgery.onnx_graph.check import rebatch
 from surgery.onnx_graph.organisms import build_organism, export_source_onnx
-from surgery.organism import builtin_images
-from surgery.parity import OutputError
-from surgery.recipe import Recipe
-from surgery.reference import hooked_reference
+from surgery.core.images import builtin_images
+from surgery.core.parity import OutputError
+from surgery.core.recipe import Recipe
+from surgery.core.reference import hooked_reference
 from conftest import pixels_from
 
 TOL = 1e-5
@@ -71,7 +71,7 @@ def torch_outputs(model, fam, x, recipe=None):
     with torch.no_grad():
         if recipe is None:
             return fam.forward_both(model, x)
-        with hooked_reference(model, recipe, fam):
+        with hooked_reference(model, recipe, adapter=fam):
             return fam.forward_both(model, x)
 
 
@@ -79,19 +79,19 @@ def own_baked_export(model, recipe, scratch: Path) -> ort.InferenceSession:
     """vit-surgery's own export of the same PyTorch model, baked in PyTorch (exporters/onnx_export.py)."""
     from exporters.onnx_export import export_graph
 
-    fam = family_for(model)
-    baked = bake_registers(copy.deepcopy(model), recipe, fam)
+    fam = adapter_for(model)
+    baked = bake_registers(copy.deepcopy(model), recipe, adapter=fam)
     g = export_graph(baked, fam, scratch, progress=False)
     return ort.InferenceSession(g.proto.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
 def round_trip(tmp_root: Path, case: tuple, recipe_options: dict | None = None) -> None:
     src, model, planting = source_case(tmp_root, case)
-    fam = family_for(model)
+    fam = adapter_for(model)
     tf = fam.data_transform(model)
     # find: same neurons, same scores as on the PyTorch model
     found = find_register_neurons_onnx(src, builtin_images(), transform=tf, progress=False)
-    want = find_register_neurons(model, builtin_images(), progress=False)
+    want = find_register_neurons(model, builtin_images(), progress=False, adapter=adapter_for(model))
     assert dict(found.recipe.neurons) == dict(want.recipe.neurons) == {k: tuple(v) for k, v in planting.neurons.items()}
     assert [(r["layer"], r["unit"]) for r in found.ranking[:10]] == [(r["layer"], r["unit"]) for r in want.ranking[:10]]
     np.testing.assert_allclose([r["score"] for r in found.ranking[:10]], [r["score"] for r in want.ranking[:10]],
@@ -180,7 +180,7 @@ def test_external_data_is_written_and_kept(onnx_root, tmp_path):
     assert (ext_src.parent / "model.onnx.data").stat().st_size > 100_000
     res2 = convert_onnx(ext_src, tmp_path / "ext2", recipe)
     assert res2.external_data and (tmp_path / "ext2" / "model.onnx.data").is_file()
-    x = pixels_from(builtin_images(), family_for(model).data_transform(model), 2)
+    x = pixels_from(builtin_images(), adapter_for(model).data_transform(model), 2)
     a = ort.InferenceSession(str(res.out)).run(None, {"pixel_values": x.numpy()})
     b = ort.InferenceSession(str(res2.out)).run(None, {"pixel_values": x.numpy()})
     np.testing.assert_array_equal(a[1], b[1])
@@ -204,7 +204,7 @@ def test_cli_find_convert_check_on_the_onnx_alone(onnx_root, tmp_path, capsys):
     images = builtin_images()
     assert main(["find", str(d / "model.onnx"), "--images", str(images), "--out", str(tmp_path / "n.json"), "-q"]) == 0
     doc = json.loads((tmp_path / "n.json").read_text())
-    want = find_register_neurons(model, images, progress=False)
+    want = find_register_neurons(model, images, progress=False, adapter=adapter_for(model))
     assert doc["register_neurons"] == {str(k): list(v) for k, v in want.recipe.neurons.items()}
     assert doc["provenance"]["preprocess_from"].endswith("preprocessor_config.json")
     out = tmp_path / "out"

@@ -18,18 +18,18 @@ from open_clip.transformer import QuickGELU, VisionTransformer
 from safetensors.torch import load_file
 
 import surgery
-from surgery.bake import bake_registers, register_token_indices, unbake
-from surgery.discovery import DiscoveryConfig
-from surgery.errors import ModelInputError
-from surgery.families import family_for
-from surgery.families.open_clip_vit import OPEN_CLIP, RegisteredVisionTransformer
-from surgery.loaders_open_clip import resolve_spec
-from surgery.loading import load_model
+from surgery.core.bake import bake_registers, register_token_indices, unbake
+from surgery.core.discovery import DiscoveryConfig
+from surgery.core.errors import ModelInputError
+from surgery.backends import adapter_for
+from surgery.backends.open_clip.adapter import OPEN_CLIP, RegisteredVisionTransformer
+from surgery.backends.open_clip.loader import resolve_spec
+from surgery.backends import load_model
 from surgery.organism_families import build_open_clip_organism, save_open_clip_organism, write_fake_hub_repo
-from surgery.parity import check_parity
+from surgery.core.parity import check_parity
 from surgery.pipeline import parity_batches, run_check, run_convert, run_find, write_json
-from surgery.recipe import Recipe
-from surgery.reference import hooked_reference
+from surgery.core.recipe import Recipe
+from surgery.core.reference import hooked_reference
 
 from conftest import pixels_from
 
@@ -93,11 +93,11 @@ def fake_hub(tmp_path, monkeypatch):
 
 def test_loader_returns_the_image_tower_and_keeps_the_clip_model(loaded, organism):
     assert isinstance(loaded.model, VisionTransformer)
-    assert loaded.family is OPEN_CLIP and family_for(loaded.model) is OPEN_CLIP
-    assert loaded.source["library"] == "open_clip" and loaded.recipe is None
+    assert loaded.family is OPEN_CLIP and adapter_for(loaded.model) is OPEN_CLIP
+    assert loaded.source.library == "open_clip" and loaded.recipe is None
     clip = loaded.extra["clip"]
     assert isinstance(clip, open_clip.CLIP) and clip.visual is loaded.model
-    assert loaded.source["model_cfg"] == organism[0].organism_source["model_cfg"]
+    assert loaded.source.model_cfg == organism[0].organism_source["model_cfg"]
     ref = organism[0].state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in clip.state_dict().items())
     assert OPEN_CLIP.num_prefix_tokens(loaded.model) == 1
@@ -142,7 +142,7 @@ def test_exported_encode_image_equals_hooked_reference(converted, organism, pixe
     source = organism[0]
     recipe = found[0].recipe
     with torch.inference_mode():
-        with hooked_reference(source.visual, recipe, OPEN_CLIP):
+        with hooked_reference(source.visual, recipe, adapter=OPEN_CLIP):
             ref = source.encode_image(pixels)
             ref_n = source.encode_image(pixels, normalize=True)
         got = clip.encode_image(pixels)
@@ -176,7 +176,7 @@ def test_zero_shot_classification_still_works(converted, organism, pixels, found
     with torch.inference_mode():
         img, txt, scale = clip(pixels, text)
         src_txt = source.encode_text(text, normalize=True)
-        with hooked_reference(source.visual, found[0].recipe, OPEN_CLIP):
+        with hooked_reference(source.visual, found[0].recipe, adapter=OPEN_CLIP):
             ref_img = source.encode_image(pixels, normalize=True)
     assert torch.equal(txt, src_txt)  # text tower untouched
     logits = scale * img @ txt.T
@@ -196,7 +196,7 @@ def test_each_image_in_a_batch_equals_it_alone(converted, pixels):
 def test_unbake_restores_the_original_tower_exactly(converted, organism):
     clip, _ = surgery.open_clip_load(converted[0])
     visual = copy.deepcopy(clip.visual)
-    unbake(visual, OPEN_CLIP)
+    unbake(visual, adapter=OPEN_CLIP)
     assert type(visual) is VisionTransformer
     original = organism[0].visual.state_dict()
     restored = visual.state_dict()
@@ -217,10 +217,10 @@ def test_pooling_skips_the_registers(variant, pixels):
     clip, planting = build_open_clip_organism(1, **kw)
     visual = clip.visual
     recipe = Recipe(planting.neurons, num_registers=2)
-    baked = bake_registers(copy.deepcopy(visual), recipe)
-    report = check_parity(visual, baked, recipe, [pixels[:6]], family=OPEN_CLIP)
+    baked = bake_registers(copy.deepcopy(visual), recipe, adapter=adapter_for(copy.deepcopy(visual)))
+    report = check_parity(visual, baked, recipe, [pixels[:6]], adapter=OPEN_CLIP)
     assert report.passed, report.summary()
-    assert register_token_indices(baked) == [1, 2]
+    assert register_token_indices(baked, adapter=adapter_for(baked)) == [1, 2]
     with torch.inference_mode():
         out_src, out_baked = visual(pixels[:4]), baked(pixels[:4])
         assert out_src.shape == out_baked.shape  # same layout as the original model: registers stripped
@@ -258,7 +258,7 @@ def test_load_and_convert_through_a_fake_offline_hub_cache(fake_hub, organism_di
     write_fake_hub_repo(fake_hub, HUB_REPO, {n: organism_dir / n for n in
                                              ("open_clip_config.json", "open_clip_model.safetensors")})
     lm = load_model(f"open_clip:hf-hub:{HUB_REPO}")
-    assert isinstance(lm.model, VisionTransformer) and lm.source["model_name"] == f"hf-hub:{HUB_REPO}"
+    assert isinstance(lm.model, VisionTransformer) and lm.source.model_name == f"hf-hub:{HUB_REPO}"
     ref = organism[0].state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in lm.extra["clip"].state_dict().items())
     res = run_convert(lm, tmp_path / "out", neurons=str(found[1]), progress=False)
@@ -286,7 +286,7 @@ def test_openai_tags_build_quickgelu(fake_hub, organism_dir, monkeypatch):
     assert isinstance(plain.visual.transformer.resblocks[0].mlp.gelu, torch.nn.GELU)
     lm = load_model("open_clip:vit-surgery-tiny/openai")
     assert all(isinstance(b.mlp.gelu, QuickGELU) for b in lm.model.transformer.resblocks)
-    assert lm.source["quick_gelu"] and lm.source["model_cfg"]["quick_gelu"] is True  # exported configs keep it
+    assert lm.source.quick_gelu and lm.source.model_cfg["quick_gelu"] is True  # exported configs keep it
 
 
 # ---- refusals ------------------------------------------------------------------------------------
@@ -320,7 +320,7 @@ def test_normformer_mlp_is_refused():
 
 def test_cli_reports_refusal_on_one_line(fake_hub, tmp_path, capsys):
     from surgery.cli import main
-    from surgery.organism import builtin_images
+    from surgery.core.images import builtin_images
 
     code = main(["find", "open_clip:RN50/openai", "--images", str(builtin_images()), "--out", str(tmp_path / "n.json")])
     err = capsys.readouterr().err.strip()

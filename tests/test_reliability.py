@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from surgery.cli import main
-from surgery.errors import ImageInputError, NeuronsFileError
-from surgery.images import ImageBatches, list_images
-from surgery.recipe import Recipe
+from surgery.core.errors import ImageInputError, NeuronsFileError
+from surgery.core.images import ImageBatches, list_images
+from surgery.core.recipe import Recipe
 
 from conftest import pixels_from
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from surgery.cli import main
-from surgery.errors import ImageInputError, ModelInputError
+from surgery.core.errors import ImageInputError, ModelInputError
 from surgery.knn_eval import dataset_split, run_eval
 from surgery.organism import DEFAULT_PLANT, organism_image
 from surgery.report import PNG_FILES, write_report

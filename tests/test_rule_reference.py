@@ -10,27 +10,27 @@ import torch
 
 from rule_reference import edit_post_activation, per_vector_relative, rule_reference
 from surgery import Recipe, bake_registers, hooked_reference
-from surgery.families import family_for
+from surgery.backends import adapter_for
 from surgery.organism import build_timm_organism
 from surgery.organism_families import build_hf_dinov2_organism, build_open_clip_organism
-from surgery.parity import check_parity
+from surgery.core.parity import check_parity
 
 EXACT = 1e-9  # float64 against float64: any real difference in the rule is many orders above this
 
 
 def _timm(variant: str):
     model, planting = build_timm_organism(0, variant)
-    return model, planting.neurons, family_for(model)
+    return model, planting.neurons, adapter_for(model)
 
 
 def _open_clip():
     clip, planting = build_open_clip_organism(0)
-    return clip.visual, planting.neurons, family_for(clip.visual)
+    return clip.visual, planting.neurons, adapter_for(clip.visual)
 
 
 def _hf_dinov2_reg():
     model, planting = build_hf_dinov2_organism(0, num_register_tokens=4)
-    return model, planting.neurons, family_for(model)
+    return model, planting.neurons, adapter_for(model)
 
 
 # (builder, prefix tokens): CLS-less SigLIP (0), CLIP (1), trained registers (5), gated SwiGLU MLPs
@@ -59,13 +59,13 @@ def test_baked_and_hooked_equal_the_rule_in_float64(case, options):
     assert fam.num_prefix_tokens(model) == prefix
     recipe = Recipe({int(k): list(v) for k, v in neurons.items()}).with_options(**options)
     source = copy.deepcopy(model).double().eval()
-    baked = bake_registers(copy.deepcopy(model), recipe, fam).double().eval()
+    baked = bake_registers(copy.deepcopy(model), recipe, adapter=fam).double().eval()
     size = fam.input_size(model)[-1]
     x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     with rule_reference(source, recipe.neurons, num_registers=recipe.num_registers, scale=recipe.scale,
                         per_neuron=recipe.mode == "per_neuron", family=fam):
         want = _outputs(source, fam, x)
-    with hooked_reference(source, recipe, fam):
+    with hooked_reference(source, recipe, adapter=fam):
         hooked = _outputs(source, fam, x)
     got = _outputs(baked, fam, x)
     R = recipe.num_registers
@@ -118,10 +118,10 @@ def test_check_passes_under_another_cpus_activation_rounding(clip_case, seed):
     """Activation kernels accurate to ~1e-7 absolute (PyTorch's erf, onnxruntime's sigmoid) move the
     register token of outlier-free images by far more than 1e-5 relative; the judge must not care."""
     model, recipe, fam, x = clip_case
-    baked = bake_registers(copy.deepcopy(model), recipe, fam)
+    baked = bake_registers(copy.deepcopy(model), recipe, adapter=fam)
     hooks = _with_activation_noise(baked, fam, 3e-7, seed)
     try:
-        report = check_parity(model, baked, recipe, [x], family=fam)
+        report = check_parity(model, baked, recipe, [x], adapter=fam)
     finally:
         for h in hooks:
             h.remove()
@@ -132,7 +132,7 @@ def test_check_passes_under_another_cpus_activation_rounding(clip_case, seed):
 def test_check_fails_a_real_defect(clip_case, defect):
     """A wrong register value (scale 1.001) or a patch row not zeroed is caught, however small."""
     model, recipe, fam, x = clip_case
-    baked = bake_registers(copy.deepcopy(model), recipe, fam)
+    baked = bake_registers(copy.deepcopy(model), recipe, adapter=fam)
     layer = sorted(recipe.neurons)[0]
     mlp = fam.blocks(baked)[layer].mlp
     if defect == "scale":
@@ -143,6 +143,6 @@ def test_check_fails_a_real_defect(clip_case, defect):
             mlp.fc1.weight[u] = mlp.reg_fc1.weight[0]
             mlp.fc1.bias[u] = mlp.reg_fc1.bias[0]
             mlp.fc2.weight[:, u] = mlp.reg_fc2.weight[:, 0] * 1e-3
-    report = check_parity(model, baked, recipe, [x], family=fam)
+    report = check_parity(model, baked, recipe, [x], adapter=fam)
     assert not report.passed
     assert report.failures()[0].name.startswith(f"block{layer}")  # caught where it starts

@@ -22,10 +22,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from surgery.cli import main
-from surgery.errors import NeuronsFileError, OutputExistsError
-from surgery.images import ImageBatches, list_images, load_image
-from surgery.outputs import atomic_output_dir, atomic_output_file, host_tag
-from surgery.recipe import read_neurons_file
+from surgery.core.errors import NeuronsFileError, OutputExistsError
+from surgery.core.images import ImageBatches, list_images, load_image
+from surgery.core.outputs import atomic_output_dir, atomic_output_file, host_tag
+from surgery.core.recipe import read_neurons_file
 
 CLI = [sys.executable, "-m", "surgery.cli"]
 NEURONS = {"register_neurons": {"2": [17, 101], "3": [42]}}
@@ -308,7 +308,7 @@ def test_ctrl_c_during_startup_is_one_line(monkeypatch, capsys):
 
     def interrupted():
         raise KeyboardInterrupt
-    monkeypatch.setattr(cli, "_load_extra_commands", interrupted)
+    monkeypatch.setattr(cli, "build_parser", interrupted)
     code, _, err = run(["--help"], capsys)
     assert code == 130 and one_line(err)
 

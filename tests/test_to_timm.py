@@ -9,7 +9,7 @@ import torch
 
 import surgery
 from surgery.cli import main
-from surgery.loading import load_model
+from surgery.backends import adapter_for, load_model
 from surgery.organism_families import (build_hf_clip_organism, build_hf_dinov2_organism, build_open_clip_organism,
                                        save_hf_organism, save_open_clip_organism)
 from surgery.to_timm import to_timm
@@ -29,7 +29,7 @@ def _convert_and_compare(src, planting, tmp_path, calib_dir, capsys, prefix_toke
     assert baked.num_prefix_tokens == prefix_tokens
     loaded = load_model(str(src))
     x = torch.randn(3, 3, 64, 64)
-    with torch.no_grad(), surgery.hooked_reference(loaded.model, surgery.Recipe(planting.neurons)):
+    with torch.no_grad(), surgery.hooked_reference(loaded.model, surgery.Recipe(planting.neurons), adapter=adapter_for(loaded.model)):
         reference = loaded.family.forward_pooled(loaded.model, x)
     with torch.no_grad():
         got = baked(x)
@@ -59,7 +59,7 @@ def test_hf_dinov2_to_timm_folder(kw, tmp_path, calib_dir, capsys):
 
 
 def test_to_timm_refuses_towers_without_a_timm_equivalent(tmp_path):
-    from surgery.errors import ModelInputError
+    from surgery.core.errors import ModelInputError
 
     clip, _ = build_open_clip_organism(0, attentional_pool=True)
     src = save_open_clip_organism(clip, tmp_path / "ap")

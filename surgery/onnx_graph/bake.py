@@ -22,8 +22,8 @@ import numpy as np
 import onnx_ir as ir
 
 from .. import __version__
-from ..errors import ModelInputError
-from ..recipe import Recipe, validate_recipe_for_model
+from ..core.errors import ModelInputError
+from ..core.recipe import Recipe, validate_recipe_for_model
 from .discover import TokenLayout
 from .recognise import MlpSite, VitGraph, const_array, node_label
 

@@ -19,9 +19,9 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from ..errors import ModelInputError
-from ..parity import OutputError
-from ..recipe import Recipe
+from ..core.errors import ModelInputError
+from ..core.parity import OutputError
+from ..core.recipe import Recipe
 from .bake import (_Builder, _insert_registers, _remake_side_tensors, _replace_uses, _shift_token_constants,
                    _side_tensors, clone_activation, uses_float64)
 from .discover import TokenLayout, measure_layout

@@ -11,7 +11,7 @@ from typing import Any, Optional
 import torch
 
 from .. import __version__
-from ..errors import ModelInputError, NeuronsFileError, ParityError, SurgeryError
+from ..core.errors import ModelInputError, NeuronsFileError, ParityError, SurgeryError
 
 CHECK_BATCH_SIZES = (1, 3, 8)
 
@@ -26,8 +26,8 @@ def _say(a: argparse.Namespace, msg: str) -> None:
 
 
 def _images_pixels(source: Path, images: Optional[str], count: int, seed: int, progress: bool) -> torch.Tensor:
-    from ..images import ImageBatches, list_images
-    from ..organism import builtin_images
+    from ..core.images import ImageBatches, list_images
+    from ..core.images import builtin_images
     from .discover import transform_for
     from .recognise import recognise
 
@@ -49,7 +49,7 @@ def check_batches(source: Path, images: Optional[str], count: int, seed: int, pr
 
 
 def cmd_find_onnx(a: argparse.Namespace, config: Any) -> int:
-    from ..outputs import check_output_target
+    from ..core.outputs import check_output_target
     from ..pipeline import write_json
     from .discover import find_register_neurons_onnx
 
@@ -70,7 +70,7 @@ def cmd_find_onnx(a: argparse.Namespace, config: Any) -> int:
 
 
 def _recipe(a: argparse.Namespace, config: Any) -> tuple[Any, dict[str, Any]]:
-    from ..recipe import read_neurons_file
+    from ..core.recipe import read_neurons_file
     from .discover import find_register_neurons_onnx
 
     overrides = {"num_registers": a.num_registers, "scale": a.scale, "mode": a.mode}
@@ -97,7 +97,7 @@ def cmd_convert_onnx(a: argparse.Namespace, config: Any) -> int:
     if getattr(a, "to", "native") != "native" or getattr(a, "onnx", False) or getattr(a, "fp16", False):
         raise SurgeryError("--to, --onnx and --fp16 apply to PyTorch models; an ONNX input is written as "
                            "OUT/model.onnx")
-    from ..outputs import check_output_target
+    from ..core.outputs import check_output_target
 
     check_output_target(a.out, a.overwrite)
     source = require_onnx_file(a.model)

@@ -12,9 +12,9 @@ from typing import Any, Optional
 import onnx_ir as ir
 import torch
 
-from ..errors import ModelInputError, ParityError
-from ..outputs import check_output_target
-from ..recipe import Recipe
+from ..core.errors import ModelInputError, ParityError
+from ..core.outputs import check_output_target
+from ..core.recipe import Recipe
 from .bake import bake_graph
 from .check import FP32_TOLERANCE, OnnxCheckReport, check_onnx
 from .discover import measure_layout

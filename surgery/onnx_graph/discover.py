@@ -11,10 +11,9 @@ from typing import Any, Callable, Iterable, Optional
 import numpy as np
 import torch
 
-from ..discovery import (DiscoveryConfig, DiscoveryResult, NeuronStatistics, layer_range, outlier_mask,
-                         summarise)
-from ..errors import ModelInputError
-from ..images import ImageBatches, list_images
+from ..core.discovery import DiscoveryConfig, DiscoveryResult, NeuronStatistics, layer_range, outlier_mask, summarise
+from ..core.errors import ModelInputError
+from ..core.images import ImageBatches, list_images
 from .recognise import VitGraph, block_output, node_label, recognise
 from .runtime import ExposedSession
 
@@ -36,7 +35,7 @@ def preprocess_config(vit: VitGraph) -> tuple[dict[str, Any], str]:
     """timm transform arguments for the images, and where they came from: preprocessor_config.json next to
     the file (HF ONNX repos, optimum exports), else vit-surgery's own metadata, else ImageNet defaults at
     the graph's input size (with a warning)."""
-    from ..loaders_hf import preprocess_from_processor
+    from ..backends.hf.loader import preprocess_from_processor
 
     size = static_input_size(vit)
     base = dict(DEFAULT_PREPROCESS, input_size=size)

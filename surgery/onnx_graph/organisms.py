@@ -39,9 +39,9 @@ def export_source_onnx(model: nn.Module, out: Path, *, exporter: str = "dynamo",
 
     from exporters.onnx_export import VIT_ONNX_SPEC, export_graph
 
-    from ..families import family_for
+    from ..backends import adapter_for
 
-    fam = family_for(model)
+    fam = adapter_for(model)
     spec = dataclasses.replace(VIT_ONNX_SPEC, opset=opset)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:

@@ -22,7 +22,7 @@ from typing import Optional
 import numpy as np
 import onnx_ir as ir
 
-from ..errors import ModelInputError
+from ..core.errors import ModelInputError
 
 # ops an MLP activation subgraph may contain (elementwise, GELU family)
 _ACT_OPS = {"Div", "Mul", "Add", "Sub", "Erf", "Sigmoid", "Tanh", "Pow", "Gelu", "FastGelu", "BiasGelu",

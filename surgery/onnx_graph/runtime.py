@@ -8,14 +8,9 @@ from typing import Any, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from ..errors import ModelInputError
+from ..core.errors import ModelInputError, first_line
 
 _IN_MEMORY_LIMIT = 1 << 30  # larger models go through a temporary file with external data
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    return (lines[0] if lines else type(e).__name__)[:300]
 
 
 def session_options() -> Any:
@@ -33,7 +28,7 @@ def session_for_file(path: Path) -> Any:
     try:
         return ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise ModelInputError(f"{path}: onnxruntime cannot load it ({_first_line(e)})") from None
+        raise ModelInputError(f"{path}: onnxruntime cannot load it ({first_line(e)})") from None
 
 
 class ExposedSession:
@@ -69,7 +64,7 @@ class ExposedSession:
         try:
             self.session = ort.InferenceSession(payload, session_options(), providers=["CPUExecutionProvider"])
         except Exception as e:
-            raise ModelInputError(f"{label}: onnxruntime cannot load it ({_first_line(e)})") from None
+            raise ModelInputError(f"{label}: onnxruntime cannot load it ({first_line(e)})") from None
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in own]
 

@@ -1,0 +1,58 @@
+"""The one registry of library backends: adapters, loaders and writers, in dispatch order.
+
+A new library is a package next to these (adapter, loader, writer) exposing `BACKEND`, plus one entry
+in `BACKENDS` below. Order is dispatch order: the first loader that recognises a MODEL string loads
+it (open_clip's before timm's, which refuses folders without config.json), the first adapter that
+matches a module handles it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+from ..core.adapter import Adapter
+from ..core.errors import ModelInputError
+from ..core.integrity import assert_finite
+from ..core.memory import trim_heap
+from ..core.source import LoadedModel, LoadOptions, require_finite_weights
+from . import dinov2_hub, hf, open_clip, timm
+from .base import Backend, Writer, adapter_among
+
+BACKENDS: tuple[Backend, ...] = (open_clip.BACKEND, timm.BACKEND, hf.BACKEND, dinov2_hub.BACKEND)
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """The adapter for `model`, or a one-line error naming what was given."""
+    return adapter_among([a for b in BACKENDS for a in b.adapters], model)
+
+
+def adapter_by_name(name: str) -> Adapter:
+    for backend in BACKENDS:
+        for adapter in backend.adapters:
+            if adapter.name == name:
+                return adapter
+    raise ModelInputError(f"unknown model family {name!r}")
+
+
+def writer_for(library: str) -> Writer:
+    """The folder writer for outputs of `library` (the source's library)."""
+    writer: Optional[Writer] = next((b.writer for b in BACKENDS if b.name == library and b.writer), None)
+    if writer is None:
+        raise ModelInputError(f"no exporter for {library} models")
+    return writer
+
+
+def load_model(spec: str, options: LoadOptions | None = None) -> LoadedModel:
+    """Load MODEL as the user typed it; any failure is a one-line SurgeryError."""
+    opts = options or LoadOptions()
+    for loader in (ld for b in BACKENDS for ld in b.loaders):
+        loaded = loader(spec, opts)
+        if loaded is not None:
+            assert_finite(loaded.model, spec)
+            loaded.model.eval()
+            loaded.model.to(opts.device)
+            trim_heap()  # a state dict loaded whole and copied into the model is freed by now
+            require_finite_weights(loaded)
+            return loaded
+    raise ModelInputError(f"unknown model {spec!r}")

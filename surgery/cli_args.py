@@ -1,0 +1,43 @@
+"""Argument types and options shared by the `vit-surgery` subcommands (cli.py, onnx_cli.py, report_cli.py)."""
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any, Callable
+
+
+def _number(cast: Callable[[str], Any], what: str, ok: Callable[[Any], bool]) -> Callable[[str], Any]:
+    """An argparse type: `cast` the text and check it, else a usage error naming what was expected."""
+    def parse(v: str) -> Any:
+        try:
+            x = cast(v)
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {v!r}") from None
+        if not ok(x):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {v!r}")
+        return x
+    return parse
+
+
+def _or_auto(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    return lambda v: v if v == "auto" else parse(v)
+
+
+_positive_int = _number(int, "a positive integer", lambda i: i >= 1)
+_finite_float = _number(float, "a finite number", math.isfinite)
+_positive_float = _number(float, "a positive number", lambda f: f > 0 and math.isfinite(f))
+_fraction = _number(float, "a number between 0 and 1 (exclusive)", lambda f: 0 < f < 1)
+_threshold = _or_auto(_number(float, "a positive number or 'auto'", lambda f: f > 0 and math.isfinite(f)))
+
+
+def _int_or_auto(minimum: int) -> Callable[[str], int | str]:
+    return _or_auto(_number(int, f"an integer >= {minimum} or 'auto'", lambda i: i >= minimum))
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu); the reference runs "
+                   "in exact float32/float64 there, no autocast")
+    p.add_argument("--allow-unsafe-pickle", action="store_true",
+                   help="allow checkpoints that need full unpickling (runs code from the file; only for trusted files)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow HF models whose code lives in the model folder (never on by default)")

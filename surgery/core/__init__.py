@@ -1,0 +1,1 @@
+"""Library-free core: recipe, modules, bake, reference, discovery, parity. Imports no backend."""

@@ -1,0 +1,283 @@
+"""Parity: does a baked model compute what the hooked reference computes on the source model?"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from .errors import ParityError
+from .adapter import Adapter
+from .cast import cast_blockwise
+from .judge import allowed_error, float32_sized_noise, per_vector_relative
+from .recipe import Recipe
+
+FP32_TOLERANCE = 1e-5
+# Half precision: the baked model may be off the float64 reference by this factor times the error of
+# the unmodified (hooked) model in the same dtype, vector by vector (floored at that error's median).
+HALF_FACTOR = 2.0
+JUDGE = ("each vector against the hooked reference run in float64; allowed = tolerance x max(1, "
+         "conditioning / median conditioning), conditioning measured on the float64 run under float32-sized "
+         "noise (float16/bfloat16: at least 2 x the hooked reference's own error in that dtype)")
+
+
+@dataclass
+class OutputError:
+    """Worst error of one named output.
+
+    relative: max over feature vectors (each token of each image, or each pooled vector) of
+    ||got - reference|| / ||reference||, so a huge register token cannot hide errors elsewhere.
+    max_abs: largest elementwise |got - reference|. where: (image, token) of the worst vector.
+    When each vector has its own allowed error (the judge, surgery/judge.py), `ratio` is the largest
+    error / allowed over vectors (> 1 fails), `where` and `allowed` refer to that vector.
+    """
+
+    name: str
+    max_abs: float = 0.0
+    relative: float = 0.0
+    where: tuple[int, ...] = ()
+    ratio: float | None = None
+    allowed: float | None = None
+    relative_at_where: float = 0.0
+
+    def update(self, got: torch.Tensor, ref: torch.Tensor, offset: int = 0,
+               allowed: torch.Tensor | None = None) -> None:
+        if got.shape != ref.shape:
+            raise ParityError(f"{self.name}: the output has shape {tuple(got.shape)}, the reference "
+                              f"{tuple(ref.shape)}: the baked model is not the source's architecture")
+        if not ref.numel():
+            return
+        diff = got.double() - ref.double()
+        self.max_abs = max(self.max_abs, float(diff.abs().max()))
+        rel = per_vector_relative(got, ref)
+        score = rel if allowed is None else rel / allowed.to(rel)
+        best = float(score.max())
+        idx = torch.unravel_index(score.argmax(), score.shape)
+        current = self.relative if allowed is None else (self.ratio or 0.0)
+        if best >= current or not self.where:
+            self.where = (int(idx[0]) + offset,) + tuple(int(i) for i in idx[1:])
+            self.relative_at_where = float(rel[idx])
+            if allowed is not None:
+                self.ratio, self.allowed = best, float(allowed[idx])
+        self.relative = max(self.relative, float(rel.max()))
+
+    def passed(self, tolerance: float) -> bool:
+        return self.ratio <= 1.0 if self.ratio is not None else self.relative <= tolerance
+
+    def excess(self, tolerance: float) -> float:
+        """How far out of its allowance the worst vector is (<= 1 passes)."""
+        return self.ratio if self.ratio is not None else self.relative / tolerance
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"name": self.name, "max_abs": self.max_abs, "relative": self.relative, "where": list(self.where)}
+        if self.ratio is not None:
+            d.update(error_over_allowed=self.ratio, allowed_at_where=self.allowed,
+                     relative_at_where=self.relative_at_where)
+        return d
+
+
+@dataclass
+class ParityReport:
+    tolerance: float
+    outputs: dict[str, OutputError] = field(default_factory=dict)
+    images: int = 0
+    judge: str = JUDGE
+
+    @property
+    def worst(self) -> OutputError:
+        return max(self.outputs.values(), key=lambda e: e.excess(self.tolerance))
+
+    @property
+    def passed(self) -> bool:
+        return all(e.passed(self.tolerance) for e in self.outputs.values())
+
+    def failures(self) -> list[OutputError]:
+        """Outputs out of tolerance, in forward order (block residuals, tokens, pooled)."""
+        return [e for e in self.outputs.values() if not e.passed(self.tolerance)]
+
+    def summary(self) -> str:
+        w = self.worst
+        verdict = "PASS" if self.passed else "FAIL"
+        where = f" at (image, token) {tuple(w.where)}" if w.where else ""
+        allowed = f", allowed there {w.allowed:.3g}" if w.allowed is not None and w.allowed > self.tolerance else ""
+        first = f"; first out of tolerance: {self.failures()[0].name}" if not self.passed else ""
+        worst_rel = max(e.relative for e in self.outputs.values())
+        return (f"parity {verdict}: worst relative error vs the float64 reference {w.relative_at_where:.3g} "
+                f"(tolerance {self.tolerance:g}{allowed}) in {w.name}{where}, largest anywhere {worst_rel:.3g}, "
+                f"over {self.images} image(s){first}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "tolerance": self.tolerance, "images": self.images,
+                "relative_error_definition": "per feature vector ||baked - reference|| / ||reference||",
+                "judge": self.judge,
+                "worst": self.worst.to_dict(),
+                "outputs": [e.to_dict() for e in self.outputs.values()]}
+
+
+def _capture(model: nn.Module, fam: Adapter, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    res: list[torch.Tensor] = []
+    hs = [b.register_forward_hook(lambda _m, _a, o: res.append(fam.block_output(o)))
+          for b in fam.blocks(model)]
+    try:
+        pooled, tokens = fam.forward_both(model, pixels)
+    finally:
+        for h in hs:
+            h.remove()
+    # forward order, so the first failing output is where the divergence starts
+    out = {f"block{i}.residual": r for i, r in enumerate(res)}
+    out.update({"tokens": tokens, "pooled": pooled})
+    return out
+
+
+def half_allowed(own_error: torch.Tensor) -> torch.Tensor:
+    """Allowed error of a float16/bfloat16 baked model per vector: HALF_FACTOR x the unmodified model's
+    own error in that dtype, floored at that error's median (a vector it happens to get exactly right
+    is not held to zero)."""
+    if not own_error.numel():
+        return own_error
+    return HALF_FACTOR * own_error.clamp_min(float(own_error.flatten().median()))
+
+
+def require_same_architecture(source: nn.Module, baked: nn.Module, recipe: Recipe, fam: Adapter) -> None:
+    """A source that is not the baked model's own (other depth, widths, prefix tokens or library) is a
+    user error, named in one line, before anything runs."""
+    if not fam.matches(source):
+        raise ParityError(f"the source is a {type(source).__name__} model, the baked model a {fam.name} one: "
+                          "not the source it was made from")
+    sb, bb = fam.blocks(source), fam.blocks(baked)
+    have = (len(sb), [fam.mlp_width(b) for b in sb], fam.embed_dim(source), fam.num_prefix_tokens(source))
+    want = (len(bb), [fam.mlp_width(b) for b in bb], fam.embed_dim(baked),
+            fam.num_prefix_tokens(baked) - (recipe.num_registers if getattr(baked, "surgery_recipe", None) else 0))
+    for what, a, b in zip(("blocks", "MLP widths", "width", "prefix tokens"), have, want):
+        if a != b:
+            shown = (sorted(set(a)), sorted(set(b))) if isinstance(a, list) else (a, b)
+            raise ParityError(f"the source has {what} {shown[0]}, the baked model {shown[1]}: "
+                              "not the source it was made from")
+
+
+Emit = Callable[[str, torch.Tensor], None]
+
+
+def _stream(model: nn.Module, fam: Adapter, pixels: torch.Tensor, emit: Emit) -> None:
+    """One forward pass; `emit(name, output)` for each block's residual the moment the block ends, then
+    for the final tokens and the pooled output (forward order, the names `_capture` uses)."""
+    count = [0]
+
+    def hook(_m: nn.Module, _a: tuple, o: object) -> None:
+        emit(f"block{count[0]}.residual", fam.block_output(o))
+        count[0] += 1
+
+    hs = [b.register_forward_hook(hook) for b in fam.blocks(model)]
+    try:
+        pooled, tokens = fam.forward_both(model, pixels)
+    finally:
+        for h in hs:
+            h.remove()
+    emit("tokens", tokens)
+    emit("pooled", pooled)
+
+
+class _BatchJudge:
+    """One batch, streamed: the baked model's outputs (and, for half models, the hooked reference's own
+    outputs in that dtype) are held; the float64 reference then runs block by block and each of its
+    outputs is judged and dropped the moment it is computed. Conditioning (a second, perturbed float64
+    run) is measured only for the outputs where some vector is off by more than the plain tolerance:
+    vectors within it pass whatever their conditioning, so the verdict is that of the full judge."""
+
+    def __init__(self, report: ParityReport, got: dict[str, torch.Tensor], own: dict[str, torch.Tensor],
+                 tolerance: float) -> None:
+        self.report, self.got, self.own, self.tol = report, got, own, tolerance
+        self.pending: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+        self.seen: set[str] = set()
+
+    def exact(self, name: str, exact: torch.Tensor) -> None:
+        self.seen.add(name)
+        if not torch.isfinite(exact).all():
+            raise ParityError(f"the hooked reference itself gives NaN/Inf in {name} on these images: the "
+                              "source model is not usable as it is")
+        if name not in self.got:
+            raise ParityError(f"the baked model has no output {name!r} (the source has more blocks): it is not "
+                              "the source's architecture")
+        got = self.got.pop(name)
+        if got.shape != exact.shape:
+            OutputError(name).update(got, exact)  # raises the one-line shape error
+        rel = per_vector_relative(got, exact)
+        floor = half_allowed(per_vector_relative(self.own.pop(name), exact)) if name in self.own else None
+        plain = torch.full_like(rel, self.tol) if floor is None else torch.maximum(torch.full_like(rel, self.tol), floor)
+        if bool((rel <= plain).all()):
+            self._update(name, got, exact, plain)
+        else:  # judged once the conditioning run has measured how ill-conditioned these vectors are
+            self.pending[name] = (got, exact, floor)
+
+    def conditioning(self, name: str, noisy: torch.Tensor) -> None:
+        if name not in self.pending:
+            return
+        got, exact, floor = self.pending.pop(name)
+        allowed = allowed_error(per_vector_relative(noisy, exact), self.tol)
+        self._update(name, got, exact, allowed if floor is None else torch.maximum(allowed, floor))
+
+    def _update(self, name: str, got: torch.Tensor, exact: torch.Tensor, allowed: torch.Tensor) -> None:
+        self.report.outputs.setdefault(name, OutputError(name)).update(got, exact, offset=self.report.images,
+                                                                      allowed=allowed)
+
+
+@torch.inference_mode()
+def check_parity(
+    source: nn.Module,
+    baked: nn.Module,
+    recipe: Recipe,
+    batches: Iterable[torch.Tensor],
+    *,
+    adapter: Adapter,
+    tolerance: float = FP32_TOLERANCE,
+    seed: int = 0,
+    on_baked_batch: Optional[Callable[[nn.Module, torch.Tensor], Any]] = None,
+) -> ParityReport:
+    """Judge `baked` against the hooked reference on `source` run in float64 (surgery/judge.py): pooled
+    output, every token (register included) and every block's residual stream, vector by vector.
+    `baked` runs in its own dtype; a float16/bfloat16 model is also allowed HALF_FACTOR x the error of
+    the hooked reference in that dtype.
+
+    Memory: no copy of either model. The source runs in float64 (or the half dtype) one block at a
+    time (surgery/cast.py); batches are judged one by one and the float64 outputs are judged as they
+    are computed, so the extra memory is one block's weights plus one batch of the baked model's
+    residuals. `on_baked_batch(baked, pixels)`, if given, runs inside the baked model's pass (hooks
+    placed by it see that pass: the effect statistics use it to cost no extra forward pass)."""
+    from .reference import hooked_reference
+
+    fam = adapter
+    require_same_architecture(source, baked, recipe, fam)
+    report = ParityReport(tolerance=tolerance)
+    source.eval()
+    baked.eval()
+    dev = next(baked.parameters()).device
+    dtype = next(baked.parameters()).dtype
+    half = dtype in (torch.float16, torch.bfloat16)
+    src_dev = next(source.parameters()).device
+    blocks = fam.blocks(source)
+    for pixels in batches:
+        got: dict[str, torch.Tensor] = {}
+        with contextlib.ExitStack() as stack:
+            if on_baked_batch is not None:
+                stack.enter_context(on_baked_batch(baked, pixels))
+            _stream(baked, fam, pixels.to(dev, dtype), got.__setitem__)
+        own: dict[str, torch.Tensor] = {}
+        if half:
+            with cast_blockwise(source, blocks, dtype), hooked_reference(source, recipe, adapter=fam):
+                _stream(source, fam, pixels.to(src_dev, dtype), own.__setitem__)
+        judge = _BatchJudge(report, got, own, tolerance)
+        x64 = pixels.to(src_dev, torch.float64)
+        with cast_blockwise(source, blocks, torch.float64):
+            with hooked_reference(source, recipe, adapter=fam):
+                _stream(source, fam, x64, judge.exact)
+            if judge.pending:
+                with hooked_reference(source, recipe, adapter=fam), float32_sized_noise(source, seed):
+                    _stream(source, fam, x64, judge.conditioning)
+        if judge.got:
+            extra = sorted(judge.got)[0]
+            raise ParityError(f"the baked model has an output {extra!r} the source does not: it is not the "
+                              "source's architecture")
+        report.images += pixels.shape[0]
+    return report
