@@ -246,14 +246,19 @@ def find_register_neurons(
     else:
         files = list(images)
     tf = transform or fam.data_transform(model)
-    p = fam.num_prefix_tokens(model)
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
     hidden_sizes = [fam.hidden_size(b) for b in blocks[: score_layers + 1]]
-    stats = NeuronStatistics(hidden_sizes, detect + 1, device)
+    stats = NeuronStatistics(hidden_sizes, detect + 1, next(model.parameters()).device)
+    batches = ImageBatches(files, tf, cfg.batch_size, progress=progress, desc="calibrating")
+    used = _stream_statistics(model, fam, blocks, batches, stats, cfg, detect=detect, score_layers=score_layers)
+    batches.require_some(used)
+    return summarise(stats, cfg, detect=detect, score_layers=score_layers, depth=depth, hidden_sizes=hidden_sizes,
+                     num_files=len(files), skipped=len(batches.skipped), family_name=fam.name, provenance=provenance)
 
-    norms: list[torch.Tensor | None] = [None] * (detect + 1)
-    hidden: dict[int, torch.Tensor] = {}
+
+def _install_hooks(blocks: list[nn.Module], fam: Family, detect: int, score_layers: int,
+                   norms: list[torch.Tensor | None], hidden: dict[int, torch.Tensor]) -> list[Any]:
+    """Hooks that fill `norms[i]` (block i's output token norms, i <= detect) and `hidden[i]` (block
+    i's post-activation MLP units, i <= score_layers) on every forward pass; returns their handles."""
     handles = []
     for i in range(detect + 1):
         handles.append(blocks[i].register_forward_hook(
@@ -261,9 +266,21 @@ def find_register_neurons(
     for i in range(score_layers + 1):
         handles.append(fam.down_proj(fam.get_mlp(blocks[i])).register_forward_pre_hook(
             lambda _m, args, i=i: hidden.__setitem__(i, args[0])))
+    return handles
+
+
+def _stream_statistics(model: nn.Module, fam: Family, blocks: list[nn.Module], batches: ImageBatches,
+                       stats: NeuronStatistics, cfg: DiscoveryConfig, *, detect: int, score_layers: int) -> int:
+    """Run every calibration batch once through `model` (eval mode, hooks removed and the training
+    flag restored afterwards) and fold it into `stats`; returns how many images were used."""
+    p = fam.num_prefix_tokens(model)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    norms: list[torch.Tensor | None] = [None] * (detect + 1)
+    hidden: dict[int, torch.Tensor] = {}
+    handles = _install_hooks(blocks, fam, detect, score_layers, norms, hidden)
     was_training = model.training
     model.eval()
-    batches = ImageBatches(files, tf, cfg.batch_size, progress=progress, desc="calibrating")
     used = 0
     try:
         for pixels, paths in batches:
@@ -277,9 +294,7 @@ def find_register_neurons(
         for h in handles:
             h.remove()
         model.train(was_training)
-    batches.require_some(used)
-    return summarise(stats, cfg, detect=detect, score_layers=score_layers, depth=depth, hidden_sizes=hidden_sizes,
-                     num_files=len(files), skipped=len(batches.skipped), family_name=fam.name, provenance=provenance)
+    return used
 
 
 def summarise(stats: NeuronStatistics, cfg: DiscoveryConfig, *, detect: int, score_layers: int, depth: int,
@@ -290,30 +305,12 @@ def summarise(stats: NeuronStatistics, cfg: DiscoveryConfig, *, detect: int, sco
               "outlier_tokens": stats.outlier_tokens, "patch_tokens": stats.patch_tokens,
               "skipped_images": skipped}
     layers = stats.layer_table()
-    thr_info: dict[str, Any] = {
-        "mode": "auto" if cfg.threshold == "auto" else "fixed",
-        "value": None if cfg.threshold == "auto" else float(cfg.threshold),
-        "mean_per_image": stats.threshold_sum / max(stats.images, 1),
-        "rule": (f"norm > {AUTO_FACTOR} x the image's median patch-token norm at block {detect}"
-                 if cfg.threshold == "auto" else f"norm > {cfg.threshold} at block {detect}"),
-    }
+    thr_info = _threshold_info(stats, cfg, detect)
     if stats.images_with_outliers == 0:
-        med, p99, p999, mx = (stats.percentile(50), stats.percentile(99), stats.percentile(99.9),
-                              float(stats.max_sum[detect] / max(stats.images, 1)))
-        raise NoOutliersError(
-            f"no outlier tokens at block {detect} ({thr_info['rule']}) in {stats.images} images; "
-            f"patch-token norms: median {med:.3g}, p99 {p99:.3g}, p99.9 {p999:.3g}, mean per-image max {mx:.3g}; "
-            f"try --threshold {p99:.3g} (the 99th percentile) or another --detect-layer"
-        )
+        raise _no_outliers_error(stats, detect, thr_info["rule"])
     max_layer = emergence_layer(layers, detect) if cfg.max_layer == "auto" else int(cfg.max_layer)
     max_layer = min(max_layer, score_layers)
-    ranked: list[tuple[float, int, int]] = []
-    for layer in range(max_layer + 1):
-        mean = (stats.score_sum[layer] / stats.images_with_outliers).cpu()
-        vals, idx = mean.topk(min(GAP_WINDOW + 1, mean.numel()))
-        ranked += [(float(v), layer, int(u)) for v, u in zip(vals, idx)]
-    ranked.sort(key=lambda t: (-t[0], t[1], t[2]))  # ties broken by position: deterministic
-    ranked = ranked[: GAP_WINDOW + 1]
+    ranked = _rank_units(stats, max_layer)
     k, rule = select_top_k([r[0] for r in ranked], cfg.top_k)
     neurons: dict[int, list[int]] = {}
     for _, layer, unit in ranked[:k]:
@@ -329,3 +326,37 @@ def summarise(stats: NeuronStatistics, cfg: DiscoveryConfig, *, detect: int, sco
         cut=k, cut_rule=rule, threshold=thr_info, detect_layer=detect, max_layer=max_layer,
         counts=counts, layers=layers, provenance=prov,
     )
+
+
+def _threshold_info(stats: NeuronStatistics, cfg: DiscoveryConfig, detect: int) -> dict[str, Any]:
+    """The outlier threshold as reported in neurons.json: mode, fixed value, per-image mean, rule."""
+    return {
+        "mode": "auto" if cfg.threshold == "auto" else "fixed",
+        "value": None if cfg.threshold == "auto" else float(cfg.threshold),
+        "mean_per_image": stats.threshold_sum / max(stats.images, 1),
+        "rule": (f"norm > {AUTO_FACTOR} x the image's median patch-token norm at block {detect}"
+                 if cfg.threshold == "auto" else f"norm > {cfg.threshold} at block {detect}"),
+    }
+
+
+def _no_outliers_error(stats: NeuronStatistics, detect: int, rule: str) -> NoOutliersError:
+    """The refusal when no token crossed the threshold, with the norm percentiles to pick another."""
+    med, p99, p999, mx = (stats.percentile(50), stats.percentile(99), stats.percentile(99.9),
+                          float(stats.max_sum[detect] / max(stats.images, 1)))
+    return NoOutliersError(
+        f"no outlier tokens at block {detect} ({rule}) in {stats.images} images; "
+        f"patch-token norms: median {med:.3g}, p99 {p99:.3g}, p99.9 {p999:.3g}, mean per-image max {mx:.3g}; "
+        f"try --threshold {p99:.3g} (the 99th percentile) or another --detect-layer"
+    )
+
+
+def _rank_units(stats: NeuronStatistics, max_layer: int) -> list[tuple[float, int, int]]:
+    """The best GAP_WINDOW + 1 (score, layer, unit) over blocks 0..max_layer, best first; a unit's
+    score is its mean |activation| at outlier positions over the images that had outliers."""
+    ranked: list[tuple[float, int, int]] = []
+    for layer in range(max_layer + 1):
+        mean = (stats.score_sum[layer] / stats.images_with_outliers).cpu()
+        vals, idx = mean.topk(min(GAP_WINDOW + 1, mean.numel()))
+        ranked += [(float(v), layer, int(u)) for v, u in zip(vals, idx)]
+    ranked.sort(key=lambda t: (-t[0], t[1], t[2]))  # ties broken by position: deterministic
+    return ranked[: GAP_WINDOW + 1]
