@@ -47,7 +47,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -631,19 +631,79 @@ def _torch_outputs(model: nn.Module, family: Any, pixels: torch.Tensor) -> dict[
     return {"pooled": pooled, "tokens": tokens}
 
 
+class _RefusingSession:
+    """An onnxruntime session whose failures on a batch become one-line ModelInputErrors naming the file."""
+
+    def __init__(self, session: Any, path: Path) -> None:
+        self.session, self.path = session, path
+
+    def run(self, output_names: Sequence[str], feeds: dict[str, Any]) -> list[Any]:
+        try:
+            return self.session.run(output_names, feeds)
+        except Exception as e:
+            shape = tuple(next(iter(feeds.values())).shape)
+            raise ModelInputError(f"{self.path}: onnxruntime failed on a batch of {shape} "
+                                  f"({_first_line(e)})") from None
+
+
 @torch.no_grad()
-def validate_onnx(out_dir: Path, loaded: Any, batches: list[torch.Tensor], *, onnx_path: Optional[Path] = None,
-                  tolerance: Optional[float] = None, progress: bool = False) -> OnnxReport:
-    """Check `out_dir/model.onnx` (or `onnx_path`): onnx.checker, then onnxruntime (CPU, optimisation
-    ALL) against the PyTorch baked model and the hooked reference on `batches` (re-split so one batch
-    size differs from the export batch). A missing, corrupt or foreign file raises ModelInputError;
-    numeric disagreement is reported (`passed`, `summary`), not raised."""
+def judge_runtime_outputs(report: OnnxReport, session: Any, loaded: Any, batches: list[torch.Tensor], *,
+                          pooled: Optional[Callable[[Any, torch.Tensor], torch.Tensor]] = None,
+                          where: str = "") -> OnnxReport:
+    """Run `session` (ORT's `run(output_names, {input_name: array})` interface, VIT_ONNX_SPEC names) on
+    `batches` re-split so one size differs from the export batch, and judge each named output against
+    the hooked reference on the un-baked source in float64, per feature vector (surgery/judge.py).
+    Fills `report.comparisons`, `batch_sizes`, `images`; a shape mismatch goes to `report.problems`
+    (prefixed with `where`). `pooled(model, pixels)` overrides which PyTorch output `pooled` means.
+    Shared by `validate_onnx` and `runtime_check.validate_runtime`."""
     import numpy as np
 
-    from surgery.bake import unbake
-    from surgery.judge import as_float64, float64_reference
+    from surgery.judge import float64_reference
 
-    path = Path(onnx_path) if onnx_path is not None else Path(out_dir) / ONNX_FILE
+    spec, fam, tol = VIT_ONNX_SPEC, loaded.family, report.tolerance
+    source64 = _unbaked_float64(loaded)
+
+    def capture(model: nn.Module, family: Any, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = _torch_outputs(model, family, x)
+        if pooled is not None:
+            out["pooled"] = pooled(model, x)
+        return out
+
+    comps = {o: Comparison(o, "float64_reference", OutputError(o), tol) for o in spec.output_names}
+    offset = 0
+    with _exact_torch():
+        for pixels in _rebatch(batches, report.export_batch_size):
+            x = pixels.to("cpu", torch.float32).contiguous()
+            got = dict(zip(spec.output_names, session.run(spec.output_names, {spec.input_names[0]: x.numpy()})))
+            judge = float64_reference(source64, loaded.recipe, fam, x, capture)
+            for o in spec.output_names:
+                g = torch.from_numpy(np.asarray(got[o]).astype(np.float32))  # fp16 graphs: exact widening
+                want = judge.exact[o].cpu()
+                if g.shape != want.shape:
+                    report.problems.append(f"{where}output {o} has shape {tuple(g.shape)}, the model's "
+                                           f"{tuple(want.shape)} (exported from another model?)")
+                    return report
+                comps[o].error.update(g, want, offset=offset, allowed=judge.allowed(o, tol, g).cpu())
+            offset += len(x)
+            report.batch_sizes.append(len(x))
+    report.images = offset
+    report.comparisons = list(comps.values())
+    return report
+
+
+def _unbaked_float64(loaded: Any) -> nn.Module:
+    """The judge's model: the loaded baked model with its registers taken out, in float64."""
+    from surgery.bake import unbake
+    from surgery.judge import as_float64
+
+    source = copy.deepcopy(loaded.model)
+    unbake(source, loaded.family)
+    return as_float64(source)
+
+
+def _onnx_report_header(path: Path, out_dir: Path, loaded: Any, tolerance: Optional[float]) -> OnnxReport:
+    """The report for `path` before any numbers: checker, interface and metadata checks. A file that is
+    not a vit-surgery export raises ModelInputError; a stale one gets `problems`."""
     if loaded.recipe is None:
         raise ModelInputError(f"{loaded.spec} carries no baked test-time registers (not a vit-surgery output)")
     _check_model(path)
@@ -662,7 +722,6 @@ def validate_onnx(out_dir: Path, loaded: Any, batches: list[torch.Tensor], *, on
                         opset=max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0),
                         external_data=any(t.data_location == 1 for t in proto.graph.initializer),
                         metadata=meta)
-    del proto
     if meta.get("recipe") != loaded.recipe.to_dict():
         report.problems.append(f"{path.name} was exported with another recipe than the model in {out_dir} "
                                "(stale export); re-export it with --overwrite")
@@ -670,44 +729,22 @@ def validate_onnx(out_dir: Path, loaded: Any, batches: list[torch.Tensor], *, on
     if meta.get("register_token_indices") != layout["register_indices"]:
         report.problems.append(f"{path.name} records register tokens at {meta.get('register_token_indices')}, "
                                f"the model has them at {layout['register_indices']}")
+    return report
+
+
+@torch.no_grad()
+def validate_onnx(out_dir: Path, loaded: Any, batches: list[torch.Tensor], *, onnx_path: Optional[Path] = None,
+                  tolerance: Optional[float] = None, progress: bool = False) -> OnnxReport:
+    """Check `out_dir/model.onnx` (or `onnx_path`): onnx.checker, then onnxruntime (CPU, optimisation
+    ALL) against the PyTorch baked model and the hooked reference on `batches` (re-split so one batch
+    size differs from the export batch). A missing, corrupt or foreign file raises ModelInputError;
+    numeric disagreement is reported (`passed`, `summary`), not raised."""
+    path = Path(onnx_path) if onnx_path is not None else Path(out_dir) / ONNX_FILE
+    report = _onnx_report_header(path, Path(out_dir), loaded, tolerance)
     if report.problems:
         return report
-
-    session = _ort_session(path)
-    fam, baked = loaded.family, loaded.model
-    source = copy.deepcopy(baked)
-    unbake(source, fam)
-    source64 = as_float64(source)
-    del source
-
-    def capture(model: nn.Module, family: Any, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return _torch_outputs(model, family, x)
-
-    comps = {o: Comparison(o, "float64_reference", OutputError(o), tol) for o in spec.output_names}
-    work = _rebatch(batches, report.export_batch_size)
-    offset = 0
-    with _exact_torch():
-        for pixels in work:
-            x = pixels.to("cpu", torch.float32).contiguous()
-            try:
-                got = dict(zip(spec.output_names, session.run(spec.output_names, {spec.input_names[0]: x.numpy()})))
-            except Exception as e:
-                raise ModelInputError(f"{path}: onnxruntime failed on a batch of {tuple(x.shape)} "
-                                      f"({_first_line(e)})") from None
-            judge = float64_reference(source64, loaded.recipe, fam, x, capture)
-            for o in spec.output_names:
-                g = torch.from_numpy(np.asarray(got[o]))
-                want = judge.exact[o].cpu()
-                if g.shape != want.shape:
-                    report.problems.append(f"{path.name} output {o} has shape {tuple(g.shape)}, the model's "
-                                           f"{tuple(want.shape)} (exported from another model?)")
-                    return report
-                comps[o].error.update(g, want, offset=offset, allowed=judge.allowed(o, tol, g).cpu())
-            offset += len(x)
-            report.batch_sizes.append(len(x))
-    report.images = offset
-    report.comparisons = list(comps.values())
-    return report
+    session = _RefusingSession(_ort_session(path), path)
+    return judge_runtime_outputs(report, session, loaded, batches, where=f"{path.name} ")
 
 
 # ---- export + validate + move into place ---------------------------------------------------------
@@ -727,31 +764,54 @@ def validation_batches(loaded: Any, sizes: Sequence[int] = (1, 5)) -> list[torch
     return out
 
 
-def _update_parity_json(out_dir: Path, report: OnnxReport) -> None:
-    f = out_dir / "parity.json"
-    if not f.is_file():
-        return
+@contextlib.contextmanager
+def staged_output(out_dir: Path, prefix: str) -> Iterator[Path]:
+    """A scratch folder inside `out_dir` (same filesystem: moving a file out of it is an atomic rename),
+    removed afterwards whatever happens, so a failed export leaves nothing behind."""
+    scratch = Path(tempfile.mkdtemp(prefix=prefix, dir=out_dir))
     try:
-        doc = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def publish_validated(report: OnnxReport, failure: str, moves: Sequence[tuple[Path, Path]]) -> None:
+    """Raise ParityError(`failure`) unless `report` passed; then move each staged file onto its target,
+    in order (os.replace: an existing target is replaced only now)."""
+    if not report.passed:
+        raise ParityError(failure)
+    for staged, target in moves:
+        os.replace(staged, target)
+
+
+def record_parity_section(out_dir: Path, key: str, entry: Any, *, create: bool) -> None:
+    """Set `key` in OUT/parity.json to `entry`, written atomically. A missing, unreadable or non-object
+    parity.json is started afresh with `create`, left alone without."""
+    f = out_dir / "parity.json"
+    doc: Any = None
+    if f.is_file():
+        try:
+            doc = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            doc = None
     if not isinstance(doc, dict):
-        return
-    doc["onnx"] = report.to_dict()
+        if not create:
+            return
+        doc = {}
+    doc[key] = entry
     tmp = f.with_name(f".{f.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(doc, indent=2, sort_keys=True, default=float) + "\n")
     os.replace(tmp, f)
 
 
-def _move_into_place(scratch: Path, out_dir: Path, external: bool) -> None:
-    target, data = out_dir / ONNX_FILE, out_dir / DATA_FILE
-    if external:
-        os.replace(scratch / DATA_FILE, data)
-        os.replace(scratch / ONNX_FILE, target)
-    else:
-        os.replace(scratch / ONNX_FILE, target)
-        if data.exists():  # a previous, larger export's weights
-            data.unlink()
+def _update_parity_json(out_dir: Path, report: OnnxReport) -> None:
+    record_parity_section(out_dir, "onnx", report.to_dict(), create=False)
+
+
+def _staged_moves(scratch: Path, out_dir: Path, external: bool) -> list[tuple[Path, Path]]:
+    """model.onnx and, for large models, its external weights, weights first (the graph names them)."""
+    moves = [(scratch / DATA_FILE, out_dir / DATA_FILE)] if external else []
+    return moves + [(scratch / ONNX_FILE, out_dir / ONNX_FILE)]
 
 
 def export_and_validate(out_dir: Path, fp16: bool = False, progress: bool = True, *, options: Any = None,
@@ -770,19 +830,17 @@ def export_and_validate(out_dir: Path, fp16: bool = False, progress: bool = True
     loaded = load_model(str(out_dir), options)
     if loaded.recipe is None:
         raise ModelInputError(f"{out_dir} carries no baked test-time registers (run `vit-surgery convert` first)")
-    scratch = Path(tempfile.mkdtemp(prefix=".onnx-export-", dir=out_dir))
-    try:
+    with staged_output(out_dir, ".onnx-export-") as scratch:
         info = export_onnx(loaded, out_dir, scratch, fp16=fp16, exporter=exporter,
                            external_data_threshold=external_data_threshold, progress=progress)
         _say(progress, f"validating {ONNX_FILE} in onnxruntime against PyTorch and the hooked reference")
         work = batches if batches is not None else validation_batches(loaded)
         report = validate_onnx(out_dir, loaded, work, onnx_path=info.path, tolerance=tolerance, progress=progress)
         report.path = str(out_dir / ONNX_FILE)
-        if not report.passed:
-            raise ParityError(f"ONNX export failed validation, no {ONNX_FILE} written: {report.summary()}")
-        _move_into_place(scratch, out_dir, info.external_data)
+        publish_validated(report, f"ONNX export failed validation, no {ONNX_FILE} written: {report.summary()}",
+                          _staged_moves(scratch, out_dir, info.external_data))
+        if not info.external_data and (out_dir / DATA_FILE).exists():  # a previous, larger export's weights
+            (out_dir / DATA_FILE).unlink()
         _update_parity_json(out_dir, report)
         _say(progress and say_summary, report.summary())
         return report
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)

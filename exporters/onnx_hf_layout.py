@@ -37,6 +37,7 @@ from surgery.errors import ModelInputError, OutputExistsError, ParityError
 from .onnx_export import (FP16_TOLERANCE, FP32_TOLERANCE, META_PREFIX, OnnxReport, OnnxSpec, TensorSpec, _fix_io_shapes,
                           _export_proto, _float64_register_branch, _mha_fastpath_disabled, _ort_session, _save_proto,
                           _say, build_metadata, validation_batches)
+from .onnx_export import publish_validated, record_parity_section, staged_output
 from .runtime_check import RenamedSession, validate_runtime
 
 ONNX_DIR = "onnx"
@@ -166,37 +167,23 @@ def export_hf_layout(out_dir: Path, *, fp16: bool = False, progress: bool = True
     for t in targets:
         if t.exists() and not overwrite:
             raise OutputExistsError(f"output {t} already exists; pass --overwrite to replace it")
-    scratch = Path(tempfile.mkdtemp(prefix=".onnx-hf-export-", dir=out_dir))
-    try:
+    with staged_output(out_dir, ".onnx-hf-export-") as scratch:
         reports = []
         for d in dtypes:
             path = _export(loaded, out_dir, scratch, d == "float16", exporter, progress)
             report = _validate(path, loaded, d == "float16", progress)
             report.path = str(out_dir / ONNX_DIR / path.name)
-            if not report.passed:
-                raise ParityError(f"ONNX export failed validation, nothing written: {report.summary()}")
+            publish_validated(report, f"ONNX export failed validation, nothing written: {report.summary()}", [])
             reports.append(report)
         (out_dir / ONNX_DIR).mkdir(exist_ok=True)
-        for d in dtypes:
+        for d in dtypes:  # only once every dtype passed
             os.replace(scratch / FILES[d], out_dir / ONNX_DIR / FILES[d])
         _record(out_dir, reports)
         return reports[-1], out_dir / ONNX_DIR
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _record(out_dir: Path, reports: list[OnnxReport]) -> None:
-    f = out_dir / "parity.json"
-    try:
-        doc = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
-    except (OSError, ValueError):
-        doc = {}
-    if not isinstance(doc, dict):
-        doc = {}
-    doc["onnx_hf_layout"] = {Path(r.path).name: r.to_dict() for r in reports}
-    tmp = f.with_name(f".{f.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True, default=float) + "\n")
-    os.replace(tmp, f)
+    record_parity_section(out_dir, "onnx_hf_layout", {Path(r.path).name: r.to_dict() for r in reports}, create=True)
 
 
 __all__ = ["FILES", "META_PREFIX", "ONNX_DIR", "export_hf_layout", "hf_spec"]

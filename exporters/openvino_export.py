@@ -28,6 +28,7 @@ from surgery.errors import ModelInputError, ParityError, require_extra
 
 from .onnx_export import (META_PREFIX, VIT_ONNX_SPEC, OnnxReport, _say, export_onnx,
                           read_onnx_metadata, validation_batches)
+from .onnx_export import publish_validated, record_parity_section, staged_output
 from .runtime_check import RenamedSession, validate_runtime
 
 OV_XML = "openvino_model.xml"
@@ -86,8 +87,7 @@ def export_openvino(out_dir: Path, *, progress: bool = True, options: Any = None
     loaded = load_model(str(out_dir), options)
     if loaded.recipe is None:
         raise ModelInputError(f"{out_dir} carries no baked test-time registers (run `vit-surgery convert` first)")
-    scratch = Path(tempfile.mkdtemp(prefix=".openvino-export-", dir=out_dir))
-    try:
+    with staged_output(out_dir, ".openvino-export-") as scratch:
         info = export_onnx(loaded, out_dir, scratch, exporter=exporter, progress=progress)
         _say(progress, "converting to OpenVINO IR")
         _convert(info.path, scratch / OV_XML)
@@ -97,31 +97,17 @@ def export_openvino(out_dir: Path, *, progress: bool = True, options: Any = None
         validate_runtime(report, openvino_session(scratch / OV_XML), loaded,
                          batches if batches is not None else validation_batches(loaded))
         summary = openvino_summary(report)
-        if not report.passed:
-            raise ParityError(f"OpenVINO export failed validation, nothing written: {summary}")
-        os.replace(scratch / OV_BIN, out_dir / OV_BIN)
-        os.replace(scratch / OV_XML, out_dir / OV_XML)
+        publish_validated(report, f"OpenVINO export failed validation, nothing written: {summary}",
+                          [(scratch / OV_BIN, out_dir / OV_BIN), (scratch / OV_XML, out_dir / OV_XML)])
         _record(out_dir, report, summary)
         return report
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _record(out_dir: Path, report: OnnxReport, summary: str) -> None:
     """The validation goes into parity.json under "openvino" (next to "onnx")."""
-    f = out_dir / "parity.json"
-    try:
-        doc = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
-    except (OSError, ValueError):
-        doc = {}
-    if not isinstance(doc, dict):
-        doc = {}
     entry = report.to_dict()
     entry.update(runtime="OpenVINO CPU plugin, INFERENCE_PRECISION_HINT f32", summary=summary)
-    doc["openvino"] = entry
-    tmp = f.with_name(f".{f.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True, default=float) + "\n")
-    os.replace(tmp, f)
+    record_parity_section(out_dir, "openvino", entry, create=True)
 
 
 __all__ = ["OV_BIN", "OV_XML", "META_PREFIX", "compile_cpu", "export_openvino", "openvino_session", "openvino_summary"]
