@@ -269,6 +269,87 @@ class Measurement:
     has_cls: bool = True  # False: attention rows are the patches' mean attention (attention-pool models)
 
 
+class _Sums:
+    """What `measure` accumulates over the batches, per side ("original", "baked") where it differs."""
+
+    def __init__(self, depth: int) -> None:
+        self.depth = depth
+        self.means = {"original": _Mean(), "baked": _Mean()}
+        self.layer_sum = {side: torch.zeros(depth, 3, dtype=torch.float64) for side in self.means}  # median, p99, max
+        self.reg_sum = torch.zeros(depth, dtype=torch.float64)  # baked: register token norm per block
+        self.ratio_sum = torch.zeros(depth, dtype=torch.float64)  # original: outlier norm / median per block
+        self.onorm_sum = torch.zeros(depth, dtype=torch.float64)  # original: outlier norm per block
+        self.with_outliers = 0
+        self.cosine: list[float] = []
+        self.names: list[str] = []
+        self.shown: list[dict[str, Any]] = []
+        self.grid: Optional[tuple[int, int]] = None
+
+
+def _attention_row(d: dict[str, torch.Tensor], p: int, r: list[int]) -> torch.Tensor:
+    """The last block's CLS attention row averaged over heads [B, N]; without a CLS (attention-pool
+    models) the patches' average attention, as effect_metrics does."""
+    if p - len(r) > 0:
+        return d["attn"][:, :, 0, :].float().mean(1)
+    return d["attn"][:, :, p:, :].float().mean(dim=(1, 2))
+
+
+def _measure_side(sums: _Sums, name: str, d: dict[str, torch.Tensor], p: int, r: list[int], det: int,
+                  threshold: float | str) -> dict[str, Any]:
+    """Fold one side's diagnostics of one batch into `sums`; returns its per-image maps."""
+    m = effect_metrics(d, p, r, detect_layer=det, threshold=threshold)
+    if not r:  # no test-time register on this side: nothing to measure there
+        m["cls_attention_register_mass"] = None
+    cls = _attention_row(d, p, r)
+    patch_attn = cls[:, p:] / cls[:, p:].sum(1, keepdim=True).clamp_min(1e-12)
+    m["cls_patch_attention_entropy"] = float(
+        -(patch_attn.clamp_min(1e-12) * patch_attn.clamp_min(1e-12).log()).sum(1).mean())
+    sums.means[name].add(m, cls.shape[0])
+    sums.layer_sum[name] += _layer_stats(d["norms"], p).sum(1).double().cpu()
+    if r:
+        sums.reg_sum += d["norms"][:, :, r].float().mean(2).sum(1).double().cpu()
+    mask, _ = outlier_mask(d["norms"][det], p, threshold, include_prefix=False)
+    if name == "original":
+        _add_outlier_profile(sums, d["norms"], mask, p)
+    return {"norms": d["norms"][det][:, p:].float().cpu(), "attn": cls[:, p:].cpu(),
+            "mask": mask[:, p:].cpu(), "pooled": d["pooled"].float().cpu(),
+            "register_attn": cls[:, r].sum(1).cpu() if r else None}
+
+
+def _add_outlier_profile(sums: _Sums, norms: torch.Tensor, mask: torch.Tensor, p: int) -> None:
+    """Where outliers appear: at the detect layer's outlier positions, their norm and norm / the layer
+    median, per block, summed over the images that have outliers."""
+    has = mask.any(1)
+    if has.any():
+        n = norms.float()  # [L, B, N]
+        med = n[:, :, p:].median(2).values  # [L, B]
+        out_mean = (n * mask).sum(2) / mask.sum(1).clamp(min=1)  # [L, B]
+        sums.ratio_sum += (out_mean / med)[:, has].sum(1).double().cpu()
+        sums.onorm_sum += out_mean[:, has].sum(1).double().cpu()
+        sums.with_outliers += int(has.sum())
+
+
+def _keep_shown(sums: _Sums, paths: list[Any], pixels: torch.Tensor, per_image: dict[str, dict[str, Any]],
+                show: int, stats_px: Optional[tuple[np.ndarray, np.ndarray]]) -> None:
+    """Record the batch's image names, and the maps of the first `show` images for the figures."""
+    for i, path in enumerate(paths):
+        sums.names.append(Path(path).name)
+        if len(sums.shown) < show:
+            item = {"name": Path(path).name, "pixels": _display_pixels(pixels[i], stats_px)}
+            for name, d in per_image.items():
+                item[name] = {"norms": d["norms"][i].numpy(), "attn": d["attn"][i].numpy(),
+                              "mask": d["mask"][i].numpy(),
+                              "register_attn": None if d["register_attn"] is None else float(d["register_attn"][i])}
+            sums.shown.append(item)
+
+
+def _detect_block(detect_layer: Optional[int], depth: int) -> int:
+    det = depth - 1 if detect_layer is None else (detect_layer + depth if detect_layer < 0 else detect_layer)
+    if not 0 <= det < depth:
+        raise SurgeryError(f"--detect-layer {detect_layer} out of range (model has {depth} blocks)")
+    return det
+
+
 @torch.inference_mode()
 def measure(pair: Pair, files: list[Path], *, detect_layer: Optional[int], threshold: float | str, batch_size: int,
             show: int, progress: bool) -> Measurement:
@@ -276,99 +357,57 @@ def measure(pair: Pair, files: list[Path], *, detect_layer: Optional[int], thres
     orig = pair.original.model
     baked = pair.baked.model if pair.baked is not None else None
     depth = len(fam.blocks(orig))
-    det = depth - 1 if detect_layer is None else (detect_layer + depth if detect_layer < 0 else detect_layer)
-    if not 0 <= det < depth:
-        raise SurgeryError(f"--detect-layer {detect_layer} out of range (model has {depth} blocks)")
+    det = _detect_block(detect_layer, depth)
     p_o = fam.num_prefix_tokens(orig)
     p_b = fam.num_prefix_tokens(baked) if baked is not None else 0
     regs = register_token_indices(baked, fam) if baked is not None else []
     device = next(orig.parameters()).device
     dtype = next(orig.parameters()).dtype
     stats_px = _normalize_stats(pair.original.transform)
-    means = {"original": _Mean(), "baked": _Mean()}
-    layer_sum = {"original": torch.zeros(depth, 3, dtype=torch.float64), "baked": torch.zeros(depth, 3, dtype=torch.float64)}
-    reg_sum = torch.zeros(depth, dtype=torch.float64)
-    ratio_sum = torch.zeros(depth, dtype=torch.float64)
-    onorm_sum = torch.zeros(depth, dtype=torch.float64)
-    with_outliers = 0
-    cosine: list[float] = []
-    names: list[str] = []
-    shown: list[dict[str, Any]] = []
-    grid: Optional[tuple[int, int]] = None
+    sums = _Sums(depth)
     batches = ImageBatches(files, pair.original.transform, batch_size, progress=progress, desc="inspecting")
     for pixels, paths in batches:
         x = pixels.to(device=device, dtype=dtype)
-        B = x.shape[0]
-        sides = {"original": (orig, token_diagnostics(orig, x, family=fam), p_o, [])}
+        sides = {"original": (token_diagnostics(orig, x, family=fam), p_o, [])}
         if baked is not None:
-            sides["baked"] = (baked, token_diagnostics(baked, x, family=fam), p_b, regs)
-        per_image: dict[str, dict[str, torch.Tensor]] = {}
-        for name, (model, d, p, r) in sides.items():
-            m = effect_metrics(d, p, r, detect_layer=det, threshold=threshold)
-            if not r:  # no test-time register on this side: nothing to measure there
-                m["cls_attention_register_mass"] = None
-            if p - len(r) > 0:  # the CLS token's attention row, averaged over heads  [B, N]
-                cls = d["attn"][:, :, 0, :].float().mean(1)
-            else:  # no CLS (attention-pool models): the patches' average attention, as effect_metrics does
-                cls = d["attn"][:, :, p:, :].float().mean(dim=(1, 2))
-            patch_attn = cls[:, p:] / cls[:, p:].sum(1, keepdim=True).clamp_min(1e-12)
-            m["cls_patch_attention_entropy"] = float(
-                -(patch_attn.clamp_min(1e-12) * patch_attn.clamp_min(1e-12).log()).sum(1).mean())
-            means[name].add(m, B)
-            layer_sum[name] += _layer_stats(d["norms"], p).sum(1).double().cpu()
-            if r:
-                reg_sum += d["norms"][:, :, r].float().mean(2).sum(1).double().cpu()
-            mask, _ = outlier_mask(d["norms"][det], p, threshold, include_prefix=False)
-            per_image[name] = {"norms": d["norms"][det][:, p:].float().cpu(), "attn": cls[:, p:].cpu(),
-                               "mask": mask[:, p:].cpu(), "pooled": d["pooled"].float().cpu(),
-                               "register_attn": cls[:, r].sum(1).cpu() if r else None}
-            if name == "original":  # where outliers appear: their norm / the layer median, per block
-                has = mask.any(1)
-                if has.any():
-                    n = d["norms"].float()  # [L, B, N]
-                    med = n[:, :, p:].median(2).values  # [L, B]
-                    out_mean = (n * mask).sum(2) / mask.sum(1).clamp(min=1)  # [L, B]
-                    ratio_sum += (out_mean / med)[:, has].sum(1).double().cpu()
-                    onorm_sum += out_mean[:, has].sum(1).double().cpu()
-                    with_outliers += int(has.sum())
-        if grid is None:
-            grid = _grid(pair.original, orig, per_image["original"]["norms"].shape[1])
+            sides["baked"] = (token_diagnostics(baked, x, family=fam), p_b, regs)
+        per_image = {name: _measure_side(sums, name, d, p, r, det, threshold) for name, (d, p, r) in sides.items()}
+        if sums.grid is None:
+            sums.grid = _grid(pair.original, orig, per_image["original"]["norms"].shape[1])
         if baked is not None:
-            cosine += torch.nn.functional.cosine_similarity(per_image["original"]["pooled"].double(),
-                                                            per_image["baked"]["pooled"].double(), dim=1).tolist()
-        for i, path in enumerate(paths):
-            names.append(Path(path).name)
-            if len(shown) < show:
-                item = {"name": Path(path).name, "pixels": _display_pixels(pixels[i], stats_px)}
-                for name, d in per_image.items():
-                    item[name] = {"norms": d["norms"][i].numpy(), "attn": d["attn"][i].numpy(),
-                                  "mask": d["mask"][i].numpy(),
-                                  "register_attn": None if d["register_attn"] is None else float(d["register_attn"][i])}
-                shown.append(item)
-    batches.require_some(len(names))
-    n = len(names)
+            sums.cosine += torch.nn.functional.cosine_similarity(per_image["original"]["pooled"].double(),
+                                                                 per_image["baked"]["pooled"].double(), dim=1).tolist()
+        _keep_shown(sums, paths, pixels, per_image, show, stats_px)
+    batches.require_some(len(sums.names))
+    return _measurement(sums, det, threshold, regs, skipped=len(batches.skipped), has_cls=p_o > 0)
+
+
+def _measurement(sums: _Sums, det: int, threshold: float | str, regs: list[int], *, skipped: int,
+                 has_cls: bool) -> Measurement:
+    """Means over the images from the accumulated sums, and where the outliers emerge."""
+    n = len(sums.names)
     trace = {}
-    for name in means:
-        if means[name].n == 0:
+    for name in sums.means:
+        if sums.means[name].n == 0:
             continue
-        avg = (layer_sum[name] / n).numpy()
+        avg = (sums.layer_sum[name] / n).numpy()
         trace[name] = SideTrace(avg[:, 0].tolist(), avg[:, 1].tolist(), avg[:, 2].tolist(),
-                                (reg_sum / n).tolist() if name == "baked" and regs else None)
-    ratio = (ratio_sum / max(with_outliers, 1)).tolist()
-    onorm = (onorm_sum / max(with_outliers, 1)).tolist()
+                                (sums.reg_sum / n).tolist() if name == "baked" and regs else None)
+    ratio = (sums.ratio_sum / max(sums.with_outliers, 1)).tolist()
+    onorm = (sums.onorm_sum / max(sums.with_outliers, 1)).tolist()
     emergence = peak = None
-    if with_outliers:
+    if sums.with_outliers:
         peak = emergence_layer([{"outlier_ratio": r} for r in ratio], det)
         if threshold == "auto":
             over = [i for i in range(det + 1) if ratio[i] > AUTO_FACTOR]
         else:
             over = [i for i in range(det + 1) if onorm[i] > float(threshold)]
         emergence = over[0] if over else peak
-    metrics = {name: mm.result() for name, mm in means.items() if mm.n}
-    return Measurement(images=names, metrics=metrics, trace=trace, outlier_ratio=ratio, emergence=emergence,
-                       peak_from=peak, outlier_norm=onorm if with_outliers else [],
-                       cosine=cosine, show=shown, grid=grid or (1, 1), detect_layer=det, depth=depth,
-                       skipped=len(batches.skipped), threshold=threshold, has_cls=p_o > 0)
+    metrics = {name: mm.result() for name, mm in sums.means.items() if mm.n}
+    return Measurement(images=sums.names, metrics=metrics, trace=trace, outlier_ratio=ratio, emergence=emergence,
+                       peak_from=peak, outlier_norm=onorm if sums.with_outliers else [],
+                       cosine=sums.cosine, show=sums.shown, grid=sums.grid or (1, 1), detect_layer=det,
+                       depth=sums.depth, skipped=skipped, threshold=threshold, has_cls=has_cls)
 
 
 # ---- figures ----------------------------------------------------------------------------------
@@ -584,6 +623,24 @@ code{background:#f4f4f4;padding:0 .2em}"""
 def _html(summary: dict[str, Any], pictures: dict[str, bytes]) -> str:
     e = html.escape
     s = summary
+    parts = _html_head(s) + _html_numbers(s) + _html_pictures(s, pictures)
+    knn = s.get("knn")
+    if knn:
+        text = (f"{knn['delta_points']:+.2f} points; predictions agree on {knn['prediction_agreement']:.2%}; "
+                f"{knn['gallery_images']} gallery / {knn['query_images']} query images, "
+                f"{len(knn['classes'])} classes; {knn['split']}; dataset {knn['dataset']}")
+        parts.append("<h2>k-NN accuracy (is the function kept?)</h2><table>"
+                     "<tr><th></th><th>original</th><th>baked</th></tr>"
+                     f"<tr><td>top-1 accuracy (k = {knn['k']}, cosine)</td><td>{knn['top1_original']:.2%}</td>"
+                     f"<td>{knn['top1_baked']:.2%}</td></tr></table><p>{e(text)}</p>")
+    parts.append(f'<p class="small">vit-surgery {e(s["tool_version"])}. Every number is in summary.json; '
+                 "the pictures are also saved as PNG files next to this page.</p></body></html>")
+    return "\n".join(parts)
+
+
+def _html_head(s: dict[str, Any]) -> list[str]:
+    """The page head, the table of what was compared on which images, and the notes."""
+    e = html.escape
     skipped = f", {s['skipped_images']} unreadable skipped" if s["skipped_images"] else ""
     parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>vit-surgery report</title>"
              f"<style>{CSS}</style></head><body>",
@@ -600,7 +657,13 @@ def _html(summary: dict[str, Any], pictures: dict[str, bytes]) -> str:
              "</table>"]
     for note in s["notes"]:
         parts.append(f'<p class="note">{e(note)}</p>')
-    parts.append("<h2>Numbers</h2><table><tr><th>metric (mean over images)</th><th>original</th><th>baked</th></tr>")
+    return parts
+
+
+def _html_numbers(s: dict[str, Any]) -> list[str]:
+    """The metric table, original against baked, and what its terms mean."""
+    e = html.escape
+    parts = ["<h2>Numbers</h2><table><tr><th>metric (mean over images)</th><th>original</th><th>baked</th></tr>"]
     mo, mb = s["metrics"].get("original", {}), s["metrics"].get("baked", {})
     for key, label, f in METRIC_ROWS:
         parts.append(f"<tr><td>{e(label)}</td><td>{_fmt(mo.get(key), f) if key in mo else '–'}</td>"
@@ -614,6 +677,12 @@ def _html(summary: dict[str, Any], pictures: dict[str, bytes]) -> str:
                  'Top 1 %: the largest 1 % of the CLS token\'s attention weights over patches (at least one patch), '
                  'last block, averaged over heads. Entropy of the CLS attention row (last block, head average). '
                  'Pooled output: the model\'s image embedding / head output.</p>')
+    return parts
+
+
+def _html_pictures(s: dict[str, Any], pictures: dict[str, bytes]) -> list[str]:
+    """One section per drawn picture, embedded, with its caption."""
+    e = html.escape
     sections = [
         ("layer_norms.png", "Token norms per block",
          (f"Outliers appear at block {s['outliers_appear_at_block']}: the patches that are outliers at block "
@@ -625,6 +694,7 @@ def _html(summary: dict[str, Any], pictures: dict[str, bytes]) -> str:
         ("neuron_ranking.png", "Register-neuron ranking and the chosen cut",
          f"Source: {s['ranking']['source']}." if s.get("ranking") else ""),
     ]
+    parts = []
     for name, title, text in sections:
         if name not in pictures:
             continue
@@ -632,18 +702,7 @@ def _html(summary: dict[str, Any], pictures: dict[str, bytes]) -> str:
         if text:
             parts.append(f"<p>{e(text)}</p>")
         parts.append(_img(pictures[name], title))
-    knn = s.get("knn")
-    if knn:
-        text = (f"{knn['delta_points']:+.2f} points; predictions agree on {knn['prediction_agreement']:.2%}; "
-                f"{knn['gallery_images']} gallery / {knn['query_images']} query images, "
-                f"{len(knn['classes'])} classes; {knn['split']}; dataset {knn['dataset']}")
-        parts.append("<h2>k-NN accuracy (is the function kept?)</h2><table>"
-                     "<tr><th></th><th>original</th><th>baked</th></tr>"
-                     f"<tr><td>top-1 accuracy (k = {knn['k']}, cosine)</td><td>{knn['top1_original']:.2%}</td>"
-                     f"<td>{knn['top1_baked']:.2%}</td></tr></table><p>{e(text)}</p>")
-    parts.append(f'<p class="small">vit-surgery {e(s["tool_version"])}. Every number is in summary.json; '
-                 "the pictures are also saved as PNG files next to this page.</p></body></html>")
-    return "\n".join(parts)
+    return parts
 
 
 def write_report(model_spec: str, baked_spec: Optional[str] = None, images: Any = None,
@@ -675,6 +734,26 @@ def write_report(model_spec: str, baked_spec: Optional[str] = None, images: Any 
     recipe = pair.baked.recipe if pair.baked is not None else None
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    pics = _draw_pictures(m, recipe, out_dir)
+    ranking = _ranking_section(pair, recipe, out_dir, pics)
+    knn = None
+    if opts.get("dataset") and pair.baked is not None:
+        from .knn_eval import knn_compare
+
+        knn = knn_compare(pair.original.model, pair.baked.model, pair.original.family, pair.original.transform,
+                          opts["dataset"], progress=progress, **(opts.get("knn") or {})).to_dict()
+    images_label = str(images) if isinstance(images, (str, Path)) else f"{len(files)} files"
+    summary = _summary(pair, m, recipe, out_dir, images_label=images_label, ranking=ranking, knn=knn,
+                       pictures=list(pics), version=__version__)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=float) + "\n")
+    html_path = out_dir / "report.html"
+    html_path.write_text(_html(summary, pics), encoding="utf-8")
+    return html_path
+
+
+def _draw_pictures(m: Measurement, recipe: Optional[Recipe], out_dir: Path) -> dict[str, bytes]:
+    """The layer-norm plot and (with images to show) the norm and attention maps, as PNG bytes by file
+    name; each is also saved in `out_dir`."""
     pics: dict[str, bytes] = {}
     pics["layer_norms.png"] = plot_layer_norms(m, recipe, out_dir / "layer_norms.png")
     if m.show:
@@ -685,27 +764,30 @@ def write_report(model_spec: str, baked_spec: Optional[str] = None, images: Any 
             f"{'CLS' if m.has_cls else 'Mean patch-query (no CLS token)'} attention over patches, last block "
             f"(block {m.depth - 1}), mean over heads",
             "attention weight of the CLS token" if m.has_cls else "mean attention weight from the patches", log=False)
-    ranking = None
-    if pair.ranking_doc is not None and pair.ranking_doc.get("scores"):
-        pics["neuron_ranking.png"] = plot_ranking(pair.ranking_doc, recipe, out_dir / "neuron_ranking.png")
-        sel = pair.ranking_doc.get("selection") or {}
-        source = (_display_spec(pair.ranking_path, out_dir) if pair.ranking_path else "") + pair.ranking_source
-        ranking = {"source": source, "cut": sel.get("top_k"), "rule": sel.get("rule"),
-                   "chosen": pair.ranking_doc.get("register_neurons"),
-                   "top": pair.ranking_doc["scores"][:max(RANKING_BARS, int(sel.get("top_k") or 0) + 10)]}
+    return pics
 
-    knn = None
-    if opts.get("dataset") and pair.baked is not None:
-        from .knn_eval import knn_compare
 
-        knn = knn_compare(pair.original.model, pair.baked.model, pair.original.family, pair.original.transform,
-                          opts["dataset"], progress=progress, **(opts.get("knn") or {})).to_dict()
+def _ranking_section(pair: Pair, recipe: Optional[Recipe], out_dir: Path,
+                     pics: dict[str, bytes]) -> Optional[dict[str, Any]]:
+    """The neuron ranking's summary entry (None without a ranking); draws neuron_ranking.png into `pics`."""
+    if pair.ranking_doc is None or not pair.ranking_doc.get("scores"):
+        return None
+    pics["neuron_ranking.png"] = plot_ranking(pair.ranking_doc, recipe, out_dir / "neuron_ranking.png")
+    sel = pair.ranking_doc.get("selection") or {}
+    source = (_display_spec(pair.ranking_path, out_dir) if pair.ranking_path else "") + pair.ranking_source
+    return {"source": source, "cut": sel.get("top_k"), "rule": sel.get("rule"),
+            "chosen": pair.ranking_doc.get("register_neurons"),
+            "top": pair.ranking_doc["scores"][:max(RANKING_BARS, int(sel.get("top_k") or 0) + 10)]}
 
+
+def _summary(pair: Pair, m: Measurement, recipe: Optional[Recipe], out_dir: Path, *, images_label: str,
+             ranking: Optional[dict[str, Any]], knn: Optional[dict[str, Any]], pictures: list[str],
+             version: str) -> dict[str, Any]:
+    """summary.json: every number the report shows."""
     trace = {side: {"median": t.median, "p99": t.p99, "max": t.max,
                     **({"register": t.register} if t.register is not None else {})} for side, t in m.trace.items()}
-    images_label = str(images) if isinstance(images, (str, Path)) else f"{len(files)} files"
-    summary = {
-        "tool_version": __version__,
+    return {
+        "tool_version": version,
         "original": _display_spec(pair.original_label, out_dir) + pair.original_suffix,
         "baked": None if pair.baked is None else (_display_spec(pair.baked_label, out_dir) if pair.baked_label
                                                   else "in memory"),
@@ -729,12 +811,8 @@ def write_report(model_spec: str, baked_spec: Optional[str] = None, images: Any 
         "attention_query": "CLS token" if m.has_cls else "mean over patch queries (the model has no CLS token)",
         "notes": pair.notes + ([] if m.has_cls else [
             "this model has no CLS token: every 'CLS attention' number and map uses the patches' mean attention row"]),
-        "files": ["report.html", "summary.json", *pics],
+        "files": ["report.html", "summary.json", *pictures],
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=float) + "\n")
-    html_path = out_dir / "report.html"
-    html_path.write_text(_html(summary, pics), encoding="utf-8")
-    return html_path
 
 
 def run_inspect(model_spec: str, out: str | Path, images: Any, *, source: Optional[str] = None,
