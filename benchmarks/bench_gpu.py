@@ -94,6 +94,7 @@ def main() -> None:
     import torch
 
     from surgery.bake import bake_registers
+    from surgery.bake import baked_copy
     from surgery.families import family_for
     from surgery.recipe import Recipe
 
@@ -107,7 +108,7 @@ def main() -> None:
         sys.exit("bench_gpu.py needs a CUDA device")
     source = build_vitb(0, plant=True).to(dev)
     fam = family_for(source)
-    baked = bake_registers(copy.deepcopy(source), Recipe(BENCH_RECIPE), fam)
+    baked = baked_copy(source, Recipe(BENCH_RECIPE), fam)
     rows = ["| arm | dtype | batch | original ms | baked ms | baked / original |", "|---|---|---|---|---|---|"]
     with torch.inference_mode():
         for dtype in (torch.float32, torch.float16, torch.bfloat16):

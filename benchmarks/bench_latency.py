@@ -85,6 +85,7 @@ def main() -> None:
     import torch
 
     from surgery import Recipe, bake_registers, hooked_reference
+    from surgery.bake import baked_copy
     from surgery.families import family_for
     from surgery.modules import PrependRegisters
 
@@ -95,7 +96,7 @@ def main() -> None:
     primary = "wall" if cuda or args.threads > 1 else "cpu"
     recipe = Recipe(neurons=bl.BENCH_RECIPE)
     original = bl.build_vitb().to(dev)
-    baked = bake_registers(copy.deepcopy(original), recipe)
+    baked = baked_copy(original, recipe)
     hooked_model = copy.deepcopy(original)
     token_only = copy.deepcopy(original)
     fam = family_for(token_only)

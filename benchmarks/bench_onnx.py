@@ -69,6 +69,7 @@ def main() -> int:
 
     from exporters.onnx_export import export_graph
     from surgery import Recipe, bake_registers
+    from surgery.bake import baked_copy
     from surgery.families import family_for
     from surgery.modules import PrependRegisters
     from surgery.parity import OutputError
@@ -78,7 +79,7 @@ def main() -> int:
     original = bl.build_vitb(seed=0)
     fam = family_for(original)
     recipe = Recipe(bl.BENCH_RECIPE)
-    baked = bake_registers(copy.deepcopy(original), recipe, fam)
+    baked = baked_copy(original, recipe, fam)
     # token only: the register token inserted, no split MLP (the extra token's own cost)
     token = copy.deepcopy(original)
     parent, attr = fam.insertion_point(token)

@@ -44,6 +44,7 @@ def main() -> int:
 
     from exporters.onnx_export import export_graph
     from surgery import Recipe, bake_registers
+    from surgery.bake import baked_copy
     from surgery.families import family_for
     from surgery.onnx_graph.bake import _Builder, _insert_registers, _remake_side_tensors, _shift_token_constants, \
         _side_tensors
@@ -68,7 +69,7 @@ def main() -> int:
         rewrite_s = time.perf_counter() - t
         paths["rewritten"] = res.out
         (work / "own").mkdir()
-        baked = bake_registers(copy.deepcopy(original), recipe, fam)
+        baked = baked_copy(original, recipe, fam)
         paths["own export"] = work / "own" / "model.onnx"
         onnx.save_model(export_graph(baked, fam, work / "own", progress=False).proto, str(paths["own export"]))
         vit = recognise(paths["original"])  # token only: the rewriter's register insertion alone

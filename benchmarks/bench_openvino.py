@@ -44,6 +44,7 @@ def main() -> int:
 
     from exporters.onnx_export import export_graph
     from surgery import Recipe, bake_registers
+    from surgery.bake import baked_copy
     from surgery.families import family_for
     from surgery.parity import OutputError
 
@@ -52,7 +53,7 @@ def main() -> int:
     original = bl.build_vitb(seed=0)
     fam = family_for(original)
     recipe = Recipe(bl.BENCH_RECIPE)
-    baked = bake_registers(copy.deepcopy(original), recipe, fam)
+    baked = baked_copy(original, recipe, fam)
     models = {"original": original, "baked": baked}
     core = ov.Core()
     ort_s, ov_c = {}, {}

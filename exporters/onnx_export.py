@@ -693,12 +693,9 @@ def judge_runtime_outputs(report: OnnxReport, session: Any, loaded: Any, batches
 
 def _unbaked_float64(loaded: Any) -> nn.Module:
     """The judge's model: the loaded baked model with its registers taken out, in float64."""
-    from surgery.bake import unbake
-    from surgery.judge import as_float64
+    from surgery.bake import unbaked_copy
 
-    source = copy.deepcopy(loaded.model)
-    unbake(source, loaded.family)
-    return as_float64(source)
+    return unbaked_copy(loaded.model, loaded.family).to(torch.float64).eval()  # judge.as_float64, one copy
 
 
 def _onnx_report_header(path: Path, out_dir: Path, loaded: Any, tolerance: Optional[float]) -> OnnxReport:

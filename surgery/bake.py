@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Iterator
 
 import torch
@@ -53,6 +54,20 @@ def bake_registers(model: nn.Module, recipe: Recipe, family: Family | None = Non
     fam.set_num_prefix_tokens(model, p + recipe.num_registers)
     model.surgery_recipe = recipe
     return model
+
+
+def baked_copy(model: nn.Module, recipe: Recipe, family: Family | None = None) -> nn.Module:
+    """A baked deep copy of `model`; `model` itself is left as it is (convert bakes in place instead:
+    `baked_in_place`, no copy)."""
+    return bake_registers(copy.deepcopy(model), recipe, family)
+
+
+def unbaked_copy(model: nn.Module, family: Family | None = None) -> nn.Module:
+    """The source of a baked `model` as a deep copy with the registers taken out (exact: the split is a
+    permutation of the original units); `model` stays baked."""
+    source = copy.deepcopy(model)
+    unbake(source, family)
+    return source
 
 
 def register_token_indices(model: nn.Module, family: Family | None = None) -> list[int]:

@@ -233,10 +233,21 @@ def knn_compare(original: nn.Module, baked: nn.Module, family: Family, transform
         feature_cosine_mean=float(cos.mean()), feature_cosine_min=float(cos.min()), per_class=per_class)
 
 
+def unbaked_original(baked: Any, spec: str) -> Any:
+    """The loaded baked model's source: the same LoadedModel with an un-baked copy of its model
+    (`baked` is untouched), labelled `spec (un-baked)`."""
+    from .bake import unbaked_copy
+
+    original = copy.copy(baked)
+    original.model = unbaked_copy(baked.model, baked.family)
+    original.recipe = None
+    original.spec = f"{spec} (un-baked)"
+    return original
+
+
 def original_and_baked(model_spec: str, baked_spec: Optional[str], options: Any = None) -> tuple[Any, Any]:
     """(original LoadedModel, baked LoadedModel). One converted folder suffices: the original is its
     un-baked copy (exact: the split is a permutation of the original weights)."""
-    from .bake import unbake
     from .loading import load_model
 
     first = load_model(model_spec, options)
@@ -244,12 +255,7 @@ def original_and_baked(model_spec: str, baked_spec: Optional[str], options: Any 
         if first.recipe is None:
             raise ModelInputError(f"{model_spec} carries no baked test-time registers: give the original model "
                                   "and the converted folder (MODEL OUT), or a converted folder alone")
-        original = copy.copy(first)
-        original.model = copy.deepcopy(first.model)
-        unbake(original.model, first.family)
-        original.recipe = None
-        original.spec = f"{model_spec} (un-baked)"
-        return original, first
+        return unbaked_original(first, model_spec), first
     baked = load_model(baked_spec, options)
     if first.recipe is not None:
         raise ModelInputError(f"{model_spec} already carries baked test-time registers; give the original model first")

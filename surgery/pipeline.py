@@ -13,6 +13,7 @@ import torch
 
 from . import __version__
 from .bake import baked_in_place, bake_registers, register_token_indices, unbake
+from .bake import baked_copy, unbaked_copy
 from .cast import cast_blockwise
 from .discovery import DiscoveryConfig, DiscoveryResult, find_register_neurons
 from .effect import collected, effect_metrics, last_block_diagnostics
@@ -139,8 +140,7 @@ def run_check(baked_loaded: LoadedModel, batches: list[torch.Tensor], *, source:
         raise ModelInputError(f"{baked_loaded.spec} carries no baked test-time registers (not a vit-surgery output)")
     fam = baked_loaded.family
     if source is None:
-        source = copy.deepcopy(baked)
-        unbake(source, fam)
+        source = unbaked_copy(baked, fam)
     after: dict[str, list[torch.Tensor]] = {}
     report = check_parity(source, baked, recipe, batches, family=fam, tolerance=tolerance,
                           on_baked_batch=lambda m, _x: last_block_diagnostics(m, fam, recipe.num_registers, after))
@@ -151,8 +151,7 @@ def run_check(baked_loaded: LoadedModel, batches: list[torch.Tensor], *, source:
 @contextlib.contextmanager
 def _baked_copy(model: torch.nn.Module, recipe: Recipe, fam: Any, out_dtype: str) -> Iterator[torch.nn.Module]:
     """--dtype other than the model's: a baked copy in that dtype (baked in the model's own dtype first)."""
-    baked = bake_registers(copy.deepcopy(model), recipe, fam)
-    yield baked.to(torch_dtype(out_dtype))
+    yield baked_copy(model, recipe, fam).to(torch_dtype(out_dtype))
 
 
 def _verify_not_reloaded(reloaded: LoadedModel, loaded: LoadedModel, out_dtype: str) -> None:

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from .bake import bake_registers, register_token_indices
+from .bake import baked_copy
 from .discovery import AUTO_FACTOR, DiscoveryConfig, emergence_layer, find_register_neurons, outlier_mask
 from .effect import effect_metrics, token_diagnostics
 from .errors import NoOutliersError, SurgeryError
@@ -155,7 +156,7 @@ def resolve_pair(model_spec: str, baked_spec: Optional[str], files: list[Path], 
                             ranking_doc=doc, ranking_source="discovery on the report images",
                             original_label=model_spec)
             baked = copy.copy(first)
-            baked.model = bake_registers(copy.deepcopy(first.model), recipe, first.family)
+            baked.model = baked_copy(first.model, recipe, first.family)
             baked.recipe = recipe
             pair.baked = baked
     if pair.ranking_doc is None and folder is not None and folder.is_dir():
@@ -173,14 +174,9 @@ def resolve_pair(model_spec: str, baked_spec: Optional[str], files: list[Path], 
 
 
 def _unbaked(first: LoadedModel) -> tuple[LoadedModel, LoadedModel]:
-    from .bake import unbake
+    from .knn_eval import unbaked_original
 
-    original = copy.copy(first)
-    original.model = copy.deepcopy(first.model)
-    unbake(original.model, first.family)
-    original.recipe = None
-    original.spec = f"{first.spec} (un-baked)"
-    return original, first
+    return unbaked_original(first, first.spec), first
 
 
 # ---- measuring --------------------------------------------------------------------------------
