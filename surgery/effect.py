@@ -12,8 +12,8 @@ from .families import Family, family_for
 
 
 @torch.inference_mode()
-def token_diagnostics(model: nn.Module, pixels: torch.Tensor, *, family: Family | None = None,
-                      register_positions: list[int] | None = None) -> dict[str, torch.Tensor]:
+def token_diagnostics(model: nn.Module, pixels: torch.Tensor, *,
+                      family: Family | None = None) -> dict[str, torch.Tensor]:
     """One forward pass; returns per-block token norms [L, B, N] and last-block attention [B, heads, N, N]."""
     fam = family or family_for(model)
     blocks = fam.blocks(model)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -140,13 +140,3 @@ def validate_recipe_for_model(recipe: Recipe, depth: int, hidden_sizes: list[int
                 "was this file made for another model?"
             )
 
-
-@dataclass
-class Provenance:
-    """What produced a neurons file (recorded, and compared when the file is reused)."""
-
-    model: str = ""
-    family: str = ""
-    depth: int = 0
-    hidden_size: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)

@@ -37,6 +37,7 @@ from .bake import bake_registers, register_token_indices
 from .bake import baked_copy
 from .discovery import AUTO_FACTOR, DiscoveryConfig, emergence_layer, find_register_neurons, outlier_mask
 from .effect import effect_metrics, token_diagnostics
+from .effect import cls_attention
 from .errors import NoOutliersError, SurgeryError
 from .images import ImageBatches, list_images
 from .loading import LoadedModel, LoadOptions, load_model
@@ -282,21 +283,13 @@ class _Sums:
         self.grid: Optional[tuple[int, int]] = None
 
 
-def _attention_row(d: dict[str, torch.Tensor], p: int, r: list[int]) -> torch.Tensor:
-    """The last block's CLS attention row averaged over heads [B, N]; without a CLS (attention-pool
-    models) the patches' average attention, as effect_metrics does."""
-    if p - len(r) > 0:
-        return d["attn"][:, :, 0, :].float().mean(1)
-    return d["attn"][:, :, p:, :].float().mean(dim=(1, 2))
-
-
 def _measure_side(sums: _Sums, name: str, d: dict[str, torch.Tensor], p: int, r: list[int], det: int,
                   threshold: float | str) -> dict[str, Any]:
     """Fold one side's diagnostics of one batch into `sums`; returns its per-image maps."""
     m = effect_metrics(d, p, r, detect_layer=det, threshold=threshold)
     if not r:  # no test-time register on this side: nothing to measure there
         m["cls_attention_register_mass"] = None
-    cls = _attention_row(d, p, r)
+    cls = cls_attention(d["attn"].float(), p, p - len(r))  # [B, N]; no CLS: the patches' mean row
     patch_attn = cls[:, p:] / cls[:, p:].sum(1, keepdim=True).clamp_min(1e-12)
     m["cls_patch_attention_entropy"] = float(
         -(patch_attn.clamp_min(1e-12) * patch_attn.clamp_min(1e-12).log()).sum(1).mean())
