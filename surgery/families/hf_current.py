@@ -28,6 +28,7 @@ from ..errors import ModelInputError
 from ..modules import MlpWeights, PrependRegisters, RegisterMlp
 from .base import AttentionParts, register_family
 from .hf_vit import _HFVisionFamily, _hf_classes
+from .hf_vit import HFClipVision, HFDinov2
 
 
 def _unwrap(block: nn.Module) -> nn.Module:
@@ -84,17 +85,13 @@ class HFDinov3(_FirstLayerInsertion):
     def _layers(self, model: nn.Module) -> nn.ModuleList:
         return model.model.layer
 
-    def default_prefix(self, vision: nn.Module) -> int:
-        return 1 + int(getattr(vision.config, "num_register_tokens", 0) or 0)
+    default_prefix = HFDinov2.default_prefix  # CLS + the trained registers
 
     def mlp_weights(self, mlp: nn.Module) -> MlpWeights:
         if isinstance(mlp, RegisterMlp):
             return mlp.merged_weights()
-        if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
-            g, u = mlp.gate_proj, mlp.up_proj
-            b = None if g.bias is None else torch.cat([g.bias, u.bias])
-            return MlpWeights(torch.cat([g.weight, u.weight]), b, mlp.down_proj.weight, mlp.down_proj.bias,
-                              mlp.act_fn, gated=True)
+        if self._is_swiglu(mlp):
+            return self._gated_mlp_weights(mlp)
         if all(hasattr(mlp, n) for n in ("up_proj", "down_proj", "act_fn")):
             return MlpWeights(mlp.up_proj.weight, mlp.up_proj.bias, mlp.down_proj.weight, mlp.down_proj.bias,
                               mlp.act_fn, gated=False)
@@ -104,24 +101,18 @@ class HFDinov3(_FirstLayerInsertion):
         from transformers.models.dinov3_vit import modeling_dinov3_vit as md
 
         D, H, O = weights.fc1_weight.shape[1], weights.hidden, weights.fc2_weight.shape[0]
-        bias = weights.fc1_bias is not None
-        cls = md.DINOv3ViTGatedMLP if weights.gated else md.DINOv3ViTMLP
-        mlp = cls.__new__(cls)  # the stock module, without needing a whole config
-        nn.Module.__init__(mlp)
+        if weights.gated:
+            mlp = self._gated_mlp(md.DINOv3ViTGatedMLP, weights)
+        else:  # {up_proj, act_fn, down_proj}: DINOv3's own plain layout
+            mlp = md.DINOv3ViTMLP.__new__(md.DINOv3ViTMLP)  # the stock module, without needing a whole config
+            nn.Module.__init__(mlp)
+            mlp.act_fn = weights.act
+            mlp.up_proj = nn.Linear(D, H, bias=weights.fc1_bias is not None)
+            mlp.down_proj = nn.Linear(H, O, bias=weights.fc2_bias is not None)
+            mlp = mlp.to(weights.fc1_weight.device, weights.fc1_weight.dtype)
+            self._copy_linear(mlp.up_proj, weights.fc1_weight, weights.fc1_bias)
+            self._copy_linear(mlp.down_proj, weights.fc2_weight, weights.fc2_bias)
         mlp.hidden_size, mlp.intermediate_size = D, H
-        mlp.act_fn = weights.act
-        mlp.up_proj = nn.Linear(D, H, bias=bias)
-        mlp.down_proj = nn.Linear(H, O, bias=weights.fc2_bias is not None)
-        if weights.gated:
-            mlp.gate_proj = nn.Linear(D, H, bias=bias)
-        mlp = mlp.to(weights.fc1_weight.device, weights.fc1_weight.dtype)
-        w, b = weights.fc1_weight, weights.fc1_bias
-        if weights.gated:
-            self._copy_linear(mlp.gate_proj, w[:H], None if b is None else b[:H])
-            self._copy_linear(mlp.up_proj, w[H:], None if b is None else b[H:])
-        else:
-            self._copy_linear(mlp.up_proj, w, b)
-        self._copy_linear(mlp.down_proj, weights.fc2_weight, weights.fc2_bias)
         return mlp
 
     def down_proj(self, mlp: nn.Module) -> nn.Module:
@@ -150,16 +141,6 @@ class HFDinov3(_FirstLayerInsertion):
     def patch_embed(self, model: nn.Module) -> nn.Conv2d:
         return model.embeddings.patch_embeddings
 
-    def forward_tokens(self, model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-        return model(pixel_values=pixels, return_dict=True).last_hidden_state
-
-    def forward_pooled(self, model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-        return model(pixel_values=pixels, return_dict=True).pooler_output
-
-    def forward_both(self, model: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = model(pixel_values=pixels, return_dict=True)
-        return out.pooler_output, out.last_hidden_state
-
 
 class HFSiglipVision(_FirstLayerInsertion):
     name = "hf_siglip"
@@ -172,8 +153,7 @@ class HFSiglipVision(_FirstLayerInsertion):
     def _layers(self, model: nn.Module) -> nn.ModuleList:
         return self.vision(model).encoder.layers
 
-    def vision(self, model: nn.Module) -> nn.Module:
-        return model.vision_model if hasattr(model, "vision_model") else model
+    vision = HFClipVision.vision  # the tower itself, or `vision_model` of a composite
 
     def default_prefix(self, vision: nn.Module) -> int:
         return 0  # no CLS token
@@ -181,49 +161,26 @@ class HFSiglipVision(_FirstLayerInsertion):
     def mlp_weights(self, mlp: nn.Module) -> MlpWeights:
         if isinstance(mlp, RegisterMlp):
             return mlp.merged_weights()
-        if hasattr(mlp, "fc1") and hasattr(mlp, "fc2") and hasattr(mlp, "activation_fn"):
+        if self._is_plain(mlp):
             return self._plain_mlp_weights(mlp)
         raise ModelInputError(f"unsupported HF SigLIP MLP type {type(mlp).__name__}")
 
     def make_mlp(self, weights: MlpWeights) -> nn.Module:
         from transformers.models.siglip.modeling_siglip import SiglipMLP
 
-        D, H = weights.fc1_weight.shape[1], weights.hidden
-        mlp = SiglipMLP.__new__(SiglipMLP)
-        nn.Module.__init__(mlp)
-        mlp.activation_fn = weights.act
-        mlp.fc1 = nn.Linear(D, H, bias=weights.fc1_bias is not None)
-        mlp.fc2 = nn.Linear(H, weights.fc2_weight.shape[0], bias=weights.fc2_bias is not None)
-        mlp = mlp.to(weights.fc1_weight.device, weights.fc1_weight.dtype)
-        self._copy_linear(mlp.fc1, weights.fc1_weight, weights.fc1_bias)
-        self._copy_linear(mlp.fc2, weights.fc2_weight, weights.fc2_bias)
-        return mlp
+        return self._plain_mlp(SiglipMLP, weights)
 
     def down_proj(self, mlp: nn.Module) -> nn.Module:
         return mlp.fc2
 
     def attention(self, block: nn.Module) -> AttentionParts:
-        a = block.self_attn
-        return AttentionParts(norm=block.layer_norm1, q_weight=a.q_proj.weight, q_bias=a.q_proj.bias,
-                              k_weight=a.k_proj.weight, k_bias=a.k_proj.bias, num_heads=int(a.num_heads))
+        return self._self_attn_parts(block)
 
     def patch_embed(self, model: nn.Module) -> nn.Conv2d:
         return self.vision(model).embeddings.patch_embedding
 
-    def _run(self, model: nn.Module, pixels: torch.Tensor):
-        return self.vision(model)(pixel_values=pixels, return_dict=True)
-
-    def forward_tokens(self, model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-        return self._run(model, pixels).last_hidden_state
-
-    def forward_pooled(self, model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-        out = self._run(model, pixels)
+    def _pool(self, model: nn.Module, out) -> torch.Tensor:
         return out.pooler_output if out.pooler_output is not None else out.last_hidden_state.mean(1)
-
-    def forward_both(self, model: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self._run(model, pixels)
-        pooled = out.pooler_output if out.pooler_output is not None else out.last_hidden_state.mean(1)
-        return pooled, out.last_hidden_state
 
 
 HF_DINOV3 = register_family(HFDinov3())

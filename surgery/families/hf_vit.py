@@ -88,12 +88,6 @@ class _HFVisionFamily(Family):
         # HF pools token 0 (CLS) in both families, so only our own bookkeeping needs the count.
         setattr(self.vision(model), PREFIX_ATTR, int(n))
 
-    def get_mlp(self, block: nn.Module) -> nn.Module:
-        return block.mlp
-
-    def set_mlp(self, block: nn.Module, mlp: nn.Module) -> None:
-        block.mlp = mlp
-
     # --- preprocessing -----------------------------------------------------------------------
     def preprocess_config(self, model: nn.Module) -> dict:
         """{'input_size', 'mean', 'std', 'crop_pct', 'interpolation', 'crop_mode'} for timm's transform."""
@@ -117,9 +111,78 @@ class _HFVisionFamily(Family):
                                           mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), crop_pct=cfg["crop_pct"],
                                           crop_mode=cfg.get("crop_mode", "center"), is_training=False)
 
-    # --- MLPs ------------------------------------------------------------------------------
+    # --- MLPs (HF's two layouts: {fc1, activation_fn, fc2} and gated {gate_proj, up_proj, down_proj}) ------
     def _plain_mlp_weights(self, mlp: nn.Module) -> MlpWeights:
         return MlpWeights(mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, mlp.activation_fn, gated=False)
+
+    @staticmethod
+    def _is_plain(mlp: nn.Module) -> bool:
+        return hasattr(mlp, "fc1") and hasattr(mlp, "fc2") and hasattr(mlp, "activation_fn")
+
+    @staticmethod
+    def _is_swiglu(mlp: nn.Module) -> bool:
+        return all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj"))
+
+    def _gated_mlp_weights(self, mlp: nn.Module) -> MlpWeights:
+        """Units of the gated hidden layer: fc1 rows are [gate; up]."""
+        g, u = mlp.gate_proj, mlp.up_proj
+        b = None if g.bias is None else torch.cat([g.bias, u.bias])
+        return MlpWeights(torch.cat([g.weight, u.weight]), b, mlp.down_proj.weight, mlp.down_proj.bias,
+                          mlp.act_fn, gated=True)
+
+    def _plain_mlp(self, cls: type, weights: MlpWeights) -> nn.Module:
+        """The stock `cls` ({fc1, activation_fn, fc2}) holding `weights`, built without a whole config."""
+        D, H = weights.fc1_weight.shape[1], weights.hidden
+        mlp = cls.__new__(cls)
+        nn.Module.__init__(mlp)
+        mlp.activation_fn = weights.act
+        mlp.fc1 = nn.Linear(D, H, bias=weights.fc1_bias is not None)
+        mlp.fc2 = nn.Linear(H, weights.fc2_weight.shape[0], bias=weights.fc2_bias is not None)
+        mlp = mlp.to(weights.fc1_weight.device, weights.fc1_weight.dtype)
+        self._copy_linear(mlp.fc1, weights.fc1_weight, weights.fc1_bias)
+        self._copy_linear(mlp.fc2, weights.fc2_weight, weights.fc2_bias)
+        return mlp
+
+    def _gated_mlp(self, cls: type, weights: MlpWeights) -> nn.Module:
+        """`cls` ({gate_proj, up_proj, down_proj, act_fn}) holding gated `weights` (fc1 rows [gate; up])."""
+        D, H = weights.fc1_weight.shape[1], weights.hidden
+        mlp = cls.__new__(cls)
+        nn.Module.__init__(mlp)
+        mlp.gate_proj = nn.Linear(D, H, bias=weights.fc1_bias is not None)
+        mlp.up_proj = nn.Linear(D, H, bias=weights.fc1_bias is not None)
+        mlp.down_proj = nn.Linear(H, weights.fc2_weight.shape[0], bias=weights.fc2_bias is not None)
+        mlp.act_fn = weights.act
+        mlp = mlp.to(weights.fc1_weight.device, weights.fc1_weight.dtype)
+        gb = ub = None
+        if weights.fc1_bias is not None:
+            gb, ub = weights.fc1_bias[:H], weights.fc1_bias[H:]
+        self._copy_linear(mlp.gate_proj, weights.fc1_weight[:H], gb)
+        self._copy_linear(mlp.up_proj, weights.fc1_weight[H:], ub)
+        self._copy_linear(mlp.down_proj, weights.fc2_weight, weights.fc2_bias)
+        return mlp
+
+    def _self_attn_parts(self, block: nn.Module) -> AttentionParts:
+        """CLIP / SigLIP layers: `self_attn.{q,k}_proj` after `layer_norm1`."""
+        a = block.self_attn
+        return AttentionParts(norm=block.layer_norm1, q_weight=a.q_proj.weight, q_bias=a.q_proj.bias,
+                              k_weight=a.k_proj.weight, k_bias=a.k_proj.bias, num_heads=int(a.num_heads))
+
+    # --- running the model: the vision tower called with pixel_values -------------------------
+    def _run(self, model: nn.Module, pixels: torch.Tensor):
+        return self.vision(model)(pixel_values=pixels, return_dict=True)
+
+    def _pool(self, model: nn.Module, out) -> torch.Tensor:
+        return out.pooler_output
+
+    def forward_tokens(self, model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        return self._run(model, pixels).last_hidden_state
+
+    def forward_pooled(self, model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        return self._pool(model, self._run(model, pixels))
+
+    def forward_both(self, model: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self._run(model, pixels)
+        return self._pool(model, out), out.last_hidden_state
 
     def _copy_linear(self, lin: nn.Linear, w: torch.Tensor, b: torch.Tensor | None) -> None:
         with torch.no_grad():
@@ -147,7 +210,7 @@ class HFClipVision(_HFVisionFamily):
     def mlp_weights(self, mlp: nn.Module) -> MlpWeights:
         if isinstance(mlp, RegisterMlp):
             return mlp.merged_weights()
-        if hasattr(mlp, "fc1") and hasattr(mlp, "fc2") and hasattr(mlp, "activation_fn"):
+        if self._is_plain(mlp):
             return self._plain_mlp_weights(mlp)
         raise ModelInputError(f"unsupported HF CLIP MLP type {type(mlp).__name__}")
 
@@ -156,16 +219,7 @@ class HFClipVision(_HFVisionFamily):
 
         if weights.gated:
             raise ModelInputError("HF CLIP has no gated MLPs")
-        D, H = weights.fc1_weight.shape[1], weights.hidden
-        mlp = CLIPMLP.__new__(CLIPMLP)  # the stock module, without needing a whole config
-        nn.Module.__init__(mlp)
-        mlp.activation_fn = weights.act
-        mlp.fc1 = nn.Linear(D, H, bias=weights.fc1_bias is not None)
-        mlp.fc2 = nn.Linear(H, weights.fc2_weight.shape[0], bias=weights.fc2_bias is not None)
-        mlp = mlp.to(weights.fc1_weight.device, weights.fc1_weight.dtype)
-        self._copy_linear(mlp.fc1, weights.fc1_weight, weights.fc1_bias)
-        self._copy_linear(mlp.fc2, weights.fc2_weight, weights.fc2_bias)
-        return mlp
+        return self._plain_mlp(CLIPMLP, weights)
 
     def down_proj(self, mlp: nn.Module) -> nn.Module:
         return mlp.fc2
@@ -174,31 +228,15 @@ class HFClipVision(_HFVisionFamily):
         return self.vision(model), "pre_layrnorm"
 
     def attention(self, block: nn.Module) -> AttentionParts:
-        a = block.self_attn
-        return AttentionParts(norm=block.layer_norm1, q_weight=a.q_proj.weight, q_bias=a.q_proj.bias,
-                              k_weight=a.k_proj.weight, k_bias=a.k_proj.bias, num_heads=int(a.num_heads))
+        return self._self_attn_parts(block)
 
     def patch_embed(self, model: nn.Module) -> nn.Conv2d:
         return self.vision(model).embeddings.patch_embedding
-
-    def _run(self, model: nn.Module, pixels: torch.Tensor):
-        v = self.vision(model)
-        return v(pixel_values=pixels, return_dict=True)
 
     def _pool(self, model: nn.Module, out) -> torch.Tensor:
         pooled = out.pooler_output
         proj = getattr(model, "visual_projection", None)
         return proj(pooled) if proj is not None else pooled
-
-    def forward_tokens(self, model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-        return self._run(model, pixels).last_hidden_state
-
-    def forward_pooled(self, model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-        return self._pool(model, self._run(model, pixels))
-
-    def forward_both(self, model: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self._run(model, pixels)
-        return self._pool(model, out), out.last_hidden_state
 
 
 class HFDinov2(_HFVisionFamily):
@@ -216,58 +254,27 @@ class HFDinov2(_HFVisionFamily):
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
         return list(model.encoder.layer)
 
-    @staticmethod
-    def _is_swiglu(mlp: nn.Module) -> bool:
-        return all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj"))
-
     def mlp_weights(self, mlp: nn.Module) -> MlpWeights:
         if isinstance(mlp, RegisterMlp):
             return mlp.merged_weights()
         if self._is_swiglu(mlp):
-            g, u = mlp.gate_proj, mlp.up_proj
-            w = torch.cat([g.weight, u.weight])
-            b = None if g.bias is None else torch.cat([g.bias, u.bias])
-            return MlpWeights(w, b, mlp.down_proj.weight, mlp.down_proj.bias, mlp.act_fn, gated=True)
+            return self._gated_mlp_weights(mlp)
         if hasattr(mlp, "weights_in"):  # packed SwiGLU of older transformers
             return MlpWeights(mlp.weights_in.weight, mlp.weights_in.bias, mlp.weights_out.weight,
                               mlp.weights_out.bias, nn.SiLU(), gated=True)
-        if hasattr(mlp, "fc1") and hasattr(mlp, "fc2") and hasattr(mlp, "activation_fn"):
+        if self._is_plain(mlp):
             return self._plain_mlp_weights(mlp)
         raise ModelInputError(f"unsupported HF DINOv2 MLP type {type(mlp).__name__}")
 
     def make_mlp(self, weights: MlpWeights) -> nn.Module:
         from transformers.models.dinov2 import modeling_dinov2 as md
 
-        D, H = weights.fc1_weight.shape[1], weights.hidden
-        ref = weights.fc1_weight
         if weights.gated:
             stock = md.Dinov2SwiGLUFFN
             # transformers 5 splits the SwiGLU into gate/up/down; older releases pack `weights_in`: use an
             # equivalent module with the new layout there (never a stock module with another forward)
-            cls = stock if "gate_proj" in stock.forward.__code__.co_names else _SwiGLU
-            mlp = cls.__new__(cls)
-            nn.Module.__init__(mlp)
-            mlp.gate_proj = nn.Linear(D, H, bias=weights.fc1_bias is not None)
-            mlp.up_proj = nn.Linear(D, H, bias=weights.fc1_bias is not None)
-            mlp.down_proj = nn.Linear(H, weights.fc2_weight.shape[0], bias=weights.fc2_bias is not None)
-            mlp.act_fn = weights.act
-            mlp = mlp.to(ref.device, ref.dtype)
-            gb = ub = None
-            if weights.fc1_bias is not None:
-                gb, ub = weights.fc1_bias[:H], weights.fc1_bias[H:]
-            self._copy_linear(mlp.gate_proj, weights.fc1_weight[:H], gb)
-            self._copy_linear(mlp.up_proj, weights.fc1_weight[H:], ub)
-            self._copy_linear(mlp.down_proj, weights.fc2_weight, weights.fc2_bias)
-            return mlp
-        mlp = md.Dinov2MLP.__new__(md.Dinov2MLP)
-        nn.Module.__init__(mlp)
-        mlp.activation_fn = weights.act
-        mlp.fc1 = nn.Linear(D, H, bias=weights.fc1_bias is not None)
-        mlp.fc2 = nn.Linear(H, weights.fc2_weight.shape[0], bias=weights.fc2_bias is not None)
-        mlp = mlp.to(ref.device, ref.dtype)
-        self._copy_linear(mlp.fc1, weights.fc1_weight, weights.fc1_bias)
-        self._copy_linear(mlp.fc2, weights.fc2_weight, weights.fc2_bias)
-        return mlp
+            return self._gated_mlp(stock if "gate_proj" in stock.forward.__code__.co_names else _SwiGLU, weights)
+        return self._plain_mlp(md.Dinov2MLP, weights)
 
     def down_proj(self, mlp: nn.Module) -> nn.Module:
         if isinstance(mlp, RegisterMlp):
@@ -297,16 +304,6 @@ class HFDinov2(_HFVisionFamily):
 
     def patch_embed(self, model: nn.Module) -> nn.Conv2d:
         return model.embeddings.patch_embeddings.projection
-
-    def forward_tokens(self, model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-        return model(pixel_values=pixels, return_dict=True).last_hidden_state
-
-    def forward_pooled(self, model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-        return model(pixel_values=pixels, return_dict=True).pooler_output
-
-    def forward_both(self, model: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = model(pixel_values=pixels, return_dict=True)
-        return out.pooler_output, out.last_hidden_state
 
 
 class _SwiGLU(nn.Module):
