@@ -27,28 +27,6 @@ from typing import Callable
 import benchlib as bl
 
 
-def interleave(arms: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
-    """Process CPU seconds of each arm (one thread for torch and onnxruntime, so this is the work done
-    whatever else runs on the shared machine), once per round, the order alternating (A B C D, D C B A)."""
-    names = list(arms)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        for n in (names if r % 2 == 0 else names[::-1]):
-            t = time.process_time()
-            arms[n]()
-            times[n].append(time.process_time() - t)
-    return times
-
-
-def median(xs: list[float]) -> float:
-    return float(statistics.median(xs))
-
-
-def paired_ratio(num: list[float], den: list[float]) -> float:
-    """Median over rounds of num[i] / den[i] (the two arms ran side by side in each round)."""
-    return median([a / b for a, b in zip(num, den)])
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=9)
@@ -93,18 +71,10 @@ def main() -> int:
             scratch = work / name
             scratch.mkdir()
             t = time.perf_counter()
-            g = export_graph(model, fam, scratch, exporter=a.exporter, progress=False)
+            path, used = bl.export_onnx_file(model, fam, scratch, a.exporter)
             export_s[name] = time.perf_counter() - t
-            import onnx
-
-            path = scratch / "model.onnx"
-            onnx.save_model(g.proto, str(path))
-            so = ort.SessionOptions()
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            so.intra_op_num_threads = a.threads
-            so.inter_op_num_threads = 1
-            sessions[name] = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-            print(f"exported {name} with {g.exporter} in {export_s[name]:.1f}s", file=sys.stderr)
+            sessions[name] = bl.ort_session(path, a.threads)
+            print(f"exported {name} with {used} in {export_s[name]:.1f}s", file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -114,41 +84,20 @@ def main() -> int:
     for bs in a.batches:
         x = torch.randn(bs, 3, 224, 224, generator=gen)
         xn = x.numpy()
-
-        def torch_arm(m):
-            def f():
-                with torch.inference_mode():
-                    return fam.forward_both(m, x)
-            return f
-
-        def ort_arm(s):
-            return lambda: s.run(["pooled", "tokens"], {"pixel_values": xn})
-
-        arms = {"torch original": torch_arm(original), "torch baked": torch_arm(baked),
-                "ort original": ort_arm(sessions["original"]), "ort baked": ort_arm(sessions["baked"]),
-                "ort token": ort_arm(sessions["token"])}
-        for name in ("original", "baked"):  # correctness before speed
-            want = torch_arm(models[name])()
-            got = ort_arm(sessions[name])()
-            worst = 0.0
-            for o, w, g in zip(("pooled", "tokens"), want, got):
-                e = OutputError(o)
-                e.update(torch.from_numpy(np.asarray(g)), w)
-                worst = max(worst, e.relative)
-            checks.append((bs, name, worst))
-        for _ in range(a.warmup):
-            for f in arms.values():
-                f()
-        times = interleave(arms, a.rounds)
-        med = {k: median(v) for k, v in times.items()}
+        arms = {"torch original": bl.torch_arm(fam, original, x), "torch baked": bl.torch_arm(fam, baked, x),
+                "ort original": bl.ort_arm(sessions["original"], xn), "ort baked": bl.ort_arm(sessions["baked"], xn),
+                "ort token": bl.ort_arm(sessions["token"], xn)}
+        for name in models:  # correctness before speed
+            checks.append((bs, name, bl.worst_relative_error(arms[f"torch {name}"](), arms[f"ort {name}"]())))
+        times, med = bl.time_arms(arms, a.warmup, a.rounds)
         rows.append({
             "batch": bs, "median_s": med,
-            "ort_speedup_original": paired_ratio(times["torch original"], times["ort original"]),
-            "ort_speedup_baked": paired_ratio(times["torch baked"], times["ort baked"]),
-            "baked_over_original_torch": paired_ratio(times["torch baked"], times["torch original"]),
-            "baked_over_original_ort": paired_ratio(times["ort baked"], times["ort original"]),
-            "token_over_original_ort": paired_ratio(times["ort token"], times["ort original"]),
-            "baked_over_token_ort": paired_ratio(times["ort baked"], times["ort token"]),
+            "ort_speedup_original": bl.paired_ratio(times["torch original"], times["ort original"]),
+            "ort_speedup_baked": bl.paired_ratio(times["torch baked"], times["ort baked"]),
+            "baked_over_original_torch": bl.paired_ratio(times["torch baked"], times["torch original"]),
+            "baked_over_original_ort": bl.paired_ratio(times["ort baked"], times["ort original"]),
+            "token_over_original_ort": bl.paired_ratio(times["ort token"], times["ort original"]),
+            "baked_over_token_ort": bl.paired_ratio(times["ort baked"], times["ort token"]),
         })
         print(f"batch {bs}: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in med.items()), file=sys.stderr)
     total = time.perf_counter() - t_start

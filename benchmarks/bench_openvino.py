@@ -23,7 +23,6 @@ import sys
 import time
 
 import benchlib as bl
-from bench_onnx import interleave, median, paired_ratio
 
 
 def main() -> int:
@@ -62,14 +61,8 @@ def main() -> int:
         for name, model in models.items():
             scratch = work / name
             scratch.mkdir()
-            g = export_graph(model, fam, scratch, progress=False)
-            path = scratch / "model.onnx"
-            onnx.save_model(g.proto, str(path))
-            so = ort.SessionOptions()
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            so.intra_op_num_threads = a.threads
-            so.inter_op_num_threads = 1
-            ort_s[name] = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            path, _ = bl.export_onnx_file(model, fam, scratch)
+            ort_s[name] = bl.ort_session(path, a.threads)
             ov.save_model(ov.convert_model(str(path)), str(scratch / "openvino_model.xml"), compress_to_fp16=False)
             ov_c[name] = core.compile_model(core.read_model(str(scratch / "openvino_model.xml")), "CPU",
                                             {"INFERENCE_PRECISION_HINT": "f32",
@@ -84,15 +77,6 @@ def main() -> int:
         x = torch.randn(bs, 3, 224, 224, generator=gen)
         xn = x.numpy()
 
-        def torch_arm(m):
-            def f():
-                with torch.inference_mode():
-                    return fam.forward_both(m, x)
-            return f
-
-        def ort_arm(s):
-            return lambda: s.run(["pooled", "tokens"], {"pixel_values": xn})
-
         def ov_arm(c):
             req = c.create_infer_request()
 
@@ -101,27 +85,19 @@ def main() -> int:
                 return [res[c.output("pooled")], res[c.output("tokens")]]
             return f
 
-        arms = {f"{rt} {m}": fn(obj) for m in models
-                for rt, fn, obj in (("torch", torch_arm, models[m]), ("ort", ort_arm, ort_s[m]),
-                                    ("openvino", ov_arm, ov_c[m]))}
+        arms = {}
+        for m in models:
+            arms.update({f"torch {m}": bl.torch_arm(fam, models[m], x), f"ort {m}": bl.ort_arm(ort_s[m], xn),
+                         f"openvino {m}": ov_arm(ov_c[m])})
         for m in models:  # correctness before speed
             want = arms[f"torch {m}"]()
             for rt in ("ort", "openvino"):
-                worst = 0.0
-                for o, w, g in zip(("pooled", "tokens"), want, arms[f"{rt} {m}"]()):
-                    e = OutputError(o)
-                    e.update(torch.from_numpy(np.asarray(g)), w)
-                    worst = max(worst, e.relative)
-                checks.append((bs, rt, m, worst))
-        for _ in range(a.warmup):
-            for f in arms.values():
-                f()
-        times = interleave(arms, a.rounds)
-        med = {k: median(v) for k, v in times.items()}
+                checks.append((bs, rt, m, bl.worst_relative_error(want, arms[f"{rt} {m}"]())))
+        times, med = bl.time_arms(arms, a.warmup, a.rounds)
         rows.append({"batch": bs, "median_s": med,
-                     "ov_over_ort_baked": paired_ratio(times["openvino baked"], times["ort baked"]),
-                     "ov_over_torch_baked": paired_ratio(times["openvino baked"], times["torch baked"]),
-                     "baked_over_original_ov": paired_ratio(times["openvino baked"], times["openvino original"])})
+                     "ov_over_ort_baked": bl.paired_ratio(times["openvino baked"], times["ort baked"]),
+                     "ov_over_torch_baked": bl.paired_ratio(times["openvino baked"], times["torch baked"]),
+                     "baked_over_original_ov": bl.paired_ratio(times["openvino baked"], times["openvino original"])})
         print(f"batch {bs}: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in med.items()), file=sys.stderr)
     total = time.perf_counter() - t_start
     lines = ["| batch | torch original | torch baked | ort original | ort baked | OpenVINO original | OpenVINO baked "

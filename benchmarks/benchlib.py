@@ -1,4 +1,4 @@
-"""Shared helpers for the PyTorch benchmarks (bench_discovery, bench_latency, bench_naive).
+"""Shared helpers for the benchmarks (PyTorch ones, and the runtime harness of bench_onnx and bench_openvino).
 
 Benchmarks are scripts, not tests: they print their numbers and, with --write, replace their own
 section of benchmarks/RESULTS.md (other sections, e.g. the ONNX exporter's, are left untouched).
@@ -220,3 +220,70 @@ def malloc_note(pinned: bool) -> str:
     return ("glibc malloc thresholds pinned for timing (`MALLOC_MMAP_THRESHOLD_=32 MiB`, "
             "`MALLOC_TRIM_THRESHOLD_=16 GiB`: no page faults in steady state; `--no-pin-malloc` to disable)"
             if pinned else "default glibc malloc settings")
+
+
+# ---- runtime benchmarks (bench_onnx, bench_openvino): one graph per model, arms timed side by side ----
+
+def export_onnx_file(model, family, scratch: Path, exporter: str = "dynamo") -> tuple[Path, str]:
+    """`model` exported the way `vit-surgery export` does (exporters.onnx_export.export_graph) and saved
+    as scratch/model.onnx; returns the path and the exporter that produced the graph."""
+    import onnx
+
+    from exporters.onnx_export import export_graph
+
+    g = export_graph(model, family, scratch, exporter=exporter, progress=False)
+    path = scratch / "model.onnx"
+    onnx.save_model(g.proto, str(path))
+    return path, g.exporter
+
+
+def ort_session(path: Path, threads: int):
+    """onnxruntime on the CPU provider, optimisation ALL, `threads` intra-op threads, one inter-op."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def torch_arm(family, model, x) -> Callable[[], object]:
+    """PyTorch eager (inference_mode): (pooled, tokens) of `model` on `x`."""
+    import torch
+
+    def run():
+        with torch.inference_mode():
+            return family.forward_both(model, x)
+    return run
+
+
+def ort_arm(session, xn) -> Callable[[], object]:
+    """onnxruntime: [pooled, tokens] of the exported graph on the numpy batch `xn`."""
+    return lambda: session.run(["pooled", "tokens"], {"pixel_values": xn})
+
+
+def worst_relative_error(want: Sequence[object], got: Sequence[object]) -> float:
+    """Worst per-vector relative error over (pooled, tokens) of a runtime's answer against PyTorch's."""
+    import numpy as np
+    import torch
+
+    from surgery.parity import OutputError
+
+    worst = 0.0
+    for o, w, g in zip(("pooled", "tokens"), want, got):
+        e = OutputError(o)
+        e.update(torch.from_numpy(np.asarray(g)), w)
+        worst = max(worst, e.relative)
+    return worst
+
+
+def time_arms(arms: dict[str, Callable[[], object]], warmup: int, rounds: int
+              ) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """`warmup` calls of every arm, then `rounds` interleaved rounds (interleave); returns the process
+    CPU seconds per arm and their medians (one thread per runtime: CPU time is the work done)."""
+    for _ in range(warmup):
+        for f in arms.values():
+            f()
+    times = interleave(arms, rounds)["cpu"]
+    return times, {k: median(v) for k, v in times.items()}
