@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .organism import ORGANISM_SIZE, Planting, plant_register_neurons
+from .organism_families import SplitGluPlanting, plant_split_glu, registers_like_cls  # noqa: F401 (re-exported)
 
 # variant -> (timm architecture, extra model args); all JSON so the organism saves as a timm local-dir
 EVA_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -39,42 +40,6 @@ def rope_table(model: nn.Module) -> torch.Tensor | None:
     return model.rope.get_embed(shape=grid)
 
 
-class SplitGluPlanting:
-    """Planting view for gated MLPs with separate gate/up projections (timm SwiGLU `fc1_g`/`fc1_x`, HF
-    `gate_proj`/`up_proj`): both are re-pointed at halves of one packed parameter, which
-    `plant_register_neurons` writes into; `finish()` gives each its own storage again."""
-
-    def __init__(self, family: Any, gate: str, up: str, down: str, act: str) -> None:
-        self.family, self.names = family, (gate, up, down, act)
-        self._touched: list[nn.Module] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.family, name)
-
-    def mlp_weights(self, mlp: nn.Module):
-        from .modules import MlpWeights
-
-        gate, up, down, act = self.names
-        if not all(hasattr(mlp, n) for n in (gate, up, down)):
-            return self.family.mlp_weights(mlp)
-        g, u = getattr(mlp, gate), getattr(mlp, up)
-        H = g.weight.shape[0]
-        w = nn.Parameter(torch.cat([g.weight.data, u.weight.data]))
-        b = nn.Parameter(torch.cat([g.bias.data, u.bias.data]))
-        g.weight, u.weight = nn.Parameter(w.data[:H]), nn.Parameter(w.data[H:])
-        g.bias, u.bias = nn.Parameter(b.data[:H]), nn.Parameter(b.data[H:])
-        self._touched.append(mlp)
-        d = getattr(mlp, down)
-        return MlpWeights(w, b, d.weight, d.bias, getattr(mlp, act), gated=True)
-
-    def finish(self) -> None:
-        gate, up, _, _ = self.names
-        for mlp in self._touched:
-            for lin in (getattr(mlp, gate), getattr(mlp, up)):
-                lin.weight = nn.Parameter(lin.weight.data.clone())
-                lin.bias = nn.Parameter(lin.bias.data.clone())
-
-
 def build_eva_organism(seed: int = 0, variant: str = "dinov3", *, num_classes: int = 16,
                        plant: dict[int, list[tuple[int, int]]] | None = None) -> tuple[nn.Module, Planting]:
     """A small timm `Eva` with planted register neurons (eval, fp32); `model.organism_source` as in
@@ -96,20 +61,13 @@ def build_eva_organism(seed: int = 0, variant: str = "dinov3", *, num_classes: i
     model.eval()
     table = rope_table(model)
     sink_dim = quiet_rope_dim(table) if table is not None else 0
-    from .families import family_for
-
-    fam = SplitGluPlanting(family_for(model), "fc1_g", "fc1_x", "fc2", "act")
-    try:
-        planting = plant_register_neurons(model, plant, seed=seed, family=fam,  # type: ignore[arg-type]
-                                          cls_token=model.cls_token, pos_embed=model.pos_embed,
-                                          pos_includes_cls=not model.no_embed_class, sink_head_dim=sink_dim)
-    finally:
-        fam.finish()
+    planting = plant_split_glu(model, plant, seed=seed, names=("fc1_g", "fc1_x", "fc2", "act"),
+                               cls_token=model.cls_token, pos_embed=model.pos_embed,
+                               pos_includes_cls=not model.no_embed_class, sink_head_dim=sink_dim)
     if "swiglu" in variant:
         sharpen_gated_units(model, planting, lambda blk: blk.mlp.fc1_g)
-    if model.reg_token is not None:  # trained registers: the CLS pattern (well conditioned)
-        with torch.no_grad():
-            model.reg_token.copy_(model.cls_token.expand_as(model.reg_token))
+    if model.reg_token is not None:
+        registers_like_cls(model.reg_token, model.cls_token)
     cfg = dict(model.pretrained_cfg)
     cfg.pop("url", None), cfg.pop("hf_hub_id", None)
     model.organism_source = {"architecture": arch, "model_args": model_args, "pretrained_cfg": cfg}
@@ -201,17 +159,11 @@ def build_hf_dinov3_organism(seed: int = 0, *, gated: bool = False, num_register
     torch.manual_seed(seed)
     model = DINOv3ViTModel(cfg).eval()
     _attach_hf_organism_preprocess(model)
-    fam = family_for(model)
-    _, sin = fam._rope(model)  # type: ignore[attr-defined]
-    view = SplitGluPlanting(fam, "gate_proj", "up_proj", "down_proj", "act_fn")
+    _, sin = family_for(model)._rope(model)  # type: ignore[attr-defined]
     emb = model.embeddings
-    try:
-        planting = plant_register_neurons(model, plant, seed=seed, family=view,  # type: ignore[arg-type]
-                                          cls_token=emb.cls_token, sink_head_dim=int(sin.abs().amax(0).argmin()))
-    finally:
-        view.finish()
-    with torch.no_grad():  # trained registers: the CLS pattern (well conditioned)
-        emb.register_tokens.copy_(emb.cls_token.expand_as(emb.register_tokens))
+    planting = plant_split_glu(model, plant, seed=seed, cls_token=emb.cls_token,
+                               sink_head_dim=int(sin.abs().amax(0).argmin()))
+    registers_like_cls(emb.register_tokens, emb.cls_token)
     if gated:
         sharpen_gated_units(model, planting, lambda blk: blk.mlp.gate_proj)
     return model, planting

@@ -3,7 +3,8 @@
 Each builder returns (model, Planting): a small random-init model of that library with register
 neurons planted through the family adapter, deterministic in `seed`, plus a writer that saves it in
 the library's own folder layout so tests load it back through the library's real code path.
-Keep one builder per library; they share nothing but `plant_register_neurons`.
+Keep one builder per library; they share `plant_register_neurons` and, for gated MLPs with separate
+gate/up projections, `plant_split_glu`.
 """
 from __future__ import annotations
 
@@ -183,16 +184,16 @@ def build_hf_clip_organism(seed: int = 0, *, full_clip: bool = False, attn_imple
     return model, planting
 
 
-class _UnpackedGluPlanting:
-    """Planting view for MLPs with separate gate/up projections (HF DINOv2 SwiGLU).
+class SplitGluPlanting:
+    """Planting view for gated MLPs with separate gate/up projections (HF `gate_proj`/`up_proj`, timm
+    SwiGLU `fc1_g`/`fc1_x`). `plant_register_neurons` writes into one packed [gate; up] weight; here the
+    two projections are temporarily re-pointed at halves of one packed parameter so those writes land
+    in them, and `finish()` gives each projection its own storage again (so saving never sees shared
+    tensors). Use it through `plant_split_glu`."""
 
-    `plant_register_neurons` writes into one packed [gate; up] weight; here the two projections are
-    temporarily re-pointed at halves of one packed parameter so those writes land in them, and
-    `finish()` gives each projection its own storage again (so saving never sees shared tensors).
-    """
-
-    def __init__(self, family: Any) -> None:
-        self.family = family
+    def __init__(self, family: Any, gate: str = "gate_proj", up: str = "up_proj", down: str = "down_proj",
+                 act: str = "act_fn") -> None:
+        self.family, self.names = family, (gate, up, down, act)
         self._touched: list[nn.Module] = []
 
     def __getattr__(self, name: str) -> Any:
@@ -201,22 +202,45 @@ class _UnpackedGluPlanting:
     def mlp_weights(self, mlp: nn.Module):
         from .modules import MlpWeights
 
-        if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+        gate, up, down, act = self.names
+        if not all(hasattr(mlp, n) for n in (gate, up, down)):
             return self.family.mlp_weights(mlp)
-        g, u = mlp.gate_proj, mlp.up_proj
+        g, u = getattr(mlp, gate), getattr(mlp, up)
         H = g.weight.shape[0]
         w = nn.Parameter(torch.cat([g.weight.data, u.weight.data]))
         b = nn.Parameter(torch.cat([g.bias.data, u.bias.data]))
         g.weight, u.weight = nn.Parameter(w.data[:H]), nn.Parameter(w.data[H:])
         g.bias, u.bias = nn.Parameter(b.data[:H]), nn.Parameter(b.data[H:])
         self._touched.append(mlp)
-        return MlpWeights(w, b, mlp.down_proj.weight, mlp.down_proj.bias, mlp.act_fn, gated=True)
+        d = getattr(mlp, down)
+        return MlpWeights(w, b, d.weight, d.bias, getattr(mlp, act), gated=True)
 
     def finish(self) -> None:
+        gate, up, _, _ = self.names
         for mlp in self._touched:
-            for lin in (mlp.gate_proj, mlp.up_proj):
+            for lin in (getattr(mlp, gate), getattr(mlp, up)):
                 lin.weight = nn.Parameter(lin.weight.data.clone())
                 lin.bias = nn.Parameter(lin.bias.data.clone())
+
+
+def plant_split_glu(model: nn.Module, plant: dict[int, list[tuple[int, int]]] | None, *, seed: int,
+                    names: tuple[str, str, str, str] = ("gate_proj", "up_proj", "down_proj", "act_fn"),
+                    **where: Any) -> Planting:
+    """`plant_register_neurons` through a SplitGluPlanting view on `model`'s adapter (gated MLPs with
+    separate gate/up projections; other MLPs are planted as usual); `where`: cls_token, pos_embed, ..."""
+    from .families import family_for
+
+    view = SplitGluPlanting(family_for(model), *names)
+    try:
+        return plant_register_neurons(model, plant, seed=seed, family=view, **where)  # type: ignore[arg-type]
+    finally:
+        view.finish()
+
+
+def registers_like_cls(register_tokens: torch.Tensor, cls_token: torch.Tensor) -> None:
+    """Trained registers start as the CLS pattern (well conditioned), not exact zeros."""
+    with torch.no_grad():
+        register_tokens.copy_(cls_token.expand_as(register_tokens))
 
 
 def build_hf_dinov2_organism(seed: int = 0, *, swiglu: bool = False, num_register_tokens: int = 0,
@@ -229,8 +253,6 @@ def build_hf_dinov2_organism(seed: int = 0, *, swiglu: bool = False, num_registe
     """
     from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
-    from .families import family_for
-
     sizes = dict(_hf_vision_sizes(), mlp_ratio=int(ORGANISM_SIZE["mlp_ratio"]), layerscale_value=1.0,
                  use_swiglu_ffn=swiglu)
     torch.manual_seed(seed)
@@ -241,16 +263,11 @@ def build_hf_dinov2_organism(seed: int = 0, *, swiglu: bool = False, num_registe
     model.set_attn_implementation(attn_implementation)
     model.eval()
     _attach_hf_organism_preprocess(model)
-    fam = _UnpackedGluPlanting(family_for(model))
     emb = model.embeddings
-    try:
-        planting = plant_register_neurons(model, plant, seed=seed, family=fam, cls_token=emb.cls_token,  # type: ignore[arg-type]
-                                          pos_embed=emb.position_embeddings, pos_includes_cls=True)
-    finally:
-        fam.finish()
-    if num_register_tokens:  # trained registers: the CLS pattern (well conditioned), not exact zeros
-        with torch.no_grad():
-            emb.register_tokens.copy_(emb.cls_token.expand_as(emb.register_tokens))
+    planting = plant_split_glu(model, plant, seed=seed, cls_token=emb.cls_token,
+                               pos_embed=emb.position_embeddings, pos_includes_cls=True)
+    if num_register_tokens:
+        registers_like_cls(emb.register_tokens, emb.cls_token)
     return model, planting
 
 
