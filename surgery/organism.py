@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,9 +76,24 @@ def plant_register_neurons(
     fam = family or family_for(model)
     plant = plant or DEFAULT_PLANT
     gen = torch.Generator().manual_seed(seed)
-    dim = fam.embed_dim(model)
-    pattern = 3.0 * _norm_vector(dim, gen, (TRIGGER_DIM, SINK_DIM))
+    pattern = 3.0 * _norm_vector(fam.embed_dim(model), gen, (TRIGGER_DIM, SINK_DIM))
+    _plant_trigger(fam, model, pattern, trigger_gain, cls_token, pos_embed, pos_includes_cls)
+    blocks = fam.blocks(model)
+    planting = Planting(neurons={})
+    for layer, units in sorted(plant.items()):
+        _plant_units(fam, blocks[layer], layer, units, outlier_norm * float(pattern.norm()) / 3.0, planting)
+    for layer in range(min(plant) + 1, len(blocks)):
+        _plant_sink(fam.attention(blocks[layer]), sink_head_dim, sink_strength)
+        planting.sink_blocks.append(layer)
+    for units in planting.neurons.values():
+        units.sort()
+    return planting
 
+
+def _plant_trigger(fam: Family, model: nn.Module, pattern: torch.Tensor, trigger_gain: float,
+                   cls_token: torch.Tensor | None, pos_embed: torch.Tensor | None, pos_includes_cls: bool) -> None:
+    """Patch embedding: TRIGGER_DIM carries the patch's mean pixel, SINK_DIM starts at 0, the other dims
+    carry `pattern` (through the bias, or the positions when there is no bias); CLS gets the pattern."""
     conv = fam.patch_embed(model)
     n_pix = conv.weight[0].numel()
     conv.weight[TRIGGER_DIM] = trigger_gain / n_pix
@@ -93,43 +109,42 @@ def plant_register_neurons(
     if cls_token is not None:
         cls_token.copy_(cls_value.reshape(cls_token.shape))
 
-    token_norm = float(pattern.norm())
-    blocks = fam.blocks(model)
-    planting = Planting(neurons={})
-    for layer, units in sorted(plant.items()):
-        w = fam.mlp_weights(fam.get_mlp(blocks[layer]))
-        if not isinstance(w.fc1_weight, nn.Parameter) or not isinstance(w.fc2_weight, nn.Parameter):
-            raise ValueError("planting needs an MLP whose weights are parameters (unpacked views)")
-        hidden = w.hidden
-        for unit, pol in units:
-            # LN-normalised trigger ~ mean pixel (|.| < 1.2 on ordinary patches, ~2 on black/white).
-            rows = [unit, hidden + unit] if w.gated else [unit]
-            w.fc1_weight[rows[0]] = 0.0
-            w.fc1_weight[rows[0], TRIGGER_DIM] = 5.0 * pol
-            if w.fc1_bias is not None:
-                w.fc1_bias[rows[0]] = -7.0
-            if w.gated:  # up half constant 1 so act(gate) * up == act(gate)
-                w.fc1_weight[rows[1]] = 0.0
-                w.fc1_bias[rows[1]] = 1.0
-            w.fc2_weight[:, unit] = 0.0
-            w.fc2_weight[SINK_DIM, unit] = outlier_norm * token_norm / 3.0
-            planting.neurons.setdefault(layer, []).append(unit)
-            planting.polarity[(layer, unit)] = pol
-    first = min(plant)
-    for layer in range(first + 1, len(blocks)):
-        a = fam.attention(blocks[layer])
-        hd = a.q_weight.shape[0] // a.num_heads
-        for h in range(a.num_heads):
-            row = h * hd + sink_head_dim
-            a.k_weight[row] = 0.0
-            a.k_weight[row, SINK_DIM] = 1.0
-            if a.q_bias is not None:
-                a.q_weight[row] = 0.0
-                a.q_bias[row] = sink_strength
-        planting.sink_blocks.append(layer)
-    for units in planting.neurons.values():
-        units.sort()
-    return planting
+
+def _plant_units(fam: Family, block: nn.Module, layer: int, units: list[tuple[int, int]], write_norm: float,
+                 planting: Planting) -> None:
+    """Each (unit, polarity) fires on very dark (-1) or bright (+1) patches and writes `write_norm`
+    along SINK_DIM; recorded in `planting`."""
+    w = fam.mlp_weights(fam.get_mlp(block))
+    if not isinstance(w.fc1_weight, nn.Parameter) or not isinstance(w.fc2_weight, nn.Parameter):
+        raise ValueError("planting needs an MLP whose weights are parameters (unpacked views)")
+    hidden = w.hidden
+    for unit, pol in units:
+        # LN-normalised trigger ~ mean pixel (|.| < 1.2 on ordinary patches, ~2 on black/white).
+        rows = [unit, hidden + unit] if w.gated else [unit]
+        w.fc1_weight[rows[0]] = 0.0
+        w.fc1_weight[rows[0], TRIGGER_DIM] = 5.0 * pol
+        if w.fc1_bias is not None:
+            w.fc1_bias[rows[0]] = -7.0
+        if w.gated:  # up half constant 1 so act(gate) * up == act(gate)
+            w.fc1_weight[rows[1]] = 0.0
+            w.fc1_bias[rows[1]] = 1.0
+        w.fc2_weight[:, unit] = 0.0
+        w.fc2_weight[SINK_DIM, unit] = write_norm
+        planting.neurons.setdefault(layer, []).append(unit)
+        planting.polarity[(layer, unit)] = pol
+
+
+def _plant_sink(a: Any, sink_head_dim: int, sink_strength: float) -> None:
+    """Every head's key reads SINK_DIM on dimension `sink_head_dim`, and (with a query bias) every query
+    asks for it: high-norm tokens become attention sinks."""
+    hd = a.q_weight.shape[0] // a.num_heads
+    for h in range(a.num_heads):
+        row = h * hd + sink_head_dim
+        a.k_weight[row] = 0.0
+        a.k_weight[row, SINK_DIM] = 1.0
+        if a.q_bias is not None:
+            a.q_weight[row] = 0.0
+            a.q_bias[row] = sink_strength
 
 
 # Organism variants in timm: (base architecture, extra model args). All args are JSON so the

@@ -148,6 +148,37 @@ def run_check(baked_loaded: LoadedModel, batches: list[torch.Tensor], *, source:
     return report, effect
 
 
+def _convert_recipe(loaded: LoadedModel, neurons: Optional[str], images: Optional[str | Path],
+                    discovery: Optional[DiscoveryConfig], overrides: dict[str, Any],
+                    progress: bool) -> tuple[Recipe, Optional[DiscoveryResult]]:
+    """The recipe convert bakes: from --neurons, else found on --images (with the discovery result),
+    else the published set known for the model."""
+    if neurons:
+        return resolve_recipe(loaded, neurons, overrides)[0], None
+    if images:
+        result = run_find(loaded, images, discovery or DiscoveryConfig(), progress)
+        return result.recipe.with_options(**overrides), result
+    from .published import published_for_model
+
+    name = published_for_model(loaded)
+    if name is None:
+        raise SurgeryError(f"convert needs --neurons FILE|NAME or --images DIR: no published register neurons "
+                           f"are known for {loaded.spec}")
+    return resolve_recipe(loaded, name, overrides)[0], None
+
+
+def _surgery_doc(loaded: LoadedModel, recipe: Recipe, result: Optional[DiscoveryResult], num_prefix: int,
+                 register_indices: list[int], out_dtype: str) -> dict[str, Any]:
+    """surgery.json: what was baked into the output, from which source, with which token layout."""
+    doc = {"recipe": recipe.to_dict(), "source_model": loaded.spec, "source": loaded.source,
+           "tool": "vit-surgery", "tool_version": __version__,
+           "token_layout": {"num_prefix_tokens": num_prefix, "register_indices": register_indices},
+           "dtype": out_dtype}
+    if result is not None:
+        doc["discovery"] = {k: v for k, v in result.to_json().items() if k not in ("layer_norms",)}
+    return doc
+
+
 @contextlib.contextmanager
 def _baked_copy(model: torch.nn.Module, recipe: Recipe, fam: Any, out_dtype: str) -> Iterator[torch.nn.Module]:
     """--dtype other than the model's: a baked copy in that dtype (baked in the model's own dtype first)."""
@@ -231,22 +262,7 @@ def run_convert(
     library = loaded.source.get("library", loaded.family.name)
     if library not in EXPORTERS:
         raise ModelInputError(f"no exporter for {library} models")
-    overrides = overrides or {}
-    result: Optional[DiscoveryResult] = None
-    if neurons:
-        recipe, _ = resolve_recipe(loaded, neurons, overrides)
-    elif images:
-        cfg = discovery or DiscoveryConfig()
-        result = run_find(loaded, images, cfg, progress)
-        recipe = result.recipe.with_options(**overrides)
-    else:
-        from .published import published_for_model
-
-        name = published_for_model(loaded)
-        if name is None:
-            raise SurgeryError(f"convert needs --neurons FILE|NAME or --images DIR: no published register neurons "
-                               f"are known for {loaded.spec}")
-        recipe, _ = resolve_recipe(loaded, name, overrides)
+    recipe, result = _convert_recipe(loaded, neurons, images, discovery, overrides or {}, progress)
     # Baked in the source's dtype; written in the source checkpoint's dtype unless --dtype says otherwise.
     out_dtype = dtype or loaded.source.get("dtype") or "float32"
     model, fam = loaded.model, loaded.family
@@ -261,13 +277,7 @@ def run_convert(
         # No copy of the model: baked in place, written tensor by tensor, and put back exactly (the
         # original modules are restored) before the output is reloaded next to it for the check.
         with (baked_in_place(model, recipe, fam) if in_place else _baked_copy(model, recipe, fam, out_dtype)) as baked:
-            surgery_doc = {"recipe": recipe.to_dict(), "source_model": loaded.spec, "source": loaded.source,
-                           "tool": "vit-surgery", "tool_version": __version__,
-                           "token_layout": {"num_prefix_tokens": num_prefix,
-                                            "register_indices": register_token_indices(baked, fam)},
-                           "dtype": out_dtype}
-            if result is not None:
-                surgery_doc["discovery"] = {k: v for k, v in result.to_json().items() if k not in ("layer_norms",)}
+            surgery_doc = _surgery_doc(loaded, recipe, result, num_prefix, register_token_indices(baked, fam), out_dtype)
             assert_finite(baked, "the baked model")
             EXPORTERS[library](baked, tmp, loaded, surgery_doc)
             del baked
