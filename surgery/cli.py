@@ -220,6 +220,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 # ---- parser ------------------------------------------------------------------------------------
 
+# Long on purpose: one flat, declarative list of every subcommand's arguments, read top to bottom like --help.
 def build_parser() -> argparse.ArgumentParser:
     epilog = "exit codes: " + "; ".join(f"{k} {v.rstrip('.')}" for k, v in EXIT_CODES.items())
     p = argparse.ArgumentParser(prog="vit-surgery", description="Bake test-time registers into pretrained ViTs.",

@@ -235,6 +235,7 @@ class ConvertResult:
     discovery: Optional[DiscoveryResult]
 
 
+# ~65 lines: the convert transaction (bake, write, reload, check, move) reads best as one sequence.
 def run_convert(
     loaded: LoadedModel,
     out: str | Path,

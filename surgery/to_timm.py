@@ -7,6 +7,8 @@ use: the timm model must reproduce `visual(x)` (the image embedding) to fp32 pre
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .errors import ModelInputError
@@ -163,6 +165,38 @@ def _first(obj, *paths: str):
 
 
 @torch.no_grad()
+def _hf_dinov2_block_state(layer: Any, pre_: str, swiglu: bool) -> dict[str, torch.Tensor]:
+    """One HF DINOv2 layer's tensors under timm's block names (`pre_` = "blocks.i."): fused qkv,
+    LayerScale gammas, the MLP ([gate; up] packed into fc1 for SwiGLU)."""
+    sd: dict[str, torch.Tensor] = {}
+    a = layer.attention
+    q = _first(a, "q_proj", "attention.query")
+    k = _first(a, "k_proj", "attention.key")
+    v = _first(a, "v_proj", "attention.value")
+    o = _first(a, "o_proj", "output.dense")
+    sd[pre_ + "attn.qkv.weight"] = torch.cat([q.weight, k.weight, v.weight])
+    sd[pre_ + "attn.qkv.bias"] = torch.cat([q.bias, k.bias, v.bias])
+    sd[pre_ + "attn.proj.weight"], sd[pre_ + "attn.proj.bias"] = o.weight, o.bias
+    for ours, theirs in (("norm1", layer.norm1), ("norm2", layer.norm2)):
+        sd[pre_ + ours + ".weight"], sd[pre_ + ours + ".bias"] = theirs.weight, theirs.bias
+    sd[pre_ + "ls1.gamma"] = layer.layer_scale1.lambda1
+    sd[pre_ + "ls2.gamma"] = layer.layer_scale2.lambda1
+    mlp = layer.mlp
+    if swiglu:
+        if hasattr(mlp, "gate_proj"):
+            w = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+            b = torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias])
+        else:  # packed weights_in: [gate; up]
+            w, b = mlp.weights_in.weight, mlp.weights_in.bias
+        d = _first(mlp, "down_proj", "weights_out")
+        sd[pre_ + "mlp.fc1.weight"], sd[pre_ + "mlp.fc1.bias"] = w, b
+        sd[pre_ + "mlp.fc2.weight"], sd[pre_ + "mlp.fc2.bias"] = d.weight, d.bias
+    else:
+        sd[pre_ + "mlp.fc1.weight"], sd[pre_ + "mlp.fc1.bias"] = mlp.fc1.weight, mlp.fc1.bias
+        sd[pre_ + "mlp.fc2.weight"], sd[pre_ + "mlp.fc2.bias"] = mlp.fc2.weight, mlp.fc2.bias
+    return sd
+
+
 def hf_dinov2_to_timm(loaded: LoadedModel) -> LoadedModel:
     """An HF `Dinov2Model` / `Dinov2WithRegistersModel` as timm's DINOv2 ViT (LayerScale, SwiGLU, registers)."""
     import timm
@@ -207,31 +241,7 @@ def hf_dinov2_to_timm(loaded: LoadedModel) -> LoadedModel:
     else:
         sd["cls_token"], sd["pos_embed"] = emb.cls_token, pos
     for i, layer in enumerate(layers):
-        pre_, a = f"blocks.{i}.", layer.attention
-        q = _first(a, "q_proj", "attention.query")
-        k = _first(a, "k_proj", "attention.key")
-        v = _first(a, "v_proj", "attention.value")
-        o = _first(a, "o_proj", "output.dense")
-        sd[pre_ + "attn.qkv.weight"] = torch.cat([q.weight, k.weight, v.weight])
-        sd[pre_ + "attn.qkv.bias"] = torch.cat([q.bias, k.bias, v.bias])
-        sd[pre_ + "attn.proj.weight"], sd[pre_ + "attn.proj.bias"] = o.weight, o.bias
-        for ours, theirs in (("norm1", layer.norm1), ("norm2", layer.norm2)):
-            sd[pre_ + ours + ".weight"], sd[pre_ + ours + ".bias"] = theirs.weight, theirs.bias
-        sd[pre_ + "ls1.gamma"] = layer.layer_scale1.lambda1
-        sd[pre_ + "ls2.gamma"] = layer.layer_scale2.lambda1
-        mlp = layer.mlp
-        if swiglu:
-            if hasattr(mlp, "gate_proj"):
-                w = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
-                b = torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias])
-            else:  # packed weights_in: [gate; up]
-                w, b = mlp.weights_in.weight, mlp.weights_in.bias
-            d = _first(mlp, "down_proj", "weights_out")
-            sd[pre_ + "mlp.fc1.weight"], sd[pre_ + "mlp.fc1.bias"] = w, b
-            sd[pre_ + "mlp.fc2.weight"], sd[pre_ + "mlp.fc2.bias"] = d.weight, d.bias
-        else:
-            sd[pre_ + "mlp.fc1.weight"], sd[pre_ + "mlp.fc1.bias"] = mlp.fc1.weight, mlp.fc1.bias
-            sd[pre_ + "mlp.fc2.weight"], sd[pre_ + "mlp.fc2.bias"] = mlp.fc2.weight, mlp.fc2.bias
+        sd.update(_hf_dinov2_block_state(layer, f"blocks.{i}.", swiglu))
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:

@@ -343,6 +343,48 @@ def load_ir(path: str | Path) -> ir.Model:
         raise ModelInputError(f"{p}: not a readable ONNX model ({type(e).__name__}: {first})") from None
 
 
+def _mlp_site(node: ir.Node, index: int) -> tuple[Optional[MlpSite], Optional[str]]:
+    """`node` as the down projection of an MLP (MatMul <- GELU <- MatMul with constant weights, joining a
+    residual stream): (the site numbered `index`, None); (None, None) when it is no MLP's down
+    projection; a refusal text when it is one vit-surgery cannot rewrite."""
+    shape = _weight_matmul(node)
+    if shape is None:
+        return None, None
+    H, D = shape
+    hidden = node.inputs[0]
+    act_nodes, fc1, why = _activation_subgraph(hidden)
+    if fc1 is None or not act_nodes:
+        return None, None  # attention projections, heads: not an MLP's down projection
+    fc1_shape = _weight_matmul(fc1)
+    if fc1_shape is None or fc1_shape[1] != H or fc1_shape[0] != D:
+        return None, None
+    pre = fc1.outputs[0]
+    bias_add = None
+    users = [u.node for u in pre.uses()]
+    if len(users) == 1 and users[0].op_type == "Add" and users[0] in act_nodes:
+        other = users[0].inputs[1 - [i is pre for i in users[0].inputs].index(True)]
+        b = const_array(other)
+        if b is not None and b.size == H:
+            bias_add = users[0]
+            pre = users[0].outputs[0]
+    acts = [n for n in act_nodes if n is not bias_add]
+    kind = _classify(acts)
+    if kind is None:
+        return None, (f"MLP at {node_label(fc1)} -> {node_label(node)}: activation "
+                      f"[{', '.join(sorted(n.op_type for n in acts))}] at {node_label(hidden.producer())} is not a "
+                      "recognised GELU (Gelu, erf GELU, tanh GELU, QuickGELU, FastGelu)")
+    refusal = None
+    for a in acts:  # every use of an inner value must stay inside the activation
+        for o in a.outputs:
+            if o is not hidden and any(u.node not in acts for u in o.uses()):
+                refusal = refusal or f"activation value at {node_label(a)} is used outside the MLP"
+    joins = _follow_to_residual(node.outputs[0], D)
+    if joins is None:
+        return None, refusal or (f"MLP output of {node_label(node)} does not join a residual stream "
+                                 "(Add or SkipLayerNormalization)")
+    return MlpSite(index, fc1, bias_add, acts, kind, pre, hidden, node, node.outputs[0], joins), refusal
+
+
 def recognise(path: str | Path, model: Optional[ir.Model] = None) -> VitGraph:
     """Find blocks, MLPs, the residual stream and the register entry point in an ONNX ViT."""
     model = model if model is not None else load_ir(path)
@@ -356,44 +398,10 @@ def recognise(path: str | Path, model: Optional[ir.Model] = None) -> VitGraph:
     sites: list[MlpSite] = []
     first_refusal: Optional[str] = None
     for node in graph:  # topological order
-        shape = _weight_matmul(node)
-        if shape is None:
-            continue
-        H, D = shape
-        hidden = node.inputs[0]
-        act_nodes, fc1, why = _activation_subgraph(hidden)
-        if fc1 is None or not act_nodes:
-            continue  # attention projections, heads: not an MLP's down projection
-        fc1_shape = _weight_matmul(fc1)
-        if fc1_shape is None or fc1_shape[1] != H or fc1_shape[0] != D:
-            continue
-        pre = fc1.outputs[0]
-        bias_add = None
-        users = [u.node for u in pre.uses()]
-        if len(users) == 1 and users[0].op_type == "Add" and users[0] in act_nodes:
-            other = users[0].inputs[1 - [i is pre for i in users[0].inputs].index(True)]
-            b = const_array(other)
-            if b is not None and b.size == H:
-                bias_add = users[0]
-                pre = users[0].outputs[0]
-        acts = [n for n in act_nodes if n is not bias_add]
-        kind = _classify(acts)
-        if kind is None:
-            first_refusal = first_refusal or (
-                f"MLP at {node_label(fc1)} -> {node_label(node)}: activation "
-                f"[{', '.join(sorted(n.op_type for n in acts))}] at {node_label(hidden.producer())} is not a "
-                "recognised GELU (Gelu, erf GELU, tanh GELU, QuickGELU, FastGelu)")
-            continue
-        for a in acts:  # every use of an inner value must stay inside the activation
-            for o in a.outputs:
-                if o is not hidden and any(u.node not in acts for u in o.uses()):
-                    first_refusal = first_refusal or f"activation value at {node_label(a)} is used outside the MLP"
-        joins = _follow_to_residual(node.outputs[0], D)
-        if joins is None:
-            first_refusal = first_refusal or (f"MLP output of {node_label(node)} does not join a residual stream "
-                                              "(Add or SkipLayerNormalization)")
-            continue
-        sites.append(MlpSite(len(sites), fc1, bias_add, acts, kind, pre, hidden, node, node.outputs[0], joins))
+        site, refusal = _mlp_site(node, len(sites))
+        first_refusal = first_refusal or refusal
+        if site is not None:
+            sites.append(site)
     if first_refusal:
         raise ModelInputError(f"{path}: unsupported ViT graph: {first_refusal}")
     if not sites:
