@@ -93,7 +93,6 @@ def discovery_rows(source, fam, dev: str, batch: int, rounds: int) -> list[str]:
 def main() -> None:
     import torch
 
-    from surgery.core.bake import bake_registers
     from surgery.core.bake import baked_copy
     from surgery.backends import adapter_for
     from surgery.core.recipe import Recipe

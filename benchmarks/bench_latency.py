@@ -84,7 +84,7 @@ def main() -> None:
     bl.set_threads(args.threads)
     import torch
 
-    from surgery import Recipe, bake_registers, hooked_reference
+    from surgery import Recipe, hooked_reference
     from surgery.core.bake import baked_copy
     from surgery.backends import adapter_for
     from surgery.core.modules import PrependRegisters

@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 import copy
 import shutil
-import statistics
 import sys
 import time
-from typing import Callable
 
 import benchlib as bl
 
@@ -41,16 +39,12 @@ def main() -> int:
     a = ap.parse_args()
     pinned = bl.pin_malloc(not a.no_pin_malloc)
 
-    import numpy as np
-    import onnxruntime as ort
     import torch
 
-    from exporters.onnx_export import export_graph
-    from surgery import Recipe, bake_registers
+    from surgery import Recipe
     from surgery.core.bake import baked_copy
     from surgery.backends import adapter_for
     from surgery.core.modules import PrependRegisters
-    from surgery.core.parity import OutputError
 
     t_start = time.perf_counter()
     bl.set_threads(a.threads)

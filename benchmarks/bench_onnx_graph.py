@@ -17,7 +17,6 @@ with one thread; ratios are medians of per-round ratios. Outputs are checked bef
 from __future__ import annotations
 
 import argparse
-import copy
 import shutil
 import sys
 import time
@@ -43,7 +42,7 @@ def main() -> int:
     import torch
 
     from exporters.onnx_export import export_graph
-    from surgery import Recipe, bake_registers
+    from surgery import Recipe
     from surgery.core.bake import baked_copy
     from surgery.backends import adapter_for
     from surgery.onnx_graph.bake import _Builder, _insert_registers, _remake_side_tensors, _shift_token_constants, \

@@ -17,7 +17,6 @@ ratios are medians of per-round ratios. Outputs are checked against PyTorch befo
 from __future__ import annotations
 
 import argparse
-import copy
 import shutil
 import sys
 import time
@@ -35,17 +34,13 @@ def main() -> int:
     a = ap.parse_args()
     pinned = bl.pin_malloc(True)
 
-    import numpy as np
-    import onnx
     import onnxruntime as ort
     import openvino as ov
     import torch
 
-    from exporters.onnx_export import export_graph
-    from surgery import Recipe, bake_registers
+    from surgery import Recipe
     from surgery.core.bake import baked_copy
     from surgery.backends import adapter_for
-    from surgery.core.parity import OutputError
 
     t_start = time.perf_counter()
     bl.set_threads(a.threads)

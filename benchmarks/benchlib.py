@@ -268,7 +268,7 @@ def worst_relative_error(want: Sequence[object], got: Sequence[object]) -> float
     import numpy as np
     import torch
 
-    from surgery.parity import OutputError
+    from surgery.core.parity import OutputError
 
     worst = 0.0
     for o, w, g in zip(("pooled", "tokens"), want, got):

@@ -22,17 +22,14 @@ plain layout (`OUT/model.onnx`), or convert an HF model (`hf:...`, or `--to timm
 from __future__ import annotations
 
 import copy
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from surgery.core.errors import ModelInputError, OutputExistsError, ParityError
+from surgery.core.errors import ModelInputError, OutputExistsError
 
 from .onnx_export import (FP16_TOLERANCE, FP32_TOLERANCE, META_PREFIX, OnnxReport, OnnxSpec, TensorSpec, _fix_io_shapes,
                           _export_proto, _float64_register_branch, _mha_fastpath_disabled, _ort_session, _save_proto,

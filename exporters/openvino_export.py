@@ -18,13 +18,10 @@ register token, <= 3e-7 on every other token and the pooled output. A failed val
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-from surgery.core.errors import ModelInputError, ParityError, require_extra
+from surgery.core.errors import ModelInputError, require_extra
 
 from .onnx_export import (META_PREFIX, VIT_ONNX_SPEC, OnnxReport, _say, export_onnx,
                           read_onnx_metadata, validation_batches)

@@ -7,15 +7,13 @@ and conditioning rule (surgery/judge.py). The runtime is anything with ORT's
 """
 from __future__ import annotations
 
-import copy
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-from surgery.core.parity import OutputError
 
-from .onnx_export import VIT_ONNX_SPEC, Comparison, OnnxReport, _exact_torch, _rebatch, _torch_outputs
+from .onnx_export import OnnxReport
 from .onnx_export import judge_runtime_outputs
 
 

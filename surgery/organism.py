@@ -91,7 +91,7 @@ def plant_register_neurons(
     return planting
 
 
-def _plant_trigger(fam: Family, model: nn.Module, pattern: torch.Tensor, trigger_gain: float,
+def _plant_trigger(fam: Adapter, model: nn.Module, pattern: torch.Tensor, trigger_gain: float,
                    cls_token: torch.Tensor | None, pos_embed: torch.Tensor | None, pos_includes_cls: bool) -> None:
     """Patch embedding: TRIGGER_DIM carries the patch's mean pixel, SINK_DIM starts at 0, the other dims
     carry `pattern` (through the bias, or the positions when there is no bias); CLS gets the pattern."""
@@ -111,7 +111,7 @@ def _plant_trigger(fam: Family, model: nn.Module, pattern: torch.Tensor, trigger
         cls_token.copy_(cls_value.reshape(cls_token.shape))
 
 
-def _plant_units(fam: Family, block: nn.Module, layer: int, units: list[tuple[int, int]], write_norm: float,
+def _plant_units(fam: Adapter, block: nn.Module, layer: int, units: list[tuple[int, int]], write_norm: float,
                  planting: Planting) -> None:
     """Each (unit, polarity) fires on very dark (-1) or bright (+1) patches and writes `write_norm`
     along SINK_DIM; recorded in `planting`."""

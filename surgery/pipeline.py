@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -12,7 +11,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from . import __version__
-from .core.bake import baked_copy, baked_in_place, bake_registers, register_token_indices, unbake, unbaked_copy
+from .core.bake import baked_copy, baked_in_place, register_token_indices, unbaked_copy
 from .core.cast import cast_blockwise
 from .core.discovery import DiscoveryConfig, DiscoveryResult, find_register_neurons
 from .core.effect import collected, effect_metrics, last_block_diagnostics
@@ -244,7 +243,8 @@ def run_convert(
     refuse_source_overlap(out, loaded.spec)
     if loaded.recipe is not None:
         raise ModelInputError(f"{loaded.spec} already carries baked test-time registers")
-    write = writer_for(loaded.source.library)
+    library = loaded.source.library
+    write = writer_for(library)
     recipe, result = _convert_recipe(loaded, neurons, images, discovery, overrides or {}, progress)
     # Baked in the source's dtype; written in the source checkpoint's dtype unless --dtype says otherwise.
     out_dtype = dtype or loaded.source.dtype or "float32"

@@ -33,7 +33,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .core.bake import baked_copy, bake_registers, register_token_indices
+from .core.bake import baked_copy, register_token_indices
 from .core.discovery import AUTO_FACTOR, DiscoveryConfig, emergence_layer, find_register_neurons, outlier_mask
 from .core.effect import cls_attention, effect_metrics, token_diagnostics
 from .core.errors import NoOutliersError, SurgeryError

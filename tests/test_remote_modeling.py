@@ -24,13 +24,13 @@ import pytest
 import torch
 
 from rule_reference import per_vector_relative, rule_reference
-from surgery.bake import bake_registers
-from surgery.families import family_for
-from surgery.images import ImageBatches, list_images
-from surgery.organism import builtin_images
+from surgery.core.bake import bake_registers
+from surgery.backends import adapter_for
+from surgery.core.images import ImageBatches, list_images
+from surgery.core.images import builtin_images
 from surgery.organism_eva import build_hf_dinov3_organism, build_hf_siglip_organism
 from surgery.organism_families import build_hf_clip_organism, build_hf_dinov2_organism
-from surgery.recipe import Recipe
+from surgery.core.recipe import Recipe
 
 # float64 against float64 on the same weights and pixels: round-off (unit 1.1e-16, amplified by a
 # 6-block network) stays below ~1e-13; a wrong register value, row, scale or mode moves the outputs by
@@ -106,7 +106,7 @@ def _organism(cache: dict, family: str):
 def _pixels(model) -> torch.Tensor:
     """Four of the built-in calibration images (they carry the organisms' outlier triggers), float64."""
     files = list_images(builtin_images())[:4]
-    tf = family_for(model).data_transform(model)
+    tf = adapter_for(model).data_transform(model)
     return torch.cat([x for x, _ in ImageBatches(files, tf, 4, progress=False)]).double()
 
 
@@ -155,7 +155,7 @@ def test_remote_model_equals_the_core_bake(family, mode, organisms, tmp_path):
 
     model, planting = _organism(organisms, family)
     _, stock, prefix = FAMILIES[family]
-    fam = family_for(model)
+    fam = adapter_for(model)
     neurons = {b: list(planting.neurons.get(b, [])) + EXTRA_UNITS.get(b, []) for b in {*planting.neurons, *EXTRA_UNITS}}
     recipe = Recipe(neurons).with_options(**MODES[mode])
     out = _convert(model, recipe, tmp_path / f"{family}-{mode}".replace(".", "_"))
@@ -169,7 +169,7 @@ def test_remote_model_equals_the_core_bake(family, mode, organisms, tmp_path):
     assert len(split) == len(recipe.neurons)  # the written file's own RegisterMlp, not vit-surgery's import
     assert all(type(m).__module__.startswith("transformers_modules.") for m in split)
     remote = remote.double()
-    core = bake_registers(copy.deepcopy(model), recipe, fam).double().eval()
+    core = bake_registers(copy.deepcopy(model), recipe, adapter=fam).double().eval()
     x = _pixels(model)
 
     got, want = _flat(_forward(remote, stock, x)), _flat(_forward(core, stock, x))
@@ -201,7 +201,7 @@ def written(organisms, tmp_path_factory) -> Path:
 
 def test_written_file_holds_the_core_source_and_imports_only_torch_and_transformers(written):
     """No hand copy that could drift: each core definition appears in modeling_vit_surgery.py verbatim."""
-    import surgery.modules as core
+    import surgery.core.modules as core
 
     text = (written / "modeling_vit_surgery.py").read_text()
     tree = ast.parse(text)

@@ -25,7 +25,7 @@ from ..core.recipe import Recipe
 from .bake import (_Builder, _insert_registers, _remake_side_tensors, _replace_uses, _shift_token_constants,
                    _side_tensors, clone_activation, uses_float64)
 from .discover import TokenLayout, measure_layout
-from .recognise import VitGraph, const_array, load_ir, recognise
+from .recognise import const_array, load_ir, recognise
 from .runtime import ExposedSession, session_for_file
 
 FP32_TOLERANCE = 1e-5

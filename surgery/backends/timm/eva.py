@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ...core.errors import ModelInputError
-from ...core.modules import MlpWeights, RegisterMlp
+from ...core.modules import MlpWeights
 from ...core.adapter import AttentionParts
 from .adapter import TimmViT
 
