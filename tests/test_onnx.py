@@ -52,7 +52,7 @@ def session(path: Path) -> ort.InferenceSession:
 def exported(baked_dir, tmp_path_factory):
     """A copy of the converted organism with model.onnx written by export_and_validate (dynamo)."""
     d = copy_baked(baked_dir, tmp_path_factory.mktemp("onnx") / "out")
-    report = export_and_validate(d, progress=False)
+    report = export_and_validate(d, loaded=load_model(str(d)), progress=False)
     return d, report
 
 
@@ -147,7 +147,7 @@ def test_metadata_round_trips(exported):
 
 def test_fp16_export_uses_its_documented_tolerance(baked_dir, tmp_path):
     d = copy_baked(baked_dir, tmp_path / "out")
-    report = export_and_validate(d, fp16=True, progress=False)
+    report = export_and_validate(d, loaded=load_model(str(d)), fp16=True, progress=False)
     assert report.passed and report.dtype == "float16" and report.tolerance == FP16_TOLERANCE == 2e-2
     worst = report.worst
     assert 1e-5 < worst.relative <= 2e-2  # really computed in float16, and within the looser bound
@@ -164,7 +164,7 @@ def test_fp16_export_uses_its_documented_tolerance(baked_dir, tmp_path):
 
 def test_external_data_branch_and_legacy_exporter(baked_dir, tmp_path):
     d = copy_baked(baked_dir, tmp_path / "out")
-    report = export_and_validate(d, progress=False, exporter="legacy", external_data_threshold=0)
+    report = export_and_validate(d, loaded=load_model(str(d)), progress=False, exporter="legacy", external_data_threshold=0)
     assert report.passed and report.external_data
     assert (d / ONNX_FILE).stat().st_size < 200_000 < (d / DATA_FILE).stat().st_size
     model = onnx.load(str(d / ONNX_FILE), load_external_data=False)
@@ -172,7 +172,7 @@ def test_external_data_branch_and_legacy_exporter(baked_dir, tmp_path):
     assert "legacy" in read_onnx_metadata(d / ONNX_FILE)["exporter"]
     assert session(d / ONNX_FILE).run(["pooled"], {"pixel_values": np.zeros((3, 3, 64, 64), np.float32)})[0].shape == (3, 16)
     # a small export replacing it leaves no stale weights file behind
-    report = export_and_validate(d, progress=False, exporter="legacy")
+    report = export_and_validate(d, loaded=load_model(str(d)), progress=False, exporter="legacy")
     assert report.passed and not report.external_data and not (d / DATA_FILE).exists()
     assert not list(d.glob(".onnx-export-*"))
 
@@ -187,7 +187,7 @@ def test_failed_validation_leaves_no_file_and_names_the_output(baked_dir, tmp_pa
 
     monkeypatch.setattr(ox._ExportWrapper, "forward", broken)
     with pytest.raises(ParityError) as e:
-        export_and_validate(d, progress=False, exporter="legacy")
+        export_and_validate(d, loaded=load_model(str(d)), progress=False, exporter="legacy")
     msg = str(e.value)
     assert "\n" not in msg and "tokens vs float64 reference" in msg
     assert "pooled vs" not in msg and "no model.onnx written" in msg
@@ -197,7 +197,7 @@ def test_failed_validation_leaves_no_file_and_names_the_output(baked_dir, tmp_pa
     # an existing model.onnx is left as it was
     (d / ONNX_FILE).write_bytes(b"previous export")
     with pytest.raises(ParityError):
-        export_and_validate(d, progress=False, exporter="legacy")
+        export_and_validate(d, loaded=load_model(str(d)), progress=False, exporter="legacy")
     assert (d / ONNX_FILE).read_bytes() == b"previous export"
 
 
@@ -311,7 +311,7 @@ def test_open_clip_export_with_the_attention_fast_path_trap(tmp_path, capsys):
     code, _, err = run(["convert", src, "--neurons", neurons, "--out", out, "-q"], capsys)
     assert code == 0, err
     for exporter in ("dynamo", "legacy"):
-        report = export_and_validate(out, progress=False, exporter=exporter)
+        report = export_and_validate(out, loaded=load_model(str(out)), progress=False, exporter=exporter)
         assert report.passed and report.batch_sizes == [1, 5], report.summary()
         assert exporter in read_onnx_metadata(out / ONNX_FILE)["exporter"]
     assert torch.backends.mha.get_fastpath_enabled()  # restored after export
