@@ -138,7 +138,7 @@ x = torch.cat([b for b, _ in ImageBatches(files, lm.transform, 2, progress=False
 times = []
 with torch.inference_mode():
     for i in range(2):
-        t = time.perf_counter(); lm.family.forward_both(lm.model, x[i:i + 1]); times.append(time.perf_counter() - t)
+        t = time.perf_counter(); lm.adapter.forward_both(lm.model, x[i:i + 1]); times.append(time.perf_counter() - t)
 print(json.dumps({"forward_s_per_image": min(times)}))
 '''
 

@@ -273,7 +273,7 @@ def token_layout(loaded: Any) -> dict[str, Any]:
     """Where the tokens of the `tokens` output come from (the baked model's own bookkeeping)."""
     from surgery.core.bake import register_token_indices
 
-    fam, model = loaded.family, loaded.model
+    fam, model = loaded.adapter, loaded.model
     regs = register_token_indices(model, adapter=fam)
     leading = fam.num_prefix_tokens(model)  # prefix + test-time registers in a baked model
     return {"num_prefix_tokens": leading - len(regs), "num_registers": len(regs), "register_indices": regs,
@@ -298,7 +298,7 @@ def build_metadata(loaded: Any, out_dir: Path, *, dtype: str, exporter: str, spe
         "num_registers": str(layout["num_registers"]),
         "source_model": str(doc.get("source_model") or loaded.spec),
         "source": json.dumps(doc.get("source", loaded.source.to_dict()), sort_keys=True, default=str),
-        "family": loaded.family.name,
+        "family": loaded.adapter.name,
         "tool": "vit-surgery",
         "tool_version": __version__,
         "dtype": dtype,
@@ -479,7 +479,7 @@ def export_onnx(loaded: Any, out_dir: Path, scratch: Path, *, fp16: bool = False
     exceed `external_data_threshold` bytes), with vit-surgery's metadata properties."""
     if loaded.recipe is None:
         raise ModelInputError(f"{loaded.spec} carries no baked test-time registers (not a vit-surgery output)")
-    g = export_graph(loaded.model, loaded.family, scratch, fp16=fp16, exporter=exporter, spec=spec,
+    g = export_graph(loaded.model, loaded.adapter, scratch, fp16=fp16, exporter=exporter, spec=spec,
                      progress=progress)
     proto, used, f64_branches = g.proto, g.exporter, g.float64_branches
     opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
@@ -655,7 +655,7 @@ def judge_runtime_outputs(report: OnnxReport, session: Any, loaded: Any, batches
 
     from surgery.core.judge import float64_reference
 
-    spec, fam, tol = VIT_ONNX_SPEC, loaded.family, report.tolerance
+    spec, fam, tol = VIT_ONNX_SPEC, loaded.adapter, report.tolerance
     source64 = _unbaked_float64(loaded)
 
     def capture(model: nn.Module, family: Any, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -690,7 +690,7 @@ def _unbaked_float64(loaded: Any) -> nn.Module:
     """The judge's model: the loaded baked model with its registers taken out, in float64."""
     from surgery.core.bake import unbaked_copy
 
-    return unbaked_copy(loaded.model, adapter=loaded.family).to(torch.float64).eval()  # judge.as_float64, one copy
+    return unbaked_copy(loaded.model, adapter=loaded.adapter).to(torch.float64).eval()  # judge.as_float64, one copy
 
 
 def _onnx_report_header(path: Path, out_dir: Path, loaded: Any, tolerance: Optional[float]) -> OnnxReport:

@@ -81,7 +81,7 @@ def _export(loaded: Any, out_dir: Path, scratch: Path, fp16: bool, exporter: str
     model = copy.deepcopy(loaded.model).to("cpu", dtype).eval()
     spec = hf_spec(model)
     wrapper = _HFOutputs(model, dtype).eval()
-    c, h, w = loaded.family.input_size(loaded.model)
+    c, h, w = loaded.adapter.input_size(loaded.model)
     example = torch.randn(spec.export_batch_size, c, h, w, generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), _mha_fastpath_disabled():
         outs = wrapper(example)

@@ -239,7 +239,7 @@ def unbaked_original(baked: Any, spec: str) -> Any:
     from .core.bake import unbaked_copy
 
     original = copy.copy(baked)
-    original.model = unbaked_copy(baked.model, adapter=baked.family)
+    original.model = unbaked_copy(baked.model, adapter=baked.adapter)
     original.recipe = None
     original.spec = f"{spec} (un-baked)"
     return original
@@ -261,8 +261,8 @@ def original_and_baked(model_spec: str, baked_spec: Optional[str], options: Any 
         raise ModelInputError(f"{model_spec} already carries baked test-time registers; give the original model first")
     if baked.recipe is None:
         raise ModelInputError(f"{baked_spec} carries no baked test-time registers (not a vit-surgery output)")
-    if type(first.family) is not type(baked.family):
-        raise ModelInputError(f"{model_spec} ({first.family.name}) and {baked_spec} ({baked.family.name}) "
+    if type(first.adapter) is not type(baked.adapter):
+        raise ModelInputError(f"{model_spec} ({first.adapter.name}) and {baked_spec} ({baked.adapter.name}) "
                               "are different model families")
     return first, baked
 
@@ -271,4 +271,4 @@ def run_eval(model_spec: str, baked_spec: Optional[str], dataset: str | Path, *,
              **kwargs: Any) -> KnnResult:
     """`vit-surgery eval MODEL [OUT] --dataset DIR` as a function."""
     original, baked = original_and_baked(model_spec, baked_spec, options)
-    return knn_compare(original.model, baked.model, original.family, original.transform, dataset, **kwargs)
+    return knn_compare(original.model, baked.model, original.adapter, original.transform, dataset, **kwargs)

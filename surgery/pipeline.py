@@ -40,7 +40,7 @@ def run_find(loaded: LoadedModel, images: str | Path, config: DiscoveryConfig, p
     files = list_images(images, config.num_images, config.seed)
     prov = {"model": loaded.spec, "images": str(images), "tool_version": __version__,
             "image_files": [str(Path(f).relative_to(images)) for f in files][:1000]}
-    return find_register_neurons(loaded.model, files, config, adapter=loaded.family, transform=loaded.transform,
+    return find_register_neurons(loaded.model, files, config, adapter=loaded.adapter, transform=loaded.transform,
                                  progress=progress, provenance=prov)
 
 
@@ -55,11 +55,11 @@ def resolve_recipe(loaded: LoadedModel, neurons: str, overrides: dict[str, Any])
     else:
         recipe, doc = published_neurons(neurons), {"published": neurons}
         source = f"published neurons {neurons!r}"
-    blocks = loaded.family.blocks(loaded.model)
-    validate_recipe_for_model(recipe, len(blocks), [loaded.family.mlp_width(b) for b in blocks], source)
+    blocks = loaded.adapter.blocks(loaded.model)
+    validate_recipe_for_model(recipe, len(blocks), [loaded.adapter.mlp_width(b) for b in blocks], source)
     prov = doc.get("provenance", {}) if isinstance(doc, dict) else {}
     made_for = prov.get("hidden_sizes"), prov.get("depth")
-    have = sorted({loaded.family.mlp_width(b) for b in blocks}), len(blocks)
+    have = sorted({loaded.adapter.mlp_width(b) for b in blocks}), len(blocks)
     if made_for[1] is not None and (made_for[0] != have[0] or made_for[1] != have[1]):
         raise NeuronsFileError(f"{source} was made for a model with {made_for[1]} blocks of MLP width {made_for[0]}, "
                                f"this one has {have[1]} blocks of width {have[0]}")
@@ -79,7 +79,7 @@ def default_check_images(loaded: LoadedModel) -> int:
     """How many images convert's parity check uses: the work of 16 ViT-B/16-at-224 images (work =
     parameters x tokens per image), at least MIN_CHECK_IMAGES and at most CHECK_IMAGES. A ViT-B/16 gets
     16, a ViT-L/14 at 518 px 4 (each image still judges every token of every block: 24 x 1370 vectors)."""
-    fam = loaded.family
+    fam = loaded.adapter
     model = loaded.model
     params = sum(p.numel() for p in model.parameters())
     c, h, w = fam.input_size(model)
@@ -121,7 +121,7 @@ def run_check(baked_loaded: LoadedModel, batches: list[torch.Tensor], *, source:
     recipe = baked_loaded.recipe
     if recipe is None:
         raise ModelInputError(f"{baked_loaded.spec} carries no baked test-time registers (not a vit-surgery output)")
-    fam = baked_loaded.family
+    fam = baked_loaded.adapter
     if source is None:
         source = unbaked_copy(baked, adapter=fam)
     after: dict[str, list[torch.Tensor]] = {}
@@ -189,7 +189,7 @@ def _verify_not_reloaded(reloaded: LoadedModel, loaded: LoadedModel, out_dtype: 
 def convert_estimate(loaded: LoadedModel, out_dtype: str, batch_size: int, num_registers: int,
                      in_place: bool) -> Estimate:
     """convert's peak (surgery/memory.py): this process + the reloaded output + one float64 block + one batch."""
-    fam, model = loaded.family, loaded.model
+    fam, model = loaded.adapter, loaded.model
     whole = loaded.extra.get("clip", model)
     blocks = fam.blocks(model)
     c, h, w = fam.input_size(model)
@@ -248,7 +248,7 @@ def run_convert(
     recipe, result = _convert_recipe(loaded, neurons, images, discovery, overrides or {}, progress)
     # Baked in the source's dtype; written in the source checkpoint's dtype unless --dtype says otherwise.
     out_dtype = dtype or loaded.source.dtype or "float32"
-    model, fam = loaded.model, loaded.family
+    model, fam = loaded.model, loaded.adapter
     in_place = torch_dtype(out_dtype) == next(model.parameters()).dtype
     parity_count = default_check_images(loaded)
     batch_size = min((discovery or DiscoveryConfig()).batch_size, parity_count)

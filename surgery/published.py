@@ -43,7 +43,7 @@ def published_for_model(loaded: Any) -> Optional[str]:
     on a model without trained registers never applies to its `reg4` / with-registers sibling)."""
     src = loaded.source
     names = [loaded.spec] + [str(v) for v in (src.architecture, src.name_or_path, src.spec) if v]
-    fam, model = loaded.family, loaded.model
+    fam, model = loaded.adapter, loaded.model
     blocks = fam.blocks(model)
     for n in names:
         name = match_published(n)

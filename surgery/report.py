@@ -117,7 +117,7 @@ def _find_ranking(folder: Path, recipe: Recipe) -> tuple[Optional[dict[str, Any]
 
 
 def _discover(loaded: LoadedModel, files: list[Path], cfg: DiscoveryConfig, progress: bool) -> dict[str, Any]:
-    res = find_register_neurons(loaded.model, files, cfg, adapter=loaded.family, transform=loaded.transform,
+    res = find_register_neurons(loaded.model, files, cfg, adapter=loaded.adapter, transform=loaded.transform,
                                 progress=progress, provenance={"model": loaded.spec, "images": "report images"})
     return res.to_json()
 
@@ -156,7 +156,7 @@ def resolve_pair(model_spec: str, baked_spec: Optional[str], files: list[Path], 
                             ranking_doc=doc, ranking_source="discovery on the report images",
                             original_label=model_spec)
             baked = copy.copy(first)
-            baked.model = baked_copy(first.model, recipe, adapter=first.family)
+            baked.model = baked_copy(first.model, recipe, adapter=first.adapter)
             baked.recipe = recipe
             pair.baked = baked
     if pair.ranking_doc is None and folder is not None and folder.is_dir():
@@ -183,8 +183,8 @@ def _unbaked(first: LoadedModel) -> tuple[LoadedModel, LoadedModel]:
 
 def _grid(loaded: LoadedModel, model: torch.nn.Module, n_patches: int) -> tuple[int, int]:
     try:
-        _, H, W = loaded.family.input_size(model)
-        kh, kw = loaded.family.patch_embed(model).kernel_size
+        _, H, W = loaded.adapter.input_size(model)
+        kh, kw = loaded.adapter.patch_embed(model).kernel_size
         if (H // kh) * (W // kw) == n_patches:
             return H // kh, W // kw
     except Exception:
@@ -341,7 +341,7 @@ def _detect_block(detect_layer: Optional[int], depth: int) -> int:
 @torch.inference_mode()
 def measure(pair: Pair, files: list[Path], *, detect_layer: Optional[int], threshold: float | str, batch_size: int,
             show: int, progress: bool) -> Measurement:
-    fam = pair.original.family
+    fam = pair.original.adapter
     orig = pair.original.model
     baked = pair.baked.model if pair.baked is not None else None
     depth = len(fam.blocks(orig))
@@ -728,7 +728,7 @@ def write_report(model_spec: str, baked_spec: Optional[str] = None, images: Any 
     if opts.get("dataset") and pair.baked is not None:
         from .knn_eval import knn_compare
 
-        knn = knn_compare(pair.original.model, pair.baked.model, pair.original.family, pair.original.transform,
+        knn = knn_compare(pair.original.model, pair.baked.model, pair.original.adapter, pair.original.transform,
                           opts["dataset"], progress=progress, **(opts.get("knn") or {})).to_dict()
     images_label = str(images) if isinstance(images, (str, Path)) else f"{len(files)} files"
     summary = _summary(pair, m, recipe, out_dir, images_label=images_label, ranking=ranking, knn=knn,
@@ -781,7 +781,7 @@ def _summary(pair: Pair, m: Measurement, recipe: Optional[Recipe], out_dir: Path
                                                   else "in memory"),
         "baked_side": pair.how,
         "recipe": recipe.to_dict() if recipe is not None else None,
-        "register_indices": register_token_indices(pair.baked.model, adapter=pair.baked.family) if pair.baked else [],
+        "register_indices": register_token_indices(pair.baked.model, adapter=pair.baked.adapter) if pair.baked else [],
         "images": _display_spec(images_label, out_dir), "num_images": len(m.images),
         "skipped_images": m.skipped, "image_files": m.images[:1000],
         "detect_layer": m.detect_layer, "depth": m.depth,

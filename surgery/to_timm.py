@@ -64,7 +64,7 @@ def hf_clip_to_timm(loaded: LoadedModel) -> LoadedModel:
     """An HF CLIP vision tower (with its visual projection when the model has one) as timm's CLIP ViT."""
     import timm
 
-    fam = loaded.family
+    fam = loaded.adapter
     vt = fam.vision(loaded.model)
     cfg = vt.config
     D, L = int(cfg.hidden_size), int(cfg.num_hidden_layers)
@@ -214,7 +214,7 @@ def hf_dinov2_to_timm(loaded: LoadedModel) -> LoadedModel:
     hidden = int(down.weight.shape[1])
     arch = ("vit_small_patch14_reg4_dinov2" if regs else
             "vit_giant_patch14_dinov2" if swiglu else "vit_small_patch14_dinov2")
-    pre = loaded.family.preprocess_config(m)
+    pre = loaded.adapter.preprocess_config(m)
     # HF DINOv2 resamples its positional table to every input size (checkpoints are 518 px, used at the
     # processor's 224-px crop): the timm model is built at the size the source is used at, with the
     # table HF itself computes for that size, so the two agree exactly there.
@@ -247,7 +247,7 @@ def hf_dinov2_to_timm(loaded: LoadedModel) -> LoadedModel:
     except RuntimeError as e:
         raise ModelInputError(f"{loaded.spec}: HF DINOv2 weights do not map onto timm's DINOv2 ViT: "
                               f"{' '.join(str(e).split())[:200]}") from None
-    return _checked(loaded, model, args, pretrained_cfg, lambda x: loaded.family.forward_pooled(m, x), arch)
+    return _checked(loaded, model, args, pretrained_cfg, lambda x: loaded.adapter.forward_pooled(m, x), arch)
 
 
 def _checked(loaded: LoadedModel, model, args: dict, pretrained_cfg: dict, reference,
@@ -271,13 +271,13 @@ def to_timm(loaded: LoadedModel) -> LoadedModel:
     library = loaded.source.library
     if library == "timm":
         return loaded
-    if loaded.family.name == "open_clip_timm":
+    if loaded.adapter.name == "open_clip_timm":
         return open_clip_timm_trunk_to_timm(loaded)
     if library == "open_clip":
         return open_clip_to_timm(loaded)
-    if loaded.family.name == "hf_clip":
+    if loaded.adapter.name == "hf_clip":
         return hf_clip_to_timm(loaded)
-    if loaded.family.name == "hf_dinov2":
+    if loaded.adapter.name == "hf_dinov2":
         return hf_dinov2_to_timm(loaded)
     raise ModelInputError(f"{loaded.spec}: --to timm is available for timm, open_clip CLIP and timm-trunk, HF CLIP and "
-                          f"HF DINOv2 inputs, not {loaded.family.name}")
+                          f"HF DINOv2 inputs, not {loaded.adapter.name}")

@@ -296,7 +296,7 @@ def _sources(tmp: Path) -> dict[str, Path]:
 
 def test_no_outliers_exit_in_every_family(tmp_path, trigger_free_images, capsys):
     for name, src in _sources(tmp_path).items():
-        assert load_model(str(src)).family.name == name
+        assert load_model(str(src)).adapter.name == name
         code = main(["find", str(src), "--images", str(trigger_free_images), "--out", str(tmp_path / f"{name}.json")])
         err = ours(capsys.readouterr().err)
         assert code == 6, (name, err)

@@ -56,7 +56,7 @@ def test_timm_dinov2_organisms_convert_and_check(variant, tmp_path):
     assert res.report.passed, res.report.summary()
     baked = load_model(str(tmp_path / "out"))
     p = 5 if variant == "reg4" else 1
-    assert register_token_indices(baked.model, adapter=baked.family) == [p]  # after CLS and the trained registers
+    assert register_token_indices(baked.model, adapter=baked.adapter) == [p]  # after CLS and the trained registers
     if variant == "swiglu":
         assert baked.model.blocks[2].mlp.gated
 
@@ -94,7 +94,7 @@ def test_hub_layout_loads_into_timm(variant, hub_organisms):
     x = _pixels(model, 3)
     with torch.no_grad():
         assert torch.equal(loaded.model.forward_features(x), model.forward_features(x))
-    assert loaded.family.num_prefix_tokens(loaded.model) == (5 if variant == "reg4" else 1)
+    assert loaded.adapter.num_prefix_tokens(loaded.model) == (5 if variant == "reg4" else 1)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -176,21 +176,21 @@ def test_published_dinov2_vitl14_validates_bakes_and_passes_parity(vit_large):
     recipe, _ = resolve_recipe(vit_large, "dinov2_vitl14", {})
     assert recipe.num_neurons == 45 and sorted(recipe.neurons) == [12, 13, 14, 15, 16, 17]
     assert recipe.neurons[17][-1] == 4047
-    baked = bake_registers(copy.deepcopy(vit_large.model), recipe, adapter=vit_large.family)
+    baked = bake_registers(copy.deepcopy(vit_large.model), recipe, adapter=vit_large.adapter)
     x = torch.randn(4, 3, 28, 28, generator=torch.Generator().manual_seed(1))
-    report = check_parity(vit_large.model, baked, recipe, [x[:3], x[3:]], adapter=vit_large.family)
+    report = check_parity(vit_large.model, baked, recipe, [x[:3], x[3:]], adapter=vit_large.adapter)
     assert report.passed, report.summary()
     # recognised by name: `convert vit_large_patch14_dinov2` needs no --neurons and no images
     assert published.published_for_model(vit_large) == "dinov2_vitl14"
     for spec in ("dinov2:/models/dinov2_vitl14_pretrain.pth", "hf:facebook/dinov2-large"):
-        assert published.published_for_model(LoadedModel(vit_large.model, vit_large.family, spec, SourceInfo("timm"), None)) == \
+        assert published.published_for_model(LoadedModel(vit_large.model, vit_large.adapter, spec, SourceInfo("timm"), None)) == \
             "dinov2_vitl14"
 
 
 def test_published_set_is_not_applied_to_the_trained_register_sibling():
     reg = _vit_large("vit_large_patch14_reg4_dinov2", embed_dim=64, num_heads=1, mlp_ratio=64)  # depth 24, MLP 4096
-    assert reg.family.num_prefix_tokens(reg.model) == 5
-    named_like_l14 = LoadedModel(reg.model, reg.family, "dinov2:/m/dinov2_vitl14_reg4_pretrain.pth", SourceInfo("timm"), None)
+    assert reg.adapter.num_prefix_tokens(reg.model) == 5
+    named_like_l14 = LoadedModel(reg.model, reg.adapter, "dinov2:/m/dinov2_vitl14_reg4_pretrain.pth", SourceInfo("timm"), None)
     assert published.published_for_model(named_like_l14) is None
     assert published.published_for_model(reg) is None
 

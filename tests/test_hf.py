@@ -170,7 +170,7 @@ def test_convert_passes_check(kind, converted, organisms):
     assert cfg["vit_surgery"]["register_indices"] == [p] and cfg["vit_surgery"]["num_prefix_tokens"] == p
     # our loader reads it back without remote code, and `check` (un-baking) passes
     again = load_model(str(res.out))
-    assert again.recipe == res.recipe and register_token_indices(again.model, adapter=again.family) == [p]
+    assert again.recipe == res.recipe and register_token_indices(again.model, adapter=again.adapter) == [p]
     batches = [x for x, _ in ImageBatches(list_images(builtin_images())[:8], again.transform, 8, progress=False)]
     report, _ = run_check(again, batches)
     assert report.passed, report.summary()
@@ -184,7 +184,7 @@ def test_automodel_trust_remote_code_is_a_drop_in(kind, converted, pixels):
     model = AutoModel.from_pretrained(str(res.out), trust_remote_code=True).eval()
     assert type(model).__name__ == "VitSurgery" + CLASSES[kind]
     assert any(c.__name__ == CLASSES[kind] for c in type(model).__mro__)
-    src, fam = loaded.model, loaded.family
+    src, fam = loaded.model, loaded.adapter
     x = pixels[:5]
     with torch.no_grad(), hooked_reference(src, res.recipe, adapter=fam):
         ref_pooled, ref_tokens = fam.forward_both(src, x)
@@ -234,7 +234,7 @@ def test_hub_ids_load_through_a_fake_offline_cache(kind, fake_hub, saved, organi
     model = organisms[kind][0]
     fam = adapter_for(model)
     with torch.no_grad():
-        a, b = fam.forward_both(model, pixels[:3]), loaded.family.forward_both(loaded.model, pixels[:3])
+        a, b = fam.forward_both(model, pixels[:3]), loaded.adapter.forward_both(loaded.model, pixels[:3])
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 

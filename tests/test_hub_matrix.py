@@ -324,7 +324,7 @@ def test_hf_save_pretrained(row, hub_cache, tmp_path, two_images):
 
     src = load_model(spec)  # the source as vit-surgery's family sees it, float32
     baked = load_model(str(out))
-    equals_the_rule(src.model, baked.model, neurons, src.family.forward_both, px.float(), family=src.family)
+    equals_the_rule(src.model, baked.model, neurons, src.adapter.forward_both, px.float(), family=src.adapter)
     if row.to_timm:
         import timm
 
@@ -336,7 +336,7 @@ def test_hf_save_pretrained(row, hub_cache, tmp_path, two_images):
         tm = timm.create_model(f"local-dir:{out_timm}", pretrained=True).eval()
         assert tm.pretrained_cfg["input_size"] == [3, 224, 224] or tuple(tm.pretrained_cfg["input_size"]) == (3, 224, 224)
         with torch.no_grad():
-            assert tm.forward_features(px.float()).shape == baked.family.forward_tokens(baked.model.float(),
+            assert tm.forward_features(px.float()).shape == baked.adapter.forward_tokens(baked.model.float(),
                                                                                         px.float()).shape
 
 

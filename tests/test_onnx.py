@@ -87,7 +87,7 @@ def test_export_writes_a_valid_graph_with_a_dynamic_batch(exported):
 def test_onnxruntime_matches_pytorch_and_hooked_reference_at_batch_1_and_5(exported):
     d, _ = exported
     loaded = load_model(str(d))
-    fam, baked = loaded.family, loaded.model
+    fam, baked = loaded.adapter, loaded.model
     source = copy.deepcopy(baked)
     unbake(source, adapter=fam)
     sess = session(d / ONNX_FILE)

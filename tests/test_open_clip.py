@@ -93,7 +93,7 @@ def fake_hub(tmp_path, monkeypatch):
 
 def test_loader_returns_the_image_tower_and_keeps_the_clip_model(loaded, organism):
     assert isinstance(loaded.model, VisionTransformer)
-    assert loaded.family is OPEN_CLIP and adapter_for(loaded.model) is OPEN_CLIP
+    assert loaded.adapter is OPEN_CLIP and adapter_for(loaded.model) is OPEN_CLIP
     assert loaded.source.library == "open_clip" and loaded.recipe is None
     clip = loaded.extra["clip"]
     assert isinstance(clip, open_clip.CLIP) and clip.visual is loaded.model

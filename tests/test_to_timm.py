@@ -30,7 +30,7 @@ def _convert_and_compare(src, planting, tmp_path, calib_dir, capsys, prefix_toke
     loaded = load_model(str(src))
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad(), surgery.hooked_reference(loaded.model, surgery.Recipe(planting.neurons), adapter=adapter_for(loaded.model)):
-        reference = loaded.family.forward_pooled(loaded.model, x)
+        reference = loaded.adapter.forward_pooled(loaded.model, x)
     with torch.no_grad():
         got = baked(x)
     assert float((got - reference).norm(dim=-1).max() / reference.norm(dim=-1).min()) < 1e-5

@@ -93,7 +93,7 @@ class LoadOptions:
 @dataclass
 class LoadedModel:
     model: nn.Module
-    family: Adapter
+    adapter: Adapter
     spec: str
     source: SourceInfo
     transform: Callable
