@@ -44,9 +44,10 @@ def main() -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--work", default="/tmp/vitsurgery-gpu-e2e")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--dtypes", default="float32,float16,bfloat16", help="convert (and check) in these dtypes")
+    ap.add_argument("--quick", action="store_true", help="find and convert only (no check, export or auto steps)")
     a = ap.parse_args()
 
-    import torch
     from timm.models import save_for_hf
 
     work = Path(a.work)
@@ -62,20 +63,31 @@ def main() -> int:
     found_ok = {b: sorted(v) for b, v in found.items()} == planted
     log.append({"step": "find recovers the planted units", "rc": 0 if found_ok else 1, "wall_s": 0,
                 "last_line": f"found {found} planted {planted}"})
-    for dtype in ("float32", "float16", "bfloat16"):
+    for dtype in a.dtypes.split(","):
         out = work / f"out_{dtype}"
         run_step(f"convert {dtype}", ["convert", str(work / "src"), "--neurons", str(work / "n.json"),
                                       "--out", str(out), "--overwrite", "--dtype", dtype,
                                       "--check-images", str(work / "imgs"), "-q"] + dev, log)
+        if a.quick:
+            continue
         run_step(f"check {dtype}", ["check", str(out), "--images", str(work / "imgs"), "-q"] + dev, log)
         parity = out / "parity.json"
         if parity.is_file():  # the numbers behind the verdict, for RESULTS.md
             doc = json.loads(parity.read_text())
             print(f"[parity {dtype}]", json.dumps({k: v for k, v in doc.items() if not isinstance(v, (dict, list))}))
+    if a.quick:
+        return _finish(a, log)
     run_step("export onnx (fp32)", ["export", str(work / "out_float32"), "--overwrite", "-q"] + dev, log)
     run_step("export onnx (fp16)", ["export", str(work / "out_float16"), "--overwrite", "--fp16", "-q"] + dev, log)
     run_step("auto device: find", ["find", str(work / "src"), "--images", str(work / "imgs"), "--out",
                                    str(work / "n_auto.json"), "--top-k", "5", "--overwrite", "-q", "--device", "auto"], log)
+    return _finish(a, log)
+
+
+def _finish(a: argparse.Namespace, log: list[dict]) -> int:
+    """Print the Markdown table (and write --json); 0 when every step passed."""
+    import torch
+
     print(f"\nmachine: {machine()}, {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA'}; "
           f"torch {torch.__version__}; date {today()}")
     print("| step | exit | wall (s) | result |\n|---|---|---|---|")

@@ -170,12 +170,25 @@ class RegisterMlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.fc2(self._hidden(self.fc1(x)))
-        reg = self._hidden(self.reg_fc1(x))
-        # After the edit only the prefix and register rows of the branch are non-zero, so its output
-        # projection runs on those rows alone (a k-wide GEMM over every token is slow on CPU kernels).
-        head = self.reg_fc2(register_rows(reg, self.num_prefix, self.num_registers, self.scale, self.per_neuron))
+        if x.dtype in (torch.float16, torch.bfloat16) and isinstance(self.reg_fc1, nn.Linear):
+            head = self._register_head_float32(x)
+        else:
+            reg = self._hidden(self.reg_fc1(x))
+            # After the edit only the prefix and register rows of the branch are non-zero, so its output
+            # projection runs on those rows alone (a k-wide GEMM over every token is slow on CPU kernels).
+            head = self.reg_fc2(register_rows(reg, self.num_prefix, self.num_registers, self.scale, self.per_neuron))
         q = head.shape[1]
-        return torch.cat([out[:, :q] + head, out[:, q:]], dim=1)
+        return torch.cat([(out[:, :q].to(head.dtype) + head).to(out.dtype), out[:, q:]], dim=1)
+
+    def _register_head_float32(self, x: torch.Tensor) -> torch.Tensor:
+        """The branch of a half-precision model in float32: the register token is one max times k columns,
+        so rounding that max and the k-wide sums to half precision (which the hooked reference's single
+        GEMM does not do) moved it by several half ulps on CUDA; k units cost nothing to widen."""
+        linear = torch.nn.functional.linear
+        b1 = self.reg_fc1.bias
+        reg = self._hidden(linear(x.float(), self.reg_fc1.weight.float(), None if b1 is None else b1.float()))
+        rows = register_rows(reg, self.num_prefix, self.num_registers, self.scale, self.per_neuron)
+        return linear(rows, self.reg_fc2.weight.float())
 
     def merged_weights(self) -> MlpWeights:
         """The original (unsplit) MLP weights: the branch's rows and columns put back in place."""
