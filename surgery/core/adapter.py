@@ -30,18 +30,29 @@ class AttentionParts:
 
     def probs(self, x: torch.Tensor) -> torch.Tensor:
         """Attention probabilities [B, heads, N, N] for residual input x [B, N, D]."""
+        q, k = self.rotate(*self.heads(x))
+        if k.shape[1] != q.shape[1]:  # grouped keys: each serves num_heads / kv_heads query heads
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        return ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(dim=-1)
+
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries [B, heads, N, hd] and keys [B, kv_heads, N, hd] (normalised where the block does)."""
         y = self.norm(x)
         B, N, _ = y.shape
         q = torch.nn.functional.linear(y, self.q_weight, self.q_bias)
         k = torch.nn.functional.linear(y, self.k_weight, self.k_bias)
         hd = q.shape[-1] // self.num_heads
         q = q.reshape(B, N, self.num_heads, hd).transpose(1, 2)
-        k = k.reshape(B, N, self.num_heads, hd).transpose(1, 2)
+        k = k.reshape(B, N, k.shape[-1] // hd, hd).transpose(1, 2)
         if self.q_norm is not None:
             q = self.q_norm(q)
         if self.k_norm is not None:
             k = self.k_norm(k)
-        return ((q @ k.transpose(-2, -1)) * hd ** -0.5).softmax(dim=-1)
+        return q, k
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positional rotation of queries and keys (rotary embeddings); none here."""
+        return q, k
 
 
 class Adapter:

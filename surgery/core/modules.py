@@ -170,6 +170,7 @@ class RegisterMlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.fc2(self._hidden(self.fc1(x)))
+        # (a wrapped reg_fc1 is the ONNX exporter's own float64 branch: left to it)
         if x.dtype in (torch.float16, torch.bfloat16) and isinstance(self.reg_fc1, nn.Linear):
             head = self._register_head_float32(x)
         else:

@@ -93,25 +93,10 @@ def load_safetensors_streamed(model: nn.Module, path: str | Path, device: str | 
     dtype it was written in); otherwise each tensor is converted to the model's dtype as it is copied. Raises RuntimeError worded like `load_state_dict` on missing/unexpected keys or a
     shape mismatch, so callers map it to the same user error.
     """
-    from safetensors import safe_open
-
     dtype = stored_float_dtype(path) if cast else None
     if dtype is not None:
         model.to(dtype)
-    targets = model.state_dict(keep_vars=True)  # references to the live tensors, no copies
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        keys = set(f.keys())
-        missing = sorted(set(targets) - keys)
-        unexpected = sorted(keys - set(targets))
-        if missing or unexpected:
-            raise RuntimeError(f"Error(s) in loading state_dict for {type(model).__name__}: "
-                               f"Missing key(s) in state_dict: {missing[:8]}. Unexpected key(s) in state_dict: "
-                               f"{unexpected[:8]}.")
-        _check_shapes(f, targets, sorted(keys), type(model).__name__)
-        mapped = MappedSafetensors(path) if map_file else None
-        for name in sorted(keys):
-            _fill(targets[name], name, f, mapped)
-    trim_heap()  # the replaced skeleton tensors
+    _fill_strictly(model.state_dict(keep_vars=True), type(model).__name__, path, device, map_file)
 
 
 @torch.no_grad()
@@ -119,21 +104,28 @@ def load_safetensors_subset(model: nn.Module, path: str | Path, prefix: str, dev
                             map_file: bool = False) -> list[str]:
     """Fill the submodule of `model` named `prefix` (e.g. 'visual.') strictly from `path`, one tensor
     at a time; returns the file's other keys (not loaded)."""
-    from safetensors import safe_open
-
     sub = model.get_submodule(prefix.rstrip("."))
     dtype = stored_float_dtype(path)
     if dtype is not None:
         sub.to(dtype)
     targets = {prefix + k: v for k, v in sub.state_dict(keep_vars=True).items()}
+    return _fill_strictly(targets, type(sub).__name__, path, device, map_file, prefix)
+
+
+def _fill_strictly(targets: dict[str, torch.Tensor], owner: str, path: str | Path, device: str | torch.device,
+                   map_file: bool, prefix: str = "") -> list[str]:
+    """Fill `targets` (names -> live tensors, no copies) from the file's keys under `prefix`, one tensor at a
+    time; those keys must be exactly the targets' names. Returns the file's other keys."""
+    from safetensors import safe_open
+
     with safe_open(str(path), framework="pt", device=str(device)) as f:
         keys = set(f.keys())
         mine = {k for k in keys if k.startswith(prefix)}
         if mine != set(targets):
-            raise RuntimeError(f"Error(s) in loading state_dict for {type(sub).__name__}: Missing key(s) in "
-                               f"state_dict: {sorted(set(targets) - mine)[:8]}. Unexpected key(s) in state_dict: "
+            raise RuntimeError(f"Error(s) in loading state_dict for {owner}: Missing key(s) in state_dict: "
+                               f"{sorted(set(targets) - mine)[:8]}. Unexpected key(s) in state_dict: "
                                f"{sorted(mine - set(targets))[:8]}.")
-        _check_shapes(f, targets, sorted(mine), type(sub).__name__)
+        _check_shapes(f, targets, sorted(mine), owner)
         mapped = MappedSafetensors(path) if map_file else None
         for name in sorted(mine):
             _fill(targets[name], name, f, mapped)

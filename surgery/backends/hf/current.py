@@ -41,25 +41,19 @@ class HFRopeAttentionParts(AttentionParts):
     cos: Optional[torch.Tensor] = None
     sin: Optional[torch.Tensor] = None
 
-    def probs(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.norm(x)
-        B, N, _ = y.shape
-        q = torch.nn.functional.linear(y, self.q_weight, self.q_bias)
-        k = torch.nn.functional.linear(y, self.k_weight, self.k_bias)
-        hd = q.shape[-1] // self.num_heads
-        q = q.reshape(B, N, self.num_heads, hd).transpose(1, 2)
-        k = k.reshape(B, N, self.num_heads, hd).transpose(1, 2)
-        if self.cos is not None and N >= self.cos.shape[-2]:
-            P = self.cos.shape[-2]
-            cos, sin = self.cos.to(q.dtype), self.sin.to(q.dtype)
+    def rotate(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        N = q.shape[2]
+        if self.cos is None or N < self.cos.shape[-2]:
+            return q, k
+        P = self.cos.shape[-2]
+        cos, sin = self.cos.to(q.dtype), self.sin.to(q.dtype)
 
-            def rot(t: torch.Tensor) -> torch.Tensor:
-                half = t.shape[-1] // 2
-                return torch.cat([-t[..., half:], t[..., :half]], dim=-1)
+        def rot(t: torch.Tensor) -> torch.Tensor:
+            half = t.shape[-1] // 2
+            return torch.cat([-t[..., half:], t[..., :half]], dim=-1)
 
-            q = torch.cat([q[:, :, :N - P], q[:, :, N - P:] * cos + rot(q[:, :, N - P:]) * sin], dim=2)
-            k = torch.cat([k[:, :, :N - P], k[:, :, N - P:] * cos + rot(k[:, :, N - P:]) * sin], dim=2)
-        return ((q @ k.transpose(-2, -1)) * hd ** -0.5).softmax(dim=-1)
+        return (torch.cat([q[:, :, :N - P], q[:, :, N - P:] * cos + rot(q[:, :, N - P:]) * sin], dim=2),
+                torch.cat([k[:, :, :N - P], k[:, :, N - P:] * cos + rot(k[:, :, N - P:]) * sin], dim=2))
 
 
 class _FirstLayerInsertion(_HFVisionFamily):

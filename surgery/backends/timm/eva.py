@@ -33,31 +33,16 @@ class RopeAttentionParts(AttentionParts):
     rope: Optional[torch.Tensor] = None  # [P, 2 * head_dim] (sin, cos), for P patch tokens
     num_prefix: int = 0
     rotate_half: bool = False
-    num_kv_heads: Optional[int] = None
 
-    def probs(self, x: torch.Tensor) -> torch.Tensor:
+    def rotate(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from timm.layers import apply_rot_embed_cat
 
-        y = self.norm(x)
-        B, N, _ = y.shape
-        q = torch.nn.functional.linear(y, self.q_weight, self.q_bias)
-        k = torch.nn.functional.linear(y, self.k_weight, self.k_bias)
-        kv_heads = self.num_kv_heads or self.num_heads
-        hd = q.shape[-1] // self.num_heads
-        q = q.reshape(B, N, self.num_heads, hd).transpose(1, 2)
-        k = k.reshape(B, N, kv_heads, hd).transpose(1, 2)
-        if self.q_norm is not None:
-            q = self.q_norm(q)
-        if self.k_norm is not None:
-            k = self.k_norm(k)
         p = self.num_prefix
-        if self.rope is not None and N - p == self.rope.shape[-2]:
-            rope = self.rope.to(q.dtype)
-            q = torch.cat([q[:, :, :p], apply_rot_embed_cat(q[:, :, p:], rope, half=self.rotate_half)], dim=2)
-            k = torch.cat([k[:, :, :p], apply_rot_embed_cat(k[:, :, p:], rope, half=self.rotate_half)], dim=2)
-        if kv_heads != self.num_heads:
-            k = k.repeat_interleave(self.num_heads // kv_heads, dim=1)
-        return ((q @ k.transpose(-2, -1)) * hd ** -0.5).softmax(dim=-1)
+        if self.rope is None or q.shape[2] - p != self.rope.shape[-2]:
+            return q, k
+        rope = self.rope.to(q.dtype)
+        return (torch.cat([q[:, :, :p], apply_rot_embed_cat(q[:, :, p:], rope, half=self.rotate_half)], dim=2),
+                torch.cat([k[:, :, :p], apply_rot_embed_cat(k[:, :, p:], rope, half=self.rotate_half)], dim=2))
 
 
 class TimmEva(TimmViT):
@@ -134,8 +119,7 @@ class TimmEva(TimmViT):
             norm=block.norm1, q_weight=q_w, q_bias=q_b, k_weight=k_w, k_bias=k_b, num_heads=int(attn.num_heads),
             q_norm=None if isinstance(qn, nn.Identity) else qn, k_norm=None if isinstance(kn, nn.Identity) else kn,
             rope=self._rope(block), num_prefix=int(attn.num_prefix_tokens),
-            rotate_half=bool(getattr(attn, "rotate_half", False)),
-            num_kv_heads=getattr(attn, "num_kv_heads", None))
+            rotate_half=bool(getattr(attn, "rotate_half", False)))
 
     def _rope(self, block: nn.Module) -> Optional[torch.Tensor]:
         """The model's rope table for its configured input grid (eval mode), or None without RoPE."""
