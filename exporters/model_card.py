@@ -23,15 +23,42 @@ PAPER = "https://arxiv.org/abs/2506.08010"
 
 # ---- facts about the source, from local files only --------------------------------------------------
 
+# A source's README is read by the model card only for license / base_model: a bounded read, and front
+# matter with YAML aliases is ignored (an alias bomb expands to gigabytes in a few hundred bytes).
+MAX_FRONT_MATTER_BYTES = 64 * 1024
+
+
+def front_matter(readme: Path) -> dict[str, Any]:
+    """The YAML front matter of a README (at most MAX_FRONT_MATTER_BYTES, no aliases, plain data only);
+    {} when there is none or it is not acceptable."""
+    import yaml
+
+    with open(readme, "rb") as f:
+        head = f.read(MAX_FRONT_MATTER_BYTES + 8)
+    text = head.decode("utf-8", errors="replace")
+    lines = text.splitlines()
+    if not lines or lines[0].strip() != "---":
+        return {}
+    end = next((i for i, ln in enumerate(lines[1:], 1) if ln.strip() == "---"), None)
+    if end is None:  # no closing line within the cap: too long, or not front matter
+        return {}
+    block = "\n".join(lines[1:end])
+    try:
+        if any(isinstance(ev, yaml.AliasEvent) for ev in yaml.parse(block, Loader=yaml.SafeLoader)):
+            return {}
+        data = yaml.safe_load(block)
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def _card_data_of(readme: Optional[Path]) -> dict[str, Any]:
-    """license / base_model from a README's front matter (huggingface_hub parses it); {} if none."""
+    """license / base_model from a README's front matter; {} if none."""
     if readme is None or not readme.is_file():
         return {}
-    from huggingface_hub import ModelCard
-
     try:
-        return ModelCard.load(readme).data.to_dict()
-    except Exception:  # a README without (valid) front matter tells us nothing
+        return front_matter(readme)
+    except OSError:  # an unreadable README tells us nothing
         return {}
 
 

@@ -10,8 +10,11 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from . import __version__, onnx_cli, report_cli
-from .cli_args import _finite_float, _int_or_auto, _positive_int, _threshold, add_model_options
+from .cli_args import (_int_or_auto, _num_registers, _positive_float, _positive_int, _scale,
+                       _threshold, add_model_options)
+from .cli_checks import validate_before_loading
 from .core.errors import EXIT_CODES, SurgeryError
+from .core.outputs import shown
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -35,8 +38,9 @@ def add_discovery_options(p: argparse.ArgumentParser) -> None:
 
 def add_recipe_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("intervention")
-    g.add_argument("--num-registers", type=_positive_int, default=None, help="R test-time registers (default 1)")
-    g.add_argument("--scale", type=_finite_float, default=None, help="register rows get scale x signed max (default 1)")
+    g.add_argument("--num-registers", type=_num_registers, default=None, help="R test-time registers (1-64, default 1)")
+    g.add_argument("--scale", type=_scale, default=None,
+                   help="register rows get scale x signed max (default 1; |scale| <= 1e6)")
     g.add_argument("--mode", choices=["shared", "per_neuron"], default=None,
                    help="one signed max per block (shared, default) or per neuron")
 
@@ -138,21 +142,40 @@ def _print_effect(effect: Optional[dict[str, Any]]) -> None:
               "--top-k", file=sys.stderr)
 
 
+def _require_verified(a: argparse.Namespace, folder: Path) -> bool:
+    """check first verifies OUT against its integrity record (exit 11 on damage); an OUT without a record
+    is said loudly. Returns whether OUT was verified."""
+    from .core.integrity import read_surgery, verify_output
+
+    if read_surgery(folder) is None:
+        warnings.warn(f"{a.out_dir} has no surgery.json: its files cannot be verified (deleted, or not written by "
+                      "convert); only a comparison with --source can tell a damaged output from a good one")
+        return False
+    if not verify_output(folder):
+        warnings.warn(f"{a.out_dir} has no integrity record (written by an older vit-surgery): damaged weights "
+                      "are only caught with --source")
+        return False
+    return True
+
+
 def cmd_check(a: argparse.Namespace) -> int:
-    from .core.errors import ParityError
-    from .core.integrity import source_for_check, verify_output
-    from .core.outputs import local_source_path
+    """Verify OUT (hashes), then compare it with the hooked reference. Never writes into OUT: the
+    report goes to --report only."""
+    from .core.errors import IntegrityError, ParityError
+    from .core.integrity import source_for_check
+    from .core.outputs import atomic_output_file, local_source_path
     from .pipeline import parity_batches, run_check, write_json
 
     if _is_onnx(a.out_dir):
         from .onnx_graph.cli import cmd_check_onnx
         return cmd_check_onnx(a)
     folder = local_source_path(a.out_dir) or Path(a.out_dir)
-    if not verify_output(folder) and (folder / "surgery.json").is_file():
-        warnings.warn(f"{a.out_dir} has no integrity record (written by an older vit-surgery): damaged weights "
-                      "are only caught with --source")
+    verified = _require_verified(a, folder)
     loaded = _load(a, a.out_dir)
     source, used = source_for_check(folder, a.source, lambda spec: _load(a, spec))
+    if not verified and source is None:
+        raise IntegrityError(f"{a.out_dir} cannot be verified: it has no integrity record and its source is not "
+                             "here; pass --source MODEL (the model it was converted from)")
     batches = parity_batches(loaded, a.images, a.num_images, a.batch_size, a.seed, not a.quiet)
     report, effect = run_check(loaded, batches, source=source, tolerance=a.tolerance)
     print(f"compared against {used}")
@@ -166,15 +189,17 @@ def cmd_check(a: argparse.Namespace) -> int:
         doc["onnx"] = onnx_report.to_dict()
         extra_ok = onnx_report.passed
         print(onnx_report.summary())
-    report_path = Path(a.report) if a.report else Path(a.out_dir) / "parity.json"
-    write_json(report_path, doc)
+    if a.report:
+        with atomic_output_file(Path(a.report), True) as tmp:
+            write_json(tmp, doc)
     print(report.summary())
     _print_effect(effect)
-    print(f"wrote {report_path}")
+    if a.report:
+        print(f"wrote {a.report}")
     if not report.passed:
         raise ParityError(report.summary())
     if not extra_ok:
-        raise ParityError("ONNX model out of tolerance (see " + str(report_path) + ")")
+        raise ParityError("ONNX model out of tolerance" + (f" (see {a.report})" if a.report else ""))
     return 0
 
 
@@ -217,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     c.add_argument("--no-check", action="store_true", help="skip the parity check (not recommended)")
     c.add_argument("--check-images", default=None, help="images for the parity check (default: --images or built-in)")
-    c.add_argument("--tolerance", type=_finite_float, default=1e-5, help="relative error allowed (default 1e-5, fp32)")
+    c.add_argument("--tolerance", type=_positive_float, default=1e-5,
+                   help="relative error allowed, a positive number (default 1e-5, fp32)")
     c.add_argument("--to", choices=["native", "timm"], default="native",
                    help="output library: the input's own (default), or timm (open_clip CLIP, HF CLIP and HF DINOv2 inputs too)")
     c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
@@ -237,8 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--num-images", type=_positive_int, default=16)
     k.add_argument("--batch-size", type=_positive_int, default=8)
     k.add_argument("--seed", type=int, default=0)
-    k.add_argument("--tolerance", type=_finite_float, default=1e-5)
-    k.add_argument("--report", default=None, help="where to write the JSON report (default OUT/parity.json)")
+    k.add_argument("--tolerance", type=_positive_float, default=1e-5, help="relative error allowed (default 1e-5)")
+    k.add_argument("--report", default=None,
+                   help="also write the JSON report to this file (check never writes into OUT)")
     k.add_argument("--skip-onnx", action="store_true", help="do not validate OUT/model.onnx")
     k.add_argument("-q", "--quiet", action="store_true")
     add_model_options(k)
@@ -267,55 +294,14 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
-def _check_device(spec: str) -> None:
-    import torch
-
-    from .core.errors import UsageError
-
-    try:
-        dev = torch.device(spec)
-    except (RuntimeError, ValueError) as e:
-        raise UsageError(f"--device {spec!r} is not a torch device ({str(e).splitlines()[0]})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {spec}: this machine has no usable CUDA device")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {spec}: MPS is not available on this machine")
+_CORE_COMMANDS = ("find", "convert", "check", "demo")  # the ones -q quiets (no summary lines)
 
 
-_CORE_COMMANDS = ("find", "convert", "check", "demo")  # the ones main() validates and quiets (-q)
+def _os_error_exit(e: OSError) -> Optional[int]:
+    """Exit code of an environment error that is not a bug: the disk or OUT's file system refused a write."""
+    import errno
 
-
-def _validate_before_loading(a: argparse.Namespace) -> None:
-    """Everything cheap (device, images, neurons file, OUT) is checked before a model loads, so these
-    mistakes cost no waiting and get their own exit codes."""
-    from .core.images import list_images
-    from .core.outputs import check_output_target, refuse_source_overlap
-    from .core.recipe import read_neurons_file
-
-    if a.command not in _CORE_COMMANDS:
-        return
-    if getattr(a, "device", None):
-        if a.device == "auto":  # CUDA when there is one
-            import torch
-
-            a.device = "cuda" if torch.cuda.is_available() else "cpu"
-        _check_device(a.device)
-    for images in (getattr(a, "images", None), getattr(a, "check_images", None)):
-        if images:
-            list_images(images)
-    neurons = getattr(a, "neurons", None)
-    if neurons and (Path(neurons).exists() or neurons.endswith(".json")):
-        read_neurons_file(neurons)
-    if a.command == "find":
-        check_output_target(a.out, a.overwrite, "file")
-    elif a.command in ("convert", "demo"):
-        check_output_target(a.out, a.overwrite, "folder")
-        if a.command == "convert":
-            refuse_source_overlap(a.out, a.model)
-    elif a.report:
-        check_output_target(a.report, True, "file")
+    return 10 if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG, errno.EFBIG) else None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -335,11 +321,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with contextlib.ExitStack() as stack:
             if a.command in _CORE_COMMANDS and a.quiet:  # -q: no summary lines; warnings, errors on stderr
                 stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
-            _validate_before_loading(a)
+            validate_before_loading(a)
             return int(a.func(a) or 0)
     except SurgeryError as e:
         print(f"vit-surgery: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:
+        code = _os_error_exit(e)
+        if code is None or "--debug" in args:
+            return _internal_error(e, args)
+        print(f"vit-surgery: error: cannot write the output: {e.strerror or e} ({shown(e.filename or '')}); "
+              "nothing was written", file=sys.stderr)
+        return code
     except Terminated:
         print("vit-surgery: terminated (SIGTERM); no output was left behind", file=sys.stderr)
         return 143
@@ -347,14 +340,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("vit-surgery: interrupted; no output was left behind", file=sys.stderr)
         return 130
     except Exception as e:  # an unexpected failure: one line unless --debug
-        if "--debug" in args:
-            raise
-        print(f"vit-surgery: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-              "(rerun with --debug for a traceback)", file=sys.stderr)
-        return 1
+        return _internal_error(e, args)
     finally:
         if handles_signals:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _internal_error(e: BaseException, args: list[str]) -> int:
+    if "--debug" in args:
+        raise e
+    print(f"vit-surgery: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+          "(rerun with --debug for a traceback)", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ _positive_int = _number(int, "a positive integer", lambda i: i >= 1)
 _finite_float = _number(float, "a finite number", math.isfinite)
 _positive_float = _number(float, "a positive number", lambda f: f > 0 and math.isfinite(f))
 _fraction = _number(float, "a number between 0 and 1 (exclusive)", lambda f: 0 < f < 1)
+_num_registers = _number(int, "an integer from 1 to 64", lambda i: 1 <= i <= 64)
+_scale = _number(float, "a finite number with |scale| <= 1e6", lambda f: math.isfinite(f) and abs(f) <= 1e6)
 _threshold = _or_auto(_number(float, "a positive number or 'auto'", lambda f: f > 0 and math.isfinite(f)))
 
 

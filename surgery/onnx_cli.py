@@ -23,17 +23,30 @@ def check_converted_folder(out: Path) -> None:
                               "written by `vit-surgery convert`")
 
 
+def verify_before_export(out: Path) -> None:
+    """export only exports what convert wrote: OUT's files must match its integrity record (exit 11),
+    and an OUT without a record is refused (nothing could tell a damaged folder from a good one)."""
+    from surgery.core.errors import IntegrityError
+    from surgery.core.integrity import verify_output
+
+    if not verify_output(out):
+        raise IntegrityError(f"{out} has no integrity record (written by an older vit-surgery, or surgery.json was "
+                             "edited): run `vit-surgery convert` again to export it")
+
+
 def cmd_export(a: argparse.Namespace) -> int:
-    from surgery.core.errors import OutputExistsError, SurgeryError
+    from surgery.core.errors import OutputExistsError, UsageError
+
+    out = Path(a.out_dir)
+    if a.format == "openvino" and (a.fp16 or a.layout != "plain"):
+        raise UsageError("--format openvino takes neither --fp16 nor --layout hf")
+    check_converted_folder(out)
+    verify_before_export(out)
     from surgery.backends import load_model
     from surgery.core.source import LoadOptions
 
-    out = Path(a.out_dir)
-    check_converted_folder(out)
     options = LoadOptions(a.allow_unsafe_pickle, a.trust_remote_code, a.device)
     if a.format == "openvino":
-        if a.fp16 or a.layout != "plain":
-            raise SurgeryError("--format openvino takes neither --fp16 nor --layout hf")
         from exporters.openvino_export import OV_XML, export_openvino, openvino_summary, require_openvino
 
         require_openvino()

@@ -22,7 +22,7 @@ from .backends import load_model, writer_for
 from .core.memory import Estimate, activation_bytes, current_rss, module_bytes, require_fits, tokens_for, trim_heap
 from .core.images import builtin_images
 from .core.integrity import assert_finite, record_integrity
-from .core.outputs import atomic_output_dir, check_output_target, refuse_source_overlap
+from .core.outputs import atomic_output_dir, check_output_target, refuse_input_overlap
 from .core.parity import FP32_TOLERANCE, ParityReport, check_parity
 from .core.recipe import Recipe, read_neurons_file, validate_recipe_for_model
 
@@ -240,7 +240,8 @@ def run_convert(
     loader -> parity against the hooked reference -> move into place. Fails leave nothing at OUT."""
     out = Path(out)
     check_output_target(out, overwrite)
-    refuse_source_overlap(out, loaded.spec)
+    refuse_input_overlap(out, {"the source model": loaded.spec, "the images folder": images,
+                               "the neurons file": neurons, "the check images folder": check_images})
     if loaded.recipe is not None:
         raise ModelInputError(f"{loaded.spec} already carries baked test-time registers")
     library = loaded.source.library

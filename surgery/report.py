@@ -806,9 +806,11 @@ def _summary(pair: Pair, m: Measurement, recipe: Optional[Recipe], out_dir: Path
 def run_inspect(model_spec: str, out: str | Path, images: Any, *, source: Optional[str] = None,
                 overwrite: bool = False, progress: bool = True, **opts: Any) -> Path:
     """`vit-surgery inspect MODEL|OUT --images DIR --out REPORT` (atomic: a failure leaves no REPORT)."""
-    from .core.outputs import atomic_output_dir
+    from .core.outputs import atomic_output_dir, refuse_input_overlap
 
     out = Path(out)
+    refuse_input_overlap(out, {"the model": model_spec, "the images folder": images, "the --source model": source,
+                               "the neurons file": opts.get("neurons"), "the dataset": opts.get("dataset")})
     with atomic_output_dir(out, overwrite) as tmp:
         if source is not None:
             write_report(source, model_spec, images, tmp, progress=progress, **opts)

@@ -10,11 +10,13 @@ import random
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
-import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
+
+if TYPE_CHECKING:  # torch is imported when batches are made: listing images (argument checks) needs none
+    import torch
 
 from .errors import ImageInputError
 
@@ -100,6 +102,7 @@ class ImageBatches:
     desc: str = "images"
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, list[Path]]]:
+        import torch
         from tqdm.auto import tqdm
 
         self.skipped.clear()

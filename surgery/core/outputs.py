@@ -18,6 +18,7 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 import warnings
 from pathlib import Path
 from typing import Iterator, Literal, Optional
@@ -31,13 +32,48 @@ _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 
 # ---- validation (cheap, before any model is loaded) ------------------------------------------
 
+# The longest suffix a temporary sibling adds to OUT's name: ".partial-HOST.PID.XXXXXXXX" (and "." in front).
+_TEMP_SUFFIX_BYTES = len(".") + len(".partial-") + 64 + len(".") + 20 + len(".") + 8
+
+
+def _kind_of(path: Path) -> str:
+    """What is at `path` in words ("a FIFO", "a character device", ...) for entries that are neither a
+    regular file nor a folder."""
+    mode = os.stat(path).st_mode
+    for test, words in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                        (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return words
+    return "a special file"
+
+
+def shown(path: str | Path) -> str:
+    """A path as it can always be printed: names that are not valid UTF-8 are shown escaped."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return ascii(text)
+
+
 def check_output_target(out: str | Path, overwrite: bool, kind: Kind = "folder") -> Path:
-    """OUT must be creatable: absent (or, with --overwrite, an existing `kind`), in a writable folder."""
+    """OUT must be creatable: absent (or, with --overwrite, an existing `kind`: only a regular file is
+    replaced by a file and a folder by a folder, never a FIFO, device or socket), its folder must exist
+    and be writable, and its name must be printable and short enough for the temporary sibling."""
     path = Path(out)
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise OutputPathError(f"output {shown(path)}: the name is not valid UTF-8; choose a name the report "
+                              "files can record") from None
     if path.is_symlink() and not path.exists():
         raise OutputPathError(f"output {path} is a dangling symbolic link (to {os.readlink(path)}); remove it "
                               "or choose another output")
     if path.exists():
+        if not path.is_dir() and not path.is_file():
+            raise OutputPathError(f"output {path} is {_kind_of(path)}; only a regular file or a folder is ever "
+                                  "replaced: choose another output")
         if not overwrite:
             raise OutputExistsError(f"output {path} already exists; pass --overwrite to replace it")
         if kind == "folder" and not path.is_dir():
@@ -45,17 +81,34 @@ def check_output_target(out: str | Path, overwrite: bool, kind: Kind = "folder")
         if kind == "file" and path.is_dir():
             raise OutputPathError(f"output {path} is a folder; give a file path")
     _check_writable_parent(path)
+    _check_name_length(path)
     return path
 
 
 def _check_writable_parent(path: Path) -> None:
-    ancestor = path.absolute().parent
-    while not ancestor.exists() and not ancestor.is_symlink():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise OutputPathError(f"cannot create {path}: {ancestor} is not a folder")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise OutputPathError(f"cannot create {path}: no permission to write in {ancestor} (or it is read-only)")
+    parent = path.absolute().parent
+    if not parent.exists():
+        ancestor = parent
+        while not ancestor.exists() and not ancestor.is_symlink():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise OutputPathError(f"cannot create {path}: {ancestor} is not a folder")
+        raise OutputPathError(f"cannot create {path}: the folder {parent} does not exist (create it first)")
+    if not parent.is_dir():
+        raise OutputPathError(f"cannot create {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"cannot create {path}: no permission to write in {parent} (or it is read-only)")
+
+
+def _check_name_length(path: Path) -> None:
+    try:
+        limit = os.pathconf(path.absolute().parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        limit = 255
+    need = len(os.fsencode(path.name)) + _TEMP_SUFFIX_BYTES
+    if need > limit:
+        raise OutputPathError(f"output name {path.name[:40]}... is too long: with the temporary suffix it would "
+                              f"take {need} bytes, the file system allows {limit}; choose a shorter name")
 
 
 def local_source_path(spec: str) -> Optional[Path]:
@@ -68,19 +121,27 @@ def local_source_path(spec: str) -> Optional[Path]:
     return path.resolve() if spec and path.exists() else None
 
 
+def refuse_input_overlap(out: str | Path, inputs: dict[str, Optional[str | Path]]) -> None:
+    """No command writes OUT onto, into or around one of its own inputs (model, images, neurons file,
+    --source, check images, dataset): OUT may not be an input, contain one, or lie inside one.
+    `inputs`: what the user calls it (e.g. "the source model") -> the spec or path given (None: absent)."""
+    target = Path(out).resolve()
+    for what, spec in inputs.items():
+        src = local_source_path(str(spec)) if spec else None
+        if src is None:
+            continue
+        if target == src:
+            raise OutputPathError(f"output {out} is {what} ({spec}); choose another output (inputs are never "
+                                  "overwritten)")
+        if src in target.parents:
+            raise OutputPathError(f"output {out} is inside {what} ({spec}); choose an output outside it")
+        if target in src.parents:
+            raise OutputPathError(f"output {out} contains {what} ({spec}); choose another output")
+
+
 def refuse_source_overlap(out: str | Path, spec: str) -> None:
     """The source is never modified: OUT may not be the source, contain it, or lie inside it."""
-    src = local_source_path(spec)
-    if src is None:
-        return
-    target = Path(out).resolve()
-    if target == src:
-        raise OutputPathError(f"output {out} is the source model {spec}; choose another output (the source is "
-                              "never modified)")
-    if src in target.parents:
-        raise OutputPathError(f"output {out} is inside the source model {spec}; choose an output outside it")
-    if target in src.parents:
-        raise OutputPathError(f"output {out} contains the source model {spec}; choose another output")
+    refuse_input_overlap(out, {"the source model": spec})
 
 
 # ---- temporary names and stale temporaries ---------------------------------------------------
@@ -93,14 +154,17 @@ def _temp_name(path: Path, what: str = "partial") -> Path:
     return path.parent / f".{path.name}.{what}-{host_tag()}.{os.getpid()}.{secrets.token_hex(4)}"
 
 
-def _process_exists(pid: int) -> bool:
+def _process_exists(pid: int) -> Optional[bool]:
+    """True/False; None when `pid` cannot be a process id (a crafted or foreign name): not judged."""
     if os.name != "posix":  # os.kill(pid, 0) would terminate it on Windows: assume it lives
         return True
+    if not 0 < pid < 2 ** 22:  # Linux's pid_max is at most 2**22
+        return None
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except (PermissionError, OverflowError):
         return True
     return True
 
@@ -123,7 +187,10 @@ def clean_stale_partials(path: Path) -> list[Path]:
     removed = []
     for entry in sorted(parent.iterdir()):
         m = ours.fullmatch(entry.name)
-        if m and m["host"] == host_tag() and not _process_exists(int(m["pid"])):
+        alive = _process_exists(int(m["pid"])) if m and m["host"] == host_tag() else True
+        if m and alive is None:
+            warnings.warn(f"found {entry}, which names no possible process; left it alone", stacklevel=2)
+        elif m and alive is False:
             if m["what"] == "old":  # the previous OUT, moved aside just before a killed run's final rename
                 warnings.warn(f"found {entry}: the previous {path.name}, moved aside by a run that was killed; "
                               "move it back or delete it", stacklevel=2)
@@ -225,7 +292,6 @@ def give_usual_modes(path: Path) -> None:
 def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder next to `out`; on success it becomes `out` (replacing it only with overwrite)."""
     path = check_output_target(out, overwrite, "folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_partials(path)
     before = _identity(path)
     tmp = _temp_name(path)
@@ -242,7 +308,6 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
 def atomic_output_file(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary file path next to `out` for the caller to write; on success it becomes `out`."""
     path = check_output_target(out, overwrite, "file")
-    path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_partials(path)
     before = _identity(path)
     tmp = _temp_name(path)

@@ -13,6 +13,10 @@ from typing import Any, Mapping
 
 from .errors import NeuronsFileError
 
+# Register rows get scale x signed max: beyond this the register token overflows float32 for ordinary
+# activations (and the result would be blamed on the source), so it is refused up front.
+MAX_SCALE = 1e6
+
 MODES = ("shared", "per_neuron")
 
 
@@ -36,8 +40,8 @@ class Recipe:
         object.__setattr__(self, "neurons", dict(sorted(clean.items())))
         if self.num_registers < 1:
             raise NeuronsFileError(f"num_registers must be >= 1, got {self.num_registers}")
-        if not math.isfinite(self.scale):
-            raise NeuronsFileError(f"scale must be a finite number, got {self.scale}")
+        if not math.isfinite(self.scale) or abs(self.scale) > MAX_SCALE:
+            raise NeuronsFileError(f"scale must be a finite number with |scale| <= {MAX_SCALE:g}, got {self.scale}")
         if self.mode not in MODES:
             raise NeuronsFileError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not self.neurons:
@@ -85,8 +89,10 @@ class Recipe:
         mode = data.get("mode", "shared")
         if isinstance(num_registers, bool) or not isinstance(num_registers, int) or not 1 <= num_registers <= 64:
             raise NeuronsFileError(f"{source}: num_registers must be an integer in [1, 64], got {num_registers!r}")
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise NeuronsFileError(f"{source}: scale must be a finite number, got {scale!r}")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
+                or abs(scale) > MAX_SCALE:
+            raise NeuronsFileError(f"{source}: scale must be a finite number with |scale| <= {MAX_SCALE:g}, "
+                                   f"got {scale!r}")
         if mode not in MODES:
             raise NeuronsFileError(f"{source}: mode must be one of {list(MODES)}, got {mode!r}")
         return cls(neurons=neurons, num_registers=num_registers, scale=float(scale), mode=mode)

@@ -116,7 +116,7 @@ class OnnxCheckReport:
             return f"ONNX check FAILED: {self.problems[0]}"
         w = self.worst
         state = "passed" if self.passed else "FAILED"
-        return (f"ONNX check {state}: {Path(self.path).name} vs the hooked reference on {Path(self.source).name} "
+        return (f"ONNX check {state}: {self.path} vs the hooked reference on {self.source} "
                 f"at batch sizes {self.batch_sizes}; worst relative error {w.relative:.2e} ({w.name}) "
                 f"<= {self.tolerance:g}" if self.passed else
                 f"ONNX check {state}: worst relative error {w.relative:.2e} ({w.name} at {w.where}) > {self.tolerance:g}")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -10,7 +9,7 @@ from typing import Any, Optional
 import torch
 
 from .. import __version__
-from ..core.errors import ModelInputError, NeuronsFileError, ParityError, SurgeryError
+from ..core.errors import NeuronsFileError, ParityError, UsageError
 
 CHECK_BATCH_SIZES = (1, 3, 8)
 
@@ -48,19 +47,15 @@ def check_batches(source: Path, images: Optional[str], count: int, seed: int, pr
 
 
 def cmd_find_onnx(a: argparse.Namespace, config: Any) -> int:
-    from ..core.outputs import check_output_target
+    from ..core.outputs import atomic_output_file
     from ..pipeline import write_json
     from .discover import find_register_neurons_onnx
 
     out = Path(a.out)
-    if out.exists() and not a.overwrite:
-        check_output_target(out, a.overwrite)
     prov = {"images": str(a.images), "tool_version": __version__}
     result = find_register_neurons_onnx(a.model, a.images, config, progress=not a.quiet, provenance=prov)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial")
-    write_json(tmp, result.to_json())
-    os.replace(tmp, out)
+    with atomic_output_file(out, a.overwrite) as tmp:
+        write_json(tmp, result.to_json())
     units = ", ".join(f"{k}: {list(v)}" for k, v in result.recipe.neurons.items())
     print(f"found {result.recipe.num_neurons} register neuron(s) in {result.counts['images_with_outliers']}/"
           f"{result.counts['images']} images with outliers -> {units}")
@@ -94,7 +89,7 @@ def cmd_convert_onnx(a: argparse.Namespace, config: Any) -> int:
     from .convert import convert_onnx, require_onnx_file
 
     if getattr(a, "to", "native") != "native" or getattr(a, "onnx", False) or getattr(a, "fp16", False):
-        raise SurgeryError("--to, --onnx and --fp16 apply to PyTorch models; an ONNX input is written as "
+        raise UsageError("--to, --onnx and --fp16 apply to PyTorch models; an ONNX input is written as "
                            "OUT/model.onnx")
     from ..core.outputs import check_output_target
 
@@ -118,16 +113,20 @@ def cmd_check_onnx(a: argparse.Namespace) -> int:
     from .check import check_onnx
     from .convert import require_onnx_file
 
+    from ..core.outputs import atomic_output_file
+
     baked = require_onnx_file(a.out_dir)
     if not a.source:
-        raise ModelInputError("checking an ONNX file needs --source ORIGINAL.onnx (the model it was made from)")
+        raise UsageError("checking an ONNX file needs --source ORIGINAL.onnx (the model it was made from)")
     source = require_onnx_file(a.source)
     batches = check_batches(source, a.images, a.num_images, a.seed, not a.quiet)
     report = check_onnx(baked, source, batches, tolerance=a.tolerance)
-    report_path = Path(a.report) if a.report else baked.parent / "parity.json"
-    write_json(report_path, {"onnx": report.to_dict()})
+    if a.report:  # check never writes next to the model it checks
+        with atomic_output_file(Path(a.report), True) as tmp:
+            write_json(tmp, {"onnx": report.to_dict()})
     print(report.summary())
-    print(f"wrote {report_path}")
+    if a.report:
+        print(f"wrote {a.report}")
     if not report.passed:
         raise ParityError(report.summary())
     return 0

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -13,7 +11,7 @@ import onnx_ir as ir
 import torch
 
 from ..core.errors import ModelInputError, ParityError
-from ..core.outputs import check_output_target
+from ..core.outputs import atomic_output_dir, check_output_target, refuse_source_overlap
 from ..core.recipe import Recipe
 from .bake import bake_graph
 from .check import FP32_TOLERANCE, OnnxCheckReport, check_onnx
@@ -58,21 +56,23 @@ def convert_onnx(source: str | Path, out_dir: str | Path, recipe: Recipe, *, ove
     ParityError and leaves nothing behind."""
     source = Path(source)
     out = check_output_target(out_dir, overwrite)
+    refuse_source_overlap(out, str(source))
     vit = recognise(source)
     layout = measure_layout(vit)
     external = _has_external(vit.model)
     summary = bake_graph(vit, recipe, layout, source=str(source))
     _remove_unused(vit.model)
     external = external or _weights_bytes(vit.model) > external_data_threshold
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    report = None
+    # The shared output scheme (surgery/core/outputs.py): temporary sibling, usual modes, lock, no-replace
+    # move, stale temporaries cleaned; a failure leaves OUT as it was.
+    with atomic_output_dir(out, overwrite) as tmp:
         path = tmp / ONNX_FILE
         ir.save(vit.model, str(path), external_data=DATA_FILE if external else None)
         del vit
-        report = None
         if check_batches is not None:
             report = check_onnx(path, source, check_batches, tolerance=tolerance, recipe=recipe)
+            report.path = str(out / ONNX_FILE)  # where it will be, never the temporary folder
             if not report.passed:
                 raise ParityError(f"the rewritten ONNX model failed the check, nothing written: {report.summary()}")
         for name, doc in (extra_files or {}).items():
@@ -81,17 +81,7 @@ def convert_onnx(source: str | Path, out_dir: str | Path, recipe: Recipe, *, ove
             (tmp / "parity.json").write_text(json.dumps({"onnx": report.to_dict()}, indent=2, default=float) + "\n")
         for f in ("preprocessor_config.json",):  # keep the image preprocessing next to the model
             if (source.parent / f).is_file():
-                shutil.copy2(source.parent / f, tmp / f)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                shutil.copyfile(source.parent / f, tmp / f)
     return OnnxConvertResult(out / ONNX_FILE, recipe, external, summary, report)
 
 
