@@ -63,6 +63,24 @@ def check_model_spec(spec: Optional[str], what: str = "model") -> None:
         raise ModelInputError(f"{what} {kind} not found: {spec}")
 
 
+def _check_config_size(spec: Optional[str]) -> None:
+    """A local folder whose config.json describes a model too large to build here: exit 13 now (the
+    loaders check again, for the Python API)."""
+    import json
+
+    from .core.memory import require_config_fits
+
+    if not spec:
+        return
+    path = Path(spec.split(":", 1)[1] if spec.startswith(("local-dir:", "hf:")) else spec)
+    try:
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # no folder, no config, or unreadable: the loader says which
+    if isinstance(cfg, dict):
+        require_config_fits(spec, cfg)
+
+
 def _inputs(a: argparse.Namespace) -> dict[str, Optional[str]]:
     """Everything the command reads, by what the user calls it (for the OUT-overlap rule)."""
     named = {"model": "the source model", "images": "the images folder", "neurons": "the neurons file",
@@ -88,6 +106,7 @@ def validate_before_loading(a: argparse.Namespace) -> None:
         raise UsageError("checking an ONNX file needs --source ORIGINAL.onnx (the model it was made from)")
     if command in ("find", "convert", "inspect", "eval"):
         check_model_spec(getattr(a, "model", None))
+        _check_config_size(getattr(a, "model", None))
     if command in ("check", "eval"):
         check_model_spec(getattr(a, "out_dir", None), "converted")
     check_model_spec(getattr(a, "source", None), "--source model")

@@ -15,7 +15,7 @@ from .core.bake import baked_copy, baked_in_place, register_token_indices, unbak
 from .core.cast import cast_blockwise
 from .core.discovery import DiscoveryConfig, DiscoveryResult, find_register_neurons
 from .core.effect import collected, effect_metrics, last_block_diagnostics
-from .core.errors import ModelInputError, NeuronsFileError, ParityError, SurgeryError
+from .core.errors import ModelInputError, NeuronsFileError, ParityError, UsageError
 from .core.images import ImageBatches, list_images
 from .core.source import LoadedModel, LoadOptions, torch_dtype
 from .backends import load_model, writer_for
@@ -145,7 +145,7 @@ def _convert_recipe(loaded: LoadedModel, neurons: Optional[str], images: Optiona
 
     name = published_for_model(loaded)
     if name is None:
-        raise SurgeryError(f"convert needs --neurons FILE|NAME or --images DIR: no published register neurons "
+        raise UsageError(f"convert needs --neurons FILE|NAME or --images DIR: no published register neurons "
                            f"are known for {loaded.spec}")
     return resolve_recipe(loaded, name, overrides)[0], None
 

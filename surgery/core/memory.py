@@ -19,12 +19,13 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
-import torch
-from torch import nn
+from .errors import ModelInputError, OutOfMemoryRisk
 
-from .errors import OutOfMemoryRisk
+if TYPE_CHECKING:  # imported where tensors are measured: the config estimate runs before torch is imported
+    import torch
+    from torch import nn
 
 GiB = 2 ** 30
 MARGIN = 1.10  # allocator fragmentation and what the estimate leaves out (tokenisers, transforms)
@@ -84,6 +85,8 @@ def available_bytes() -> Optional[int]:
 
 def tensor_bytes(tensors: Iterable[torch.Tensor], dtype: Optional[torch.dtype] = None) -> int:
     """Bytes of distinct tensors, as stored or (floating ones) in `dtype`."""
+    import torch
+
     seen: set[int] = set()
     total = 0
     for t in tensors:
@@ -124,6 +127,8 @@ def activation_bytes(num_blocks: int, width: int, tokens: int, batch: int, heads
     """One batch: the baked model's residual for every block (held until the float64 reference has
     compared them), a half model's own hooked run too, and the float64 working set of one block
     (MLP hidden layer, attention probabilities)."""
+    import torch
+
     elem = torch.empty((), dtype=out_dtype).element_size()
     held = (num_blocks + 2) * batch * tokens * width * elem
     if out_dtype in (torch.float16, torch.bfloat16):
@@ -164,3 +169,47 @@ def trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+# ---- before a model is built: its size from its config ------------------------------------------
+
+def _first_int(docs: list[dict[str, Any]], keys: tuple[str, ...], default: float) -> float:
+    for doc in docs:
+        for k in keys:
+            v = doc.get(k)
+            if isinstance(v, (list, tuple)) and v and all(isinstance(x, (int, float)) for x in v):
+                v = max(v)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue  # absent, or not a number: the library's own loader says what is wrong
+            if not math.isfinite(v) or v <= 0:
+                raise ModelInputError(f"config.json: {k} must be a positive number, got {v!r}")
+            return float(v)
+    return default
+
+
+def config_weight_bytes(cfg: dict[str, Any]) -> int:
+    """float32 bytes of the ViT a config describes (timm `model_args`, HF `vision_config` or top level):
+    depth x (attention 4 w^2 + MLP 2 w h) + positional embedding (tokens x w). Unknown fields take ViT-B
+    values, so a config that names nothing absurd estimates an ordinary model."""
+    docs = [d for d in (cfg.get("model_args"), cfg.get("vision_config"), cfg.get("pretrained_cfg"), cfg)
+            if isinstance(d, dict)]
+    depth = _first_int(docs, ("depth", "num_hidden_layers", "layers"), 12)
+    width = _first_int(docs, ("embed_dim", "hidden_size", "width"), 768)
+    hidden = _first_int(docs, ("intermediate_size", "mlp_dim"), 0) or width * _first_int(docs, ("mlp_ratio",), 4)
+    side = _first_int(docs, ("img_size", "image_size", "input_size"), 224)
+    patch = _first_int(docs, ("patch_size",), 16)
+    tokens = math.ceil(side / patch) ** 2 + 1
+    return int(4 * (depth * (4 * width * width + 2 * width * hidden) + tokens * width))
+
+
+def require_config_fits(spec: str, cfg: dict[str, Any]) -> None:
+    """Refuse (exit 13) a config whose model could not even be built here: building and loading it holds
+    about two copies of its weights. Read from config.json alone, before anything is allocated."""
+    if os.environ.get("VIT_SURGERY_SKIP_MEMORY_CHECK"):
+        return
+    need = 2 * config_weight_bytes(cfg)
+    avail = available_bytes()
+    if avail is not None and need > avail:
+        raise OutOfMemoryRisk(f"{spec}: its config.json describes a model of about {need / 2 / GiB:.1f} GiB of "
+                              f"weights (building and loading it needs about {need / GiB:.1f} GiB, "
+                              f"{avail / GiB:.1f} GiB is available): stopped before building it")

@@ -21,6 +21,7 @@ from typing import Any, Optional
 from torch import nn
 
 from ...core.errors import ModelInputError, UnsafeCheckpointError, first_line
+from ...core.memory import require_config_fits
 from ...core.source import LoadedModel, LoadOptions, SourceInfo
 from ..base import adapter_among, extra_files, needs_full_unpickling, unsafe_pickle_error
 from .adapter import HF_CLIP, HF_DINOV2, PREPROCESS_ATTR
@@ -79,6 +80,7 @@ class _Source:
             raise ModelInputError(f"{self.spec}: unreadable config.json ({first_line(e)})") from None
         if not isinstance(cfg, dict):
             raise ModelInputError(f"{self.spec}: config.json is not a JSON object")
+        require_config_fits(self.spec, cfg)  # absurd depth / image size: refused before anything is built
         return cfg
 
 
@@ -175,7 +177,10 @@ def _attach_transform(model: nn.Module, src: _Source, stored: Optional[dict[str,
         inner = _read_json(src, proc_path).get("image_processor") if proc_path is not None else None
         raw = dict(inner) if isinstance(inner, dict) else {}
     if raw:
-        cfg = preprocess_from_processor(raw, base)
+        try:
+            cfg = preprocess_from_processor(raw, base)
+        except (TypeError, ValueError) as e:  # e.g. a non-numeric image_mean
+            raise ModelInputError(f"{src.spec}: unusable image processor config ({first_line(e)})") from None
     elif stored:
         cfg = dict(stored)
     else:

@@ -110,9 +110,18 @@ class TimmViT(Adapter):
         return tuple(cfg["input_size"])  # type: ignore[return-value]
 
     def _data_config(self, model: nn.Module) -> dict:
+        import math
+
         import timm.data
 
-        return timm.data.resolve_data_config({}, model=model)
+        cfg = timm.data.resolve_data_config({}, model=model)
+        for key in ("mean", "std"):  # from the source's config.json: a user error when not numbers
+            v = cfg.get(key)
+            seq = v if isinstance(v, (list, tuple)) else [v]
+            if v is not None and not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                                         for x in seq):
+                raise ModelInputError(f"the model's pretrained_cfg {key} must be numbers, got {v!r}")
+        return cfg
 
     def data_transform(self, model: nn.Module) -> Callable:
         import timm.data
