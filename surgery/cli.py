@@ -106,13 +106,15 @@ def cmd_convert(a: argparse.Namespace) -> int:
         loaded = to_timm(loaded)
     overrides = {"num_registers": a.num_registers, "scale": a.scale, "mode": a.mode}
     after: Optional[Callable[[Path, Any], None]] = None
+    onnx_reports: list[Any] = []
     if getattr(a, "onnx", False):
         from exporters.onnx_export import export_and_validate
 
         from .backends import load_model
 
-        def export_onnx(tmp: Path, _loaded: Any) -> None:
-            export_and_validate(tmp, fp16=a.fp16, progress=not a.quiet, loaded=load_model(str(tmp)))
+        def export_onnx(tmp: Path, _loaded: Any) -> None:  # its summary is printed after the bake's lines
+            onnx_reports.append(export_and_validate(tmp, fp16=a.fp16, progress=not a.quiet, say_summary=False,
+                                                    loaded=load_model(str(tmp))))
         after = export_onnx
     res = run_convert(loaded, a.out, neurons=a.neurons, images=a.images, discovery=_discovery_config(a),
                       overrides=overrides, check=not a.no_check, check_images=a.check_images,
@@ -124,6 +126,8 @@ def cmd_convert(a: argparse.Namespace) -> int:
     if res.report is not None:
         print(res.report.summary())
         _print_effect(res.effect)
+    if getattr(a, "onnx", False) and onnx_reports:
+        print(onnx_reports[0].summary())
     print(f"wrote {res.out}")
     return 0
 

@@ -38,6 +38,7 @@ def run_demo(out: Path, overwrite: bool = False, quiet: bool = False, seed: int 
               f"{ {k: v for k, v in planting.neurons.items()} }) -> {out / 'source_model'}")
         loaded = load_model(str(src_dir))
         loaded.spec = str(out / "source_model")  # where it will be, not the temporary folder (reproducible files)
+        loaded.extra["source_path_from_output"] = "../source_model"  # `check OUT/baked` finds it next to itself
         images = builtin_images()
         result = run_find(loaded, images, DiscoveryConfig(), progress)
         write_json(tmp / "neurons.json", result.to_json())
@@ -57,7 +58,9 @@ def run_demo(out: Path, overwrite: bool = False, quiet: bool = False, seed: int 
         except ImportError:
             write_report = None
         if write_report is not None:
-            write_report(str(src_dir), str(tmp / "baked"), images, tmp / "report", progress=progress)
-            print(f"report: {out / 'report' / 'report.html'}")
+            # the same images as convert's check (same count, same seed), so the numbers agree with the above
+            write_report(str(src_dir), str(tmp / "baked"), images, tmp / "report", progress=progress,
+                         num_images=res.report.images)
+            print(f"report: {out / 'report' / 'report.html'} (the same {res.report.images} images as the check)")
     print(f"wrote {out}")
     return 0

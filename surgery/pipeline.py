@@ -269,7 +269,7 @@ def run_convert(
         trim_heap()  # the split MLPs (or the copy) are gone before the output is reloaded
         if result is not None:
             write_json(tmp / "neurons.json", result.to_json())
-        record_integrity(tmp, loaded.spec, loaded.model)
+        record_integrity(tmp, loaded.spec, loaded.model, loaded.extra.get("source_path_from_output"))
         if check:
             reloaded = load_model(str(tmp), dataclasses.replace(options or LoadOptions(), convert_check=True))
             _verify_not_reloaded(reloaded, loaded, out_dtype)

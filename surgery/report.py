@@ -693,6 +693,15 @@ def _html_pictures(s: dict[str, Any], pictures: dict[str, bytes]) -> list[str]:
     return parts
 
 
+def _images_label(images: Any, files: list[Path]) -> str:
+    """How the report names its images: the folder given, never the installed package's own path."""
+    from .core.images import builtin_images
+
+    if images is None or (isinstance(images, (str, Path)) and Path(images).resolve() == builtin_images().resolve()):
+        return "the built-in calibration images"
+    return str(images) if isinstance(images, (str, Path)) else f"{len(files)} files"
+
+
 def write_report(model_spec: str, baked_spec: Optional[str] = None, images: Any = None,
                  out_dir: Path | str = "report", progress: bool = True, **opts: Any) -> Path:
     """Measure the original and the baked model on the same images; write report.html, the PNGs and
@@ -730,7 +739,7 @@ def write_report(model_spec: str, baked_spec: Optional[str] = None, images: Any 
 
         knn = knn_compare(pair.original.model, pair.baked.model, pair.original.adapter, pair.original.transform,
                           opts["dataset"], progress=progress, **(opts.get("knn") or {})).to_dict()
-    images_label = str(images) if isinstance(images, (str, Path)) else f"{len(files)} files"
+    images_label = _images_label(images, files)
     summary = _summary(pair, m, recipe, out_dir, images_label=images_label, ranking=ranking, knn=knn,
                        pictures=list(pics), version=__version__)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=float) + "\n")

@@ -79,7 +79,8 @@ def add_commands(sub: Any) -> None:
                     "MODEL|OUT: a converted folder (the original is its un-baked copy), or a plain model: then the "
                     "baked side is baked in memory from --neurons, else from neurons found on --images.")
     i.add_argument("model", metavar="MODEL|OUT", help="a converted folder, or an original model")
-    i.add_argument("--images", required=True, help="folder of images to measure on (searched recursively)")
+    i.add_argument("--images", default=None,
+                   help="folder of images to measure on (searched recursively; default: the built-in calibration set)")
     i.add_argument("--out", required=True, help="report folder to write (report.html, *.png, summary.json)")
     i.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
     i.add_argument("--source", default=None, metavar="MODEL",

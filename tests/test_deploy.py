@@ -46,15 +46,20 @@ def cli(args, capsys):
                                        ([], 2), (["convert"], 2), (["frobnicate"], 2),
                                        (["export", "x", "--format", "tflite"], 2)])
 def test_help_version_and_usage_errors_answer_at_once(args, code):
-    # Importing torch alone takes 1-3 s here; the CLI without it answers in ~0.1 s. 1.5 s leaves room for
-    # a loaded CI machine and still fails if any heavy library is imported at startup.
-    start = time.perf_counter()
+    # What makes the answer instant is asserted without a clock (no heavy import:
+    # test_parsing_imports_no_heavy_library); the wall-clock bound is in the slow tier below.
     proc = subprocess.run([sys.executable, "-m", "surgery.cli", *args], capture_output=True, text=True)
-    took = time.perf_counter() - start
     assert proc.returncode == code, proc.stderr
-    assert took < 1.5, f"{args} took {took:.2f} s"
     if code == 2:
         assert "Traceback" not in proc.stderr and proc.stderr.strip().splitlines()[-1].startswith("vit-surgery")
+
+
+@pytest.mark.slow  # a time threshold: depends on the machine's load
+def test_help_answers_within_a_second_and_a_half():
+    # Importing torch alone takes 1-3 s here; the CLI without it answers in ~0.1 s.
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "surgery.cli", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and time.perf_counter() - start < 1.5
 
 
 def test_parsing_imports_no_heavy_library():

@@ -7,6 +7,7 @@ sums survive the batch. Memory depends on the batch size, never on the number of
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -297,6 +298,18 @@ def _stream_statistics(model: nn.Module, fam: Adapter, blocks: list[nn.Module], 
     return used
 
 
+# Fewer images with outliers than this (or under a quarter of the images) is thin evidence for a ranking.
+MIN_EVIDENCE_IMAGES = 4
+
+
+def warn_thin_evidence(with_outliers: int, images: int) -> None:
+    """Say so when the neurons rest on few images: the ranking of a handful of images is noise-prone."""
+    if with_outliers < min(MIN_EVIDENCE_IMAGES, images) or 4 * with_outliers < images:
+        warnings.warn(f"the register neurons rest on thin evidence: only {with_outliers} of {images} image(s) had "
+                      "outlier tokens; use more calibration images (or check --threshold / --detect-layer)",
+                      stacklevel=2)
+
+
 def summarise(stats: NeuronStatistics, cfg: DiscoveryConfig, *, detect: int, score_layers: int, depth: int,
               hidden_sizes: list[int], num_files: int, skipped: int, family_name: str,
               provenance: dict[str, Any] | None) -> DiscoveryResult:
@@ -308,6 +321,7 @@ def summarise(stats: NeuronStatistics, cfg: DiscoveryConfig, *, detect: int, sco
     thr_info = _threshold_info(stats, cfg, detect)
     if stats.images_with_outliers == 0:
         raise _no_outliers_error(stats, detect, thr_info["rule"])
+    warn_thin_evidence(stats.images_with_outliers, stats.images)
     max_layer = emergence_layer(layers, detect) if cfg.max_layer == "auto" else int(cfg.max_layer)
     max_layer = min(max_layer, score_layers)
     ranked = _rank_units(stats, max_layer)

@@ -108,21 +108,23 @@ def _class_name(model: nn.Module) -> str:
     return f"{type(model).__module__}.{type(model).__qualname__}"  # timm's and open_clip's VisionTransformer differ
 
 
-def source_identity(spec: str, model: nn.Module) -> dict[str, Any]:
+def source_identity(spec: str, model: nn.Module, relative_path: Optional[str] = None) -> dict[str, Any]:
+    """`relative_path`: where the source lies relative to the output folder, recorded instead of an
+    absolute path when both are written together (the demo), so the record stays byte-reproducible."""
     from .outputs import local_source_path
 
-    path = local_source_path(spec)
+    path = relative_path or local_source_path(spec)
     prefix = next((p for p in ("local-dir:", "hf:", "dinov2:", "open_clip:") if spec.startswith(p)), "")
     return {"spec": spec, "path": str(path) if path else None, "local_spec": f"{prefix}{path}" if path else None,
             "model_class": _class_name(model), "weights_sha256": weights_sha256(model)}
 
 
-def record_integrity(folder: Path, spec: str, source_model: nn.Module) -> None:
+def record_integrity(folder: Path, spec: str, source_model: nn.Module, relative_path: Optional[str] = None) -> None:
     """Add "integrity" and "source_identity" to folder/surgery.json (written by every exporter)."""
     path = folder / SURGERY_FILE
     doc = json.loads(path.read_text(encoding="utf-8"))
     doc["integrity"] = integrity_record(folder)
-    doc["source_identity"] = source_identity(spec, source_model)
+    doc["source_identity"] = source_identity(spec, source_model, relative_path)
     path.write_text(json.dumps(doc, indent=2, sort_keys=True, default=float) + "\n")
 
 
@@ -197,8 +199,11 @@ def source_for_check(folder: Path, explicit: Optional[str], load: Callable[[str]
             raise IntegrityError(f"--source {explicit} is not the model {folder} was converted from "
                                  f"({ident.get('spec')}): its weights differ from the recorded hash")
         return model, f"the source model {explicit}"
-    spec = ident.get("local_spec")
-    if spec and ident.get("path") and Path(ident["path"]).exists():
+    spec, recorded = ident.get("local_spec"), ident.get("path")
+    if spec and recorded and not Path(recorded).is_absolute():  # recorded relative to OUT (the demo)
+        spec = spec[: len(spec) - len(recorded)] + str(folder / recorded)
+        recorded = str(folder / recorded)
+    if spec and recorded and Path(recorded).exists():
         model = load(spec).model
         same = same_source(ident, model)
         if same:

@@ -31,6 +31,9 @@ def static_input_size(vit: VitGraph) -> tuple[int, int, int]:
     return int(dims[1]), int(dims[2]), int(dims[3])
 
 
+_WARNED_DEFAULT_PREPROCESS: set[str] = set()  # models already warned about (one warning per model)
+
+
 def preprocess_config(vit: VitGraph) -> tuple[dict[str, Any], str]:
     """timm transform arguments for the images, and where they came from: preprocessor_config.json next to
     the file (HF ONNX repos, optimum exports), else vit-surgery's own metadata, else ImageNet defaults at
@@ -45,7 +48,10 @@ def preprocess_config(vit: VitGraph) -> tuple[dict[str, Any], str]:
             raw = json.loads(proc_file.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ModelInputError(f"{proc_file}: unreadable ({type(e).__name__})") from None
-        cfg = preprocess_from_processor(raw, base)
+        try:
+            cfg = preprocess_from_processor(raw, base)
+        except (TypeError, ValueError) as e:  # e.g. a non-numeric image_mean
+            raise ModelInputError(f"{proc_file}: unusable image processor config ({e})") from None
         if tuple(cfg["input_size"]) != size:
             raise ModelInputError(f"{proc_file} crops to {tuple(cfg['input_size'])[1:]}, the graph takes {size[1:]}")
         return cfg, str(proc_file)
@@ -56,8 +62,10 @@ def preprocess_config(vit: VitGraph) -> tuple[dict[str, Any], str]:
             return cfg, "metadata vit_surgery.preprocess"
         except (ValueError, TypeError):
             pass
-    warnings.warn(f"{vit.path}: no preprocessor_config.json next to the model; using ImageNet mean/std, "
-                  f"bicubic resize to {size[1:]}", stacklevel=2)
+    if str(vit.path) not in _WARNED_DEFAULT_PREPROCESS:  # once per model, however many passes read it
+        _WARNED_DEFAULT_PREPROCESS.add(str(vit.path))
+        warnings.warn(f"{vit.path}: no preprocessor_config.json next to the model; using ImageNet mean/std, "
+                      f"bicubic resize to {size[1:]}", stacklevel=2)
     return base, "default (ImageNet mean/std)"
 
 
