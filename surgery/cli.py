@@ -17,6 +17,8 @@ from .core.errors import EXIT_CODES, SurgeryError
 from .core.outputs import shown
 
 Handler = Callable[[argparse.Namespace], int]
+MODEL_HELP = ("timm name, hf-hub:ORG/NAME, local-dir:PATH or a model folder, open_clip:ARCH/TAG, "
+              "hf:ORG/NAME or hf:PATH, dinov2:FILE.pth, or an .onnx file (see README: MODEL arguments)")
 
 
 def add_discovery_options(p: argparse.ArgumentParser) -> None:
@@ -146,40 +148,43 @@ def _print_effect(effect: Optional[dict[str, Any]]) -> None:
               "--top-k", file=sys.stderr)
 
 
-def _require_verified(a: argparse.Namespace, folder: Path) -> bool:
-    """check first verifies OUT against its integrity record (exit 11 on damage); an OUT without a record
-    is said loudly. Returns whether OUT was verified."""
+def _verified(a: argparse.Namespace, folder: Path) -> bool:
+    """check first verifies OUT against its integrity record (exit 11 on damage, before torch is imported).
+    Returns whether OUT was verified; an OUT whose surgery.json has no record is warned about here."""
     from .core.integrity import read_surgery, verify_output
 
-    if read_surgery(folder) is None:
-        warnings.warn(f"{a.out_dir} has no surgery.json: its files cannot be verified (deleted, or not written by "
-                      "convert); only a comparison with --source can tell a damaged output from a good one")
-        return False
-    if not verify_output(folder):
+    if verify_output(folder):
+        return True
+    if read_surgery(folder) is not None:
         warnings.warn(f"{a.out_dir} has no integrity record (written by an older vit-surgery): damaged weights "
                       "are only caught with --source")
-        return False
-    return True
+    return False
 
 
 def cmd_check(a: argparse.Namespace) -> int:
     """Verify OUT (hashes), then compare it with the hooked reference. Never writes into OUT: the
-    report goes to --report only."""
-    from .core.errors import IntegrityError, ParityError
-    from .core.integrity import source_for_check
+    report goes to --report only. An OUT that cannot be verified never passes without a source."""
+    from .core.errors import IntegrityError, ModelInputError, ParityError
+    from .core.integrity import read_surgery, source_for_check
     from .core.outputs import atomic_output_file, local_source_path
-    from .pipeline import parity_batches, run_check, write_json
 
     if _is_onnx(a.out_dir):
         from .onnx_graph.cli import cmd_check_onnx
         return cmd_check_onnx(a)
     folder = local_source_path(a.out_dir) or Path(a.out_dir)
-    verified = _require_verified(a, folder)
+    verified = _verified(a, folder)
+    from .pipeline import parity_batches, run_check, write_json
+
     loaded = _load(a, a.out_dir)
+    if loaded.recipe is None:
+        raise ModelInputError(f"{a.out_dir} carries no baked test-time registers (not a vit-surgery output)")
+    if read_surgery(folder) is None:
+        warnings.warn(f"{a.out_dir} has no surgery.json (deleted, or not written by convert): its files cannot be "
+                      "verified; only a comparison with --source can tell a damaged output from a good one")
     source, used = source_for_check(folder, a.source, lambda spec: _load(a, spec))
     if not verified and source is None:
-        raise IntegrityError(f"{a.out_dir} cannot be verified: it has no integrity record and its source is not "
-                             "here; pass --source MODEL (the model it was converted from)")
+        raise IntegrityError(f"{a.out_dir} cannot be verified (no integrity record) and its source is not here: "
+                             "pass --source MODEL, the model it was converted from")
     batches = parity_batches(loaded, a.images, a.num_images, a.batch_size, a.seed, not a.quiet)
     report, effect = run_check(loaded, batches, source=source, tolerance=a.tolerance)
     print(f"compared against {used}")
@@ -226,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     f = sub.add_parser("find", help="find register neurons from calibration images")
-    f.add_argument("model", help="timm name, hf-hub:ORG/NAME, local-dir:PATH, a model folder, open_clip:ARCH/TAG, hf:ID")
+    f.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     f.add_argument("--images", required=True, help="folder of calibration images (searched recursively)")
     f.add_argument("--out", required=True, help="neurons JSON file to write")
     f.add_argument("--overwrite", action="store_true")
@@ -237,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=cmd_find)
 
     c = sub.add_parser("convert", help="bake test-time registers and write a standalone model folder")
-    c.add_argument("model")
+    c.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     src = c.add_mutually_exclusive_group(required=False)
     src.add_argument("--neurons", help="neurons JSON file, or a published set name (e.g. dinov2_vitl14); "
                                        "default: the published set when the model is recognised")
@@ -322,6 +327,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         a = build_parser().parse_args(args)
         logging.basicConfig(level=logging.WARNING, format="vit-surgery: %(message)s")
         warnings.showwarning = lambda msg, cat, *rest, **kw: print(f"vit-surgery: warning: {msg}", file=sys.stderr)
+        # each run says its warnings once (touching the filters also forgets what an earlier run in this
+        # process already said: the Python API and tests call main() many times)
+        warnings.filterwarnings("default", category=UserWarning)
         with contextlib.ExitStack() as stack:
             if a.command in _CORE_COMMANDS and a.quiet:  # -q: no summary lines; warnings, errors on stderr
                 stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))

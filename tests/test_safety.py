@@ -454,3 +454,366 @@ def test_unknown_timm_architecture_is_named(organism_dir, calib_dir, tmp_path, c
     (d / "config.json").write_text(json.dumps(cfg))
     code, _, err = run(["find", d, "--images", calib_dir, "--out", tmp_path / "n.json"], capsys)
     assert code == 4 and "'vit_from_the_future_patch16'" in err and one_line(err)
+
+
+# ==== Issue 21: nothing lost, round 2 ============================================================
+
+def _tree(root: Path) -> dict[str, str]:
+    """Every entry under `root` with its kind and, for files, its digest (a FIFO is never opened)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        name = p.relative_to(root).as_posix()
+        if p.is_symlink():
+            out[name] = "link"
+        elif stat.S_ISFIFO(p.lstat().st_mode):
+            out[name] = "fifo"
+        elif p.is_dir():
+            out[name] = "dir"
+        else:
+            out[name] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def _must_not_load(monkeypatch) -> None:
+    import surgery.backends
+    import surgery.cli as cli
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before a cheap check")
+    monkeypatch.setattr(cli, "_load", refuse)
+    monkeypatch.setattr(surgery.backends, "load_model", refuse)
+
+
+@pytest.fixture
+def world(organism_dir, baked_dir, calib_dir, tmp_path) -> dict[str, Path]:
+    """Inputs of every kind inside tmp_path (so that what a run does to them can be seen)."""
+    w = {"src": tmp_path / "src", "out": tmp_path / "out", "imgs": tmp_path / "imgs", "n": tmp_path / "n.json",
+         "ds": tmp_path / "ds"}
+    shutil.copytree(organism_dir, w["src"])
+    shutil.copytree(baked_dir, w["out"])
+    w["imgs"].mkdir()
+    for p in sorted(calib_dir.glob("*.png"))[:6]:
+        shutil.copy(p, w["imgs"] / p.name)
+    for cls in ("a", "b"):
+        shutil.copytree(w["imgs"], w["ds"] / cls)
+    w["n"].write_text(json.dumps(NEURONS))
+    return w
+
+
+@pytest.mark.parametrize("case", [
+    "inspect-out-is-the-source", "find-out-inside-the-source", "convert-out-is-the-images",
+    "convert-out-contains-the-images", "convert-out-is-the-check-images", "convert-out-contains-the-neurons-file",
+    "find-out-inside-the-images", "check-report-inside-out", "check-report-inside-the-source",
+    "eval-json-inside-the-dataset", "inspect-out-inside-the-dataset",
+])
+def test_no_command_writes_onto_into_or_around_its_inputs(case, world, tmp_path, capsys, monkeypatch):
+    w = world
+    args = {
+        "inspect-out-is-the-source": ["inspect", w["src"], "--neurons", w["n"], "--images", w["imgs"], "--out",
+                                      w["src"], "--overwrite"],
+        "find-out-inside-the-source": ["find", w["src"], "--images", w["imgs"], "--out",
+                                       w["src"] / "model.safetensors", "--overwrite"],
+        "convert-out-is-the-images": ["convert", w["src"], "--images", w["imgs"], "--out", w["imgs"], "--overwrite"],
+        "convert-out-contains-the-images": ["convert", w["src"], "--images", w["imgs"], "--out", tmp_path,
+                                            "--overwrite"],
+        "convert-out-is-the-check-images": ["convert", w["src"], "--neurons", w["n"], "--check-images", w["imgs"],
+                                            "--out", w["imgs"], "--overwrite"],
+        "convert-out-contains-the-neurons-file": ["convert", w["src"], "--neurons", w["n"], "--out", tmp_path,
+                                                  "--overwrite"],
+        "find-out-inside-the-images": ["find", w["src"], "--images", w["imgs"], "--out", w["imgs"] / "n.json"],
+        "check-report-inside-out": ["check", w["out"], "--report", w["out"] / "parity.json"],
+        "check-report-inside-the-source": ["check", w["out"], "--source", w["src"], "--report",
+                                           w["src"] / "config.json"],
+        "eval-json-inside-the-dataset": ["eval", w["src"], w["out"], "--dataset", w["ds"], "--json",
+                                         w["ds"] / "a" / "r.json"],
+        "inspect-out-inside-the-dataset": ["inspect", w["out"], "--dataset", w["ds"], "--out", w["ds"] / "rep"],
+    }[case]
+    _must_not_load(monkeypatch)
+    before = _tree(tmp_path)
+    code, _, err = run(args, capsys)
+    assert code == 10, err
+    assert one_line(err) and ("is the" in err or "inside" in err or "contains" in err)
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+@pytest.mark.parametrize("command", ["find", "find --overwrite", "convert --overwrite", "inspect --overwrite",
+                                     "check --report"])
+def test_special_files_are_never_replaced(command, world, tmp_path, capsys, monkeypatch):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    w = world
+    name, *flags = command.split()
+    args = {"find": ["find", w["src"], "--images", w["imgs"], "--out", fifo],
+            "convert": ["convert", w["src"], "--neurons", w["n"], "--out", fifo],
+            "inspect": ["inspect", w["out"], "--out", fifo],
+            "check": ["check", w["out"], "--report", fifo]}[name]
+    _must_not_load(monkeypatch)
+    code, _, err = run(args + [f for f in flags if f != "--report"], capsys)
+    assert code == 10, err
+    assert "FIFO" in err and one_line(err)
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+    with pytest.raises(Exception, match="FIFO"):  # the shared scheme itself refuses, for the Python API too
+        with atomic_output_file(fifo, overwrite=True):
+            pass
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+
+
+@pytest.mark.parametrize("command", ["find", "convert", "inspect", "demo"])
+def test_a_missing_output_folder_is_not_created(command, world, tmp_path, capsys, monkeypatch):
+    w = world
+    out = tmp_path / "not" / "there"
+    args = {"find": ["find", w["src"], "--images", w["imgs"], "--out", out],
+            "convert": ["convert", w["src"], "--neurons", w["n"], "--out", out],
+            "inspect": ["inspect", w["out"], "--out", out], "demo": ["demo", "--out", out]}[command]
+    _must_not_load(monkeypatch)
+    code, _, err = run(args, capsys)
+    assert code == 10 and "does not exist" in err and one_line(err), err
+    assert not (tmp_path / "not").exists()
+
+
+# ---- silently wrong ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", ["check", "convert"])
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf", "-inf"])
+def test_tolerance_must_be_positive_and_finite(command, value, organism_dir, neurons_file, baked_dir, tmp_path,
+                                               capsys):
+    args = {"check": ["check", str(baked_dir)],
+            "convert": ["convert", str(organism_dir), "--neurons", str(neurons_file), "--out", str(tmp_path / "o")]}
+    with pytest.raises(SystemExit) as e:
+        main(args[command] + [f"--tolerance={value}"])
+    assert e.value.code == 2
+    assert "must be a positive number" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_output_without_its_record_is_said_loudly_and_never_passes_alone(world, capsys):
+    out = world["out"]
+    (out / "surgery.json").unlink()
+    before = _tree(out)
+    code, stdout, err = run(["check", out, "-q"], capsys)
+    assert code == 11, err
+    assert "no surgery.json" in err and "--source" in err.splitlines()[-1]
+    assert "PASS" not in stdout + err
+    code, stdout, err = run(["check", out, "--source", world["src"]], capsys)  # with its source: checked
+    assert code == 0, err
+    assert "parity PASS" in stdout and "no surgery.json" in err
+    assert _tree(out) == before  # check never writes into OUT (no parity.json rewritten)
+
+
+def test_check_does_not_modify_out_even_when_it_is_read_only(world, capsys):
+    out = world["out"]
+    before = _tree(out)
+    for p in [*out.rglob("*"), out]:
+        p.chmod(0o555 if p.is_dir() else 0o444)
+    try:
+        code, stdout, err = run(["check", out], capsys)
+    finally:
+        for p in [out, *out.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+    assert code == 0, err
+    assert "parity PASS" in stdout and "wrote" not in stdout
+    assert _tree(out) == before
+
+
+@pytest.mark.parametrize("damage", ["config", "record-removed"])
+def test_export_verifies_the_integrity_record_first(damage, world, capsys, monkeypatch):
+    out = world["out"]
+    if damage == "config":  # a config `check` rejects: export must not export it either
+        cfg = json.loads((out / "config.json").read_text())
+        cfg["model_args"]["num_registers_typo"] = 1
+        (out / "config.json").write_text(json.dumps(cfg))
+    else:
+        _drop_integrity(out)
+    _must_not_load(monkeypatch)
+    code, _, err = run(["export", out, "--format", "onnx"], capsys)
+    assert code == 11 and one_line(err), err
+    assert not (out / "model.onnx").exists()
+
+
+# ---- hangs and memory ---------------------------------------------------------------------------
+
+def test_a_yaml_alias_bomb_in_a_model_card_is_not_expanded(tmp_path):
+    from exporters.model_card import MAX_FRONT_MATTER_BYTES, _card_data_of
+
+    lines = ["---", 'a: &a ["x","x","x","x","x","x","x","x","x"]']
+    for i in range(1, 12):  # 9 ** 12 strings when expanded
+        lines.append(f"{chr(97 + i)}: &{chr(97 + i)} [" + ",".join([f"*{chr(96 + i)}"] * 9) + "]")
+    lines += ["license: *l", "---", "# card"]
+    bomb = tmp_path / "bomb.md"
+    bomb.write_text("\n".join(lines))
+    assert _card_data_of(bomb) == {}
+    huge = tmp_path / "huge.md"
+    huge.write_text("---\nlicense: mit\nnote: " + "x" * (MAX_FRONT_MATTER_BYTES + 10) + "\n---\n")
+    assert _card_data_of(huge) == {}
+    good = tmp_path / "good.md"
+    good.write_text("---\nlicense: apache-2.0\nbase_model: org/name\n---\n# card\n")
+    assert _card_data_of(good) == {"license": "apache-2.0", "base_model": "org/name"}
+
+
+@pytest.mark.parametrize("field", ["depth", "img_size"])
+def test_an_absurd_config_is_refused_before_anything_is_built(field, world, tmp_path, capsys, monkeypatch):
+    from surgery.backends import load_model
+    from surgery.core.errors import OutOfMemoryRisk
+
+    monkeypatch.delenv("VIT_SURGERY_SKIP_MEMORY_CHECK", raising=False)
+    src = world["src"]
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["model_args"][field] = 100_000
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(OutOfMemoryRisk, match="stopped before building it"):  # the Python API: the loader
+        load_model(str(src))
+    _must_not_load(monkeypatch)
+    code, _, err = run(["convert", src, "--neurons", world["n"], "--out", tmp_path / "o"], capsys)
+    assert code == 13 and "config.json describes a model" in err and one_line(err)
+
+
+# ---- exit codes: user and environment errors are never exit 1 -------------------------------------
+
+def test_disk_full_is_an_environment_error_and_leaves_nothing(world, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import surgery.pipeline
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr(surgery.pipeline, "write_json", full)
+    code, _, err = run(["find", world["src"], "--images", world["imgs"], "--out", tmp_path / "n2.json", "-q"], capsys)
+    assert code == 10 and "No space left on device" in err and one_line(err.splitlines()[-1] + "\n"), err
+    assert not any(p.name.startswith((".n2.json", "n2.json")) for p in tmp_path.iterdir())
+
+
+def test_output_names_too_long_or_not_utf8(world, tmp_path, capsys, monkeypatch):
+    _must_not_load(monkeypatch)
+    long_name = tmp_path / ("o" * 240)
+    code, _, err = run(["convert", world["src"], "--neurons", world["n"], "--out", long_name], capsys)
+    assert code == 10 and "too long" in err and one_line(err)
+    odd = str(tmp_path / os.fsdecode(b"out-\xff"))
+    code, _, err = run(["convert", world["src"], "--neurons", world["n"], "--out", odd], capsys)
+    assert code == 10 and "not valid UTF-8" in err and one_line(err)
+    assert not any(p.name.startswith(("o" * 20, "out-")) for p in tmp_path.iterdir() if p.name != "out")
+
+
+def test_a_crafted_stale_temporary_name_neither_crashes_nor_blocks(tmp_path):
+    crafted = tmp_path / f".o.json.partial-{host_tag()}.99999999999999999999.deadbeef"
+    crafted.write_text("not ours")
+    with pytest.warns(UserWarning, match="names no possible process"):
+        with atomic_output_file(tmp_path / "o.json") as tmp:
+            tmp.write_text("{}")
+    assert (tmp_path / "o.json").read_text() == "{}" and crafted.exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--num-registers", "65"], "from 1 to 64"),
+    (["--scale", "1e308"], "|scale| <= 1e6"),
+    (["--tolerance", "-1"], "positive number"),
+])
+def test_limits_are_checked_up_front(args, words, organism_dir, neurons_file, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["convert", str(organism_dir), "--neurons", str(neurons_file), "--out", str(tmp_path / "o"), *args])
+    assert e.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_a_neurons_file_with_an_absurd_scale_is_refused(organism_dir, tmp_path, capsys):
+    bad = tmp_path / "n.json"
+    bad.write_text(json.dumps({**NEURONS, "scale": 1e308}))
+    code, _, err = run(["convert", organism_dir, "--neurons", bad, "--out", tmp_path / "o"], capsys)
+    assert code == 5 and "scale" in err and one_line(err)
+
+
+@pytest.mark.parametrize("flag", ["--detect-layer", "--max-layer"])
+def test_layer_options_beyond_the_model_are_usage_errors(flag, organism_dir, calib_dir, tmp_path, capsys):
+    code, _, err = run(["find", organism_dir, "--images", calib_dir, "--out", tmp_path / "n.json", flag, "99",
+                        "-q"], capsys)
+    assert code == 2 and "out of range" in err and one_line(err)
+
+
+def test_a_non_numeric_mean_in_a_config_is_a_model_error(world, tmp_path, capsys):
+    src = world["src"]
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["pretrained_cfg"]["mean"] = ["red", "green", "blue"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    code, _, err = run(["convert", src, "--neurons", world["n"], "--out", tmp_path / "o", "-q"], capsys)
+    assert code == 4 and "mean must be numbers" in err and one_line(err)
+
+
+def test_user_errors_found_from_the_arguments_answer_before_torch_is_imported(world, tmp_path):
+    w = world
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    (tmp_path / "exists").mkdir()
+    cases = [
+        (["convert", tmp_path / "no_such_folder", "--neurons", w["n"], "--out", tmp_path / "o"], 4),
+        (["find", f"local-dir:{tmp_path / 'nope'}", "--images", w["imgs"], "--out", tmp_path / "n.json"], 4),
+        (["convert", w["src"], "--images", tmp_path / "no_imgs", "--out", tmp_path / "o"], 3),
+        (["convert", w["src"], "--neurons", w["n"], "--out", tmp_path / "exists"], 8),
+        (["find", w["src"], "--images", w["imgs"], "--out", fifo, "--overwrite"], 10),
+        (["convert", w["src"], "--images", w["imgs"], "--out", w["imgs"], "--overwrite"], 10),
+        (["convert", w["src"], "--neurons", w["n"], "--out", tmp_path / "a" / "b"], 10),
+        (["check", tmp_path / "x.onnx"], 2),
+        (["export", w["out"], "--format", "openvino", "--layout", "hf"], 2),
+        (["check", tmp_path / "missing_out"], 4),
+    ]
+    script = ("import sys, json\nfrom surgery.cli import main\ncodes = [main(a) for a in json.loads(sys.argv[1])]\n"
+              "print(json.dumps({'codes': codes, 'torch': 'torch' in sys.modules}))\n")
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps([[str(x) for x in a] for a, _ in cases])],
+                          capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["codes"] == [c for _, c in cases], proc.stderr
+    assert got["torch"] is False
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == len(cases)
+
+
+# ---- smaller promises -----------------------------------------------------------------------------
+
+def test_help_names_every_model_form():
+    from surgery.cli import build_parser
+
+    for command in ("find", "convert"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, "--help"])
+    text = subprocess.run(CLI + ["find", "--help"], capture_output=True, text=True, env=_env()).stdout
+    assert ".onnx" in text and "dinov2:" in text
+    text = subprocess.run(CLI + ["convert", "--help"], capture_output=True, text=True, env=_env()).stdout
+    assert "MODEL" in text and ".onnx" in text and "hf:ORG/NAME" in text
+
+
+def test_inspect_defaults_to_the_builtin_images_like_check():
+    from surgery.cli import build_parser
+
+    a = build_parser().parse_args(["inspect", "m", "--out", "r"])
+    assert a.images is None
+
+
+def test_the_report_names_no_installed_path(calib_dir):
+    from surgery.report import _images_label
+
+    assert _images_label(calib_dir, []) == "the built-in calibration images"
+    assert _images_label(None, []) == "the built-in calibration images"
+    assert _images_label("imgs", []) == "imgs"
+
+
+def test_thin_evidence_is_said():
+    from surgery.core.discovery import warn_thin_evidence
+
+    with pytest.warns(UserWarning, match="only 1 of 16 image"):
+        warn_thin_evidence(1, 16)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_thin_evidence(18, 24)
+
+
+def test_a_pass_line_above_the_tolerance_shows_the_allowance():
+    from surgery.core.parity import OutputError, ParityReport
+
+    rep = ParityReport(1e-5, images=16)
+    ok = OutputError("block2.residual", relative=9e-6, where=(12, 1), ratio=0.9, allowed=1e-5,
+                     relative_at_where=9e-6, allowed_at_largest=1e-5)
+    wide = OutputError("block4.residual", relative=3.4e-5, where=(3, 7), ratio=0.5, allowed=6.8e-5,
+                       relative_at_where=3.4e-5, allowed_at_largest=6.8e-5)
+    rep.outputs = {ok.name: ok, wide.name: wide}
+    line = rep.summary()
+    assert rep.passed and "largest anywhere 3.4e-05 in block4.residual, allowed there 6.8e-05" in line

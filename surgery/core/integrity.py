@@ -15,12 +15,12 @@ import json
 import struct
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .errors import IntegrityError, NonFiniteError
+
+if TYPE_CHECKING:  # verifying files needs no torch: `check` and `export` refuse a damaged OUT before importing it
+    from torch import nn
 
 SURGERY_FILE = "surgery.json"
 _CHUNK = 1 << 24
@@ -30,6 +30,8 @@ _CHUNK = 1 << 24
 
 def assert_finite(model: nn.Module, what: str) -> None:
     """Refuse weights holding NaN or Inf, naming the first such tensor (exit 4)."""
+    import torch
+
     for name, t in model.state_dict().items():
         if not torch.is_floating_point(t) or bool(torch.isfinite(t).all()):
             continue
@@ -80,6 +82,8 @@ def safetensors_digests(path: Path) -> dict[str, dict[str, Any]]:
 
 def weights_sha256(model: nn.Module) -> str:
     """One hash over a model's state dict: names, dtypes, shapes and bytes (independent of file format)."""
+    import torch
+
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         t = t.detach().to("cpu").contiguous()
