@@ -213,10 +213,10 @@ def test_check_validates_the_onnx_file_and_rejects_a_corrupt_one(exported, tmp_p
     src, _ = exported
     d = tmp_path / "out"
     shutil.copytree(src, d)
-    code, out, err = run(["check", d, "--num-images", "8"], capsys)
+    code, out, err = run(["check", d, "--num-images", "8", "--report", tmp_path / "check.json"], capsys)
     assert code == 0, err
     assert "onnx PASS" in out and "parity PASS" in out
-    assert json.loads((d / "parity.json").read_text())["onnx"]["passed"]
+    assert json.loads((tmp_path / "check.json").read_text())["onnx"]["passed"]
     good = (d / ONNX_FILE).read_bytes()
     for bad in (b"this is not an onnx file" * 10, good[: len(good) // 2], b""):
         (d / ONNX_FILE).write_bytes(bad)

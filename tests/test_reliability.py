@@ -239,3 +239,91 @@ def test_cli_arguments_never_crash(tmp_path, flag, value):
         assert e.code == 2
     else:
         assert code in (3, 4), code  # parsed: then the missing model/images is reported, never a crash
+
+
+# ---- issue 21: an ONNX input goes through the same output scheme; its external data is checked ----
+
+@pytest.fixture(scope="module")
+def onnx_source(tmp_path_factory):
+    """An organism exported to ONNX by torch's exporter (what a user brings), with its neurons file."""
+    from surgery.onnx_graph.organisms import build_organism, export_source_onnx
+
+    model, planting = build_organism("timm_clip")
+    root = tmp_path_factory.mktemp("onnx_src")
+    path = export_source_onnx(model, root / "src" / "model.onnx", exporter="legacy", opset=17)
+    neurons = root / "n.json"
+    neurons.write_text(json.dumps({"register_neurons": {str(k): v for k, v in planting.neurons.items()}}))
+    return path, neurons
+
+
+def test_onnx_convert_uses_the_shared_output_scheme(onnx_source, tmp_path, capsys):
+    import os
+    import stat
+
+    from surgery.core.outputs import host_tag
+
+    src, neurons = onnx_source
+    out = tmp_path / "out"
+    stale = tmp_path / f".out.partial-{host_tag()}.{2 ** 22 - 1}.0badf00d"  # a process that cannot exist now
+    stale.mkdir()
+    old = os.umask(0o022)
+    try:
+        code, stdout, err = run(["convert", src, "--neurons", neurons, "--out", out], capsys)
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    modes = {("dir" if p.is_dir() else "file", stat.S_IMODE(p.stat().st_mode)) for p in [out, *out.rglob("*")]}
+    assert modes == {("dir", 0o755), ("file", 0o644)}
+    text = (out / "parity.json").read_text()
+    assert ".partial" not in text and "partial" not in stdout
+    summary = json.loads(text)["onnx"]["summary"]
+    assert f"{out / 'model.onnx'} vs the hooked reference on {src}" in summary
+    assert err.count("no preprocessor_config.json") == 1  # said once, not once per pass
+    assert not stale.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def _external_copy(src: Path, folder: Path) -> Path:
+    import onnx
+
+    folder.mkdir()
+    path = folder / "model.onnx"
+    onnx.save_model(onnx.load(str(src)), str(path), save_as_external_data=True, location="model.onnx.data",
+                    size_threshold=1024)
+    return path
+
+
+def _relocate(path: Path, location: str) -> None:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    for t in m.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save_model(m, str(path))
+
+
+@pytest.mark.parametrize("case, words", [("outside", "outside the model's folder"), ("missing", "missing"),
+                                         ("short", "shorter than")])
+def test_onnx_external_data_is_checked_before_it_is_read(case, words, onnx_source, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    src, neurons = onnx_source
+    path = _external_copy(src, tmp_path / "m")
+    if case == "outside":  # a FIFO: opening it would block, so a finished run proves it was never opened
+        os.mkfifo(tmp_path / "secret")
+        _relocate(path, "../secret")
+    elif case == "missing":
+        (path.parent / "model.onnx.data").unlink()
+    else:
+        data = path.parent / "model.onnx.data"
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "surgery.cli", "convert", str(path), "--neurons", str(neurons),
+                           "--out", str(tmp_path / "o"), "-q"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 4, proc.stderr
+    assert words in proc.stderr and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()
