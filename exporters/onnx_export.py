@@ -216,6 +216,8 @@ def _float64_register_branch(model: nn.Module) -> Iterator[list[str]]:
             if isinstance(mod, RegisterMlp) and _ort_runs_float64(mod.act):
                 dtype = mod.reg_fc2.weight.dtype
                 changed.append((mod, mod.reg_fc1, mod.reg_fc2))
+                mod._vit_surgery_half = mod.branch_float32
+                mod.branch_float32 = False  # the float64 branch replaces the half model's float32 one
                 mod.reg_fc1 = _CastOutput(mod.reg_fc1, torch.float64)
                 mod.reg_fc2 = _CastInput(mod.reg_fc2, dtype)
                 mod._vit_surgery_name = name
@@ -223,6 +225,7 @@ def _float64_register_branch(model: nn.Module) -> Iterator[list[str]]:
     finally:
         for mod, fc1, fc2 in changed:
             mod.reg_fc1, mod.reg_fc2 = fc1, fc2
+            mod.branch_float32 = mod.__dict__.pop("_vit_surgery_half")
             mod.__dict__.pop("_vit_surgery_name", None)
 
 

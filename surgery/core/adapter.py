@@ -12,7 +12,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from .modules import MlpWeights
+from .modules import MlpWeights, PrependRegisters
 
 
 @dataclass
@@ -59,6 +59,9 @@ class Adapter:
     """Base adapter. Subclasses implement the accessors for one library's module structure."""
 
     name: str = "base"
+    # the register inserter put at `insertion_point`: a pre-norm takes one tensor; a wrapped transformer
+    # layer (models without a pre-norm) needs PrependRegistersToLayer, which passes extra arguments on
+    inserter: type[PrependRegisters] = PrependRegisters
 
     def matches(self, model: nn.Module) -> bool:
         raise NotImplementedError

@@ -49,7 +49,7 @@ def bake_registers(model: nn.Module, recipe: Recipe, *, adapter: Adapter) -> nn.
     parent, attr = fam.insertion_point(model)
     inner = getattr(parent, attr)
     ref = next(model.parameters())
-    inserter = PrependRegisters(inner, recipe.num_registers, fam.embed_dim(model), p).to(ref.device, ref.dtype)
+    inserter = fam.inserter(inner, recipe.num_registers, fam.embed_dim(model), p).to(ref.device, ref.dtype)
     setattr(parent, attr, inserter)
     fam.set_num_prefix_tokens(model, p + recipe.num_registers)
     model.surgery_recipe = recipe

@@ -2,6 +2,9 @@
 
 Both are plain `nn.Module`s with buffers and parameters only (no hooks, no Python-side state), so
 `torch.jit.trace`, `torch.compile`, `torch.export` and ONNX export see the fix as ordinary graph ops.
+They are also `torch.jit.script`-able and `torch.fx.symbolic_trace`-able (timm's own model tests run
+both): fixed forward signatures, and no branch on a tensor's value or dtype at call time (the one
+dtype decision, RegisterMlp's half-precision branch, is made when the module is built or cast).
 Token layout everywhere: [prefix tokens (CLS, trained registers) | R test-time registers | patches].
 """
 from __future__ import annotations
@@ -59,14 +62,25 @@ class PrependRegisters(nn.Module):
         self.num_registers = int(num_registers)
         self.register_buffer("register_tokens", torch.zeros(1, num_registers, embed_dim))
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        # extra arguments pass through (a wrapped transformer layer also takes masks / rotary tables)
+    def with_registers(self, x: torch.Tensor) -> torch.Tensor:
         reg = self.register_tokens.to(x.dtype).expand(x.shape[0], -1, -1)
         p = self.num_prefix
-        return self.inner(torch.cat([x[:, :p], reg, x[:, p:]], dim=1), *args, **kwargs)
+        return torch.cat([x[:, :p], reg, x[:, p:]], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # one tensor in, one out (a pre-norm): a fixed signature TorchScript can compile
+        return self.inner(self.with_registers(x))
 
     def extra_repr(self) -> str:
         return f"num_registers={self.num_registers}, num_prefix={self.num_prefix}"
+
+
+class PrependRegistersToLayer(PrependRegisters):
+    """PrependRegisters wrapping a transformer layer (models without a pre-norm: HF DINOv3, SigLIP),
+    whose call also takes masks / rotary tables: extra arguments pass through unchanged."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):  # type: ignore[override]
+        return self.inner(self.with_registers(x), *args, **kwargs)
 
 
 @dataclass
@@ -88,6 +102,10 @@ class MlpWeights:
     @property
     def hidden(self) -> int:
         return self.fc2_weight.shape[1]
+
+
+def _is_half(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float16, torch.bfloat16)
 
 
 def _linear(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Linear:
@@ -161,20 +179,40 @@ class RegisterMlp(nn.Module):
         self.num_registers = int(num_registers)
         self.scale = float(scale)
         self.per_neuron = bool(per_neuron)
+        # The activation the register branch applies: the MLP's own (the same module). Exporters may
+        # swap in an equivalent that their runtime evaluates accurately in the far tail (exporters/).
+        self.reg_act = self.act
+        self.branch_float32 = _is_half(self.reg_fc1.weight.dtype)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        # .to(dtype) / .half() / .float() pass here: the half-precision decision follows the weights, so
+        # forward never branches on a tensor's dtype (FX tracing and TorchScript need a static path)
+        out = super()._apply(fn, recurse)
+        self.branch_float32 = _is_half(self.reg_fc1.weight.dtype)
+        return out
+
+    def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[override]
+        super()._load_from_state_dict(*args, **kwargs)  # (assign=True loads may change the dtype)
+        self.branch_float32 = _is_half(self.reg_fc1.weight.dtype)
 
     def _hidden(self, pre: torch.Tensor) -> torch.Tensor:
         if self.gated:
-            gate, up = pre.chunk(2, dim=-1)
-            return self.act(gate) * up
+            half = pre.shape[-1] // 2  # [gate | up], as chunk(2) splits it
+            return self.act(pre[..., :half]) * pre[..., half:]
         return self.act(pre)
+
+    def _reg_hidden(self, pre: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            half = pre.shape[-1] // 2
+            return self.reg_act(pre[..., :half]) * pre[..., half:]
+        return self.reg_act(pre)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.fc2(self._hidden(self.fc1(x)))
-        # (a wrapped reg_fc1 is the ONNX exporter's own float64 branch: left to it)
-        if x.dtype in (torch.float16, torch.bfloat16) and isinstance(self.reg_fc1, nn.Linear):
+        if self.branch_float32:
             head = self._register_head_float32(x)
         else:
-            reg = self._hidden(self.reg_fc1(x))
+            reg = self._reg_hidden(self.reg_fc1(x))
             # After the edit only the prefix and register rows of the branch are non-zero, so its output
             # projection runs on those rows alone (a k-wide GEMM over every token is slow on CPU kernels).
             head = self.reg_fc2(register_rows(reg, self.num_prefix, self.num_registers, self.scale, self.per_neuron))
@@ -187,8 +225,8 @@ class RegisterMlp(nn.Module):
         GEMM does not do) moved it by several half ulps on CUDA; k units cost nothing to widen."""
         linear = torch.nn.functional.linear
         b1 = self.reg_fc1.bias
-        reg = self._hidden(linear(x.float(), self.reg_fc1.weight.float(), None if b1 is None else b1.float()))
-        rows = register_rows(reg, self.num_prefix, self.num_registers, self.scale, self.per_neuron)
+        pre = linear(x.float(), self.reg_fc1.weight.float(), b1.float() if b1 is not None else None)
+        rows = register_rows(self._reg_hidden(pre), self.num_prefix, self.num_registers, self.scale, self.per_neuron)
         return linear(rows, self.reg_fc2.weight.float())
 
     def merged_weights(self) -> MlpWeights:

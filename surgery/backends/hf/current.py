@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ...core.errors import ModelInputError
-from ...core.modules import MlpWeights, PrependRegisters, RegisterMlp
+from ...core.modules import MlpWeights, PrependRegisters, PrependRegistersToLayer, RegisterMlp
 from ...core.adapter import AttentionParts
 from .adapter import HFClipVision, HFDinov2, _HFVisionFamily, _hf_classes
 
@@ -58,6 +58,8 @@ class HFRopeAttentionParts(AttentionParts):
 
 class _FirstLayerInsertion(_HFVisionFamily):
     """Registers enter at the input of the first encoder layer (no pre-norm, keyword-called encoders)."""
+
+    inserter = PrependRegistersToLayer
 
     def _layers(self, model: nn.Module) -> nn.ModuleList:
         raise NotImplementedError

@@ -30,7 +30,7 @@ from torch import nn
 # The core modules (surgery/modules.py: register_rows, PrependRegisters, RegisterMlp ...). The writer
 # (exporters/hf_dir.py) replaces the import line below by that file's source, so the written modeling file is
 # standalone (torch + transformers) and holds the very code vit-surgery bakes and checks with: one copy.
-from surgery.core.modules import MlpWeights, PrependRegisters, RegisterMlp  # vit-surgery: inline
+from surgery.core.modules import MlpWeights, PrependRegisters, PrependRegistersToLayer, RegisterMlp  # vit-surgery: inline
 
 
 def _mlp_weights(old: nn.Module) -> MlpWeights:
@@ -54,15 +54,16 @@ def _split_mlp(old: nn.Module, units: list, p: int, recipe: dict) -> RegisterMlp
 
 
 def bake_structure(model: nn.Module, vision: nn.Module, blocks, parent: nn.Module, attr: str, embed_dim: int,
-                   spec: dict) -> None:
-    """Turn a freshly built stock model into the baked structure described by config.vit_surgery."""
+                   spec: dict, inserter: type = PrependRegisters) -> None:
+    """Turn a freshly built stock model into the baked structure described by config.vit_surgery
+    (`inserter`: PrependRegistersToLayer where registers enter at a transformer layer, not a pre-norm)."""
     recipe = spec["recipe"]
     p = int(spec["num_prefix_tokens"])
     R = int(recipe.get("num_registers", 1))
     for layer, units in recipe["register_neurons"].items():
         block = blocks[int(layer)]
         block.mlp = _split_mlp(block.mlp, units, p, recipe)
-    setattr(parent, attr, PrependRegisters(getattr(parent, attr), R, embed_dim, p))
+    setattr(parent, attr, inserter(getattr(parent, attr), R, embed_dim, p))
     vision.num_prefix_tokens = p + R
     model.num_prefix_tokens = p + R
     model.register_token_indices = list(range(p, p + R))
@@ -118,7 +119,7 @@ class VitSurgeryDINOv3ViTModel(_PatchTokensMixin, transformers.DINOv3ViTModel):
     def __init__(self, config):
         super().__init__(config)
         bake_structure(self, self, list(self.model.layer), self.model.layer, "0", config.hidden_size,
-                       config.vit_surgery)
+                       config.vit_surgery, PrependRegistersToLayer)
 
 
 class VitSurgerySiglipVisionModel(_PatchTokensMixin, transformers.SiglipVisionModel):
@@ -129,4 +130,4 @@ class VitSurgerySiglipVisionModel(_PatchTokensMixin, transformers.SiglipVisionMo
         super().__init__(config)
         v = getattr(self, "vision_model", self)
         bake_structure(self, v, list(v.encoder.layers), v.encoder.layers, "0", config.hidden_size,
-                       config.vit_surgery)
+                       config.vit_surgery, PrependRegistersToLayer)

@@ -30,11 +30,22 @@ def _cfg_dict(cfg: Any) -> dict[str, Any]:
     return dict(cfg)
 
 
+# What timm's VisionTransformer and Eva factories give `features_only` models by default: the feature
+# getter on forward_intermediates, last 3 blocks (timm/models/vision_transformer.py, eva.py).
+SOURCE_FEATURE_CFG = dict(out_indices=3, feature_cls="getter")
+
+
 @register_model
 def vit_surgery_baked(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """A timm VisionTransformer with baked test-time registers (see surgery.bake_registers)."""
+    """A timm VisionTransformer / Eva with baked test-time registers (see surgery.bake_registers).
+
+    Built by timm's own `build_model_with_cfg`, as timm's factories build their models: the source
+    skeleton is created and baked, the weights loaded strictly, and `features_only=True` (any
+    `feature_cls`, `out_indices`) wraps the baked model afterwards, never the other way round.
+    """
     import timm
-    from timm.models import load_pretrained
+    from timm.models import build_model_with_cfg
+    from timm.models._builder import resolve_pretrained_cfg
 
     try:
         source_arch = kwargs.pop("source_architecture")
@@ -50,11 +61,14 @@ def vit_surgery_baked(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     # Built from exactly what built the source: its resolved pretrained_cfg (head size, input size,
     # labels) and kwargs, never the architecture's default tag.
     source_cfg = dict(cfg, architecture=source_arch) if cfg else None
-    model = timm.create_model(source_arch, pretrained=False, pretrained_cfg=source_cfg, **source_args)
-    bake_registers(model, recipe, adapter=adapter_among((TIMM, TIMM_EVA), model))
+
+    def build_baked(**model_args: Any) -> nn.Module:
+        model = timm.create_model(source_arch, pretrained=False, pretrained_cfg=source_cfg, **model_args)
+        return bake_registers(model, recipe, adapter=adapter_among((TIMM, TIMM_EVA), model))
+
     if cfg:
         cfg["architecture"] = BAKED_ARCH
-        model.pretrained_cfg = model.default_cfg = cfg
-    if pretrained:
-        load_pretrained(model, pretrained_cfg=cfg, num_classes=model.num_classes, strict=True)
-    return model
+    else:  # no config given: the source architecture's own default
+        cfg = resolve_pretrained_cfg(source_arch).to_dict()
+    return build_model_with_cfg(build_baked, BAKED_ARCH, pretrained, pretrained_cfg=cfg,
+                                feature_cfg=dict(SOURCE_FEATURE_CFG), pretrained_strict=True, **source_args)
