@@ -46,17 +46,22 @@ def _text_config(num_layers: int = 2) -> dict[str, Any]:
 
 
 def build_llava_organism(seed: int = 0, *, strategy: str = "default", feature_layer: int | list[int] = -2,
-                         plant: dict[int, list[tuple[int, int]]] | None = None) -> tuple[nn.Module, Planting]:
-    """A `LlavaForConditionalGeneration` whose CLIP tower is the planted HF CLIP organism."""
+                         tower: str = "clip", plant: dict[int, list[tuple[int, int]]] | None = None
+                         ) -> tuple[nn.Module, Planting]:
+    """A `LlavaForConditionalGeneration` whose tower is the planted HF CLIP organism (`tower="clip"`) or the
+    planted HF SigLIP organism (`"siglip"`: no CLS, use strategy `full`, as SigLIP LLaVAs do)."""
     from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    tower, planting = build_hf_clip_organism(seed, plant=plant)
-    cfg = LlavaConfig(vision_config=tower.config.to_dict(), text_config=LlamaConfig(**_text_config()).to_dict(),
+    from .organism_eva import build_hf_siglip_organism
+
+    build = {"clip": build_hf_clip_organism, "siglip": build_hf_siglip_organism}[tower]
+    tower_model, planting = build(seed, plant=plant)
+    cfg = LlavaConfig(vision_config=tower_model.config.to_dict(), text_config=LlamaConfig(**_text_config()).to_dict(),
                       image_token_id=WORDS.index(IMAGE_TOKEN), vision_feature_select_strategy=strategy,
                       vision_feature_layer=feature_layer, projector_hidden_act="gelu", tie_word_embeddings=False)
     torch.manual_seed(seed + 1)
     model = LlavaForConditionalGeneration(cfg).eval()
-    model.model.vision_tower.load_state_dict(tower.state_dict())
+    model.model.vision_tower.load_state_dict(tower_model.state_dict())
     # the projector's random init is tiny; a larger one makes the image visibly matter to the logits
     with torch.no_grad():
         for lin in (model.model.multi_modal_projector.linear_1, model.model.multi_modal_projector.linear_2):
@@ -71,8 +76,9 @@ def image_seq_length(strategy: str, cls: bool = True) -> int:
     return n + (1 if strategy == "full" and cls else 0)
 
 
-def build_llava_processor(strategy: str = "default") -> Any:
-    """LlavaProcessor: CLIPImageProcessor at the organism's 64 px (no crop margin) + the WordLevel tokenizer."""
+def build_llava_processor(strategy: str = "default", *, cls_token: bool = True) -> Any:
+    """LlavaProcessor: CLIPImageProcessor at the organism's 64 px (no crop margin) + the WordLevel tokenizer.
+    `num_additional_image_tokens` counts the tower's CLS (0 for a SigLIP tower)."""
     from transformers import CLIPImageProcessor, LlavaProcessor
 
     p = HF_ORGANISM_PREPROCESSOR
@@ -80,7 +86,7 @@ def build_llava_processor(strategy: str = "default") -> Any:
                                          image_mean=p["image_mean"], image_std=p["image_std"], resample=3)
     return LlavaProcessor(image_processor=image_processor, tokenizer=build_tokenizer(),
                           patch_size=ORGANISM_SIZE["patch_size"], vision_feature_select_strategy=strategy,
-                          num_additional_image_tokens=1, image_token=IMAGE_TOKEN, chat_template=CHAT_TEMPLATE)
+                          num_additional_image_tokens=int(cls_token), image_token=IMAGE_TOKEN, chat_template=CHAT_TEMPLATE)
 
 
 def save_vlm_organism(model: nn.Module, processor: Any, path: str | Path, *, with_processor: bool = True) -> Path:

@@ -41,17 +41,16 @@ def vlm_class_name(model: nn.Module) -> str:
     raise ValueError(f"{type(model).__name__} is not one of {sorted(VLM_MODEL_TYPES.values())}")
 
 
-def _verify_outside_tower(model: nn.Module, source: nn.Module, path: Path) -> int:
+def _verify_outside_tower(source: nn.Module, path: Path) -> int:
     """Every written tensor outside the tower is the source's, bit for bit (in the written dtype)."""
     from ...core.weights import differing_tensors
 
     expected = {k: v for k, v in source.state_dict().items() if not k.startswith(TOWER_PREFIX)}
-    keys = sorted(k for k in model.state_dict() if not k.startswith(TOWER_PREFIX))
-    bad = differing_tensors(path, keys, expected)
+    bad = differing_tensors(path, sorted(expected), expected)
     if bad:
         raise ParityError(f"{len(bad)} written tensor(s) outside the vision tower differ from the source's "
                           f"(first: {bad[0]}); no output written")
-    return len(keys)
+    return len(expected)
 
 
 def _readme(base: str, recipe: Any, regs: list[int], layer: Any, strategy: str) -> str:
@@ -105,9 +104,11 @@ def write_vlm_dir(model: nn.Module, out_dir: Path, loaded: Any, surgery: dict[st
     files = [out_dir / "config.json", out_dir / MODELING_FILE, out_dir / "model.safetensors"]
     files[0].write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     files[1].write_text(remote_modeling_source())
+    # the model's own names: what save_pretrained writes for a remote-code class (transformers renames the
+    # original checkpoint layout only for its own classes), and what the remote class loads
     save_state_dict(model.state_dict(), files[2], surgery)
     surgery["unchanged_tensors"] = {
-        "outside": TOWER_PREFIX[:-1], "count": _verify_outside_tower(model, loaded.model, files[2]),
+        "outside": TOWER_PREFIX[:-1], "count": _verify_outside_tower(loaded.model, files[2]),
         "verified": "bit for bit against the source's tensors (in the written dtype) after writing"}
     extra = copy_extra_files(loaded, out_dir)  # processor, tokenizer, chat template, generation config
     if not (out_dir / "generation_config.json").exists() and getattr(model, "generation_config", None) is not None:
