@@ -134,7 +134,8 @@ def _capture(model: nn.Module, fam: Adapter, pixels: torch.Tensor) -> dict[str, 
             h.remove()
     # forward order, so the first failing output is where the divergence starts
     out = {f"block{i}.residual": r for i, r in enumerate(res)}
-    out.update({"tokens": tokens, "pooled": pooled})
+    names = output_names(fam)
+    out.update({names[0]: tokens, names[1]: pooled})
     return out
 
 
@@ -167,6 +168,12 @@ def require_same_architecture(source: nn.Module, baked: nn.Module, recipe: Recip
 Emit = Callable[[str, torch.Tensor], None]
 
 
+def output_names(fam: Adapter) -> tuple[str, str]:
+    """Names of forward_both's (second, first) outputs in reports: ("tokens", "pooled"), or what the
+    adapter says (a VLM's are the projector's input features and the language model's logits)."""
+    return tuple(getattr(fam, "output_names", ("tokens", "pooled")))  # type: ignore[return-value]
+
+
 def _stream(model: nn.Module, fam: Adapter, pixels: torch.Tensor, emit: Emit) -> None:
     """One forward pass; `emit(name, output)` for each block's residual the moment the block ends, then
     for the final tokens and the pooled output (forward order, the names `_capture` uses)."""
@@ -182,8 +189,9 @@ def _stream(model: nn.Module, fam: Adapter, pixels: torch.Tensor, emit: Emit) ->
     finally:
         for h in hs:
             h.remove()
-    emit("tokens", tokens)
-    emit("pooled", pooled)
+    names = output_names(fam)
+    emit(names[0], tokens)
+    emit(names[1], pooled)
 
 
 class _BatchJudge:

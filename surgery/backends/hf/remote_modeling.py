@@ -31,6 +31,7 @@ from torch import nn
 # (exporters/hf_dir.py) replaces the import line below by that file's source, so the written modeling file is
 # standalone (torch + transformers) and holds the very code vit-surgery bakes and checks with: one copy.
 from surgery.core.modules import MlpWeights, PrependRegisters, PrependRegistersToLayer, RegisterMlp  # vit-surgery: inline
+from surgery.core.image_features import install_register_drop  # vit-surgery: inline
 
 
 def _mlp_weights(old: nn.Module) -> MlpWeights:
@@ -131,3 +132,26 @@ class VitSurgerySiglipVisionModel(_PatchTokensMixin, transformers.SiglipVisionMo
         v = getattr(self, "vision_model", self)
         bake_structure(self, v, list(v.encoder.layers), v.encoder.layers, "0", config.hidden_size,
                        config.vit_surgery, PrependRegistersToLayer)
+
+
+# ---- vision-language models: only the vision tower is baked ----------------------------------------
+
+def bake_vlm_tower(tower: nn.Module, spec: dict) -> None:
+    """Bake the VLM's vision tower (CLIP: registers enter `pre_layrnorm`; SigLIP: the first layer) and make
+    it drop the register rows from its outputs, so the VLM selects the same image features as before."""
+    v = getattr(tower, "vision_model", tower)
+    if hasattr(v, "pre_layrnorm"):
+        bake_structure(tower, v, v.encoder.layers, v, "pre_layrnorm", tower.config.hidden_size, spec)
+    else:
+        bake_structure(tower, v, list(v.encoder.layers), v.encoder.layers, "0", tower.config.hidden_size, spec,
+                       PrependRegistersToLayer)
+    install_register_drop(v, int(spec["num_prefix_tokens"]))
+
+
+class VitSurgeryLlavaForConditionalGeneration(transformers.LlavaForConditionalGeneration):
+    """LLaVA whose vision tower carries baked test-time registers; image features, placeholders, processor
+    and language model are as in the stock model."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        bake_vlm_tower(self.model.vision_tower, config.vit_surgery)

@@ -1,0 +1,188 @@
+"""HF transformers vision-language models (LLaVA family): the vision tower is what vit-surgery edits.
+
+`LlavaForConditionalGeneration` keeps its tower at `model.vision_tower` (a stock `CLIPVisionModel`
+or `SiglipVisionModel`), the projector at `model.multi_modal_projector` and the language model at
+`model.language_model` + `lm_head`. The adapter below hands every tower question (blocks, MLPs,
+insertion point, prefix count, attention) to the tower's own adapter (HF_CLIP / HF_SIGLIP) applied
+to the tower, so discovery, the hooked reference, baking and the judge run on the tower alone, with
+the VLM's own image processor.
+
+What the VLM adds:
+- the tower drops the register rows from its outputs (surgery/core/image_features.py), so the VLM's
+  position-based feature selection (`hidden_states[vision_feature_layer]`, strategy `default` drops
+  index 0, `full` keeps every token) sees exactly the tokens it sees without registers, and the
+  number of image features (= `<image>` placeholders) is unchanged;
+- the judged outputs are the projector's input features (`image_features`) and the language model's
+  logits on the image followed by a fixed text (`logits`), not the tower's tokens and pooled vector.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from ...core.adapter import Adapter, AttentionParts
+from ...core.image_features import NATIVE_PREFIX_ATTR, install_register_drop
+from ...core.modules import MlpWeights
+from .adapter import HF_CLIP, PREPROCESS_ATTR, _from_transformers, _hf_classes
+from .current import HF_SIGLIP
+
+IMAGE_PROCESSOR_ATTR = "surgery_image_processor"  # the VLM's own HF image processor (set by the loader)
+SELECT_STRATEGIES = ("default", "full")
+VLM_CLASSES = ("LlavaForConditionalGeneration",)
+TEXT_LENGTH = 8  # text tokens after the image in the judged prompt
+
+
+def vision_tower(model: nn.Module) -> nn.Module:
+    return model.model.vision_tower
+
+
+def feature_selection(model: nn.Module) -> tuple[Any, str]:
+    """(vision_feature_layer, vision_feature_select_strategy) the VLM's config says."""
+    cfg = model.config
+    return cfg.vision_feature_layer, getattr(cfg, "vision_feature_select_strategy", "default")
+
+
+class ProcessorTransform:
+    """PIL image -> pixel tensor [3, H, W] through the VLM's own HF image processor."""
+
+    def __init__(self, image_processor: Any) -> None:
+        self.image_processor = image_processor
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0].to(torch.float32)
+
+
+class HFVisionLanguage(Adapter):
+    """A LLaVA-style VLM whose tower is handled by `tower_family` (an HF vision adapter)."""
+
+    output_names = ("image_features", "logits")  # what the judge calls forward_both's two outputs
+
+    def __init__(self, tower_family: Adapter, name: str) -> None:
+        self.tower_family, self.name = tower_family, name
+
+    def matches(self, model: nn.Module) -> bool:
+        if not _from_transformers(model):
+            return False
+        try:
+            classes = _hf_classes(*VLM_CLASSES)
+        except ImportError:
+            return False
+        return isinstance(model, classes) and self.tower_family.matches(vision_tower(model))
+
+    # --- the tower's structure, answered by the tower's adapter ---------------------------------
+    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
+        return self.tower_family.blocks(vision_tower(model))
+
+    def get_mlp(self, block: nn.Module) -> nn.Module:
+        return self.tower_family.get_mlp(block)
+
+    def set_mlp(self, block: nn.Module, mlp: nn.Module) -> None:
+        self.tower_family.set_mlp(block, mlp)
+
+    def mlp_weights(self, mlp: nn.Module) -> MlpWeights:
+        return self.tower_family.mlp_weights(mlp)
+
+    def make_mlp(self, weights: MlpWeights) -> nn.Module:
+        return self.tower_family.make_mlp(weights)
+
+    def down_proj(self, mlp: nn.Module) -> nn.Module:
+        return self.tower_family.down_proj(mlp)
+
+    def mlp_width(self, block: nn.Module) -> int:
+        return self.tower_family.mlp_width(block)
+
+    def num_prefix_tokens(self, model: nn.Module) -> int:
+        return self.tower_family.num_prefix_tokens(vision_tower(model))
+
+    def set_num_prefix_tokens(self, model: nn.Module, n: int) -> None:
+        self.tower_family.set_num_prefix_tokens(vision_tower(model), n)
+
+    def insertion_point(self, model: nn.Module) -> tuple[nn.Module, str]:
+        return self.tower_family.insertion_point(vision_tower(model))
+
+    def embed_dim(self, model: nn.Module) -> int:
+        return self.tower_family.embed_dim(vision_tower(model))
+
+    def attention(self, block: nn.Module) -> AttentionParts:
+        return self.tower_family.attention(block)
+
+    def patch_embed(self, model: nn.Module) -> nn.Conv2d:
+        return self.tower_family.patch_embed(vision_tower(model))
+
+    def block_output(self, output: object) -> torch.Tensor:
+        return self.tower_family.block_output(output)
+
+    # --- preprocessing: the VLM's own image processor --------------------------------------------
+    def preprocess_config(self, model: nn.Module) -> dict:
+        cfg = getattr(model, PREPROCESS_ATTR, None)
+        return dict(cfg) if cfg else self.tower_family.preprocess_config(vision_tower(model))  # type: ignore[attr-defined]
+
+    def input_size(self, model: nn.Module) -> tuple[int, int, int]:
+        return tuple(self.preprocess_config(model)["input_size"])  # type: ignore[return-value]
+
+    def data_transform(self, model: nn.Module) -> Callable:
+        proc = getattr(model, IMAGE_PROCESSOR_ATTR, None)
+        if proc is not None:
+            return ProcessorTransform(proc)
+        return self.tower_family.data_transform(vision_tower(model))  # type: ignore[attr-defined]
+
+    # --- running -----------------------------------------------------------------------------------
+    def native_prefix(self, model: nn.Module) -> int:
+        """CLS tokens of the stock tower (1 for CLIP, 0 for SigLIP)."""
+        tower = vision_tower(model)
+        n = getattr(tower, NATIVE_PREFIX_ATTR, None)
+        return int(n) if n is not None else self.tower_family.default_prefix(tower)  # type: ignore[attr-defined]
+
+    def image_token_count(self, model: nn.Module, pixels: torch.Tensor) -> int:
+        """Image features per image as the VLM selects them: patches, plus the CLS token under `full`."""
+        k = self.patch_embed(model).kernel_size
+        patches = (pixels.shape[-2] // k[0]) * (pixels.shape[-1] // k[1])
+        _, strategy = feature_selection(model)
+        return patches + self.native_prefix(model) - (1 if strategy == "default" else 0)
+
+    def judged_input_ids(self, model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        """The image's placeholders followed by TEXT_LENGTH fixed text tokens (the same for every image)."""
+        cfg = model.config
+        image_id = int(cfg.image_token_id)
+        vocab = int(cfg.text_config.vocab_size)
+        specials = {image_id, getattr(cfg.text_config, "pad_token_id", None)}
+        text = [t for t in range(1, vocab) if t not in specials][:TEXT_LENGTH]
+        ids = [image_id] * self.image_token_count(model, pixels) + text
+        return torch.tensor(ids, device=pixels.device).unsqueeze(0).expand(pixels.shape[0], -1)
+
+    def forward_features_and_logits(self, model: nn.Module, pixels: torch.Tensor,
+                                    **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        """(projector input features [B, N, D'], the VLM's output) on image + fixed text."""
+        feats: list[torch.Tensor] = []
+        hook = model.model.multi_modal_projector.register_forward_pre_hook(lambda _m, a: feats.append(a[0]))
+        ids = self.judged_input_ids(model, pixels)
+        try:
+            out = model(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids), use_cache=False,
+                        return_dict=True, **kwargs)
+        finally:
+            hook.remove()
+        return feats[0], out
+
+    def forward_tokens(self, model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        """The tower alone (discovery): its token output, registers removed."""
+        return self.tower_family.forward_tokens(vision_tower(model), pixels)
+
+    def forward_pooled(self, model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        return self.forward_both(model, pixels)[0]
+
+    def forward_both(self, model: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [B, T, vocab], image features [B, N, D']): what the judge compares (`output_names`)."""
+        feats, out = self.forward_features_and_logits(model, pixels)
+        return out.logits, feats
+
+
+def prepare_vlm(model: nn.Module, family: HFVisionLanguage) -> None:
+    """A freshly loaded VLM: its tower drops register rows from its outputs from now on."""
+    install_register_drop(vision_tower(model), family.tower_family.default_prefix(vision_tower(model)))  # type: ignore[attr-defined]
+
+
+HF_LLAVA_CLIP = HFVisionLanguage(HF_CLIP, "hf_llava_clip")
+HF_LLAVA_SIGLIP = HFVisionLanguage(HF_SIGLIP, "hf_llava_siglip")
+VLM_ADAPTERS = (HF_LLAVA_CLIP, HF_LLAVA_SIGLIP)

@@ -1,0 +1,119 @@
+"""Writes a VLM with a baked vision tower as the whole VLM folder, as `save_pretrained` lays it out.
+
+Files: config.json (the VLM's config plus `auto_map` -> modeling_vit_surgery.py for
+`AutoModelForImageTextToText` and a `vit_surgery` block: recipe, where the tower is, its token
+layout), modeling_vit_surgery.py (torch + transformers only), model.safetensors, the source's
+generation config, processor, tokenizer and chat template (copied unchanged: the number of `<image>`
+placeholders does not change), surgery.json and README.md.
+
+Only the tower's tensors change; every other tensor (language model, projector) is compared with the
+source's bit for bit after writing, and the count is recorded in surgery.json (`unchanged_tensors`).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from exporters.safetensors_io import save_state_dict
+
+from ...core.bake import register_token_indices
+from ...core.errors import ParityError
+from ..base import copy_extra_files
+from .loader import SURGERY_CONFIG_KEY
+from .vlm import feature_selection
+from .vlm_loader import VLM_MODEL_TYPES
+from .writer import MODELING_FILE, remote_modeling_source
+
+TOWER_PREFIX = "model.vision_tower."  # state-dict keys of the tower inside the VLM
+
+
+def remote_class_name(base: str) -> str:
+    return f"VitSurgery{base}"
+
+
+def vlm_class_name(model: nn.Module) -> str:
+    for cls in type(model).__mro__:
+        if cls.__name__ in VLM_MODEL_TYPES.values() and cls.__module__.startswith("transformers.models."):
+            return cls.__name__
+    raise ValueError(f"{type(model).__name__} is not one of {sorted(VLM_MODEL_TYPES.values())}")
+
+
+def _verify_outside_tower(source: nn.Module, path: Path) -> int:
+    """Every written tensor outside the tower is the source's, bit for bit (in the written dtype)."""
+    from ...core.weights import differing_tensors
+
+    expected = {k: v for k, v in source.state_dict().items() if not k.startswith(TOWER_PREFIX)}
+    bad = differing_tensors(path, sorted(expected), expected)
+    if bad:
+        raise ParityError(f"{len(bad)} written tensor(s) outside the vision tower differ from the source's "
+                          f"(first: {bad[0]}); no output written")
+    return len(expected)
+
+
+def _readme(base: str, recipe: Any, regs: list[int], layer: Any, strategy: str) -> str:
+    return (
+        f"# {base} with a baked vision tower (vit-surgery)\n\n"
+        "```python\nfrom transformers import AutoModelForImageTextToText, AutoProcessor\n"
+        "model = AutoModelForImageTextToText.from_pretrained(DIR, trust_remote_code=True)  # modeling_vit_surgery.py\n"
+        "processor = AutoProcessor.from_pretrained(DIR)   # unchanged: same <image> placeholders\n"
+        "inputs = processor(images=image, text=prompt, return_tensors=\"pt\")\n"
+        "out = model.generate(**inputs, max_new_tokens=32)\n```\n\n"
+        f"Only the vision tower (`{TOWER_PREFIX[:-1]}`) changed: {recipe.num_registers} test-time register "
+        f"token(s) inside the tower (tower token index {', '.join(map(str, regs))}), removed again from the "
+        "tower's outputs before the VLM selects its image features "
+        f"(vision_feature_layer {layer!r}, strategy {strategy!r}), so the projector sees as many image "
+        "features as before. The language model, the projector, the processor, the tokenizer and the "
+        "chat template are the source's, unchanged.\n\n"
+        f"Register neurons (block: units): {json.dumps(recipe.to_dict()['register_neurons'])}.\n"
+        "vit-surgery reads this folder without remote code: `vit-surgery check DIR`.\n")
+
+
+def write_vlm_dir(model: nn.Module, out_dir: Path, loaded: Any, surgery: dict[str, Any]) -> list[Path]:
+    """Save a VLM whose tower is baked (`model`), next to the source's processor files."""
+    recipe = model.surgery_recipe
+    fam = loaded.adapter
+    base = vlm_class_name(model)
+    remote = remote_class_name(base)
+    regs = register_token_indices(model, adapter=fam)
+    p_after = fam.num_prefix_tokens(model)
+    layer, strategy = feature_selection(model)
+    cfg = model.config.to_dict()
+    cfg.pop(SURGERY_CONFIG_KEY, None)
+    for k in ("_name_or_path", "_attn_implementation_autoset"):
+        cfg.pop(k, None)
+    cfg["architectures"] = [remote]
+    cfg["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+    cfg["auto_map"] = {"AutoModelForImageTextToText": f"{MODELING_FILE[:-3]}.{remote}"}
+    src = loaded.source.to_dict()
+    cfg[SURGERY_CONFIG_KEY] = {
+        "format": 1,
+        "base_class": base,
+        "tower": TOWER_PREFIX[:-1],
+        "recipe": recipe.to_dict(),
+        "num_prefix_tokens": p_after - recipe.num_registers,
+        "num_prefix_tokens_with_registers": p_after,
+        "register_indices": regs,
+        "token_layout": "tower: [CLS, test-time registers, patches]; the registers are removed from the tower's "
+                        "outputs before the VLM selects its image features",
+        "source": src,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = [out_dir / "config.json", out_dir / MODELING_FILE, out_dir / "model.safetensors"]
+    files[0].write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    files[1].write_text(remote_modeling_source())
+    # the model's own names: what save_pretrained writes for a remote-code class (transformers renames the
+    # original checkpoint layout only for its own classes), and what the remote class loads
+    save_state_dict(model.state_dict(), files[2], surgery)
+    surgery["unchanged_tensors"] = {
+        "outside": TOWER_PREFIX[:-1], "count": _verify_outside_tower(loaded.model, files[2]),
+        "verified": "bit for bit against the source's tensors (in the written dtype) after writing"}
+    extra = copy_extra_files(loaded, out_dir)  # processor, tokenizer, chat template, generation config
+    if not (out_dir / "generation_config.json").exists() and getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out_dir)
+        extra.append(out_dir / "generation_config.json")
+    (out_dir / "surgery.json").write_text(json.dumps(surgery, indent=2, sort_keys=True, default=float) + "\n")
+    (out_dir / "README.md").write_text(_readme(base, recipe, regs, layer, strategy))
+    return files + [out_dir / "surgery.json", out_dir / "README.md"] + extra

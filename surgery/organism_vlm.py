@@ -1,0 +1,102 @@
+"""Tiny LLaVA-style vision-language organisms: a planted CLIP or SigLIP tower, a small Llama, a local
+tokenizer and processor, all written by the libraries' own `save_pretrained`.
+
+The tower is the HF organism of `organism_families` (planted register neurons, 64 px, patch 8): the
+VLM's tower is a copy of it, so discovery on the VLM finds the organism's planted units. The text
+model is a 2-layer random Llama; the tokenizer is a `tokenizers` WordLevel vocabulary with `<image>`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .organism import ORGANISM_SIZE, Planting
+from .organism_families import HF_ORGANISM_PREPROCESSOR, build_hf_clip_organism
+
+WORDS = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "USER:", "ASSISTANT:", "what", "is", "in", "the", "image",
+         "?", "a", "cat", "dog", "number", "28", "32", "describe"]
+IMAGE_TOKEN = "<image>"
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
+                 "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}"
+                 "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+def build_tokenizer() -> Any:
+    """A PreTrainedTokenizerFast over a WordLevel vocabulary (whitespace split) that knows `<image>`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", extra_special_tokens={"image_token": IMAGE_TOKEN})
+    fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def _text_config(num_layers: int = 2) -> dict[str, Any]:
+    return dict(vocab_size=len(WORDS), hidden_size=48, intermediate_size=96, num_hidden_layers=num_layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+
+
+def build_llava_organism(seed: int = 0, *, strategy: str = "default", feature_layer: int | list[int] = -2,
+                         tower: str = "clip", plant: dict[int, list[tuple[int, int]]] | None = None
+                         ) -> tuple[nn.Module, Planting]:
+    """A `LlavaForConditionalGeneration` whose tower is the planted HF CLIP organism (`tower="clip"`) or the
+    planted HF SigLIP organism (`"siglip"`: no CLS, use strategy `full`, as SigLIP LLaVAs do)."""
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from .organism_eva import build_hf_siglip_organism
+
+    build = {"clip": build_hf_clip_organism, "siglip": build_hf_siglip_organism}[tower]
+    tower_model, planting = build(seed, plant=plant)
+    cfg = LlavaConfig(vision_config=tower_model.config.to_dict(), text_config=LlamaConfig(**_text_config()).to_dict(),
+                      image_token_id=WORDS.index(IMAGE_TOKEN), vision_feature_select_strategy=strategy,
+                      vision_feature_layer=feature_layer, projector_hidden_act="gelu", tie_word_embeddings=False)
+    torch.manual_seed(seed + 1)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    model.model.vision_tower.load_state_dict(tower_model.state_dict())
+    # the projector's random init is tiny; a larger one makes the image visibly matter to the logits
+    with torch.no_grad():
+        for lin in (model.model.multi_modal_projector.linear_1, model.model.multi_modal_projector.linear_2):
+            lin.weight.normal_(0, 0.2)
+    model.generation_config.pad_token_id = 0
+    return model, planting
+
+
+def image_seq_length(strategy: str, cls: bool = True) -> int:
+    """Image features per image of the organism's tower (64 px, patch 8): patches (+ CLS for `full`)."""
+    n = (ORGANISM_SIZE["img_size"] // ORGANISM_SIZE["patch_size"]) ** 2
+    return n + (1 if strategy == "full" and cls else 0)
+
+
+def build_llava_processor(strategy: str = "default", *, cls_token: bool = True) -> Any:
+    """LlavaProcessor: CLIPImageProcessor at the organism's 64 px (no crop margin) + the WordLevel tokenizer.
+    `num_additional_image_tokens` counts the tower's CLS (0 for a SigLIP tower)."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    p = HF_ORGANISM_PREPROCESSOR
+    image_processor = CLIPImageProcessor(size=p["size"], crop_size=p["crop_size"], do_center_crop=True,
+                                         image_mean=p["image_mean"], image_std=p["image_std"], resample=3)
+    return LlavaProcessor(image_processor=image_processor, tokenizer=build_tokenizer(),
+                          patch_size=ORGANISM_SIZE["patch_size"], vision_feature_select_strategy=strategy,
+                          num_additional_image_tokens=int(cls_token), image_token=IMAGE_TOKEN, chat_template=CHAT_TEMPLATE)
+
+
+def save_vlm_organism(model: nn.Module, processor: Any, path: str | Path, *, with_processor: bool = True) -> Path:
+    """The model, generation config and (unless told otherwise) the processor, by their own save_pretrained."""
+    path = Path(path)
+    model.save_pretrained(path, safe_serialization=True)
+    if with_processor:
+        processor.save_pretrained(path)
+    return path
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    return json.loads((Path(path) / "config.json").read_text())

@@ -1,0 +1,243 @@
+"""Vision-language models: LLaVA with a CLIP tower (strategies `default` / `full`, one feature layer or a
+list) and with a SigLIP tower (no CLS: every tower token is an image feature).
+
+Tiny VLMs (planted tower organism + 2-layer Llama + a local WordLevel tokenizer + LlavaProcessor) are
+written by transformers' own `save_pretrained` and served through folders and a fake offline hub cache.
+The judge here is independent of the code under test: the *unmodified* VLM, loaded by transformers
+alone, runs in float64 with the rule of tests/rule_reference.py hooked into its tower and the register
+row dropped in front of the projector by a test-side hook; the converted folder, loaded the way users
+load it (`AutoModelForImageTextToText.from_pretrained(OUT, trust_remote_code=True)`), must give the same
+logits on inputs made by the folder's own processor.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from rule_reference import per_vector_relative, rule_reference
+from surgery.backends import load_model
+from surgery.backends.hf.adapter import HF_CLIP
+from surgery.backends.hf.current import HF_SIGLIP
+from surgery.cli import main
+from surgery.core.images import builtin_images
+from surgery.organism import write_organism_images
+from surgery.organism_families import write_fake_hub_repo
+from surgery.organism_vlm import build_llava_organism, build_llava_processor, save_vlm_organism
+from surgery.pipeline import run_convert
+
+PLANTED = {2: [17, 101], 3: [42]}
+TOWER = "model.vision_tower."  # state-dict names of the tower's tensors
+PROMPT = "USER: <image> what is in the image ? ASSISTANT:"
+# (tower, strategy, vision_feature_layer)
+CASES = {"clip-default": ("clip", "default", -2), "clip-full-layers": ("clip", "full", [-2, -5]),
+         "siglip-full": ("siglip", "full", -1)}
+
+
+def save_case(root: Path, tower: str, strategy: str, layer, *, dtype=torch.float32, processor: bool = True) -> Path:
+    model, planting = build_llava_organism(0, strategy=strategy, feature_layer=layer, tower=tower)
+    assert planting.neurons == PLANTED
+    return save_vlm_organism(model.to(dtype), build_llava_processor(strategy, cls_token=tower == "clip"), root,
+                             with_processor=processor)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return write_organism_images(tmp_path_factory.mktemp("vlm_images"), count=4, seed=3)
+
+
+@pytest.fixture(scope="module")
+def neurons_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vlm_neurons") / "neurons.json"
+    path.write_text(json.dumps({"register_neurons": {str(k): v for k, v in PLANTED.items()}}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, neurons_file):
+    """case -> (source folder, converted folder), converted with the planted neurons."""
+    root = tmp_path_factory.mktemp("vlm")
+    out = {}
+    for name, (tower, strategy, layer) in CASES.items():
+        src = save_case(root / name / "src", tower, strategy, layer)
+        res = run_convert(load_model(str(src)), root / name / "out", neurons=str(neurons_file), progress=False)
+        assert res.report.passed, res.report.summary()
+        out[name] = (src, root / name / "out")
+    return out
+
+
+def processor_inputs(folder: Path, images: list[Path]) -> dict:
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(folder)
+    pics = [Image.open(p).convert("RGB") for p in images]
+    return dict(proc(images=pics, text=[PROMPT] * len(pics), return_tensors="pt", padding=True))
+
+
+@contextlib.contextmanager
+def independent_reference(vlm, tower_kind: str, strategy: str):
+    """The rule on the stock VLM's tower (tests/rule_reference.py) and, in front of the projector, the
+    register row removed: the register sits right after the tower's CLS (CLIP) or first (SigLIP), so it
+    is feature row 0 when the VLM drops CLS (`default`) or there is no CLS, row 1 under `full` with CLS."""
+    tower = vlm.model.vision_tower
+    fam = HF_CLIP if tower_kind == "clip" else HF_SIGLIP
+    row = 1 if (tower_kind == "clip" and strategy == "full") else 0
+
+    def drop(_m, args):
+        x = args[0]
+        return (torch.cat([x[:, :row], x[:, row + 1:]], dim=1),) + tuple(args[1:])
+
+    handle = vlm.model.multi_modal_projector.register_forward_pre_hook(drop)
+    try:
+        with rule_reference(tower, PLANTED, family=fam):
+            yield vlm
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_converted_vlm_matches_the_independent_reference(case, converted, images):
+    from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
+
+    tower, strategy, layer = CASES[case]
+    src, out = converted[case]
+    inputs = processor_inputs(out, images)
+    inputs["pixel_values"] = inputs["pixel_values"].double()
+    baked = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True, dtype=torch.float64).eval()
+    assert type(baked).__name__ == "VitSurgeryLlavaForConditionalGeneration"
+    stock = LlavaForConditionalGeneration.from_pretrained(src, dtype=torch.float64).eval()
+    with torch.no_grad():
+        got = baked(**inputs).logits
+        plain = stock(**inputs).logits
+        with independent_reference(stock, tower, strategy):
+            want = stock(**inputs).logits
+    assert float(per_vector_relative(got, want).max()) < 1e-9
+    assert float(per_vector_relative(plain, want).max()) > 1e-3  # the fix changes what the LM sees
+    # same placeholders as the source's processor: nothing downstream of the tower changed
+    assert torch.equal(inputs["input_ids"], processor_inputs(src, images)["input_ids"])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_only_the_tower_changed_and_the_folder_is_whole(case, converted):
+    from safetensors.torch import load_file
+    from transformers import LlavaForConditionalGeneration
+
+    src, out = converted[case]
+    source = LlavaForConditionalGeneration.from_pretrained(src).state_dict()  # transformers' own reading
+    written = load_file(str(out / "model.safetensors"))
+    outside = [k for k in source if not k.startswith(TOWER)]
+    assert outside and all(torch.equal(written[k], source[k]) for k in outside)  # LM, projector: bit-identical
+    assert any(not torch.equal(written[k], v) for k, v in source.items() if k.startswith(TOWER) and k in written)
+    for name in ("processor_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                 "generation_config.json"):
+        assert (out / name).read_bytes() == (src / name).read_bytes(), name
+    doc = json.loads((out / "surgery.json").read_text())
+    assert doc["unchanged_tensors"]["count"] == len(outside)
+    parity = json.loads((out / "parity.json").read_text())["parity"]
+    assert {o["name"] for o in parity["outputs"]} >= {"image_features", "logits"}
+
+
+def test_batched_generate_and_check(converted, images, capsys):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    _, out = converted["clip-default"]
+    model = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True).eval()
+    inputs = processor_inputs(out, images[:3])
+    gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert gen.shape == (3, inputs["input_ids"].shape[1] + 3)
+    one = model.generate(**processor_inputs(out, images[1:2]), max_new_tokens=3, do_sample=False)
+    assert torch.equal(one[0, -3:], gen[1, -3:])  # batch size does not matter
+    AutoProcessor.from_pretrained(out).batch_decode(gen[:, -3:])
+    code = main(["check", str(out)])
+    stdout, err = capsys.readouterr()
+    assert code == 0 and "parity PASS" in stdout, err
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hc
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def test_find_and_convert_from_the_hub_in_float16(fake_hub, tmp_path, capsys):
+    """Discovery on the tower alone, with the VLM's own processor, finds the planted units; a float16
+    checkpoint is written in float16 and generates. (bfloat16: the standalone HF CLIP organism's own
+    bfloat16 convert misses the judge's half-precision allowance on CPU, VLM or not.)"""
+    from transformers import AutoModelForImageTextToText
+
+    src = save_case(tmp_path / "src", "clip", "default", -2, dtype=torch.float16)
+    write_fake_hub_repo(fake_hub, "vit-surgery-test/llava", {p.name: p for p in src.iterdir()})
+    code = main(["find", "hf:vit-surgery-test/llava", "--images", str(builtin_images()), "--out",
+                 str(tmp_path / "n.json"), "-q"])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    found = json.loads((tmp_path / "n.json").read_text())["register_neurons"]
+    assert {int(k): v for k, v in found.items()} == PLANTED
+    code = main(["convert", "hf:vit-surgery-test/llava", "--neurons", str(tmp_path / "n.json"),
+                 "--out", str(tmp_path / "out"), "-q"])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "float16"
+    from safetensors.torch import load_file
+    from transformers import LlavaForConditionalGeneration
+
+    source = LlavaForConditionalGeneration.from_pretrained(src, dtype="auto").state_dict()
+    written = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert all(torch.equal(written[k], v) for k, v in source.items() if not k.startswith(TOWER))
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "out", trust_remote_code=True, dtype="auto")
+    assert next(model.parameters()).dtype == torch.float16
+    inputs = processor_inputs(tmp_path / "out", list(builtin_images().glob("*.png"))[:2])
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.float16)
+    assert model.generate(**inputs, max_new_tokens=2, do_sample=False).shape[0] == 2
+
+
+def _bad_strategy(src: Path) -> None:
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["vision_feature_select_strategy"] = "spatial_pool"
+    (src / "config.json").write_text(json.dumps(cfg))
+
+
+def _unsupported_tower(root: Path) -> Path:
+    from transformers import Dinov2Config, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    cfg = LlavaConfig(vision_config=Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                 intermediate_size=64, image_size=32, patch_size=8).to_dict(),
+                      text_config=LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                              num_attention_heads=2).to_dict(), image_token_id=4)
+    LlavaForConditionalGeneration(cfg).save_pretrained(root)
+    build_llava_processor().save_pretrained(root)
+    return root
+
+
+@pytest.mark.parametrize("kind, words", [("strategy", "vision_feature_select_strategy"),
+                                         ("processor", "no image processor"),
+                                         ("tower", "vision tower is a 'dinov2'")])
+def test_bad_vlms_are_refused_in_one_line(kind, words, converted, tmp_path, neurons_file, capsys):
+    if kind == "tower":
+        src = _unsupported_tower(tmp_path / "src")
+    else:
+        src = tmp_path / "src"
+        shutil.copytree(converted["clip-default"][0], src)
+        if kind == "strategy":
+            _bad_strategy(src)
+        else:
+            for name in ("processor_config.json", "preprocessor_config.json"):
+                (src / name).unlink(missing_ok=True)
+    out = tmp_path / "out"
+    capsys.readouterr()  # the fixture's own save_pretrained chatter
+    code = main(["convert", str(src), "--neurons", str(neurons_file), "--out", str(out), "-q"])
+    _, err = capsys.readouterr()
+    assert code == 4 and err.count("\n") == 1 and words in err and "Traceback" not in err, err
+    assert not out.exists()
