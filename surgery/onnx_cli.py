@@ -36,16 +36,19 @@ def verify_before_export(out: Path) -> None:
 
 def cmd_export(a: argparse.Namespace) -> int:
     from surgery.core.errors import OutputExistsError, UsageError
+    from surgery.backends import load_model
+    from surgery.core.source import LoadOptions
 
     out = Path(a.out_dir)
     if a.format == "openvino" and (a.fp16 or a.layout != "plain"):
         raise UsageError("--format openvino takes neither --fp16 nor --layout hf")
     check_converted_folder(out)
     verify_before_export(out)
-    from surgery.backends import load_model
-    from surgery.core.source import LoadOptions
-
     options = LoadOptions(a.allow_unsafe_pickle, a.trust_remote_code, a.device)
+    if a.int8 is not None:
+        return _export_int8(a, out, options)
+    if a.images is not None:
+        raise UsageError("--images is for --int8 static (calibration images)")
     if a.format == "openvino":
         from exporters.openvino_export import OV_XML, export_openvino, openvino_summary, require_openvino
 
@@ -75,6 +78,28 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def _export_int8(a: argparse.Namespace, out: Path, options: Any) -> int:
+    """`--int8 [static|dynamic]`: exporters/onnx_int8.py."""
+    from surgery.backends import load_model
+    from surgery.core.errors import MissingExtraError, UsageError
+
+    if a.fp16:
+        raise UsageError("--int8 and --fp16 are exclusive")
+    if a.format == "openvino":
+        raise MissingExtraError("--format openvino --int8 needs NNCF post-training quantization, which this version "
+                                "does not ship (no \"openvino-int8\" extra yet); OpenVINO runs the QDQ file of "
+                                "`export OUT --format onnx --int8` as INT8 (openvino.convert_model)")
+    if a.int8 == "static" and a.images is None:
+        raise UsageError("--int8 static needs calibration images: --images CALIB (or use --int8 dynamic)")
+    from exporters.onnx_int8 import export_int8
+
+    report, written = export_int8(out, loaded=load_model(str(out), options), mode=a.int8, images=a.images,
+                                  layout=a.layout, exporter=a.exporter, progress=not a.quiet, overwrite=a.overwrite)
+    print(report.summary())
+    print(f"wrote {written}")
+    return 0
+
+
 def add_commands(subparsers: Any) -> None:
     from surgery.cli_args import add_model_options
 
@@ -92,6 +117,13 @@ def add_commands(subparsers: Any) -> None:
                         "(optimum, transformers.js), see README")
     e.add_argument("--fp16", action="store_true",
                    help="onnx only: compute in float16 inside the graph (float32 inputs/outputs; tolerance 2e-2)")
+    e.add_argument("--int8", nargs="?", const="static", choices=["static", "dynamic"], default=None,
+                   help="onnx only: INT8 file next to the float one (static: QDQ calibrated on --images, "
+                        "model_int8.onnx; dynamic: model_quantized.onnx, no images); the register branch stays "
+                        "float; validated against the float32 model (cosine, see README)")
+    e.add_argument("--images", metavar="CALIB", default=None,
+                   help="with --int8: calibration images (static), preprocessed with the model's own transform; every "
+                        "4th is held out for validation (dynamic: validation images only; default: built-in)")
     e.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo",
                    help="torch exporter to try first (the other is the fallback; default dynamo)")
     e.add_argument("--overwrite", action="store_true", help="replace existing exported files")
