@@ -25,7 +25,7 @@ from .. import __version__
 from ..core.errors import ModelInputError
 from ..core.recipe import Recipe, validate_recipe_for_model
 from .discover import TokenLayout
-from .linear import dequantized_rows, silence_rows
+from .linear import dequantized_rows, input_quantizer, silence_rows
 from .recognise import MlpSite, VitGraph, const_array, node_label
 from .unit_activation import COMPUTE_DTYPE, unit_activation
 
@@ -154,6 +154,12 @@ def _split_mlp(b: _Builder, site: MlpSite, units: list[int], p: int, R: int, sca
     idx = np.asarray(sorted(units), dtype=np.int64)
     hr = unit_activation(b, site, idx, dtype)
     head = _edit_rows(b, hr, p, R, len(idx), scale, per_neuron, COMPUTE_DTYPE)
+    quant = input_quantizer(site.fc2)
+    if quant is not None:
+        # dynamic INT8: fc2's input is quantized with one range for the whole tensor; the edited rows hold
+        # values from that range (the signed max is one of the units' own values), so the branch rounds
+        # them on the same grid the hooked source graph does
+        head = b.op("DequantizeLinear", [b.op("QuantizeLinear", [head, *quant]), *quant])
     rows = dequantized_rows(site.fc2, idx).astype(COMPUTE_DTYPE)  # float16 -> float32 is exact
     silence_rows(site.fc2, idx, lambda what, a: b.const(f"block{site.block}_{what}", a))
     hb = b.op("MatMul", [head, b.const(f"block{site.block}_reg_fc2_weight", rows)])

@@ -178,3 +178,13 @@ def silence_rows(lin: Linear, idx: np.ndarray, const) -> None:
     packed = (pairs[..., 0] | (pairs[..., 1] << 4)).astype(np.uint8)
     old = const_array(n.inputs[1])
     n.replace_input_with(1, const("fc2_weight_q4", packed.reshape(old.shape)))
+
+
+def input_quantizer(lin: Linear) -> Optional[tuple[ir.Value, ir.Value]]:
+    """(scale, zero point) that an int8 projection's `DynamicQuantizeLinear` computes for its whole input
+    tensor, else None. A branch that takes over some of its input units quantizes them with these, so it
+    computes what the source does with them (the range is the source's: see bake._split_mlp)."""
+    if lin.kind != "int8":
+        return None
+    dq = lin.node.inputs[0].producer()
+    return dq.outputs[1], dq.outputs[2]
