@@ -3,12 +3,12 @@
 The rewrite mirrors `surgery.modules` node for node:
 - `PrependRegisters`: a constant [1, R, D] zero initializer, broadcast to the batch and concatenated after
   the prefix tokens at the register entry (before the pre-norm);
-- `RegisterMlp`: in each listed block, the register units' fc1 columns (+ bias) and fc2 rows move to a
-  small branch (new initializers; the ordinary MatMuls keep their shape with those columns/rows zeroed),
-  the activation subgraph is cloned onto the branch (per-unit constants of fused activations sliced), the
-  branch's rows are edited as `register_rows` does (ArgMax/GatherElements: signed max, shared or per
-  neuron, times scale; prefix rows unchanged) and its output projection runs on the prefix + register
-  rows only, added to fc2's output before the bias.
+- `RegisterMlp`: in each listed block, the register units' pre-activations are gathered from fc1's own
+  output (fc1 is untouched), their GELU is recomputed in float32 (`unit_activation.py`), the rows are
+  edited as `register_rows` does (ArgMax/GatherElements: signed max, shared or per neuron, times scale;
+  prefix rows unchanged) and projected by those units' fc2 rows, dequantized exactly (`linear.py`), on the
+  prefix + register rows only, added to fc2's output before the bias; in the ordinary fc2 those rows
+  contribute exactly zero (a new initializer: zeros, or the zero point of a quantized weight).
 Constants that fix the token count (exporters write it into Reshape shapes, e.g. [-1, N, heads, dh])
 and token slices starting at the prefix count (patch pooling) are moved by R, as the baked PyTorch
 model's raised `num_prefix_tokens` does. The batch axis stays dynamic; every output is kept.
@@ -25,11 +25,12 @@ from .. import __version__
 from ..core.errors import ModelInputError
 from ..core.recipe import Recipe, validate_recipe_for_model
 from .discover import TokenLayout
+from .linear import dequantized_rows, input_quantizer, silence_rows
 from .recognise import MlpSite, VitGraph, const_array, node_label
+from .unit_activation import COMPUTE_DTYPE, unit_activation
 
 META_PREFIX = "vit_surgery."
 INT64_MAX = np.iinfo(np.int64).max
-_F64_OPS = {"Mul", "Sigmoid", "Tanh", "Add", "Sub", "Div", "Pow", "Identity"}
 
 
 class _Builder:
@@ -143,82 +144,27 @@ def _edit_rows(b: _Builder, h: ir.Value, p: int, R: int, k: int, scale: float, p
     return b.op("Concat", [head, reg], {"axis": 1})
 
 
-def uses_float64(site: MlpSite) -> bool:
-    """As vit-surgery's own export does: the k register units' activation and edit run in float64 where
-    onnxruntime has float64 kernels for every op (not Erf, not the fused GELUs), because the register
-    row's signed max can sit in the activation's far tail, where float32 kernels differ relatively."""
-    return all((n.op_type in _F64_OPS and n.domain in ("", "ai.onnx")) or n.op_type == "QuickGelu"
-               for n in site.act_nodes)
-
-
-def clone_activation(b: _Builder, site: MlpSite, pre: ir.Value, idx: np.ndarray, order: dict[int, int], *,
-                     strip_ordinary: bool) -> tuple[ir.Value, bool]:
-    """The block's activation subgraph applied to `pre` (the k register units' pre-activation), per-unit
-    constants sliced to the units; with `strip_ordinary` those units are also zeroed in the original
-    subgraph's per-unit constants. Returns (post-activation [B, N, k], whether it runs in float64)."""
-    H = site.width
-    f64 = uses_float64(site)
-    if f64:
-        pre = b.op("Cast", [pre], {"to": ir.DataType.DOUBLE})
-    mapping: dict[int, ir.Value] = {id(site.pre): pre}
-    for node in sorted(site.act_nodes, key=lambda n: order[id(n)]):
-        if f64 and node.op_type == "QuickGelu":  # onnxruntime's fused x * sigmoid(alpha x), float32 only
-            a = node.attributes.get("alpha")
-            z = mapping[id(node.inputs[0])]
-            alpha = b.const("alpha", np.asarray(1.702 if a is None else a.value, dtype=np.float64))
-            mapping[id(node.outputs[0])] = b.op("Mul", [z, b.op("Sigmoid", [b.op("Mul", [z, alpha])])])
-            continue
-        ins: list[Optional[ir.Value]] = []
-        for j, v in enumerate(node.inputs):
-            if v is not None and id(v) in mapping:
-                ins.append(mapping[id(v)])
-                continue
-            c = const_array(v) if v is not None else None
-            if c is not None and c.size == H and c.shape[-1] == H:  # per-unit constant (fused bias)
-                if strip_ordinary:
-                    cz = c.copy(); cz.reshape(-1)[idx] = 0
-                    node.replace_input_with(j, b.const(f"block{site.block}_act_const", cz))
-                unit_c = np.ascontiguousarray(c.reshape(-1)[idx])
-                ins.append(b.const(f"block{site.block}_reg_act_const", unit_c.astype(np.float64) if f64 else unit_c))
-            elif f64 and c is not None and c.dtype.kind == "f":
-                ins.append(b.const(f"block{site.block}_reg_act_const64", c.astype(np.float64)))
-            else:
-                ins.append(v)
-        new = b.clone(node, ins)
-        for o, no in zip(node.outputs, new.outputs):
-            mapping[id(o)] = no
-    hr = mapping.get(id(site.hidden))
-    if hr is None:
-        raise ModelInputError(f"block {site.block}: could not rebuild the activation at "
-                              f"{node_label(site.hidden.producer())}")
-    return hr, f64
-
-
 def _split_mlp(b: _Builder, site: MlpSite, units: list[int], p: int, R: int, scale: float, per_neuron: bool,
-               order: dict[int, int]) -> None:
-    H = site.width
+               dtype: np.dtype) -> None:
+    """The register units of `site` move to a branch: their activation is recomputed from fc1's own output
+    (`unit_activation`, float32), edited, and projected by their fc2 rows (dequantized exactly) on the
+    prefix + register rows only; in the ordinary fc2 those rows contribute exactly zero (zeros or the
+    zero point, everything else stored as it was). fc1 is untouched: the units' pre-activation is the one
+    the source computes, in every precision."""
     idx = np.asarray(sorted(units), dtype=np.int64)
-    w1 = const_array(site.fc1.inputs[1])
-    w2 = const_array(site.fc2.inputs[1])
-    # the ordinary MLP: same shapes, register units removed (new initializers: exporters share constants)
-    w1z = w1.copy(); w1z[:, idx] = 0
-    w2z = w2.copy(); w2z[idx, :] = 0
-    site.fc1.replace_input_with(1, b.const(f"block{site.block}_fc1_weight", w1z))
-    site.fc2.replace_input_with(1, b.const(f"block{site.block}_fc2_weight", w2z))
-    x = site.fc1.inputs[0]
-    r = b.op("MatMul", [x, b.const(f"block{site.block}_reg_fc1_weight", np.ascontiguousarray(w1[:, idx]))])
-    if site.fc1_bias_add is not None:
-        add = site.fc1_bias_add
-        bi = next(i for i, v in enumerate(add.inputs) if v is not site.fc1.outputs[0])
-        bias = const_array(add.inputs[bi])
-        bz = bias.copy(); bz.reshape(-1)[idx] = 0
-        r = b.op("Add", [r, b.const(f"block{site.block}_reg_fc1_bias", np.ascontiguousarray(bias.reshape(-1)[idx]))])
-        add.replace_input_with(bi, b.const(f"block{site.block}_fc1_bias", bz))
-    hr, f64 = clone_activation(b, site, r, idx, order, strip_ordinary=True)
-    head = _edit_rows(b, hr, p, R, len(idx), scale, per_neuron, np.float64 if f64 else np.float32)
-    if f64:
-        head = b.op("Cast", [head], {"to": ir.DataType.from_numpy(w2.dtype)})
-    hb = b.op("MatMul", [head, b.const(f"block{site.block}_reg_fc2_weight", np.ascontiguousarray(w2[idx, :]))])
+    hr = unit_activation(b, site, idx, dtype)
+    head = _edit_rows(b, hr, p, R, len(idx), scale, per_neuron, COMPUTE_DTYPE)
+    quant = input_quantizer(site.fc2)
+    if quant is not None:
+        # dynamic INT8: fc2's input is quantized with one range for the whole tensor; the edited rows hold
+        # values from that range (the signed max is one of the units' own values), so the branch rounds
+        # them on the same grid the hooked source graph does
+        head = b.op("DequantizeLinear", [b.op("QuantizeLinear", [head, *quant]), *quant])
+    rows = dequantized_rows(site.fc2, idx).astype(COMPUTE_DTYPE)  # float16 -> float32 is exact
+    silence_rows(site.fc2, idx, lambda what, a: b.const(f"block{site.block}_{what}", a))
+    hb = b.op("MatMul", [head, b.const(f"block{site.block}_reg_fc2_weight", rows)])
+    if np.dtype(dtype) != COMPUTE_DTYPE:
+        hb = b.op("Cast", [hb], {"to": ir.DataType.from_numpy(np.dtype(dtype))})
     y = site.down
     before = len(b.nodes)
     q = p + R
@@ -368,13 +314,12 @@ def bake_graph(vit: VitGraph, recipe: Recipe, layout: TokenLayout, *, source: st
                               "without one (attention-pool heads) are not supported on ONNX yet")
     side = _side_tensors(vit, layout)
     graph = vit.model.graph
-    w_dtype = const_array(vit.mlps[0].fc2.inputs[1]).dtype
-    order = {id(n): i for i, n in enumerate(graph)}
+    w_dtype = np.dtype(layout.dtype)
     b = _Builder(graph, "vit_surgery")
     R, p = recipe.num_registers, layout.num_prefix
     new_entry = _insert_registers(b, vit, layout, R, w_dtype)
     for block, units in recipe.neurons.items():
-        _split_mlp(b, vit.mlps[block], list(units), p, R, recipe.scale, recipe.mode == "per_neuron", order)
+        _split_mlp(b, vit.mlps[block], list(units), p, R, recipe.scale, recipe.mode == "per_neuron", w_dtype)
     own = {id(n) for n in b.nodes}
     b.commit()
     shifted = _shift_token_constants(b, new_entry, layout, R, own)

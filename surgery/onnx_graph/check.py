@@ -22,11 +22,11 @@ import torch
 from ..core.errors import ModelInputError
 from ..core.parity import OutputError
 from ..core.recipe import Recipe
-from .bake import (_Builder, _insert_registers, _remake_side_tensors, _replace_uses, _shift_token_constants,
-                   _side_tensors, clone_activation, uses_float64)
+from .bake import _Builder, _insert_registers, _remake_side_tensors, _replace_uses, _shift_token_constants, _side_tensors
 from .discover import TokenLayout, measure_layout
-from .recognise import const_array, load_ir, recognise
-from .runtime import ExposedSession, session_for_file
+from .recognise import load_ir, recognise
+from .runtime import ExposedSession, as_input, session_for_file
+from .unit_activation import unit_activation
 
 FP32_TOLERANCE = 1e-5
 META_PREFIX = "vit_surgery."
@@ -39,25 +39,26 @@ def _reduce(b: _Builder, op: str, x: ir.Value, axes: list[int], opset: int) -> i
 
 
 def _hooked_units(b: _Builder, h: ir.Value, sel: ir.Value, units: list[int], H: int, p: int, R: int,
-                  scale: float, per_neuron: bool, opset: int, dtype: Any) -> ir.Value:
-    """h with the register units (`sel` = their activations [B, N, k], in `dtype`) edited in place."""
+                  scale: float, per_neuron: bool, opset: int, h_dtype: np.dtype) -> ir.Value:
+    """h with the register units (`sel` = their activations [B, N, k], float32) edited in place."""
     k = len(units)
+    f32 = np.float32
     axes = [1] if per_neuron else [1, 2]
     mx = _reduce(b, "ReduceMax", sel, axes, opset)
     mn = _reduce(b, "ReduceMin", sel, axes, opset)
     signed = b.op("Where", [b.op("GreaterOrEqual", [mx, b.op("Neg", [mn])]), mx, mn])
     if scale != 1.0:
-        signed = b.op("Mul", [signed, b.const("scale", np.asarray(scale, dtype=dtype))])
+        signed = b.op("Mul", [signed, b.const("scale", np.asarray(scale, dtype=f32))])
     reg = b.op("Expand", [signed, b.i64("rk", [1, R, k])])
     axis1 = b.i64("axis1", [1])
     prefix = b.op("Slice", [sel, b.i64("s", [0]), b.i64("e", [p]), axis1])
     rest = b.op("Slice", [sel, b.i64("s", [p + R]), b.i64("e", [np.iinfo(np.int64).max]), axis1])
-    zeros = b.op("Mul", [rest, b.const("zero", np.zeros((), dtype=dtype))])  # exact zeros, same shape
+    zeros = b.op("Mul", [rest, b.const("zero", np.zeros((), dtype=f32))])  # exact zeros, same shape
     edited = b.op("Concat", [prefix, reg, zeros], {"axis": 1})  # [B, N, k]
-    if dtype != np.float32:
-        edited = b.op("Cast", [edited], {"to": ir.DataType.FLOAT})
-    keep = np.ones(H, dtype=np.float32); keep[units] = 0
-    onehot = np.zeros((k, H), dtype=np.float32); onehot[np.arange(k), units] = 1
+    if np.dtype(h_dtype) != f32:
+        edited = b.op("Cast", [edited], {"to": ir.DataType.from_numpy(np.dtype(h_dtype))})
+    keep = np.ones(H, dtype=h_dtype); keep[units] = 0
+    onehot = np.zeros((k, H), dtype=h_dtype); onehot[np.arange(k), units] = 1
     return b.op("Add", [b.op("Mul", [h, b.const("keep", keep)]), b.op("MatMul", [edited, b.const("onehot", onehot)])])
 
 
@@ -70,18 +71,14 @@ def hooked_reference_graph(source: str | Path, recipe: Recipe, layout: Optional[
     opset = vit.model.opset_imports.get("", 17)
     b = _Builder(graph, "vit_surgery_reference")
     R, p = recipe.num_registers, layout.num_prefix
-    entry = _insert_registers(b, vit, layout, R, const_array(vit.mlps[0].fc2.inputs[1]).dtype)
-    order = {id(n): i for i, n in enumerate(graph)}
+    dtype = np.dtype(layout.dtype)
+    entry = _insert_registers(b, vit, layout, R, dtype)
     for block, units in recipe.neurons.items():
         site = vit.mlps[block]
         before = len(b.nodes)
         idx = list(units)
-        if uses_float64(site):  # the hooked units' activation, recomputed exactly (far tail: see bake.py)
-            pre = b.op("Gather", [site.pre, b.i64("units", idx)], {"axis": 2})
-            sel, _ = clone_activation(b, site, pre, np.asarray(idx), order, strip_ordinary=False)
-            dtype: Any = np.float64
-        else:
-            sel, dtype = b.op("Gather", [site.hidden, b.i64("units", idx)], {"axis": 2}), np.float32
+        # the hooked units' activation, recomputed as the bake does (accurate in the far tail: unit_activation)
+        sel = unit_activation(b, site, np.asarray(idx), dtype)
         new_h = _hooked_units(b, site.hidden, sel, idx, site.width, p, R, recipe.scale,
                               recipe.mode == "per_neuron", opset, dtype)
         _replace_uses(site.hidden, new_h, {id(n) for n in b.nodes[before:]})
@@ -180,7 +177,7 @@ def check_onnx(baked: str | Path, source: str | Path, batches: list[torch.Tensor
     try:
         for pixels in batches:
             x = pixels.float().numpy()
-            got = sess.run(names, {sess.get_inputs()[0].name: x})
+            got = sess.run(names, {sess.get_inputs()[0].name: as_input(sess, x)})
             want, _ = ref.run(x)
             for n, g, w in zip(names, got, want):
                 if g.shape != w.shape:

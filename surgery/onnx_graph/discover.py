@@ -84,6 +84,7 @@ def transform_for(vit: VitGraph) -> tuple[Callable, dict[str, Any]]:
 class TokenLayout:
     num_tokens: int
     num_patches: int
+    dtype: str = "float32"  # of the residual stream (float16 inside a float16 graph)
 
     @property
     def num_prefix(self) -> int:
@@ -103,7 +104,7 @@ def measure_layout(vit: VitGraph) -> TokenLayout:
         raise ModelInputError(f"{vit.path}: the stream entering block 0 ('{vit.entry.name}') has shape "
                               f"{list(entry.shape)} at batch 2; expected [batch, tokens, {vit.embed_dim}]")
     patches = int(np.prod(conv.shape[2:]))
-    layout = TokenLayout(int(entry.shape[1]), patches)
+    layout = TokenLayout(int(entry.shape[1]), patches, str(entry.dtype))
     if not 0 <= layout.num_prefix <= 16:
         raise ModelInputError(f"{vit.path}: {layout.num_tokens} tokens but {patches} patches at "
                               f"{node_label(vit.patch_conv)}: cannot place prefix tokens")

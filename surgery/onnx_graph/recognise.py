@@ -23,6 +23,8 @@ import numpy as np
 import onnx_ir as ir
 
 from ..core.errors import ModelInputError
+from .linear import Linear, linear_at
+from .values import const_array, is_const, node_label
 
 # ops an MLP activation subgraph may contain (elementwise, GELU family)
 _ACT_OPS = {"Div", "Mul", "Add", "Sub", "Erf", "Sigmoid", "Tanh", "Pow", "Gelu", "FastGelu", "BiasGelu",
@@ -34,22 +36,23 @@ _PASS_THROUGH = {"Identity", "Cast"}
 @dataclass
 class MlpSite:
     """One block's MLP in the graph. `pre` is the activation's input (fc1 output, bias added unless a fused
-    activation adds it), `hidden` the post-activation units (input of fc2), `down` fc2's MatMul output."""
+    activation adds it), `hidden` the post-activation units (input of fc2), `down` fc2's output
+    (before its bias). fc1 / fc2 are float, dynamic-INT8 or MatMulNBits projections (`linear.py`)."""
 
     block: int
-    fc1: ir.Node
+    fc1: Linear
     fc1_bias_add: Optional[ir.Node]
     act_nodes: list[ir.Node]
     activation: str
     pre: ir.Value
     hidden: ir.Value
-    fc2: ir.Node
+    fc2: Linear
     down: ir.Value
     joins: ir.Node  # the Add / SkipLayerNormalization where the MLP output joins the residual stream
 
     @property
     def width(self) -> int:
-        return int(const_array(self.fc2.inputs[1]).shape[0])
+        return self.fc2.in_dim
 
 
 @dataclass
@@ -79,40 +82,7 @@ class VitGraph:
                          for m in self.mlps], "notes": self.notes}
 
 
-def node_label(node: Optional[ir.Node]) -> str:
-    if node is None:
-        return "<graph input>"
-    dom = f"{node.domain}." if node.domain not in ("", "ai.onnx") else ""
-    return f"'{node.name}' ({dom}{node.op_type})"
-
-
-def const_array(v: Optional[ir.Value]) -> Optional[np.ndarray]:
-    """The value of a constant tensor: an initializer, a Constant node, or those through Identity."""
-    if v is None:
-        return None
-    t = ir.convenience.get_const_tensor(v)
-    if t is not None:
-        return t.numpy()
-    p = v.producer()
-    if p is not None and p.op_type == "Identity" and p.domain in ("", "ai.onnx"):
-        return const_array(p.inputs[0])
-    return None
-
-
-def _is_const(v: Optional[ir.Value]) -> bool:
-    return v is None or const_array(v) is not None
-
-
-def _weight_matmul(node: Optional[ir.Node]) -> Optional[tuple[int, int]]:
-    """(in, out) when `node` is MatMul(activation, constant 2-D weight)."""
-    if node is None or node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
-        return None
-    if _is_const(node.inputs[0]):
-        return None
-    w = const_array(node.inputs[1])
-    if w is None or w.ndim != 2:
-        return None
-    return int(w.shape[0]), int(w.shape[1])
+_is_const = is_const
 
 
 def _classify(nodes: list[ir.Node]) -> Optional[str]:
@@ -139,11 +109,11 @@ def _classify(nodes: list[ir.Node]) -> Optional[str]:
     return None
 
 
-def _activation_subgraph(hidden: ir.Value) -> tuple[list[ir.Node], ir.Node, str]:
-    """Walk back from fc2's input through elementwise activation ops to the fc1 MatMul.
-    Returns (activation nodes incl. a possible fc1 bias Add, the fc1 MatMul, why-not if it failed)."""
+def _activation_subgraph(hidden: ir.Value) -> tuple[list[ir.Node], Optional[Linear], str]:
+    """Walk back from fc2's input through elementwise activation ops to the fc1 projection.
+    Returns (activation nodes incl. a possible fc1 bias Add, the fc1 projection, why-not if it failed)."""
     seen: dict[int, ir.Node] = {}
-    sources: dict[int, ir.Node] = {}
+    sources: dict[int, Linear] = {}
     stack = [hidden]
     while stack:
         v = stack.pop()
@@ -151,20 +121,21 @@ def _activation_subgraph(hidden: ir.Value) -> tuple[list[ir.Node], ir.Node, str]
             continue
         p = v.producer()
         if p is None:
-            return [], None, "reached a graph input"  # type: ignore[return-value]
-        if _weight_matmul(p) is not None:
-            sources[id(p)] = p
+            return [], None, "reached a graph input"
+        lin = linear_at(v)
+        if lin is not None:
+            sources[id(lin.node)] = lin
             continue
         if p.op_type not in _ACT_OPS or p.domain not in ("", "ai.onnx", "com.microsoft"):
-            return [], p, "not an elementwise GELU-family op"  # type: ignore[return-value]
+            return [], None, f"{node_label(p)} is not an elementwise GELU-family op"
         if id(p) in seen:
             continue
         seen[id(p)] = p
         if len(seen) > _MAX_ACT_NODES:
-            return [], p, "too many nodes for an activation"  # type: ignore[return-value]
+            return [], None, "too many nodes for an activation"
         stack.extend(i for i in p.inputs if i is not None)
     if len(sources) != 1:
-        return [], None, f"{len(sources)} MatMul sources"  # type: ignore[return-value]
+        return [], None, f"{len(sources)} MatMul sources"
     return list(seen.values()), next(iter(sources.values())), ""
 
 
@@ -308,7 +279,7 @@ def _unfuse_before_block0(graph: ir.Graph, site: "MlpSite") -> list[str]:
     mid = next((i for i in pair if id(site.down) not in _ancestors(i)), None)
     keep = mid.producer() if mid is not None else None
     done = []
-    anc = _ancestors(site.fc1.inputs[0])
+    anc = _ancestors(site.fc1.x)
     for node in list(graph):
         if node.op_type == "SkipLayerNormalization" and node is not keep and node is not j \
                 and any(id(o) in anc for o in node.outputs):
@@ -324,9 +295,9 @@ def _patch_conv(graph: ir.Graph) -> ir.Node:
         nxt = []
         for v in frontier:
             for u in v.uses():
-                if u.node.op_type == "Conv":
+                if u.node.op_type in ("Conv", "ConvInteger"):  # ConvInteger: quantize_dynamic's
                     return u.node
-                if u.node.op_type in ("Cast", "Identity", "Div", "Sub", "Mul"):
+                if u.node.op_type in ("Cast", "Identity", "Div", "Sub", "Mul", "DynamicQuantizeLinear"):
                     nxt.append(u.node.outputs[0])
         frontier = nxt
     raise ModelInputError(f"no patch-embedding Conv found on the graph input '{x.name}'")
@@ -366,21 +337,20 @@ def _check_external_data(path: Path, model: ir.Model) -> None:
 
 
 def _mlp_site(node: ir.Node, index: int) -> tuple[Optional[MlpSite], Optional[str]]:
-    """`node` as the down projection of an MLP (MatMul <- GELU <- MatMul with constant weights, joining a
-    residual stream): (the site numbered `index`, None); (None, None) when it is no MLP's down
+    """`node` as the end of an MLP's down projection (a Linear <- GELU <- Linear with constant weights,
+    joining a residual stream): (the site numbered `index`, None); (None, None) when it is no MLP's down
     projection; a refusal text when it is one vit-surgery cannot rewrite."""
-    shape = _weight_matmul(node)
-    if shape is None:
+    fc2 = linear_at(node.outputs[0]) if node.op_type in ("MatMul", "MatMulNBits", "Mul") else None
+    if fc2 is None:
         return None, None
-    H, D = shape
-    hidden = node.inputs[0]
+    H, D = fc2.in_dim, fc2.out_dim
+    hidden = fc2.x
     act_nodes, fc1, why = _activation_subgraph(hidden)
     if fc1 is None or not act_nodes:
         return None, None  # attention projections, heads: not an MLP's down projection
-    fc1_shape = _weight_matmul(fc1)
-    if fc1_shape is None or fc1_shape[1] != H or fc1_shape[0] != D:
+    if fc1.out_dim != H or fc1.in_dim != D:
         return None, None
-    pre = fc1.outputs[0]
+    pre = fc1.y
     bias_add = None
     users = [u.node for u in pre.uses()]
     if len(users) == 1 and users[0].op_type == "Add" and users[0] in act_nodes:
@@ -392,7 +362,7 @@ def _mlp_site(node: ir.Node, index: int) -> tuple[Optional[MlpSite], Optional[st
     acts = [n for n in act_nodes if n is not bias_add]
     kind = _classify(acts)
     if kind is None:
-        return None, (f"MLP at {node_label(fc1)} -> {node_label(node)}: activation "
+        return None, (f"MLP at {fc1.label} -> {fc2.label}: activation "
                       f"[{', '.join(sorted(n.op_type for n in acts))}] at {node_label(hidden.producer())} is not a "
                       "recognised GELU (Gelu, erf GELU, tanh GELU, QuickGELU, FastGelu)")
     refusal = None
@@ -400,11 +370,11 @@ def _mlp_site(node: ir.Node, index: int) -> tuple[Optional[MlpSite], Optional[st
         for o in a.outputs:
             if o is not hidden and any(u.node not in acts for u in o.uses()):
                 refusal = refusal or f"activation value at {node_label(a)} is used outside the MLP"
-    joins = _follow_to_residual(node.outputs[0], D)
+    joins = _follow_to_residual(fc2.y, D)
     if joins is None:
-        return None, refusal or (f"MLP output of {node_label(node)} does not join a residual stream "
+        return None, refusal or (f"MLP output of {fc2.label} does not join a residual stream "
                                  "(Add or SkipLayerNormalization)")
-    return MlpSite(index, fc1, bias_add, acts, kind, pre, hidden, node, node.outputs[0], joins), refusal
+    return MlpSite(index, fc1, bias_add, acts, kind, pre, hidden, fc2, fc2.y, joins), refusal
 
 
 def recognise(path: str | Path, model: Optional[ir.Model] = None) -> VitGraph:
@@ -430,12 +400,12 @@ def recognise(path: str | Path, model: Optional[ir.Model] = None) -> VitGraph:
         mm = next((n for n in graph if n.op_type in ("MatMul", "Gemm")), None)
         raise ModelInputError(f"{path}: no transformer MLP (MatMul -> GELU -> MatMul with constant weights) "
                               f"found; first matrix multiply: {node_label(mm)}")
-    dims = {int(const_array(s.fc2.inputs[1]).shape[1]) for s in sites}
+    dims = {s.fc2.out_dim for s in sites}
     if len(dims) != 1:
-        raise ModelInputError(f"{path}: MLPs of different widths {sorted(dims)}: stopped at {node_label(sites[-1].fc2)}")
+        raise ModelInputError(f"{path}: MLPs of different widths {sorted(dims)}: stopped at {sites[-1].fc2.label}")
     for a, b in zip(sites, sites[1:]):  # each block reads the previous one's stream
         if id(block_output(a)) not in _ancestors(b.down):
-            raise ModelInputError(f"{path}: block {b.block} at {node_label(b.fc1)} does not read block {a.block}'s "
+            raise ModelInputError(f"{path}: block {b.block} at {b.fc1.label} does not read block {a.block}'s "
                                   "output: not one residual stream")
     unfused = _unfuse_before_block0(graph, sites[0])
     entry, notes = _stream_before_block0(sites[0])

@@ -31,6 +31,12 @@ def session_for_file(path: Path) -> Any:
         raise ModelInputError(f"{path}: onnxruntime cannot load it ({first_line(e)})") from None
 
 
+def as_input(session: Any, pixels: np.ndarray) -> np.ndarray:
+    """`pixels` in the dtype the session's image input takes (float16 graphs without float32 I/O)."""
+    want = session.get_inputs()[0].type
+    return pixels.astype(np.float16) if want == "tensor(float16)" else pixels.astype(np.float32, copy=False)
+
+
 class ExposedSession:
     """An onnxruntime session of `model` whose outputs are the model's own plus `extra` values.
 
@@ -70,7 +76,7 @@ class ExposedSession:
 
     def run(self, pixels: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """(the model's own outputs, the extra values), for one batch of pixels."""
-        got = self.session.run(self.output_names + self.names, {self.input_name: pixels})
+        got = self.session.run(self.output_names + self.names, {self.input_name: as_input(self.session, pixels)})
         return got[:len(self.output_names)], got[len(self.output_names):]
 
     def close(self) -> None:

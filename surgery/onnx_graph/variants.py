@@ -1,0 +1,118 @@
+"""Precision variants of one ONNX model (what hub repos ship next to model.onnx) and how each is judged.
+
+A variant's precision is read from its graph: the MLP projections' storage (`linear.py`) and the residual
+stream's dtype (`TokenLayout.dtype`). Each rewritten variant is checked twice:
+1. against the hooked reference written into its *own* source graph (`check.check_onnx`), with the
+   tolerance of its precision (`TOLERANCES`: measured on the organisms, ~10x margin). The bake reproduces
+   the source's arithmetic (fc1 untouched; dynamic INT8 branches round on the source's grid), so
+   quantized variants agree to float32 round-off; float16 adds float16 rounding of the branch sum;
+2. against the hooked reference on the *fp32* source (`judge_against_fp32`), so a wrong bake cannot hide
+   under quantization noise: every vector except the register rows must be within `FP32_JUDGE_FACTOR`
+   times the error that the unbaked variant itself has against the unbaked fp32 source (its precision's
+   own noise, measured on the same images), plus the fp32 tolerance. The register rows have no unbaked
+   counterpart: they are judged by check 1 only (with per-tensor INT8 their error against fp32 is of
+   order 1 in the hooked reference itself: the register carries the sink's large values).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from ..core.parity import OutputError
+from ..core.recipe import Recipe
+from .check import FP32_TOLERANCE, hooked_reference_graph
+from .discover import TokenLayout, measure_layout
+from .recognise import VitGraph, load_ir, recognise
+from .runtime import ExposedSession
+
+TOLERANCES = {"fp32": FP32_TOLERANCE, "fp16": 3e-3, "int8": 1e-4, "q4": 1e-4, "q4f16": 3e-3, "int8f16": 3e-3}
+FP32_JUDGE_FACTOR = 4.0
+
+
+def precision_of(vit: VitGraph, layout: TokenLayout) -> str:
+    """fp32 | fp16 | int8 | q4 (| q4f16 / int8f16: quantized weights in a float16 graph)."""
+    kinds = {lin.kind for s in vit.mlps for lin in (s.fc1, s.fc2)}
+    half = np.dtype(layout.dtype) == np.float16
+    quant = "q4" if "nbits" in kinds else "int8" if "int8" in kinds else ""
+    if quant:
+        return quant + ("f16" if half else "")
+    return "fp16" if half else "fp32"
+
+
+def tolerance_for(precision: str, requested: float = FP32_TOLERANCE) -> float:
+    """`requested` (the CLI's --tolerance) for fp32; at least the precision's own tolerance otherwise."""
+    return requested if precision == "fp32" else max(requested, TOLERANCES.get(precision, 3e-3))
+
+
+@dataclass
+class Fp32Judgement:
+    variant: str
+    fp32_source: str
+    factor: float = FP32_JUDGE_FACTOR
+    baked: dict[str, OutputError] = field(default_factory=dict)  # rewritten variant vs hooked fp32 reference
+    baseline: dict[str, OutputError] = field(default_factory=dict)  # unbaked variant vs unbaked fp32 source
+
+    def bound(self, name: str) -> float:
+        return self.factor * self.baseline[name].relative + FP32_TOLERANCE
+
+    @property
+    def passed(self) -> bool:
+        return all(e.relative <= self.bound(n) for n, e in self.baked.items())
+
+    def summary(self) -> str:
+        parts = [f"{n} {e.relative:.2e} (bound {self.bound(n):.2e} = {self.factor:g} x unbaked "
+                 f"{self.baseline[n].relative:.2e} + {FP32_TOLERANCE:g})" for n, e in self.baked.items()]
+        return f"{'passed' if self.passed else 'FAILED'} against the fp32 hooked reference: " + "; ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "fp32_source": self.fp32_source, "factor": self.factor,
+                "excludes": "register rows (no unbaked counterpart; judged against the variant's own reference)",
+                "outputs": {n: {"relative": e.relative, "where": list(e.where), "bound": self.bound(n),
+                                "unbaked_relative": self.baseline[n].relative} for n, e in self.baked.items()},
+                "summary": self.summary()}
+
+
+def _without_registers(a: np.ndarray, p: int, R: int, tokens: int) -> np.ndarray:
+    """Token outputs [B, N + R, D] -> [B, N, D] without the register rows; other outputs unchanged."""
+    if a.ndim == 3 and a.shape[1] == tokens + R:
+        return np.concatenate([a[:, :p], a[:, p + R:]], axis=1)
+    return a
+
+
+@torch.no_grad()
+def judge_against_fp32(baked: str | Path, variant_source: str | Path, fp32_source: str | Path,
+                       batches: list[torch.Tensor], recipe: Recipe) -> Fp32Judgement:
+    """Check 2 of the module doc."""
+    j = Fp32Judgement(str(baked), str(fp32_source))
+    vit32 = recognise(fp32_source)
+    layout = measure_layout(vit32)
+    p, R, N = layout.num_prefix, recipe.num_registers, layout.num_tokens
+    sessions = {
+        "baked": ExposedSession(load_ir(baked), [], str(baked)),
+        "ref32": ExposedSession(hooked_reference_graph(fp32_source, recipe, layout), [], "fp32 hooked reference"),
+        "variant": ExposedSession(load_ir(variant_source), [], str(variant_source)),
+        "src32": ExposedSession(vit32.model, [], str(fp32_source)),
+    }
+    try:
+        names = sessions["baked"].output_names
+        j.baked = {n: OutputError(n) for n in names}
+        j.baseline = {n: OutputError(n) for n in names}
+        offset = 0
+        for pixels in batches:
+            x = pixels.float().numpy()
+            out = {k: s.run(x)[0] for k, s in sessions.items()}
+            for i, n in enumerate(names):
+                def t(a: np.ndarray) -> torch.Tensor:
+                    return torch.from_numpy(np.asarray(a, dtype=np.float32))
+                j.baked[n].update(t(_without_registers(out["baked"][i], p, R, N)),
+                                  t(_without_registers(out["ref32"][i], p, R, N)), offset)
+                j.baseline[n].update(t(out["variant"][i]), t(out["src32"][i]), offset)
+            offset += len(x)
+    finally:
+        for s in sessions.values():
+            s.close()
+    return j
