@@ -26,12 +26,14 @@ exports, FP16_TOLERANCE (2e-2) for float16 exports (float16 keeps 11 significant
 4.9e-4; a dozen residual blocks accumulate a few times 1e-3 against the float32 model).
 
 Numerics of the register token. On an image without outliers the register neurons' signed max lies in
-the activation's far negative tail (GELU(-4) ~ -1e-4), where float32 activation kernels disagree by
+the activation's far negative tail (QuickGELU(-6) ~ -2e-4), where float32 activation kernels disagree by
 1e-4 to 1e-2 relative (onnxruntime's sigmoid and PyTorch's CPU erf are approximations accurate in
-absolute, not relative terms). So the exported graph computes the register branch (the k register
-units only: reg_fc1 output -> activation -> edit) in float64 whenever onnxruntime has float64 kernels
-for the activation (probed once per activation type; exact GELU's Erf has none, and stays float32).
-The PyTorch model is unchanged.
+absolute, not relative terms). So the exported graph computes the register branch's activation (the k
+register units only) in a form accurate in that tail, in float32: x * sigmoid(z) with the sigmoid from
+one exp(-|z|) (exporters/tail_accurate_activation.py; QuickGELU, SiLU, tanh GELU; exact GELU stays as
+it is). The graph has no float64 node (onnxruntime fuses a float64 QuickGELU into a kernel that has
+float kernels only), so it loads in every onnxruntime the project supports, at every optimisation
+level, and in transformers.js. The PyTorch model is unchanged.
 """
 from __future__ import annotations
 
@@ -55,6 +57,8 @@ from torch import nn
 from surgery import __version__
 from surgery.core.errors import ModelInputError, ParityError, SurgeryError, first_line
 from surgery.core.parity import JUDGE, OutputError
+
+from .tail_accurate_activation import tail_accurate_register_branches
 
 log = logging.getLogger("vit-surgery")
 
@@ -144,91 +148,6 @@ class _ExportWrapper(nn.Module):
         return pooled.float(), tokens.float()
 
 
-class _CastOutput(nn.Module):
-    def __init__(self, inner: nn.Module, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.inner, self.dtype = inner, dtype
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x).to(self.dtype)
-
-
-class _CastInput(nn.Module):
-    def __init__(self, inner: nn.Module, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.inner, self.dtype = inner, dtype
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x.to(self.dtype))
-
-
-_F64_SUPPORT: dict[str, bool] = {}
-
-
-def _ort_runs_float64(act: nn.Module) -> bool:
-    """Does onnxruntime (CPU, optimisation ALL) have float64 kernels for this activation's ops?"""
-    key = f"{type(act).__module__}.{type(act).__qualname__}({act.extra_repr()})"
-    if key in _F64_SUPPORT:
-        return _F64_SUPPORT[key]
-
-    class Probe(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.act = copy.deepcopy(act).cpu()
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.act(x.double()).float()
-
-    ok = False
-    try:
-        import numpy as np
-        import onnxruntime as ort
-
-        buf = io.BytesIO()
-        x = torch.linspace(-6, 6, 24).reshape(2, 3, 4)
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(Probe().eval(), (x,), buf, input_names=["x"], output_names=["y"], opset_version=17,
-                              dynamo=False)
-            want = Probe()(x).numpy()
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 4
-        sess = ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
-        got = sess.run(None, {"x": x.numpy()})[0]
-        ok = bool(np.allclose(got, want, rtol=1e-6, atol=1e-30))
-    except Exception:  # no float64 kernel (Erf), not exportable alone, ...: keep the branch in float32
-        ok = False
-    _F64_SUPPORT[key] = ok
-    return ok
-
-
-@contextlib.contextmanager
-def _float64_register_branch(model: nn.Module) -> Iterator[list[str]]:
-    """Within the context, every RegisterMlp computes its register branch (activation + edit of the k
-    register units) in float64: reg_fc1's output is cast up, reg_fc2's input cast back. Yields the
-    names of the MLPs changed; MLPs whose activation onnxruntime cannot run in float64 are left alone."""
-    from surgery.core.modules import RegisterMlp
-
-    changed: list[tuple[RegisterMlp, nn.Module, nn.Module]] = []
-    try:
-        for name, mod in model.named_modules():
-            if isinstance(mod, RegisterMlp) and _ort_runs_float64(mod.act):
-                dtype = mod.reg_fc2.weight.dtype
-                changed.append((mod, mod.reg_fc1, mod.reg_fc2))
-                mod._vit_surgery_half = mod.branch_float32
-                mod.branch_float32 = False  # the float64 branch replaces the half model's float32 one
-                mod.reg_fc1 = _CastOutput(mod.reg_fc1, torch.float64)
-                mod.reg_fc2 = _CastInput(mod.reg_fc2, dtype)
-                mod._vit_surgery_name = name
-        yield [m._vit_surgery_name for m, _, _ in changed]
-    finally:
-        for mod, fc1, fc2 in changed:
-            mod.reg_fc1, mod.reg_fc2 = fc1, fc2
-            mod.branch_float32 = mod.__dict__.pop("_vit_surgery_half")
-            mod.__dict__.pop("_vit_surgery_name", None)
-
-
 # ---- small helpers -----------------------------------------------------------------------------
 
 @contextlib.contextmanager
@@ -314,7 +233,7 @@ def build_metadata(loaded: Any, out_dir: Path, *, dtype: str, exporter: str, spe
 
 
 _JSON_KEYS = {"recipe", "token_layout", "register_token_indices", "source", "interface", "preprocess",
-              "float64_register_branch"}
+              "float64_register_branch", "tail_accurate_register_branch"}  # (float64_: earlier exports)
 _INT_KEYS = {"num_prefix_tokens", "num_registers", "export_batch_size"}
 
 
@@ -433,7 +352,7 @@ class GraphExport:
     proto: Any  # onnx.ModelProto, weights in memory
     exporter: str  # the exporter that produced it
     shapes: dict[str, tuple[int, ...]]  # input/output shapes at the export batch
-    float64_branches: list[str]  # RegisterMlps whose register branch runs in float64
+    tail_accurate_branches: list[str]  # RegisterMlps whose branch activation is the tail-accurate form
 
 
 def export_graph(model: nn.Module, family: Any, scratch: Path, *, fp16: bool = False, exporter: str = "dynamo",
@@ -461,7 +380,7 @@ def export_graph(model: nn.Module, family: Any, scratch: Path, *, fp16: bool = F
         _say(progress, f"exporting ONNX with the {name} exporter (opset {spec.opset}, "
                        f"{'float16' if fp16 else 'float32'}, batch {spec.export_batch_size})")
         try:
-            with _float64_register_branch(model) as f64_branches:
+            with tail_accurate_register_branches(model) as tail_branches:
                 proto = _export_proto(wrapper, example, spec, name, scratch, progress)
         except SurgeryError:
             raise
@@ -471,7 +390,7 @@ def export_graph(model: nn.Module, family: Any, scratch: Path, *, fp16: bool = F
                         "; trying the next one" if name != order[-1] else "")
             continue
         _fix_io_shapes(proto, spec, shapes)
-        return GraphExport(proto, name, shapes, f64_branches)
+        return GraphExport(proto, name, shapes, tail_branches)
     raise ModelInputError("could not export the model to ONNX: " + "; ".join(errors))
 
 
@@ -484,13 +403,13 @@ def export_onnx(loaded: Any, out_dir: Path, scratch: Path, *, fp16: bool = False
         raise ModelInputError(f"{loaded.spec} carries no baked test-time registers (not a vit-surgery output)")
     g = export_graph(loaded.model, loaded.adapter, scratch, fp16=fp16, exporter=exporter, spec=spec,
                      progress=progress)
-    proto, used, f64_branches = g.proto, g.exporter, g.float64_branches
+    proto, used, tail_branches = g.proto, g.exporter, g.tail_accurate_branches
     opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
     if opset < 17:
         raise ModelInputError(f"the exporter produced opset {opset}; ONNX export needs opset >= 17")
     meta = build_metadata(loaded, out_dir, dtype="float16" if fp16 else "float32", exporter=used, spec=spec,
                           num_tokens=int(g.shapes[spec.output_names[1]][1]))
-    meta[META_PREFIX + "float64_register_branch"] = json.dumps(f64_branches)
+    meta[META_PREFIX + "tail_accurate_register_branch"] = json.dumps(tail_branches)
     kept = [p for p in proto.metadata_props if not p.key.startswith(META_PREFIX)]
     del proto.metadata_props[:]
     proto.metadata_props.extend(kept)

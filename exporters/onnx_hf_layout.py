@@ -32,10 +32,11 @@ from torch import nn
 from surgery.core.errors import ModelInputError, OutputExistsError
 
 from .onnx_export import (FP16_TOLERANCE, FP32_TOLERANCE, META_PREFIX, OnnxReport, OnnxSpec, TensorSpec, _fix_io_shapes,
-                          _export_proto, _float64_register_branch, _mha_fastpath_disabled, _ort_session, _save_proto,
+                          _export_proto, _mha_fastpath_disabled, _ort_session, _save_proto,
                           _say, build_metadata, validation_batches)
 from .onnx_export import publish_validated, record_parity_section, staged_output
 from .runtime_check import RenamedSession, validate_runtime
+from .tail_accurate_activation import tail_accurate_register_branches
 
 ONNX_DIR = "onnx"
 FILES = {"float32": "model.onnx", "float16": "model_fp16.onnx"}
@@ -76,7 +77,8 @@ def hf_spec(model: nn.Module) -> OnnxSpec:
     return OnnxSpec(inputs=(_PIXELS,), outputs=(_HIDDEN, _POOLER) + ((_EMBEDS,) if has_projection else ()))
 
 
-def _export(loaded: Any, out_dir: Path, scratch: Path, fp16: bool, exporter: str, progress: bool) -> Path:
+def export_hf_graph(loaded: Any, out_dir: Path, scratch: Path, fp16: bool, exporter: str, progress: bool) -> Path:
+    """scratch/model.onnx (or model_fp16.onnx) with the HF output names and vit-surgery's metadata."""
     dtype = torch.float16 if fp16 else torch.float32
     model = copy.deepcopy(loaded.model).to("cpu", dtype).eval()
     spec = hf_spec(model)
@@ -92,7 +94,7 @@ def _export(loaded: Any, out_dir: Path, scratch: Path, fp16: bool, exporter: str
     for name in order:
         _say(progress, f"exporting ONNX (HF layout) with the {name} exporter ({'float16' if fp16 else 'float32'})")
         try:
-            with _float64_register_branch(model):
+            with tail_accurate_register_branches(model):
                 proto = _export_proto(wrapper, example, spec, name, scratch, progress)
             break
         except Exception as e:  # each exporter has its own gaps; the other one may cover them
@@ -111,16 +113,24 @@ def _export(loaded: Any, out_dir: Path, scratch: Path, fp16: bool, exporter: str
 
 
 def _validate(path: Path, loaded: Any, fp16: bool, progress: bool) -> OnnxReport:
-    """onnxruntime on the graph vs PyTorch and the hooked reference: last_hidden_state and pooler_output,
-    then image_embeds (when present) in a second pass under the pooled slot."""
+    """onnxruntime on the graph vs PyTorch and the hooked reference (see validate_hf_outputs)."""
     session = _ort_session(path)
     names = [o.name for o in session.get_outputs()]
-    vision, projection = _vision_and_projection(loaded.model)
-    tol = FP16_TOLERANCE if fp16 else FP32_TOLERANCE
-    batches = validation_batches(loaded)
 
     def run(pixels: Any) -> dict[str, Any]:
         return dict(zip(names, session.run(names, {"pixel_values": pixels})))
+
+    _say(progress, f"validating {path.name} in onnxruntime against PyTorch and the hooked reference")
+    return validate_hf_outputs(run, path, loaded, FP16_TOLERANCE if fp16 else FP32_TOLERANCE,
+                               "float16" if fp16 else "float32")
+
+
+def validate_hf_outputs(run: Any, path: Path, loaded: Any, tol: float, dtype: str = "float32") -> OnnxReport:
+    """A runtime's HF-named outputs (`run(pixels) -> {name: array}`) vs PyTorch and the hooked reference:
+    last_hidden_state and pooler_output, then image_embeds (when present) in a second pass under the
+    pooled slot. Shared by the ONNX HF layout and the OpenVINO IR of an HF folder."""
+    projection = _vision_and_projection(loaded.model)[1]
+    batches = validation_batches(loaded)
 
     def pooler(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return _vision_and_projection(model)[0](pixel_values=x, return_dict=True).pooler_output
@@ -129,8 +139,7 @@ def _validate(path: Path, loaded: Any, fp16: bool, progress: bool) -> OnnxReport
         v, p = _vision_and_projection(model)
         return p(v(pixel_values=x, return_dict=True).pooler_output)
 
-    report = OnnxReport(path=str(path), dtype="float16" if fp16 else "float32", tolerance=tol, export_batch_size=2)
-    _say(progress, f"validating {path.name} in onnxruntime against PyTorch and the hooked reference")
+    report = OnnxReport(path=str(path), dtype=dtype, tolerance=tol, export_batch_size=2)
     validate_runtime(report, RenamedSession(run, {"pooled": _POOLER.name, "tokens": _HIDDEN.name}), loaded,
                      batches, pooled=pooler)
     for c in report.comparisons:
@@ -164,7 +173,7 @@ def export_hf_layout(out_dir: Path, *, loaded: Any, fp16: bool = False, progress
     with staged_output(out_dir, ".onnx-hf-export-") as scratch:
         reports = []
         for d in dtypes:
-            path = _export(loaded, out_dir, scratch, d == "float16", exporter, progress)
+            path = export_hf_graph(loaded, out_dir, scratch, d == "float16", exporter, progress)
             report = _validate(path, loaded, d == "float16", progress)
             report.path = str(out_dir / ONNX_DIR / path.name)
             publish_validated(report, f"ONNX export failed validation, nothing written: {report.summary()}", [])
@@ -180,4 +189,4 @@ def _record(out_dir: Path, reports: list[OnnxReport]) -> None:
     record_parity_section(out_dir, "onnx_hf_layout", {Path(r.path).name: r.to_dict() for r in reports}, create=True)
 
 
-__all__ = ["FILES", "META_PREFIX", "ONNX_DIR", "export_hf_layout", "hf_spec"]
+__all__ = ["FILES", "META_PREFIX", "ONNX_DIR", "export_hf_graph", "export_hf_layout", "hf_spec", "validate_hf_outputs"]

@@ -3,8 +3,11 @@
 The IR is converted from the same graph the ONNX export writes (`export_onnx`, dynamic batch, the fix
 inside the graph) with `openvino.convert_model` and saved full precision as `openvino_model.xml` +
 `openvino_model.bin` (the file names optimum-intel's `OVModel*` classes look for). Inputs/outputs are
-the ONNX export's: `pixel_values` -> `pooled`, `tokens`; the recipe and token layout are in the IR's
-rt_info under `vit_surgery`.
+the ONNX export's: `pixel_values` -> `pooled`, `tokens` for timm / open_clip folders; for a folder
+written from an HF transformers model the IR is converted from the HF-layout graph
+(exporters/onnx_hf_layout.py) and carries HF's output names, `last_hidden_state`, `pooler_output` (and
+`image_embeds` for CLIP with a projection), which optimum-intel's `OVModelForFeatureExtraction` reads.
+The recipe and token layout are in the IR's rt_info under `vit_surgery`.
 
 Validation before the files are moved into OUT: compiled on the CPU plugin with
 `INFERENCE_PRECISION_HINT=f32` (the plugin's default on CPUs with bfloat16 units is bf16, which would
@@ -26,6 +29,7 @@ from surgery.core.errors import ModelInputError, require_extra
 from .onnx_export import (META_PREFIX, VIT_ONNX_SPEC, OnnxReport, _say, export_onnx,
                           read_onnx_metadata, validation_batches)
 from .onnx_export import publish_validated, record_parity_section, staged_output
+from .onnx_hf_layout import export_hf_graph, validate_hf_outputs
 from .runtime_check import RenamedSession, validate_runtime
 
 OV_XML = "openvino_model.xml"
@@ -51,14 +55,16 @@ def compile_cpu(xml: Path) -> Any:
     return core.compile_model(core.read_model(str(xml)), "CPU", CPU_CONFIG)
 
 
-def openvino_session(xml: Path) -> RenamedSession:
-    compiled = compile_cpu(xml)
-    names = {o: o for o in VIT_ONNX_SPEC.output_names}
-
+def _run_by_name(compiled: Any) -> Any:
     def run(pixels: Any) -> dict[str, Any]:
         res = compiled(pixels)  # a fresh infer request per call (thread-safe)
         return {out.get_any_name(): value for out, value in res.items()}
-    return RenamedSession(run, names)
+    return run
+
+
+def openvino_session(xml: Path) -> RenamedSession:
+    """An IR with the plain layout's outputs (pooled, tokens) as the validator's session."""
+    return RenamedSession(_run_by_name(compile_cpu(xml)), {o: o for o in VIT_ONNX_SPEC.output_names})
 
 
 def _convert(onnx_path: Path, xml: Path) -> None:
@@ -81,15 +87,23 @@ def export_openvino(out_dir: Path, *, loaded: Any, progress: bool = True, export
         raise OutputExistsError(f"output {out_dir / OV_XML} already exists; pass --overwrite to replace it")
     if loaded.recipe is None:
         raise ModelInputError(f"{out_dir} carries no baked test-time registers (run `vit-surgery convert` first)")
+    hf_names = loaded.source.library == "hf"  # HF folders: HF's output names (optimum-intel reads them)
     with staged_output(out_dir, ".openvino-export-") as scratch:
-        info = export_onnx(loaded, out_dir, scratch, exporter=exporter, progress=progress)
+        if hf_names:
+            onnx_path = export_hf_graph(loaded, out_dir, scratch, False, exporter, progress)
+        else:
+            onnx_path = export_onnx(loaded, out_dir, scratch, exporter=exporter, progress=progress).path
         _say(progress, "converting to OpenVINO IR")
-        _convert(info.path, scratch / OV_XML)
+        _convert(onnx_path, scratch / OV_XML)
         _say(progress, "validating the IR on the OpenVINO CPU plugin (f32) against PyTorch and the hooked reference")
-        report = OnnxReport(path=str(out_dir / OV_XML), dtype="float32", tolerance=OPENVINO_TOLERANCE,
-                            export_batch_size=VIT_ONNX_SPEC.export_batch_size, opset=0)
-        validate_runtime(report, openvino_session(scratch / OV_XML), loaded,
-                         batches if batches is not None else validation_batches(loaded))
+        if hf_names:
+            report = validate_hf_outputs(_run_by_name(compile_cpu(scratch / OV_XML)), out_dir / OV_XML, loaded,
+                                         OPENVINO_TOLERANCE)
+        else:
+            report = OnnxReport(path=str(out_dir / OV_XML), dtype="float32", tolerance=OPENVINO_TOLERANCE,
+                                export_batch_size=VIT_ONNX_SPEC.export_batch_size, opset=0)
+            validate_runtime(report, openvino_session(scratch / OV_XML), loaded,
+                             batches if batches is not None else validation_batches(loaded))
         summary = openvino_summary(report)
         publish_validated(report, f"OpenVINO export failed validation, nothing written: {summary}",
                           [(scratch / OV_BIN, out_dir / OV_BIN), (scratch / OV_XML, out_dir / OV_XML)])

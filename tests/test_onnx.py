@@ -279,23 +279,39 @@ def test_convert_with_onnx_writes_a_validated_graph(organism_dir, tmp_path, caps
     assert read_onnx_metadata(out / ONNX_FILE)["recipe"]["register_neurons"] == {"2": [17, 101], "3": [42]}
 
 
-def test_register_branch_runs_in_float64_only_where_onnxruntime_can():
+def test_register_branch_activation_is_tail_accurate_in_float32_where_it_has_a_sigmoid_form():
+    import open_clip.transformer as oc
     from timm.layers import QuickGELU
+    from transformers.activations import ACT2FN
     from surgery.core.modules import MlpWeights, RegisterMlp
+    from exporters.tail_accurate_activation import tail_accurate_equivalent, tail_accurate_register_branches
 
     def mlp(act):
         w = MlpWeights(torch.randn(16, 8), torch.randn(16), torch.randn(8, 16), torch.randn(8), act)
         return torch.nn.Sequential(RegisterMlp(w, [3, 5], num_prefix=1, num_registers=1))
 
+    sigmoid_family = {"timm QuickGELU": QuickGELU(), "open_clip QuickGELU": oc.QuickGELU(),
+                      "HF quick_gelu": ACT2FN["quick_gelu"], "SiLU": torch.nn.SiLU(), "HF silu": ACT2FN["silu"],
+                      "tanh GELU": torch.nn.GELU(approximate="tanh"), "HF gelu_pytorch_tanh": ACT2FN["gelu_pytorch_tanh"]}
+    x64 = torch.linspace(-40.0, 8.0, 2001, dtype=torch.float64)
+    for name, act in sigmoid_family.items():
+        gate = tail_accurate_equivalent(act)
+        assert gate is not None, name
+        torch.testing.assert_close(gate(x64), act(x64), rtol=1e-9, atol=1e-12)  # the same function
+        truth = gate(x64)  # float64 (tanh GELU's own formula cancels in float64 too in the far tail)
+        got = gate(x64.float()).double()
+        rel_err = ((got - truth).abs() / truth.abs().clamp_min(1e-300))[truth.abs() > 1e-30]
+        assert rel_err.max() < 2e-5, (name, rel_err.max())  # relative, deep into the negative tail
+    assert tail_accurate_equivalent(torch.nn.GELU()) is None  # exact (erf) GELU: no sigmoid form, left alone
+
     quick, exact = mlp(QuickGELU()), mlp(torch.nn.GELU())
     x = torch.randn(2, 6, 8)
-    with ox._float64_register_branch(quick) as changed:
-        assert changed == ["0"]
-        y = quick(x)
-        assert y.dtype == torch.float32
-    assert isinstance(quick[0].reg_fc1, torch.nn.Linear) and not hasattr(quick[0], "_vit_surgery_name")
-    torch.testing.assert_close(y, quick(x), rtol=1e-5, atol=1e-6)
-    with ox._float64_register_branch(exact) as changed:  # onnxruntime has no float64 Erf
+    want = quick(x)
+    with tail_accurate_register_branches(quick) as changed:
+        assert changed == ["0"] and quick[0].act is not quick[0].reg_act  # the ordinary MLP keeps its own
+        torch.testing.assert_close(quick(x), want, rtol=1e-5, atol=1e-6)
+    assert quick[0].reg_act is quick[0].act  # restored
+    with tail_accurate_register_branches(exact) as changed:
         assert changed == []
 
 

@@ -42,6 +42,10 @@ HF_MODEL_TYPES = {
 HF_ARCH_CLASSES = {"CLIPVisionModelWithProjection": "CLIPVisionModelWithProjection"}
 SUPPORTED_CLASSES = set(HF_MODEL_TYPES.values()) | set(HF_ARCH_CLASSES.values())
 SURGERY_CONFIG_KEY = "vit_surgery"  # the block our HF exporter writes into config.json
+# config.json's `attn_implementation` in a baked HF folder: an attention implementation transformers does
+# not know, so the stock class (no trust_remote_code) raises instead of loading an unfixed model; the
+# remote-code classes (remote_modeling.py, same literal) and this loader take it out (see README).
+STOCK_REFUSAL_ATTN = "vit_surgery_needs_trust_remote_code"
 
 _RESAMPLE = {0: "nearest", 1: "bicubic", 2: "bilinear", 3: "bicubic", 4: "bilinear", 5: "bicubic"}
 
@@ -304,6 +308,8 @@ def build_baked_skeleton(cfg_dict: dict[str, Any], spec: str) -> tuple[nn.Module
     recipe = Recipe.from_dict(block["recipe"], source=f"{spec} config.json")
     cls = getattr(transformers, class_name)
     clean = {k: v for k, v in cfg_dict.items() if k not in ("auto_map", SURGERY_CONFIG_KEY)}
+    if clean.get("attn_implementation") == STOCK_REFUSAL_ATTN:
+        del clean["attn_implementation"]
     clean["architectures"] = [class_name]
     config = cls.config_class.from_dict(clean)
     setattr(config, SURGERY_CONFIG_KEY, block)

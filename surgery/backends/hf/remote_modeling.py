@@ -34,6 +34,18 @@ from surgery.core.modules import MlpWeights, PrependRegisters, PrependRegistersT
 from surgery.core.image_features import install_register_drop  # vit-surgery: inline
 
 
+# config.json names this attention implementation, which transformers does not know: loading the folder
+# without trust_remote_code builds the stock class, which raises on it (no silently unfixed model). The
+# classes below take it out before the stock __init__ sees it (attention then resolves as usual).
+STOCK_REFUSAL_ATTN = "vit_surgery_needs_trust_remote_code"
+
+
+def _accept(config):
+    if getattr(config, "_attn_implementation", None) == STOCK_REFUSAL_ATTN:
+        config._attn_implementation = None  # (the setter clears the sub-configs too)
+    return config
+
+
 def _mlp_weights(old: nn.Module) -> MlpWeights:
     """The stock MLP's weights in the core's canonical view (gated MLPs: [gate; up] rows), as the
     vit-surgery adapters read them when baking; on the meta device these are shapes only."""
@@ -78,21 +90,21 @@ class _PatchTokensMixin:
 
 class VitSurgeryCLIPVisionModel(_PatchTokensMixin, transformers.CLIPVisionModel):
     def __init__(self, config):
-        super().__init__(config)
+        super().__init__(_accept(config))
         v = getattr(self, "vision_model", self)  # transformers 4.x wraps a CLIPVisionTransformer
         bake_structure(self, v, v.encoder.layers, v, "pre_layrnorm", config.hidden_size, config.vit_surgery)
 
 
 class VitSurgeryCLIPVisionModelWithProjection(_PatchTokensMixin, transformers.CLIPVisionModelWithProjection):
     def __init__(self, config):
-        super().__init__(config)
+        super().__init__(_accept(config))
         v = self.vision_model
         bake_structure(self, v, v.encoder.layers, v, "pre_layrnorm", config.hidden_size, config.vit_surgery)
 
 
 class VitSurgeryCLIPModel(_PatchTokensMixin, transformers.CLIPModel):
     def __init__(self, config):
-        super().__init__(config)
+        super().__init__(_accept(config))
         v = self.vision_model
         bake_structure(self, v, v.encoder.layers, v, "pre_layrnorm", config.vision_config.hidden_size,
                        config.vit_surgery)
@@ -100,14 +112,14 @@ class VitSurgeryCLIPModel(_PatchTokensMixin, transformers.CLIPModel):
 
 class VitSurgeryDinov2Model(_PatchTokensMixin, transformers.Dinov2Model):
     def __init__(self, config):
-        super().__init__(config)
+        super().__init__(_accept(config))
         bake_structure(self, self, self.encoder.layer, self.embeddings, "dropout", config.hidden_size,
                        config.vit_surgery)
 
 
 class VitSurgeryDinov2WithRegistersModel(_PatchTokensMixin, transformers.Dinov2WithRegistersModel):
     def __init__(self, config):
-        super().__init__(config)
+        super().__init__(_accept(config))
         bake_structure(self, self, self.encoder.layer, self.embeddings, "dropout", config.hidden_size,
                        config.vit_surgery)
 
@@ -118,7 +130,7 @@ class VitSurgeryDINOv3ViTModel(_PatchTokensMixin, transformers.DINOv3ViTModel):
     trained registers."""
 
     def __init__(self, config):
-        super().__init__(config)
+        super().__init__(_accept(config))
         bake_structure(self, self, list(self.model.layer), self.model.layer, "0", config.hidden_size,
                        config.vit_surgery, PrependRegistersToLayer)
 
@@ -128,7 +140,7 @@ class VitSurgerySiglipVisionModel(_PatchTokensMixin, transformers.SiglipVisionMo
     token, the register included."""
 
     def __init__(self, config):
-        super().__init__(config)
+        super().__init__(_accept(config))
         v = getattr(self, "vision_model", self)
         bake_structure(self, v, list(v.encoder.layers), v.encoder.layers, "0", config.hidden_size,
                        config.vit_surgery, PrependRegistersToLayer)

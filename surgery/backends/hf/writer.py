@@ -1,7 +1,8 @@
 """Writes a baked HF transformers model as a folder `AutoModel.from_pretrained(DIR, trust_remote_code=True)` loads.
 
-Files: config.json (the stock config plus `auto_map` -> modeling_vit_surgery.py and a `vit_surgery` block
-with the recipe and token layout), modeling_vit_surgery.py (self-contained: torch + transformers only),
+Files: config.json (the stock config plus `auto_map` -> modeling_vit_surgery.py, a `vit_surgery` block
+with the recipe and token layout, and `attn_implementation` set to STOCK_REFUSAL_ATTN, so the stock class
+raises instead of loading an unfixed model without trust_remote_code), modeling_vit_surgery.py (self-contained: torch + transformers only),
 model.safetensors (recipe in the metadata), preprocessor_config.json (so AutoImageProcessor works),
 surgery.json and README.md (where the register token sits in `last_hidden_state`).
 
@@ -23,7 +24,7 @@ from exporters.safetensors_io import save_state_dict
 from ...core.bake import register_token_indices
 from ...core.source import SourceInfo
 from ..base import adapter_among, copy_extra_files
-from .loader import ADAPTERS, SURGERY_CONFIG_KEY
+from .loader import ADAPTERS, STOCK_REFUSAL_ATTN, SURGERY_CONFIG_KEY
 
 MODELING_FILE = "modeling_vit_surgery.py"
 _TEMPLATE = Path(__file__).with_name("remote_modeling.py")
@@ -113,6 +114,9 @@ def write_hf_dir(model: nn.Module, out_dir: Path, *, source: SourceInfo, surgery
     cfg["architectures"] = [remote]
     cfg["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     cfg["auto_map"] = {"AutoModel": f"{MODELING_FILE[:-3]}.{remote}"}
+    # the stock class refuses the folder (an unknown attention implementation is an error in transformers),
+    # the remote-code class takes the marker out: without trust_remote_code no unfixed model loads
+    cfg["attn_implementation"] = STOCK_REFUSAL_ATTN
     preprocess = fam.preprocess_config(model)  # type: ignore[attr-defined]
     pre_json = {k: (list(v) if isinstance(v, tuple) else v) for k, v in preprocess.items()}
     src = source.to_dict()

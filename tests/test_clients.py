@@ -1,0 +1,258 @@
+"""The outputs in the clients people use, as those clients use them.
+
+- transformers: an HF output folder refuses to load as the unfixed stock class without
+  trust_remote_code (an error), while AutoConfig and AutoImageProcessor work and the remote-code class
+  loads the baked model.
+- onnxruntime: ONNX exports (plain and HF layout) hold no float64 tensor (onnxruntime 1.30 fuses a
+  float64 QuickGELU into `com.microsoft.QuickGelu`, float kernels only) and run at every graph
+  optimisation level with the installed onnxruntime, equal to the validated level-ALL outputs; slow
+  tier: the same in every onnxruntime of tests/client_envs.ORT_VERSIONS (a cached venv each) and in
+  transformers.js 4.x under node (default session options).
+- OpenVINO: the IR of an HF folder has HF's output names (what optimum-intel's
+  OVModelForFeatureExtraction reads).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import surgery
+from surgery.backends import load_model
+from surgery.backends.hf.loader import STOCK_REFUSAL_ATTN
+
+from client_envs import ORT_RUNNER, ORT_VERSIONS, TJS_RUNNER, ort_python, transformers_js_dir
+
+LEVELS = ("disable", "basic", "extended", "all")
+
+
+def _neurons_file(planting, path: Path) -> Path:
+    path.write_text(json.dumps({"register_neurons": {str(k): v for k, v in planting.neurons.items()}}))
+    return path
+
+
+def _hf_folder(kind: str, root: Path) -> Path:
+    from surgery.organism_eva import build_hf_siglip_organism
+    from surgery.organism_families import build_hf_clip_organism, build_hf_dinov2_organism
+
+    model, planting = {"clip": lambda: build_hf_clip_organism(0),  # CLIPVisionModel, hidden_act quick_gelu
+                       "clip_model": lambda: build_hf_clip_organism(0, full_clip=True),
+                       "dinov2": lambda: build_hf_dinov2_organism(0),
+                       "siglip": lambda: build_hf_siglip_organism(0)}[kind]()  # siglip: gelu_pytorch_tanh
+    return surgery.convert(model, root / kind, neurons=_neurons_file(planting, root / f"{kind}.json")).out
+
+
+def _folder_family(kind: str, root: Path) -> Path:
+    """A converted timm / open_clip organism folder."""
+    import surgery.organism_families as fams
+    from surgery.demo import save_organism
+    from surgery.organism import build_timm_organism
+    from surgery.organism_eva import build_eva_organism
+
+    if kind == "open_clip_quickgelu":
+        model, planting = fams.build_open_clip_organism(0, quick_gelu=True)
+        src = fams.save_open_clip_organism(model, root / f"{kind}-src")
+    else:
+        model, planting = {"timm_clip": lambda: build_timm_organism(0, "clip"),
+                           "eva_swiglu": lambda: build_eva_organism(0, "dinov3_swiglu")}[kind]()
+        src = save_organism(model, root / f"{kind}-src")
+    return surgery.convert(str(src), root / kind, neurons=_neurons_file(planting, root / f"{kind}.json")).out
+
+
+def _export(kind: str, root: Path) -> Path:
+    """The validated ONNX export of a family's organism: HF folders in the HF layout, others plain."""
+    from exporters.onnx_export import ONNX_FILE, export_and_validate
+    from exporters.onnx_hf_layout import export_hf_layout
+
+    if kind.startswith("hf_"):
+        out = _hf_folder(kind[3:], root)
+        report, onnx_dir = export_hf_layout(out, loaded=load_model(str(out)), progress=False)
+        assert report.passed, report.summary()
+        return onnx_dir / "model.onnx"
+    out = _folder_family(kind, root)
+    report = export_and_validate(out, loaded=load_model(str(out)), progress=False)
+    assert report.passed, report.summary()
+    return out / ONNX_FILE
+
+
+# QuickGELU in both layouts by default (the reported failure); every other family in the slow tier.
+DEFAULT_EXPORTS = ("open_clip_quickgelu", "hf_clip")
+SLOW_EXPORTS = ("timm_clip", "eva_swiglu", "hf_dinov2", "hf_siglip")
+_exported: dict[str, Path] = {}
+
+
+def exported(kind: str, tmp_path_factory) -> Path:
+    if kind not in _exported:
+        _exported[kind] = _export(kind, tmp_path_factory.mktemp(kind))
+    return _exported[kind]
+
+
+def _pixels(path: Path, n: int = 3) -> np.ndarray:
+    import onnx
+
+    dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    c, h, w = (d.dim_value for d in dims[1:])
+    return np.random.default_rng(0).standard_normal((n, c, h, w)).astype(np.float32)
+
+
+def float64_tensors(path: Path) -> list[str]:
+    """Every tensor of the graph whose element type is float64: initializers, Constant values, Cast
+    targets and (after shape inference) every intermediate value."""
+    import onnx
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    g, dbl = model.graph, onnx.TensorProto.DOUBLE
+    found = [f"initializer {t.name}" for t in g.initializer if t.data_type == dbl]
+    for n in g.node:
+        for a in n.attribute:
+            if (n.op_type == "Cast" and a.name == "to" and a.i == dbl) or (a.type == a.TENSOR and a.t.data_type == dbl):
+                found.append(f"{n.op_type} {n.name}")
+    found += [f"value {v.name}" for v in list(g.value_info) + list(g.output) + list(g.input)
+              if v.type.tensor_type.elem_type == dbl]
+    return found
+
+
+def _run_levels(path: Path, x: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+    import onnxruntime as ort
+
+    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    res = {}
+    for name, level in levels.items():
+        so = ort.SessionOptions()
+        so.graph_optimization_level = level
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        names = [o.name for o in sess.get_outputs()]
+        res[name] = dict(zip(names, sess.run(names, {sess.get_inputs()[0].name: x})))
+    return res
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a.astype(np.float64) - b) / max(np.linalg.norm(b.astype(np.float64)), 1e-30))
+
+
+def _check_levels(kind: str, path: Path) -> None:
+    assert float64_tensors(path) == [], kind
+    x = _pixels(path)
+    runs = _run_levels(path, x)  # level ALL is what export validated against the float64 reference
+    for level in LEVELS:
+        for name, value in runs[level].items():
+            assert _rel(value, runs["all"][name]) < 1e-5, (kind, level, name)
+
+
+@pytest.mark.parametrize("kind", DEFAULT_EXPORTS)
+def test_onnx_export_has_no_float64_and_runs_at_every_optimisation_level(kind, tmp_path_factory):
+    _check_levels(kind, exported(kind, tmp_path_factory))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", SLOW_EXPORTS)
+def test_onnx_export_of_every_family_runs_at_every_optimisation_level(kind, tmp_path_factory):
+    _check_levels(kind, exported(kind, tmp_path_factory))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", ORT_VERSIONS)
+def test_onnxruntime_version_matrix(version, tmp_path_factory):
+    """Every family's export in onnxruntime `version` (a cached venv), at every level, equals the
+    installed onnxruntime's validated level-ALL outputs."""
+    py = ort_python(version)
+    work = tmp_path_factory.mktemp(f"ort-{version}")
+    jobs, want = [], {}
+    for kind in DEFAULT_EXPORTS + SLOW_EXPORTS:
+        path = exported(kind, tmp_path_factory)
+        x = _pixels(path)
+        np.save(work / f"{kind}-in.npy", x)
+        want[kind] = _run_levels(path, x)["all"]
+        jobs.append({"model": str(path), "input": str(work / f"{kind}-in.npy"), "output": str(work / f"{kind}.npz")})
+    done = subprocess.run([str(py), "-c", ORT_RUNNER, json.dumps(jobs)], capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == version
+    for kind in want:
+        got = np.load(work / f"{kind}.npz")
+        for level in LEVELS:
+            for name, value in want[kind].items():
+                assert _rel(got[f"{level}/{name}"], value) < 1e-5, (version, kind, level, name)
+
+
+@pytest.mark.slow
+def test_transformers_js_loads_the_hf_layout_of_a_quickgelu_clip(tmp_path_factory, tmp_path):
+    """transformers.js 4.x (onnxruntime-node, optimisation "all" by default) loads onnx/model.onnx of a
+    QuickGELU CLIP folder and returns what onnxruntime-python returns."""
+    project = transformers_js_dir()
+    path = exported("hf_clip", tmp_path_factory)
+    folder = path.parent.parent
+    x = _pixels(path)
+    (tmp_path / "x.bin").write_bytes(x.astype("<f4").tobytes())
+    (project / "run.mjs").write_text(TJS_RUNNER)
+    done = subprocess.run(["node", "run.mjs", str(folder), str(tmp_path / "x.bin"), json.dumps(list(x.shape)),
+                           str(tmp_path / "out.json")], cwd=project, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1].startswith("4.")
+    got = json.loads((tmp_path / "out.json").read_text())
+    want = _run_levels(path, x)["all"]
+    for name in ("last_hidden_state", "pooler_output"):
+        value = np.asarray(got[name]["data"], dtype=np.float32).reshape(got[name]["dims"])
+        assert _rel(value, want[name]) < 1e-5, name
+
+
+# ---- transformers without remote code ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hf_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf-refusal")
+    return {kind: _hf_folder(kind, root) for kind in ("clip", "clip_model", "dinov2")}
+
+
+@pytest.mark.parametrize("kind", ["clip", "clip_model", "dinov2"])
+def test_hf_folder_refuses_the_stock_class_without_remote_code(hf_folders, kind):
+    import transformers
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel
+
+    out = hf_folders[kind]
+    cfg = AutoConfig.from_pretrained(out)  # the stock config: runtimes that only read it keep working
+    assert cfg.model_type == {"clip": "clip_vision_model", "clip_model": "clip", "dinov2": "dinov2"}[kind]
+    AutoImageProcessor.from_pretrained(out)
+    stock = getattr(transformers, json.loads((out / "config.json").read_text())["vit_surgery"]["base_class"])
+    for load in (lambda: AutoModel.from_pretrained(out), lambda: stock.from_pretrained(out)):
+        with pytest.raises(ValueError, match=STOCK_REFUSAL_ATTN):
+            load()
+    remote = AutoModel.from_pretrained(out, trust_remote_code=True).eval()
+    assert type(remote).__name__.startswith("VitSurgery") and remote.config._attn_implementation != STOCK_REFUSAL_ATTN
+    ours = surgery.load(out)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a = (remote.vision_model if kind == "clip_model" else remote)(pixel_values=x).last_hidden_state
+        b = (ours.vision_model if kind == "clip_model" else ours)(pixel_values=x).last_hidden_state
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the marker is one literal in two places: the standalone modeling file and vit-surgery's loader
+    assert f'STOCK_REFUSAL_ATTN = "{STOCK_REFUSAL_ATTN}"' in (out / "modeling_vit_surgery.py").read_text()
+
+
+# ---- OpenVINO ----------------------------------------------------------------------------------------
+
+def test_openvino_ir_of_an_hf_folder_has_hf_output_names(hf_folders):
+    """What optimum-intel's OVModelForFeatureExtraction does: openvino_model.xml next to config.json,
+    outputs read by name (`last_hidden_state`)."""
+    import openvino as ov
+
+    from exporters.openvino_export import OV_XML, export_openvino
+
+    out = hf_folders["dinov2"]
+    report = export_openvino(out, loaded=load_model(str(out)), progress=False)
+    assert report.passed, report.summary()
+    compiled = ov.Core().compile_model(str(out / OV_XML), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    assert {o.get_any_name() for o in compiled.outputs} == {"last_hidden_state", "pooler_output"}
+    x = torch.randn(3, 3, 64, 64)
+    res = compiled(x.numpy())
+    got = {o.get_any_name(): torch.from_numpy(v) for o, v in res.items()}
+    with torch.no_grad():
+        want = surgery.load(out)(pixel_values=x)
+    torch.testing.assert_close(got["pooler_output"], want.pooler_output, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got["last_hidden_state"], want.last_hidden_state, rtol=1e-4, atol=1e-4)
