@@ -21,7 +21,8 @@ class UsageError(SurgeryError):
 
 
 class ModelInputError(SurgeryError):
-    """Unknown model name, unsupported architecture, missing or mismatched weights, NaN/Inf weights."""
+    """Unknown model name or missing model path, unsupported architecture, missing or mismatched weights,
+    NaN/Inf weights, an unusable config, ONNX external data outside the folder, missing or too short."""
 
     exit_code = 4
 
@@ -61,14 +62,16 @@ class UnsafeCheckpointError(SurgeryError):
 
 
 class OutputPathError(SurgeryError):
-    """OUT cannot be written: its folder is missing or read-only, a file or dangling link is in the way, or it
-    is, contains or is inside the source model."""
+    """OUT cannot be written: its folder is missing or read-only, a file, special file or dangling link is in
+    the way, its name is too long or not UTF-8, the disk is full, or it is, contains or is inside one of the
+    command's inputs."""
 
     exit_code = 10
 
 
 class IntegrityError(SurgeryError):
-    """OUT's files differ from what convert recorded (corrupted or modified), or --source is not OUT's source."""
+    """OUT's files differ from what convert recorded (corrupted or modified), OUT has no record to verify
+    (and no source to check it against), or --source is not OUT's source."""
 
     exit_code = 11
 
@@ -80,7 +83,8 @@ class MissingExtraError(SurgeryError):
 
 
 class OutOfMemoryRisk(SurgeryError):
-    """The estimated peak memory exceeds what this machine has available; stopped before starting."""
+    """The estimated peak memory (or the size a config describes) exceeds what this machine has available;
+    stopped before starting."""
 
     exit_code = 13
 
