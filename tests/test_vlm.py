@@ -138,6 +138,8 @@ def test_only_the_tower_changed_and_the_folder_is_whole(case, converted):
         assert (out / name).read_bytes() == (src / name).read_bytes(), name
     doc = json.loads((out / "surgery.json").read_text())
     assert doc["unchanged_tensors"]["count"] == len(outside)
+    card = (out / "README.md").read_text()
+    assert "pipeline_tag: image-text-to-text" in card and "AutoModelForImageTextToText" in card
     parity = json.loads((out / "parity.json").read_text())["parity"]
     assert {o["name"] for o in parity["outputs"]} >= {"image_features", "logits"}
 
