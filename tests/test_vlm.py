@@ -253,3 +253,17 @@ def test_bad_vlms_are_refused_in_one_line(kind, words, converted, tmp_path, neur
     _, err = capsys.readouterr()
     assert code == 4 and err.count("\n") == 1 and words in err and "Traceback" not in err, err
     assert not out.exists()
+
+
+def test_inspect_shows_the_language_models_attention_to_the_image(converted, images, tmp_path, capsys):
+    _, out = converted["clip-default"]
+    code = main(["inspect", str(out), "--images", str(images[0].parent), "--out", str(tmp_path / "rep"),
+                 "--num-images", "4", "--show", "2", "-q"])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    lm = summary["lm_attention"]
+    for side in ("original", "baked"):
+        assert 0 < lm[side]["image_attention_share"] <= 1 and 0 < lm[side]["top1pct_image_attention_share"] <= 1
+    assert (tmp_path / "rep" / "lm_attention_maps.png").is_file()
+    assert "last text token" in (tmp_path / "rep" / "report.html").read_text()

@@ -57,6 +57,7 @@ class HFVisionLanguage(Adapter):
     """A LLaVA-style VLM whose tower is handled by `tower_family` (an HF vision adapter)."""
 
     output_names = ("image_features", "logits")  # what the judge calls forward_both's two outputs
+    text_length = TEXT_LENGTH  # the judged prompt: the image's placeholders, then this many text tokens
 
     vlm_classes: tuple[str, ...] = ("LlavaForConditionalGeneration",)
 
