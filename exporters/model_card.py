@@ -121,7 +121,14 @@ def source_facts(source: dict[str, Any], model: Any) -> dict[str, Optional[str]]
     return {"base_model": hub, "license": str(license_) if license_ else None}
 
 
+def _is_vlm(model: Any) -> bool:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "vision_config", None) is not None and getattr(cfg, "text_config", None) is not None
+
+
 def pipeline_tag(library: str, model: Any) -> str:
+    if _is_vlm(model):
+        return "image-text-to-text"  # a vision-language model whose vision tower was baked
     if library == "open_clip" or getattr(getattr(model, "config", None), "model_type", "") == "clip":
         return "zero-shot-image-classification"  # a whole CLIP (text tower included)
     if library == "timm" and int(getattr(model, "num_classes", 0) or 0) > 0 and \
@@ -153,6 +160,22 @@ def _usage(library: str, surgery_doc: dict[str, Any]) -> str:
                 "image_features = model.encode_image(preprocess(image).unsqueeze(0))   # text tower untouched\n```\n"
                 "Plain `open_clip.create_model_from_pretrained` refuses the folder (missing keys) rather than "
                 "loading an unfixed model.\n")
+    if surgery_doc.get("vlm"):
+        vlm = surgery_doc["vlm"]
+        return ("```python\nfrom transformers import AutoModelForImageTextToText, AutoProcessor\n"
+                "model = AutoModelForImageTextToText.from_pretrained(\"ORG/THIS_REPO\", trust_remote_code=True)  "
+                "# modeling_vit_surgery.py: torch + transformers only\n"
+                "processor = AutoProcessor.from_pretrained(\"ORG/THIS_REPO\")   # the source's, unchanged\n"
+                "inputs = processor(images=image, text=prompt, return_tensors=\"pt\")\n"
+                "answer = processor.decode(model.generate(**inputs, max_new_tokens=64)[0])\n```\n"
+                f"Only the vision tower (`{vlm['tower']}`) changed. The register token(s) live inside the tower "
+                f"(tower token index {regs}) and are removed from its outputs before the VLM selects its image "
+                f"features (vision_feature_layer {vlm['vision_feature_layer']!r}, strategy "
+                f"{vlm['vision_feature_select_strategy']!r}): the number of image tokens, the processor, the chat "
+                f"template, the language model and the projector are the source's ({vlm['unchanged_tensors']} "
+                "tensors outside the tower, bit-identical).\n"
+                "Without remote code: `pip install vit-surgery`, then `vit-surgery check PATH` rebuilds the stock "
+                "transformers class with the fix baked in.\n")
     return ("```python\nfrom transformers import AutoImageProcessor, AutoModel\n"
             "model = AutoModel.from_pretrained(\"ORG/THIS_REPO\", trust_remote_code=True)  "
             "# modeling_vit_surgery.py: torch + transformers only\n"

@@ -33,6 +33,7 @@ def build_tokenizer() -> Any:
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   padding_side="left",  # batched generation of a decoder-only model
                                    pad_token="<pad>", extra_special_tokens={"image_token": IMAGE_TOKEN})
     fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     fast.chat_template = CHAT_TEMPLATE
@@ -68,6 +69,43 @@ def build_llava_organism(seed: int = 0, *, strategy: str = "default", feature_la
             lin.weight.normal_(0, 0.2)
     model.generation_config.pad_token_id = 0
     return model, planting
+
+
+GRID_PINPOINTS = [[64, 128], [128, 64], [128, 128]]  # any-resolution grids of the LLaVA-NeXT organism (64 px tiles)
+
+
+def build_llava_next_organism(seed: int = 0, *, strategy: str = "default", feature_layer: int | list[int] = -2,
+                              plant: dict[int, list[tuple[int, int]]] | None = None) -> tuple[nn.Module, Planting]:
+    """A `LlavaNextForConditionalGeneration` (any-resolution 64 px tiles) around the planted HF CLIP organism."""
+    from transformers import LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    tower_model, planting = build_hf_clip_organism(seed, plant=plant)
+    cfg = LlavaNextConfig(vision_config=tower_model.config.to_dict(), text_config=LlamaConfig(**_text_config()).to_dict(),
+                          image_token_id=WORDS.index(IMAGE_TOKEN), vision_feature_select_strategy=strategy,
+                          vision_feature_layer=feature_layer, image_grid_pinpoints=GRID_PINPOINTS,
+                          projector_hidden_act="gelu", tie_word_embeddings=False)
+    torch.manual_seed(seed + 1)
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    model.model.vision_tower.load_state_dict(tower_model.state_dict())
+    with torch.no_grad():
+        for lin in (model.model.multi_modal_projector.linear_1, model.model.multi_modal_projector.linear_2):
+            lin.weight.normal_(0, 0.2)
+        model.model.image_newline.normal_(0, 1.0)
+    model.generation_config.pad_token_id = 0
+    return model, planting
+
+
+def build_llava_next_processor(strategy: str = "default") -> Any:
+    """LlavaNextProcessor: LlavaNextImageProcessor (64 px tiles on GRID_PINPOINTS) + the WordLevel tokenizer."""
+    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+    p = HF_ORGANISM_PREPROCESSOR
+    image_processor = LlavaNextImageProcessor(size=p["size"], crop_size=p["crop_size"], do_center_crop=True,
+                                              image_mean=p["image_mean"], image_std=p["image_std"], resample=3,
+                                              image_grid_pinpoints=GRID_PINPOINTS)
+    return LlavaNextProcessor(image_processor=image_processor, tokenizer=build_tokenizer(),
+                              patch_size=ORGANISM_SIZE["patch_size"], vision_feature_select_strategy=strategy,
+                              num_additional_image_tokens=1, image_token=IMAGE_TOKEN, chat_template=CHAT_TEMPLATE)
 
 
 def image_seq_length(strategy: str, cls: bool = True) -> int:

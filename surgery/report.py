@@ -363,8 +363,9 @@ def measure(pair: Pair, files: list[Path], *, detect_layer: Optional[int], thres
         if sums.grid is None:
             sums.grid = _grid(pair.original, orig, per_image["original"]["norms"].shape[1])
         if baked is not None:
-            sums.cosine += torch.nn.functional.cosine_similarity(per_image["original"]["pooled"].double(),
-                                                                 per_image["baked"]["pooled"].double(), dim=1).tolist()
+            sums.cosine += torch.nn.functional.cosine_similarity(  # a VLM's "pooled" output: its logits [B, T, V]
+                per_image["original"]["pooled"].double().flatten(1), per_image["baked"]["pooled"].double().flatten(1),
+                dim=1).tolist()
         _keep_shown(sums, paths, pixels, per_image, show, stats_px)
     batches.require_some(len(sums.names))
     return _measurement(sums, det, threshold, regs, skipped=len(batches.skipped), has_cls=p_o > 0)
@@ -668,6 +669,15 @@ def _html_numbers(s: dict[str, Any]) -> list[str]:
     return parts
 
 
+def _lm_attention_text(lm: Optional[dict[str, Any]]) -> str:
+    if not lm:
+        return ""
+    parts = [f"{side}: {_pct(lm[side]['image_attention_share'])} of the row on the image tokens, "
+             f"{_pct(lm[side]['top1pct_image_attention_share'])} of that on the top 1 % of image tokens"
+             for side in ("original", "baked") if side in lm]
+    return "; ".join(parts) + f" ({lm['definition']})."
+
+
 def _html_pictures(s: dict[str, Any], pictures: dict[str, bytes]) -> list[str]:
     """One section per drawn picture, embedded, with its caption."""
     e = html.escape
@@ -679,6 +689,8 @@ def _html_pictures(s: dict[str, Any], pictures: dict[str, bytes]) -> list[str]:
          else "No outliers in the original on these images."),
         ("norm_maps.png", "Token-norm maps over the patch grid", ""),
         ("attention_maps.png", "Last-block CLS attention over patches", ""),
+        ("lm_attention_maps.png", "Language model: last text token's attention to the image tokens",
+         _lm_attention_text(s.get("lm_attention"))),
         ("neuron_ranking.png", "Register-neuron ranking and the chosen cut",
          f"Source: {s['ranking']['source']}." if s.get("ranking") else ""),
     ]
@@ -732,6 +744,8 @@ def write_report(model_spec: str, baked_spec: Optional[str] = None, images: Any 
 
     out_dir.mkdir(parents=True, exist_ok=True)
     pics = _draw_pictures(m, recipe, out_dir)
+    lm_attention = _lm_attention_section(pair, files, out_dir, pics, batch_size=batch_size,
+                                         show=int(opts.get("show", DEFAULT_SHOW)), progress=progress)
     ranking = _ranking_section(pair, recipe, out_dir, pics)
     knn = None
     if opts.get("dataset") and pair.baked is not None:
@@ -742,6 +756,9 @@ def write_report(model_spec: str, baked_spec: Optional[str] = None, images: Any 
     images_label = _images_label(images, files)
     summary = _summary(pair, m, recipe, out_dir, images_label=images_label, ranking=ranking, knn=knn,
                        pictures=list(pics), version=__version__)
+    if lm_attention is not None:
+        summary["lm_attention"] = lm_attention
+        summary["files"].append("lm_attention_maps.png")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=float) + "\n")
     html_path = out_dir / "report.html"
     html_path.write_text(_html(summary, pics), encoding="utf-8")
@@ -762,6 +779,22 @@ def _draw_pictures(m: Measurement, recipe: Optional[Recipe], out_dir: Path) -> d
             f"(block {m.depth - 1}), mean over heads",
             "attention weight of the CLS token" if m.has_cls else "mean attention weight from the patches", log=False)
     return pics
+
+
+def _lm_attention_section(pair: Pair, files: list[Path], out_dir: Path, pics: dict[str, bytes], *, batch_size: int,
+                          show: int, progress: bool) -> Optional[dict[str, Any]]:
+    """Vision-language models: the language model's attention to the image tokens, before / after
+    (surgery/report_vlm.py); draws lm_attention_maps.png into `pics`. None for other models."""
+    from .report_vlm import is_vlm, measure_lm_attention, plot_lm_attention
+
+    if not is_vlm(pair.original.adapter):
+        return None
+    result = measure_lm_attention(pair, files, batch_size=batch_size, show=show, progress=progress)
+    data = plot_lm_attention(result, out_dir / "lm_attention_maps.png")
+    if data is not None:
+        pics["lm_attention_maps.png"] = data
+    result.pop("_maps", None)
+    return result
 
 
 def _ranking_section(pair: Pair, recipe: Optional[Recipe], out_dir: Path,

@@ -27,22 +27,27 @@ from surgery.cli import main
 from surgery.core.images import builtin_images
 from surgery.organism import write_organism_images
 from surgery.organism_families import write_fake_hub_repo
-from surgery.organism_vlm import build_llava_organism, build_llava_processor, save_vlm_organism
+from surgery.organism_vlm import (build_llava_next_organism, build_llava_next_processor, build_llava_organism,
+                                  build_llava_processor, save_vlm_organism)
 from surgery.pipeline import run_convert
 
 PLANTED = {2: [17, 101], 3: [42]}
 TOWER = "model.vision_tower."  # state-dict names of the tower's tensors
 PROMPT = "USER: <image> what is in the image ? ASSISTANT:"
-# (tower, strategy, vision_feature_layer)
+# (tower, strategy, vision_feature_layer); "next-": LLaVA-NeXT (any-resolution tiles)
 CASES = {"clip-default": ("clip", "default", -2), "clip-full-layers": ("clip", "full", [-2, -5]),
-         "siglip-full": ("siglip", "full", -1)}
+         "siglip-full": ("siglip", "full", -1), "next-clip-default": ("clip", "default", -2)}
 
 
-def save_case(root: Path, tower: str, strategy: str, layer, *, dtype=torch.float32, processor: bool = True) -> Path:
-    model, planting = build_llava_organism(0, strategy=strategy, feature_layer=layer, tower=tower)
+def save_case(root: Path, tower: str, strategy: str, layer, *, dtype=torch.float32, next_: bool = False) -> Path:
+    if next_:
+        model, planting = build_llava_next_organism(0, strategy=strategy, feature_layer=layer)
+        processor = build_llava_next_processor(strategy)
+    else:
+        model, planting = build_llava_organism(0, strategy=strategy, feature_layer=layer, tower=tower)
+        processor = build_llava_processor(strategy, cls_token=tower == "clip")
     assert planting.neurons == PLANTED
-    return save_vlm_organism(model.to(dtype), build_llava_processor(strategy, cls_token=tower == "clip"), root,
-                             with_processor=processor)
+    return save_vlm_organism(model.to(dtype), processor, root)
 
 
 @pytest.fixture(scope="module")
@@ -63,19 +68,23 @@ def converted(tmp_path_factory, neurons_file):
     root = tmp_path_factory.mktemp("vlm")
     out = {}
     for name, (tower, strategy, layer) in CASES.items():
-        src = save_case(root / name / "src", tower, strategy, layer)
+        src = save_case(root / name / "src", tower, strategy, layer, next_=name.startswith("next-"))
         res = run_convert(load_model(str(src)), root / name / "out", neurons=str(neurons_file), progress=False)
         assert res.report.passed, res.report.summary()
         out[name] = (src, root / name / "out")
     return out
 
 
-def processor_inputs(folder: Path, images: list[Path]) -> dict:
+def processor_inputs(folder: Path, images: list[Path], stretch: bool = False) -> dict:
+    """The folder's own processor on the images (`stretch`: each a different aspect ratio, so LLaVA-NeXT
+    picks different tile grids and unpads differently within one batch)."""
     from PIL import Image
     from transformers import AutoProcessor
 
     proc = AutoProcessor.from_pretrained(folder)
     pics = [Image.open(p).convert("RGB") for p in images]
+    if stretch:
+        pics = [im.resize((64 + 32 * (i % 3), 64 + 32 * (i // 3 % 2))) for i, im in enumerate(pics)]
     return dict(proc(images=pics, text=[PROMPT] * len(pics), return_tensors="pt", padding=True))
 
 
@@ -102,15 +111,16 @@ def independent_reference(vlm, tower_kind: str, strategy: str):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_converted_vlm_matches_the_independent_reference(case, converted, images):
-    from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
     tower, strategy, layer = CASES[case]
     src, out = converted[case]
-    inputs = processor_inputs(out, images)
+    stretch = case.startswith("next-")
+    inputs = processor_inputs(out, images, stretch)
     inputs["pixel_values"] = inputs["pixel_values"].double()
     baked = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True, dtype=torch.float64).eval()
-    assert type(baked).__name__ == "VitSurgeryLlavaForConditionalGeneration"
-    stock = LlavaForConditionalGeneration.from_pretrained(src, dtype=torch.float64).eval()
+    stock = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float64).eval()  # transformers alone
+    assert type(baked).__name__ == f"VitSurgery{type(stock).__name__}"
     with torch.no_grad():
         got = baked(**inputs).logits
         plain = stock(**inputs).logits
@@ -119,16 +129,16 @@ def test_converted_vlm_matches_the_independent_reference(case, converted, images
     assert float(per_vector_relative(got, want).max()) < 1e-9
     assert float(per_vector_relative(plain, want).max()) > 1e-3  # the fix changes what the LM sees
     # same placeholders as the source's processor: nothing downstream of the tower changed
-    assert torch.equal(inputs["input_ids"], processor_inputs(src, images)["input_ids"])
+    assert torch.equal(inputs["input_ids"], processor_inputs(src, images, stretch)["input_ids"])
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_only_the_tower_changed_and_the_folder_is_whole(case, converted):
     from safetensors.torch import load_file
-    from transformers import LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
     src, out = converted[case]
-    source = LlavaForConditionalGeneration.from_pretrained(src).state_dict()  # transformers' own reading
+    source = AutoModelForImageTextToText.from_pretrained(src).state_dict()  # transformers' own reading
     written = load_file(str(out / "model.safetensors"))
     outside = [k for k in source if not k.startswith(TOWER)]
     assert outside and all(torch.equal(written[k], source[k]) for k in outside)  # LM, projector: bit-identical
@@ -138,6 +148,8 @@ def test_only_the_tower_changed_and_the_folder_is_whole(case, converted):
         assert (out / name).read_bytes() == (src / name).read_bytes(), name
     doc = json.loads((out / "surgery.json").read_text())
     assert doc["unchanged_tensors"]["count"] == len(outside)
+    card = (out / "README.md").read_text()
+    assert "pipeline_tag: image-text-to-text" in card and "AutoModelForImageTextToText" in card
     parity = json.loads((out / "parity.json").read_text())["parity"]
     assert {o["name"] for o in parity["outputs"]} >= {"image_features", "logits"}
 
@@ -241,3 +253,17 @@ def test_bad_vlms_are_refused_in_one_line(kind, words, converted, tmp_path, neur
     _, err = capsys.readouterr()
     assert code == 4 and err.count("\n") == 1 and words in err and "Traceback" not in err, err
     assert not out.exists()
+
+
+def test_inspect_shows_the_language_models_attention_to_the_image(converted, images, tmp_path, capsys):
+    _, out = converted["clip-default"]
+    code = main(["inspect", str(out), "--images", str(images[0].parent), "--out", str(tmp_path / "rep"),
+                 "--num-images", "4", "--show", "2", "-q"])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    lm = summary["lm_attention"]
+    for side in ("original", "baked"):
+        assert 0 < lm[side]["image_attention_share"] <= 1 and 0 < lm[side]["top1pct_image_attention_share"] <= 1
+    assert (tmp_path / "rep" / "lm_attention_maps.png").is_file()
+    assert "last text token" in (tmp_path / "rep" / "report.html").read_text()

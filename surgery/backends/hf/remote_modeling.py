@@ -167,3 +167,12 @@ class VitSurgeryLlavaForConditionalGeneration(transformers.LlavaForConditionalGe
     def __init__(self, config):
         super().__init__(config)
         bake_vlm_tower(self.model.vision_tower, config.vit_surgery)
+
+
+class VitSurgeryLlavaNextForConditionalGeneration(transformers.LlavaNextForConditionalGeneration):
+    """LLaVA-NeXT whose vision tower carries baked test-time registers (every any-resolution tile passes
+    through the baked tower; the tiles' features are selected and packed as in the stock model)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        bake_vlm_tower(self.model.vision_tower, config.vit_surgery)

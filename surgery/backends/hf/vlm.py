@@ -30,7 +30,6 @@ from .current import HF_SIGLIP
 
 IMAGE_PROCESSOR_ATTR = "surgery_image_processor"  # the VLM's own HF image processor (set by the loader)
 SELECT_STRATEGIES = ("default", "full")
-VLM_CLASSES = ("LlavaForConditionalGeneration",)
 TEXT_LENGTH = 8  # text tokens after the image in the judged prompt
 
 
@@ -58,6 +57,9 @@ class HFVisionLanguage(Adapter):
     """A LLaVA-style VLM whose tower is handled by `tower_family` (an HF vision adapter)."""
 
     output_names = ("image_features", "logits")  # what the judge calls forward_both's two outputs
+    text_length = TEXT_LENGTH  # the judged prompt: the image's placeholders, then this many text tokens
+
+    vlm_classes: tuple[str, ...] = ("LlavaForConditionalGeneration",)
 
     def __init__(self, tower_family: Adapter, name: str) -> None:
         self.tower_family, self.name = tower_family, name
@@ -66,10 +68,10 @@ class HFVisionLanguage(Adapter):
         if not _from_transformers(model):
             return False
         try:
-            classes = _hf_classes(*VLM_CLASSES)
+            classes = _hf_classes(*self.vlm_classes)
         except ImportError:
             return False
-        return isinstance(model, classes) and self.tower_family.matches(vision_tower(model))
+        return bool(classes) and isinstance(model, classes) and self.tower_family.matches(vision_tower(model))
 
     # --- the tower's structure, answered by the tower's adapter ---------------------------------
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
@@ -178,6 +180,73 @@ class HFVisionLanguage(Adapter):
         return out.logits, feats
 
 
+class SquareTilesTransform:
+    """LLaVA-NeXT: the image resized to a square `size` (one grid pinpoint, so every image gives the same
+    tiles), then the VLM's own processor: [tiles, 3, H, W], tile 0 the whole image, each tile an image
+    to the tower."""
+
+    def __init__(self, image_processor: Any, size: int) -> None:
+        self.image_processor, self.size = image_processor, int(size)
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        from PIL import Image
+
+        square = image.convert("RGB").resize((self.size, self.size), Image.BICUBIC)
+        return self.image_processor(images=square, return_tensors="pt")["pixel_values"][0].to(torch.float32)
+
+
+def square_pinpoint(model: nn.Module) -> int:
+    """The largest square any-resolution grid pinpoint (the tower's image size when there is none)."""
+    squares = [int(h) for h, w in (getattr(model.config, "image_grid_pinpoints", None) or []) if h == w]
+    return max(squares) if squares else int(model.config.vision_config.image_size)
+
+
+class HFLlavaNext(HFVisionLanguage):
+    """`LlavaNextForConditionalGeneration`: any-resolution tiles, each its own image to the tower; the
+    features of the tiles are packed (unpadded, newline rows) by the VLM. Calibration and check images
+    are squared to one grid pinpoint (`SquareTilesTransform`), so batches stack: [B, tiles, 3, H, W]."""
+
+    vlm_classes = ("LlavaNextForConditionalGeneration",)
+
+    def data_transform(self, model: nn.Module) -> Callable:
+        proc = getattr(model, IMAGE_PROCESSOR_ATTR, None)
+        if proc is None:
+            return super().data_transform(model)
+        return SquareTilesTransform(proc, square_pinpoint(model))
+
+    def forward_tokens(self, model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        return super().forward_tokens(model, pixels.flatten(0, 1) if pixels.dim() == 5 else pixels)
+
+    def forward_features_and_logits(self, model: nn.Module, pixels: torch.Tensor,
+                                    **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        """One tower pass through the VLM's own feature code (tiles, selection, projector, packing); the
+        packed features then fill the `<image>` placeholders of the judged prompt, as the VLM's forward does."""
+        B, size = pixels.shape[0], square_pinpoint(model)
+        sizes = torch.tensor([[size, size]] * B, device=pixels.device)
+        layer, strategy = feature_selection(model)
+        feats: list[torch.Tensor] = []
+        hook = model.model.multi_modal_projector.register_forward_pre_hook(lambda _m, a: feats.append(a[0]))
+        try:
+            packed = model.model.get_image_features(pixel_values=pixels, image_sizes=sizes, vision_feature_layer=layer,
+                                                    vision_feature_select_strategy=strategy).pooler_output
+        finally:
+            hook.remove()
+        image = torch.cat(list(packed)) if isinstance(packed, (list, tuple)) else packed
+        per_image = image.shape[0] // B
+        cfg = model.config
+        image_id = int(cfg.image_token_id)
+        specials = {image_id, getattr(cfg.text_config, "pad_token_id", None)}
+        text = [t for t in range(1, int(cfg.text_config.vocab_size)) if t not in specials][:TEXT_LENGTH]
+        ids = torch.tensor([image_id] * per_image + text, device=pixels.device).unsqueeze(0).expand(B, -1)
+        embeds = model.get_input_embeddings()(ids)
+        mask = (ids == image_id).unsqueeze(-1).expand_as(embeds)
+        embeds = embeds.masked_scatter(mask, image.to(embeds.dtype))
+        out = model(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), use_cache=False, return_dict=True,
+                    **kwargs)
+        tiles = feats[0]
+        return tiles.reshape(B, -1, tiles.shape[-1]), out
+
+
 def prepare_vlm(model: nn.Module, family: HFVisionLanguage) -> None:
     """A freshly loaded VLM: its tower drops register rows from its outputs from now on."""
     install_register_drop(vision_tower(model), family.tower_family.default_prefix(vision_tower(model)))  # type: ignore[attr-defined]
@@ -185,4 +254,6 @@ def prepare_vlm(model: nn.Module, family: HFVisionLanguage) -> None:
 
 HF_LLAVA_CLIP = HFVisionLanguage(HF_CLIP, "hf_llava_clip")
 HF_LLAVA_SIGLIP = HFVisionLanguage(HF_SIGLIP, "hf_llava_siglip")
-VLM_ADAPTERS = (HF_LLAVA_CLIP, HF_LLAVA_SIGLIP)
+HF_LLAVA_NEXT_CLIP = HFLlavaNext(HF_CLIP, "hf_llava_next_clip")
+HF_LLAVA_NEXT_SIGLIP = HFLlavaNext(HF_SIGLIP, "hf_llava_next_siglip")
+VLM_ADAPTERS = (HF_LLAVA_CLIP, HF_LLAVA_SIGLIP, HF_LLAVA_NEXT_CLIP, HF_LLAVA_NEXT_SIGLIP)

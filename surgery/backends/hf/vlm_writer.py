@@ -56,11 +56,6 @@ def _verify_outside_tower(source: nn.Module, path: Path) -> int:
 def _readme(base: str, recipe: Any, regs: list[int], layer: Any, strategy: str) -> str:
     return (
         f"# {base} with a baked vision tower (vit-surgery)\n\n"
-        "```python\nfrom transformers import AutoModelForImageTextToText, AutoProcessor\n"
-        "model = AutoModelForImageTextToText.from_pretrained(DIR, trust_remote_code=True)  # modeling_vit_surgery.py\n"
-        "processor = AutoProcessor.from_pretrained(DIR)   # unchanged: same <image> placeholders\n"
-        "inputs = processor(images=image, text=prompt, return_tensors=\"pt\")\n"
-        "out = model.generate(**inputs, max_new_tokens=32)\n```\n\n"
         f"Only the vision tower (`{TOWER_PREFIX[:-1]}`) changed: {recipe.num_registers} test-time register "
         f"token(s) inside the tower (tower token index {', '.join(map(str, regs))}), removed again from the "
         "tower's outputs before the VLM selects its image features "
@@ -107,9 +102,13 @@ def write_vlm_dir(model: nn.Module, out_dir: Path, loaded: Any, surgery: dict[st
     # the model's own names: what save_pretrained writes for a remote-code class (transformers renames the
     # original checkpoint layout only for its own classes), and what the remote class loads
     save_state_dict(model.state_dict(), files[2], surgery)
+    count = _verify_outside_tower(loaded.model, files[2])
     surgery["unchanged_tensors"] = {
-        "outside": TOWER_PREFIX[:-1], "count": _verify_outside_tower(loaded.model, files[2]),
+        "outside": TOWER_PREFIX[:-1], "count": count,
         "verified": "bit for bit against the source's tensors (in the written dtype) after writing"}
+    surgery["vlm"] = {"class": base, "tower": TOWER_PREFIX[:-1], "vision_feature_layer": layer,
+                      "vision_feature_select_strategy": strategy, "unchanged_tensors": count,
+                      "image_features": "tower outputs without the register rows (image token count unchanged)"}
     extra = copy_extra_files(loaded, out_dir)  # processor, tokenizer, chat template, generation config
     if not (out_dir / "generation_config.json").exists() and getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out_dir)
