@@ -16,7 +16,9 @@ CHECK_BATCH_SIZES = (1, 3, 8)
 
 
 def is_onnx(spec: Optional[str]) -> bool:
-    return bool(spec) and str(spec).lower().endswith(".onnx")
+    from .folder import is_onnx_folder
+
+    return bool(spec) and (str(spec).lower().endswith(".onnx") or is_onnx_folder(spec))
 
 
 def _say(a: argparse.Namespace, msg: str) -> None:
@@ -56,7 +58,7 @@ def cmd_find_onnx(a: argparse.Namespace, config: Any) -> int:
     if out.exists() and not a.overwrite:
         check_output_target(out, a.overwrite)
     prov = {"images": str(a.images), "tool_version": __version__}
-    result = find_register_neurons_onnx(a.model, a.images, config, progress=not a.quiet, provenance=prov)
+    result = find_register_neurons_onnx(_find_source(a.model), a.images, config, progress=not a.quiet, provenance=prov)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial")
     write_json(tmp, result.to_json())
@@ -68,7 +70,14 @@ def cmd_find_onnx(a: argparse.Namespace, config: Any) -> int:
     return 0
 
 
-def _recipe(a: argparse.Namespace, config: Any) -> tuple[Any, dict[str, Any]]:
+def _find_source(spec: str) -> str:
+    """The ONNX file `find` runs on: the file itself, or a folder's fp32 model (folder.py)."""
+    from .folder import is_onnx_folder, open_folder
+
+    return str(open_folder(spec).find_source()) if is_onnx_folder(spec) else spec
+
+
+def _recipe(a: argparse.Namespace, config: Any, model: Optional[str] = None) -> tuple[Any, dict[str, Any]]:
     from ..core.recipe import read_neurons_file
     from .discover import find_register_neurons_onnx
 
@@ -83,7 +92,7 @@ def _recipe(a: argparse.Namespace, config: Any) -> tuple[Any, dict[str, Any]]:
             recipe, doc = published_neurons(a.neurons), {"published": a.neurons}
         return recipe.with_options(**overrides), doc
     if a.images:
-        result = find_register_neurons_onnx(a.model, a.images, config, progress=not a.quiet,
+        result = find_register_neurons_onnx(model or a.model, a.images, config, progress=not a.quiet,
                                             provenance={"images": str(a.images), "tool_version": __version__})
         return result.recipe, result.to_json()
     raise NeuronsFileError("an ONNX model needs --neurons FILE or --images DIR (no published set is matched "
@@ -92,6 +101,11 @@ def _recipe(a: argparse.Namespace, config: Any) -> tuple[Any, dict[str, Any]]:
 
 def cmd_convert_onnx(a: argparse.Namespace, config: Any) -> int:
     from .convert import convert_onnx, require_onnx_file
+    from .folder import is_onnx_folder
+
+    if is_onnx_folder(a.model):
+        from .folder_cli import cmd_convert_folder
+        return cmd_convert_folder(a, config)
 
     if getattr(a, "to", "native") != "native" or getattr(a, "onnx", False) or getattr(a, "fp16", False):
         raise SurgeryError("--to, --onnx and --fp16 apply to PyTorch models; an ONNX input is written as "
@@ -117,6 +131,11 @@ def cmd_check_onnx(a: argparse.Namespace) -> int:
     from ..pipeline import write_json
     from .check import check_onnx
     from .convert import require_onnx_file
+    from .folder import is_onnx_folder
+
+    if is_onnx_folder(a.out_dir):
+        from .folder_cli import cmd_check_folder
+        return cmd_check_folder(a)
 
     baked = require_onnx_file(a.out_dir)
     if not a.source:
