@@ -22,7 +22,8 @@ import torch
 from ..core.errors import ModelInputError
 from ..core.parity import OutputError
 from ..core.recipe import Recipe
-from .bake import _Builder, _insert_registers, _remake_side_tensors, _replace_uses, _shift_token_constants, _side_tensors
+from .bake import (_Builder, _insert_registers, _remake_side_tensors, _replace_uses, _shift_token_constants,
+                   _side_tensors, pool_without_registers)
 from .discover import TokenLayout, measure_layout
 from .precision import FP32_TOLERANCE, precision_of, tolerance_for
 from .recognise import load_ir, recognise
@@ -84,7 +85,9 @@ def hooked_reference_graph(source: str | Path, recipe: Recipe, layout: Optional[
         _replace_uses(site.hidden, new_h, {id(n) for n in b.nodes[before:]})
     own = {id(n) for n in b.nodes}
     b.commit()
-    _shift_token_constants(b, entry, layout, R, own)
+    _, head = pool_without_registers(b, vit, layout, R)
+    b.commit_new()
+    _shift_token_constants(b, entry, layout, R, own, vit.embed_dim, head)
     _remake_side_tensors(b, side, layout, R)
     graph.sort()
     return vit.model
