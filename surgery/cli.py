@@ -70,7 +70,9 @@ def _say(a: argparse.Namespace, msg: str) -> None:
 
 
 def _is_onnx(spec: Optional[str]) -> bool:
-    return bool(spec) and str(spec).lower().endswith(".onnx")
+    from .onnx_graph.cli import is_onnx  # an .onnx file or a folder of them (an HF ONNX repo)
+
+    return is_onnx(spec)
 
 
 # ---- commands ----------------------------------------------------------------------------------

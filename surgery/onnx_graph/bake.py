@@ -79,9 +79,16 @@ class _Builder:
 
     def commit(self) -> None:
         self.graph.extend(self.nodes)
+        self._committed = len(self.nodes)
+
+    def commit_new(self) -> None:
+        """Add the nodes made since `commit` (later passes build on a committed graph)."""
+        self.graph.extend(self.nodes[getattr(self, "_committed", 0):])
+        self._committed = len(self.nodes)
 
 
-def _descendants(start: ir.Value) -> tuple[list[ir.Node], set[int]]:
+def _descendants(start: ir.Value, stop: frozenset[int] = frozenset()) -> tuple[list[ir.Node], set[int]]:
+    """Nodes and values downstream of `start` (not through the nodes in `stop`)."""
     nodes: dict[int, ir.Node] = {}
     values = {id(start)}
     stack = [start]
@@ -89,7 +96,7 @@ def _descendants(start: ir.Value) -> tuple[list[ir.Node], set[int]]:
         v = stack.pop()
         for u in v.uses():
             n = u.node
-            if id(n) in nodes:
+            if id(n) in nodes or id(n) in stop:
                 continue
             nodes[id(n)] = n
             for o in n.outputs:
@@ -182,7 +189,7 @@ _SHAPE_OPS = {"Concat", "Unsqueeze", "Squeeze", "Gather", "Slice", "Mul", "Add",
               "Reshape", "Max", "Min"}
 
 
-def _shift_shape_input(b: _Builder, consumer: ir.Node, j: int, N: int, R: int) -> list[str]:
+def _shift_shape_input(b: _Builder, consumer: ir.Node, j: int, N: int, R: int, dim: Optional[int] = None) -> list[str]:
     """Integer constants that the `j`th (shape) input of `consumer` is computed from: entries equal to the
     token count N become N + R (new constants; the old ones may be shared with nodes upstream)."""
     changed: list[str] = []
@@ -198,6 +205,13 @@ def _shift_shape_input(b: _Builder, consumer: ir.Node, j: int, N: int, R: int) -
         if c is not None:
             if c.dtype.kind in "iu" and c.size <= 8 and np.any(c == N):
                 c2 = np.where(c == N, N + R, c).astype(c.dtype)
+                if dim == N and c.ndim == 1:
+                    # tokens == width: only [batch, N, ...] is the token axis ([-1, 1, D] after pooling is not)
+                    c2 = c.copy()
+                    if c.size > 1 and c[1] == N:
+                        c2[1] = N + R
+                    if np.array_equal(c2, c):
+                        continue
                 node.replace_input_with(k, b.const("tokens", c2))
                 changed.append(f"{node_label(node)} input {k}: {c.tolist()} -> {c2.tolist()}")
             continue
@@ -207,18 +221,19 @@ def _shift_shape_input(b: _Builder, consumer: ir.Node, j: int, N: int, R: int) -
     return changed
 
 
-def _shift_token_constants(b: _Builder, start: ir.Value, layout: TokenLayout, R: int, own: set[int]) -> list[str]:
-    """Constants downstream of the register entry that encode the token count N or slice from the prefix
-    count p: N -> N + R, p -> p + R. Returns a description of each change."""
+def _shift_token_constants(b: _Builder, start: ir.Value, layout: TokenLayout, R: int, own: set[int],
+                           dim: Optional[int] = None, stop: frozenset[int] = frozenset()) -> list[str]:
+    """Constants downstream of the register entry (up to the nodes in `stop`) that encode the token count N
+    or slice from the prefix count p: N -> N + R, p -> p + R. Returns a description of each change."""
     N, p = layout.num_tokens, layout.num_prefix
     changed: list[str] = []
-    nodes, values = _descendants(start)
+    nodes, values = _descendants(start, stop)
     for node in nodes:
         if id(node) in own:
             continue
         for j in _SHAPE_INPUTS.get(node.op_type, ()):
             if j < len(node.inputs) and node.inputs[j] is not None:
-                changed += _shift_shape_input(b, node, j, N, R)
+                changed += _shift_shape_input(b, node, j, N, R, dim)
         if node.op_type == "Slice" and len(node.inputs) >= 4:
             starts, ends, axes = (const_array(node.inputs[i]) for i in (1, 2, 3))
             if starts is None or ends is None or axes is None or 1 not in axes.tolist():
@@ -306,12 +321,30 @@ def _remake_side_tensors(b: _Builder, side: list[tuple[ir.Value, np.ndarray]], l
     return done
 
 
+def pool_without_registers(b: _Builder, vit: VitGraph, layout: TokenLayout, R: int) -> tuple[list[str], frozenset[int]]:
+    """A model without prefix tokens (SigLIP: attention-pool head) pools over the patches only, as the
+    baked PyTorch model does (timm's `x[:, num_prefix_tokens:]` before `attn_pool`, with the registers
+    counted as prefix): every use of a token output other than the output itself reads it from R on.
+    Returns (notes, the new Slice nodes: the head behind them keeps its N-token constants)."""
+    if layout.num_prefix:
+        return [], frozenset()
+    before = len(b.nodes)
+    _, values = _descendants(vit.entry)
+    done = []
+    for out in list(vit.model.graph.outputs):
+        uses = [u for u in out.uses() if id(u.node) not in {id(n) for n in b.nodes}]
+        if id(out) not in values or not uses:
+            continue
+        rest = b.op("Slice", [out, b.i64("start", [R]), b.i64("end", [INT64_MAX]), b.i64("axis1", [1])])
+        for u in uses:
+            u.node.replace_input_with(u.idx, rest)
+        done.append(f"head reads '{out.name}' without the {R} register token(s) ({len(uses)} use(s))")
+    return done, frozenset(id(n) for n in b.nodes[before:])
+
+
 def bake_graph(vit: VitGraph, recipe: Recipe, layout: TokenLayout, *, source: str = "") -> dict[str, Any]:
     """Rewrite `vit.model` in place. Returns a summary (what was changed)."""
     validate_recipe_for_model(recipe, vit.depth, vit.hidden_sizes, source="neurons")
-    if layout.num_prefix == 0:
-        raise ModelInputError(f"{vit.path}: no CLS/prefix token ({layout.num_tokens} tokens = patches); models "
-                              "without one (attention-pool heads) are not supported on ONNX yet")
     side = _side_tensors(vit, layout)
     graph = vit.model.graph
     w_dtype = np.dtype(layout.dtype)
@@ -322,8 +355,10 @@ def bake_graph(vit: VitGraph, recipe: Recipe, layout: TokenLayout, *, source: st
         _split_mlp(b, vit.mlps[block], list(units), p, R, recipe.scale, recipe.mode == "per_neuron", w_dtype)
     own = {id(n) for n in b.nodes}
     b.commit()
-    shifted = _shift_token_constants(b, new_entry, layout, R, own)
-    shifted += _remake_side_tensors(b, side, layout, R)
+    pooled, head = pool_without_registers(b, vit, layout, R)
+    b.commit_new()
+    shifted = _shift_token_constants(b, new_entry, layout, R, own, vit.embed_dim, head)
+    shifted += _remake_side_tensors(b, side, layout, R) + pooled
     graph.sort()
     regs = list(range(p, p + R))
     token_layout = {"num_prefix_tokens": p, "num_registers": R, "register_indices": regs, "first_patch_index": p + R,

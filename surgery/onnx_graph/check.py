@@ -22,13 +22,14 @@ import torch
 from ..core.errors import ModelInputError
 from ..core.parity import OutputError
 from ..core.recipe import Recipe
-from .bake import _Builder, _insert_registers, _remake_side_tensors, _replace_uses, _shift_token_constants, _side_tensors
+from .bake import (_Builder, _insert_registers, _remake_side_tensors, _replace_uses, _shift_token_constants,
+                   _side_tensors, pool_without_registers)
 from .discover import TokenLayout, measure_layout
+from .precision import FP32_TOLERANCE, precision_of, tolerance_for
 from .recognise import load_ir, recognise
 from .runtime import ExposedSession, as_input, session_for_file
 from .unit_activation import unit_activation
 
-FP32_TOLERANCE = 1e-5
 META_PREFIX = "vit_surgery."
 
 
@@ -84,7 +85,9 @@ def hooked_reference_graph(source: str | Path, recipe: Recipe, layout: Optional[
         _replace_uses(site.hidden, new_h, {id(n) for n in b.nodes[before:]})
     own = {id(n) for n in b.nodes}
     b.commit()
-    _shift_token_constants(b, entry, layout, R, own)
+    _, head = pool_without_registers(b, vit, layout, R)
+    b.commit_new()
+    _shift_token_constants(b, entry, layout, R, own, vit.embed_dim, head)
     _remake_side_tensors(b, side, layout, R)
     graph.sort()
     return vit.model
@@ -156,9 +159,10 @@ def check_onnx(baked: str | Path, source: str | Path, batches: list[torch.Tensor
     """Run the rewritten model and the hooked reference graph on `batches`; compare every output."""
     baked, source = Path(baked), Path(source)
     recipe = recipe or read_recipe(baked)
-    report = OnnxCheckReport(str(baked), str(source), tolerance)
     src_vit = recognise(source)
     layout = measure_layout(src_vit)
+    # --tolerance is fp32's; a float16 / quantized source is allowed at least its precision's (precision.py)
+    report = OnnxCheckReport(str(baked), str(source), tolerance_for(precision_of(src_vit, layout), tolerance))
     meta = dict(load_ir(baked).metadata_props)
     report.metadata = {k[len(META_PREFIX):]: v for k, v in meta.items() if k.startswith(META_PREFIX)}
     want_regs = list(range(layout.num_prefix, layout.num_prefix + recipe.num_registers))

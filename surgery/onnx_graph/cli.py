@@ -15,7 +15,9 @@ CHECK_BATCH_SIZES = (1, 3, 8)
 
 
 def is_onnx(spec: Optional[str]) -> bool:
-    return bool(spec) and str(spec).lower().endswith(".onnx")
+    from .folder import is_onnx_folder
+
+    return bool(spec) and (str(spec).lower().endswith(".onnx") or is_onnx_folder(spec))
 
 
 def _say(a: argparse.Namespace, msg: str) -> None:
@@ -53,7 +55,8 @@ def cmd_find_onnx(a: argparse.Namespace, config: Any) -> int:
 
     out = Path(a.out)
     prov = {"images": str(a.images), "tool_version": __version__}
-    result = find_register_neurons_onnx(a.model, a.images, config, progress=not a.quiet, provenance=prov)
+    result = find_register_neurons_onnx(_find_source(a.model), a.images, config, progress=not a.quiet,
+                                        provenance=prov)
     with atomic_output_file(out, a.overwrite) as tmp:
         write_json(tmp, result.to_json())
     units = ", ".join(f"{k}: {list(v)}" for k, v in result.recipe.neurons.items())
@@ -63,7 +66,14 @@ def cmd_find_onnx(a: argparse.Namespace, config: Any) -> int:
     return 0
 
 
-def _recipe(a: argparse.Namespace, config: Any) -> tuple[Any, dict[str, Any]]:
+def _find_source(spec: str) -> str:
+    """The ONNX file `find` runs on: the file itself, or a folder's fp32 model (folder.py)."""
+    from .folder import is_onnx_folder, open_folder
+
+    return str(open_folder(spec).find_source()) if is_onnx_folder(spec) else spec
+
+
+def _recipe(a: argparse.Namespace, config: Any, model: Optional[str] = None) -> tuple[Any, dict[str, Any]]:
     from ..core.recipe import read_neurons_file
     from .discover import find_register_neurons_onnx
 
@@ -78,7 +88,7 @@ def _recipe(a: argparse.Namespace, config: Any) -> tuple[Any, dict[str, Any]]:
             recipe, doc = published_neurons(a.neurons), {"published": a.neurons}
         return recipe.with_options(**overrides), doc
     if a.images:
-        result = find_register_neurons_onnx(a.model, a.images, config, progress=not a.quiet,
+        result = find_register_neurons_onnx(model or a.model, a.images, config, progress=not a.quiet,
                                             provenance={"images": str(a.images), "tool_version": __version__})
         return result.recipe, result.to_json()
     raise NeuronsFileError("an ONNX model needs --neurons FILE or --images DIR (no published set is matched "
@@ -87,6 +97,11 @@ def _recipe(a: argparse.Namespace, config: Any) -> tuple[Any, dict[str, Any]]:
 
 def cmd_convert_onnx(a: argparse.Namespace, config: Any) -> int:
     from .convert import convert_onnx, require_onnx_file
+    from .folder import is_onnx_folder
+
+    if is_onnx_folder(a.model):
+        from .folder_cli import cmd_convert_folder
+        return cmd_convert_folder(a, config)
 
     if getattr(a, "to", "native") != "native" or getattr(a, "onnx", False) or getattr(a, "fp16", False):
         raise UsageError("--to, --onnx and --fp16 apply to PyTorch models; an ONNX input is written as "
@@ -112,6 +127,11 @@ def cmd_check_onnx(a: argparse.Namespace) -> int:
     from ..pipeline import write_json
     from .check import check_onnx
     from .convert import require_onnx_file
+    from .folder import is_onnx_folder
+
+    if is_onnx_folder(a.out_dir):
+        from .folder_cli import cmd_check_folder
+        return cmd_check_folder(a)
 
     from ..core.outputs import atomic_output_file
 

@@ -36,13 +36,15 @@ _WARNED_DEFAULT_PREPROCESS: set[str] = set()  # models already warned about (one
 
 def preprocess_config(vit: VitGraph) -> tuple[dict[str, Any], str]:
     """timm transform arguments for the images, and where they came from: preprocessor_config.json next to
-    the file (HF ONNX repos, optimum exports), else vit-surgery's own metadata, else ImageNet defaults at
+    the file or above its onnx/ folder (HF ONNX repos, optimum exports), else vit-surgery's own metadata, else ImageNet defaults at
     the graph's input size (with a warning)."""
     from ..backends.hf.loader import preprocess_from_processor
 
     size = static_input_size(vit)
     base = dict(DEFAULT_PREPROCESS, input_size=size)
     proc_file = vit.path.parent / "preprocessor_config.json"
+    if not proc_file.is_file() and vit.path.parent.name == "onnx":  # HF ONNX repo: onnx/ next to the configs
+        proc_file = vit.path.parent.parent / "preprocessor_config.json"
     if proc_file.is_file():
         try:
             raw = json.loads(proc_file.read_text(encoding="utf-8"))

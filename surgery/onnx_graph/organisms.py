@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-ORGANISMS = ("timm_clip", "timm_vit", "timm_reg4", "open_clip", "open_clip_quickgelu", "hf_clip", "hf_dinov2",
+ORGANISMS = ("timm_clip", "timm_vit", "timm_reg4", "timm_siglip", "open_clip", "open_clip_quickgelu", "hf_clip", "hf_dinov2",
              "hf_dinov2_reg")
 
 
@@ -19,7 +19,8 @@ def build_organism(name: str, seed: int = 0) -> tuple[nn.Module, Any]:
     from ..organism import build_timm_organism
 
     if name.startswith("timm_"):
-        return build_timm_organism(seed, {"timm_clip": "clip", "timm_vit": "vit", "timm_reg4": "reg4"}[name])
+        return build_timm_organism(seed, {"timm_clip": "clip", "timm_vit": "vit", "timm_reg4": "reg4",
+                                          "timm_siglip": "siglip"}[name])
     if name.startswith("open_clip"):
         model, planting = of.build_open_clip_organism(seed, quick_gelu=name.endswith("quickgelu"))
         return model.visual, planting

@@ -211,6 +211,15 @@ def _residual_inputs(v: ir.Value) -> Optional[tuple[ir.Value, ir.Value, ir.Node]
     return None
 
 
+def _continues_stream(prev: MlpSite, site: MlpSite) -> bool:
+    """Does `site`'s MLP join a residual stream that continues `prev`'s (block output -> + attention ->
+    MLP join)? An attention-pool head's MLP joins the pooled latent's own stream instead."""
+    pair = [i for i in site.joins.inputs[:2] if i is not None]
+    mid = next((i for i in pair if id(site.down) not in _ancestors(i)), None)
+    res = _residual_inputs(mid) if mid is not None else None
+    return res is not None and res[0] is block_output(prev)
+
+
 def _stream_before_block0(site: MlpSite) -> tuple[ir.Value, list[str]]:
     """The stream tensor entering block 0 (before its attention), moved before a pre-norm if any."""
     j = site.joins
@@ -400,6 +409,9 @@ def recognise(path: str | Path, model: Optional[ir.Model] = None) -> VitGraph:
         mm = next((n for n in graph if n.op_type in ("MatMul", "Gemm")), None)
         raise ModelInputError(f"{path}: no transformer MLP (MatMul -> GELU -> MatMul with constant weights) "
                               f"found; first matrix multiply: {node_label(mm)}")
+    head = []
+    while len(sites) > 1 and not _continues_stream(sites[-2], sites[-1]):
+        head.append(sites.pop())  # an attention-pool head's MLP (SigLIP's MAP): not a transformer block
     dims = {s.fc2.out_dim for s in sites}
     if len(dims) != 1:
         raise ModelInputError(f"{path}: MLPs of different widths {sorted(dims)}: stopped at {sites[-1].fc2.label}")
@@ -409,6 +421,7 @@ def recognise(path: str | Path, model: Optional[ir.Model] = None) -> VitGraph:
                                   "output: not one residual stream")
     unfused = _unfuse_before_block0(graph, sites[0])
     entry, notes = _stream_before_block0(sites[0])
-    notes = unfused + notes
+    notes = unfused + notes + [f"MLP {h.fc1.label} -> {h.fc2.label} is in the head (its residual stream is not "
+                               "the blocks'): left as it is" for h in reversed(head)]
     conv = _patch_conv(graph)
     return VitGraph(model, Path(path), sites, entry, conv, dims.pop(), graph.inputs[0].name, notes)

@@ -24,28 +24,13 @@ import torch
 
 from ..core.parity import OutputError
 from ..core.recipe import Recipe
-from .check import FP32_TOLERANCE, hooked_reference_graph
-from .discover import TokenLayout, measure_layout
-from .recognise import VitGraph, load_ir, recognise
+from .check import hooked_reference_graph
+from .precision import FP32_TOLERANCE
+from .discover import measure_layout
+from .recognise import load_ir, recognise
 from .runtime import ExposedSession
 
-TOLERANCES = {"fp32": FP32_TOLERANCE, "fp16": 3e-3, "int8": 1e-4, "q4": 1e-4, "q4f16": 3e-3, "int8f16": 3e-3}
 FP32_JUDGE_FACTOR = 4.0
-
-
-def precision_of(vit: VitGraph, layout: TokenLayout) -> str:
-    """fp32 | fp16 | int8 | q4 (| q4f16 / int8f16: quantized weights in a float16 graph)."""
-    kinds = {lin.kind for s in vit.mlps for lin in (s.fc1, s.fc2)}
-    half = np.dtype(layout.dtype) == np.float16
-    quant = "q4" if "nbits" in kinds else "int8" if "int8" in kinds else ""
-    if quant:
-        return quant + ("f16" if half else "")
-    return "fp16" if half else "fp32"
-
-
-def tolerance_for(precision: str, requested: float = FP32_TOLERANCE) -> float:
-    """`requested` (the CLI's --tolerance) for fp32; at least the precision's own tolerance otherwise."""
-    return requested if precision == "fp32" else max(requested, TOLERANCES.get(precision, 3e-3))
 
 
 @dataclass

@@ -1,0 +1,65 @@
+"""`vit-surgery convert|check` when MODEL / OUT is a folder of ONNX files (an HF ONNX repo): see folder.py."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import ModelInputError, ParityError
+
+
+def cmd_convert_folder(a: argparse.Namespace, config: Any) -> int:
+    from ..core.outputs import atomic_output_dir, check_output_target
+    from .cli import _recipe, _say, check_batches
+    from .folder import convert_folder, require_onnx_folder
+
+    if getattr(a, "to", "native") != "native" or getattr(a, "onnx", False) or getattr(a, "fp16", False):
+        raise ModelInputError("--to, --onnx and --fp16 apply to PyTorch models; an ONNX folder is written with the "
+                              "same files, each rewritten")
+    check_output_target(a.out, a.overwrite)
+    source = require_onnx_folder(a.model)
+    base = source.find_source() if not a.neurons else None
+    recipe, doc = _recipe(a, config, model=str(base) if base else None)
+    pixels_from = base or source.files[0]
+    batches = None if a.no_check else check_batches(pixels_from, a.check_images or a.images, 16, 0, not a.quiet)
+    _say(a, f"rewriting {len(source.files)} ONNX file(s) of {source.root}: {recipe.num_neurons} register neuron(s), "
+            f"R={recipe.num_registers}")
+    with atomic_output_dir(a.out, a.overwrite) as tmp:
+        summaries, check = convert_folder(source, tmp, recipe, check_batches=batches, tolerance=a.tolerance,
+                                          say=lambda m: _say(a, m))
+        (tmp / "neurons.json").write_text(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
+        if check is not None:
+            (tmp / "parity.json").write_text(json.dumps({"onnx_folder": check.to_dict()}, indent=2, default=float)
+                                             + "\n")
+    units = ", ".join(f"{k}: {list(v)}" for k, v in recipe.neurons.items())
+    print(f"baked {recipe.num_neurons} register neuron(s) ({units}), R={recipe.num_registers} into "
+          + ", ".join(f"{k} ({s['precision']})" for k, s in summaries.items()))
+    if check is not None:
+        print(check.summary())
+    print(f"wrote {a.out}")
+    return 0
+
+
+def cmd_check_folder(a: argparse.Namespace) -> int:
+    from ..pipeline import write_json
+    from .cli import check_batches
+    from .folder import check_folder, require_onnx_folder
+
+    out = require_onnx_folder(a.out_dir)
+    if not a.source:
+        raise ModelInputError("checking an ONNX folder needs --source ORIGINAL_FOLDER (the model it was made from)")
+    source = require_onnx_folder(a.source)
+    try:
+        first = source.find_source()
+    except ModelInputError:
+        first = source.files[0]
+    batches = check_batches(first, a.images, a.num_images, a.seed, not a.quiet)
+    res = check_folder(out, source, batches, tolerance=a.tolerance)
+    report_path = Path(a.report) if a.report else out.root / "parity.json"
+    write_json(report_path, {"onnx_folder": res.to_dict()})
+    print(res.summary())
+    print(f"wrote {report_path}")
+    if not res.passed:
+        raise ParityError(res.summary())
+    return 0
