@@ -108,6 +108,10 @@ def _is_half(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
 
 
+def _refresh_branch_dtype(module: nn.Module, incompatible_keys: object) -> None:
+    module.branch_float32 = _is_half(module.reg_fc1.weight.dtype)
+
+
 def _linear(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Linear:
     lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
@@ -183,6 +187,8 @@ class RegisterMlp(nn.Module):
         # swap in an equivalent that their runtime evaluates accurately in the far tail (exporters/).
         self.reg_act = self.act
         self.branch_float32 = _is_half(self.reg_fc1.weight.dtype)
+        # load_state_dict(assign=True) replaces tensors without _apply: look again once children are loaded
+        self.register_load_state_dict_post_hook(_refresh_branch_dtype)
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         # .to(dtype) / .half() / .float() pass here: the half-precision decision follows the weights, so
@@ -191,9 +197,6 @@ class RegisterMlp(nn.Module):
         self.branch_float32 = _is_half(self.reg_fc1.weight.dtype)
         return out
 
-    def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[override]
-        super()._load_from_state_dict(*args, **kwargs)  # (assign=True loads may change the dtype)
-        self.branch_float32 = _is_half(self.reg_fc1.weight.dtype)
 
     def _hidden(self, pre: torch.Tensor) -> torch.Tensor:
         if self.gated:
