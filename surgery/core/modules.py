@@ -1,6 +1,6 @@
 """The modules a baked model is made of: the register token inserter and the split MLP.
 
-Both are plain `nn.Module`s with buffers and parameters only (no hooks, no Python-side state), so
+Both are plain `nn.Module`s with buffers and parameters only (no forward hooks), so
 `torch.jit.trace`, `torch.compile`, `torch.export` and ONNX export see the fix as ordinary graph ops.
 They are also `torch.jit.script`-able and `torch.fx.symbolic_trace`-able (timm's own model tests run
 both): fixed forward signatures, and no branch on a tensor's value or dtype at call time (the one
@@ -197,7 +197,6 @@ class RegisterMlp(nn.Module):
         self.branch_float32 = _is_half(self.reg_fc1.weight.dtype)
         return out
 
-
     def _hidden(self, pre: torch.Tensor) -> torch.Tensor:
         if self.gated:
             half = pre.shape[-1] // 2  # [gate | up], as chunk(2) splits it
@@ -205,6 +204,7 @@ class RegisterMlp(nn.Module):
         return self.act(pre)
 
     def _reg_hidden(self, pre: torch.Tensor) -> torch.Tensor:
+        # _hidden with reg_act (TorchScript cannot pass a module as an argument, hence two methods)
         if self.gated:
             half = pre.shape[-1] // 2
             return self.reg_act(pre[..., :half]) * pre[..., half:]
