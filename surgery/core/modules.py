@@ -1,6 +1,6 @@
 """The modules a baked model is made of: the register token inserter and the split MLP.
 
-Both are plain `nn.Module`s with buffers and parameters only (no hooks, no Python-side state), so
+Both are plain `nn.Module`s with buffers and parameters only (no forward hooks), so
 `torch.jit.trace`, `torch.compile`, `torch.export` and ONNX export see the fix as ordinary graph ops.
 They are also `torch.jit.script`-able and `torch.fx.symbolic_trace`-able (timm's own model tests run
 both): fixed forward signatures, and no branch on a tensor's value or dtype at call time (the one
@@ -108,6 +108,10 @@ def _is_half(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
 
 
+def _refresh_branch_dtype(module: nn.Module, incompatible_keys: object) -> None:
+    module.branch_float32 = _is_half(module.reg_fc1.weight.dtype)
+
+
 def _linear(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Linear:
     lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
@@ -183,6 +187,8 @@ class RegisterMlp(nn.Module):
         # swap in an equivalent that their runtime evaluates accurately in the far tail (exporters/).
         self.reg_act = self.act
         self.branch_float32 = _is_half(self.reg_fc1.weight.dtype)
+        # load_state_dict(assign=True) replaces tensors without _apply: look again once children are loaded
+        self.register_load_state_dict_post_hook(_refresh_branch_dtype)
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         # .to(dtype) / .half() / .float() pass here: the half-precision decision follows the weights, so
@@ -191,10 +197,6 @@ class RegisterMlp(nn.Module):
         self.branch_float32 = _is_half(self.reg_fc1.weight.dtype)
         return out
 
-    def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[override]
-        super()._load_from_state_dict(*args, **kwargs)  # (assign=True loads may change the dtype)
-        self.branch_float32 = _is_half(self.reg_fc1.weight.dtype)
-
     def _hidden(self, pre: torch.Tensor) -> torch.Tensor:
         if self.gated:
             half = pre.shape[-1] // 2  # [gate | up], as chunk(2) splits it
@@ -202,6 +204,7 @@ class RegisterMlp(nn.Module):
         return self.act(pre)
 
     def _reg_hidden(self, pre: torch.Tensor) -> torch.Tensor:
+        # _hidden with reg_act (TorchScript cannot pass a module as an argument, hence two methods)
         if self.gated:
             half = pre.shape[-1] // 2
             return self.reg_act(pre[..., :half]) * pre[..., half:]
