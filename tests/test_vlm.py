@@ -267,3 +267,29 @@ def test_inspect_shows_the_language_models_attention_to_the_image(converted, ima
         assert 0 < lm[side]["image_attention_share"] <= 1 and 0 < lm[side]["top1pct_image_attention_share"] <= 1
     assert (tmp_path / "rep" / "lm_attention_maps.png").is_file()
     assert "last text token" in (tmp_path / "rep" / "report.html").read_text()
+
+
+def test_vision_encoder_onnx_matches_the_independent_reference(converted, images, capsys):
+    """onnx/vision_encoder.onnx gives the projector's output of the independent reference: one row per
+    <image> placeholder (register removed), run by onnxruntime on the folder's own processor output."""
+    import onnxruntime as ort
+    from transformers import AutoModelForImageTextToText
+
+    tower, strategy, _ = CASES["clip-full-layers"]
+    src, out = converted["clip-full-layers"]
+    code = main(["export", str(out), "--format", "onnx", "--layout", "hf", "-q"])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    inputs = processor_inputs(out, images[:3])
+    session = ort.InferenceSession(str(out / "onnx" / "vision_encoder.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(["image_features"], {"pixel_values": inputs["pixel_values"].numpy()})[0]
+    placeholders = int((inputs["input_ids"][0] == 4).sum())  # "<image>" is word 4 of the organism's vocabulary
+    assert got.shape[:2] == (3, placeholders)
+    stock = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float64).eval()
+    projected = []
+    hook = stock.model.multi_modal_projector.register_forward_hook(lambda _m, _a, o: projected.append(o))
+    with torch.no_grad(), independent_reference(stock, tower, strategy):
+        stock(**{**inputs, "pixel_values": inputs["pixel_values"].double()})
+    hook.remove()
+    assert float(per_vector_relative(torch.from_numpy(got), projected[0]).max()) < 1e-5
+    assert "vision_encoder.onnx" in json.loads((out / "parity.json").read_text())["onnx_hf_layout"]
