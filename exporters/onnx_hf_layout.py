@@ -159,6 +159,12 @@ def export_hf_layout(out_dir: Path, *, loaded: Any, fp16: bool = False, progress
                      exporter: str = "dynamo", overwrite: bool = False) -> tuple[OnnxReport, Path]:
     """Write OUT/onnx/model.onnx (and model_fp16.onnx with fp16), validated; returns the last report."""
     out_dir = Path(out_dir)
+    from .onnx_vlm import export_vision_encoder, is_vlm_folder
+
+    if is_vlm_folder(loaded):  # a VLM: its vision encoder (onnx/vision_encoder.onnx), float32
+        if fp16:
+            raise ModelInputError("--fp16 is not offered for a VLM's vision_encoder.onnx")
+        return export_vision_encoder(out_dir, loaded=loaded, progress=progress, exporter=exporter, overwrite=overwrite)
     if loaded.recipe is None:
         raise ModelInputError(f"{out_dir} carries no baked test-time registers (run `vit-surgery convert` first)")
     if loaded.source.library != "hf":

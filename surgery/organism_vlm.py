@@ -108,6 +108,33 @@ def build_llava_next_processor(strategy: str = "default") -> Any:
                               num_additional_image_tokens=1, image_token=IMAGE_TOKEN, chat_template=CHAT_TEMPLATE)
 
 
+def build_llava_real_size(seed: int = 0) -> tuple[nn.Module, Any]:
+    """A random-init LLaVA at real tower size: the CLIP ViT-L/14-336 tower of LLaVA-1.5 (24 layers, 577
+    tokens), its 2-layer GELU projector, and a 2-layer Llama (hidden 2048) over the organism vocabulary;
+    with a LlavaProcessor at 336 px (CLIP mean/std). No planted neurons: for size and time rows."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaProcessor
+
+    from .backends.hf.adapter import CLIP_MEAN, CLIP_STD
+
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+    text = dict(_text_config(), hidden_size=2048, intermediate_size=5632, num_attention_heads=16, num_key_value_heads=4,
+                max_position_embeddings=1024)
+    cfg = LlavaConfig(vision_config=vision.to_dict(), text_config=LlamaConfig(**text).to_dict(),
+                      image_token_id=WORDS.index(IMAGE_TOKEN), vision_feature_select_strategy="default",
+                      vision_feature_layer=-2, projector_hidden_act="gelu", tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    model.generation_config.pad_token_id = 0
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                                         image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), resample=3)
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=build_tokenizer(), patch_size=14,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               image_token=IMAGE_TOKEN, chat_template=CHAT_TEMPLATE)
+    return model, processor
+
+
 def image_seq_length(strategy: str, cls: bool = True) -> int:
     """Image features per image of the organism's tower (64 px, patch 8): patches (+ CLS for `full`)."""
     n = (ORGANISM_SIZE["img_size"] // ORGANISM_SIZE["patch_size"]) ** 2

@@ -267,3 +267,61 @@ def test_inspect_shows_the_language_models_attention_to_the_image(converted, ima
         assert 0 < lm[side]["image_attention_share"] <= 1 and 0 < lm[side]["top1pct_image_attention_share"] <= 1
     assert (tmp_path / "rep" / "lm_attention_maps.png").is_file()
     assert "last text token" in (tmp_path / "rep" / "report.html").read_text()
+
+
+def test_vision_encoder_onnx_matches_the_independent_reference(converted, images, capsys):
+    """onnx/vision_encoder.onnx gives the projector's output of the independent reference: one row per
+    <image> placeholder (register removed), run by onnxruntime on the folder's own processor output."""
+    import onnxruntime as ort
+    from transformers import AutoModelForImageTextToText
+
+    tower, strategy, _ = CASES["clip-full-layers"]
+    src, out = converted["clip-full-layers"]
+    code = main(["export", str(out), "--format", "onnx", "--layout", "hf", "-q"])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    inputs = processor_inputs(out, images[:3])
+    session = ort.InferenceSession(str(out / "onnx" / "vision_encoder.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(["image_features"], {"pixel_values": inputs["pixel_values"].numpy()})[0]
+    placeholders = int((inputs["input_ids"][0] == 4).sum())  # "<image>" is word 4 of the organism's vocabulary
+    assert got.shape[:2] == (3, placeholders)
+    stock = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float64).eval()
+    projected = []
+    hook = stock.model.multi_modal_projector.register_forward_hook(lambda _m, _a, o: projected.append(o))
+    with torch.no_grad(), independent_reference(stock, tower, strategy):
+        stock(**{**inputs, "pixel_values": inputs["pixel_values"].double()})
+    hook.remove()
+    assert float(per_vector_relative(torch.from_numpy(got), projected[0]).max()) < 1e-5
+    assert "vision_encoder.onnx" in json.loads((out / "parity.json").read_text())["onnx_hf_layout"]
+
+
+@pytest.mark.slow
+def test_real_size_llava_converts_and_generates(tmp_path):
+    """CLIP ViT-L/14-336 tower (LLaVA-1.5's) + 2-layer Llama: convert (CLI, its own parity check), reload the
+    whole VLM with transformers and generate. Prints time and peak memory (benchmarks/RESULTS.md)."""
+    import resource
+    import subprocess
+    import sys
+    import time
+
+    from transformers import AutoModelForImageTextToText
+
+    from surgery.organism_vlm import build_llava_real_size
+
+    model, processor = build_llava_real_size(0)
+    src = save_vlm_organism(model, processor, tmp_path / "src")
+    del model
+    nf = tmp_path / "n.json"
+    nf.write_text(json.dumps({"register_neurons": {"10": [1, 2, 3], "12": [7]}}))
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "surgery.cli", "convert", str(src), "--neurons", str(nf),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    assert proc.returncode == 0, proc.stderr
+    assert "parity PASS" in proc.stdout
+    print(f"real-size LLaVA convert: {seconds:.0f} s, peak RSS {peak:.0f} MiB; {proc.stdout.strip()}")
+    baked = AutoModelForImageTextToText.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
+    inputs = processor_inputs(tmp_path / "out", list(builtin_images().glob("*.png"))[:2])
+    assert inputs["input_ids"].shape[1] > 576  # 576 image tokens per image, as in the source
+    assert baked.generate(**inputs, max_new_tokens=2, do_sample=False).shape[0] == 2
