@@ -388,7 +388,11 @@ def _plain_layout(out_dir: Path, loaded: Any, mode: str, exporter: str, progress
     model = loaded.model.to("cpu", torch.float32).eval()
 
     def export(scratch: Path) -> Path:
-        return export_onnx(loaded, out_dir, scratch, exporter=exporter, progress=progress).path
+        info = export_onnx(loaded, out_dir, scratch, exporter=exporter, progress=progress)
+        if info.external_data:  # the quantizer would write its own external-data file next to the staged one
+            raise ModelInputError(f"INT8 export of a model whose float32 graph needs external data (weights "
+                                  f"{info.weights_bytes / 2**30:.1f} GiB > 2 GB) is not supported yet")
+        return info.path
 
     return _Layout(out_dir / FILES[mode], tuple(VIT_ONNX_SPEC.output_names),  # type: ignore[arg-type]
                    _ExportWrapper(model, loaded.adapter, torch.float32).eval(), export)
