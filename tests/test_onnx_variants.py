@@ -27,49 +27,10 @@ from surgery.onnx_graph import convert_onnx, recognise
 from surgery.onnx_graph.check import rebatch
 from surgery.onnx_graph.discover import measure_layout
 from surgery.onnx_graph.linear import dequantized_rows
-from surgery.onnx_graph.organisms import build_organism, export_source_onnx
+from surgery.onnx_graph.organisms import build_organism, export_source_onnx, make_variant
 from surgery.onnx_graph.precision import precision_of
 from surgery.onnx_graph.values import const_array
 from surgery.onnx_graph.variants import judge_against_fp32
-
-
-def make_variant(src: Path, out: Path, kind: str) -> Path:
-    """`kind` of `src` written by onnxruntime's own tools."""
-    if kind == "fp16":
-        from onnxruntime.transformers.float16 import convert_float_to_float16
-
-        onnx.save(convert_float_to_float16(onnx.load(str(src)), keep_io_types=False), str(out))
-    elif kind == "fp16_io32":
-        from onnxruntime.transformers.float16 import convert_float_to_float16
-
-        onnx.save(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True), str(out))
-    elif kind == "optimized_fp16":
-        from onnxruntime.transformers import optimizer
-
-        opt = optimizer.optimize_model(str(src), model_type="clip", num_heads=4, hidden_size=64, opt_level=0)
-        opt.convert_float_to_float16(keep_io_types=True)
-        opt.save_model_to_file(str(out))
-    elif kind in ("int8_per_tensor", "int8_per_channel"):
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        per_channel = kind.endswith("channel")
-        quantize_dynamic(str(src), str(out), per_channel=per_channel,
-                         weight_type=QuantType.QInt8 if per_channel else QuantType.QUInt8)
-    elif kind == "q4":
-        from onnxruntime.quantization import matmul_nbits_quantizer as mnq
-
-        q = mnq.MatMulNBitsQuantizer(onnx.load(str(src)), block_size=32, is_symmetric=True)
-        q.process()
-        q.model.save_model_to_file(str(out))
-    elif kind == "q4_asym":
-        from onnxruntime.quantization import matmul_nbits_quantizer as mnq
-
-        q = mnq.MatMulNBitsQuantizer(onnx.load(str(src)), block_size=16, is_symmetric=False)
-        q.process()
-        q.model.save_model_to_file(str(out))
-    else:
-        raise ValueError(kind)
-    return out
 
 
 VARIANTS = {"fp16": "fp16", "fp16_io32": "fp16", "optimized_fp16": "fp16", "int8_per_tensor": "int8",
