@@ -13,6 +13,11 @@ Arms run interleaved (alternating order), a few warm-up calls each, then R timed
 with one thread; ratios are medians of per-round ratios. Outputs are checked before timing.
 
     .venv/bin/python benchmarks/bench_onnx_graph.py [--rounds 9] [--warmup 2] [--threads 1] [--write]
+
+With --variants (issue 25): the same ViT-B/16 file's precision variants made by onnxruntime's tools (float16
+with float32 I/O, dynamic INT8 per-tensor and per-channel, 4-bit MatMulNBits), each rewritten by
+`convert_onnx` with the same recipe; latency of each rewritten variant against its source variant (section
+"ONNX graph rewrite: precision variants").
 """
 from __future__ import annotations
 
@@ -32,8 +37,11 @@ def main() -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--write", action="store_true", help="replace the 'ONNX graph rewrite' section of RESULTS.md")
     ap.add_argument("--no-pin-malloc", action="store_true", help="keep glibc's default malloc thresholds")
+    ap.add_argument("--variants", action="store_true", help="time the precision variants instead (issue 25)")
     a = ap.parse_args()
     pinned = bl.pin_malloc(not a.no_pin_malloc)
+    if a.variants:
+        return variants_main(a, pinned)
 
     import numpy as np
     import onnx
@@ -145,6 +153,92 @@ def main() -> int:
     if a.write:
         bl.write_section("ONNX graph rewrite", body)
         print(f"wrote section 'ONNX graph rewrite' of {bl.RESULTS}", file=sys.stderr)
+    return 0
+
+
+VARIANTS = ("fp16_io32", "int8_per_tensor", "int8_per_channel", "q4")
+
+
+def variants_main(a: argparse.Namespace, pinned: bool) -> int:
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from exporters.onnx_export import export_graph
+    from surgery import Recipe
+    from surgery.backends import adapter_for
+    from surgery.onnx_graph.convert import convert_onnx
+    from surgery.onnx_graph.organisms import make_variant
+
+    t_start = time.perf_counter()
+    bl.set_threads(a.threads)
+    original = bl.build_vitb(seed=0)
+    fam = adapter_for(original)
+    recipe = Recipe(bl.BENCH_RECIPE)
+    work = bl.work_dir("onnx_graph_variants")
+    gen = torch.Generator().manual_seed(0)
+    checks = torch.randn(3, 3, 224, 224, generator=gen)
+    batches = [checks[:1], checks[1:]]
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = a.threads
+    so.inter_op_num_threads = 1
+    rows = []
+    try:
+        (work / "src").mkdir()
+        src = work / "src" / "model.onnx"
+        onnx.save_model(export_graph(original, fam, work / "src", progress=False).proto, str(src))
+        for kind in VARIANTS:
+            variant = make_variant(src, work / "src" / f"model_{kind}.onnx", kind, num_heads=12, hidden_size=768)
+            t = time.perf_counter()
+            res = convert_onnx(variant, work / f"out_{kind}", recipe, check_batches=batches)
+            rewrite_s = time.perf_counter() - t
+            sessions = {k: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
+                        for k, p in (("source", variant), ("rewritten", res.out))}
+            for bs in a.batches:
+                xn = torch.randn(bs, 3, 224, 224, generator=gen).numpy()
+                arms = {k: (lambda s=s: s.run(None, {"pixel_values": xn})) for k, s in sessions.items()}
+                for _ in range(a.warmup):
+                    for f in arms.values():
+                        f()
+                times: dict[str, list[float]] = {n: [] for n in arms}
+                names = list(arms)
+                for r in range(a.rounds):
+                    for n in (names if r % 2 == 0 else names[::-1]):
+                        t = time.process_time()
+                        arms[n]()
+                        times[n].append(time.process_time() - t)
+                med = {k: bl.median(v) for k, v in times.items()}
+                rows.append((kind, bs, med, bl.paired_ratio(times["rewritten"], times["source"]),
+                             res.report.worst.relative, res.report.tolerance, rewrite_s))
+                print(f"{kind} batch {bs}: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in med.items()),
+                      file=sys.stderr)
+            del sessions
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    total = time.perf_counter() - t_start
+    lines = ["| variant | batch | source | rewritten | rewritten / source | check vs own hooked reference | rewrite |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for kind, bs, med, ratio, err, tol, rewrite_s in rows:
+        lines.append(f"| {kind} | {bs} | {med['source'] * 1000:.0f} ms | {med['rewritten'] * 1000:.0f} ms "
+                     f"| {ratio:.3f} | {err:.1e} (tol {tol:g}) | {rewrite_s:.1f} s |")
+    body = (
+        "Each precision variant of the ViT-B/16 file of section \"ONNX graph rewrite\" (made from it by onnxruntime's "
+        "own tools: `convert_float_to_float16(keep_io_types=True)`, `quantize_dynamic` per-tensor uint8 and "
+        "per-channel int8, `MatMulNBitsQuantizer` block 32 symmetric), rewritten by `convert_onnx` with the same "
+        f"{recipe.num_neurons} register neurons (R=1) and checked against the hooked reference on that variant "
+        "(batches 1 and 2, random pixels), against the variant itself, in onnxruntime (CPU provider, "
+        f"optimisation level ALL). Threads: {a.threads}; {a.warmup} warm-up calls per arm, {a.rounds} "
+        f"interleaved rounds; process CPU time; {bl.malloc_note(pinned)}; times are medians, ratios medians of "
+        "per-round ratios. The rewritten file carries one more token (the register) than its source.\n\n"
+        + "\n".join(lines) + "\n\n"
+        f"- Whole run: {total:.0f} s.\n" + bl.context_lines()
+    )
+    print(body)
+    if a.write:
+        bl.write_section("ONNX graph rewrite: precision variants", body)
+        print(f"wrote section 'ONNX graph rewrite: precision variants' of {bl.RESULTS}", file=sys.stderr)
     return 0
 
 

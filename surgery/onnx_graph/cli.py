@@ -101,7 +101,7 @@ def cmd_convert_onnx(a: argparse.Namespace, config: Any) -> int:
 
     if is_onnx_folder(a.model):
         from .folder_cli import cmd_convert_folder
-        return cmd_convert_folder(a, config)
+        return cmd_convert_folder(a, config, _recipe, check_batches, _say)
 
     if getattr(a, "to", "native") != "native" or getattr(a, "onnx", False) or getattr(a, "fp16", False):
         raise UsageError("--to, --onnx and --fp16 apply to PyTorch models; an ONNX input is written as "
@@ -131,7 +131,7 @@ def cmd_check_onnx(a: argparse.Namespace) -> int:
 
     if is_onnx_folder(a.out_dir):
         from .folder_cli import cmd_check_folder
-        return cmd_check_folder(a)
+        return cmd_check_folder(a, check_batches)
 
     from ..core.outputs import atomic_output_file
 

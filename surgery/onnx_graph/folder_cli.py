@@ -1,17 +1,20 @@
-"""`vit-surgery convert|check` when MODEL / OUT is a folder of ONNX files (an HF ONNX repo): see folder.py."""
+"""`vit-surgery convert|check` when MODEL / OUT is a folder of ONNX files (an HF ONNX repo): see folder.py.
+
+The single-file commands' helpers (recipe from --neurons / --images, check images, messages) are passed in
+by onnx_graph/cli.py, which dispatches here (no import back: one import direction)."""
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..core.errors import ModelInputError, ParityError
 
 
-def cmd_convert_folder(a: argparse.Namespace, config: Any) -> int:
+def cmd_convert_folder(a: argparse.Namespace, config: Any, recipe_for: Callable[..., Any],
+                       check_batches: Callable[..., Any], say: Callable[[argparse.Namespace, str], None]) -> int:
     from ..core.outputs import atomic_output_dir, check_output_target
-    from .cli import _recipe, _say, check_batches
     from .folder import convert_folder, require_onnx_folder
 
     if getattr(a, "to", "native") != "native" or getattr(a, "onnx", False) or getattr(a, "fp16", False):
@@ -20,14 +23,14 @@ def cmd_convert_folder(a: argparse.Namespace, config: Any) -> int:
     check_output_target(a.out, a.overwrite)
     source = require_onnx_folder(a.model)
     base = source.find_source() if not a.neurons else None
-    recipe, doc = _recipe(a, config, model=str(base) if base else None)
+    recipe, doc = recipe_for(a, config, model=str(base) if base else None)
     pixels_from = base or source.files[0]
     batches = None if a.no_check else check_batches(pixels_from, a.check_images or a.images, 16, 0, not a.quiet)
-    _say(a, f"rewriting {len(source.files)} ONNX file(s) of {source.root}: {recipe.num_neurons} register neuron(s), "
+    say(a, f"rewriting {len(source.files)} ONNX file(s) of {source.root}: {recipe.num_neurons} register neuron(s), "
             f"R={recipe.num_registers}")
     with atomic_output_dir(a.out, a.overwrite) as tmp:
         summaries, check = convert_folder(source, tmp, recipe, check_batches=batches, tolerance=a.tolerance,
-                                          say=lambda m: _say(a, m))
+                                          say=lambda m: say(a, m))
         (tmp / "neurons.json").write_text(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
         if check is not None:
             (tmp / "parity.json").write_text(json.dumps({"onnx_folder": check.to_dict()}, indent=2, default=float)
@@ -41,9 +44,8 @@ def cmd_convert_folder(a: argparse.Namespace, config: Any) -> int:
     return 0
 
 
-def cmd_check_folder(a: argparse.Namespace) -> int:
+def cmd_check_folder(a: argparse.Namespace, check_batches: Callable[..., Any]) -> int:
     from ..pipeline import write_json
-    from .cli import check_batches
     from .folder import check_folder, require_onnx_folder
 
     out = require_onnx_folder(a.out_dir)

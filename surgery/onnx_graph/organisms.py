@@ -59,3 +59,49 @@ def export_source_onnx(model: nn.Module, out: Path, *, exporter: str = "dynamo",
         opt = optimizer.optimize_model(str(out), model_type=optimize, num_heads=heads, hidden_size=dim, opt_level=0)
         opt.save_model_to_file(str(out))
     return out
+
+
+VARIANT_KINDS = ("fp16", "fp16_io32", "optimized_fp16", "int8_per_tensor", "int8_per_channel", "q4", "q4_asym")
+
+
+def make_variant(src: Path, out: Path, kind: str, *, num_heads: int = 4, hidden_size: int = 64) -> Path:
+    """A precision variant of the fp32 file `src`, written by the onnxruntime tool that makes it for the hub
+    (`kind` in VARIANT_KINDS; num_heads / hidden_size for the transformer optimizer)."""
+    import onnx
+
+    if kind == "fp16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        onnx.save(convert_float_to_float16(onnx.load(str(src)), keep_io_types=False), str(out))
+    elif kind == "fp16_io32":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        onnx.save(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True), str(out))
+    elif kind == "optimized_fp16":
+        from onnxruntime.transformers import optimizer
+
+        opt = optimizer.optimize_model(str(src), model_type="clip", num_heads=num_heads, hidden_size=hidden_size,
+                                         opt_level=0)
+        opt.convert_float_to_float16(keep_io_types=True)
+        opt.save_model_to_file(str(out))
+    elif kind in ("int8_per_tensor", "int8_per_channel"):
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        per_channel = kind.endswith("channel")
+        quantize_dynamic(str(src), str(out), per_channel=per_channel,
+                         weight_type=QuantType.QInt8 if per_channel else QuantType.QUInt8)
+    elif kind == "q4":
+        from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+        q = mnq.MatMulNBitsQuantizer(onnx.load(str(src)), block_size=32, is_symmetric=True)
+        q.process()
+        q.model.save_model_to_file(str(out))
+    elif kind == "q4_asym":
+        from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+        q = mnq.MatMulNBitsQuantizer(onnx.load(str(src)), block_size=16, is_symmetric=False)
+        q.process()
+        q.model.save_model_to_file(str(out))
+    else:
+        raise ValueError(f"unknown variant {kind!r}; choose from {VARIANT_KINDS}")
+    return out

@@ -216,8 +216,9 @@ def _continues_stream(prev: MlpSite, site: MlpSite) -> bool:
     MLP join)? An attention-pool head's MLP joins the pooled latent's own stream instead."""
     pair = [i for i in site.joins.inputs[:2] if i is not None]
     mid = next((i for i in pair if id(site.down) not in _ancestors(i)), None)
-    res = _residual_inputs(mid) if mid is not None else None
-    return res is not None and res[0] is block_output(prev)
+    p = mid.producer() if mid is not None else None  # the attention residual: Add or fused SkipLayerNorm
+    prev_out = block_output(prev)
+    return p is not None and any(v is prev_out for v in p.inputs[:2])
 
 
 def _stream_before_block0(site: MlpSite) -> tuple[ir.Value, list[str]]:

@@ -1,0 +1,211 @@
+"""Issue 25: ONNX files as the hub ships them: precision variants and HF ONNX repo folders.
+
+The variants are made from an organism's torch export by the tools that make them for the hub:
+onnxruntime's `quantize_dynamic` (per-tensor uint8, per-channel int8), `MatMulNBitsQuantizer` (4-bit),
+`onnxruntime.transformers.float16.convert_float_to_float16` (all-float16 and float32 I/O) and the
+onnxruntime transformer optimizer before float16 conversion. Each rewritten variant is judged against the
+hooked reference written into its own source graph (tolerance of its precision) and against the fp32 hooked
+reference (within 4x the unbaked variant's own error against the unbaked fp32 model).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from conftest import pixels_from
+from surgery.backends import adapter_for
+from surgery.cli import main
+from surgery.core.images import builtin_images
+from surgery.core.recipe import Recipe
+from surgery.onnx_graph import convert_onnx, recognise
+from surgery.onnx_graph.check import rebatch
+from surgery.onnx_graph.discover import measure_layout
+from surgery.onnx_graph.linear import dequantized_rows
+from surgery.onnx_graph.organisms import build_organism, export_source_onnx, make_variant
+from surgery.onnx_graph.precision import precision_of
+from surgery.onnx_graph.values import const_array
+from surgery.onnx_graph.variants import judge_against_fp32
+
+
+VARIANTS = {"fp16": "fp16", "fp16_io32": "fp16", "optimized_fp16": "fp16", "int8_per_tensor": "int8",
+            "int8_per_channel": "int8", "q4": "q4", "q4_asym": "q4"}
+
+
+@pytest.fixture(scope="module")
+def organism(tmp_path_factory):
+    root = tmp_path_factory.mktemp("variants")
+    model, planting = build_organism("timm_clip")
+    src = export_source_onnx(model, root / "model.onnx")
+    tf = adapter_for(model).data_transform(model)
+    batches = rebatch(pixels_from(builtin_images(), tf, 12), [1, 3, 8])
+    return root, src, Recipe(neurons=planting.neurons), batches
+
+
+@pytest.mark.parametrize("kind", sorted(VARIANTS))
+def test_variant_converts_and_checks(organism, tmp_path, kind):
+    root, src, recipe, batches = organism
+    variant = make_variant(src, tmp_path / f"model_{kind}.onnx", kind)
+    vit = recognise(variant)
+    assert precision_of(vit, measure_layout(vit)) == VARIANTS[kind]
+    res = convert_onnx(variant, tmp_path / "out", recipe, check_batches=batches)
+    assert res.report.passed, res.report.summary()
+    judged = judge_against_fp32(res.out, variant, src, batches, recipe)
+    assert judged.passed, judged.summary()
+    # the file keeps its precision, loads in onnxruntime under the source's input / output names and types
+    sess, src_sess = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (res.out, variant))
+    assert [(i.name, i.type) for i in sess.get_inputs()] == [(i.name, i.type) for i in src_sess.get_inputs()]
+    assert [(o.name, o.type) for o in sess.get_outputs()] == [(o.name, o.type) for o in src_sess.get_outputs()]
+    ops = {n.op_type for n in onnx.load(str(res.out)).graph.node}
+    assert {"fp16": "Cast", "int8": "MatMulInteger", "q4": "MatMulNBits"}[VARIANTS[kind]] in ops
+    init_types = {i.data_type for i in onnx.load(str(res.out)).graph.initializer}
+    assert onnx.TensorProto.DOUBLE not in init_types  # no float64 anywhere in the rewrite
+
+
+def test_a_wrong_bake_cannot_hide_under_quantization_noise(organism, tmp_path):
+    """A variant baked with other units passes its own check (its recipe is self-consistent) but fails
+    the judgement against the fp32 hooked reference with the right recipe."""
+    root, src, recipe, batches = organism
+    variant = make_variant(src, tmp_path / "model_quantized.onnx", "int8_per_tensor")
+    wrong = Recipe(neurons={2: (5, 6), 3: (7,)})
+    res = convert_onnx(variant, tmp_path / "out", wrong, check_batches=batches)
+    assert res.report.passed
+    judged = judge_against_fp32(res.out, variant, src, batches, recipe)
+    assert not judged.passed, judged.summary()
+
+
+def _rows_by_onnxruntime(path: Path, hidden: str, down: str, H: int) -> np.ndarray:
+    """fc2 alone (onnx.utils.extract_model between its input and output), fed the identity: the weight
+    rows the runtime computes with."""
+    part = path.with_name(path.stem + "_fc2.onnx")
+    onnx.utils.extract_model(str(path), str(part), [hidden], [down], check_model=False)
+    sess = ort.InferenceSession(str(part), providers=["CPUExecutionProvider"])
+    shape = sess.get_inputs()[0].shape  # a fixed token axis: the identity's rows go over a batch
+    tokens = shape[1] if len(shape) == 3 and isinstance(shape[1], int) else H
+    x = np.zeros((-(-H // tokens) * tokens, H), dtype=np.float32)
+    x[np.arange(H), np.arange(H)] = 1
+    y = sess.run(None, {hidden: x.reshape(-1, tokens, H)})[0]
+    return y.reshape(-1, y.shape[-1])[:H]
+
+
+@pytest.mark.parametrize("kind", ["int8_per_tensor", "int8_per_channel", "q4", "q4_asym"])
+def test_quantized_rows_are_dequantized_exactly_and_silenced(organism, tmp_path, kind):
+    """The fc2 rows a branch takes over are the weights the quantized graph computes with, and in the
+    rewritten file those rows give exactly zero while every other row is unchanged."""
+    root, src, recipe, batches = organism
+    variant = make_variant(src, tmp_path / f"{kind}.onnx", kind)
+    site = recognise(variant).mlps[2]
+    H, hidden, down = site.width, site.hidden.name, site.down.name
+    units = np.asarray(sorted(recipe.neurons[2]))
+    runtime_rows = _rows_by_onnxruntime(variant, hidden, down, H)
+    np.testing.assert_allclose(dequantized_rows(site.fc2, units), runtime_rows[units], rtol=1e-6, atol=1e-7)
+    res = convert_onnx(variant, tmp_path / "out", recipe)
+    baked_rows = _rows_by_onnxruntime(res.out, hidden, down, H)
+    assert not baked_rows[units].any()
+    keep = np.setdiff1d(np.arange(H), units)
+    np.testing.assert_array_equal(baked_rows[keep], runtime_rows[keep])
+
+
+def _write_hf_repo(folder: Path, src: Path, kinds: dict[str, str]) -> None:
+    from transformers import CLIPImageProcessor, CLIPVisionConfig
+
+    (folder / "onnx").mkdir(parents=True)
+    shutil.copy(src, folder / "onnx" / "model.onnx")
+    for name, kind in kinds.items():
+        make_variant(src, folder / "onnx" / name, kind)
+    CLIPVisionConfig(image_size=64, patch_size=8, hidden_size=64).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}, resample=3,
+                       image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
+
+
+def test_hf_onnx_repo_folder_find_convert_check(organism, tmp_path, capsys):
+    root, src, recipe, _ = organism
+    repo = tmp_path / "repo"
+    _write_hf_repo(repo, src, {"model_fp16.onnx": "fp16", "model_quantized.onnx": "int8_per_tensor",
+                               "model_q4.onnx": "q4"})
+    out = tmp_path / "out"
+    assert main(["convert", str(repo), "--images", str(builtin_images()), "--out", str(out), "-q"]) == 0
+    src_files = sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file())
+    out_files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert out_files == sorted(src_files + ["neurons.json", "parity.json"])
+    for cfg in ("config.json", "preprocessor_config.json"):
+        assert (out / cfg).read_bytes() == (repo / cfg).read_bytes()
+    doc = json.loads((out / "neurons.json").read_text())
+    assert doc["register_neurons"] == {str(k): list(v) for k, v in recipe.neurons.items()}  # found on model.onnx
+    parity = json.loads((out / "parity.json").read_text())["onnx_folder"]
+    assert parity["passed"] and set(parity["against_fp32"]) == {"onnx/model_fp16.onnx", "onnx/model_quantized.onnx",
+                                                                "onnx/model_q4.onnx"}
+    for name in ("model.onnx", "model_fp16.onnx", "model_quantized.onnx", "model_q4.onnx"):
+        a = ort.InferenceSession(str(out / "onnx" / name), providers=["CPUExecutionProvider"])
+        b = ort.InferenceSession(str(repo / "onnx" / name), providers=["CPUExecutionProvider"])
+        assert [o.name for o in a.get_outputs()] == [o.name for o in b.get_outputs()]
+        meta = {p.key: p.value for p in onnx.load(str(out / "onnx" / name)).metadata_props}
+        assert json.loads(meta["vit_surgery.recipe"]) == Recipe(neurons=recipe.neurons).to_dict()
+    capsys.readouterr()
+    assert main(["check", str(out), "--source", str(repo), "--images", str(builtin_images()), "-q"]) == 0
+
+
+def test_folder_with_a_file_that_cannot_be_rewritten_is_refused_naming_it(organism, tmp_path, capsys):
+    root, src, recipe, _ = organism
+    repo = tmp_path / "repo"
+    _write_hf_repo(repo, src, {"model_fp16.onnx": "fp16"})
+    import torch
+
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+    torch.onnx.export(cnn, (torch.zeros(2, 3, 16, 16),), str(repo / "onnx" / "text_model.onnx"), dynamo=False,
+                      input_names=["x"])
+    (tmp_path / "n.json").write_text(json.dumps({"register_neurons": {"2": [17]}}))
+    code = main(["convert", str(repo), "--neurons", str(tmp_path / "n.json"), "--out", str(tmp_path / "o")])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+    assert code == 4 and len(err) == 1 and "onnx/text_model.onnx" in err[0] and "1 of 3" in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_matmulnbits_with_float_zero_points_is_refused_naming_the_node(organism, tmp_path, capsys):
+    root, src, recipe, _ = organism
+    q4 = make_variant(src, tmp_path / "model_q4.onnx", "q4")
+    m = onnx.load(str(q4))
+    site_fc2 = recognise(q4).mlps[2].fc2.name
+    node = next(n for n in m.graph.node if n.name == site_fc2)
+    N = next(a.i for a in node.attribute if a.name == "N")
+    K = next(a.i for a in node.attribute if a.name == "K")
+    zp = onnx.numpy_helper.from_array(np.full((N * ((K + 31) // 32),), 8.25, dtype=np.float32), "float_zp")
+    m.graph.initializer.append(zp)
+    while len(node.input) < 3:
+        node.input.append("")
+    node.input.insert(3, "float_zp")
+    bad = tmp_path / "bad.onnx"
+    onnx.save(m, str(bad))
+    (tmp_path / "n.json").write_text(json.dumps({"register_neurons": {"2": [17]}}))
+    code = main(["convert", str(bad), "--neurons", str(tmp_path / "n.json"), "--out", str(tmp_path / "o")])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+    assert code == 4 and len(err) == 1 and site_fc2 in err[0] and "MatMulNBits" in err[0], err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["fp32", "fp16_io32", "int8_per_tensor", "int8_per_channel", "q4"])
+def test_vit_b_variant(tmp_path_factory, kind):
+    """One ViT-B/16 row per precision (random weights, ~10 register units in blocks <= 5)."""
+    import timm
+
+    root = tmp_path_factory.getbasetemp() / "vitb_variants"
+    src = root / "model.onnx"
+    if not src.is_file():
+        model = timm.create_model("vit_base_patch16_clip_224", pretrained=False).eval()
+        export_source_onnx(model, src)
+    rng = np.random.default_rng(0)
+    import torch
+
+    batches = [torch.from_numpy(rng.standard_normal((b, 3, 224, 224)).astype(np.float32)) for b in (1, 3)]
+    recipe = Recipe(neurons={1: (10, 200), 3: (5, 77, 1000), 5: (3, 31, 2000, 3000, 3071)})
+    variant = src if kind == "fp32" else make_variant(src, root / f"model_{kind}.onnx", kind)
+    res = convert_onnx(variant, root / f"out_{kind}", recipe, check_batches=batches, overwrite=True)
+    assert res.report.passed, res.report.summary()
+    if kind != "fp32":
+        judged = judge_against_fp32(res.out, variant, src, batches, recipe)
+        assert judged.passed, judged.summary()
