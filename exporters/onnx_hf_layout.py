@@ -31,10 +31,12 @@ from torch import nn
 
 from surgery.core.errors import ModelInputError, OutputExistsError
 
-from .onnx_export import (FP16_TOLERANCE, FP32_TOLERANCE, META_PREFIX, OnnxReport, OnnxSpec, TensorSpec, _fix_io_shapes,
-                          _export_proto, _float64_register_branch, _mha_fastpath_disabled, _ort_session, _save_proto,
-                          _say, build_metadata, validation_batches)
-from .onnx_export import publish_validated, record_parity_section, staged_output
+from .onnx_export import _export_proto, _fix_io_shapes, _save_proto
+from .onnx_metadata import build_metadata
+from .onnx_patches import _float64_register_branch, _mha_fastpath_disabled
+from .onnx_publish import publish_validated, record_parity_section, staged_output
+from .onnx_spec import FP16_TOLERANCE, FP32_TOLERANCE, META_PREFIX, OnnxSpec, TensorSpec, _say
+from .onnx_validate import OnnxReport, _ort_session, validation_batches
 from .runtime_check import RenamedSession, validate_runtime
 
 ONNX_DIR = "onnx"

@@ -23,9 +23,11 @@ from typing import Any, Optional
 
 from surgery.core.errors import ModelInputError, require_extra
 
-from .onnx_export import (META_PREFIX, VIT_ONNX_SPEC, OnnxReport, _say, export_onnx,
-                          read_onnx_metadata, validation_batches)
-from .onnx_export import publish_validated, record_parity_section, staged_output
+from .onnx_export import export_onnx
+from .onnx_metadata import read_onnx_metadata
+from .onnx_publish import publish_validated, record_parity_section, staged_output
+from .onnx_spec import META_PREFIX, VIT_ONNX_SPEC, _say
+from .onnx_validate import OnnxReport, validation_batches
 from .runtime_check import RenamedSession, validate_runtime
 
 OV_XML = "openvino_model.xml"

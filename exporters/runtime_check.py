@@ -1,5 +1,5 @@
 """Validate an exported graph run by any runtime (OpenVINO, an HF-layout ONNX file) the way
-`onnx_export.validate_onnx` validates model.onnx: against the hooked reference run in float64, per
+`onnx_validate.validate_onnx` validates model.onnx: against the hooked reference run in float64, per
 feature vector, at batch sizes that include one other than the export batch, with the same tolerances
 and conditioning rule (surgery/judge.py). The runtime is anything with ORT's
 `run(output_names, {input_name: array})`; `RenamedSession` maps another graph's names onto the
@@ -13,8 +13,7 @@ import numpy as np
 import torch
 
 
-from .onnx_export import OnnxReport
-from .onnx_export import judge_runtime_outputs
+from .onnx_validate import OnnxReport, judge_runtime_outputs
 
 
 class RenamedSession:

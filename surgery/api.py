@@ -97,7 +97,7 @@ def convert(
     opts = options or LoadOptions()
     after = None
     if onnx:
-        from exporters.onnx_export import export_and_validate
+        from exporters.onnx_publish import export_and_validate
 
         def after(tmp: Path, _loaded: LoadedModel) -> None:
             export_and_validate(tmp, fp16=fp16, progress=progress, loaded=load_model(str(tmp), opts))

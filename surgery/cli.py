@@ -103,7 +103,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
     overrides = {"num_registers": a.num_registers, "scale": a.scale, "mode": a.mode}
     after: Optional[Callable[[Path, Any], None]] = None
     if getattr(a, "onnx", False):
-        from exporters.onnx_export import export_and_validate
+        from exporters.onnx_publish import export_and_validate
 
         from .backends import load_model
 
@@ -160,7 +160,7 @@ def cmd_check(a: argparse.Namespace) -> int:
     extra_ok = True
     onnx_file = Path(a.out_dir) / "model.onnx"
     if onnx_file.exists() and not a.skip_onnx:
-        from exporters.onnx_export import validate_onnx
+        from exporters.onnx_validate import validate_onnx
 
         onnx_report = validate_onnx(Path(a.out_dir), loaded, batches)
         doc["onnx"] = onnx_report.to_dict()

@@ -50,7 +50,8 @@ def cmd_export(a: argparse.Namespace) -> int:
         print(report.summary())
         print(f"wrote {written}")
         return 0
-    from exporters.onnx_export import DATA_FILE, ONNX_FILE, export_and_validate
+    from exporters.onnx_publish import export_and_validate
+    from exporters.onnx_spec import DATA_FILE, ONNX_FILE
 
     target = out / ONNX_FILE
     if (target.exists() or (out / DATA_FILE).exists()) and not a.overwrite:

@@ -16,9 +16,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from exporters import onnx_export as ox
-from exporters.onnx_export import (DATA_FILE, FP16_TOLERANCE, FP32_TOLERANCE, ONNX_FILE, export_and_validate,
-                                   read_onnx_metadata, validate_onnx, validation_batches)
+from exporters import onnx_patches, onnx_validate
+from exporters.onnx_metadata import read_onnx_metadata
+from exporters.onnx_publish import export_and_validate
+from exporters.onnx_spec import DATA_FILE, FP16_TOLERANCE, FP32_TOLERANCE, ONNX_FILE
+from exporters.onnx_validate import validate_onnx, validation_batches
 from surgery import __version__
 from surgery.backends import adapter_for
 from surgery.core.bake import register_token_indices, unbake
@@ -179,13 +181,13 @@ def test_external_data_branch_and_legacy_exporter(baked_dir, tmp_path):
 
 def test_failed_validation_leaves_no_file_and_names_the_output(baked_dir, tmp_path, monkeypatch):
     d = copy_baked(baked_dir, tmp_path / "out")
-    plain = ox._ExportWrapper.forward
+    plain = onnx_patches._ExportWrapper.forward
 
     def broken(self, pixel_values):
         pooled, tokens = plain(self, pixel_values)
         return pooled, tokens * 1.001  # an export bug: tokens off by 1e-3
 
-    monkeypatch.setattr(ox._ExportWrapper, "forward", broken)
+    monkeypatch.setattr(onnx_patches._ExportWrapper, "forward", broken)
     with pytest.raises(ParityError) as e:
         export_and_validate(d, loaded=load_model(str(d)), progress=False, exporter="legacy")
     msg = str(e.value)
@@ -289,13 +291,13 @@ def test_register_branch_runs_in_float64_only_where_onnxruntime_can():
 
     quick, exact = mlp(QuickGELU()), mlp(torch.nn.GELU())
     x = torch.randn(2, 6, 8)
-    with ox._float64_register_branch(quick) as changed:
+    with onnx_patches._float64_register_branch(quick) as changed:
         assert changed == ["0"]
         y = quick(x)
         assert y.dtype == torch.float32
     assert isinstance(quick[0].reg_fc1, torch.nn.Linear) and not hasattr(quick[0], "_vit_surgery_name")
     torch.testing.assert_close(y, quick(x), rtol=1e-5, atol=1e-6)
-    with ox._float64_register_branch(exact) as changed:  # onnxruntime has no float64 Erf
+    with onnx_patches._float64_register_branch(exact) as changed:  # onnxruntime has no float64 Erf
         assert changed == []
 
 
@@ -327,14 +329,14 @@ def test_validation_judges_each_vector_not_the_worst_case():
     noisy_register[0, 2] *= 1 + 5e-3  # within its allowance
     err = OutputError("tokens")
     err.update(noisy_register, ref, allowed=allowed)
-    assert ox.Comparison("tokens", "float64_reference", err, 1e-5).passed
+    assert onnx_validate.Comparison("tokens", "float64_reference", err, 1e-5).passed
     wrong_patch = noisy_register.clone()
     wrong_patch[0, 0] *= 1 + 5e-5  # the register's slack must not excuse this
     err = OutputError("tokens")
     err.update(wrong_patch, ref, allowed=allowed)
-    comp = ox.Comparison("tokens", "float64_reference", err, 1e-5)
+    comp = onnx_validate.Comparison("tokens", "float64_reference", err, 1e-5)
     assert not comp.passed and err.where == (0, 0)
-    report = ox.OnnxReport(path="m.onnx", comparisons=[comp], batch_sizes=[1], images=1, export_batch_size=2)
+    report = onnx_validate.OnnxReport(path="m.onnx", comparisons=[comp], batch_sizes=[1], images=1, export_batch_size=2)
     assert not report.passed and "(image, token) (0, 0)" in report.summary()
 
 
