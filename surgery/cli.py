@@ -338,7 +338,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _validate_before_loading(a)
             return int(a.func(a) or 0)
     except SurgeryError as e:
-        print(f"vit-surgery: error: {e}", file=sys.stderr)
+        print(f"vit-surgery: error: {e.cli_message()}", file=sys.stderr)
         return e.exit_code
     except Terminated:
         print("vit-surgery: terminated (SIGTERM); no output was left behind", file=sys.stderr)

@@ -24,7 +24,7 @@ def check_converted_folder(out: Path) -> None:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from surgery.core.errors import OutputExistsError, SurgeryError
+    from surgery.core.errors import OutputExistsError, UsageError
     from surgery.backends import load_model
     from surgery.core.source import LoadOptions
 
@@ -33,7 +33,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     options = LoadOptions(a.allow_unsafe_pickle, a.trust_remote_code, a.device)
     if a.format == "openvino":
         if a.fp16 or a.layout != "plain":
-            raise SurgeryError("--format openvino takes neither --fp16 nor --layout hf")
+            raise UsageError("--format openvino takes neither --fp16 nor --layout hf")
         from exporters.openvino_export import OV_XML, export_openvino, openvino_summary, require_openvino
 
         require_openvino()

@@ -15,7 +15,7 @@ from .core.bake import baked_copy, baked_in_place, register_token_indices, unbak
 from .core.cast import cast_blockwise
 from .core.discovery import DiscoveryConfig, DiscoveryResult, find_register_neurons
 from .core.effect import collected, effect_metrics, last_block_diagnostics
-from .core.errors import ModelInputError, NeuronsFileError, ParityError, SurgeryError
+from .core.errors import ModelInputError, NeuronsFileError, ParameterError, ParityError
 from .core.images import ImageBatches, list_images
 from .core.source import LoadedModel, LoadOptions, torch_dtype
 from .backends import load_model, writer_for
@@ -145,8 +145,8 @@ def _convert_recipe(loaded: LoadedModel, neurons: Optional[str], images: Optiona
 
     name = published_for_model(loaded)
     if name is None:
-        raise SurgeryError(f"convert needs --neurons FILE|NAME or --images DIR: no published register neurons "
-                           f"are known for {loaded.spec}")
+        raise ParameterError(f"convert needs {{neurons}} (a file or a published name) or {{images}} (a folder): no "
+                             f"published register neurons are known for {loaded.spec}", "neurons", "images")
     return resolve_recipe(loaded, name, overrides)[0], None
 
 

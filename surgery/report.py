@@ -36,7 +36,7 @@ import torch
 from .core.bake import baked_copy, register_token_indices
 from .core.discovery import AUTO_FACTOR, DiscoveryConfig, emergence_layer, find_register_neurons, outlier_mask
 from .core.effect import cls_attention, effect_metrics, token_diagnostics
-from .core.errors import NoOutliersError, SurgeryError
+from .core.errors import NoOutliersError, ParameterError
 from .core.images import ImageBatches, list_images
 from .core.source import LoadedModel, LoadOptions
 from .backends import load_model
@@ -334,7 +334,7 @@ def _keep_shown(sums: _Sums, paths: list[Any], pixels: torch.Tensor, per_image: 
 def _detect_block(detect_layer: Optional[int], depth: int) -> int:
     det = depth - 1 if detect_layer is None else (detect_layer + depth if detect_layer < 0 else detect_layer)
     if not 0 <= det < depth:
-        raise SurgeryError(f"--detect-layer {detect_layer} out of range (model has {depth} blocks)")
+        raise ParameterError(f"{{detect_layer}} {detect_layer} out of range (model has {depth} blocks)", "detect_layer")
     return det
 
 

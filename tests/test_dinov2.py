@@ -12,7 +12,7 @@ import torch
 from surgery import published
 from surgery.core.bake import bake_registers, register_token_indices
 from surgery.demo import save_organism
-from surgery.core.errors import ModelInputError, NeuronsFileError, SurgeryError, UnsafeCheckpointError
+from surgery.core.errors import ModelInputError, NeuronsFileError, UnsafeCheckpointError, UsageError
 from surgery.backends import adapter_for
 from surgery.core.images import ImageBatches, list_images
 from surgery.core.source import LoadedModel, SourceInfo
@@ -218,6 +218,6 @@ def test_convert_picks_the_published_set_automatically(hub_organisms, tmp_path, 
     assert (tmp_path / "cli" / "model.safetensors").exists()
     # no published set for this one: a clear error, nothing written
     other = hub_organisms["swiglu"][2]
-    assert main(["convert", f"dinov2:{other}", "--out", str(tmp_path / "none"), "-q"]) == SurgeryError.exit_code
+    assert main(["convert", f"dinov2:{other}", "--out", str(tmp_path / "none"), "-q"]) == UsageError.exit_code
     assert "no published register neurons" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()

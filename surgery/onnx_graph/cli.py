@@ -10,7 +10,7 @@ from typing import Any, Optional
 import torch
 
 from .. import __version__
-from ..core.errors import ModelInputError, NeuronsFileError, ParityError, SurgeryError
+from ..core.errors import ModelInputError, NeuronsFileError, ParityError, UsageError
 
 CHECK_BATCH_SIZES = (1, 3, 8)
 
@@ -94,7 +94,7 @@ def cmd_convert_onnx(a: argparse.Namespace, config: Any) -> int:
     from .convert import convert_onnx, require_onnx_file
 
     if getattr(a, "to", "native") != "native" or getattr(a, "onnx", False) or getattr(a, "fp16", False):
-        raise SurgeryError("--to, --onnx and --fp16 apply to PyTorch models; an ONNX input is written as "
+        raise UsageError("--to, --onnx and --fp16 apply to PyTorch models; an ONNX input is written as "
                            "OUT/model.onnx")
     from ..core.outputs import check_output_target
 
