@@ -24,8 +24,10 @@ from surgery.core.errors import ModelInputError, SurgeryError, first_line
 
 from .onnx_metadata import build_metadata
 from .onnx_patches import _ExportWrapper, _float64_register_branch, _mha_fastpath_disabled
-from .onnx_spec import (DATA_FILE, EXPORTERS, EXTERNAL_DATA_THRESHOLD, META_PREFIX, ONNX_FILE, VIT_ONNX_SPEC,
-                        OnnxSpec, _say, log)
+from surgery.core.output_format import META_PREFIX, ONNX_FILE
+from surgery.core.output_format import ONNX_DATA_FILE as DATA_FILE
+
+from .onnx_spec import EXPORTERS, EXTERNAL_DATA_THRESHOLD, VIT_ONNX_SPEC, OnnxSpec, _say, log
 
 
 def _export_proto(wrapper: nn.Module, example: torch.Tensor, spec: OnnxSpec, exporter: str, scratch: Path,

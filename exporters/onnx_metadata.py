@@ -2,7 +2,6 @@
 the export (`build_metadata`) and read back by validation and `check` (`read_onnx_metadata`)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,14 +10,15 @@ import torch
 from surgery import __version__
 from surgery.core.errors import ModelInputError, first_line
 
-from .onnx_spec import FORMAT_VERSION, META_PREFIX, OnnxSpec
+from surgery.core.output_format import OnnxMetadata, read_surgery_json
+
+from .onnx_spec import OnnxSpec
 
 
 def _surgery_doc(out_dir: Path) -> dict[str, Any]:
     try:
-        doc = json.loads((out_dir / "surgery.json").read_text(encoding="utf-8"))
-        return doc if isinstance(doc, dict) else {}
-    except (OSError, ValueError):
+        return read_surgery_json(out_dir) or {}
+    except ModelInputError:  # the export records what it can; `check` reports a damaged surgery.json
         return {}
 
 
@@ -42,45 +42,20 @@ def build_metadata(loaded: Any, out_dir: Path, *, dtype: str, exporter: str, spe
     cfg = dict(loaded.source.pretrained_cfg or {})
     preprocess = {k: cfg[k] for k in ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
                   if k in cfg}
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "recipe": json.dumps(loaded.recipe.to_dict(), sort_keys=True),
-        "token_layout": json.dumps(layout, sort_keys=True),
-        "register_token_indices": json.dumps(layout["register_indices"]),
-        "num_prefix_tokens": str(layout["num_prefix_tokens"]),
-        "num_registers": str(layout["num_registers"]),
-        "source_model": str(doc.get("source_model") or loaded.spec),
-        "source": json.dumps(doc.get("source", loaded.source.to_dict()), sort_keys=True, default=str),
-        "family": loaded.adapter.name,
-        "tool": "vit-surgery",
-        "tool_version": __version__,
-        "dtype": dtype,
-        "exporter": f"torch {torch.__version__} {exporter}",
-        "export_batch_size": str(spec.export_batch_size),
-        "interface": json.dumps(spec.describe(), sort_keys=True),
-        "preprocess": json.dumps(preprocess, sort_keys=True),
-    }
-    return {META_PREFIX + k: v for k, v in meta.items()}
-
-
-_JSON_KEYS = {"recipe", "token_layout", "register_token_indices", "source", "interface", "preprocess",
-              "float64_register_branch"}
-_INT_KEYS = {"num_prefix_tokens", "num_registers", "export_batch_size"}
+    return OnnxMetadata(
+        recipe=loaded.recipe.to_dict(), token_layout=layout, register_token_indices=layout["register_indices"],
+        num_prefix_tokens=layout["num_prefix_tokens"], num_registers=layout["num_registers"],
+        source_model=str(doc.get("source_model") or loaded.spec), source=doc.get("source", loaded.source.to_dict()),
+        family=loaded.adapter.name, tool_version=__version__, dtype=dtype,
+        exporter=f"torch {torch.__version__} {exporter}", export_batch_size=spec.export_batch_size,
+        interface=spec.describe(), preprocess=preprocess).to_props()
 
 
 def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
     """vit-surgery's metadata properties of an ONNX file, decoded (prefix dropped). Weights not loaded."""
     model = _load_proto(Path(path), load_external_data=False)
-    out: dict[str, Any] = {}
-    for p in model.metadata_props:
-        if not p.key.startswith(META_PREFIX):
-            continue
-        key = p.key[len(META_PREFIX):]
-        try:
-            out[key] = json.loads(p.value) if key in _JSON_KEYS else int(p.value) if key in _INT_KEYS else p.value
-        except ValueError:
-            raise ModelInputError(f"{path}: metadata property {p.key} is malformed") from None
-    return out
+    props = {p.key: p.value for p in model.metadata_props}
+    return OnnxMetadata.from_props(props, str(path)).as_dict()
 
 
 def _load_proto(path: Path, load_external_data: bool) -> Any:

@@ -14,11 +14,16 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
-from surgery.core.errors import ModelInputError, ParityError
+from surgery.core.errors import ModelInputError, OutputExistsError, ParityError
 
 from .onnx_export import export_onnx
-from .onnx_spec import DATA_FILE, EXTERNAL_DATA_THRESHOLD, ONNX_FILE, _say
-from .onnx_validate import OnnxReport, validate_onnx, validation_batches
+from surgery.core.output_format import ONNX_DATA_FILE as DATA_FILE
+from surgery.core.output_format import ONNX_FILE, PARITY_FILE
+from surgery.core.outputs import atomic_output_file
+
+from .onnx_spec import EXTERNAL_DATA_THRESHOLD, _say
+from .base import ExportOptions
+from .onnx_validate import OnnxReport, _RefusingSession, _ort_session, validate_onnx, validation_batches
 
 
 @contextlib.contextmanager
@@ -44,7 +49,7 @@ def publish_validated(report: OnnxReport, failure: str, moves: Sequence[tuple[Pa
 def record_parity_section(out_dir: Path, key: str, entry: Any, *, create: bool) -> None:
     """Set `key` in OUT/parity.json to `entry`, written atomically. A missing, unreadable or non-object
     parity.json is started afresh with `create`, left alone without."""
-    f = out_dir / "parity.json"
+    f = out_dir / PARITY_FILE
     doc: Any = None
     if f.is_file():
         try:
@@ -56,9 +61,8 @@ def record_parity_section(out_dir: Path, key: str, entry: Any, *, create: bool) 
             return
         doc = {}
     doc[key] = entry
-    tmp = f.with_name(f".{f.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True, default=float) + "\n")
-    os.replace(tmp, f)
+    with atomic_output_file(f, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(doc, indent=2, sort_keys=True, default=float) + "\n")
 
 
 def _update_parity_json(out_dir: Path, report: OnnxReport) -> None:
@@ -98,3 +102,22 @@ def export_and_validate(out_dir: Path, fp16: bool = False, progress: bool = True
         _update_parity_json(out_dir, report)
         _say(progress and say_summary, report.summary())
         return report
+
+
+# ---- the format registry's entry points (exporters/base.py) --------------------------------------
+
+def export_format(out_dir: Path, loaded: Any, options: ExportOptions) -> OnnxReport:
+    """OUT/model.onnx (+ model.onnx.data for large models), validated; an existing one only with overwrite."""
+    target = out_dir / ONNX_FILE
+    if (target.exists() or (out_dir / DATA_FILE).exists()) and not options.overwrite:
+        raise OutputExistsError(f"output {target} already exists; pass --overwrite to replace it")
+    return export_and_validate(out_dir, fp16=options.fp16, progress=options.progress, exporter=options.exporter,
+                               say_summary=False, loaded=loaded)
+
+
+def open_session(path: Path) -> Any:
+    return _RefusingSession(_ort_session(path), path)
+
+
+def validate_present(out_dir: Path, loaded: Any, batches: list[torch.Tensor]) -> list[OnnxReport]:
+    return [validate_onnx(out_dir, loaded, batches)]

@@ -1,5 +1,5 @@
 """The exported graph's interface, declared once (optimum's OnnxConfig): inputs, outputs, dynamic axes,
-opset, and the file names and tolerances of an ONNX export.
+opset, exporters.
 
 Graph interface (`VIT_ONNX_SPEC`):
   input  pixel_values  float32 [batch, 3, H, W]    (preprocessed as the model's own transform does)
@@ -20,12 +20,7 @@ import torch
 
 log = logging.getLogger("vit-surgery")
 
-ONNX_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"  # external weights, next to model.onnx, only for models over the limit
-META_PREFIX = "vit_surgery."
-FORMAT_VERSION = "1"
-FP32_TOLERANCE = 1e-5
-FP16_TOLERANCE = 2e-2
+# (file names, metadata keys and tolerances: the on-disk format, surgery/core/output_format.py)
 # Protobuf cannot serialise a message of 2 GiB or more; weights above this go to external data.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 64 * 2**20
 EXPORTERS = ("dynamo", "legacy")

@@ -25,7 +25,9 @@ from surgery.core.parity import JUDGE, OutputError
 
 from .onnx_metadata import _load_proto, read_onnx_metadata, token_layout
 from .onnx_patches import _exact_torch
-from .onnx_spec import FP16_TOLERANCE, FP32_TOLERANCE, ONNX_FILE, VIT_ONNX_SPEC
+from surgery.core.output_format import FP16_TOLERANCE, FP32_TOLERANCE, ONNX_FILE
+
+from .onnx_spec import VIT_ONNX_SPEC
 
 
 @dataclass
@@ -56,8 +58,13 @@ class Comparison:
         return d
 
 
+ORT_RUNTIME = "onnxruntime CPU, optimisation ALL"
+
+
 @dataclass
 class OnnxReport:
+    """One exported file validated in its runtime (any format: `format` and `runtime` say which)."""
+
     path: str
     dtype: str = "float32"
     tolerance: float = FP32_TOLERANCE
@@ -69,6 +76,9 @@ class OnnxReport:
     comparisons: list[Comparison] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # failures that are not numeric (stale metadata)
     metadata: dict[str, Any] = field(default_factory=dict)
+    format: str = "onnx"  # the label of the format (exporters/formats.py), first word of the summary
+    runtime: str = ORT_RUNTIME  # what ran the graph, as the summary says it
+    runtime_detail: str = "onnxruntime CPUExecutionProvider, graph_optimization_level ORT_ENABLE_ALL"
 
     @property
     def passed(self) -> bool:
@@ -82,7 +92,7 @@ class OnnxReport:
         return max(self.comparisons, key=lambda c: c.error.excess(c.tolerance)) if self.comparisons else None
 
     def summary(self) -> str:
-        head = (f"onnx {'PASS' if self.passed else 'FAIL'} ({self.dtype}, onnxruntime CPU, optimisation ALL, "
+        head = (f"{self.format} {'PASS' if self.passed else 'FAIL'} ({self.dtype}, {self.runtime}, "
                 f"batch sizes {sorted(set(self.batch_sizes))}, exported at batch {self.export_batch_size})")
         if self.problems:
             return f"{head}: {'; '.join(self.problems)}"
@@ -103,8 +113,8 @@ class OnnxReport:
 
     def to_dict(self) -> dict[str, Any]:
         w = self.worst
-        return {"passed": self.passed, "path": self.path, "dtype": self.dtype, "tolerance": self.tolerance,
-                "runtime": "onnxruntime CPUExecutionProvider, graph_optimization_level ORT_ENABLE_ALL",
+        return {"passed": self.passed, "path": self.path, "format": self.format, "dtype": self.dtype,
+                "tolerance": self.tolerance, "runtime": self.runtime_detail,
                 "relative_error_definition": "per feature vector ||onnx - reference|| / ||reference|| (parity's)",
                 "judge": JUDGE,
                 "export_batch_size": self.export_batch_size, "batch_sizes": self.batch_sizes,

@@ -23,26 +23,34 @@ from typing import Any, Optional
 
 from surgery.core.errors import ModelInputError, require_extra
 
+from .base import ExportOptions
 from .onnx_export import export_onnx
 from .onnx_metadata import read_onnx_metadata
 from .onnx_publish import publish_validated, record_parity_section, staged_output
-from .onnx_spec import META_PREFIX, VIT_ONNX_SPEC, _say
+from surgery.core.output_format import META_PREFIX, OPENVINO_BIN, OPENVINO_TOLERANCE, OPENVINO_XML
+
+from .onnx_spec import VIT_ONNX_SPEC, _say
 from .onnx_validate import OnnxReport, validation_batches
 from .runtime_check import RenamedSession, validate_runtime
 
-OV_XML = "openvino_model.xml"
-OV_BIN = "openvino_model.bin"
+OV_XML, OV_BIN = OPENVINO_XML, OPENVINO_BIN
 CPU_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
-OPENVINO_TOLERANCE = 1e-4
 
 
 def require_openvino() -> None:
     require_extra("openvino", "openvino", "OpenVINO export")
 
 
+def openvino_report(path: Path) -> OnnxReport:
+    """An empty report for an IR validated on the CPU plugin in float32."""
+    return OnnxReport(path=str(path), dtype="float32", tolerance=OPENVINO_TOLERANCE,
+                      export_batch_size=VIT_ONNX_SPEC.export_batch_size, opset=0, format="openvino",
+                      runtime="OpenVINO CPU plugin, f32",
+                      runtime_detail="OpenVINO CPU plugin, INFERENCE_PRECISION_HINT f32")
+
+
 def openvino_summary(report: OnnxReport) -> str:
-    text = report.summary().replace("onnxruntime CPU, optimisation ALL", "OpenVINO CPU plugin, f32")
-    return "openvino" + text[len("onnx"):] if text.startswith("onnx") else text
+    return report.summary()
 
 
 def compile_cpu(xml: Path) -> Any:
@@ -88,22 +96,45 @@ def export_openvino(out_dir: Path, *, loaded: Any, progress: bool = True, export
         _say(progress, "converting to OpenVINO IR")
         _convert(info.path, scratch / OV_XML)
         _say(progress, "validating the IR on the OpenVINO CPU plugin (f32) against PyTorch and the hooked reference")
-        report = OnnxReport(path=str(out_dir / OV_XML), dtype="float32", tolerance=OPENVINO_TOLERANCE,
-                            export_batch_size=VIT_ONNX_SPEC.export_batch_size, opset=0)
+        report = openvino_report(out_dir / OV_XML)
         validate_runtime(report, openvino_session(scratch / OV_XML), loaded,
                          batches if batches is not None else validation_batches(loaded))
-        summary = openvino_summary(report)
-        publish_validated(report, f"OpenVINO export failed validation, nothing written: {summary}",
+        publish_validated(report, f"OpenVINO export failed validation, nothing written: {report.summary()}",
                           [(scratch / OV_BIN, out_dir / OV_BIN), (scratch / OV_XML, out_dir / OV_XML)])
-        _record(out_dir, report, summary)
+        _record(out_dir, report)
         return report
 
 
-def _record(out_dir: Path, report: OnnxReport, summary: str) -> None:
+def validate_openvino(out_dir: Path, loaded: Any, batches: list[Any]) -> OnnxReport:
+    """Re-validate OUT/openvino_model.xml (what `check` does with every format present)."""
+    require_openvino()
+    report = openvino_report(Path(out_dir) / OV_XML)
+    return validate_runtime(report, openvino_session(Path(out_dir) / OV_XML), loaded, batches)
+
+
+def _record(out_dir: Path, report: OnnxReport) -> None:
     """The validation goes into parity.json under "openvino" (next to "onnx")."""
-    entry = report.to_dict()
-    entry.update(runtime="OpenVINO CPU plugin, INFERENCE_PRECISION_HINT f32", summary=summary)
-    record_parity_section(out_dir, "openvino", entry, create=True)
+    record_parity_section(out_dir, "openvino", report.to_dict(), create=True)
 
 
-__all__ = ["OV_BIN", "OV_XML", "META_PREFIX", "compile_cpu", "export_openvino", "openvino_session", "openvino_summary"]
+__all__ = ["OV_BIN", "OV_XML", "META_PREFIX", "compile_cpu", "export_openvino", "openvino_session", "openvino_summary",
+           "validate_openvino", "export_format", "open_session", "validate_present"]
+
+
+# ---- the format registry's entry points (exporters/base.py) --------------------------------------
+
+def export_format(out_dir: Path, loaded: Any, options: ExportOptions) -> OnnxReport:
+    if options.fp16:
+        from surgery.core.errors import UsageError
+
+        raise UsageError("the OpenVINO export is full precision only (no fp16)")
+    return export_openvino(out_dir, loaded=loaded, progress=options.progress, exporter=options.exporter,
+                           overwrite=options.overwrite)
+
+
+def open_session(path: Path) -> Any:
+    return openvino_session(path)
+
+
+def validate_present(out_dir: Path, loaded: Any, batches: list[Any]) -> list[OnnxReport]:
+    return [validate_openvino(out_dir, loaded, batches)]

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from . import __version__, onnx_cli, report_cli
-from .cli_args import _finite_float, _int_or_auto, _positive_int, _threshold, add_model_options
+from .cli_args import _finite_float, _format_names, _int_or_auto, _positive_int, _threshold, add_model_options
 from .core.errors import EXIT_CODES, SurgeryError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -90,7 +90,7 @@ def cmd_find(a: argparse.Namespace) -> int:
 
 def cmd_convert(a: argparse.Namespace) -> int:
     from .core.source import LoadOptions
-    from .pipeline import run_convert
+    from .pipeline import export_formats_hook, run_convert
 
     if _is_onnx(a.model):
         from .onnx_graph.cli import cmd_convert_onnx
@@ -101,15 +101,8 @@ def cmd_convert(a: argparse.Namespace) -> int:
 
         loaded = to_timm(loaded)
     overrides = {"num_registers": a.num_registers, "scale": a.scale, "mode": a.mode}
-    after: Optional[Callable[[Path, Any], None]] = None
-    if getattr(a, "onnx", False):
-        from exporters.onnx_publish import export_and_validate
-
-        from .backends import load_model
-
-        def export_onnx(tmp: Path, _loaded: Any) -> None:
-            export_and_validate(tmp, fp16=a.fp16, progress=not a.quiet, loaded=load_model(str(tmp)))
-        after = export_onnx
+    formats = (["onnx"] if getattr(a, "onnx", False) else []) + list(getattr(a, "formats", None) or [])
+    after = export_formats_hook(formats, fp16=a.fp16, progress=not a.quiet)
     res = run_convert(loaded, a.out, neurons=a.neurons, images=a.images, discovery=_discovery_config(a),
                       overrides=overrides, check=not a.no_check, check_images=a.check_images,
                       tolerance=a.tolerance, overwrite=a.overwrite,
@@ -142,13 +135,14 @@ def cmd_check(a: argparse.Namespace) -> int:
     from .core.errors import ParityError
     from .core.integrity import source_for_check, verify_output
     from .core.outputs import local_source_path
+    from .core.output_format import PARITY_FILE, SURGERY_FILE
     from .pipeline import parity_batches, run_check, write_json
 
     if _is_onnx(a.out_dir):
         from .onnx_graph.cli import cmd_check_onnx
         return cmd_check_onnx(a)
     folder = local_source_path(a.out_dir) or Path(a.out_dir)
-    if not verify_output(folder) and (folder / "surgery.json").is_file():
+    if not verify_output(folder) and (folder / SURGERY_FILE).is_file():
         warnings.warn(f"{a.out_dir} has no integrity record (written by an older vit-surgery): damaged weights "
                       "are only caught with --source")
     loaded = _load(a, a.out_dir)
@@ -157,25 +151,33 @@ def cmd_check(a: argparse.Namespace) -> int:
     report, effect = run_check(loaded, batches, source=source, tolerance=a.tolerance)
     print(f"compared against {used}")
     doc = {"parity": report.to_dict(), "effect": effect}
-    extra_ok = True
-    onnx_file = Path(a.out_dir) / "model.onnx"
-    if onnx_file.exists() and not a.skip_onnx:
-        from exporters.onnx_validate import validate_onnx
-
-        onnx_report = validate_onnx(Path(a.out_dir), loaded, batches)
-        doc["onnx"] = onnx_report.to_dict()
-        extra_ok = onnx_report.passed
-        print(onnx_report.summary())
-    report_path = Path(a.report) if a.report else Path(a.out_dir) / "parity.json"
+    failed_exports = [] if a.skip_onnx else _check_exports(Path(a.out_dir), loaded, batches, doc)
+    report_path = Path(a.report) if a.report else Path(a.out_dir) / PARITY_FILE
     write_json(report_path, doc)
     print(report.summary())
     _print_effect(effect)
     print(f"wrote {report_path}")
     if not report.passed:
         raise ParityError(report.summary())
-    if not extra_ok:
-        raise ParityError("ONNX model out of tolerance (see " + str(report_path) + ")")
+    if failed_exports:
+        raise ParityError(f"exported file(s) out of tolerance: {', '.join(failed_exports)} (see {report_path})")
     return 0
+
+
+def _check_exports(out: Path, loaded: Any, batches: list[Any], doc: dict[str, Any]) -> list[str]:
+    """Re-validate every export format present in OUT (the format registry); their reports go into
+    `doc` under each format's parity.json key. Returns the files out of tolerance."""
+    from exporters.formats import formats_present
+
+    failed = []
+    for fmt in formats_present(out):
+        reports = fmt.validate(out, loaded, batches)
+        doc[fmt.parity_key] = {Path(r.path).name: r.to_dict() for r in reports} if fmt.by_file else reports[0].to_dict()
+        for r in reports:
+            print(r.summary())
+            if not r.passed:
+                failed.append(Path(r.path).relative_to(out).as_posix() if Path(r.path).is_relative_to(out) else r.path)
+    return failed
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -222,8 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output library: the input's own (default), or timm (open_clip CLIP, HF CLIP and HF DINOv2 inputs too)")
     c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="dtype of the written weights (default: the source checkpoint's)")
-    c.add_argument("--onnx", action="store_true", help="also write and validate OUT/model.onnx")
-    c.add_argument("--fp16", action="store_true", help="with --onnx: export in float16 (looser tolerance)")
+    c.add_argument("--onnx", action="store_true", help="also write and validate OUT/model.onnx (= --formats onnx)")
+    c.add_argument("--formats", type=_format_names, default=[], metavar="NAME[,NAME]",
+                   help="also write and validate these export formats before OUT is moved into place "
+                        "(format registry: onnx, onnx_hf, openvino)")
+    c.add_argument("--fp16", action="store_true", help="with --onnx / --formats onnx: export in float16 "
+                                                       "(looser tolerance)")
     c.add_argument("-q", "--quiet", action="store_true")
     add_discovery_options(c)
     add_recipe_options(c)
@@ -239,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--tolerance", type=_finite_float, default=1e-5)
     k.add_argument("--report", default=None, help="where to write the JSON report (default OUT/parity.json)")
-    k.add_argument("--skip-onnx", action="store_true", help="do not validate OUT/model.onnx")
+    k.add_argument("--skip-exports", "--skip-onnx", dest="skip_onnx", action="store_true",
+                   help="do not re-validate the exported formats present in OUT (model.onnx, onnx/, openvino_model.xml)")
     k.add_argument("-q", "--quiet", action="store_true")
     add_model_options(k)
     k.set_defaults(func=cmd_check)

@@ -4,9 +4,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -14,6 +15,7 @@ from . import __version__
 from .core.bake import baked_copy, baked_in_place, register_token_indices, unbaked_copy
 from .core.cast import cast_blockwise
 from .core.discovery import DiscoveryConfig, DiscoveryResult, find_register_neurons
+from .core.output_format import PARITY_FILE
 from .core.effect import collected, effect_metrics, last_block_diagnostics
 from .core.errors import ModelInputError, NeuronsFileError, ParameterError, ParityError
 from .core.images import ImageBatches, list_images
@@ -275,7 +277,7 @@ def run_convert(
             batches = parity_batches(reloaded, check_images or images, parity_count, batch_size, 0, progress)
             report, effect = run_check(reloaded, batches, source=model, tolerance=tolerance)
             del reloaded
-            write_json(tmp / "parity.json", {"parity": report.to_dict(), "effect": effect})
+            write_json(tmp / PARITY_FILE, {"parity": report.to_dict(), "effect": effect})
             if not report.passed:
                 raise ParityError(report.summary() + "; no output written")
         from exporters.model_card import write_model_card
@@ -284,3 +286,29 @@ def run_convert(
         if after_write is not None:
             after_write(tmp, loaded)
     return ConvertResult(out, recipe, report, effect, result)
+
+
+def export_formats_hook(formats: Sequence[str], *, fp16: bool = False, progress: bool = True,
+                        options: Optional[LoadOptions] = None) -> Optional[Callable[[Path, LoadedModel], None]]:
+    """`run_convert`'s after_write for `convert --formats` / `surgery.convert(formats=...)`: each named
+    format of the registry (exporters/formats.py) exported from the temporary output and validated
+    before the output is moved into place. None for no formats; an unknown name fails before any work."""
+    if not formats:
+        return None
+    from exporters.base import ExportOptions
+    from exporters.formats import format_named
+
+    chosen = [format_named(n) for n in dict.fromkeys(formats)]
+    for fmt in chosen:
+        if fp16 and not fmt.supports_fp16:
+            raise ParameterError(f"{{fp16}} does not apply to the {fmt.name} format (full precision only)", "fp16")
+
+    def after(tmp: Path, _loaded: LoadedModel) -> None:
+        from .backends import load_model
+
+        reloaded = load_model(str(tmp), options or LoadOptions())
+        for fmt in chosen:
+            report = fmt.export(tmp, reloaded, ExportOptions(fp16=fp16, progress=progress))
+            if progress:
+                print(f"vit-surgery: {report.summary()}", file=sys.stderr)
+    return after

@@ -37,6 +37,7 @@ from .core.bake import baked_copy, register_token_indices
 from .core.discovery import AUTO_FACTOR, DiscoveryConfig, emergence_layer, find_register_neurons, outlier_mask
 from .core.effect import cls_attention, effect_metrics, token_diagnostics
 from .core.errors import NoOutliersError, ParameterError
+from .core.output_format import NEURONS_FILE, SURGERY_FILE
 from .core.images import ImageBatches, list_images
 from .core.source import LoadedModel, LoadOptions
 from .backends import load_model
@@ -105,8 +106,7 @@ def _same_neurons(doc: dict[str, Any], recipe: Recipe) -> bool:
 
 def _find_ranking(folder: Path, recipe: Recipe) -> tuple[Optional[dict[str, Any]], str]:
     """The discovery record that produced the converted folder, if it is around."""
-    cands = [(folder / "neurons.json", None), (folder / "surgery.json", "discovery"),
-             (folder.parent / "neurons.json", None)]
+    cands = [(folder / NEURONS_FILE, None), (folder / SURGERY_FILE, "discovery"), (folder.parent / NEURONS_FILE, None)]
     for path, key in cands:
         doc = _read_json(path) if path.is_file() else None
         if doc is not None and key:

@@ -19,7 +19,8 @@ import torch
 from exporters import onnx_patches, onnx_validate
 from exporters.onnx_metadata import read_onnx_metadata
 from exporters.onnx_publish import export_and_validate
-from exporters.onnx_spec import DATA_FILE, FP16_TOLERANCE, FP32_TOLERANCE, ONNX_FILE
+from surgery.core.output_format import FP16_TOLERANCE, FP32_TOLERANCE, ONNX_FILE
+from surgery.core.output_format import ONNX_DATA_FILE as DATA_FILE
 from exporters.onnx_validate import validate_onnx, validation_batches
 from surgery import __version__
 from surgery.backends import adapter_for

@@ -12,9 +12,9 @@ from .errors import ParityError
 from .adapter import Adapter
 from .cast import cast_blockwise
 from .judge import allowed_error, float32_sized_noise, per_vector_relative
+from .output_format import FP32_TOLERANCE
 from .recipe import Recipe
 
-FP32_TOLERANCE = 1e-5
 # Half precision: the baked model may be off the float64 reference by this factor times the error of
 # the unmodified (hooked) model in the same dtype, vector by vector (floored at that error's median).
 HALF_FACTOR = 2.0

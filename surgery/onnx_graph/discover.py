@@ -13,6 +13,7 @@ import torch
 
 from ..core.discovery import DiscoveryConfig, DiscoveryResult, NeuronStatistics, layer_range, outlier_mask, summarise
 from ..core.errors import ModelInputError
+from ..core.output_format import META_PREFIX
 from ..core.images import ImageBatches, list_images
 from .recognise import VitGraph, block_output, node_label, recognise
 from .runtime import ExposedSession
@@ -49,7 +50,7 @@ def preprocess_config(vit: VitGraph) -> tuple[dict[str, Any], str]:
         if tuple(cfg["input_size"]) != size:
             raise ModelInputError(f"{proc_file} crops to {tuple(cfg['input_size'])[1:]}, the graph takes {size[1:]}")
         return cfg, str(proc_file)
-    stored = vit.model.metadata_props.get("vit_surgery.preprocess")
+    stored = vit.model.metadata_props.get(META_PREFIX + "preprocess")
     if stored:
         try:
             cfg = dict(base, **{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(stored).items()})
