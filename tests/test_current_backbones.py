@@ -39,6 +39,7 @@ from surgery.core.images import builtin_images
 from surgery.organism_eva import (build_eva_organism, build_hf_dinov3_organism, build_hf_siglip_organism,
                                   build_open_clip_timm_organism)
 from surgery.organism_families import save_hf_organism, save_open_clip_organism
+from conftest import rel
 
 TOL = 1e-5
 
@@ -132,11 +133,6 @@ def ours(stderr: str) -> list[str]:
     lines = stderr.replace("\r", "\n").splitlines()
     assert not any("Traceback" in ln for ln in lines)
     return [ln for ln in lines if ln.startswith("vit-surgery")]
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max over feature vectors of ||a - b|| / ||b||"""
-    return float(((a.double() - b.double()).norm(dim=-1) / b.double().norm(dim=-1).clamp_min(1e-12)).max())
 
 
 # ---- timm Eva -------------------------------------------------------------------------------------

@@ -15,12 +15,7 @@ from surgery.cli import main
 from surgery.core.errors import IntegrityError, ModelInputError, UsageError
 from surgery.core.output_format import (META_PREFIX, SURGERY_FILE, OnnxMetadata, read_surgery_json,
                                         write_surgery_json)
-
-
-def cli(args, capsys):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
+from conftest import cli
 
 
 # ---- the registry ------------------------------------------------------------------------------------

@@ -32,12 +32,7 @@ from surgery.core.judge import allowed_error, as_float64, float64_reference
 from surgery.core.parity import OutputError
 from surgery.core.recipe import Recipe
 from surgery.core.reference import hooked_reference
-
-
-def run(args, capsys):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
+from conftest import cli as run
 
 
 def copy_baked(baked_dir: Path, dest: Path) -> Path:
