@@ -33,7 +33,7 @@ from .onnx_spec import VIT_ONNX_SPEC
 @dataclass
 class Comparison:
     """One ONNX output judged against the hooked reference run in float64, over every validated image
-    (surgery/judge.py: per feature vector, tolerance scaled by the vector's measured conditioning)."""
+    (surgery/core/judge.py: per feature vector, tolerance scaled by the vector's measured conditioning)."""
 
     output: str
     against: str  # "float64_reference": the hooked reference on the un-baked source, in float64
@@ -180,7 +180,7 @@ def judge_runtime_outputs(report: OnnxReport, session: Any, loaded: Any, batches
                           where: str = "") -> OnnxReport:
     """Run `session` (ORT's `run(output_names, {input_name: array})` interface, VIT_ONNX_SPEC names) on
     `batches` re-split so one size differs from the export batch, and judge each named output against
-    the hooked reference on the un-baked source in float64, per feature vector (surgery/judge.py).
+    the hooked reference on the un-baked source in float64, per feature vector (surgery/core/judge.py).
     Fills `report.comparisons`, `batch_sizes`, `images`; a shape mismatch goes to `report.problems`
     (prefixed with `where`). `pooled(model, pixels)` overrides which PyTorch output `pooled` means.
     Shared by `validate_onnx` and `runtime_check.validate_runtime`."""

@@ -190,7 +190,7 @@ def _verify_not_reloaded(reloaded: LoadedModel, loaded: LoadedModel, out_dtype: 
 
 def convert_estimate(loaded: LoadedModel, out_dtype: str, batch_size: int, num_registers: int,
                      in_place: bool) -> Estimate:
-    """convert's peak (surgery/memory.py): this process + the reloaded output + one float64 block + one batch."""
+    """convert's peak (surgery/core/memory.py): this process + the reloaded output + one float64 block + one batch."""
     fam, model = loaded.adapter, loaded.model
     whole = loaded.extra.get("clip", model)
     blocks = fam.blocks(model)

@@ -90,7 +90,7 @@ def test_onnxruntime_matches_pytorch_and_hooked_reference_at_batch_1_and_5(expor
     unbake(source, adapter=fam)
     sess = session(d / ONNX_FILE)
     pixels = torch.cat(validation_batches(loaded, (6,)))
-    # both implementations judged against the hooked reference in float64, per vector (surgery/judge.py)
+    # both implementations judged against the hooked reference in float64, per vector (surgery/core/judge.py)
     errors = {(o, a): OutputError(o) for o in ("pooled", "tokens") for a in ("onnx", "pytorch")}
     source64 = as_float64(source)
 

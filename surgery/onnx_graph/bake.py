@@ -1,6 +1,6 @@
 """Bake test-time registers into a recognised ONNX ViT graph (onnx-ir rewrite, no PyTorch model).
 
-The rewrite mirrors `surgery.modules` node for node:
+The rewrite mirrors `surgery.core.modules` node for node:
 - `PrependRegisters`: a constant [1, R, D] zero initializer, broadcast to the batch and concatenated after
   the prefix tokens at the register entry (before the pre-norm);
 - `RegisterMlp`: in each listed block, the register units' fc1 columns (+ bias) and fc2 rows move to a

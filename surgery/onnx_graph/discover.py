@@ -1,5 +1,5 @@
 """Discovery on an ONNX model: block-output norms and MLP post-activations exposed as onnxruntime outputs,
-fed batch by batch to the same streaming reducer `find` uses on PyTorch models (surgery.discovery)."""
+fed batch by batch to the same streaming reducer `find` uses on PyTorch models (surgery.core.discovery)."""
 from __future__ import annotations
 
 import json
@@ -122,7 +122,7 @@ def find_register_neurons_onnx(
     progress: bool = True,
     provenance: Optional[dict[str, Any]] = None,
 ) -> DiscoveryResult:
-    """`find` on an ONNX file: the same statistics and ranking as surgery.discovery, from onnxruntime."""
+    """`find` on an ONNX file: the same statistics and ranking as surgery.core.discovery, from onnxruntime."""
     cfg = config or DiscoveryConfig()
     vit = recognise(path)
     depth = vit.depth

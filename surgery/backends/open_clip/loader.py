@@ -229,7 +229,7 @@ def _create(rs: OpenClipSpec, opts: LoadOptions) -> tuple[nn.Module, Callable]:
 
 def _create_streamed(rs: OpenClipSpec, opts: LoadOptions) -> Optional[tuple[nn.Module, Callable]]:
     """A local open_clip folder with safetensors weights: the skeleton is built without random init and
-    filled tensor by tensor (surgery/weights.py), so loading costs one model instead of two. None when
+    filled tensor by tensor (surgery/core/weights.py), so loading costs one model instead of two. None when
     the folder is not that simple case (open_clip's own loader handles the rest)."""
     import open_clip
 
