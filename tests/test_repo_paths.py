@@ -20,7 +20,13 @@ def _texts() -> list[Path]:
     return [f for f in files if f.relative_to(ROOT).as_posix() not in SELF_REFERENTIAL]
 
 
+PACKAGE_DIRS = {("surgery", "exporters"): ("exporters",)}  # installed as surgery.exporters (setup.py)
+
+
 def _module_path(parts: list[str]) -> Path | None:
+    for dotted, folder in PACKAGE_DIRS.items():
+        if tuple(parts[:len(dotted)]) == dotted:
+            parts = list(folder) + parts[len(dotted):]
     base = ROOT.joinpath(*parts)
     if (base / "__init__.py").is_file():
         return base / "__init__.py"
