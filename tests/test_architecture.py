@@ -53,9 +53,11 @@ def module_files(root: Path, packages: tuple[str, ...] = PACKAGES) -> dict[str, 
     return mods
 
 
-def imported_names(name: str, path: Path) -> set[str]:
+def imported_names(name: str, path: Path, modules: frozenset[str] = frozenset()) -> set[str]:
     """Every absolute module name `name` imports, anywhere in the file (functions included); for
-    `from X import y` both X and X.y (y may be a submodule); `importlib.import_module("X")` counts."""
+    `from X import y` both X and X.y (y may be a submodule), X.y alone when every y is one of `modules`
+    (`from . import sibling` in a package reaches the sibling, not back into the package's __init__);
+    `importlib.import_module("X")` counts."""
     is_pkg = path.name == "__init__.py"
     out: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -68,8 +70,10 @@ def imported_names(name: str, path: Path) -> set[str]:
                 mod = ".".join(base + ([node.module] if node.module else []))
             else:
                 mod = node.module or ""
-            out.add(mod)
-            out.update(f"{mod}.{a.name}" for a in node.names)
+            subs = {f"{mod}.{a.name}" for a in node.names}
+            if not subs <= modules:
+                out.add(mod)
+            out.update(subs)
         elif isinstance(node, ast.Call) and _is_import_module(node.func) and node.args \
                 and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
             out.add(node.args[0].value)  # importlib.import_module("pkg.mod"): an import by name is an import
@@ -84,7 +88,8 @@ def _is_import_module(func: ast.expr) -> bool:
 def import_graph(root: Path, packages: tuple[str, ...] = PACKAGES) -> dict[str, set[str]]:
     """module -> the project modules it imports (edges to itself dropped)."""
     mods = module_files(root, packages)
-    return {m: {d for d in imported_names(m, p) if d in mods and d != m} for m, p in mods.items()}
+    names = frozenset(mods)
+    return {m: {d for d in imported_names(m, p, names) if d in mods and d != m} for m, p in mods.items()}
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -309,6 +314,10 @@ def test_cycle_checker_finds_cycles_through_function_level_and_by_name_imports(t
     assert cycles(import_graph(root)) == [["surgery.core.a", "surgery.core.b", "surgery.core.c"],
                                           ["surgery.core.e", "surgery.core.f"]]
     assert cycles({"x": {"y"}, "y": set()}) == []
+    pkg = _write(tmp_path / "pkg", {"surgery/__init__.py": "", "surgery/cli/__init__.py": "from .main import main\n",
+                                    "surgery/cli/main.py": "from . import export\n", "surgery/cli/export.py": "",
+                                    "exporters/__init__.py": ""})
+    assert cycles(import_graph(pkg)) == []
 
 
 def test_layer_checkers_flag_what_they_forbid(tmp_path):
