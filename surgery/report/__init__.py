@@ -49,8 +49,8 @@ def write_report(model_spec: str, baked_spec: Optional[str] = None, images: Any 
     record's, else the last block), dataset (ImageFolder: adds a k-NN section), knn (dict of
     `knn_compare` keyword arguments).
     """
-    from . import __version__
-    from .core.images import builtin_images
+    from .. import __version__
+    from ..core.images import builtin_images
 
     out_dir = Path(out_dir)
     seed = int(opts.get("seed", 0))
@@ -72,7 +72,7 @@ def write_report(model_spec: str, baked_spec: Optional[str] = None, images: Any 
     ranking = _ranking_section(pair, recipe, out_dir, pics)
     knn = None
     if opts.get("dataset") and pair.baked is not None:
-        from .knn_eval import knn_compare
+        from ..knn_eval import knn_compare
 
         knn = knn_compare(pair.original.model, pair.baked.model, pair.original.adapter, pair.original.transform,
                           opts["dataset"], progress=progress, **(opts.get("knn") or {})).to_dict()
@@ -152,7 +152,7 @@ def _summary(pair: Pair, m: Measurement, recipe: Optional[Recipe], out_dir: Path
 def run_inspect(model_spec: str, out: str | Path, images: Any, *, source: Optional[str] = None,
                 overwrite: bool = False, progress: bool = True, **opts: Any) -> Path:
     """`vit-surgery inspect MODEL|OUT --images DIR --out REPORT` (atomic: a failure leaves no REPORT)."""
-    from .core.outputs import atomic_output_dir
+    from ..core.outputs import atomic_output_dir
 
     out = Path(out)
     with atomic_output_dir(out, overwrite) as tmp:
