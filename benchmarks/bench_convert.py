@@ -176,7 +176,7 @@ def forward_time(row: str, folder: Path, code: Path, threads: int) -> float:
 
 
 def activations(row: str, images: int, batch: int = 8) -> int:
-    """One batch of activations as convert's estimate counts it (surgery/memory.py)."""
+    """One batch of activations as convert's estimate counts it (surgery/core/memory.py)."""
     import torch
 
     from surgery.core.memory import activation_bytes

@@ -32,7 +32,7 @@ TARGET_MEM = 0.10
 
 
 class CachedBatches:
-    """Stands in for surgery.images.ImageBatches with pre-decoded tensors (model-only timing)."""
+    """Stands in for surgery.core.images.ImageBatches with pre-decoded tensors (model-only timing)."""
 
     batches: list = []
 

@@ -308,7 +308,7 @@ def main() -> None:
     fix = ""
     if fix_rows:
         fix = ctx + (
-            "\nBefore/after keeping the ordinary MLP's shape in `surgery/modules.py`, side by side in one run: "
+            "\nBefore/after keeping the ordinary MLP's shape in `surgery/core/modules.py`, side by side in one run: "
             "`before` = the earlier split layout (ordinary fc1/fc2 without the register units: 3069 rows), "
             "`after` = the current RegisterMlp (ordinary fc1/fc2 keep 3072 rows, the register units' rows and "
             "columns zero). Max |output - hooked reference|: before "

@@ -31,15 +31,19 @@ from torch import nn
 
 from surgery.core.errors import ModelInputError, OutputExistsError
 
-from .onnx_export import (FP16_TOLERANCE, FP32_TOLERANCE, META_PREFIX, OnnxReport, OnnxSpec, TensorSpec, _fix_io_shapes,
-                          _export_proto, _mha_fastpath_disabled, _ort_session, _save_proto,
-                          _say, build_metadata, validation_batches)
-from .onnx_export import publish_validated, record_parity_section, staged_output
+from .base import ExportOptions
+from .onnx_export import _export_proto, _fix_io_shapes, _save_proto
+from .onnx_metadata import build_metadata
+from .onnx_patches import _mha_fastpath_disabled
+from .onnx_publish import publish_validated, record_parity_section, staged_output
+from surgery.core.output_format import FP16_TOLERANCE, FP32_TOLERANCE, META_PREFIX, ONNX_HF_DIR, ONNX_HF_FILES
+
+from .onnx_spec import OnnxSpec, TensorSpec, _say
+from .onnx_validate import OnnxReport, _ort_session, validation_batches
 from .runtime_check import RenamedSession, validate_runtime
 from .tail_accurate_activation import tail_accurate_register_branches
 
-ONNX_DIR = "onnx"
-FILES = {"float32": "model.onnx", "float16": "model_fp16.onnx"}
+ONNX_DIR, FILES = ONNX_HF_DIR, ONNX_HF_FILES
 _PIXELS = TensorSpec("pixel_values", ("batch", "num_channels", "height", "width"),
                      doc="float32 images, preprocessed as preprocessor_config.json says")
 _HIDDEN = TensorSpec("last_hidden_state", ("batch", "sequence_length", "hidden_size"),
@@ -112,7 +116,7 @@ def export_hf_graph(loaded: Any, out_dir: Path, scratch: Path, fp16: bool, expor
     return path
 
 
-def _validate(path: Path, loaded: Any, fp16: bool, progress: bool) -> OnnxReport:
+def _validate(path: Path, loaded: Any, fp16: bool, progress: bool, batches: Optional[list[Any]] = None) -> OnnxReport:
     """onnxruntime on the graph vs PyTorch and the hooked reference (see validate_hf_outputs)."""
     session = _ort_session(path)
     names = [o.name for o in session.get_outputs()]
@@ -122,15 +126,16 @@ def _validate(path: Path, loaded: Any, fp16: bool, progress: bool) -> OnnxReport
 
     _say(progress, f"validating {path.name} in onnxruntime against PyTorch and the hooked reference")
     return validate_hf_outputs(run, path, loaded, FP16_TOLERANCE if fp16 else FP32_TOLERANCE,
-                               "float16" if fp16 else "float32")
+                               "float16" if fp16 else "float32", batches)
 
 
-def validate_hf_outputs(run: Any, path: Path, loaded: Any, tol: float, dtype: str = "float32") -> OnnxReport:
+def validate_hf_outputs(run: Any, path: Path, loaded: Any, tol: float, dtype: str = "float32",
+                        batches: Optional[list[Any]] = None) -> OnnxReport:
     """A runtime's HF-named outputs (`run(pixels) -> {name: array}`) vs PyTorch and the hooked reference:
     last_hidden_state and pooler_output, then image_embeds (when present) in a second pass under the
     pooled slot. Shared by the ONNX HF layout and the OpenVINO IR of an HF folder."""
     projection = _vision_and_projection(loaded.model)[1]
-    batches = validation_batches(loaded)
+    batches = batches if batches is not None else validation_batches(loaded)
 
     def pooler(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return _vision_and_projection(model)[0](pixel_values=x, return_dict=True).pooler_output
@@ -191,8 +196,44 @@ def export_hf_layout(out_dir: Path, *, loaded: Any, fp16: bool = False, progress
         return reports[-1], out_dir / ONNX_DIR
 
 
+def validate_hf_layout(out_dir: Path, loaded: Any, batches: list[Any]) -> list[OnnxReport]:
+    """Re-validate every file of OUT/onnx/ (what `check` does with every format present); a file exported
+    with another recipe than OUT's model is reported stale."""
+    from .onnx_metadata import read_onnx_metadata
+
+    reports = []
+    for dtype, name in ONNX_HF_FILES.items():
+        path = Path(out_dir) / ONNX_HF_DIR / name
+        if not path.is_file():
+            continue
+        if read_onnx_metadata(path).get("recipe") != loaded.recipe.to_dict():
+            report = OnnxReport(path=str(path), dtype=dtype, tolerance=FP16_TOLERANCE if dtype == "float16" else
+                                FP32_TOLERANCE, export_batch_size=2)
+            report.problems.append(f"{path.name} was exported with another recipe than the model in {out_dir} "
+                                   "(stale export); re-export it with --overwrite")
+        else:
+            report = _validate(path, loaded, dtype == "float16", False, batches)
+            report.path = str(path)
+        reports.append(report)
+    return reports
+
+
 def _record(out_dir: Path, reports: list[OnnxReport]) -> None:
     record_parity_section(out_dir, "onnx_hf_layout", {Path(r.path).name: r.to_dict() for r in reports}, create=True)
 
 
-__all__ = ["FILES", "META_PREFIX", "ONNX_DIR", "export_hf_graph", "export_hf_layout", "hf_spec", "validate_hf_outputs"]
+__all__ = ["FILES", "META_PREFIX", "ONNX_DIR", "export_hf_graph", "export_hf_layout", "hf_spec", "validate_hf_layout", "validate_hf_outputs", "export_format", "open_session", "validate_present"]
+
+
+# ---- the format registry's entry points (exporters/base.py) --------------------------------------
+
+def export_format(out_dir: Path, loaded: Any, options: ExportOptions) -> OnnxReport:
+    return export_hf_layout(out_dir, loaded=loaded, fp16=options.fp16, progress=options.progress,
+                            exporter=options.exporter, overwrite=options.overwrite)[0]
+
+
+def open_session(path: Path) -> Any:
+    return _ort_session(path)
+
+
+validate_present = validate_hf_layout

@@ -3,11 +3,8 @@
 The IR is converted from the same graph the ONNX export writes (`export_onnx`, dynamic batch, the fix
 inside the graph) with `openvino.convert_model` and saved full precision as `openvino_model.xml` +
 `openvino_model.bin` (the file names optimum-intel's `OVModel*` classes look for). Inputs/outputs are
-the ONNX export's: `pixel_values` -> `pooled`, `tokens` for timm / open_clip folders; for a folder
-written from an HF transformers model the IR is converted from the HF-layout graph
-(exporters/onnx_hf_layout.py) and carries HF's output names, `last_hidden_state`, `pooler_output` (and
-`image_embeds` for CLIP with a projection), which optimum-intel's `OVModelForFeatureExtraction` reads.
-The recipe and token layout are in the IR's rt_info under `vit_surgery`.
+the ONNX export's: `pixel_values` -> `pooled`, `tokens`; the recipe and token layout are in the IR's
+rt_info under `vit_surgery`.
 
 Validation before the files are moved into OUT: compiled on the CPU plugin with
 `INFERENCE_PRECISION_HINT=f32` (the plugin's default on CPUs with bfloat16 units is bf16, which would
@@ -26,25 +23,35 @@ from typing import Any, Optional
 
 from surgery.core.errors import ModelInputError, require_extra
 
-from .onnx_export import (META_PREFIX, VIT_ONNX_SPEC, OnnxReport, _say, export_onnx,
-                          read_onnx_metadata, validation_batches)
-from .onnx_export import publish_validated, record_parity_section, staged_output
+from .base import ExportOptions
+from .onnx_export import export_onnx
+from .onnx_metadata import read_onnx_metadata
+from .onnx_publish import publish_validated, record_parity_section, staged_output
+from surgery.core.output_format import META_PREFIX, OPENVINO_BIN, OPENVINO_TOLERANCE, OPENVINO_XML
+
+from .onnx_spec import VIT_ONNX_SPEC, _say
+from .onnx_validate import OnnxReport, validation_batches
 from .onnx_hf_layout import export_hf_graph, validate_hf_outputs
 from .runtime_check import RenamedSession, validate_runtime
 
-OV_XML = "openvino_model.xml"
-OV_BIN = "openvino_model.bin"
+OV_XML, OV_BIN = OPENVINO_XML, OPENVINO_BIN
 CPU_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
-OPENVINO_TOLERANCE = 1e-4
 
 
 def require_openvino() -> None:
     require_extra("openvino", "openvino", "OpenVINO export")
 
 
+def openvino_report(path: Path) -> OnnxReport:
+    """An empty report for an IR validated on the CPU plugin in float32."""
+    return OnnxReport(path=str(path), dtype="float32", tolerance=OPENVINO_TOLERANCE,
+                      export_batch_size=VIT_ONNX_SPEC.export_batch_size, opset=0, format="openvino",
+                      runtime="OpenVINO CPU plugin, f32",
+                      runtime_detail="OpenVINO CPU plugin, INFERENCE_PRECISION_HINT f32")
+
+
 def openvino_summary(report: OnnxReport) -> str:
-    text = report.summary().replace("onnxruntime CPU, optimisation ALL", "OpenVINO CPU plugin, f32")
-    return "openvino" + text[len("onnx"):] if text.startswith("onnx") else text
+    return report.summary()
 
 
 def compile_cpu(xml: Path) -> Any:
@@ -67,6 +74,21 @@ def openvino_session(xml: Path) -> RenamedSession:
     return RenamedSession(_run_by_name(compile_cpu(xml)), {o: o for o in VIT_ONNX_SPEC.output_names})
 
 
+def _validate_ir(xml: Path, report_path: Path, loaded: Any, batches: Optional[list[Any]]) -> OnnxReport:
+    """The IR on the CPU plugin vs PyTorch and the hooked reference. HF folders' IRs carry HF's output
+    names (last_hidden_state, pooler_output[, image_embeds]: what optimum-intel reads), judged like the
+    HF ONNX layout; other folders' carry the plain layout's (pooled, tokens)."""
+    if loaded.source.library == "hf":
+        hf = validate_hf_outputs(_run_by_name(compile_cpu(xml)), report_path, loaded, OPENVINO_TOLERANCE,
+                                 batches=batches)
+        report = openvino_report(report_path)
+        report.comparisons, report.problems = hf.comparisons, hf.problems
+        return report
+    report = openvino_report(report_path)
+    return validate_runtime(report, openvino_session(xml), loaded,
+                            batches if batches is not None else validation_batches(loaded))
+
+
 def _convert(onnx_path: Path, xml: Path) -> None:
     import openvino as ov
 
@@ -87,35 +109,50 @@ def export_openvino(out_dir: Path, *, loaded: Any, progress: bool = True, export
         raise OutputExistsError(f"output {out_dir / OV_XML} already exists; pass --overwrite to replace it")
     if loaded.recipe is None:
         raise ModelInputError(f"{out_dir} carries no baked test-time registers (run `vit-surgery convert` first)")
-    hf_names = loaded.source.library == "hf"  # HF folders: HF's output names (optimum-intel reads them)
     with staged_output(out_dir, ".openvino-export-") as scratch:
-        if hf_names:
+        if loaded.source.library == "hf":  # HF folders: HF's output names (optimum-intel reads them)
             onnx_path = export_hf_graph(loaded, out_dir, scratch, False, exporter, progress)
         else:
             onnx_path = export_onnx(loaded, out_dir, scratch, exporter=exporter, progress=progress).path
         _say(progress, "converting to OpenVINO IR")
         _convert(onnx_path, scratch / OV_XML)
         _say(progress, "validating the IR on the OpenVINO CPU plugin (f32) against PyTorch and the hooked reference")
-        if hf_names:
-            report = validate_hf_outputs(_run_by_name(compile_cpu(scratch / OV_XML)), out_dir / OV_XML, loaded,
-                                         OPENVINO_TOLERANCE)
-        else:
-            report = OnnxReport(path=str(out_dir / OV_XML), dtype="float32", tolerance=OPENVINO_TOLERANCE,
-                                export_batch_size=VIT_ONNX_SPEC.export_batch_size, opset=0)
-            validate_runtime(report, openvino_session(scratch / OV_XML), loaded,
-                             batches if batches is not None else validation_batches(loaded))
-        summary = openvino_summary(report)
-        publish_validated(report, f"OpenVINO export failed validation, nothing written: {summary}",
+        report = _validate_ir(scratch / OV_XML, out_dir / OV_XML, loaded, batches)
+        publish_validated(report, f"OpenVINO export failed validation, nothing written: {report.summary()}",
                           [(scratch / OV_BIN, out_dir / OV_BIN), (scratch / OV_XML, out_dir / OV_XML)])
-        _record(out_dir, report, summary)
+        _record(out_dir, report)
         return report
 
 
-def _record(out_dir: Path, report: OnnxReport, summary: str) -> None:
+def validate_openvino(out_dir: Path, loaded: Any, batches: list[Any]) -> OnnxReport:
+    """Re-validate OUT/openvino_model.xml (what `check` does with every format present)."""
+    require_openvino()
+    return _validate_ir(Path(out_dir) / OV_XML, Path(out_dir) / OV_XML, loaded, batches)
+
+
+def _record(out_dir: Path, report: OnnxReport) -> None:
     """The validation goes into parity.json under "openvino" (next to "onnx")."""
-    entry = report.to_dict()
-    entry.update(runtime="OpenVINO CPU plugin, INFERENCE_PRECISION_HINT f32", summary=summary)
-    record_parity_section(out_dir, "openvino", entry, create=True)
+    record_parity_section(out_dir, "openvino", report.to_dict(), create=True)
 
 
-__all__ = ["OV_BIN", "OV_XML", "META_PREFIX", "compile_cpu", "export_openvino", "openvino_session", "openvino_summary"]
+__all__ = ["OV_BIN", "OV_XML", "META_PREFIX", "compile_cpu", "export_openvino", "openvino_session", "openvino_summary",
+           "validate_openvino", "export_format", "open_session", "validate_present"]
+
+
+# ---- the format registry's entry points (exporters/base.py) --------------------------------------
+
+def export_format(out_dir: Path, loaded: Any, options: ExportOptions) -> OnnxReport:
+    if options.fp16:
+        from surgery.core.errors import UsageError
+
+        raise UsageError("the OpenVINO export is full precision only (no fp16)")
+    return export_openvino(out_dir, loaded=loaded, progress=options.progress, exporter=options.exporter,
+                           overwrite=options.overwrite)
+
+
+def open_session(path: Path) -> Any:
+    return openvino_session(path)
+
+
+def validate_present(out_dir: Path, loaded: Any, batches: list[Any]) -> list[OnnxReport]:
+    return [validate_openvino(out_dir, loaded, batches)]

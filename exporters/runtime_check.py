@@ -1,7 +1,7 @@
 """Validate an exported graph run by any runtime (OpenVINO, an HF-layout ONNX file) the way
-`onnx_export.validate_onnx` validates model.onnx: against the hooked reference run in float64, per
+`onnx_validate.validate_onnx` validates model.onnx: against the hooked reference run in float64, per
 feature vector, at batch sizes that include one other than the export batch, with the same tolerances
-and conditioning rule (surgery/judge.py). The runtime is anything with ORT's
+and conditioning rule (surgery/core/judge.py). The runtime is anything with ORT's
 `run(output_names, {input_name: array})`; `RenamedSession` maps another graph's names onto the
 `pixel_values` -> (`pooled`, `tokens`) interface.
 """
@@ -13,8 +13,7 @@ import numpy as np
 import torch
 
 
-from .onnx_export import OnnxReport
-from .onnx_export import judge_runtime_outputs
+from .onnx_validate import OnnxReport, judge_runtime_outputs
 
 
 class RenamedSession:
@@ -31,6 +30,6 @@ class RenamedSession:
 def validate_runtime(report: OnnxReport, session: Any, loaded: Any, batches: list[torch.Tensor],
                      pooled: Callable[[Any, torch.Tensor], torch.Tensor] | None = None) -> OnnxReport:
     """Fill `report` (path, dtype, tolerance and export batch already set) with the comparisons: each
-    output judged against the hooked reference run in float64, per vector (surgery/judge.py).
+    output judged against the hooked reference run in float64, per vector (surgery/core/judge.py).
     `pooled(model, pixels)` overrides which PyTorch output the runtime's `pooled` is compared with."""
     return judge_runtime_outputs(report, session, loaded, batches, pooled=pooled)

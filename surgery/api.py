@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 from torch import nn
 
@@ -20,7 +20,7 @@ from .core.errors import ModelInputError
 from .core.source import LoadedModel, LoadOptions
 from .backends import load_model
 from .core.parity import FP32_TOLERANCE
-from .pipeline import ConvertResult, run_convert
+from .pipeline import ConvertResult, export_formats_hook, run_convert
 
 
 @contextlib.contextmanager
@@ -72,6 +72,7 @@ def convert(
     neurons: Optional[str | Path] = None,
     to: str = "native",
     onnx: bool = False,
+    formats: Sequence[str] = (),
     fp16: bool = False,
     check: bool = True,
     check_images: Optional[str | Path] = None,
@@ -88,19 +89,16 @@ def convert(
 
     `neurons`: a neurons.json path or a published set name; `images`: find the neurons first; neither:
     the published set when the model is recognised. `to="timm"` re-expresses open_clip / HF CLIP and HF
-    DINOv2 models as timm. `onnx=True` also writes and validates `out/model.onnx`.
+    DINOv2 models as timm. `formats=("onnx", "openvino", ...)` also writes and validates those export
+    formats (the registry in exporters/formats.py) before `out` is moved into place; `onnx=True` is
+    `formats=("onnx",)`.
     """
     if neurons is not None and images is not None:
         raise ModelInputError("convert takes neurons= or images=, not both")
     if to not in ("native", "timm"):
         raise ModelInputError(f"to= must be 'native' or 'timm', not {to!r}")
     opts = options or LoadOptions()
-    after = None
-    if onnx:
-        from exporters.onnx_export import export_and_validate
-
-        def after(tmp: Path, _loaded: LoadedModel) -> None:
-            export_and_validate(tmp, fp16=fp16, progress=progress, loaded=load_model(str(tmp), opts))
+    after = export_formats_hook((["onnx"] if onnx else []) + list(formats), fp16=fp16, progress=progress, options=opts)
     with _as_loaded(model_or_spec, opts) as loaded:
         if to == "timm":
             from .to_timm import to_timm

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from . import __version__, onnx_cli, report_cli
-from .cli_args import (_int_or_auto, _num_registers, _positive_float, _positive_int, _scale,
-                       _threshold, add_model_options)
+from .cli_args import (_format_names, _int_or_auto, _num_registers, _positive_float, _positive_int,
+                       _scale, _threshold, add_model_options)
 from .cli_checks import validate_before_loading
 from .core.errors import EXIT_CODES, SurgeryError
 from .core.outputs import shown
@@ -98,7 +98,7 @@ def cmd_find(a: argparse.Namespace) -> int:
 
 def cmd_convert(a: argparse.Namespace) -> int:
     from .core.source import LoadOptions
-    from .pipeline import run_convert
+    from .pipeline import export_formats_hook, run_convert
 
     if _is_onnx(a.model):
         from .onnx_graph.cli import cmd_convert_onnx
@@ -109,17 +109,9 @@ def cmd_convert(a: argparse.Namespace) -> int:
 
         loaded = to_timm(loaded)
     overrides = {"num_registers": a.num_registers, "scale": a.scale, "mode": a.mode}
-    after: Optional[Callable[[Path, Any], None]] = None
-    onnx_reports: list[Any] = []
-    if getattr(a, "onnx", False):
-        from exporters.onnx_export import export_and_validate
-
-        from .backends import load_model
-
-        def export_onnx(tmp: Path, _loaded: Any) -> None:  # its summary is printed after the bake's lines
-            onnx_reports.append(export_and_validate(tmp, fp16=a.fp16, progress=not a.quiet, say_summary=False,
-                                                    loaded=load_model(str(tmp))))
-        after = export_onnx
+    formats = (["onnx"] if getattr(a, "onnx", False) else []) + list(getattr(a, "formats", None) or [])
+    export_reports: list[Any] = []  # their summaries are printed after the bake's lines
+    after = export_formats_hook(formats, fp16=a.fp16, progress=not a.quiet, reports=export_reports)
     res = run_convert(loaded, a.out, neurons=a.neurons, images=a.images, discovery=_discovery_config(a),
                       overrides=overrides, check=not a.no_check, check_images=a.check_images,
                       tolerance=a.tolerance, overwrite=a.overwrite,
@@ -130,8 +122,8 @@ def cmd_convert(a: argparse.Namespace) -> int:
     if res.report is not None:
         print(res.report.summary())
         _print_effect(res.effect)
-    if getattr(a, "onnx", False) and onnx_reports:
-        print(onnx_reports[0].summary())
+    for r in export_reports:
+        print(r.summary())
     print(f"wrote {res.out}")
     return 0
 
@@ -164,8 +156,9 @@ def _verified(a: argparse.Namespace, folder: Path) -> bool:
 
 
 def cmd_check(a: argparse.Namespace) -> int:
-    """Verify OUT (hashes), then compare it with the hooked reference. Never writes into OUT: the
-    report goes to --report only. An OUT that cannot be verified never passes without a source."""
+    """Verify OUT (hashes), then compare it with the hooked reference and re-validate every exported format
+    present. Never writes into OUT: the report goes to --report only. An OUT that cannot be verified never
+    passes without a source."""
     from .core.errors import IntegrityError, ModelInputError, ParityError
     from .core.integrity import read_surgery, source_for_check
     from .core.outputs import atomic_output_file, local_source_path
@@ -191,15 +184,7 @@ def cmd_check(a: argparse.Namespace) -> int:
     report, effect = run_check(loaded, batches, source=source, tolerance=a.tolerance)
     print(f"compared against {used}")
     doc = {"parity": report.to_dict(), "effect": effect}
-    extra_ok = True
-    onnx_file = Path(a.out_dir) / "model.onnx"
-    if onnx_file.exists() and not a.skip_onnx:
-        from exporters.onnx_export import validate_onnx
-
-        onnx_report = validate_onnx(Path(a.out_dir), loaded, batches)
-        doc["onnx"] = onnx_report.to_dict()
-        extra_ok = onnx_report.passed
-        print(onnx_report.summary())
+    failed_exports = [] if a.skip_onnx else _check_exports(Path(a.out_dir), loaded, batches, doc)
     if a.report:
         with atomic_output_file(Path(a.report), True) as tmp:
             write_json(tmp, doc)
@@ -209,9 +194,26 @@ def cmd_check(a: argparse.Namespace) -> int:
         print(f"wrote {a.report}")
     if not report.passed:
         raise ParityError(report.summary())
-    if not extra_ok:
-        raise ParityError("ONNX model out of tolerance" + (f" (see {a.report})" if a.report else ""))
+    if failed_exports:
+        raise ParityError(f"exported file(s) out of tolerance: {', '.join(failed_exports)}"
+                          + (f" (see {a.report})" if a.report else ""))
     return 0
+
+
+def _check_exports(out: Path, loaded: Any, batches: list[Any], doc: dict[str, Any]) -> list[str]:
+    """Re-validate every export format present in OUT (the format registry); their reports go into
+    `doc` under each format's parity.json key. Returns the files out of tolerance."""
+    from exporters.formats import formats_present
+
+    failed = []
+    for fmt in formats_present(out):
+        reports = fmt.validate(out, loaded, batches)
+        doc[fmt.parity_key] = {Path(r.path).name: r.to_dict() for r in reports} if fmt.by_file else reports[0].to_dict()
+        for r in reports:
+            print(r.summary())
+            if not r.passed:
+                failed.append(Path(r.path).relative_to(out).as_posix() if Path(r.path).is_relative_to(out) else r.path)
+    return failed
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -259,8 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output library: the input's own (default), or timm (open_clip CLIP, HF CLIP and HF DINOv2 inputs too)")
     c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="dtype of the written weights (default: the source checkpoint's)")
-    c.add_argument("--onnx", action="store_true", help="also write and validate OUT/model.onnx")
-    c.add_argument("--fp16", action="store_true", help="with --onnx: export in float16 (looser tolerance)")
+    c.add_argument("--onnx", action="store_true", help="also write and validate OUT/model.onnx (= --formats onnx)")
+    c.add_argument("--formats", type=_format_names, default=[], metavar="NAME[,NAME]",
+                   help="also write and validate these export formats before OUT is moved into place "
+                        "(format registry: onnx, onnx_hf, openvino)")
+    c.add_argument("--fp16", action="store_true", help="with --onnx / --formats onnx: export in float16 "
+                                                       "(looser tolerance)")
     c.add_argument("-q", "--quiet", action="store_true")
     add_discovery_options(c)
     add_recipe_options(c)
@@ -277,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--tolerance", type=_positive_float, default=1e-5, help="relative error allowed (default 1e-5)")
     k.add_argument("--report", default=None,
                    help="also write the JSON report to this file (check never writes into OUT)")
-    k.add_argument("--skip-onnx", action="store_true", help="do not validate OUT/model.onnx")
+    k.add_argument("--skip-exports", "--skip-onnx", dest="skip_onnx", action="store_true",
+                   help="do not re-validate the exported formats present in OUT (model.onnx, onnx/, openvino_model.xml)")
     k.add_argument("-q", "--quiet", action="store_true")
     add_model_options(k)
     k.set_defaults(func=cmd_check)
@@ -338,7 +345,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             validate_before_loading(a)
             return int(a.func(a) or 0)
     except SurgeryError as e:
-        print(f"vit-surgery: error: {e}", file=sys.stderr)
+        print(f"vit-surgery: error: {e.cli_message()}", file=sys.stderr)
         return e.exit_code
     except OSError as e:
         code = _os_error_exit(e)

@@ -32,6 +32,18 @@ _scale = _number(float, "a finite number with |scale| <= 1e6", lambda f: math.is
 _threshold = _or_auto(_number(float, "a positive number or 'auto'", lambda f: f > 0 and math.isfinite(f)))
 
 
+def _format_names(v: str) -> list[str]:
+    """`--formats onnx,openvino`: names of the format registry (exporters/formats.py), checked here."""
+    from exporters.formats import FORMATS
+
+    names = [n.strip() for n in v.split(",") if n.strip()]
+    known = [f.name for f in FORMATS]
+    bad = [n for n in names if n not in known]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown format {bad[0] if bad else v!r}; known: {', '.join(known)}")
+    return names
+
+
 def _int_or_auto(minimum: int) -> Callable[[str], int | str]:
     return _or_auto(_number(int, f"an integer >= {minimum} or 'auto'", lambda i: i >= minimum))
 

@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .core.errors import ImageInputError, ModelInputError, UsageError
+from .core.errors import ImageInputError, ModelInputError, ParameterError
 from .core.adapter import Adapter
 from .core.images import IMAGE_EXTENSIONS, ImageBatches
 
@@ -84,7 +84,7 @@ def dataset_split(root: str | Path, test_fraction: float = 0.2, seed: int = 0,
     """Gallery/query split of an ImageFolder dataset; the same arguments always give the same split."""
     root = Path(root)
     if not 0.0 < test_fraction < 1.0:
-        raise UsageError(f"--test-fraction must be between 0 and 1 (exclusive), got {test_fraction}")
+        raise ParameterError(f"{{test_fraction}} must be between 0 and 1 (exclusive), got {test_fraction}", "test_fraction")
     if root.is_dir():
         names = {d.name for d in _visible_dirs(root)}
         for tr, te in SPLIT_NAMES:
@@ -198,9 +198,9 @@ def knn_compare(original: nn.Module, baked: nn.Module, family: Adapter, transfor
                 batch_size: int = 32, temperature: float = DEFAULT_TEMPERATURE, progress: bool = True) -> KnnResult:
     """k-NN top-1 of `original` and `baked` on the same deterministic split of `dataset`."""
     if k < 1:
-        raise UsageError(f"--k must be >= 1, got {k}")
+        raise ParameterError(f"{{k}} must be >= 1, got {k}", "k")
     if not temperature > 0 or not math.isfinite(temperature):
-        raise UsageError(f"--temperature must be a positive number, got {temperature}")
+        raise ParameterError(f"{{temperature}} must be a positive number, got {temperature}", "temperature")
     split = dataset_split(dataset, test_fraction, seed, max_per_class)
     models = [original, baked]
     was = [m.training for m in models]

@@ -8,18 +8,17 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-FORMATS = ("onnx", "openvino")
-LAYOUTS = ("plain", "hf")
 
 
 def check_converted_folder(out: Path) -> None:
     """A folder written by `convert` (it always holds surgery.json), else a one-line error (exit 4)."""
     from surgery.core.errors import ModelInputError
+    from surgery.core.output_format import SURGERY_FILE
 
     if not out.is_dir():
         raise ModelInputError(f"model folder not found: {out} (export works on a folder written by `convert`)")
-    if not (out / "surgery.json").is_file():
-        raise ModelInputError(f"{out} is not a vit-surgery output (no surgery.json); export works on a folder "
+    if not (out / SURGERY_FILE).is_file():
+        raise ModelInputError(f"{out} is not a vit-surgery output (no {SURGERY_FILE}); export works on a folder "
                               "written by `vit-surgery convert`")
 
 
@@ -35,8 +34,10 @@ def verify_before_export(out: Path) -> None:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from surgery.core.errors import OutputExistsError, UsageError
+    from exporters.base import ExportOptions
+    from exporters.formats import format_for_cli
     from surgery.backends import load_model
+    from surgery.core.errors import UsageError
     from surgery.core.source import LoadOptions
 
     out = Path(a.out_dir)
@@ -49,32 +50,15 @@ def cmd_export(a: argparse.Namespace) -> int:
         return _export_int8(a, out, options)
     if a.images is not None:
         raise UsageError("--images is for --int8 static (calibration images)")
-    if a.format == "openvino":
-        from exporters.openvino_export import OV_XML, export_openvino, openvino_summary, require_openvino
-
-        require_openvino()
-        report = export_openvino(out, progress=not a.quiet, loaded=load_model(str(out), options), exporter=a.exporter,
-                                 overwrite=a.overwrite)
-        print(openvino_summary(report))
-        print(f"wrote {out / OV_XML} (+ .bin)")
-        return 0
-    if a.layout == "hf":
-        from exporters.onnx_hf_layout import export_hf_layout
-
-        report, written = export_hf_layout(out, fp16=a.fp16, progress=not a.quiet, loaded=load_model(str(out), options),
-                                           exporter=a.exporter, overwrite=a.overwrite)
-        print(report.summary())
-        print(f"wrote {written}")
-        return 0
-    from exporters.onnx_export import DATA_FILE, ONNX_FILE, export_and_validate
-
-    target = out / ONNX_FILE
-    if (target.exists() or (out / DATA_FILE).exists()) and not a.overwrite:
-        raise OutputExistsError(f"output {target} already exists; pass --overwrite to replace it")
-    report = export_and_validate(out, fp16=a.fp16, progress=not a.quiet, exporter=a.exporter, say_summary=False,
-                                 loaded=load_model(str(out), options))
+    fmt = format_for_cli(a.format, a.layout)
+    if a.fp16 and not fmt.supports_fp16:
+        raise UsageError(f"--format {a.format} takes no --fp16 (full precision only)")
+    fmt.implementation()  # a missing optional package stops here, before the model loads
+    report = fmt.export(out, load_model(str(out), options),
+                        ExportOptions(fp16=a.fp16, exporter=a.exporter, overwrite=a.overwrite, progress=not a.quiet))
     print(report.summary())
-    print(f"wrote {target}" + (f" (+ {DATA_FILE})" if report.external_data else ""))
+    written = [out / f for f in fmt.files if (out / f).exists()]
+    print(f"wrote {', '.join(str(w) for w in written)}")
     return 0
 
 
@@ -101,7 +85,10 @@ def _export_int8(a: argparse.Namespace, out: Path, options: Any) -> int:
 
 
 def add_commands(subparsers: Any) -> None:
+    from exporters.formats import cli_choices
     from surgery.cli_args import add_model_options
+
+    formats, layouts = cli_choices()
 
     e = subparsers.add_parser(
         "export", help="export a converted folder to ONNX or OpenVINO (validated before it is written)",
@@ -111,8 +98,8 @@ def add_commands(subparsers: Any) -> None:
                     "preprocessor_config.json) or an OpenVINO IR (--format openvino: openvino_model.xml/.bin), "
                     "and validate it against PyTorch and the hooked reference. A failed validation writes nothing.")
     e.add_argument("out_dir", metavar="OUT", help="folder written by `vit-surgery convert`")
-    e.add_argument("--format", choices=FORMATS, default="onnx", help="export format (default: onnx)")
-    e.add_argument("--layout", choices=LAYOUTS, default="plain",
+    e.add_argument("--format", choices=formats, default="onnx", help="export format (default: onnx)")
+    e.add_argument("--layout", choices=layouts, default="plain",
                    help="onnx only: plain OUT/model.onnx (default), or hf: the layout of HF ONNX repos "
                         "(optimum, transformers.js), see README")
     e.add_argument("--fp16", action="store_true",

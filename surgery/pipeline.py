@@ -4,9 +4,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -14,8 +15,9 @@ from . import __version__
 from .core.bake import baked_copy, baked_in_place, register_token_indices, unbaked_copy
 from .core.cast import cast_blockwise
 from .core.discovery import DiscoveryConfig, DiscoveryResult, find_register_neurons
+from .core.output_format import PARITY_FILE
 from .core.effect import collected, effect_metrics, last_block_diagnostics
-from .core.errors import ModelInputError, NeuronsFileError, ParityError, UsageError
+from .core.errors import ModelInputError, NeuronsFileError, ParameterError, ParityError
 from .core.images import ImageBatches, list_images
 from .core.source import LoadedModel, LoadOptions, torch_dtype
 from .backends import load_model, writer_for
@@ -145,8 +147,8 @@ def _convert_recipe(loaded: LoadedModel, neurons: Optional[str], images: Optiona
 
     name = published_for_model(loaded)
     if name is None:
-        raise UsageError(f"convert needs --neurons FILE|NAME or --images DIR: no published register neurons "
-                           f"are known for {loaded.spec}")
+        raise ParameterError(f"convert needs {{neurons}} (a file or a published name) or {{images}} (a folder): no "
+                             f"published register neurons are known for {loaded.spec}", "neurons", "images")
     return resolve_recipe(loaded, name, overrides)[0], None
 
 
@@ -188,7 +190,7 @@ def _verify_not_reloaded(reloaded: LoadedModel, loaded: LoadedModel, out_dtype: 
 
 def convert_estimate(loaded: LoadedModel, out_dtype: str, batch_size: int, num_registers: int,
                      in_place: bool) -> Estimate:
-    """convert's peak (surgery/memory.py): this process + the reloaded output + one float64 block + one batch."""
+    """convert's peak (surgery/core/memory.py): this process + the reloaded output + one float64 block + one batch."""
     fam, model = loaded.adapter, loaded.model
     whole = loaded.extra.get("clip", model)
     blocks = fam.blocks(model)
@@ -276,7 +278,7 @@ def run_convert(
             batches = parity_batches(reloaded, check_images or images, parity_count, batch_size, 0, progress)
             report, effect = run_check(reloaded, batches, source=model, tolerance=tolerance)
             del reloaded
-            write_json(tmp / "parity.json", {"parity": report.to_dict(), "effect": effect})
+            write_json(tmp / PARITY_FILE, {"parity": report.to_dict(), "effect": effect})
             if not report.passed:
                 raise ParityError(report.summary() + "; no output written")
         from exporters.model_card import write_model_card
@@ -285,3 +287,33 @@ def run_convert(
         if after_write is not None:
             after_write(tmp, loaded)
     return ConvertResult(out, recipe, report, effect, result)
+
+
+def export_formats_hook(formats: Sequence[str], *, fp16: bool = False, progress: bool = True,
+                        options: Optional[LoadOptions] = None,
+                        reports: Optional[list[Any]] = None) -> Optional[Callable[[Path, LoadedModel], None]]:
+    """`run_convert`'s after_write for `convert --formats` / `surgery.convert(formats=...)`: each named
+    format of the registry (exporters/formats.py) exported from the temporary output and validated
+    before the output is moved into place. None for no formats; an unknown name fails before any work.
+    With `reports`, the validation reports are appended there instead of printed."""
+    if not formats:
+        return None
+    from exporters.base import ExportOptions
+    from exporters.formats import format_named
+
+    chosen = [format_named(n) for n in dict.fromkeys(formats)]
+    for fmt in chosen:
+        if fp16 and not fmt.supports_fp16:
+            raise ParameterError(f"{{fp16}} does not apply to the {fmt.name} format (full precision only)", "fp16")
+
+    def after(tmp: Path, _loaded: LoadedModel) -> None:
+        from .backends import load_model
+
+        reloaded = load_model(str(tmp), options or LoadOptions())
+        for fmt in chosen:
+            report = fmt.export(tmp, reloaded, ExportOptions(fp16=fp16, progress=progress))
+            if reports is not None:  # the caller shows them
+                reports.append(report)
+            elif progress:
+                print(f"vit-surgery: {report.summary()}", file=sys.stderr)
+    return after

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,51 @@ def pixels_from(folder: Path, transform, n: int | None = None) -> torch.Tensor:
 
     files = list_images(folder)[:n] if n else list_images(folder)
     return torch.cat([x for x, _ in ImageBatches(files, transform, 8, progress=False)])
+
+
+# ---- helpers shared by the test modules (`from conftest import ...`) ----------------------------------
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Worst per-vector relative error ||a - b|| / ||b|| over the last axis (the parity definition), written
+    out here independently of surgery.core.parity."""
+    a, b = a.double().flatten(0, -2), b.double().flatten(0, -2)
+    return float(((a - b).norm(dim=-1) / b.norm(dim=-1).clamp_min(1e-30)).max())
+
+
+def cli(args, capsys) -> tuple[int, str, str]:
+    """Run `vit-surgery ARGS` in this process: (exit code, stdout, stderr)."""
+    from surgery.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+CLI = [sys.executable, "-m", "surgery.cli"]  # the command in a subprocess (inherits PYTHONPATH)
+
+
+def offline_env(cache: Path) -> dict[str, str]:
+    """The environment that points a subprocess at a fake offline hub cache (written by
+    `write_fake_hub_repo`: the layout huggingface_hub reads with HF_HUB_OFFLINE=1)."""
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_CACHE=str(cache), HF_HOME=str(cache.parent / "hf_home"))
+    return env
+
+
+def patch_offline_hub(mp: pytest.MonkeyPatch, cache: Path) -> Path:
+    """Point this process's huggingface_hub at `cache`, offline (its constants are read at import time,
+    so they are patched as well as the environment)."""
+    import huggingface_hub.constants as hc
+
+    cache.mkdir(parents=True, exist_ok=True)
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    mp.setenv("HF_HUB_CACHE", str(cache))
+    mp.setattr(hc, "HF_HUB_CACHE", str(cache))
+    mp.setattr(hc, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+@pytest.fixture()
+def fake_hub(tmp_path, monkeypatch) -> Path:
+    """An empty HF hub cache, offline: hf-hub: names resolve only to what a test lays out in it."""
+    return patch_offline_hub(monkeypatch, tmp_path / "hub")

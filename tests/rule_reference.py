@@ -1,6 +1,6 @@
 """The test-time-register rule written straight from REFERENCE.md, for tests to judge the code by.
 
-It shares no code with surgery/modules.py or surgery/reference.py: registers are inserted by a forward
+It shares no code with surgery/core/modules.py or surgery/core/reference.py: registers are inserted by a forward
 pre-hook on the pre-norm, and in each listed block the full post-activation tensor (the input of the MLP
 down projection) is edited image by image with index writes:
 

@@ -14,16 +14,8 @@ from exporters.safetensors_io import read_metadata
 from surgery.cli import main
 from surgery.core.images import builtin_images
 
-from hub import offline_env
+from conftest import CLI, cli as run, offline_env
 from surgery.organism_families import write_fake_hub_repo
-
-CLI = [sys.executable, "-m", "surgery.cli"]
-
-
-def run(args, capsys):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_find_writes_neurons_json(organism_dir, calib_dir, tmp_path, capsys, timm_organism):

@@ -3,7 +3,7 @@ EVA02, PE-Core), HF `DINOv3ViTModel` and `SiglipVisionModel`.
 
 Organisms in each library's own module structure with planted register neurons, saved by the library's
 own writer and loaded back through its real code path. The baked outputs are judged against a hooked
-reference written here from the rule in REFERENCE.md (not surgery/reference.py or modules.py):
+reference written here from the rule in REFERENCE.md (not surgery/core/reference.py or modules.py):
 
 - R zero tokens enter right after the prefix tokens (CLS, trained registers) at the input of the
   pre-norm (timm `norm_pre`; HF models without one: the input of the first layer), with no position;
@@ -39,6 +39,7 @@ from surgery.core.images import builtin_images
 from surgery.organism_eva import (build_eva_organism, build_hf_dinov3_organism, build_hf_siglip_organism,
                                   build_open_clip_timm_organism)
 from surgery.organism_families import save_hf_organism, save_open_clip_organism
+from conftest import rel
 
 TOL = 1e-5
 
@@ -132,11 +133,6 @@ def ours(stderr: str) -> list[str]:
     lines = stderr.replace("\r", "\n").splitlines()
     assert not any("Traceback" in ln for ln in lines)
     return [ln for ln in lines if ln.startswith("vit-surgery")]
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max over feature vectors of ||a - b|| / ||b||"""
-    return float(((a.double() - b.double()).norm(dim=-1) / b.double().norm(dim=-1).clamp_min(1e-12)).max())
 
 
 # ---- timm Eva -------------------------------------------------------------------------------------
@@ -317,7 +313,7 @@ def test_published_registry_has_no_entries_for_these_yet(tmp_path):
 def test_eva_rope_onnx_export_matches_the_independent_reference(tmp_path, capsys, pixels):
     """DINOv3 organism (RoPE, 4 trained registers) -> convert --onnx; onnxruntime's tokens and pooled output
     judged per vector against the reference above run in float64, with the float64 judge's allowance
-    (surgery/judge.py: TOL x max(1, conditioning / median conditioning), conditioning measured on that float64
+    (surgery/core/judge.py: TOL x max(1, conditioning / median conditioning), conditioning measured on that float64
     run under float32-sized noise). Patch tokens only match if the register had no rotary position in the graph."""
     import onnxruntime as ort
 
@@ -380,7 +376,7 @@ def test_open_clip_timm_trunk_to_timm_folder(tmp_path, capsys, pixels):
         with eva_reference(visual.trunk, planting.neurons):
             ref_pooled = visual(x64)  # open_clip's image embedding (before normalisation)
             ref_tokens = visual.trunk.forward_features(x64)
-            with float32_sized_noise(visual):  # the float64 judge's conditioning (surgery/judge.py)
+            with float32_sized_noise(visual):  # the float64 judge's conditioning (surgery/core/judge.py)
                 cond_pooled = per_vector_relative(visual(x64), ref_pooled)
                 cond_tokens = per_vector_relative(visual.trunk.forward_features(x64), ref_tokens)
         pooled, tokens = baked(pixels), baked.forward_features(pixels)

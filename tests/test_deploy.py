@@ -22,22 +22,10 @@ from surgery.organism import build_timm_organism
 from surgery.core.images import builtin_images
 from surgery.organism_families import build_hf_clip_organism, build_hf_dinov2_organism, save_hf_organism
 
-from conftest import pixels_from
+from conftest import cli, pixels_from, rel
 from surgery.organism_families import write_fake_hub_repo
 
 HEAVY = ("torch", "timm", "transformers", "open_clip", "onnx", "onnxruntime", "openvino", "matplotlib", "numpy")
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Worst per-vector relative error (the parity definition), written out here."""
-    a, b = a.double().flatten(0, -2), b.double().flatten(0, -2)
-    return float(((a - b).norm(dim=-1) / b.norm(dim=-1).clamp_min(1e-30)).max())
-
-
-def cli(args, capsys):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # ---- (1) an instant CLI --------------------------------------------------------------------------

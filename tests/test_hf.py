@@ -211,19 +211,6 @@ def test_automodel_trust_remote_code_is_a_drop_in(kind, converted, pixels):
 
 # ---- fake offline hub cache --------------------------------------------------------------------
 
-@pytest.fixture
-def fake_hub(tmp_path, monkeypatch):
-    import huggingface_hub.constants as hc
-
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))  # read at import time by huggingface_hub
-    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
-    return cache
-
-
 @pytest.mark.parametrize("kind", ["clip_vision", "clip_model", "dinov2", "dinov2_swiglu"])
 def test_hub_ids_load_through_a_fake_offline_cache(kind, fake_hub, saved, organisms, pixels):
     repo = f"vit-surgery-test/{kind.replace('_', '-')}"

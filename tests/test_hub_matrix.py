@@ -21,6 +21,7 @@ from surgery.organism_families import write_fake_hub_repo
 from rule_reference import per_vector_relative, rule_reference
 from surgery.cli import main
 from surgery.core.images import builtin_images
+from conftest import patch_offline_hub
 
 EXACT = 1e-9  # float64 output against the float64 rule on the source
 
@@ -29,16 +30,8 @@ EXACT = 1e-9  # float64 output against the float64 rule on the source
 def hub_cache(tmp_path_factory):
     """HF_HUB_CACHE -> an empty fake offline cache for the whole module (huggingface_hub reads its
     constants at import time, so they are patched as well as the environment)."""
-    import huggingface_hub.constants as hc
-
-    cache = tmp_path_factory.mktemp("hub") / "cache"
-    cache.mkdir()
     mp = pytest.MonkeyPatch()
-    mp.setenv("HF_HUB_OFFLINE", "1")
-    mp.setenv("HF_HUB_CACHE", str(cache))
-    mp.setattr(hc, "HF_HUB_CACHE", str(cache))
-    mp.setattr(hc, "HF_HUB_OFFLINE", True)
-    yield cache
+    yield patch_offline_hub(mp, tmp_path_factory.mktemp("hub") / "cache")
     mp.undo()
 
 

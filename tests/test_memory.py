@@ -127,7 +127,7 @@ def _peak_rss(args: list[str]) -> tuple[int, int, str]:
 @pytest.mark.slow  # a memory threshold: depends on the machine's load (benchmarks/bench_convert.py too)
 def test_convert_peak_memory_stays_within_two_checkpoints(tmp_path):
     """ViT-B/16 at real size (random weights, timm save_for_hf): peak RSS of convert <= the import
-    footprint + 2.0 x checkpoint bytes + one batch of activations (the estimate of surgery/memory.py).
+    footprint + 2.0 x checkpoint bytes + one batch of activations (the estimate of surgery/core/memory.py).
     Before issue 11 this was 3.8 x; a copy of the model anywhere in convert fails it."""
     import timm
     from timm.models._hub import save_for_hf

@@ -16,9 +16,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from exporters import onnx_export as ox
-from exporters.onnx_export import (DATA_FILE, FP16_TOLERANCE, FP32_TOLERANCE, ONNX_FILE, export_and_validate,
-                                   read_onnx_metadata, validate_onnx, validation_batches)
+from exporters import onnx_patches, onnx_validate
+from exporters.onnx_metadata import read_onnx_metadata
+from exporters.onnx_publish import export_and_validate
+from surgery.core.output_format import FP16_TOLERANCE, FP32_TOLERANCE, ONNX_FILE
+from surgery.core.output_format import ONNX_DATA_FILE as DATA_FILE
+from exporters.onnx_validate import validate_onnx, validation_batches
 from surgery import __version__
 from surgery.backends import adapter_for
 from surgery.core.bake import register_token_indices, unbake
@@ -29,12 +32,7 @@ from surgery.core.judge import allowed_error, as_float64, float64_reference
 from surgery.core.parity import OutputError
 from surgery.core.recipe import Recipe
 from surgery.core.reference import hooked_reference
-
-
-def run(args, capsys):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
+from conftest import cli as run
 
 
 def copy_baked(baked_dir: Path, dest: Path) -> Path:
@@ -92,7 +90,7 @@ def test_onnxruntime_matches_pytorch_and_hooked_reference_at_batch_1_and_5(expor
     unbake(source, adapter=fam)
     sess = session(d / ONNX_FILE)
     pixels = torch.cat(validation_batches(loaded, (6,)))
-    # both implementations judged against the hooked reference in float64, per vector (surgery/judge.py)
+    # both implementations judged against the hooked reference in float64, per vector (surgery/core/judge.py)
     errors = {(o, a): OutputError(o) for o in ("pooled", "tokens") for a in ("onnx", "pytorch")}
     source64 = as_float64(source)
 
@@ -179,13 +177,13 @@ def test_external_data_branch_and_legacy_exporter(baked_dir, tmp_path):
 
 def test_failed_validation_leaves_no_file_and_names_the_output(baked_dir, tmp_path, monkeypatch):
     d = copy_baked(baked_dir, tmp_path / "out")
-    plain = ox._ExportWrapper.forward
+    plain = onnx_patches._ExportWrapper.forward
 
     def broken(self, pixel_values):
         pooled, tokens = plain(self, pixel_values)
         return pooled, tokens * 1.001  # an export bug: tokens off by 1e-3
 
-    monkeypatch.setattr(ox._ExportWrapper, "forward", broken)
+    monkeypatch.setattr(onnx_patches._ExportWrapper, "forward", broken)
     with pytest.raises(ParityError) as e:
         export_and_validate(d, loaded=load_model(str(d)), progress=False, exporter="legacy")
     msg = str(e.value)
@@ -243,7 +241,7 @@ def test_check_flags_an_onnx_file_from_another_recipe(exported, tmp_path, capsys
     onnx.save(model, str(d / ONNX_FILE))
     code, out, err = run(["check", d, "--num-images", "4"], capsys)
     assert code == 7 and "onnx FAIL" in out and "another recipe" in out
-    assert "ONNX" in err and "\n" not in err.strip()
+    assert "out of tolerance: model.onnx" in err and "\n" not in err.strip()
 
 
 def test_export_command_exit_codes(exported, organism_dir, tmp_path, capsys):
@@ -343,14 +341,14 @@ def test_validation_judges_each_vector_not_the_worst_case():
     noisy_register[0, 2] *= 1 + 5e-3  # within its allowance
     err = OutputError("tokens")
     err.update(noisy_register, ref, allowed=allowed)
-    assert ox.Comparison("tokens", "float64_reference", err, 1e-5).passed
+    assert onnx_validate.Comparison("tokens", "float64_reference", err, 1e-5).passed
     wrong_patch = noisy_register.clone()
     wrong_patch[0, 0] *= 1 + 5e-5  # the register's slack must not excuse this
     err = OutputError("tokens")
     err.update(wrong_patch, ref, allowed=allowed)
-    comp = ox.Comparison("tokens", "float64_reference", err, 1e-5)
+    comp = onnx_validate.Comparison("tokens", "float64_reference", err, 1e-5)
     assert not comp.passed and err.where == (0, 0)
-    report = ox.OnnxReport(path="m.onnx", comparisons=[comp], batch_sizes=[1], images=1, export_batch_size=2)
+    report = onnx_validate.OnnxReport(path="m.onnx", comparisons=[comp], batch_sizes=[1], images=1, export_batch_size=2)
     assert not report.passed and "(image, token) (0, 0)" in report.summary()
 
 

@@ -3,7 +3,7 @@
 Each family's organism is exported by torch (dynamo or legacy exporter, opset 17 or 18, optionally through
 onnxruntime's fused transformer optimisations); the ONNX file is then the only input. Judged against the
 PyTorch model it came from: `find` on PyTorch (same neurons, same scores), the hooked reference
-(surgery.reference, forward hooks on the PyTorch model) and vit-surgery's own baked ONNX export.
+(surgery.core.reference, forward hooks on the PyTorch model) and vit-surgery's own baked ONNX export.
 """
 from __future__ import annotations
 

@@ -75,20 +75,6 @@ def pixels(loaded, calib_dir) -> torch.Tensor:
     return pixels_from(calib_dir, loaded.transform, 12)
 
 
-@pytest.fixture()
-def fake_hub(tmp_path, monkeypatch):
-    """An empty HF hub cache, offline: hf-hub: names resolve only to what a test lays out in it."""
-    import huggingface_hub.constants as hc
-
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))  # read at import time by huggingface_hub
-    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
-    return cache
-
-
 # ---- loading -------------------------------------------------------------------------------------
 
 def test_loader_returns_the_image_tower_and_keeps_the_clip_model(loaded, organism):

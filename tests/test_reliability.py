@@ -20,13 +20,7 @@ from surgery.core.errors import ImageInputError, NeuronsFileError
 from surgery.core.images import ImageBatches, list_images
 from surgery.core.recipe import Recipe
 
-from conftest import pixels_from
-
-
-def run(args, capsys):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
+from conftest import cli as run, pixels_from
 
 
 def _digest(folder: Path) -> dict[str, str]:

@@ -26,15 +26,10 @@ from surgery.core.errors import NeuronsFileError, OutputExistsError
 from surgery.core.images import ImageBatches, list_images, load_image
 from surgery.core.outputs import atomic_output_dir, atomic_output_file, host_tag
 from surgery.core.recipe import read_neurons_file
+from conftest import cli as run
 
 CLI = [sys.executable, "-m", "surgery.cli"]
 NEURONS = {"register_neurons": {"2": [17, 101], "3": [42]}}
-
-
-def run(args, capsys):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_line(err: str) -> bool:

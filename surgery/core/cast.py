@@ -1,6 +1,6 @@
 """Running a model in another dtype without a second copy of it.
 
-The float64 judge (surgery/judge.py) and the float32 effect statistics used to deep-copy the whole
+The float64 judge (surgery/core/judge.py) and the float32 effect statistics used to deep-copy the whole
 model into that dtype: for a float32 model a float64 copy is two more models' worth of memory. Here a
 block's weights are cast when the block starts and put back when it ends, so one block exists in the
 other dtype at a time. Casting to a wider dtype and back is exact; the originals are kept aside (not

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import NoOutliersError, UsageError
+from .errors import NoOutliersError, ParameterError
 from .adapter import Adapter
 from .images import ImageBatches, list_images
 from .recipe import Recipe
@@ -54,18 +54,18 @@ class DiscoveryConfig:
         if isinstance(self.max_layer, str) and self.max_layer != "auto":
             self.max_layer = int(self.max_layer)
         if self.batch_size < 1:
-            raise UsageError("--batch-size must be >= 1")
+            raise ParameterError("{batch_size} must be >= 1", "batch_size")
         if isinstance(self.top_k, int) and self.top_k < 1:
-            raise UsageError("--top-k must be >= 1 or 'auto'")
+            raise ParameterError("{top_k} must be >= 1 or 'auto'", "top_k")
 
 
 def _positive_float(v: Any, name: str) -> float:
     try:
         f = float(v)
     except (TypeError, ValueError):
-        raise UsageError(f"--{name} must be a number or 'auto', got {v!r}") from None
+        raise ParameterError(f"{{{name}}} must be a number or 'auto', got {v!r}", name) from None
     if not math.isfinite(f) or f <= 0:
-        raise UsageError(f"--{name} must be a positive number, got {v!r}")
+        raise ParameterError(f"{{{name}}} must be a positive number, got {v!r}", name)
     return f
 
 
@@ -214,9 +214,9 @@ def layer_range(cfg: DiscoveryConfig, depth: int) -> tuple[int, int]:
     if detect < 0:
         detect += depth
     if not 0 <= detect < depth:
-        raise UsageError(f"--detect-layer {cfg.detect_layer} out of range (model has {depth} blocks)")
+        raise ParameterError(f"{{detect_layer}} {cfg.detect_layer} out of range (model has {depth} blocks)", "detect_layer")
     if isinstance(cfg.max_layer, int) and not 0 <= cfg.max_layer < depth:
-        raise UsageError(f"--max-layer {cfg.max_layer} out of range (model has {depth} blocks)")
+        raise ParameterError(f"{{max_layer}} {cfg.max_layer} out of range (model has {depth} blocks)", "max_layer")
     score_layers = detect if cfg.max_layer == "auto" else min(int(cfg.max_layer), depth - 1)
     return detect, score_layers
 

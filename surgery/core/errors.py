@@ -1,11 +1,28 @@
-"""User-facing errors. Each carries the exit code the CLI returns (documented in the README)."""
+"""User-facing errors. Each kind carries the exit code the CLI returns (documented in the README).
+
+`SurgeryError` is abstract: it has no exit code of its own (exit 1 means a bug), so every raise names
+its real kind, and `EXIT_CODES` is built from the kinds. Core code is also the Python API: its messages
+name parameters (`top_k`), and the CLI shows the flags (`--top-k`) through `cli_message`.
+"""
 from __future__ import annotations
+
+from typing import Any
 
 
 class SurgeryError(Exception):
-    """An error caused by the user's input; the CLI prints it on one line and exits with `exit_code`."""
+    """An error caused by the user's input; the CLI prints it on one line and exits with `exit_code`.
+    Abstract: raise one of its subclasses."""
 
-    exit_code = 1
+    exit_code: int  # set by each subclass
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "SurgeryError":
+        if "exit_code" not in {k for c in cls.__mro__ if c is not SurgeryError for k in vars(c)}:
+            raise TypeError(f"{cls.__name__} has no exit code: raise a SurgeryError subclass that has one")
+        return super().__new__(cls, *args, **kwargs)
+
+    def cli_message(self) -> str:
+        """The message as the CLI prints it (parameters named as flags)."""
+        return str(self)
 
 
 class ImageInputError(SurgeryError):
@@ -15,9 +32,24 @@ class ImageInputError(SurgeryError):
 
 
 class UsageError(SurgeryError):
-    """A bad option value found before any work starts (e.g. a device this machine does not have)."""
+    """Bad command-line usage or option value, found before any work starts (e.g. a device this machine does not have)."""
 
     exit_code = 2
+
+
+class ParameterError(UsageError):
+    """A bad value of a named parameter. `template` names the parameters as `{name}`: the Python API's
+    message shows `name`, the CLI's the flag `--name` (underscores as dashes)."""
+
+    def __init__(self, template: str, *parameters: str) -> None:
+        self.template, self.parameters = template, parameters
+        super().__init__(self._render(lambda p: p))
+
+    def _render(self, show: Any) -> str:
+        return self.template.format(**{p: show(p) for p in self.parameters})
+
+    def cli_message(self) -> str:
+        return self._render(lambda p: "--" + p.replace("_", "-"))
 
 
 class ModelInputError(SurgeryError):
@@ -97,24 +129,26 @@ def require_extra(module: str, extra: str, what: str) -> None:
         raise MissingExtraError(f'{what} needs the {module} package: pip install "vit-surgery[{extra}]"')
 
 
-EXIT_CODES = {
-    0: "success",
-    1: "unexpected internal error",
-    2: "bad command-line usage",
-    3: ImageInputError.__doc__,
-    4: ModelInputError.__doc__,
-    5: NeuronsFileError.__doc__,
-    6: NoOutliersError.__doc__,
-    7: ParityError.__doc__,
-    8: OutputExistsError.__doc__,
-    9: UnsafeCheckpointError.__doc__,
-    10: OutputPathError.__doc__,
-    11: IntegrityError.__doc__,
-    12: MissingExtraError.__doc__,
-    13: OutOfMemoryRisk.__doc__,
-    130: "interrupted (Ctrl-C); no output was left behind",
-    143: "terminated (SIGTERM); no output was left behind",
-}
+def _kinds(cls: type = SurgeryError) -> list[type]:
+    out = []
+    for sub in cls.__subclasses__():
+        out += [sub] + _kinds(sub)
+    return out
+
+
+def exit_codes() -> dict[int, str]:
+    """Exit code -> meaning: 0, 1, every SurgeryError kind that sets its own code (its
+    docstring), 130 and 143."""
+    codes = {0: "success", 1: "unexpected internal error (a bug)"}
+    for kind in _kinds():
+        if "exit_code" in vars(kind):
+            codes.setdefault(kind.exit_code, " ".join((kind.__doc__ or kind.__name__).split()))
+    codes.update({130: "interrupted (Ctrl-C); no output was left behind",
+                  143: "terminated (SIGTERM); no output was left behind"})
+    return dict(sorted(codes.items()))
+
+
+EXIT_CODES = exit_codes()
 
 
 def first_line(e: BaseException) -> str:

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .errors import IntegrityError, NonFiniteError
+from .output_format import SURGERY_FILE, read_surgery_json, surgery_json_text
 
 if TYPE_CHECKING:  # verifying files needs no torch: `check` and `export` refuse a damaged OUT before importing it
     from torch import nn
 
-SURGERY_FILE = "surgery.json"
 _CHUNK = 1 << 24
 
 
@@ -125,24 +125,17 @@ def source_identity(spec: str, model: nn.Module, relative_path: Optional[str] = 
 
 def record_integrity(folder: Path, spec: str, source_model: nn.Module, relative_path: Optional[str] = None) -> None:
     """Add "integrity" and "source_identity" to folder/surgery.json (written by every exporter)."""
-    path = folder / SURGERY_FILE
-    doc = json.loads(path.read_text(encoding="utf-8"))
+    doc = read_surgery_json(folder, kind=IntegrityError)
     doc["integrity"] = integrity_record(folder)
     doc["source_identity"] = source_identity(spec, source_model, relative_path)
-    path.write_text(json.dumps(doc, indent=2, sort_keys=True, default=float) + "\n")
+    (folder / SURGERY_FILE).write_text(surgery_json_text(doc), encoding="utf-8")
 
 
 # ---- verification (check) --------------------------------------------------------------------------
 
 def read_surgery(folder: Path) -> Optional[dict[str, Any]]:
-    path = folder / SURGERY_FILE
-    if not path.is_file():
-        return None
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise IntegrityError(f"{path} is corrupted (not valid JSON: {e})") from None
-    return doc if isinstance(doc, dict) else None
+    """OUT's surgery.json for `check`: None when there is none; unreadable or malformed is damage (exit 11)."""
+    return read_surgery_json(folder, kind=IntegrityError)
 
 
 def verify_output(folder: Path) -> bool:

@@ -6,7 +6,7 @@ and the reloaded output in memory:
 
   process now (imports + source model)
   + the reloaded output (built in float32, then cast to the written dtype: the float32 size counts)
-  + one block of the source in float64 (the judge runs block by block, surgery/cast.py)
+  + one block of the source in float64 (the judge runs block by block, surgery/core/cast.py)
   + one batch of activations (the baked model's residuals for every block, held while the float64
     reference is compared with them as it runs; the float64 working set of one block)
 

@@ -12,9 +12,9 @@ from .errors import ParityError
 from .adapter import Adapter
 from .cast import cast_blockwise
 from .judge import allowed_error, float32_sized_noise, per_vector_relative
+from .output_format import FP32_TOLERANCE
 from .recipe import Recipe
 
-FP32_TOLERANCE = 1e-5
 # Half precision: the baked model may be off the float64 reference by this factor times the error of
 # the unmodified (hooked) model in the same dtype, vector by vector (floored at that error's median).
 HALF_FACTOR = 2.0
@@ -30,7 +30,7 @@ class OutputError:
     relative: max over feature vectors (each token of each image, or each pooled vector) of
     ||got - reference|| / ||reference||, so a huge register token cannot hide errors elsewhere.
     max_abs: largest elementwise |got - reference|. where: (image, token) of the worst vector.
-    When each vector has its own allowed error (the judge, surgery/judge.py), `ratio` is the largest
+    When each vector has its own allowed error (the judge, surgery/core/judge.py), `ratio` is the largest
     error / allowed over vectors (> 1 fails), `where` and `allowed` refer to that vector.
     """
 
@@ -250,13 +250,13 @@ def check_parity(
     seed: int = 0,
     on_baked_batch: Optional[Callable[[nn.Module, torch.Tensor], Any]] = None,
 ) -> ParityReport:
-    """Judge `baked` against the hooked reference on `source` run in float64 (surgery/judge.py): pooled
+    """Judge `baked` against the hooked reference on `source` run in float64 (surgery/core/judge.py): pooled
     output, every token (register included) and every block's residual stream, vector by vector.
     `baked` runs in its own dtype; a float16/bfloat16 model is also allowed HALF_FACTOR x the error of
     the hooked reference in that dtype.
 
     Memory: no copy of either model. The source runs in float64 (or the half dtype) one block at a
-    time (surgery/cast.py); batches are judged one by one and the float64 outputs are judged as they
+    time (surgery/core/cast.py); batches are judged one by one and the float64 outputs are judged as they
     are computed, so the extra memory is one block's weights plus one batch of the baked model's
     residuals. `on_baked_batch(baked, pixels)`, if given, runs inside the baked model's pass (hooks
     placed by it see that pass: the effect statistics use it to cost no extra forward pass)."""

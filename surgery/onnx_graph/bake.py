@@ -1,6 +1,6 @@
 """Bake test-time registers into a recognised ONNX ViT graph (onnx-ir rewrite, no PyTorch model).
 
-The rewrite mirrors `surgery.modules` node for node:
+The rewrite mirrors `surgery.core.modules` node for node:
 - `PrependRegisters`: a constant [1, R, D] zero initializer, broadcast to the batch and concatenated after
   the prefix tokens at the register entry (before the pre-norm);
 - `RegisterMlp`: in each listed block, the register units' pre-activations are gathered from fc1's own
@@ -15,7 +15,6 @@ model's raised `num_prefix_tokens` does. The batch axis stays dynamic; every out
 """
 from __future__ import annotations
 
-import json
 from typing import Any, Optional
 
 import numpy as np
@@ -23,13 +22,13 @@ import onnx_ir as ir
 
 from .. import __version__
 from ..core.errors import ModelInputError
+from ..core.output_format import OnnxMetadata
 from ..core.recipe import Recipe, validate_recipe_for_model
 from .discover import TokenLayout
 from .linear import dequantized_rows, input_quantizer, silence_rows
 from .recognise import MlpSite, VitGraph, const_array, node_label
 from .unit_activation import COMPUTE_DTYPE, unit_activation
 
-META_PREFIX = "vit_surgery."
 INT64_MAX = np.iinfo(np.int64).max
 
 
@@ -364,22 +363,11 @@ def bake_graph(vit: VitGraph, recipe: Recipe, layout: TokenLayout, *, source: st
     token_layout = {"num_prefix_tokens": p, "num_registers": R, "register_indices": regs, "first_patch_index": p + R,
                     "num_tokens": layout.num_tokens + R,
                     "order": "[prefix (CLS, trained registers) | test-time registers | patches]"}
-    meta = {
-        "format_version": "1",
-        "recipe": json.dumps(recipe.to_dict(), sort_keys=True),
-        "token_layout": json.dumps(token_layout, sort_keys=True),
-        "register_token_indices": json.dumps(regs),
-        "num_prefix_tokens": str(p),
-        "num_registers": str(R),
-        "source_model": source,
-        "family": "onnx",
-        "tool": "vit-surgery",
-        "tool_version": __version__,
-        "dtype": str(np.dtype(w_dtype)),
-        "exporter": "vit-surgery onnx graph rewrite (onnx-ir)",
-        "graph_rewrite": json.dumps({"recognised": vit.describe(), "notes": vit.notes, "shifted_constants": shifted},
-                                    sort_keys=True),
-    }
-    for k, v in meta.items():
-        vit.model.metadata_props[META_PREFIX + k] = v
+    meta = OnnxMetadata(
+        recipe=recipe.to_dict(), token_layout=token_layout, register_token_indices=regs, num_prefix_tokens=p,
+        num_registers=R, source_model=source, family="onnx", tool_version=__version__, dtype=str(np.dtype(w_dtype)),
+        exporter="vit-surgery onnx graph rewrite (onnx-ir)",
+        graph_rewrite={"recognised": vit.describe(), "notes": vit.notes, "shifted_constants": shifted})
+    for k, v in meta.to_props().items():
+        vit.model.metadata_props[k] = v
     return {"token_layout": token_layout, "shifted_constants": shifted, "notes": vit.notes}

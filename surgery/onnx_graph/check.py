@@ -10,7 +10,6 @@ is parity's (max over feature vectors of ||rewritten - reference|| / ||reference
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -20,17 +19,17 @@ import onnx_ir as ir
 import torch
 
 from ..core.errors import ModelInputError
+from ..core.output_format import FP32_TOLERANCE, OnnxMetadata
 from ..core.parity import OutputError
 from ..core.recipe import Recipe
 from .bake import (_Builder, _insert_registers, _remake_side_tensors, _replace_uses, _shift_token_constants,
                    _side_tensors, pool_without_registers)
 from .discover import TokenLayout, measure_layout
-from .precision import FP32_TOLERANCE, precision_of, tolerance_for
+from .precision import precision_of, tolerance_for
 from .recognise import load_ir, recognise
 from .runtime import ExposedSession, as_input, session_for_file
 from .unit_activation import unit_activation
 
-META_PREFIX = "vit_surgery."
 
 
 def _reduce(b: _Builder, op: str, x: ir.Value, axes: list[int], opset: int) -> ir.Value:
@@ -133,12 +132,11 @@ class OnnxCheckReport:
 
 
 def read_recipe(path: str | Path) -> Recipe:
-    meta = load_ir(path).metadata_props
-    raw = meta.get(META_PREFIX + "recipe")
-    if raw is None:
+    meta = OnnxMetadata.from_props(dict(load_ir(path).metadata_props), str(path))
+    if meta.recipe is None:
         raise ModelInputError(f"{path}: no vit_surgery.recipe metadata (not written by `vit-surgery convert`)")
     try:
-        return Recipe.from_dict(json.loads(raw), source=f"{path} metadata")
+        return Recipe.from_dict(meta.recipe, source=f"{path} metadata")
     except ValueError:
         raise ModelInputError(f"{path}: metadata vit_surgery.recipe is malformed") from None
 
@@ -163,10 +161,9 @@ def check_onnx(baked: str | Path, source: str | Path, batches: list[torch.Tensor
     layout = measure_layout(src_vit)
     # --tolerance is fp32's; a float16 / quantized source is allowed at least its precision's (precision.py)
     report = OnnxCheckReport(str(baked), str(source), tolerance_for(precision_of(src_vit, layout), tolerance))
-    meta = dict(load_ir(baked).metadata_props)
-    report.metadata = {k[len(META_PREFIX):]: v for k, v in meta.items() if k.startswith(META_PREFIX)}
+    report.metadata = OnnxMetadata.from_props(dict(load_ir(baked).metadata_props), str(baked)).as_dict()
     want_regs = list(range(layout.num_prefix, layout.num_prefix + recipe.num_registers))
-    if report.metadata.get("register_token_indices") not in (None, json.dumps(want_regs)):
+    if report.metadata.get("register_token_indices") not in (None, want_regs):
         report.problems.append(f"{baked.name} records register tokens at {report.metadata['register_token_indices']}, "
                                f"the source's layout puts them at {want_regs}")
     sess = session_for_file(baked)

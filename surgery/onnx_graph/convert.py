@@ -11,15 +11,15 @@ import onnx_ir as ir
 import torch
 
 from ..core.errors import ModelInputError, ParityError
+from ..core.output_format import FP32_TOLERANCE, ONNX_FILE
+from ..core.output_format import ONNX_DATA_FILE as DATA_FILE
 from ..core.outputs import atomic_output_dir, check_output_target, refuse_source_overlap
 from ..core.recipe import Recipe
 from .bake import bake_graph
-from .check import FP32_TOLERANCE, OnnxCheckReport, check_onnx
+from .check import OnnxCheckReport, check_onnx
 from .discover import measure_layout
 from .recognise import recognise
 
-ONNX_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
 # protobuf cannot hold 2 GiB; above this (or when the source had external data) weights go to DATA_FILE
 EXTERNAL_DATA_THRESHOLD = 2**31 - 64 * 2**20
 

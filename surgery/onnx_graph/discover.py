@@ -1,5 +1,5 @@
 """Discovery on an ONNX model: block-output norms and MLP post-activations exposed as onnxruntime outputs,
-fed batch by batch to the same streaming reducer `find` uses on PyTorch models (surgery.discovery)."""
+fed batch by batch to the same streaming reducer `find` uses on PyTorch models (surgery.core.discovery)."""
 from __future__ import annotations
 
 import json
@@ -13,6 +13,7 @@ import torch
 
 from ..core.discovery import DiscoveryConfig, DiscoveryResult, NeuronStatistics, layer_range, outlier_mask, summarise
 from ..core.errors import ModelInputError
+from ..core.output_format import META_PREFIX
 from ..core.images import ImageBatches, list_images
 from .recognise import VitGraph, block_output, node_label, recognise
 from .runtime import ExposedSession
@@ -57,7 +58,7 @@ def preprocess_config(vit: VitGraph) -> tuple[dict[str, Any], str]:
         if tuple(cfg["input_size"]) != size:
             raise ModelInputError(f"{proc_file} crops to {tuple(cfg['input_size'])[1:]}, the graph takes {size[1:]}")
         return cfg, str(proc_file)
-    stored = vit.model.metadata_props.get("vit_surgery.preprocess")
+    stored = vit.model.metadata_props.get(META_PREFIX + "preprocess")
     if stored:
         try:
             cfg = dict(base, **{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(stored).items()})
@@ -132,7 +133,7 @@ def find_register_neurons_onnx(
     progress: bool = True,
     provenance: Optional[dict[str, Any]] = None,
 ) -> DiscoveryResult:
-    """`find` on an ONNX file: the same statistics and ranking as surgery.discovery, from onnxruntime."""
+    """`find` on an ONNX file: the same statistics and ranking as surgery.core.discovery, from onnxruntime."""
     cfg = config or DiscoveryConfig()
     vit = recognise(path)
     depth = vit.depth

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..core.output_format import FP32_TOLERANCE
 from .discover import TokenLayout
 from .recognise import VitGraph
 
-FP32_TOLERANCE = 1e-5
 TOLERANCES = {"fp32": FP32_TOLERANCE, "fp16": 3e-3, "int8": 1e-3, "q4": 1e-4, "q4f16": 3e-3, "int8f16": 3e-3}
 
 

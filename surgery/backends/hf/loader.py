@@ -22,6 +22,7 @@ from torch import nn
 
 from ...core.errors import ModelInputError, UnsafeCheckpointError, first_line
 from ...core.memory import require_config_fits
+from ...core.output_format import SURGERY_FILE, read_surgery_json
 from ...core.source import LoadedModel, LoadOptions, SourceInfo
 from ..base import adapter_among, extra_files, needs_full_unpickling, unsafe_pickle_error
 from .adapter import HF_CLIP, HF_DINOV2, PREPROCESS_ATTR
@@ -340,11 +341,11 @@ def _load_baked(src: _Source, cfg: dict[str, Any], opts: LoadOptions) -> LoadedM
         raise ModelInputError(f"{src.spec}: unreadable model.safetensors ({first_line(e)})") from None
     block = cfg[SURGERY_CONFIG_KEY]
     doc: dict[str, Any] = {}
-    sj = src.file("surgery.json")
+    sj = src.file(SURGERY_FILE)
     if sj is not None:
         try:
-            doc = json.loads(sj.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            doc = read_surgery_json(sj.parent) or {}
+        except ModelInputError:  # the config.json block has what loading needs; `check` reports the damage
             doc = {}
     source = SourceInfo.from_dict(doc.get("source") or block.get("source") or {"class": class_name}, "hf")
     fam = adapter_among(ADAPTERS, model)

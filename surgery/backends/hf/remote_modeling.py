@@ -27,8 +27,8 @@ import transformers
 from torch import nn
 
 
-# The core modules (surgery/modules.py: register_rows, PrependRegisters, RegisterMlp ...). The writer
-# (exporters/hf_dir.py) replaces the import line below by that file's source, so the written modeling file is
+# The core modules (surgery/core/modules.py: register_rows, PrependRegisters, RegisterMlp ...). The writer
+# (surgery/backends/hf/writer.py) replaces the import line below by that file's source, so the written modeling file is
 # standalone (torch + transformers) and holds the very code vit-surgery bakes and checks with: one copy.
 from surgery.core.modules import MlpWeights, PrependRegisters, PrependRegistersToLayer, RegisterMlp  # vit-surgery: inline
 from surgery.core.image_features import install_register_drop  # vit-surgery: inline

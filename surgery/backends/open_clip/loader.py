@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, Optional
 from torch import nn
 
 from ...core.errors import ModelInputError, first_line
+from ...core.output_format import SURGERY_FILE, read_surgery_json
 from ...core.source import LoadedModel, LoadOptions, SourceInfo
 from ...core.recipe import Recipe
 from ..base import adapter_among, extra_files, hub_file, needs_full_unpickling, unsafe_pickle_error
@@ -37,7 +38,7 @@ ADAPTERS = (OPEN_CLIP, OPEN_CLIP_TIMM)  # open_clip's VisionTransformer; timm tr
 PREFIX = "open_clip:"
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
-SURGERY_NAME = "surgery.json"
+SURGERY_NAME = SURGERY_FILE
 _WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
                  "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth")
 
@@ -228,7 +229,7 @@ def _create(rs: OpenClipSpec, opts: LoadOptions) -> tuple[nn.Module, Callable]:
 
 def _create_streamed(rs: OpenClipSpec, opts: LoadOptions) -> Optional[tuple[nn.Module, Callable]]:
     """A local open_clip folder with safetensors weights: the skeleton is built without random init and
-    filled tensor by tensor (surgery/weights.py), so loading costs one model instead of two. None when
+    filled tensor by tensor (surgery/core/weights.py), so loading costs one model instead of two. None when
     the folder is not that simple case (open_clip's own loader handles the rest)."""
     import open_clip
 
@@ -274,16 +275,7 @@ def _extra_files(rs: OpenClipSpec) -> dict[str, str]:
 # ---- folders written by vit-surgery convert --------------------------------------------------------
 
 def read_surgery_doc(path: Path) -> Optional[dict[str, Any]]:
-    f = path / SURGERY_NAME
-    if not f.is_file():
-        return None
-    try:
-        doc = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelInputError(f"{path}: unreadable {SURGERY_NAME} ({first_line(e)})") from None
-    if not isinstance(doc, dict) or "recipe" not in doc:
-        raise ModelInputError(f"{path}: {SURGERY_NAME} has no 'recipe' (not written by vit-surgery)")
-    return doc
+    return read_surgery_json(path)
 
 
 def build_baked_clip(path: str | Path, device: str = "cpu", image_tower_only: bool = False

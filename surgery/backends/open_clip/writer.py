@@ -19,12 +19,12 @@ from torch import nn
 
 from exporters.safetensors_io import save_state_dict
 
+from ...core.output_format import write_surgery_json
 from ...core.source import SourceInfo
 from ..base import copy_extra_files
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
-SURGERY_NAME = "surgery.json"
 
 
 def combined_state_dict(clip: nn.Module, visual: nn.Module) -> dict[str, Any]:
@@ -47,8 +47,7 @@ def write_open_clip_dir(clip: nn.Module, visual: nn.Module, out_dir: Path, *, so
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     save_state_dict(combined_state_dict(clip, visual), out_dir / WEIGHTS_NAME, surgery)
-    (out_dir / SURGERY_NAME).write_text(json.dumps(surgery, indent=2, sort_keys=True) + "\n")
-    return [out_dir / CONFIG_NAME, out_dir / WEIGHTS_NAME, out_dir / SURGERY_NAME]
+    return [out_dir / CONFIG_NAME, out_dir / WEIGHTS_NAME, write_surgery_json(out_dir, surgery)]
 
 
 def write(model: nn.Module, out: Path, loaded: Any, surgery: dict[str, Any]) -> list[Path]:

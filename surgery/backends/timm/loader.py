@@ -133,7 +133,7 @@ def _load_timm_folder(spec: str, path: Path, opts: LoadOptions) -> LoadedModel:
 
 def _create_timm_from_folder(path: Path, cfg: dict, map_file: bool = False) -> nn.Module:
     """timm's local-dir loading; a vit-surgery folder's weights are read tensor by tensor
-    (surgery/weights.py) so a reload during convert costs one model, not two."""
+    (surgery/core/weights.py) so a reload during convert costs one model, not two."""
     import timm
 
 

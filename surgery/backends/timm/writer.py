@@ -9,6 +9,7 @@ from torch import nn
 
 from exporters.safetensors_io import save_state_dict
 
+from ...core.output_format import write_surgery_json
 from ...core.source import SourceInfo
 from .baked import BAKED_ARCH
 
@@ -33,8 +34,7 @@ def write_timm_dir(model: nn.Module, out_dir: Path, *, source: SourceInfo, surge
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     save_state_dict(model.state_dict(), out_dir / "model.safetensors", surgery)
-    (out_dir / "surgery.json").write_text(json.dumps(surgery, indent=2, sort_keys=True) + "\n")
-    return [out_dir / "config.json", out_dir / "model.safetensors", out_dir / "surgery.json"]
+    return [out_dir / "config.json", out_dir / "model.safetensors", write_surgery_json(out_dir, surgery)]
 
 
 def write(model: nn.Module, out: Path, loaded: Any, surgery: dict[str, Any]) -> list[Path]:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .core.images import ImageBatches
+from ..core.images import ImageBatches
 
 TOP_SHARE = 0.01
 

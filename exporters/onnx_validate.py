@@ -1,0 +1,289 @@
+"""Validation of an ONNX export (optimum's validate_model_outputs): onnx.checker, then onnxruntime on the
+CPU provider with graph optimisation level ALL.
+
+Every output is judged against the hooked reference on the un-baked source run in float64, at batch
+sizes that include one different from the export batch, by the same rule as `check`
+(surgery/core/judge.py): per feature vector, relative error ||onnx - reference|| / ||reference||, allowed
+`tolerance x max(1, conditioning / median conditioning)` where a vector's conditioning is measured on
+the float64 run under seeded float32-sized noise. So neither onnxruntime's nor PyTorch's float32
+kernels decide the verdict, and noise on one ill-conditioned vector (the register token of an image
+without outliers) cannot excuse an error on another. Tolerances: FP32_TOLERANCE (1e-5) for float32
+exports, FP16_TOLERANCE (2e-2) for float16 exports (float16 keeps 11 significant bits, unit roundoff
+4.9e-4; a dozen residual blocks accumulate a few times 1e-3 against the float32 model).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from surgery.core.errors import ModelInputError, first_line
+from surgery.core.parity import JUDGE, OutputError
+
+from .onnx_metadata import _load_proto, read_onnx_metadata, token_layout
+from .onnx_patches import _exact_torch
+from surgery.core.output_format import FP16_TOLERANCE, FP32_TOLERANCE, ONNX_FILE
+
+from .onnx_spec import VIT_ONNX_SPEC
+
+
+@dataclass
+class Comparison:
+    """One ONNX output judged against the hooked reference run in float64, over every validated image
+    (surgery/core/judge.py: per feature vector, tolerance scaled by the vector's measured conditioning)."""
+
+    output: str
+    against: str  # "float64_reference": the hooked reference on the un-baked source, in float64
+    error: OutputError
+    tolerance: float
+
+    @property
+    def relative(self) -> float:
+        return self.error.relative
+
+    @property
+    def passed(self) -> bool:
+        return self.error.passed(self.tolerance)
+
+    @property
+    def label(self) -> str:
+        return f"{self.output} vs {self.against.replace('_', ' ')}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.error.to_dict()
+        d.update(output=self.output, against=self.against, tolerance=self.tolerance, passed=self.passed)
+        return d
+
+
+ORT_RUNTIME = "onnxruntime CPU, optimisation ALL"
+
+
+@dataclass
+class OnnxReport:
+    """One exported file validated in its runtime (any format: `format` and `runtime` say which)."""
+
+    path: str
+    dtype: str = "float32"
+    tolerance: float = FP32_TOLERANCE
+    export_batch_size: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+    images: int = 0
+    opset: int = 0
+    external_data: bool = False
+    comparisons: list[Comparison] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # failures that are not numeric (stale metadata)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    format: str = "onnx"  # the label of the format (exporters/formats.py), first word of the summary
+    runtime: str = ORT_RUNTIME  # what ran the graph, as the summary says it
+    runtime_detail: str = "onnxruntime CPUExecutionProvider, graph_optimization_level ORT_ENABLE_ALL"
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems and bool(self.comparisons) and all(c.passed for c in self.comparisons)
+
+    def failures(self) -> list[Comparison]:
+        return [c for c in self.comparisons if not c.passed]
+
+    @property
+    def worst(self) -> Optional[Comparison]:
+        return max(self.comparisons, key=lambda c: c.error.excess(c.tolerance)) if self.comparisons else None
+
+    def summary(self) -> str:
+        head = (f"{self.format} {'PASS' if self.passed else 'FAIL'} ({self.dtype}, {self.runtime}, "
+                f"batch sizes {sorted(set(self.batch_sizes))}, exported at batch {self.export_batch_size})")
+        if self.problems:
+            return f"{head}: {'; '.join(self.problems)}"
+        fails = self.failures()
+        if fails:
+            parts = [f"{c.label} relative error {c.error.relative_at_where:.3g} > allowed "
+                     f"{c.error.allowed if c.error.allowed is not None else c.tolerance:.3g} (tolerance {c.tolerance:g})"
+                     + (f" at (image, token) {tuple(c.error.where)}" if c.error.where else "")
+                     for c in fails]
+            return f"{head}: out of tolerance: {'; '.join(parts)}, over {self.images} image(s)"
+        w = self.worst
+        if w is None:
+            return f"{head}: nothing compared"
+        allowed = w.error.allowed
+        note = f", allowed there {allowed:.3g}" if allowed is not None and allowed > w.tolerance else ""
+        return (f"{head}: worst relative error {w.error.relative_at_where:.3g} (tolerance {w.tolerance:g}{note}) in "
+                f"{w.label}, over {self.images} image(s)")
+
+    def to_dict(self) -> dict[str, Any]:
+        w = self.worst
+        return {"passed": self.passed, "path": self.path, "format": self.format, "dtype": self.dtype,
+                "tolerance": self.tolerance, "runtime": self.runtime_detail,
+                "relative_error_definition": "per feature vector ||onnx - reference|| / ||reference|| (parity's)",
+                "judge": JUDGE,
+                "export_batch_size": self.export_batch_size, "batch_sizes": self.batch_sizes,
+                "images": self.images, "opset": self.opset, "external_data": self.external_data,
+                "worst": w.to_dict() if w else None, "comparisons": [c.to_dict() for c in self.comparisons],
+                "problems": self.problems, "summary": self.summary()}
+
+
+def _ort_session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise ModelInputError(f"{path}: onnxruntime cannot load it ({first_line(e)})") from None
+
+
+def _check_model(path: Path) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as e:
+        raise ModelInputError(f"{path}: not a valid ONNX model (onnx.checker: {first_line(e)}); "
+                              "re-export it with `vit-surgery export OUT --format onnx --overwrite`") from None
+
+
+def _rebatch(batches: Sequence[torch.Tensor], export_batch: int) -> list[torch.Tensor]:
+    """The given batches, split so that at least one has a size other than the export batch size."""
+    out = [b for b in batches if len(b)]
+    if out and all(len(b) == export_batch for b in out):
+        first = out[0]
+        out = [first[:1], first[1:]] + out[1:] if len(first) > 1 else out
+    return out
+
+
+def _torch_outputs(model: nn.Module, family: Any, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    pooled, tokens = family.forward_both(model, pixels)
+    return {"pooled": pooled, "tokens": tokens}
+
+
+class _RefusingSession:
+    """An onnxruntime session whose failures on a batch become one-line ModelInputErrors naming the file."""
+
+    def __init__(self, session: Any, path: Path) -> None:
+        self.session, self.path = session, path
+
+    def run(self, output_names: Sequence[str], feeds: dict[str, Any]) -> list[Any]:
+        try:
+            return self.session.run(output_names, feeds)
+        except Exception as e:
+            shape = tuple(next(iter(feeds.values())).shape)
+            raise ModelInputError(f"{self.path}: onnxruntime failed on a batch of {shape} "
+                                  f"({first_line(e)})") from None
+
+
+@torch.no_grad()
+def judge_runtime_outputs(report: OnnxReport, session: Any, loaded: Any, batches: list[torch.Tensor], *,
+                          pooled: Optional[Callable[[Any, torch.Tensor], torch.Tensor]] = None,
+                          where: str = "") -> OnnxReport:
+    """Run `session` (ORT's `run(output_names, {input_name: array})` interface, VIT_ONNX_SPEC names) on
+    `batches` re-split so one size differs from the export batch, and judge each named output against
+    the hooked reference on the un-baked source in float64, per feature vector (surgery/core/judge.py).
+    Fills `report.comparisons`, `batch_sizes`, `images`; a shape mismatch goes to `report.problems`
+    (prefixed with `where`). `pooled(model, pixels)` overrides which PyTorch output `pooled` means.
+    Shared by `validate_onnx` and `runtime_check.validate_runtime`."""
+    import numpy as np
+
+    from surgery.core.judge import float64_reference
+
+    spec, fam, tol = VIT_ONNX_SPEC, loaded.adapter, report.tolerance
+    source64 = _unbaked_float64(loaded)
+
+    def capture(model: nn.Module, family: Any, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = _torch_outputs(model, family, x)
+        if pooled is not None:
+            out["pooled"] = pooled(model, x)
+        return out
+
+    comps = {o: Comparison(o, "float64_reference", OutputError(o), tol) for o in spec.output_names}
+    offset = 0
+    with _exact_torch():
+        for pixels in _rebatch(batches, report.export_batch_size):
+            x = pixels.to("cpu", torch.float32).contiguous()
+            got = dict(zip(spec.output_names, session.run(spec.output_names, {spec.input_names[0]: x.numpy()})))
+            judge = float64_reference(source64, loaded.recipe, fam, x, capture)
+            for o in spec.output_names:
+                g = torch.from_numpy(np.asarray(got[o]).astype(np.float32))  # fp16 graphs: exact widening
+                want = judge.exact[o].cpu()
+                if g.shape != want.shape:
+                    report.problems.append(f"{where}output {o} has shape {tuple(g.shape)}, the model's "
+                                           f"{tuple(want.shape)} (exported from another model?)")
+                    return report
+                comps[o].error.update(g, want, offset=offset, allowed=judge.allowed(o, tol, g).cpu())
+            offset += len(x)
+            report.batch_sizes.append(len(x))
+    report.images = offset
+    report.comparisons = list(comps.values())
+    return report
+
+
+def _unbaked_float64(loaded: Any) -> nn.Module:
+    """The judge's model: the loaded baked model with its registers taken out, in float64."""
+    from surgery.core.bake import unbaked_copy
+
+    return unbaked_copy(loaded.model, adapter=loaded.adapter).to(torch.float64).eval()  # judge.as_float64, one copy
+
+
+def _onnx_report_header(path: Path, out_dir: Path, loaded: Any, tolerance: Optional[float]) -> OnnxReport:
+    """The report for `path` before any numbers: checker, interface and metadata checks. A file that is
+    not a vit-surgery export raises ModelInputError; a stale one gets `problems`."""
+    if loaded.recipe is None:
+        raise ModelInputError(f"{loaded.spec} carries no baked test-time registers (not a vit-surgery output)")
+    _check_model(path)
+    meta = read_onnx_metadata(path)
+    proto = _load_proto(path, load_external_data=False)
+    names_in = [i.name for i in proto.graph.input]
+    names_out = [o.name for o in proto.graph.output]
+    spec = VIT_ONNX_SPEC
+    if names_in != spec.input_names or names_out != spec.output_names or "recipe" not in meta:
+        raise ModelInputError(f"{path}: not a vit-surgery ONNX export (inputs {names_in}, outputs {names_out}, "
+                              f"{'no ' if 'recipe' not in meta else ''}vit_surgery metadata)")
+    dtype = str(meta.get("dtype", "float32"))
+    tol = tolerance if tolerance is not None else (FP16_TOLERANCE if dtype == "float16" else FP32_TOLERANCE)
+    report = OnnxReport(path=str(path), dtype=dtype, tolerance=tol,
+                        export_batch_size=int(meta.get("export_batch_size", spec.export_batch_size)),
+                        opset=max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0),
+                        external_data=any(t.data_location == 1 for t in proto.graph.initializer),
+                        metadata=meta)
+    if meta.get("recipe") != loaded.recipe.to_dict():
+        report.problems.append(f"{path.name} was exported with another recipe than the model in {out_dir} "
+                               "(stale export); re-export it with --overwrite")
+    layout = token_layout(loaded)
+    if meta.get("register_token_indices") != layout["register_indices"]:
+        report.problems.append(f"{path.name} records register tokens at {meta.get('register_token_indices')}, "
+                               f"the model has them at {layout['register_indices']}")
+    return report
+
+
+@torch.no_grad()
+def validate_onnx(out_dir: Path, loaded: Any, batches: list[torch.Tensor], *, onnx_path: Optional[Path] = None,
+                  tolerance: Optional[float] = None, progress: bool = False) -> OnnxReport:
+    """Check `out_dir/model.onnx` (or `onnx_path`): onnx.checker, then onnxruntime (CPU, optimisation
+    ALL) against the PyTorch baked model and the hooked reference on `batches` (re-split so one batch
+    size differs from the export batch). A missing, corrupt or foreign file raises ModelInputError;
+    numeric disagreement is reported (`passed`, `summary`), not raised."""
+    path = Path(onnx_path) if onnx_path is not None else Path(out_dir) / ONNX_FILE
+    report = _onnx_report_header(path, Path(out_dir), loaded, tolerance)
+    if report.problems:
+        return report
+    session = _RefusingSession(_ort_session(path), path)
+    return judge_runtime_outputs(report, session, loaded, batches, where=f"{path.name} ")
+
+
+def validation_batches(loaded: Any, sizes: Sequence[int] = (1, 5)) -> list[torch.Tensor]:
+    """Built-in calibration images through the model's own transform, in batches of `sizes`."""
+    from surgery.core.images import ImageBatches, list_images
+    from surgery.core.images import builtin_images
+
+    files = list_images(builtin_images())[:sum(sizes)]
+    pixels = torch.cat([x for x, _ in ImageBatches(files, loaded.transform, 8, progress=False)])
+    out, start = [], 0
+    for s in sizes:
+        if start < len(pixels):
+            out.append(pixels[start:start + s])
+        start += s
+    return out
+
+
