@@ -44,9 +44,13 @@ import torch
 
 from surgery.core.errors import ModelInputError, OutputExistsError, UsageError, first_line
 
-from .onnx_export import (META_PREFIX, VIT_ONNX_SPEC, _ExportWrapper, _mha_fastpath_disabled, _say, export_onnx,
-                          publish_validated, record_parity_section, staged_output, token_layout,
-                          validation_batches)
+from surgery.core.output_format import META_PREFIX
+from .onnx_spec import VIT_ONNX_SPEC, _say
+from .onnx_patches import _ExportWrapper, _mha_fastpath_disabled
+from .onnx_export import export_onnx
+from .onnx_publish import publish_validated, record_parity_section, staged_output
+from .onnx_metadata import token_layout
+from .onnx_validate import validation_batches
 
 INT8_MODES = ("static", "dynamic")
 FILES = {"static": "model_int8.onnx", "dynamic": "model_quantized.onnx"}

@@ -25,9 +25,13 @@ from torch import nn
 
 from surgery.core.errors import ModelInputError, OutputExistsError
 
-from .onnx_export import (FP32_TOLERANCE, OnnxReport, OnnxSpec, TensorSpec, _export_proto, _fix_io_shapes,
-                          _float64_register_branch, _ort_session, _save_proto, _say, build_metadata,
-                          publish_validated, record_parity_section, staged_output, validation_batches)
+from surgery.core.output_format import FP32_TOLERANCE
+from .onnx_validate import OnnxReport, _ort_session, validation_batches
+from .onnx_spec import OnnxSpec, TensorSpec, _say
+from .onnx_export import _export_proto, _fix_io_shapes, _save_proto
+from .tail_accurate_activation import tail_accurate_register_branches
+from .onnx_metadata import build_metadata
+from .onnx_publish import publish_validated, record_parity_section, staged_output
 from .runtime_check import RenamedSession, validate_runtime
 
 ONNX_DIR = "onnx"
@@ -79,7 +83,7 @@ def _export(loaded: Any, out_dir: Path, scratch: Path, exporter: str, progress: 
     for name in [exporter] + [e for e in ("dynamo", "legacy") if e != exporter]:
         _say(progress, f"exporting {VISION_ENCODER} with the {name} exporter")
         try:
-            with _float64_register_branch(model):
+            with tail_accurate_register_branches(model):
                 proto = _export_proto(wrapper, example, SPEC, name, scratch, progress)
             break
         except Exception as e:  # each exporter has its own gaps; the other one may cover them

@@ -65,7 +65,8 @@ def _folder_family(kind: str, root: Path) -> Path:
 
 def _export(kind: str, root: Path) -> Path:
     """The validated ONNX export of a family's organism: HF folders in the HF layout, others plain."""
-    from exporters.onnx_export import ONNX_FILE, export_and_validate
+    from surgery.core.output_format import ONNX_FILE
+    from exporters.onnx_publish import export_and_validate
     from exporters.onnx_hf_layout import export_hf_layout
 
     if kind.startswith("hf_"):

@@ -19,7 +19,8 @@ import torch
 
 import surgery
 from exporters import onnx_int8
-from exporters.onnx_export import DATA_FILE, ONNX_FILE, read_onnx_metadata
+from surgery.core.output_format import ONNX_DATA_FILE as DATA_FILE, ONNX_FILE
+from exporters.onnx_metadata import read_onnx_metadata
 from surgery.backends import load_model
 from surgery.cli import main
 from surgery.core.images import builtin_images

@@ -38,7 +38,8 @@ def export_source_onnx(model: nn.Module, out: Path, *, exporter: str = "dynamo",
     model_type ("vit", "clip") to apply its fused transformer optimisations afterwards."""
     import onnx
 
-    from exporters.onnx_export import VIT_ONNX_SPEC, export_graph
+    from exporters.onnx_spec import VIT_ONNX_SPEC
+    from exporters.onnx_export import export_graph
 
     from ..backends import adapter_for
 
