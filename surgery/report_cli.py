@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -54,20 +53,18 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 def cmd_eval(a: argparse.Namespace) -> int:
     from .knn_eval import run_eval
 
-    if a.json and Path(a.json).exists() and not a.overwrite:
-        from .core.errors import OutputExistsError
+    from .core.outputs import atomic_output_file, check_output_target
 
-        raise OutputExistsError(f"output {a.json} already exists; pass --overwrite to replace it")
+    if a.json:
+        check_output_target(a.json, a.overwrite, "file")
     res = run_eval(a.model, a.out_dir, a.dataset, options=_options(a), progress=not a.quiet, **_knn_kwargs(a))
     print(res.summary())
     if a.json:
         out = Path(a.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.partial")
         doc = {"original": a.model if a.out_dir else f"{a.model} (un-baked copy)",
                "baked": a.out_dir or a.model, **res.to_dict()}
-        tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, out)
+        with atomic_output_file(out, a.overwrite) as tmp:  # the shared scheme: never a special file, no partials
+            tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
         print(f"wrote {out}")
     return 0
 

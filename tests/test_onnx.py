@@ -268,8 +268,11 @@ def test_convert_with_onnx_writes_a_validated_graph(organism_dir, tmp_path, caps
     neurons = tmp_path / "n.json"
     neurons.write_text(json.dumps({"register_neurons": {"2": [17, 101], "3": [42]}}))
     out = tmp_path / "out"
-    code, stdout, err = run(["convert", organism_dir, "--neurons", neurons, "--out", out, "--onnx", "-q"], capsys)
+    code, stdout, err = run(["convert", organism_dir, "--neurons", neurons, "--out", out, "--onnx"], capsys)
     assert code == 0, err
+    lines = stdout.splitlines()  # the bake's lines first, then the ONNX check's (issue 21)
+    assert lines[0].startswith("baked ") and lines[1].startswith("parity PASS")
+    assert any(ln.startswith("onnx PASS") for ln in lines[2:]) and lines[-1].startswith("wrote ")
     assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "surgery.json", "parity.json",
                                               "README.md", ONNX_FILE}
     doc = json.loads((out / "parity.json").read_text())

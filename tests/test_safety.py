@@ -370,7 +370,13 @@ def test_quiet_prints_no_summary(organism_dir, neurons_file, tmp_path, capsys):
     assert code == 0 and out == "" and err == ""
 
 
-def test_demo_outputs_are_byte_identical_across_processes(tmp_path, monkeypatch):
+def surgery_package_dir() -> Path:
+    import surgery
+
+    return Path(surgery.__file__).resolve().parent
+
+
+def test_demo_outputs_are_byte_identical_across_processes(tmp_path, monkeypatch, capsys):
     """The demo (find, convert, check, report) in another process (its own hash seed) and in this one, both
     writing OUT at the same relative path: every file is the same, byte for byte."""
     for name in ("a", "b"):
@@ -383,6 +389,15 @@ def test_demo_outputs_are_byte_identical_across_processes(tmp_path, monkeypatch)
     a, b = _digests(tmp_path / "a" / "demo_out"), _digests(tmp_path / "b" / "demo_out")
     assert {"neurons.json", "baked/model.safetensors", "baked/surgery.json", "report/report.html"} <= set(a)
     assert a == b
+    # issue 21: the report uses the check's images and names no installed path; `check` finds the source
+    demo = tmp_path / "b" / "demo_out"
+    summary = json.loads((demo / "report" / "summary.json").read_text())
+    parity = json.loads((demo / "baked" / "parity.json").read_text())["parity"]
+    assert summary["num_images"] == parity["images"] and summary["images"] == "the built-in calibration images"
+    assert str(Path(surgery_package_dir())) not in (demo / "report" / "report.html").read_text()
+    assert json.loads((demo / "baked" / "surgery.json").read_text())["source_identity"]["path"] == "../source_model"
+    assert main(["check", "demo_out/baked"]) == 0
+    assert "compared against the source model" in capsys.readouterr().out
 
 
 def _modes(root: Path) -> set[tuple[str, int]]:
