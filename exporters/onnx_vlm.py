@@ -11,7 +11,8 @@ so they can swap in the fixed vision encoder and keep their own embedding and de
 The test-time register(s) stay inside the tower and are removed before the selection, so the number of
 image tokens is the source's. Validated like model.onnx (onnxruntime CPU, optimisation ALL, another
 batch size than the export's) against the hooked reference on the un-baked VLM in float64, before it is
-moved into place. LLaVA-NeXT packs its tiles' features outside such a graph and is not exported here.
+moved into place. LLaVA-NeXT packs its tiles' features outside such a graph; it and PaliGemma are not
+exported here yet (refused in one line).
 """
 from __future__ import annotations
 

@@ -108,6 +108,36 @@ def build_llava_next_processor(strategy: str = "default") -> Any:
                               num_additional_image_tokens=1, image_token=IMAGE_TOKEN, chat_template=CHAT_TEMPLATE)
 
 
+def build_paligemma_organism(seed: int = 0, *, plant: dict[int, list[tuple[int, int]]] | None = None
+                             ) -> tuple[nn.Module, Any, Planting]:
+    """A `PaliGemmaForConditionalGeneration` around the planted HF SigLIP organism (2-layer Gemma), with a
+    PaliGemmaProcessor (SiglipImageProcessor at 64 px + the WordLevel tokenizer)."""
+    from transformers import GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
+    from transformers import SiglipImageProcessor
+
+    from .organism_eva import build_hf_siglip_organism
+
+    tower_model, planting = build_hf_siglip_organism(seed, plant=plant)
+    t = _text_config()
+    text = GemmaConfig(vocab_size=t["vocab_size"], hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=12, max_position_embeddings=256,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = PaliGemmaConfig(vision_config=tower_model.config.to_dict(), text_config=text.to_dict(),
+                          image_token_index=WORDS.index(IMAGE_TOKEN), projection_dim=48, hidden_size=48)
+    torch.manual_seed(seed + 1)
+    model = PaliGemmaForConditionalGeneration(cfg).eval()
+    model.model.vision_tower.load_state_dict(tower_model.state_dict())
+    with torch.no_grad():
+        model.model.multi_modal_projector.linear.weight.normal_(0, 0.5)
+    model.generation_config.pad_token_id = 0
+    p = HF_ORGANISM_PREPROCESSOR
+    image_processor = SiglipImageProcessor(size={"height": 64, "width": 64}, image_mean=p["image_mean"],
+                                           image_std=p["image_std"], resample=3)
+    image_processor.image_seq_length = image_seq_length("full")  # PaliGemma: every tower token, no CLS
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=build_tokenizer())
+    return model, processor, planting
+
+
 def build_llava_real_size(seed: int = 0) -> tuple[nn.Module, Any]:
     """A random-init LLaVA at real tower size: the CLIP ViT-L/14-336 tower of LLaVA-1.5 (24 layers, 577
     tokens), its 2-layer GELU projector, and a 2-layer Llama (hidden 2048) over the organism vocabulary;
@@ -135,7 +165,7 @@ def build_llava_real_size(seed: int = 0) -> tuple[nn.Module, Any]:
     return model, processor
 
 
-def image_seq_length(strategy: str, cls: bool = True) -> int:
+def image_seq_length(strategy: str, cls: bool = False) -> int:
     """Image features per image of the organism's tower (64 px, patch 8): patches (+ CLS for `full`)."""
     n = (ORGANISM_SIZE["img_size"] // ORGANISM_SIZE["patch_size"]) ** 2
     return n + (1 if strategy == "full" and cls else 0)

@@ -1,5 +1,6 @@
 """Vision-language models: LLaVA with a CLIP tower (strategies `default` / `full`, one feature layer or a
-list) and with a SigLIP tower (no CLS: every tower token is an image feature).
+list) and with a SigLIP tower (no CLS: every tower token is an image feature), LLaVA-NeXT (any-resolution
+tiles) and PaliGemma (SigLIP tower, Gemma).
 
 Tiny VLMs (planted tower organism + 2-layer Llama + a local WordLevel tokenizer + LlavaProcessor) are
 written by transformers' own `save_pretrained` and served through folders and a fake offline hub cache.
@@ -28,7 +29,7 @@ from surgery.core.images import builtin_images
 from surgery.organism import write_organism_images
 from surgery.organism_families import write_fake_hub_repo
 from surgery.organism_vlm import (build_llava_next_organism, build_llava_next_processor, build_llava_organism,
-                                  build_llava_processor, save_vlm_organism)
+                                  build_llava_processor, build_paligemma_organism, save_vlm_organism)
 from surgery.pipeline import run_convert
 
 PLANTED = {2: [17, 101], 3: [42]}
@@ -36,11 +37,15 @@ TOWER = "model.vision_tower."  # state-dict names of the tower's tensors
 PROMPT = "USER: <image> what is in the image ? ASSISTANT:"
 # (tower, strategy, vision_feature_layer); "next-": LLaVA-NeXT (any-resolution tiles)
 CASES = {"clip-default": ("clip", "default", -2), "clip-full-layers": ("clip", "full", [-2, -5]),
-         "siglip-full": ("siglip", "full", -1), "next-clip-default": ("clip", "default", -2)}
+         "siglip-full": ("siglip", "full", -1), "next-clip-default": ("clip", "default", -2),
+         "paligemma": ("siglip", "full", None)}
 
 
-def save_case(root: Path, tower: str, strategy: str, layer, *, dtype=torch.float32, next_: bool = False) -> Path:
-    if next_:
+def save_case(root: Path, tower: str, strategy: str, layer, *, dtype=torch.float32, next_: bool = False,
+              paligemma: bool = False) -> Path:
+    if paligemma:
+        model, processor, planting = build_paligemma_organism(0)
+    elif next_:
         model, planting = build_llava_next_organism(0, strategy=strategy, feature_layer=layer)
         processor = build_llava_next_processor(strategy)
     else:
@@ -68,7 +73,8 @@ def converted(tmp_path_factory, neurons_file):
     root = tmp_path_factory.mktemp("vlm")
     out = {}
     for name, (tower, strategy, layer) in CASES.items():
-        src = save_case(root / name / "src", tower, strategy, layer, next_=name.startswith("next-"))
+        src = save_case(root / name / "src", tower, strategy, layer, next_=name.startswith("next-"),
+                        paligemma=name == "paligemma")
         res = run_convert(load_model(str(src)), root / name / "out", neurons=str(neurons_file), progress=False)
         assert res.report.passed, res.report.summary()
         out[name] = (src, root / name / "out")

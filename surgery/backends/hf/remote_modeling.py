@@ -176,3 +176,12 @@ class VitSurgeryLlavaNextForConditionalGeneration(transformers.LlavaNextForCondi
     def __init__(self, config):
         super().__init__(config)
         bake_vlm_tower(self.model.vision_tower, config.vit_surgery)
+
+
+class VitSurgeryPaliGemmaForConditionalGeneration(transformers.PaliGemmaForConditionalGeneration):
+    """PaliGemma whose SigLIP tower carries baked test-time registers (removed from its last_hidden_state
+    before the projector)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        bake_vlm_tower(self.model.vision_tower, config.vit_surgery)

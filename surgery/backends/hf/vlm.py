@@ -38,9 +38,11 @@ def vision_tower(model: nn.Module) -> nn.Module:
 
 
 def feature_selection(model: nn.Module) -> tuple[Any, str]:
-    """(vision_feature_layer, vision_feature_select_strategy) the VLM's config says."""
+    """(vision_feature_layer, vision_feature_select_strategy) the VLM's config says; a VLM without them
+    (PaliGemma) takes the tower's last_hidden_state, every token."""
     cfg = model.config
-    return cfg.vision_feature_layer, getattr(cfg, "vision_feature_select_strategy", "default")
+    return getattr(cfg, "vision_feature_layer", "last_hidden_state"), getattr(cfg, "vision_feature_select_strategy",
+                                                                             "full")
 
 
 class ProcessorTransform:
@@ -144,15 +146,14 @@ class HFVisionLanguage(Adapter):
         _, strategy = feature_selection(model)
         return patches + self.native_prefix(model) - (1 if strategy == "default" else 0)
 
-    def judged_input_ids(self, model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    def judged_input_ids(self, model: nn.Module, pixels: torch.Tensor, image_tokens: int | None = None) -> torch.Tensor:
         """The image's placeholders followed by TEXT_LENGTH fixed text tokens (the same for every image)."""
         cfg = model.config
         image_id = int(cfg.image_token_id)
-        vocab = int(cfg.text_config.vocab_size)
         specials = {image_id, getattr(cfg.text_config, "pad_token_id", None)}
-        text = [t for t in range(1, vocab) if t not in specials][:TEXT_LENGTH]
-        ids = [image_id] * self.image_token_count(model, pixels) + text
-        return torch.tensor(ids, device=pixels.device).unsqueeze(0).expand(pixels.shape[0], -1)
+        text = [t for t in range(1, int(cfg.text_config.vocab_size)) if t not in specials][:TEXT_LENGTH]
+        n = self.image_token_count(model, pixels) if image_tokens is None else image_tokens
+        return torch.tensor([image_id] * n + text, device=pixels.device).unsqueeze(0).expand(pixels.shape[0], -1)
 
     def forward_features_and_logits(self, model: nn.Module, pixels: torch.Tensor,
                                     **kwargs: Any) -> tuple[torch.Tensor, Any]:
@@ -232,19 +233,21 @@ class HFLlavaNext(HFVisionLanguage):
         finally:
             hook.remove()
         image = torch.cat(list(packed)) if isinstance(packed, (list, tuple)) else packed
-        per_image = image.shape[0] // B
-        cfg = model.config
-        image_id = int(cfg.image_token_id)
-        specials = {image_id, getattr(cfg.text_config, "pad_token_id", None)}
-        text = [t for t in range(1, int(cfg.text_config.vocab_size)) if t not in specials][:TEXT_LENGTH]
-        ids = torch.tensor([image_id] * per_image + text, device=pixels.device).unsqueeze(0).expand(B, -1)
+        ids = self.judged_input_ids(model, pixels, image_tokens=image.shape[0] // B)
         embeds = model.get_input_embeddings()(ids)
-        mask = (ids == image_id).unsqueeze(-1).expand_as(embeds)
+        mask = (ids == int(model.config.image_token_id)).unsqueeze(-1).expand_as(embeds)
         embeds = embeds.masked_scatter(mask, image.to(embeds.dtype))
         out = model(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), use_cache=False, return_dict=True,
                     **kwargs)
         tiles = feats[0]
         return tiles.reshape(B, -1, tiles.shape[-1]), out
+
+
+class HFPaliGemma(HFVisionLanguage):
+    """`PaliGemmaForConditionalGeneration`: a SigLIP tower (no CLS) whose `last_hidden_state` (every token,
+    after the post-layernorm) goes through a linear projector; the language model is Gemma."""
+
+    vlm_classes = ("PaliGemmaForConditionalGeneration",)
 
 
 def prepare_vlm(model: nn.Module, family: HFVisionLanguage) -> None:
@@ -256,4 +259,5 @@ HF_LLAVA_CLIP = HFVisionLanguage(HF_CLIP, "hf_llava_clip")
 HF_LLAVA_SIGLIP = HFVisionLanguage(HF_SIGLIP, "hf_llava_siglip")
 HF_LLAVA_NEXT_CLIP = HFLlavaNext(HF_CLIP, "hf_llava_next_clip")
 HF_LLAVA_NEXT_SIGLIP = HFLlavaNext(HF_SIGLIP, "hf_llava_next_siglip")
-VLM_ADAPTERS = (HF_LLAVA_CLIP, HF_LLAVA_SIGLIP, HF_LLAVA_NEXT_CLIP, HF_LLAVA_NEXT_SIGLIP)
+HF_PALIGEMMA = HFPaliGemma(HF_SIGLIP, "hf_paligemma")
+VLM_ADAPTERS = (HF_LLAVA_CLIP, HF_LLAVA_SIGLIP, HF_LLAVA_NEXT_CLIP, HF_LLAVA_NEXT_SIGLIP, HF_PALIGEMMA)

@@ -1,6 +1,6 @@
 """Loading HF vision-language models (LLaVA family) and vit-surgery's baked VLM folders.
 
-Recognised by config.json `model_type` (`llava`, `llava_next`). Refused in one line, before anything is built: a
+Recognised by config.json `model_type` (`llava`, `llava_next`, `paligemma`). Refused in one line, before anything is built: a
 tower vit-surgery does not bake (supported: CLIP and SigLIP vision towers), a
 `vision_feature_select_strategy` other than `default` / `full`, a feature layer outside the tower,
 and a checkpoint without its image processor (discovery and the check preprocess images exactly as
@@ -27,7 +27,8 @@ from .loader import (SURGERY_CONFIG_KEY, _json_preprocess, _map_hf_error, _quiet
                      _Source, _stored_dtype, preprocess_from_processor)
 from .vlm import IMAGE_PROCESSOR_ATTR, SELECT_STRATEGIES, VLM_ADAPTERS, prepare_vlm
 
-VLM_MODEL_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
+VLM_MODEL_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+                   "paligemma": "PaliGemmaForConditionalGeneration"}
 TOWER_MODEL_TYPES = ("clip_vision_model", "siglip_vision_model")
 # files a VLM folder carries next to its weights (processor, tokenizer, chat template, generation defaults)
 VLM_EXTRA_FILES = ("preprocessor_config.json", "processor_config.json", "chat_template.json", "chat_template.jinja",
@@ -45,6 +46,8 @@ def check_supported(cfg: dict[str, Any], spec: str) -> None:
     if tower not in TOWER_MODEL_TYPES:
         raise ModelInputError(f"{spec}: the VLM's vision tower is a {tower!r}; vit-surgery bakes CLIP and SigLIP "
                               f"towers ({', '.join(TOWER_MODEL_TYPES)})")
+    if cfg.get("model_type") == "paligemma":  # the tower's last_hidden_state, every token: nothing to select
+        return
     strategy = cfg.get("vision_feature_select_strategy", "default")
     if strategy not in SELECT_STRATEGIES:
         raise ModelInputError(f"{spec}: vision_feature_select_strategy {strategy!r} is not one vit-surgery knows "
