@@ -118,7 +118,8 @@ def _write_hf_repo(folder: Path, src: Path, kinds: dict[str, str]) -> None:
     shutil.copy(src, folder / "onnx" / "model.onnx")
     for name, kind in kinds.items():
         make_variant(src, folder / "onnx" / name, kind)
-    CLIPVisionConfig(image_size=64, patch_size=8, hidden_size=64).save_pretrained(folder)
+    CLIPVisionConfig(image_size=64, patch_size=8, hidden_size=64, num_attention_heads=4, intermediate_size=256,
+                     num_hidden_layers=6).save_pretrained(folder)
     CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}, resample=3,
                        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
 
