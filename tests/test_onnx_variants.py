@@ -63,8 +63,10 @@ def test_variant_converts_and_checks(organism, tmp_path, kind):
     assert [(o.name, o.type) for o in sess.get_outputs()] == [(o.name, o.type) for o in src_sess.get_outputs()]
     ops = {n.op_type for n in onnx.load(str(res.out)).graph.node}
     assert {"fp16": "Cast", "int8": "MatMulInteger", "q4": "MatMulNBits"}[VARIANTS[kind]] in ops
-    init_types = {i.data_type for i in onnx.load(str(res.out)).graph.initializer}
-    assert onnx.TensorProto.DOUBLE not in init_types  # no float64 anywhere in the rewrite
+    baked = onnx.load(str(res.out))
+    assert onnx.TensorProto.DOUBLE not in {i.data_type for i in baked.graph.initializer}  # no float64 anywhere
+    assert not [n.name for n in baked.graph.node if n.op_type == "Cast"
+                and onnx.helper.get_attribute_value(n.attribute[0]) == onnx.TensorProto.DOUBLE]
 
 
 def test_a_wrong_bake_cannot_hide_under_quantization_noise(organism, tmp_path):
