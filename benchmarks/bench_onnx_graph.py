@@ -228,7 +228,7 @@ def variants_main(a: argparse.Namespace, pinned: bool) -> int:
         "own tools: `convert_float_to_float16(keep_io_types=True)`, `quantize_dynamic` per-tensor uint8 and "
         "per-channel int8, `MatMulNBitsQuantizer` block 32 symmetric), rewritten by `convert_onnx` with the same "
         f"{recipe.num_neurons} register neurons (R=1) and checked against the hooked reference on that variant "
-        "(batches 1 and 2, random pixels), against the variant itself, in onnxruntime (CPU provider, "
+        "(batches 1 and 2, random pixels), then timed against the variant itself in onnxruntime (CPU provider, "
         f"optimisation level ALL). Threads: {a.threads}; {a.warmup} warm-up calls per arm, {a.rounds} "
         f"interleaved rounds; process CPU time; {bl.malloc_note(pinned)}; times are medians, ratios medians of "
         "per-round ratios. The rewritten file carries one more token (the register) than its source.\n\n"

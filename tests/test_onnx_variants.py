@@ -63,8 +63,10 @@ def test_variant_converts_and_checks(organism, tmp_path, kind):
     assert [(o.name, o.type) for o in sess.get_outputs()] == [(o.name, o.type) for o in src_sess.get_outputs()]
     ops = {n.op_type for n in onnx.load(str(res.out)).graph.node}
     assert {"fp16": "Cast", "int8": "MatMulInteger", "q4": "MatMulNBits"}[VARIANTS[kind]] in ops
-    init_types = {i.data_type for i in onnx.load(str(res.out)).graph.initializer}
-    assert onnx.TensorProto.DOUBLE not in init_types  # no float64 anywhere in the rewrite
+    baked = onnx.load(str(res.out))
+    assert onnx.TensorProto.DOUBLE not in {i.data_type for i in baked.graph.initializer}  # no float64 anywhere
+    assert not [n.name for n in baked.graph.node if n.op_type == "Cast"
+                and onnx.helper.get_attribute_value(n.attribute[0]) == onnx.TensorProto.DOUBLE]
 
 
 def test_a_wrong_bake_cannot_hide_under_quantization_noise(organism, tmp_path):
@@ -118,7 +120,8 @@ def _write_hf_repo(folder: Path, src: Path, kinds: dict[str, str]) -> None:
     shutil.copy(src, folder / "onnx" / "model.onnx")
     for name, kind in kinds.items():
         make_variant(src, folder / "onnx" / name, kind)
-    CLIPVisionConfig(image_size=64, patch_size=8, hidden_size=64).save_pretrained(folder)
+    CLIPVisionConfig(image_size=64, patch_size=8, hidden_size=64, num_attention_heads=4, intermediate_size=256,
+                     num_hidden_layers=6).save_pretrained(folder)
     CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}, resample=3,
                        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
 

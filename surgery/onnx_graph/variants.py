@@ -1,9 +1,8 @@
-"""Precision variants of one ONNX model (what hub repos ship next to model.onnx) and how each is judged.
+"""How a rewritten precision variant of an ONNX model (what hub repos ship next to model.onnx) is judged.
 
-A variant's precision is read from its graph: the MLP projections' storage (`linear.py`) and the residual
-stream's dtype (`TokenLayout.dtype`). Each rewritten variant is checked twice:
+Its precision is read from its graph (`precision.py`). Each rewritten variant is checked twice:
 1. against the hooked reference written into its *own* source graph (`check.check_onnx`), with the
-   tolerance of its precision (`TOLERANCES`: measured on the organisms, ~10x margin). The bake reproduces
+   tolerance of its precision (`precision.TOLERANCES`: measured on the organisms, ~10x margin). The bake reproduces
    the source's arithmetic (fc1 untouched; dynamic INT8 branches round on the source's grid), so
    quantized variants agree to float32 round-off; float16 adds float16 rounding of the branch sum;
 2. against the hooked reference on the *fp32* source (`judge_against_fp32`), so a wrong bake cannot hide
