@@ -45,12 +45,16 @@ def cmd_convert_folder(a: argparse.Namespace, config: Any, recipe_for: Callable[
 
 
 def cmd_check_folder(a: argparse.Namespace, check_batches: Callable[..., Any]) -> int:
-    from ..pipeline import write_json
+    """Check every rewritten variant of an ONNX folder. Never writes into OUT: the report goes to --report only."""
+    import json
+
+    from ..core.errors import UsageError
+    from ..core.outputs import atomic_output_file
     from .folder import check_folder, require_onnx_folder
 
     out = require_onnx_folder(a.out_dir)
     if not a.source:
-        raise ModelInputError("checking an ONNX folder needs --source ORIGINAL_FOLDER (the model it was made from)")
+        raise UsageError("checking an ONNX folder needs --source ORIGINAL_FOLDER (the model it was made from)")
     source = require_onnx_folder(a.source)
     try:
         first = source.find_source()
@@ -58,10 +62,12 @@ def cmd_check_folder(a: argparse.Namespace, check_batches: Callable[..., Any]) -
         first = source.files[0]
     batches = check_batches(first, a.images, a.num_images, a.seed, not a.quiet)
     res = check_folder(out, source, batches, tolerance=a.tolerance)
-    report_path = Path(a.report) if a.report else out.root / "parity.json"
-    write_json(report_path, {"onnx_folder": res.to_dict()})
+    if a.report:
+        with atomic_output_file(Path(a.report), True) as tmp:
+            tmp.write_text(json.dumps({"onnx_folder": res.to_dict()}, indent=2, sort_keys=True, default=float) + "\n")
     print(res.summary())
-    print(f"wrote {report_path}")
+    if a.report:
+        print(f"wrote {a.report}")
     if not res.passed:
         raise ParityError(res.summary())
     return 0
