@@ -5,6 +5,7 @@ Imports nothing heavy at module level: this module is loaded to build the CLI pa
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +25,15 @@ def check_converted_folder(out: Path) -> None:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from surgery.core.errors import OutputExistsError, SurgeryError
+    from surgery.core.errors import ModelInputError, OutputExistsError, SurgeryError
     from surgery.backends import load_model
     from surgery.core.source import LoadOptions
 
     out = Path(a.out_dir)
     check_converted_folder(out)
+    if a.layout != "hf" and "vlm" in json.loads((out / "surgery.json").read_text(encoding="utf-8")):
+        raise ModelInputError(f"{out} is a vision-language model: export its vision encoder with "
+                              "`--format onnx --layout hf` (onnx/vision_encoder.onnx)")
     options = LoadOptions(a.allow_unsafe_pickle, a.trust_remote_code, a.device)
     if a.format == "openvino":
         if a.fp16 or a.layout != "plain":
