@@ -5,6 +5,7 @@ Imports nothing heavy at module level: this module is loaded to build the CLI pa
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ def verify_before_export(out: Path) -> None:
 def cmd_export(a: argparse.Namespace) -> int:
     from exporters.base import ExportOptions
     from exporters.formats import format_for_cli
+    from surgery.core.errors import ModelInputError
     from surgery.backends import load_model
     from surgery.core.errors import UsageError
     from surgery.core.source import LoadOptions
@@ -45,6 +47,9 @@ def cmd_export(a: argparse.Namespace) -> int:
         raise UsageError("--format openvino takes neither --fp16 nor --layout hf")
     check_converted_folder(out)
     verify_before_export(out)
+    if a.layout != "hf" and "vlm" in json.loads((out / "surgery.json").read_text(encoding="utf-8")):
+        raise ModelInputError(f"{out} is a vision-language model: export its vision encoder with "
+                              "`--format onnx --layout hf` (onnx/vision_encoder.onnx)")
     options = LoadOptions(a.allow_unsafe_pickle, a.trust_remote_code, a.device)
     if a.int8 is not None:
         return _export_int8(a, out, options)
@@ -57,8 +62,8 @@ def cmd_export(a: argparse.Namespace) -> int:
     report = fmt.export(out, load_model(str(out), options),
                         ExportOptions(fp16=a.fp16, exporter=a.exporter, overwrite=a.overwrite, progress=not a.quiet))
     print(report.summary())
-    written = [out / f for f in fmt.files if (out / f).exists()]
-    print(f"wrote {', '.join(str(w) for w in written)}")
+    written = [str(out / f) for f in fmt.files if (out / f).exists()] or [report.path]  # a VLM: vision_encoder.onnx
+    print(f"wrote {', '.join(written)}")
     return 0
 
 

@@ -283,6 +283,10 @@ def test_vision_encoder_onnx_matches_the_independent_reference(converted, images
 
     tower, strategy, _ = CASES["clip-full-layers"]
     src, out = converted["clip-full-layers"]
+    for fmt in ("onnx", "openvino"):  # the whole-model layouts are refused: a VLM exports its vision encoder
+        code = main(["export", str(out), "--format", fmt, "-q"])
+        _, err = capsys.readouterr()
+        assert code == 4 and "--layout hf" in err and err.count("\n") == 1, err
     code = main(["export", str(out), "--format", "onnx", "--layout", "hf", "-q"])
     _, err = capsys.readouterr()
     assert code == 0, err
