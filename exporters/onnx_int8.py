@@ -403,7 +403,7 @@ def _plain_layout(out_dir: Path, loaded: Any, mode: str, exporter: str, progress
 
 
 def _hf_layout(out_dir: Path, loaded: Any, mode: str, exporter: str, progress: bool) -> _Layout:
-    from .onnx_hf_layout import ONNX_DIR, _HFOutputs, _export
+    from .onnx_hf_layout import ONNX_DIR, _HFOutputs, export_hf_graph
 
     if loaded.source.library != "hf":
         raise ModelInputError(f"--layout hf needs a folder converted from an HF transformers model; {out_dir} is a "
@@ -411,7 +411,7 @@ def _hf_layout(out_dir: Path, loaded: Any, mode: str, exporter: str, progress: b
     model = loaded.model.to("cpu", torch.float32).eval()
 
     def export(scratch: Path) -> Path:
-        return _export(loaded, out_dir, scratch, False, exporter, progress)
+        return export_hf_graph(loaded, out_dir, scratch, False, exporter, progress)
 
     hf = _HFOutputs(model, torch.float32).eval()
 

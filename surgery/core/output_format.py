@@ -109,7 +109,8 @@ class OnnxMetadata:
     export_batch_size: Optional[int] = None
     interface: Optional[dict[str, Any]] = None
     preprocess: Optional[dict[str, Any]] = None
-    float64_register_branch: Optional[list[str]] = None
+    float64_register_branch: Optional[list[str]] = None  # exports before the tail-accurate branch
+    tail_accurate_register_branch: Optional[list[str]] = None
     graph_rewrite: Optional[dict[str, Any]] = None
     extra: dict[str, str] = field(default_factory=dict)  # keys this version does not know, kept as written
 
