@@ -1,6 +1,6 @@
 """Other versions of the clients, installed on demand and cached: onnxruntime in a venv per version, and
 transformers.js under node. Each helper skips the calling test with the reason when its client cannot be
-had (no network, no node/npm). Cache: the user cache dir (tests/timm_sdist.cache_dir()).
+had (no network, no node/npm). Cache: the user cache dir (`cache_dir()` in tests/timm_sdist.py).
 """
 from __future__ import annotations
 

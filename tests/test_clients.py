@@ -6,7 +6,7 @@
 - onnxruntime: ONNX exports (plain and HF layout) hold no float64 tensor (onnxruntime 1.30 fuses a
   float64 QuickGELU into `com.microsoft.QuickGelu`, float kernels only) and run at every graph
   optimisation level with the installed onnxruntime, equal to the validated level-ALL outputs; slow
-  tier: the same in every onnxruntime of tests/client_envs.ORT_VERSIONS (a cached venv each) and in
+  tier: the same in every onnxruntime of `ORT_VERSIONS` (tests/client_envs.py) (a cached venv each) and in
   transformers.js 4.x under node (default session options).
 - OpenVINO: the IR of an HF folder has HF's output names (what optimum-intel's
   OVModelForFeatureExtraction reads).
