@@ -214,9 +214,10 @@ def test_register_branch_found_in_both_exporters(baked_dir, tmp_path):
         assert {"MatMul", "ArgMax"} <= ops, (exporter, ops)
 
 
-def test_float64_branch_is_kept_out_of_quantization(tmp_path):
-    """A QuickGELU model's register branch runs in float64 in the ONNX export (onnxruntime has the
-    kernels); the quantizer must neither choke on it nor touch it."""
+def test_quickgelu_branch_is_float32_and_kept_out_of_quantization(tmp_path):
+    """A QuickGELU model's register branch is exported with its tail-accurate float32 activation (no
+    float64 node, exporters/tail_accurate_activation.py); the quantizer keeps that branch float and the
+    file still passes the INT8 validation."""
     from surgery.organism_families import build_open_clip_organism, save_open_clip_organism
 
     model, planting = build_open_clip_organism(0, quick_gelu=True)
@@ -230,9 +231,12 @@ def test_float64_branch_is_kept_out_of_quantization(tmp_path):
     proto = onnx.load(str(path))
     doubles = [n for n in proto.graph.node if n.op_type == "Cast"
                and any(a.name == "to" and a.i == onnx.TensorProto.DOUBLE for a in n.attribute)]
+    assert doubles == []
     kept = {x for v in json.loads({p.key: p.value for p in proto.metadata_props}["vit_surgery.int8"])
             ["nodes_kept_float"].values() for x in v}
-    assert doubles and {n.name for n in doubles} <= kept
+    by_name = {n.name: n for n in proto.graph.node}
+    assert kept and kept <= set(by_name)  # the branch's nodes are in the file, unquantized
+    assert not any(by_name[k].op_type in ("QuantizeLinear", "DequantizeLinear") for k in kept)
 
 
 def test_hf_layout_dynamic_int8(tmp_path, capsys):
