@@ -65,6 +65,7 @@ class HFVisionLanguage(Adapter):
 
     def __init__(self, tower_family: Adapter, name: str) -> None:
         self.tower_family, self.name = tower_family, name
+        self.inserter = tower_family.inserter  # SigLIP towers: registers enter at a transformer layer
 
     def matches(self, model: nn.Module) -> bool:
         if not _from_transformers(model):
