@@ -35,12 +35,7 @@ def verify_before_export(out: Path) -> None:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from exporters.base import ExportOptions
-    from exporters.formats import format_for_cli
-    from surgery.core.errors import ModelInputError
-    from surgery.backends import load_model
-    from surgery.core.errors import UsageError
-    from surgery.core.source import LoadOptions
+    from surgery.core.errors import ModelInputError, UsageError
 
     out = Path(a.out_dir)
     if a.format == "openvino" and (a.fp16 or a.layout != "plain"):
@@ -50,6 +45,12 @@ def cmd_export(a: argparse.Namespace) -> int:
     if a.layout != "hf" and "vlm" in json.loads((out / "surgery.json").read_text(encoding="utf-8")):
         raise ModelInputError(f"{out} is a vision-language model: export its vision encoder with "
                               "`--format onnx --layout hf` (onnx/vision_encoder.onnx)")
+    # the heavy imports only once the arguments and OUT passed their checks
+    from exporters.base import ExportOptions
+    from exporters.formats import format_for_cli
+    from surgery.backends import load_model
+    from surgery.core.source import LoadOptions
+
     options = LoadOptions(a.allow_unsafe_pickle, a.trust_remote_code, a.device)
     if a.int8 is not None:
         return _export_int8(a, out, options)
