@@ -78,6 +78,9 @@ def test_convert_refuses_before_running_out_of_memory(organism_dir, tmp_path, ca
 
     neurons = tmp_path / "n.json"
     neurons.write_text(json.dumps({"register_neurons": {"2": [17, 101], "3": [42]}}))
+    # the config-only guard before building (tested in test_safety.py) sees plenty; the convert's own
+    # estimate, with activations and the check, sees 1 MB and must refuse with its options
+    monkeypatch.setattr(memory, "config_weight_bytes", lambda cfg: 0)
     monkeypatch.setattr(memory, "available_bytes", lambda: 1_000_000)
     out = tmp_path / "out"
     code = main(["convert", str(organism_dir), "--neurons", str(neurons), "--out", str(out), "-q"])
