@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from surgery.core.errors import ModelInputError, OutputExistsError, UsageError, first_line
+from surgery.core.errors import ModelInputError, OutputExistsError, UsageError
 
 from surgery.core.output_format import META_PREFIX
 from .onnx_spec import VIT_ONNX_SPEC, _say
@@ -50,7 +50,7 @@ from .onnx_patches import _ExportWrapper, _mha_fastpath_disabled
 from .onnx_export import export_onnx
 from .onnx_publish import publish_validated, record_parity_section, staged_output
 from .onnx_metadata import token_layout
-from .onnx_validate import validation_batches
+from .onnx_validate import _ort_session, validation_batches
 
 INT8_MODES = ("static", "dynamic")
 FILES = {"static": "model_int8.onnx", "dynamic": "model_quantized.onnx"}
@@ -306,18 +306,6 @@ class Int8Report:
                                           "mean": float(np.mean(self.register_cosine)) if self.register_cosine
                                           else 1.0},
                 "quantization": self.settings, "summary": self.summary()}
-
-
-def _ort_session(path: Path) -> Any:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    try:
-        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise ModelInputError(f"{path}: onnxruntime cannot load the INT8 file ({first_line(e)})") from None
 
 
 @torch.no_grad()

@@ -256,10 +256,16 @@ def _quiet_transformers():
 
 
 def _load_stock(src: _Source, cfg: dict[str, Any], opts: LoadOptions) -> tuple[nn.Module, str]:
+    class_name = _stock_class(cfg, src.spec)
+    return load_stock_class(src, class_name, opts), class_name
+
+
+def load_stock_class(src: _Source, class_name: str, opts: LoadOptions) -> nn.Module:
+    """transformers' `class_name` from the source in float32; missing or mismatched tensors refused (no
+    randomly initialised weights), unused checkpoint tensors warned about."""
     import torch
     import transformers
 
-    class_name = _stock_class(cfg, src.spec)
     cls = getattr(transformers, class_name)
     try:
         with _quiet_transformers():
@@ -277,7 +283,7 @@ def _load_stock(src: _Source, cfg: dict[str, Any], opts: LoadOptions) -> tuple[n
     if unexpected:
         logging.getLogger("vit-surgery").warning("%s: ignored %d checkpoint tensor(s) that %s does not use (e.g. %s)",
                                                  src.spec, len(unexpected), class_name, unexpected[0])
-    return model, class_name
+    return model
 
 
 def _load_remote(src: _Source, opts: LoadOptions) -> nn.Module:

@@ -14,7 +14,6 @@ tower and the weights are loaded strictly.
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any, Optional
 
 from torch import nn
@@ -23,8 +22,8 @@ from ...core.errors import ModelInputError, UnsafeCheckpointError, first_line
 from ...core.source import LoadedModel, LoadOptions, SourceInfo
 from ..base import adapter_among, extra_files
 from .adapter import PREPROCESS_ATTR
-from .loader import (SURGERY_CONFIG_KEY, _json_preprocess, _map_hf_error, _quiet_transformers, _read_json, _resolve,
-                     _Source, _stored_dtype, preprocess_from_processor)
+from .loader import (SURGERY_CONFIG_KEY, _json_preprocess, _quiet_transformers, _read_json, _resolve, _Source,
+                     _stored_dtype, load_stock_class, preprocess_from_processor)
 from .vlm import IMAGE_PROCESSOR_ATTR, SELECT_STRATEGIES, VLM_ADAPTERS, prepare_vlm
 
 VLM_MODEL_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
@@ -81,28 +80,6 @@ def image_processor_of(src: _Source) -> tuple[Any, dict[str, Any]]:
     except Exception as e:
         raise ModelInputError(f"{src.spec}: unusable image processor ({first_line(e)})") from None
     return proc, raw
-
-
-def _load_stock(src: _Source, class_name: str, opts: LoadOptions) -> nn.Module:
-    import torch
-    import transformers
-
-    cls = getattr(transformers, class_name)
-    try:
-        with _quiet_transformers():
-            model, info = cls.from_pretrained(src.target, dtype=torch.float32, use_safetensors=None,
-                                              weights_only=not opts.allow_unsafe_pickle, output_loading_info=True)
-    except Exception as e:
-        raise _map_hf_error(src.spec, e) from None
-    missing = list(info.get("missing_keys") or [])
-    if missing:
-        raise ModelInputError(f"{src.spec}: the weights file lacks {len(missing)} tensor(s) the {class_name} needs "
-                              f"(e.g. {missing[0]}); refusing to run with randomly initialised weights")
-    unexpected = list(info.get("unexpected_keys") or [])
-    if unexpected:
-        logging.getLogger("vit-surgery").warning("%s: ignored %d checkpoint tensor(s) that %s does not use (e.g. %s)",
-                                                 src.spec, len(unexpected), class_name, unexpected[0])
-    return model
 
 
 def build_baked_vlm(cfg_dict: dict[str, Any], spec: str) -> tuple[nn.Module, Any, str]:
@@ -182,7 +159,7 @@ def vlm_loader(spec: str, opts: LoadOptions) -> Optional[LoadedModel]:
         fam = adapter_among(VLM_ADAPTERS, model)
     else:
         class_name = VLM_MODEL_TYPES[cfg["model_type"]]
-        model = _load_stock(src, class_name, opts).eval()
+        model = load_stock_class(src, class_name, opts).eval()
         try:
             fam = adapter_among(VLM_ADAPTERS, model)
         except ModelInputError:
