@@ -64,7 +64,7 @@ def build(row: str, folder: Path) -> None:
     elif row in ("dinov2_l14", "dinov2_g14"):
         import timm
 
-        from surgery.organism_families import timm_to_dinov2_hub
+        from surgery.organisms.families import timm_to_dinov2_hub
 
         arch = "vit_large_patch14_dinov2" if row == "dinov2_l14" else "vit_giant_patch14_dinov2"
         model = timm.create_model(arch, pretrained=False, img_size=518).eval()
@@ -75,7 +75,7 @@ def build(row: str, folder: Path) -> None:
     elif row == "bigG":
         import open_clip
 
-        from exporters.safetensors_io import save_state_dict
+        from surgery.core.safetensors_io import save_state_dict
 
         from open_clip.push_to_hf_hub import save_config_for_hf
 

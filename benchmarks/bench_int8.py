@@ -168,12 +168,12 @@ def main() -> int:
     import torch
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from exporters.onnx_int8 import quantize_file, register_branch_nodes
+    from surgery.exporters.onnx_int8 import quantize_file, register_branch_nodes
     from surgery import Recipe
     from surgery.backends import adapter_for
     from surgery.core.bake import baked_copy, register_token_indices
     from surgery.core.images import ImageBatches, list_images
-    from surgery.organism import plant_register_neurons
+    from surgery.organisms.vit import plant_register_neurons
 
     t0 = time.perf_counter()
     bl.set_threads(a.threads)

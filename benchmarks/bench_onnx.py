@@ -2,7 +2,7 @@
 
 Model: timm `vit_base_patch16_clip_224` (ViT-B/16, 197 tokens), random weights (pretrained=False),
 baked with ~10 register neurons in blocks <= 5 (benchlib.BENCH_RECIPE). Both models are exported the
-way `vit-surgery export` does it (exporters.onnx_export.export_graph: dynamo exporter, opset 18, batch 2,
+way `vit-surgery export` does it (surgery.exporters.onnx_export.export_graph: dynamo exporter, opset 18, batch 2,
 dynamic batch axis) and run in onnxruntime on the CPU provider with graph optimisation level ALL.
 
 Per batch size (1 and 8) the four arms (torch original, torch baked, ort original, ort baked) run
@@ -115,7 +115,7 @@ def main() -> int:
         "onnxruntime (CPU provider, graph optimisation level ALL) against PyTorch eager (inference_mode), "
         f"for the baked and the original model. ViT-B/16 (`{bl.ARCH}`, random weights), baked with "
         f"{recipe.num_neurons} register neurons in blocks {sorted(recipe.neurons)} (R=1). Both exported with "
-        f"`exporters.onnx_export.export_graph` ({a.exporter} exporter, opset 18, export batch 2, dynamic batch). "
+        f"`surgery.exporters.onnx_export.export_graph` ({a.exporter} exporter, opset 18, export batch 2, dynamic batch). "
         f"Threads: {a.threads} for torch and for onnxruntime (one thread by default: other jobs share the "
         "2 cores, and two OpenMP threads then stall each other, e.g. PyTorch ViT-B batch 1 took 1.5 s with 2 "
         f"threads against 0.39 s with 1). {a.warmup} warm-up calls per arm, then {a.rounds} interleaved rounds; "

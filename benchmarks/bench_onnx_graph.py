@@ -1,7 +1,7 @@
 """Latency of an ONNX model with test-time registers baked in by the graph rewriter (issue 16), vs the original.
 
 Model: timm `vit_base_patch16_clip_224` (ViT-B/16, 197 tokens), random weights, exported as a user would
-have it (exporters.onnx_export.export_graph of the *unbaked* model: dynamo exporter, opset 18, dynamic
+have it (surgery.exporters.onnx_export.export_graph of the *unbaked* model: dynamo exporter, opset 18, dynamic
 batch). Arms, all in onnxruntime (CPU provider, graph optimisation level ALL):
   original   the source file;
   rewritten  `vit-surgery convert model.onnx` (surgery.onnx_graph) with ~10 register neurons in blocks <= 5
@@ -49,7 +49,7 @@ def main() -> int:
     import onnxruntime as ort
     import torch
 
-    from exporters.onnx_export import export_graph
+    from surgery.exporters.onnx_export import export_graph
     from surgery import Recipe
     from surgery.core.bake import baked_copy
     from surgery.backends import adapter_for
@@ -137,7 +137,7 @@ def main() -> int:
     body = (
         "`vit-surgery convert model.onnx` (graph rewrite with onnx-ir, no PyTorch model) against the original "
         f"ONNX file, in onnxruntime (CPU provider, optimisation level ALL). ViT-B/16 (`{bl.ARCH}`, random "
-        "weights) exported unbaked with `exporters.onnx_export.export_graph` (dynamo, opset 18, dynamic batch); "
+        "weights) exported unbaked with `surgery.exporters.onnx_export.export_graph` (dynamo, opset 18, dynamic batch); "
         f"rewritten with {recipe.num_neurons} register neurons in blocks {sorted(recipe.neurons)} (R=1). "
         "`own export` = vit-surgery's baked export of the same PyTorch model; `token only` = the original graph "
         "with just the register token inserted (the extra token's own cost, the target). "
@@ -165,11 +165,11 @@ def variants_main(a: argparse.Namespace, pinned: bool) -> int:
     import onnxruntime as ort
     import torch
 
-    from exporters.onnx_export import export_graph
+    from surgery.exporters.onnx_export import export_graph
     from surgery import Recipe
     from surgery.backends import adapter_for
     from surgery.onnx_graph.convert import convert_onnx
-    from surgery.onnx_graph.organisms import make_variant
+    from surgery.organisms.onnx_graphs import make_variant
 
     t_start = time.perf_counter()
     bl.set_threads(a.threads)

@@ -2,7 +2,7 @@
 
 Model: timm `vit_base_patch16_clip_224` (ViT-B/16, 197 tokens), random weights, baked with
 benchlib.BENCH_RECIPE (~10 register neurons in blocks <= 5). Each model is exported once the way
-`vit-surgery export` does it (exporters.onnx_export.export_graph: dynamo, opset 18, batch 2, dynamic
+`vit-surgery export` does it (surgery.exporters.onnx_export.export_graph: dynamo, opset 18, batch 2, dynamic
 batch); onnxruntime runs that graph (CPU provider, optimisation ALL) and OpenVINO runs the IR converted
 from it exactly as `vit-surgery export --format openvino` converts it (`openvino.convert_model`,
 compiled on CPU with INFERENCE_PRECISION_HINT=f32, the hint the export validates with).

@@ -48,7 +48,7 @@ def build_vitb(seed: int = 0, plant: bool = False):
     torch.manual_seed(seed)
     model = timm.create_model(ARCH, pretrained=False, pretrained_cfg_overlay=dict(crop_pct=1.0)).eval()
     if plant:
-        from surgery.organism import plant_register_neurons
+        from surgery.organisms.vit import plant_register_neurons
 
         plant_register_neurons(model, PLANT, seed=seed, cls_token=model.cls_token, pos_embed=model.pos_embed,
                                pos_includes_cls=not model.no_embed_class)
@@ -57,7 +57,7 @@ def build_vitb(seed: int = 0, plant: bool = False):
 
 def write_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
     """`count` 224-px organism calibration PNGs (smooth texture plus 16-px dark/bright squares)."""
-    from surgery.organism import write_organism_images
+    from surgery.organisms.vit import write_organism_images
 
     return write_organism_images(folder, count=count, seed=seed, size=224, patch=16)
 
@@ -225,11 +225,11 @@ def malloc_note(pinned: bool) -> str:
 # ---- runtime benchmarks (bench_onnx, bench_openvino): one graph per model, arms timed side by side ----
 
 def export_onnx_file(model, family, scratch: Path, exporter: str = "dynamo") -> tuple[Path, str]:
-    """`model` exported the way `vit-surgery export` does (exporters.onnx_export.export_graph) and saved
+    """`model` exported the way `vit-surgery export` does (surgery.exporters.onnx_export.export_graph) and saved
     as scratch/model.onnx; returns the path and the exporter that produced the graph."""
     import onnx
 
-    from exporters.onnx_export import export_graph
+    from surgery.exporters.onnx_export import export_graph
 
     g = export_graph(model, family, scratch, exporter=exporter, progress=False)
     path = scratch / "model.onnx"

@@ -14,13 +14,13 @@ from surgery.core.output_format import (FP32_TOLERANCE, ONNX_DATA_FILE, ONNX_FIL
 
 from .base import ExportOptions, Format
 
-ONNX = Format("onnx", module="exporters.onnx_publish", files=(ONNX_FILE, ONNX_DATA_FILE), tolerance=FP32_TOLERANCE,
+ONNX = Format("onnx", module="surgery.exporters.onnx_publish", files=(ONNX_FILE, ONNX_DATA_FILE), tolerance=FP32_TOLERANCE,
               runtime="onnxruntime CPU, optimisation ALL", parity_key="onnx", cli_format="onnx", supports_fp16=True)
-ONNX_HF = Format("onnx_hf", module="exporters.onnx_hf_layout",
+ONNX_HF = Format("onnx_hf", module="surgery.exporters.onnx_hf_layout",
                  files=tuple(f"{ONNX_HF_DIR}/{f}" for f in ONNX_HF_FILES.values()), tolerance=FP32_TOLERANCE,
                  runtime="onnxruntime CPU, optimisation ALL", parity_key="onnx_hf_layout", cli_format="onnx",
                  cli_layout="hf", supports_fp16=True, by_file=True)
-OPENVINO = Format("openvino", module="exporters.openvino_export", files=(OPENVINO_XML, OPENVINO_BIN),
+OPENVINO = Format("openvino", module="surgery.exporters.openvino_export", files=(OPENVINO_XML, OPENVINO_BIN),
                   tolerance=OPENVINO_TOLERANCE, runtime="OpenVINO CPU plugin, f32", parity_key="openvino",
                   cli_format="openvino", extra=("openvino", "openvino"))
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .core.discovery import DiscoveryConfig
 from .backends import load_model
-from .organism import build_timm_organism
+from .organisms.vit import build_timm_organism
 from .core.images import builtin_images
 from .core.outputs import atomic_output_dir
 from .pipeline import run_convert, run_find, write_json
@@ -18,7 +18,7 @@ from .pipeline import run_convert, run_find, write_json
 
 def save_organism(model, path: Path) -> Path:
     """Save an organism (built by build_timm_organism) as a timm local-dir."""
-    from exporters.safetensors_io import save_state_dict
+    from surgery.core.safetensors_io import save_state_dict
 
     src = model.organism_source
     path.mkdir(parents=True, exist_ok=True)

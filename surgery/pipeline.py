@@ -281,7 +281,7 @@ def run_convert(
             write_json(tmp / PARITY_FILE, {"parity": report.to_dict(), "effect": effect})
             if not report.passed:
                 raise ParityError(report.summary() + "; no output written")
-        from exporters.model_card import write_model_card
+        from surgery.exporters.model_card import write_model_card
 
         write_model_card(tmp, library, loaded.model, surgery_doc, report.to_dict() if report else None, effect)
         if after_write is not None:
@@ -298,8 +298,8 @@ def export_formats_hook(formats: Sequence[str], *, fp16: bool = False, progress:
     With `reports`, the validation reports are appended there instead of printed."""
     if not formats:
         return None
-    from exporters.base import ExportOptions
-    from exporters.formats import format_named
+    from surgery.exporters.base import ExportOptions
+    from surgery.exporters.formats import format_named
 
     chosen = [format_named(n) for n in dict.fromkeys(formats)]
     for fmt in chosen:

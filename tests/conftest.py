@@ -14,7 +14,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 import surgery  # noqa: E402,F401  (registers the baked timm architecture)
 from surgery.demo import save_organism  # noqa: E402
-from surgery.organism import build_timm_organism, write_organism_images
+from surgery.organisms.vit import build_timm_organism, write_organism_images
 from surgery.core.images import builtin_images  # noqa: E402
 
 

@@ -23,8 +23,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("surgery", "exporters")
-PACKAGE_DIRS = {"exporters": "exporters"}  # dotted package -> its folder in the repository
+PACKAGES = ("surgery", "surgery.exporters")
+PACKAGE_DIRS = {"surgery.exporters": "exporters"}  # dotted package -> its folder in the repository
 EXPORTERS = PACKAGES[-1]  # the formats package
 FORMAT_MODULE = "surgery.core.output_format"
 ALLOWED_ONNX_GRAPH_EDGES = {
@@ -355,6 +355,6 @@ def test_layer_checkers_flag_what_they_forbid(tmp_path):
                                          "surgery.pipeline -> surgery.organisms", "surgery.pipeline -> surgery.organisms.vit"]
     assert core_violations(root) == ["surgery.core.bad -> open_clip", "surgery.core.bad -> surgery.backends",
                                      "surgery.core.bad -> surgery.backends.adapter_for"]
-    assert exporter_violations(root) == ["exporters.fmt -> surgery.pipeline", "exporters.fmt -> surgery.pipeline.run"]
+    assert exporter_violations(root) == ["surgery.exporters.fmt -> surgery.pipeline", "surgery.exporters.fmt -> surgery.pipeline.run"]
     assert backend_violations(root) == ["surgery.backends.hf -> surgery.backends.timm",
                                         "surgery.backends.hf -> surgery.backends.timm.BACKEND"]

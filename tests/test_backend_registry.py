@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rule_reference import per_vector_relative, rule_reference
-from surgery import organism, organism_eva, organism_families
+from surgery.organisms import vit as organism, eva as organism_eva, families as organism_families
 from surgery.backends import BACKENDS, adapter_for
 from surgery.core.bake import bake_registers
 from surgery.core.discovery import DiscoveryConfig, find_register_neurons

@@ -10,12 +10,12 @@ import pytest
 import timm
 import torch
 
-from exporters.safetensors_io import read_metadata
+from surgery.core.safetensors_io import read_metadata
 from surgery.cli import main
 from surgery.core.images import builtin_images
 
 from conftest import CLI, cli as run, offline_env
-from surgery.organism_families import write_fake_hub_repo
+from surgery.organisms.families import write_fake_hub_repo
 
 
 def test_find_writes_neurons_json(organism_dir, calib_dir, tmp_path, capsys, timm_organism):

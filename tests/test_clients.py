@@ -36,8 +36,8 @@ def _neurons_file(planting, path: Path) -> Path:
 
 
 def _hf_folder(kind: str, root: Path) -> Path:
-    from surgery.organism_eva import build_hf_siglip_organism
-    from surgery.organism_families import build_hf_clip_organism, build_hf_dinov2_organism
+    from surgery.organisms.eva import build_hf_siglip_organism
+    from surgery.organisms.families import build_hf_clip_organism, build_hf_dinov2_organism
 
     model, planting = {"clip": lambda: build_hf_clip_organism(0),  # CLIPVisionModel, hidden_act quick_gelu
                        "clip_model": lambda: build_hf_clip_organism(0, full_clip=True),
@@ -48,10 +48,10 @@ def _hf_folder(kind: str, root: Path) -> Path:
 
 def _folder_family(kind: str, root: Path) -> Path:
     """A converted timm / open_clip organism folder."""
-    import surgery.organism_families as fams
+    import surgery.organisms.families as fams
     from surgery.demo import save_organism
-    from surgery.organism import build_timm_organism
-    from surgery.organism_eva import build_eva_organism
+    from surgery.organisms.vit import build_timm_organism
+    from surgery.organisms.eva import build_eva_organism
 
     if kind == "open_clip_quickgelu":
         model, planting = fams.build_open_clip_organism(0, quick_gelu=True)
@@ -66,8 +66,8 @@ def _folder_family(kind: str, root: Path) -> Path:
 def _export(kind: str, root: Path) -> Path:
     """The validated ONNX export of a family's organism: HF folders in the HF layout, others plain."""
     from surgery.core.output_format import ONNX_FILE
-    from exporters.onnx_publish import export_and_validate
-    from exporters.onnx_hf_layout import export_hf_layout
+    from surgery.exporters.onnx_publish import export_and_validate
+    from surgery.exporters.onnx_hf_layout import export_hf_layout
 
     if kind.startswith("hf_"):
         out = _hf_folder(kind[3:], root)
@@ -243,7 +243,7 @@ def test_openvino_ir_of_an_hf_folder_has_hf_output_names(hf_folders):
     outputs read by name (`last_hidden_state`)."""
     import openvino as ov
 
-    from exporters.openvino_export import OV_XML, export_openvino
+    from surgery.exporters.openvino_export import OV_XML, export_openvino
 
     out = hf_folders["dinov2"]
     report = export_openvino(out, loaded=load_model(str(out)), progress=False)

@@ -14,8 +14,8 @@ from surgery.backends import adapter_for
 from surgery.core.bake import bake_registers
 from surgery.core.modules import RegisterMlp
 from surgery.core.recipe import Recipe
-from surgery.organism_eva import build_hf_siglip_organism
-from surgery.organism_families import build_hf_clip_organism, build_hf_dinov2_organism, build_open_clip_organism
+from surgery.organisms.eva import build_hf_siglip_organism
+from surgery.organisms.families import build_hf_clip_organism, build_hf_dinov2_organism, build_open_clip_organism
 
 
 class _HFTokens(torch.nn.Module):

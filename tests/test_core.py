@@ -11,7 +11,7 @@ from surgery.core.bake import register_token_indices, unbake
 from surgery.core.effect import effect_metrics, token_diagnostics
 from surgery.backends import adapter_for
 from surgery.core.modules import RegisterMlp, register_edit
-from surgery.organism import TIMM_VARIANTS, build_timm_organism
+from surgery.organisms.vit import TIMM_VARIANTS, build_timm_organism
 
 from conftest import pixels_from
 

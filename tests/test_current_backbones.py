@@ -36,9 +36,9 @@ from surgery.backends import adapter_for
 from surgery.core.images import ImageBatches, list_images
 from surgery.backends import load_model
 from surgery.core.images import builtin_images
-from surgery.organism_eva import (build_eva_organism, build_hf_dinov3_organism, build_hf_siglip_organism,
-                                  build_open_clip_timm_organism)
-from surgery.organism_families import save_hf_organism, save_open_clip_organism
+from surgery.organisms.eva import (build_eva_organism, build_hf_dinov3_organism, build_hf_siglip_organism,
+                                   build_open_clip_timm_organism)
+from surgery.organisms.families import save_hf_organism, save_open_clip_organism
 from conftest import rel
 
 TOL = 1e-5

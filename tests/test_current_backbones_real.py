@@ -46,7 +46,7 @@ def _open_clip(tmp: Path, name: str) -> Path:
     import open_clip
     from open_clip.model import get_model_preprocess_cfg
 
-    from surgery.organism_families import save_open_clip_organism
+    from surgery.organisms.families import save_open_clip_organism
 
     cfg = open_clip.get_model_config(name)
     cfg["text_cfg"] = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}

@@ -18,12 +18,12 @@ import torch
 import surgery
 from surgery.backends import adapter_for
 from surgery.cli import main
-from surgery.organism import build_timm_organism
+from surgery.organisms.vit import build_timm_organism
 from surgery.core.images import builtin_images
-from surgery.organism_families import build_hf_clip_organism, build_hf_dinov2_organism, save_hf_organism
+from surgery.organisms.families import build_hf_clip_organism, build_hf_dinov2_organism, save_hf_organism
 
 from conftest import cli, pixels_from, rel
-from surgery.organism_families import write_fake_hub_repo
+from surgery.organisms.families import write_fake_hub_repo
 
 HEAVY = ("torch", "timm", "transformers", "open_clip", "onnx", "onnxruntime", "openvino", "matplotlib", "numpy")
 
@@ -156,7 +156,7 @@ def test_hf_model_card_copies_license_from_the_source_card(tmp_path, monkeypatch
 
 
 def test_open_clip_model_card(tmp_path):
-    from surgery.organism_families import build_open_clip_organism, save_open_clip_organism
+    from surgery.organisms.families import build_open_clip_organism, save_open_clip_organism
 
     model, planting = build_open_clip_organism(0)
     src = save_open_clip_organism(model, tmp_path / "src")

@@ -17,9 +17,9 @@ from surgery.backends import adapter_for
 from surgery.core.images import ImageBatches, list_images
 from surgery.core.source import LoadedModel, SourceInfo
 from surgery.backends import load_model
-from surgery.organism import build_timm_organism
+from surgery.organisms.vit import build_timm_organism
 from surgery.core.images import builtin_images
-from surgery.organism_families import build_dinov2_hub_organism
+from surgery.organisms.families import build_dinov2_hub_organism
 from surgery.core.parity import check_parity
 from surgery.pipeline import resolve_recipe, run_check, run_convert
 

@@ -51,3 +51,32 @@ def test_core_messages_name_parameters_and_the_cli_shows_flags():
     assert isinstance(e.value, UsageError) and e.value.exit_code == 2
     with pytest.raises(ParameterError, match="threshold must be a positive number"):
         DiscoveryConfig(threshold="-3")
+
+
+def test_other_kinds_name_parameters_too(tmp_path):
+    from surgery.core.errors import OutputExistsError
+    from surgery.core.outputs import check_output_target
+
+    (tmp_path / "out").mkdir()
+    with pytest.raises(OutputExistsError) as e:
+        check_output_target(tmp_path / "out", overwrite=False)
+    assert str(e.value).endswith("pass overwrite to replace it")
+    assert e.value.cli_message().endswith("pass --overwrite to replace it") and e.value.exit_code == 8
+    # a message without parameters is used as it is (braces included) and survives pickling
+    import pickle
+    plain = OutputExistsError("output {x} exists")
+    assert str(plain) == plain.cli_message() == "output {x} exists"
+    assert str(pickle.loads(pickle.dumps(e.value))) == str(e.value)
+
+
+def test_no_core_message_names_a_command_line_flag():
+    """Core is the Python API too: a flag in its messages (`--top-k`) would be wrong there."""
+    flagged = []
+    for path in sorted((ROOT / "surgery" / "core").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call):
+                text = "".join(c.value for c in ast.walk(node.exc) if isinstance(c, ast.Constant)
+                               and isinstance(c.value, str))
+                if re.search(r"(?<![\w-])--[a-z][a-z-]+", text):
+                    flagged.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert flagged == []

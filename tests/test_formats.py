@@ -10,7 +10,7 @@ import struct
 
 import pytest
 
-from exporters.formats import FORMATS, cli_choices, format_for_cli, format_named
+from surgery.exporters.formats import FORMATS, cli_choices, format_for_cli, format_named
 from surgery.cli import main
 from surgery.core.errors import IntegrityError, ModelInputError, UsageError
 from surgery.core.output_format import (META_PREFIX, SURGERY_FILE, OnnxMetadata, read_surgery_json,

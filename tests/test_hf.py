@@ -22,8 +22,8 @@ from surgery.core.images import ImageBatches, list_images
 from surgery.core.source import LoadOptions
 from surgery.backends import load_model
 from surgery.core.images import builtin_images
-from surgery.organism_families import (build_hf_clip_organism, build_hf_dinov2_organism, save_hf_organism,
-                                       write_fake_hub_repo)
+from surgery.organisms.families import (build_hf_clip_organism, build_hf_dinov2_organism, save_hf_organism,
+                                        write_fake_hub_repo)
 from surgery.core.parity import check_parity
 from surgery.pipeline import run_check, run_convert
 from surgery.core.recipe import Recipe

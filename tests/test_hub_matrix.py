@@ -17,7 +17,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from surgery.organism_families import write_fake_hub_repo
+from surgery.organisms.families import write_fake_hub_repo
 from rule_reference import per_vector_relative, rule_reference
 from surgery.cli import main
 from surgery.core.images import builtin_images
@@ -353,7 +353,7 @@ def test_dinov2_torch_hub_pth(tmp_path, two_images):
     import timm
 
     import surgery  # noqa: F401
-    from surgery.organism_families import timm_to_dinov2_hub
+    from surgery.organisms.families import timm_to_dinov2_hub
 
     torch.manual_seed(0)
     ref = timm.create_model("vit_base_patch14_dinov2", pretrained=False, img_size=518, num_classes=0).eval()

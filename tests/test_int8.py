@@ -18,9 +18,9 @@ import pytest
 import torch
 
 import surgery
-from exporters import onnx_int8
+from surgery.exporters import onnx_int8
 from surgery.core.output_format import ONNX_DATA_FILE as DATA_FILE, ONNX_FILE
-from exporters.onnx_metadata import read_onnx_metadata
+from surgery.exporters.onnx_metadata import read_onnx_metadata
 from surgery.backends import load_model
 from surgery.cli import main
 from surgery.core.images import builtin_images
@@ -200,7 +200,7 @@ def test_existing_file_needs_overwrite(static_out, capsys):
 
 def test_register_branch_found_in_both_exporters(baked_dir, tmp_path):
     """The branch is named by the dynamo exporter's scope records and by the legacy exporter's node paths."""
-    from exporters.onnx_export import export_graph
+    from surgery.exporters.onnx_export import export_graph
 
     loaded = load_model(str(baked_dir))
     recipe = json.loads((baked_dir / "surgery.json").read_text())["recipe"]
@@ -218,7 +218,7 @@ def test_quickgelu_branch_is_float32_and_kept_out_of_quantization(tmp_path):
     """A QuickGELU model's register branch is exported with its tail-accurate float32 activation (no
     float64 node, exporters/tail_accurate_activation.py); the quantizer keeps that branch float and the
     file still passes the INT8 validation."""
-    from surgery.organism_families import build_open_clip_organism, save_open_clip_organism
+    from surgery.organisms.families import build_open_clip_organism, save_open_clip_organism
 
     model, planting = build_open_clip_organism(0, quick_gelu=True)
     src = save_open_clip_organism(model, tmp_path / "src")
@@ -241,7 +241,7 @@ def test_quickgelu_branch_is_float32_and_kept_out_of_quantization(tmp_path):
 
 def test_hf_layout_dynamic_int8(tmp_path, capsys):
     """--layout hf: onnx/model_quantized.onnx next to config.json, outputs by HF name, branch float."""
-    from surgery.organism_families import build_hf_dinov2_organism
+    from surgery.organisms.families import build_hf_dinov2_organism
 
     model, planting = build_hf_dinov2_organism(0)
     nf = tmp_path / "neurons.json"

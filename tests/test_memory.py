@@ -17,7 +17,7 @@ from surgery.core.bake import baked_in_place
 from surgery.core.cast import cast_blockwise
 from surgery.cli import main
 from surgery.backends import adapter_for
-from surgery.organism import build_timm_organism
+from surgery.organisms.vit import build_timm_organism
 from surgery.core.recipe import Recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,7 +58,7 @@ def test_baked_in_place_is_the_source_again_afterwards():
 
 
 def test_streamed_safetensors_writer_round_trips(tmp_path):
-    from exporters.safetensors_io import read_metadata, save_state_dict
+    from surgery.core.safetensors_io import read_metadata, save_state_dict
 
     state = {"b": torch.arange(6, dtype=torch.float32).reshape(2, 3).t(),  # not contiguous
              "a": torch.randn(4, dtype=torch.bfloat16), "i": torch.tensor([3, 1], dtype=torch.long),

@@ -16,12 +16,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from exporters import onnx_patches, onnx_validate
-from exporters.onnx_metadata import read_onnx_metadata
-from exporters.onnx_publish import export_and_validate
+from surgery.exporters import onnx_patches, onnx_validate
+from surgery.exporters.onnx_metadata import read_onnx_metadata
+from surgery.exporters.onnx_publish import export_and_validate
 from surgery.core.output_format import FP16_TOLERANCE, FP32_TOLERANCE, ONNX_FILE
 from surgery.core.output_format import ONNX_DATA_FILE as DATA_FILE
-from exporters.onnx_validate import validate_onnx, validation_batches
+from surgery.exporters.onnx_validate import validate_onnx, validation_batches
 from surgery import __version__
 from surgery.backends import adapter_for
 from surgery.core.bake import register_token_indices, unbake
@@ -285,7 +285,7 @@ def test_register_branch_activation_is_tail_accurate_in_float32_where_it_has_a_s
     from timm.layers import QuickGELU
     from transformers.activations import ACT2FN
     from surgery.core.modules import MlpWeights, RegisterMlp
-    from exporters.tail_accurate_activation import tail_accurate_equivalent, tail_accurate_register_branches
+    from surgery.exporters.tail_accurate_activation import tail_accurate_equivalent, tail_accurate_register_branches
 
     def mlp(act):
         w = MlpWeights(torch.randn(16, 8), torch.randn(16), torch.randn(8, 16), torch.randn(8), act)
@@ -317,7 +317,7 @@ def test_register_branch_activation_is_tail_accurate_in_float32_where_it_has_a_s
 
 
 def test_open_clip_export_with_the_attention_fast_path_trap(tmp_path, capsys):
-    import surgery.organism_families as fams
+    import surgery.organisms.families as fams
 
     model, planting = fams.build_open_clip_organism(0)
     src = fams.save_open_clip_organism(model, tmp_path / "src")

@@ -24,7 +24,7 @@ from surgery.core.discovery import find_register_neurons
 from surgery.backends import adapter_for
 from surgery.onnx_graph import check_onnx, convert_onnx, find_register_neurons_onnx, recognise
 from surgery.onnx_graph.check import rebatch
-from surgery.onnx_graph.organisms import build_organism, export_source_onnx
+from surgery.organisms.onnx_graphs import build_organism, export_source_onnx
 from surgery.core.images import builtin_images
 from surgery.core.parity import OutputError
 from surgery.core.recipe import Recipe
@@ -78,7 +78,7 @@ def torch_outputs(model, fam, x, recipe=None):
 
 def own_baked_export(model, recipe, scratch: Path) -> ort.InferenceSession:
     """vit-surgery's own export of the same PyTorch model, baked in PyTorch (exporters/onnx_export.py)."""
-    from exporters.onnx_export import export_graph
+    from surgery.exporters.onnx_export import export_graph
 
     fam = adapter_for(model)
     baked = bake_registers(copy.deepcopy(model), recipe, adapter=fam)
@@ -249,7 +249,7 @@ def _one_line_exit(args, capsys) -> tuple[int, str]:
 
 def test_unrecognised_graphs_are_refused_naming_the_node(tmp_path, capsys):
     # a SwiGLU MLP (gated): not a GELU MLP
-    from surgery.organism import build_timm_organism
+    from surgery.organisms.vit import build_timm_organism
 
     swiglu, _ = build_timm_organism(0, "swiglu")
     path = export_source_onnx(swiglu, tmp_path / "swiglu" / "model.onnx")

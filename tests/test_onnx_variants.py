@@ -27,7 +27,7 @@ from surgery.onnx_graph import convert_onnx, recognise
 from surgery.onnx_graph.check import rebatch
 from surgery.onnx_graph.discover import measure_layout
 from surgery.onnx_graph.linear import dequantized_rows
-from surgery.onnx_graph.organisms import build_organism, export_source_onnx, make_variant
+from surgery.organisms.onnx_graphs import build_organism, export_source_onnx, make_variant
 from surgery.onnx_graph.precision import precision_of
 from surgery.onnx_graph.values import const_array
 from surgery.onnx_graph.variants import judge_against_fp32

@@ -25,7 +25,7 @@ from surgery.backends import adapter_for
 from surgery.backends.open_clip.adapter import OPEN_CLIP, RegisteredVisionTransformer
 from surgery.backends.open_clip.loader import resolve_spec
 from surgery.backends import load_model
-from surgery.organism_families import build_open_clip_organism, save_open_clip_organism, write_fake_hub_repo
+from surgery.organisms.families import build_open_clip_organism, save_open_clip_organism, write_fake_hub_repo
 from surgery.core.parity import check_parity
 from surgery.pipeline import parity_batches, run_check, run_convert, run_find, write_json
 from surgery.core.recipe import Recipe

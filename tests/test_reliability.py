@@ -240,7 +240,7 @@ def test_cli_arguments_never_crash(tmp_path, flag, value):
 @pytest.fixture(scope="module")
 def onnx_source(tmp_path_factory):
     """An organism exported to ONNX by torch's exporter (what a user brings), with its neurons file."""
-    from surgery.onnx_graph.organisms import build_organism, export_source_onnx
+    from surgery.organisms.onnx_graphs import build_organism, export_source_onnx
 
     model, planting = build_organism("timm_clip")
     root = tmp_path_factory.mktemp("onnx_src")

@@ -28,8 +28,8 @@ from surgery.core.bake import bake_registers
 from surgery.backends import adapter_for
 from surgery.core.images import ImageBatches, list_images
 from surgery.core.images import builtin_images
-from surgery.organism_eva import build_hf_dinov3_organism, build_hf_siglip_organism
-from surgery.organism_families import build_hf_clip_organism, build_hf_dinov2_organism
+from surgery.organisms.eva import build_hf_dinov3_organism, build_hf_siglip_organism
+from surgery.organisms.families import build_hf_clip_organism, build_hf_dinov2_organism
 from surgery.core.recipe import Recipe
 
 # float64 against float64 on the same weights and pixels: round-off (unit 1.1e-16, amplified by a

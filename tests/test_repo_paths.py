@@ -1,6 +1,6 @@
 """Every repository path named in the README, the benchmark notes, a docstring or a comment exists: file
 paths (`surgery/core/judge.py`, `tests/test_onnx.py::test_x`) and dotted module names
-(`surgery.core.discovery`, `exporters.onnx_export.export_graph`). A file that moves leaves no stale pointer."""
+(`surgery.core.discovery`, `surgery.exporters.onnx_export.export_graph`). A file that moves leaves no stale pointer."""
 from __future__ import annotations
 
 import re

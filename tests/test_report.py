@@ -11,8 +11,8 @@ from PIL import Image
 
 from surgery.cli import main
 from surgery.core.errors import ImageInputError, ModelInputError
-from surgery.knn_eval import dataset_split, run_eval
-from surgery.organism import DEFAULT_PLANT, organism_image
+from surgery.report.knn_eval import dataset_split, run_eval
+from surgery.organisms.vit import DEFAULT_PLANT, organism_image
 from surgery.report import PNG_FILES, write_report
 
 PLANTED = {layer: sorted(u for u, _ in units) for layer, units in DEFAULT_PLANT.items()}
@@ -248,7 +248,7 @@ def test_eval_bad_dataset_folders(tmp_path, organism_dir, baked_dir, dataset):
 def test_inspect_model_without_cls(tmp_path, calib_dir):
     """Attention-pool models (SigLIP style) have no CLS row: the patches' mean attention is used."""
     from surgery.demo import save_organism
-    from surgery.organism import build_timm_organism
+    from surgery.organisms.vit import build_timm_organism
 
     model, planting = build_timm_organism(0, "siglip")
     src = save_organism(model, tmp_path / "siglip")

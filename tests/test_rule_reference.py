@@ -11,8 +11,8 @@ import torch
 from rule_reference import edit_post_activation, per_vector_relative, rule_reference
 from surgery import Recipe, bake_registers, hooked_reference
 from surgery.backends import adapter_for
-from surgery.organism import build_timm_organism
-from surgery.organism_families import build_hf_dinov2_organism, build_open_clip_organism
+from surgery.organisms.vit import build_timm_organism
+from surgery.organisms.families import build_hf_dinov2_organism, build_open_clip_organism
 from surgery.core.parity import check_parity
 
 EXACT = 1e-9  # float64 against float64: any real difference in the rule is many orders above this

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from surgery.cli import main
 from surgery.demo import save_organism
-from surgery.organism import build_timm_organism
+from surgery.organisms.vit import build_timm_organism
 
 
 def run(args, capsys) -> tuple[int, str]:

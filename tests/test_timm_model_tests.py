@@ -18,8 +18,8 @@ from surgery.backends.timm.loader import timm_source
 from surgery.backends.timm.writer import write_timm_dir
 from surgery.core.bake import bake_registers
 from surgery.core.recipe import Recipe
-from surgery.organism import build_timm_organism
-from surgery.organism_eva import build_eva_organism
+from surgery.organisms.vit import build_timm_organism
+from surgery.organisms.eva import build_eva_organism
 
 from timm_sdist import register_baked_folder, timm_model_tests
 

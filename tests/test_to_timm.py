@@ -10,8 +10,8 @@ import torch
 import surgery
 from surgery.cli import main
 from surgery.backends import adapter_for, load_model
-from surgery.organism_families import (build_hf_clip_organism, build_hf_dinov2_organism, build_open_clip_organism,
-                                       save_hf_organism, save_open_clip_organism)
+from surgery.organisms.families import (build_hf_clip_organism, build_hf_dinov2_organism, build_open_clip_organism,
+                                        save_hf_organism, save_open_clip_organism)
 from surgery.to_timm import to_timm
 
 

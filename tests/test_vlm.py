@@ -23,13 +23,13 @@ import torch
 from rule_reference import per_vector_relative, rule_reference
 from surgery.backends import load_model
 from surgery.backends.hf.adapter import HF_CLIP
-from surgery.backends.hf.current import HF_SIGLIP
+from surgery.backends.hf.dinov3_siglip import HF_SIGLIP
 from surgery.cli import main
 from surgery.core.images import builtin_images
-from surgery.organism import write_organism_images
-from surgery.organism_families import write_fake_hub_repo
-from surgery.organism_vlm import (build_llava_next_organism, build_llava_next_processor, build_llava_organism,
-                                  build_llava_processor, build_paligemma_organism, save_vlm_organism)
+from surgery.organisms.vit import write_organism_images
+from surgery.organisms.families import write_fake_hub_repo
+from surgery.organisms.vlm import (build_llava_next_organism, build_llava_next_processor, build_llava_organism,
+                                   build_llava_processor, build_paligemma_organism, save_vlm_organism)
 from surgery.pipeline import run_convert
 
 PLANTED = {2: [17, 101], 3: [42]}
@@ -316,7 +316,7 @@ def test_real_size_llava_converts_and_generates(tmp_path):
 
     from transformers import AutoModelForImageTextToText
 
-    from surgery.organism_vlm import build_llava_real_size
+    from surgery.organisms.vlm import build_llava_real_size
 
     model, processor = build_llava_real_size(0)
     src = save_vlm_organism(model, processor, tmp_path / "src")

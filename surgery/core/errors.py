@@ -18,11 +18,22 @@ class SurgeryError(Exception):
     def __new__(cls, *args: Any, **kwargs: Any) -> "SurgeryError":
         if "exit_code" not in {k for c in cls.__mro__ if c is not SurgeryError for k in vars(c)}:
             raise TypeError(f"{cls.__name__} has no exit code: raise a SurgeryError subclass that has one")
-        return super().__new__(cls, *args, **kwargs)
+        return super().__new__(cls, *args)
+
+    def __init__(self, message: str = "", *args: Any, parameters: tuple[str, ...] = ()) -> None:
+        """`parameters`: the parameters `message` names as `{name}` placeholders (shown as `name` to the
+        Python API, as the flag `--name` by the CLI); without them `message` is used as it is."""
+        self.template, self.parameters = message, tuple(parameters)
+        super().__init__(self._render(lambda p: p), *args)
+
+    def _render(self, show: Any) -> str:
+        if not self.parameters:
+            return self.template
+        return self.template.format(**{p: show(p) for p in self.parameters})
 
     def cli_message(self) -> str:
-        """The message as the CLI prints it (parameters named as flags)."""
-        return str(self)
+        """The message as the CLI prints it (parameters named as flags, underscores as dashes)."""
+        return self._render(lambda p: "--" + p.replace("_", "-"))
 
 
 class ImageInputError(SurgeryError):
@@ -42,14 +53,7 @@ class ParameterError(UsageError):
     message shows `name`, the CLI's the flag `--name` (underscores as dashes)."""
 
     def __init__(self, template: str, *parameters: str) -> None:
-        self.template, self.parameters = template, parameters
-        super().__init__(self._render(lambda p: p))
-
-    def _render(self, show: Any) -> str:
-        return self.template.format(**{p: show(p) for p in self.parameters})
-
-    def cli_message(self) -> str:
-        return self._render(lambda p: "--" + p.replace("_", "-"))
+        super().__init__(template, parameters=parameters)
 
 
 class ModelInputError(SurgeryError):

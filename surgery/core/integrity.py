@@ -193,8 +193,9 @@ def source_for_check(folder: Path, explicit: Optional[str], load: Callable[[str]
     if explicit:
         model = load(explicit).model
         if ident and same_source(ident, model) is False:
-            raise IntegrityError(f"--source {explicit} is not the model {folder} was converted from "
-                                 f"({ident.get('spec')}): its weights differ from the recorded hash")
+            raise IntegrityError(f"{{source}} {explicit} is not the model {folder} was converted from "
+                                 f"({ident.get('spec')}): its weights differ from the recorded hash",
+                                 parameters=("source",))
         return model, f"the source model {explicit}"
     spec, recorded = ident.get("local_spec"), ident.get("path")
     if spec and recorded and not Path(recorded).is_absolute():  # recorded relative to OUT (the demo)

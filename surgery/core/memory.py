@@ -139,7 +139,7 @@ def activation_bytes(num_blocks: int, width: int, tokens: int, batch: int, heads
 
 
 def require_fits(estimate: Estimate, what: str = "convert") -> None:
-    """Stop with one line (exit 11) when the estimated peak exceeds what is available now."""
+    """Stop with one line (exit 13) when the estimated peak exceeds what is available now."""
     if os.environ.get("VIT_SURGERY_SKIP_MEMORY_CHECK"):
         return
     avail = available_bytes()
@@ -150,9 +150,9 @@ def require_fits(estimate: Estimate, what: str = "convert") -> None:
         return
     raise OutOfMemoryRisk(
         f"{what} would need about {estimate.describe()}, {avail / GiB:.1f} GiB is available beyond this "
-        f"process: stopped before running out of memory (nothing written); options: --device cuda, "
-        f"fewer parity images (--check-images with fewer files, or --batch-size 1), --dtype float16/bfloat16, "
-        f"or a machine with more memory")
+        f"process: stopped before running out of memory (nothing written); options: {{device}} cuda, "
+        f"fewer parity images ({{check_images}} with fewer files, or {{batch_size}} 1), {{dtype}} "
+        f"float16/bfloat16, or a machine with more memory", parameters=("device", "check_images", "batch_size", "dtype"))
 
 
 def tokens_for(input_size: tuple[int, int, int], patch: int, prefix: int) -> int:

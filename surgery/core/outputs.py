@@ -75,9 +75,11 @@ def check_output_target(out: str | Path, overwrite: bool, kind: Kind = "folder")
             raise OutputPathError(f"output {path} is {_kind_of(path)}; only a regular file or a folder is ever "
                                   "replaced: choose another output")
         if not overwrite:
-            raise OutputExistsError(f"output {path} already exists; pass --overwrite to replace it")
+            raise OutputExistsError(f"output {path} already exists; pass {{overwrite}} to replace it",
+                                    parameters=("overwrite",))
         if kind == "folder" and not path.is_dir():
-            raise OutputPathError(f"output {path} exists and is a file, not a folder; --overwrite only replaces folders")
+            raise OutputPathError(f"output {path} exists and is a file, not a folder; {{overwrite}} only replaces "
+                                  "folders", parameters=("overwrite",))
         if kind == "file" and path.is_dir():
             raise OutputPathError(f"output {path} is a folder; give a file path")
     _check_writable_parent(path)

@@ -1,4 +1,4 @@
-"""`vit-surgery find|convert|check` when MODEL is an .onnx file (dispatched from surgery/cli.py)."""
+"""`vit-surgery find|convert|check` when MODEL is an .onnx file (dispatched from surgery/cli/main.py)."""
 from __future__ import annotations
 
 import argparse

@@ -74,7 +74,7 @@ def write_report(model_spec: str, baked_spec: Optional[str] = None, images: Any 
     ranking = _ranking_section(pair, recipe, out_dir, pics)
     knn = None
     if opts.get("dataset") and pair.baked is not None:
-        from ..knn_eval import knn_compare
+        from .knn_eval import knn_compare
 
         knn = knn_compare(pair.original.model, pair.baked.model, pair.original.adapter, pair.original.transform,
                           opts["dataset"], progress=progress, **(opts.get("knn") or {})).to_dict()

@@ -82,7 +82,7 @@ def _discover(loaded: LoadedModel, files: list[Path], cfg: DiscoveryConfig, prog
 
 def resolve_pair(model_spec: str, baked_spec: Optional[str], files: list[Path], *, options: Optional[LoadOptions],
                  neurons: Optional[str], cfg: DiscoveryConfig, progress: bool) -> Pair:
-    from ..knn_eval import original_and_baked
+    from .knn_eval import original_and_baked
     from ..pipeline import resolve_recipe
 
     if baked_spec is not None:
@@ -132,7 +132,7 @@ def resolve_pair(model_spec: str, baked_spec: Optional[str], files: list[Path], 
 
 
 def _unbaked(first: LoadedModel) -> tuple[LoadedModel, LoadedModel]:
-    from ..knn_eval import unbaked_original
+    from .knn_eval import unbaked_original
 
     return unbaked_original(first, first.spec), first
 

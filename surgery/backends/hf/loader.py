@@ -26,7 +26,7 @@ from ...core.output_format import SURGERY_FILE, read_surgery_json
 from ...core.source import LoadedModel, LoadOptions, SourceInfo
 from ..base import adapter_among, extra_files, needs_full_unpickling, unsafe_pickle_error
 from .adapter import HF_CLIP, HF_DINOV2, PREPROCESS_ATTR
-from .current import HF_DINOV3, HF_SIGLIP
+from .dinov3_siglip import HF_DINOV3, HF_SIGLIP
 
 ADAPTERS = (HF_CLIP, HF_DINOV2, HF_DINOV3, HF_SIGLIP)
 

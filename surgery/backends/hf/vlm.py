@@ -26,7 +26,7 @@ from ...core.adapter import Adapter, AttentionParts
 from ...core.image_features import NATIVE_PREFIX_ATTR, install_register_drop
 from ...core.modules import MlpWeights
 from .adapter import HF_CLIP, PREPROCESS_ATTR, _from_transformers, _hf_classes
-from .current import HF_SIGLIP
+from .dinov3_siglip import HF_SIGLIP
 
 IMAGE_PROCESSOR_ATTR = "surgery_image_processor"  # the VLM's own HF image processor (set by the loader)
 SELECT_STRATEGIES = ("default", "full")

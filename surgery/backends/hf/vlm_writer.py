@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from exporters.safetensors_io import save_state_dict
+from surgery.core.safetensors_io import save_state_dict
 
 from ...core.bake import register_token_indices
 from ...core.errors import ParityError

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from exporters.safetensors_io import save_state_dict
+from surgery.core.safetensors_io import save_state_dict
 
 from ...core.output_format import write_surgery_json
 from ...core.source import SourceInfo

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .organism import ORGANISM_SIZE, Planting
-from .organism_families import HF_ORGANISM_PREPROCESSOR, build_hf_clip_organism
+from .vit import ORGANISM_SIZE, Planting
+from .families import HF_ORGANISM_PREPROCESSOR, build_hf_clip_organism
 
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "USER:", "ASSISTANT:", "what", "is", "in", "the", "image",
          "?", "a", "cat", "dog", "number", "28", "32", "describe"]
@@ -53,7 +53,7 @@ def build_llava_organism(seed: int = 0, *, strategy: str = "default", feature_la
     planted HF SigLIP organism (`"siglip"`: no CLS, use strategy `full`, as SigLIP LLaVAs do)."""
     from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    from .organism_eva import build_hf_siglip_organism
+    from .eva import build_hf_siglip_organism
 
     build = {"clip": build_hf_clip_organism, "siglip": build_hf_siglip_organism}[tower]
     tower_model, planting = build(seed, plant=plant)
@@ -115,7 +115,7 @@ def build_paligemma_organism(seed: int = 0, *, plant: dict[int, list[tuple[int, 
     from transformers import GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
     from transformers import SiglipImageProcessor
 
-    from .organism_eva import build_hf_siglip_organism
+    from .eva import build_hf_siglip_organism
 
     tower_model, planting = build_hf_siglip_organism(seed, plant=plant)
     t = _text_config()
@@ -145,7 +145,7 @@ def build_llava_real_size(seed: int = 0) -> tuple[nn.Module, Any]:
     from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
     from transformers import LlavaProcessor
 
-    from .backends.hf.adapter import CLIP_MEAN, CLIP_STD
+    from ..backends.hf.adapter import CLIP_MEAN, CLIP_STD
 
     vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                               image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Optional
 
-from .core.errors import ModelInputError, UsageError
+from ..core.errors import ModelInputError, UsageError
 
 # prefixes whose rest is a path on this machine (hf: and open_clip: may also name hub ids)
 _PATH_PREFIXES = ("local-dir:", "dinov2:")
@@ -68,7 +68,7 @@ def _check_config_size(spec: Optional[str]) -> None:
     loaders check again, for the Python API)."""
     import json
 
-    from .core.memory import require_config_fits
+    from ..core.memory import require_config_fits
 
     if not spec:
         return
@@ -91,9 +91,9 @@ def _inputs(a: argparse.Namespace) -> dict[str, Optional[str]]:
 
 def validate_before_loading(a: argparse.Namespace) -> None:
     """Device, model path, images, neurons file and OUT, each with its own exit code."""
-    from .core.images import list_images
-    from .core.outputs import check_output_target, refuse_input_overlap
-    from .core.recipe import read_neurons_file
+    from ..core.images import list_images
+    from ..core.outputs import check_output_target, refuse_input_overlap
+    from ..core.recipe import read_neurons_file
 
     if getattr(a, "device", None):
         if a.device == "auto":  # CUDA when there is one
@@ -125,7 +125,7 @@ def validate_before_loading(a: argparse.Namespace) -> None:
 
 def output_of(a: argparse.Namespace) -> tuple[Optional[str], str, bool]:
     """(OUT, "file"|"folder", overwrite) of a command that writes a new output; (None, ..) otherwise
-    (export writes into the converted folder it reads: its own rules, surgery/onnx_cli.py)."""
+    (export writes into the converted folder it reads: its own rules, surgery/cli/export.py)."""
     if a.command == "find":
         return a.out, "file", a.overwrite
     if a.command in ("convert", "demo", "inspect"):

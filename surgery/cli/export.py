@@ -46,8 +46,8 @@ def cmd_export(a: argparse.Namespace) -> int:
         raise ModelInputError(f"{out} is a vision-language model: export its vision encoder with "
                               "`--format onnx --layout hf` (onnx/vision_encoder.onnx)")
     # the heavy imports only once the arguments and OUT passed their checks
-    from exporters.base import ExportOptions
-    from exporters.formats import format_for_cli
+    from surgery.exporters.base import ExportOptions
+    from surgery.exporters.formats import format_for_cli
     from surgery.backends import load_model
     from surgery.core.source import LoadOptions
 
@@ -81,7 +81,7 @@ def _export_int8(a: argparse.Namespace, out: Path, options: Any) -> int:
                                 "`export OUT --format onnx --int8` as INT8 (openvino.convert_model)")
     if a.int8 == "static" and a.images is None:
         raise UsageError("--int8 static needs calibration images: --images CALIB (or use --int8 dynamic)")
-    from exporters.onnx_int8 import export_int8
+    from surgery.exporters.onnx_int8 import export_int8
 
     report, written = export_int8(out, loaded=load_model(str(out), options), mode=a.int8, images=a.images,
                                   layout=a.layout, exporter=a.exporter, progress=not a.quiet, overwrite=a.overwrite)
@@ -91,8 +91,8 @@ def _export_int8(a: argparse.Namespace, out: Path, options: Any) -> int:
 
 
 def add_commands(subparsers: Any) -> None:
-    from exporters.formats import cli_choices
-    from surgery.cli_args import add_model_options
+    from surgery.exporters.formats import cli_choices
+    from surgery.cli.args import add_model_options
 
     formats, layouts = cli_choices()
 

@@ -34,7 +34,7 @@ _threshold = _or_auto(_number(float, "a positive number or 'auto'", lambda f: f 
 
 def _format_names(v: str) -> list[str]:
     """`--formats onnx,openvino`: names of the format registry (exporters/formats.py), checked here."""
-    from exporters.formats import FORMATS
+    from surgery.exporters.formats import FORMATS
 
     names = [n.strip() for n in v.split(",") if n.strip()]
     known = [f.name for f in FORMATS]

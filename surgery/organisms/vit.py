@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .core.adapter import Adapter
-from .backends import adapter_for
+from ..core.adapter import Adapter
+from ..backends import adapter_for
 
 # Where the trigger feature lives in the residual stream, and the direction outliers are written to.
 TRIGGER_DIM = 0

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .organism import ORGANISM_SIZE, Planting, plant_register_neurons
-from .organism_families import SplitGluPlanting, plant_split_glu, registers_like_cls  # noqa: F401 (re-exported)
+from .vit import ORGANISM_SIZE, Planting, plant_register_neurons
+from .families import SplitGluPlanting, plant_split_glu, registers_like_cls  # noqa: F401 (re-exported)
 
 # variant -> (timm architecture, extra model args); all JSON so the organism saves as a timm local-dir
 EVA_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -122,7 +122,7 @@ def build_open_clip_timm_organism(trunk_dir: str | Path, seed: int = 0, base: st
     import open_clip
     from open_clip.model import set_model_preprocess_cfg
 
-    from .backends import adapter_for
+    from ..backends import adapter_for
 
     cfg = open_clip_timm_organism_config(write_trunk_config(trunk_dir, arch), base)
     torch.manual_seed(seed)
@@ -149,8 +149,8 @@ def build_hf_dinov3_organism(seed: int = 0, *, gated: bool = False, num_register
     planted register neurons. Save with organism_families.save_hf_organism."""
     from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
-    from .backends import adapter_for
-    from .organism_families import _attach_hf_organism_preprocess, _hf_vision_sizes
+    from ..backends import adapter_for
+    from .families import _attach_hf_organism_preprocess, _hf_vision_sizes
 
     s = ORGANISM_SIZE
     hidden = int(s["embed_dim"] * s["mlp_ratio"])
@@ -175,8 +175,8 @@ def sharpen_gated_units(model: nn.Module, planting: Planting, gate_of) -> None:
     small value on every ordinary token, and the signed max over those near-ties would be decided by fp32
     round-off. A steeper gate (silent below -20 on ordinary patches, firing on triggers) keeps the
     organism's register value well defined, as it is in real models."""
-    from .backends import adapter_for
-    from .organism import TRIGGER_DIM
+    from ..backends import adapter_for
+    from .vit import TRIGGER_DIM
 
     blocks = adapter_for(model).blocks(model)
     for layer, units in planting.neurons.items():
@@ -193,7 +193,7 @@ def build_hf_siglip_organism(seed: int = 0, *, plant: dict[int, list[tuple[int, 
     """A tiny HF `SiglipVisionModel` (no CLS, attention-pool head) with planted register neurons."""
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
-    from .organism_families import _attach_hf_organism_preprocess, _hf_vision_sizes
+    from .families import _attach_hf_organism_preprocess, _hf_vision_sizes
 
     s = ORGANISM_SIZE
     cfg = SiglipVisionConfig(intermediate_size=int(s["embed_dim"] * s["mlp_ratio"]), **_hf_vision_sizes())

@@ -23,9 +23,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .core.errors import ImageInputError, ModelInputError, ParameterError
-from .core.adapter import Adapter
-from .core.images import IMAGE_EXTENSIONS, ImageBatches
+from ..core.errors import ImageInputError, ModelInputError, ParameterError
+from ..core.adapter import Adapter
+from ..core.images import IMAGE_EXTENSIONS, ImageBatches
 
 DEFAULT_K = 20
 DEFAULT_TEMPERATURE = 0.07  # similarity-weighted vote, exp(sim / T) (as in DINO's k-NN protocol)
@@ -236,7 +236,7 @@ def knn_compare(original: nn.Module, baked: nn.Module, family: Adapter, transfor
 def unbaked_original(baked: Any, spec: str) -> Any:
     """The loaded baked model's source: the same LoadedModel with an un-baked copy of its model
     (`baked` is untouched), labelled `spec (un-baked)`."""
-    from .core.bake import unbaked_copy
+    from ..core.bake import unbaked_copy
 
     original = copy.copy(baked)
     original.model = unbaked_copy(baked.model, adapter=baked.adapter)
@@ -248,7 +248,7 @@ def unbaked_original(baked: Any, spec: str) -> Any:
 def original_and_baked(model_spec: str, baked_spec: Optional[str], options: Any = None) -> tuple[Any, Any]:
     """(original LoadedModel, baked LoadedModel). One converted folder suffices: the original is its
     un-baked copy (exact: the split is a permutation of the original weights)."""
-    from .backends import load_model
+    from ..backends import load_model
 
     first = load_model(model_spec, options)
     if baked_spec is None:

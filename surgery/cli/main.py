@@ -9,12 +9,13 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from . import __version__, onnx_cli, report_cli
-from .cli_args import (_format_names, _int_or_auto, _num_registers, _positive_float, _positive_int,
-                       _scale, _threshold, add_model_options)
-from .cli_checks import validate_before_loading
-from .core.errors import EXIT_CODES, SurgeryError
-from .core.outputs import shown
+from .. import __version__
+from . import export as onnx_cli, report as report_cli
+from .args import (_format_names, _int_or_auto, _num_registers, _positive_float, _positive_int, _scale, _threshold,
+                   add_model_options)
+from .checks import validate_before_loading
+from ..core.errors import EXIT_CODES, SurgeryError
+from ..core.outputs import shown
 
 Handler = Callable[[argparse.Namespace], int]
 MODEL_HELP = ("timm name, hf-hub:ORG/NAME, local-dir:PATH or a model folder, open_clip:ARCH/TAG, "
@@ -48,7 +49,7 @@ def add_recipe_options(p: argparse.ArgumentParser) -> None:
 
 
 def _discovery_config(a: argparse.Namespace):
-    from .core.discovery import DiscoveryConfig
+    from ..core.discovery import DiscoveryConfig
 
     return DiscoveryConfig(detect_layer=a.detect_layer, threshold=a.threshold, max_layer=a.max_layer,
                            top_k=a.top_k, sparsity_filter=a.sparsity_filter, include_prefix=a.include_prefix,
@@ -58,8 +59,8 @@ def _discovery_config(a: argparse.Namespace):
 
 
 def _load(a: argparse.Namespace, spec: str):
-    from .core.source import LoadOptions
-    from .backends import load_model
+    from ..core.source import LoadOptions
+    from ..backends import load_model
 
     return load_model(spec, LoadOptions(a.allow_unsafe_pickle, a.trust_remote_code, a.device))
 
@@ -70,7 +71,7 @@ def _say(a: argparse.Namespace, msg: str) -> None:
 
 
 def _is_onnx(spec: Optional[str]) -> bool:
-    from .onnx_graph.cli import is_onnx  # an .onnx file or a folder of them (an HF ONNX repo)
+    from ..onnx_graph.cli import is_onnx  # an .onnx file or a folder of them (an HF ONNX repo)
 
     return is_onnx(spec)
 
@@ -78,11 +79,11 @@ def _is_onnx(spec: Optional[str]) -> bool:
 # ---- commands ----------------------------------------------------------------------------------
 
 def cmd_find(a: argparse.Namespace) -> int:
-    from .core.outputs import atomic_output_file
-    from .pipeline import run_find, write_json
+    from ..core.outputs import atomic_output_file
+    from ..pipeline import run_find, write_json
 
     if _is_onnx(a.model):  # an ONNX file: graph rewriting, no PyTorch model (surgery/onnx_graph)
-        from .onnx_graph.cli import cmd_find_onnx
+        from ..onnx_graph.cli import cmd_find_onnx
         return cmd_find_onnx(a, _discovery_config(a))
     out = Path(a.out)
     loaded = _load(a, a.model)
@@ -97,15 +98,15 @@ def cmd_find(a: argparse.Namespace) -> int:
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
-    from .core.source import LoadOptions
-    from .pipeline import export_formats_hook, run_convert
+    from ..core.source import LoadOptions
+    from ..pipeline import export_formats_hook, run_convert
 
     if _is_onnx(a.model):
-        from .onnx_graph.cli import cmd_convert_onnx
+        from ..onnx_graph.cli import cmd_convert_onnx
         return cmd_convert_onnx(a, _discovery_config(a))
     loaded = _load(a, a.model)
     if a.to == "timm":
-        from .to_timm import to_timm
+        from ..to_timm import to_timm
 
         loaded = to_timm(loaded)
     overrides = {"num_registers": a.num_registers, "scale": a.scale, "mode": a.mode}
@@ -145,7 +146,7 @@ def _print_effect(effect: Optional[dict[str, Any]]) -> None:
 def _verified(a: argparse.Namespace, folder: Path) -> bool:
     """check first verifies OUT against its integrity record (exit 11 on damage, before torch is imported).
     Returns whether OUT was verified; an OUT whose surgery.json has no record is warned about here."""
-    from .core.integrity import read_surgery, verify_output
+    from ..core.integrity import read_surgery, verify_output
 
     if verify_output(folder):
         return True
@@ -159,16 +160,16 @@ def cmd_check(a: argparse.Namespace) -> int:
     """Verify OUT (hashes), then compare it with the hooked reference and re-validate every exported format
     present. Never writes into OUT: the report goes to --report only. An OUT that cannot be verified never
     passes without a source."""
-    from .core.errors import IntegrityError, ModelInputError, ParityError
-    from .core.integrity import read_surgery, source_for_check
-    from .core.outputs import atomic_output_file, local_source_path
+    from ..core.errors import IntegrityError, ModelInputError, ParityError
+    from ..core.integrity import read_surgery, source_for_check
+    from ..core.outputs import atomic_output_file, local_source_path
 
     if _is_onnx(a.out_dir):
-        from .onnx_graph.cli import cmd_check_onnx
+        from ..onnx_graph.cli import cmd_check_onnx
         return cmd_check_onnx(a)
     folder = local_source_path(a.out_dir) or Path(a.out_dir)
     verified = _verified(a, folder)
-    from .pipeline import parity_batches, run_check, write_json
+    from ..pipeline import parity_batches, run_check, write_json
 
     loaded = _load(a, a.out_dir)
     if loaded.recipe is None:
@@ -203,7 +204,7 @@ def cmd_check(a: argparse.Namespace) -> int:
 def _check_exports(out: Path, loaded: Any, batches: list[Any], doc: dict[str, Any]) -> list[str]:
     """Re-validate every export format present in OUT (the format registry); their reports go into
     `doc` under each format's parity.json key. Returns the files out of tolerance."""
-    from exporters.formats import formats_present
+    from surgery.exporters.formats import formats_present
 
     failed = []
     for fmt in formats_present(out):
@@ -217,7 +218,7 @@ def _check_exports(out: Path, loaded: Any, batches: list[Any], doc: dict[str, An
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from ..demo import run_demo
 
     return run_demo(Path(a.out), overwrite=a.overwrite, quiet=a.quiet)
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .organism import ORGANISM_SIZE, Planting, plant_register_neurons
+from .vit import ORGANISM_SIZE, Planting, plant_register_neurons
 
 # ---- open_clip ------------------------------------------------------------------------------------
 
@@ -152,8 +152,8 @@ def _hf_vision_sizes() -> dict[str, Any]:
 def _attach_hf_organism_preprocess(model: nn.Module) -> None:
     """The organism's preprocessing (what HF_ORGANISM_PREPROCESSOR gives once saved): 64 px, no crop margin,
     so the calibration images' trigger squares stay patch-aligned."""
-    from .backends import adapter_for
-    from .backends.hf.loader import _set_preprocess, preprocess_from_processor
+    from ..backends import adapter_for
+    from ..backends.hf.loader import _set_preprocess, preprocess_from_processor
 
     fam = adapter_for(model)
     _set_preprocess(model, preprocess_from_processor(HF_ORGANISM_PREPROCESSOR, fam.preprocess_config(model)))
@@ -207,7 +207,7 @@ class SplitGluPlanting:
         return getattr(self.family, name)
 
     def mlp_weights(self, mlp: nn.Module):
-        from .core.modules import MlpWeights
+        from ..core.modules import MlpWeights
 
         gate, up, down, act = self.names
         if not all(hasattr(mlp, n) for n in (gate, up, down)):
@@ -235,7 +235,7 @@ def plant_split_glu(model: nn.Module, plant: dict[int, list[tuple[int, int]]] | 
                     **where: Any) -> Planting:
     """`plant_register_neurons` through a SplitGluPlanting view on `model`'s adapter (gated MLPs with
     separate gate/up projections; other MLPs are planted as usual); `where`: cls_token, pos_embed, ..."""
-    from .backends import adapter_for
+    from ..backends import adapter_for
 
     view = SplitGluPlanting(adapter_for(model), *names)
     try:

@@ -15,8 +15,8 @@ ORGANISMS = ("timm_clip", "timm_vit", "timm_reg4", "timm_siglip", "open_clip", "
 
 def build_organism(name: str, seed: int = 0) -> tuple[nn.Module, Any]:
     """(model, planting) of an organism; the model is what the family adapter runs."""
-    from .. import organism_families as of
-    from ..organism import build_timm_organism
+    from . import families as of
+    from .vit import build_timm_organism
 
     if name.startswith("timm_"):
         return build_timm_organism(seed, {"timm_clip": "clip", "timm_vit": "vit", "timm_reg4": "reg4",
@@ -38,8 +38,8 @@ def export_source_onnx(model: nn.Module, out: Path, *, exporter: str = "dynamo",
     model_type ("vit", "clip") to apply its fused transformer optimisations afterwards."""
     import onnx
 
-    from exporters.onnx_spec import VIT_ONNX_SPEC
-    from exporters.onnx_export import export_graph
+    from surgery.exporters.onnx_spec import VIT_ONNX_SPEC
+    from surgery.exporters.onnx_export import export_graph
 
     from ..backends import adapter_for
 

@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .cli_args import _fraction, _positive_float, _positive_int, _threshold, add_model_options
+from .args import _fraction, _positive_float, _positive_int, _threshold, add_model_options
 
 
 def _options(a: argparse.Namespace):
-    from .core.source import LoadOptions
+    from ..core.source import LoadOptions
 
     return LoadOptions(a.allow_unsafe_pickle, a.trust_remote_code, a.device)
 
@@ -21,7 +21,7 @@ def _knn_kwargs(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
-    from .report import run_inspect
+    from ..report import run_inspect
 
     opts: dict[str, Any] = {"neurons": a.neurons, "options": _options(a), "num_images": a.num_images,
                             "show": a.show, "batch_size": a.batch_size, "seed": a.seed, "threshold": a.threshold,
@@ -51,9 +51,9 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from .knn_eval import run_eval
+    from ..report.knn_eval import run_eval
 
-    from .core.outputs import atomic_output_file, check_output_target
+    from ..core.outputs import atomic_output_file, check_output_target
 
     if a.json:
         check_output_target(a.json, a.overwrite, "file")
