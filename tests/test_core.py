@@ -1,4 +1,4 @@
-"""Issue 2: discovery, hooked reference, baking and parity on timm model organisms."""
+"""Discovery, hooked reference, baking and parity on timm model organisms."""
 from __future__ import annotations
 
 import copy

@@ -1,4 +1,4 @@
-"""INT8 ONNX export (issue 24): static (QDQ, calibrated) and dynamic, the register branch kept float,
+"""INT8 ONNX export: static (QDQ, calibrated) and dynamic, the register branch kept float,
 validated against the float32 baked model before the file is moved in, refused (exit 7) otherwise.
 
 Organism sizes only. Expectations come from the graph itself (which MatMuls carry the register units'

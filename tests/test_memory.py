@@ -1,4 +1,4 @@
-"""Convert within 2x the weights (issue 11): no model copies, streamed judge, streamed files, refusal
+"""Convert within 2x the weights: no model copies, streamed judge, streamed files, refusal
 before the OOM killer, --device checked; a child-process regression test of peak memory per weight byte."""
 from __future__ import annotations
 
@@ -131,7 +131,7 @@ def _peak_rss(args: list[str]) -> tuple[int, int, str]:
 def test_convert_peak_memory_stays_within_two_checkpoints(tmp_path):
     """ViT-B/16 at real size (random weights, timm save_for_hf): peak RSS of convert <= the import
     footprint + 2.0 x checkpoint bytes + one batch of activations (the estimate of surgery/core/memory.py).
-    Before issue 11 this was 3.8 x; a copy of the model anywhere in convert fails it."""
+    Before the streamed convert this was 3.8 x; a copy of the model anywhere in convert fails it."""
     import timm
     from timm.models._hub import save_for_hf
 

@@ -1,4 +1,4 @@
-"""ONNX export (issue 3): the fix inside the graph, validated in onnxruntime.
+"""ONNX export: the fix inside the graph, validated in onnxruntime.
 
 Organism-sized models only. The export batch is 2; onnxruntime is checked at batch 1 and 5 against the
 PyTorch baked model and the hooked reference (fp32 relative error <= 1e-5).
@@ -270,7 +270,7 @@ def test_convert_with_onnx_writes_a_validated_graph(organism_dir, tmp_path, caps
     out = tmp_path / "out"
     code, stdout, err = run(["convert", organism_dir, "--neurons", neurons, "--out", out, "--onnx"], capsys)
     assert code == 0, err
-    lines = stdout.splitlines()  # the bake's lines first, then the ONNX check's (issue 21)
+    lines = stdout.splitlines()  # the bake's lines first, then the ONNX check's
     assert lines[0].startswith("baked ") and lines[1].startswith("parity PASS")
     assert any(ln.startswith("onnx PASS") for ln in lines[2:]) and lines[-1].startswith("wrote ")
     assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "surgery.json", "parity.json",

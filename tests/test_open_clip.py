@@ -1,4 +1,4 @@
-"""Issue 4 (open_clip): open_clip models in and out.
+"""open_clip models in and out.
 
 An organism in open_clip's own module structure (a tiny CLIP whose image tower has planted register
 neurons) is saved as an open_clip folder, loaded through open_clip's real code path (local-dir and a

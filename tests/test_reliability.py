@@ -1,4 +1,4 @@
-"""Issue 7: bad input, untrusted checkpoints, interrupted runs, determinism, property-based parsing."""
+"""Bad input, untrusted checkpoints, interrupted runs, determinism, property-based parsing."""
 from __future__ import annotations
 
 import hashlib
@@ -235,7 +235,7 @@ def test_cli_arguments_never_crash(tmp_path, flag, value):
         assert code in (3, 4), code  # parsed: then the missing model/images is reported, never a crash
 
 
-# ---- issue 21: an ONNX input goes through the same output scheme; its external data is checked ----
+# ---- an ONNX input goes through the same output scheme; its external data is checked ----
 
 @pytest.fixture(scope="module")
 def onnx_source(tmp_path_factory):

@@ -1,6 +1,6 @@
-"""Issue 15: nothing lost, nothing silently wrong (integrity, concurrency, signals, honest exit codes).
+"""Nothing lost, nothing silently wrong (integrity, concurrency, signals, honest exit codes).
 
-Each test here failed on the code before issue 15 (the behaviour it asserts did not exist).
+Each test here failed on the code before it was written (the behaviour it asserts did not exist).
 """
 from __future__ import annotations
 
@@ -390,7 +390,7 @@ def test_demo_outputs_are_byte_identical_across_processes(tmp_path, monkeypatch,
     a, b = _digests(tmp_path / "a" / "demo_out"), _digests(tmp_path / "b" / "demo_out")
     assert {"neurons.json", "baked/model.safetensors", "baked/surgery.json", "report/report.html"} <= set(a)
     assert a == b
-    # issue 21: the report uses the check's images and names no installed path; `check` finds the source
+    # the report uses the check's images and names no installed path; `check` finds the source
     demo = tmp_path / "b" / "demo_out"
     summary = json.loads((demo / "report" / "summary.json").read_text())
     parity = json.loads((demo / "baked" / "parity.json").read_text())["parity"]
@@ -467,7 +467,7 @@ def test_unknown_timm_architecture_is_named(organism_dir, calib_dir, tmp_path, c
     assert code == 4 and "'vit_from_the_future_patch16'" in err and one_line(err)
 
 
-# ==== Issue 21: nothing lost, round 2 ============================================================
+# ==== nothing lost: the other commands ============================================================
 
 def _tree(root: Path) -> dict[str, str]:
     """Every entry under `root` with its kind and, for files, its digest (a FIFO is never opened)."""
