@@ -88,3 +88,13 @@ def test_the_checker_flags_a_stale_path(tmp_path):
     assert bad == ["surgery/judge.py", "surgery.modules.RegisterMlp"]
     assert dotted_exists("surgery.core.output_format.OnnxMetadata") and dotted_exists("surgery.convert")
     assert not dotted_exists("surgery.core.no_such_module")
+
+
+def test_readme_architecture_tree_names_every_module():
+    """The Architecture section is the map of the code: every module file is named in its tree."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = readme.index("```\n", readme.index("## Architecture")) + 4
+    tree = readme[start:readme.index("```\n", start)]
+    missing = [p.relative_to(ROOT).as_posix() for d in ("surgery", "exporters") for p in sorted((ROOT / d).rglob("*.py"))
+               if p.name not in ("__init__.py", "__main__.py") and not re.search(rf"\b{re.escape(p.name)}", tree)]
+    assert missing == [], "modules missing from README's Architecture tree: " + ", ".join(missing)
