@@ -46,7 +46,8 @@ def format_for_cli(cli_format: str, layout: str = "plain") -> Format:
         if (f.cli_format, f.cli_layout) == (cli_format, layout):
             return f
     layouts = [f.cli_layout for f in FORMATS if f.cli_format == cli_format]
-    raise UsageError(f"--format {cli_format} takes --layout {' or '.join(layouts) or '(none)'}, not {layout}")
+    raise UsageError(f"{{format}} {cli_format} takes {{layout}} {' or '.join(layouts) or '(none)'}, not {layout}",
+                     parameters=("format", "layout"))
 
 
 def formats_present(out_dir: Path) -> list[Format]:

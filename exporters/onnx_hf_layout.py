@@ -168,19 +168,20 @@ def export_hf_layout(out_dir: Path, *, loaded: Any, fp16: bool = False, progress
 
     if is_vlm_folder(loaded):  # a VLM: its vision encoder (onnx/vision_encoder.onnx), float32
         if fp16:
-            raise ModelInputError("--fp16 is not offered for a VLM's vision_encoder.onnx")
+            raise ModelInputError("{fp16} is not offered for a VLM's vision_encoder.onnx", parameters=("fp16",))
         return export_vision_encoder(out_dir, loaded=loaded, progress=progress, exporter=exporter, overwrite=overwrite)
     if loaded.recipe is None:
         raise ModelInputError(f"{out_dir} carries no baked test-time registers (run `vit-surgery convert` first)")
     if loaded.source.library != "hf":
-        raise ModelInputError(f"--layout hf needs a folder converted from an HF transformers model (its "
+        raise ModelInputError(f"{{layout}} hf needs a folder converted from an HF transformers model (its "
                               f"config.json and preprocessor_config.json go with the graph); {out_dir} is a "
-                              f"{loaded.source.library} folder: use --layout plain")
+                              f"{loaded.source.library} folder: use {{layout}} plain", parameters=("layout",))
     dtypes = ["float32"] + (["float16"] if fp16 else [])
     targets = [out_dir / ONNX_DIR / FILES[d] for d in dtypes]
     for t in targets:
         if t.exists() and not overwrite:
-            raise OutputExistsError(f"output {t} already exists; pass --overwrite to replace it")
+            raise OutputExistsError(f"output {t} already exists; pass {{overwrite}} to replace it",
+                                    parameters=("overwrite",))
     with staged_output(out_dir, ".onnx-hf-export-") as scratch:
         reports = []
         for d in dtypes:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +44,7 @@ import torch
 from surgery.core.errors import ModelInputError, OutputExistsError, UsageError
 
 from surgery.core.output_format import META_PREFIX
+from surgery.core.outputs import atomic_output_file
 from .onnx_spec import VIT_ONNX_SPEC, _say
 from .onnx_patches import _ExportWrapper, _mha_fastpath_disabled
 from .onnx_export import export_onnx
@@ -394,8 +394,8 @@ def _hf_layout(out_dir: Path, loaded: Any, mode: str, exporter: str, progress: b
     from .onnx_hf_layout import ONNX_DIR, _HFOutputs, export_hf_graph
 
     if loaded.source.library != "hf":
-        raise ModelInputError(f"--layout hf needs a folder converted from an HF transformers model; {out_dir} is a "
-                              f"{loaded.source.library} folder: use --layout plain")
+        raise ModelInputError(f"{{layout}} hf needs a folder converted from an HF transformers model; {out_dir} is "
+                              f"a {loaded.source.library} folder: use {{layout}} plain", parameters=("layout",))
     model = loaded.model.to("cpu", torch.float32).eval()
 
     def export(scratch: Path) -> Path:
@@ -417,14 +417,16 @@ def export_int8(out_dir: Path, *, loaded: Any, mode: str = "static", images: Opt
     `layout="hf"` — validated against the float32 baked model before it is moved into place."""
     out_dir = Path(out_dir)
     if mode not in INT8_MODES:
-        raise UsageError(f"--int8 takes {' or '.join(INT8_MODES)}, got {mode!r}")
+        raise UsageError(f"{{int8}} takes {' or '.join(INT8_MODES)}, got {mode!r}", parameters=("int8",))
     if mode == "static" and images is None:
-        raise UsageError("--int8 static needs calibration images: --images CALIB (or use --int8 dynamic)")
+        raise UsageError("{int8} static needs calibration images: {images} CALIB (or use {int8} dynamic)",
+                         parameters=("int8", "images"))
     if loaded.recipe is None:
         raise ModelInputError(f"{out_dir} carries no baked test-time registers (run `vit-surgery convert` first)")
     lay = (_hf_layout if layout == "hf" else _plain_layout)(out_dir, loaded, mode, exporter, progress)
     if lay.target.exists() and not overwrite:
-        raise OutputExistsError(f"output {lay.target} already exists; pass --overwrite to replace it")
+        raise OutputExistsError(f"output {lay.target} already exists; pass {{overwrite}} to replace it",
+                                parameters=("overwrite",))
     if images is not None:
         calib_files, held = split_images(Path(images))
         calibration = _batches(calib_files, loaded.transform) if mode == "static" else []
@@ -495,9 +497,8 @@ def write_card_section(out_dir: Path, report: Int8Report) -> None:
                f"{d['register_token_cosine']['min']:.4f}.\n")
     pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    tmp = card.with_name(f".{card.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, card)
+    with atomic_output_file(card, overwrite=True) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 __all__ = ["FILES", "INT8_MODES", "Int8Report", "PATCH_COSINE_MIN", "POOLED_COSINE_MIN", "PixelReader",

@@ -110,7 +110,8 @@ def export_format(out_dir: Path, loaded: Any, options: ExportOptions) -> OnnxRep
     """OUT/model.onnx (+ model.onnx.data for large models), validated; an existing one only with overwrite."""
     target = out_dir / ONNX_FILE
     if (target.exists() or (out_dir / DATA_FILE).exists()) and not options.overwrite:
-        raise OutputExistsError(f"output {target} already exists; pass --overwrite to replace it")
+        raise OutputExistsError(f"output {target} already exists; pass {{overwrite}} to replace it",
+                                parameters=("overwrite",))
     return export_and_validate(out_dir, fp16=options.fp16, progress=options.progress, exporter=options.exporter,
                                say_summary=False, loaded=loaded)
 

@@ -137,7 +137,8 @@ def export_vision_encoder(out_dir: Path, *, loaded: Any, progress: bool = True, 
                               f"{type(loaded.model).__name__} packs its image features outside such a graph")
     target = out_dir / ONNX_DIR / VISION_ENCODER
     if target.exists() and not overwrite:
-        raise OutputExistsError(f"output {target} already exists; pass --overwrite to replace it")
+        raise OutputExistsError(f"output {target} already exists; pass {{overwrite}} to replace it",
+                                parameters=("overwrite",))
     with staged_output(out_dir, ".onnx-vlm-export-") as scratch:
         path = _export(loaded, out_dir, scratch, exporter, progress)
         report = _validate(path, loaded, progress)

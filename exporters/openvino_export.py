@@ -106,7 +106,8 @@ def export_openvino(out_dir: Path, *, loaded: Any, progress: bool = True, export
     if (out_dir / OV_XML).exists() and not overwrite:
         from surgery.core.errors import OutputExistsError
 
-        raise OutputExistsError(f"output {out_dir / OV_XML} already exists; pass --overwrite to replace it")
+        raise OutputExistsError(f"output {out_dir / OV_XML} already exists; pass {{overwrite}} to replace it",
+                                parameters=("overwrite",))
     if loaded.recipe is None:
         raise ModelInputError(f"{out_dir} carries no baked test-time registers (run `vit-surgery convert` first)")
     with staged_output(out_dir, ".openvino-export-") as scratch:

@@ -101,7 +101,7 @@ def test_convert_in_memory_model_and_load_it_back(api_converted, calib_dir):
 
 def test_api_mirrors_cli_errors(api_converted, organism_dir, tmp_path):
     out = api_converted[0]
-    with pytest.raises(surgery.SurgeryError, match="--overwrite") as e:
+    with pytest.raises(surgery.SurgeryError, match="pass overwrite to replace it") as e:
         surgery.convert(str(organism_dir), out, neurons="unused.json")
     assert e.value.exit_code == 8
     with pytest.raises(surgery.SurgeryError, match="not both"):

@@ -57,9 +57,10 @@ def test_other_kinds_name_parameters_too(tmp_path):
     from surgery.core.errors import OutputExistsError
     from surgery.core.outputs import check_output_target
 
-    (tmp_path / "out").mkdir()
+    (tmp_path / "out{0}").mkdir()  # braces in a path are not placeholders
     with pytest.raises(OutputExistsError) as e:
-        check_output_target(tmp_path / "out", overwrite=False)
+        check_output_target(tmp_path / "out{0}", overwrite=False)
+    assert "out{0} already exists" in str(e.value)
     assert str(e.value).endswith("pass overwrite to replace it")
     assert e.value.cli_message().endswith("pass --overwrite to replace it") and e.value.exit_code == 8
     # a message without parameters is used as it is (braces included) and survives pickling

@@ -247,7 +247,7 @@ def test_clear_refusals(saved, tmp_path):
     cfg = json.loads((remote / "config.json").read_text())
     cfg["auto_map"] = {"AutoModel": "modeling_x.X"}
     (remote / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UnsafeCheckpointError, match="trust-remote-code"):
+    with pytest.raises(UnsafeCheckpointError, match="pass trust_remote_code if you trust it"):
         load_model(str(remote))
     # an HF model type we do not edit
     other = tmp_path / "vit"

@@ -27,9 +27,11 @@ class SurgeryError(Exception):
         super().__init__(self._render(lambda p: p), *args)
 
     def _render(self, show: Any) -> str:
-        if not self.parameters:
-            return self.template
-        return self.template.format(**{p: show(p) for p in self.parameters})
+        # plain replacement, not str.format: a path in the message may hold braces of its own
+        text = self.template
+        for p in self.parameters:
+            text = text.replace("{" + p + "}", show(p))
+        return text
 
     def cli_message(self) -> str:
         """The message as the CLI prints it (parameters named as flags, underscores as dashes)."""

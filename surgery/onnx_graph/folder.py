@@ -84,9 +84,9 @@ class OnnxFolder:
             return (named or bases)[0]
         if not bases:
             raise ModelInputError(f"{self.root}: no fp32 ONNX file (model.onnx) to find register neurons on; "
-                                  "pass --neurons FILE")
+                                  "pass {neurons} FILE", parameters=("neurons",))
         raise ModelInputError(f"{self.root}: several fp32 ONNX files ({', '.join(str(self.rel(b)) for b in bases)}); "
-                              "find on one of them and pass --neurons FILE")
+                              "find on one of them and pass {neurons} FILE", parameters=("neurons",))
 
 
 def open_folder(spec: str | Path) -> OnnxFolder:

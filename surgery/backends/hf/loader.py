@@ -371,7 +371,7 @@ def hf_loader(spec: str, opts: LoadOptions) -> Optional[LoadedModel]:
     if cfg.get("auto_map"):
         if not opts.trust_remote_code:
             raise UnsafeCheckpointError(f"{spec}: the model's code lives in the model folder (config.json auto_map); "
-                                        "pass --trust-remote-code if you trust it")
+                                        "pass {trust_remote_code} if you trust it", parameters=("trust_remote_code",))
         model = _load_remote(src, opts)
         class_name = type(model).__name__
     else:

@@ -151,7 +151,7 @@ def vlm_loader(spec: str, opts: LoadOptions) -> Optional[LoadedModel]:
     check_supported(cfg, spec)
     if cfg.get("auto_map") and SURGERY_CONFIG_KEY not in cfg and not opts.trust_remote_code:
         raise UnsafeCheckpointError(f"{spec}: the model's code lives in the model folder (config.json auto_map); "
-                                    "pass --trust-remote-code if you trust it")
+                                    "pass {trust_remote_code} if you trust it", parameters=("trust_remote_code",))
     image_processor, raw = image_processor_of(src)
     recipe = None
     if SURGERY_CONFIG_KEY in cfg:
