@@ -29,7 +29,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from surgery.core.errors import ModelInputError, OutputExistsError
+from surgery.core.errors import ModelInputError
 
 from .base import ExportOptions
 from .onnx_export import _export_proto, _fix_io_shapes, _save_proto
@@ -37,6 +37,7 @@ from .onnx_metadata import build_metadata
 from .onnx_patches import _mha_fastpath_disabled
 from .onnx_publish import publish_validated, record_parity_section, staged_output
 from surgery.core.output_format import FP16_TOLERANCE, FP32_TOLERANCE, META_PREFIX, ONNX_HF_DIR, ONNX_HF_FILES
+from surgery.core.outputs import check_replaceable
 
 from .onnx_spec import OnnxSpec, TensorSpec, _say
 from .onnx_validate import OnnxReport, _ort_session, validation_batches
@@ -179,9 +180,7 @@ def export_hf_layout(out_dir: Path, *, loaded: Any, fp16: bool = False, progress
     dtypes = ["float32"] + (["float16"] if fp16 else [])
     targets = [out_dir / ONNX_DIR / FILES[d] for d in dtypes]
     for t in targets:
-        if t.exists() and not overwrite:
-            raise OutputExistsError(f"output {t} already exists; pass {{overwrite}} to replace it",
-                                    parameters=("overwrite",))
+        check_replaceable(t, overwrite)
     with staged_output(out_dir, ".onnx-hf-export-") as scratch:
         reports = []
         for d in dtypes:

@@ -41,10 +41,10 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from surgery.core.errors import ModelInputError, OutputExistsError, UsageError
+from surgery.core.errors import ModelInputError, UsageError
 
 from surgery.core.output_format import META_PREFIX
-from surgery.core.outputs import atomic_output_file
+from surgery.core.outputs import atomic_output_file, check_replaceable
 from .onnx_spec import VIT_ONNX_SPEC, _say
 from .onnx_patches import _ExportWrapper, _mha_fastpath_disabled
 from .onnx_export import export_onnx
@@ -424,9 +424,7 @@ def export_int8(out_dir: Path, *, loaded: Any, mode: str = "static", images: Opt
     if loaded.recipe is None:
         raise ModelInputError(f"{out_dir} carries no baked test-time registers (run `vit-surgery convert` first)")
     lay = (_hf_layout if layout == "hf" else _plain_layout)(out_dir, loaded, mode, exporter, progress)
-    if lay.target.exists() and not overwrite:
-        raise OutputExistsError(f"output {lay.target} already exists; pass {{overwrite}} to replace it",
-                                parameters=("overwrite",))
+    check_replaceable(lay.target, overwrite)
     if images is not None:
         calib_files, held = split_images(Path(images))
         calibration = _batches(calib_files, loaded.transform) if mode == "static" else []

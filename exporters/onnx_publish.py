@@ -14,12 +14,12 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
-from surgery.core.errors import ModelInputError, OutputExistsError, ParityError
+from surgery.core.errors import ModelInputError, ParityError
 
 from .onnx_export import export_onnx
 from surgery.core.output_format import ONNX_DATA_FILE as DATA_FILE
 from surgery.core.output_format import ONNX_FILE, PARITY_FILE
-from surgery.core.outputs import atomic_output_file
+from surgery.core.outputs import atomic_output_file, check_replaceable
 
 from .onnx_spec import EXTERNAL_DATA_THRESHOLD, _say
 from .base import ExportOptions
@@ -109,9 +109,8 @@ def export_and_validate(out_dir: Path, fp16: bool = False, progress: bool = True
 def export_format(out_dir: Path, loaded: Any, options: ExportOptions) -> OnnxReport:
     """OUT/model.onnx (+ model.onnx.data for large models), validated; an existing one only with overwrite."""
     target = out_dir / ONNX_FILE
-    if (target.exists() or (out_dir / DATA_FILE).exists()) and not options.overwrite:
-        raise OutputExistsError(f"output {target} already exists; pass {{overwrite}} to replace it",
-                                parameters=("overwrite",))
+    check_replaceable(out_dir / DATA_FILE, options.overwrite)
+    check_replaceable(target, options.overwrite)
     return export_and_validate(out_dir, fp16=options.fp16, progress=options.progress, exporter=options.exporter,
                                say_summary=False, loaded=loaded)
 

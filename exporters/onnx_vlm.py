@@ -24,9 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from surgery.core.errors import ModelInputError, OutputExistsError
+from surgery.core.errors import ModelInputError
 
 from surgery.core.output_format import FP32_TOLERANCE
+from surgery.core.outputs import check_replaceable
 from .onnx_validate import OnnxReport, _ort_session, validation_batches
 from .onnx_spec import OnnxSpec, TensorSpec, _say
 from .onnx_export import _export_proto, _fix_io_shapes, _save_proto
@@ -136,9 +137,7 @@ def export_vision_encoder(out_dir: Path, *, loaded: Any, progress: bool = True, 
         raise ModelInputError(f"{out_dir}: vision_encoder.onnx is written for LLaVA; a "
                               f"{type(loaded.model).__name__} packs its image features outside such a graph")
     target = out_dir / ONNX_DIR / VISION_ENCODER
-    if target.exists() and not overwrite:
-        raise OutputExistsError(f"output {target} already exists; pass {{overwrite}} to replace it",
-                                parameters=("overwrite",))
+    check_replaceable(target, overwrite)
     with staged_output(out_dir, ".onnx-vlm-export-") as scratch:
         path = _export(loaded, out_dir, scratch, exporter, progress)
         report = _validate(path, loaded, progress)

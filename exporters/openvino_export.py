@@ -28,6 +28,7 @@ from .onnx_export import export_onnx
 from .onnx_metadata import read_onnx_metadata
 from .onnx_publish import publish_validated, record_parity_section, staged_output
 from surgery.core.output_format import META_PREFIX, OPENVINO_BIN, OPENVINO_TOLERANCE, OPENVINO_XML
+from surgery.core.outputs import check_replaceable
 
 from .onnx_spec import VIT_ONNX_SPEC, _say
 from .onnx_validate import OnnxReport, validation_batches
@@ -103,11 +104,8 @@ def export_openvino(out_dir: Path, *, loaded: Any, progress: bool = True, export
     """Write OUT/openvino_model.{xml,bin} for the baked model in OUT, validated before it is moved in."""
     require_openvino()
     out_dir = Path(out_dir)
-    if (out_dir / OV_XML).exists() and not overwrite:
-        from surgery.core.errors import OutputExistsError
-
-        raise OutputExistsError(f"output {out_dir / OV_XML} already exists; pass {{overwrite}} to replace it",
-                                parameters=("overwrite",))
+    for name in (OV_XML, OV_BIN):
+        check_replaceable(out_dir / name, overwrite)
     if loaded.recipe is None:
         raise ModelInputError(f"{out_dir} carries no baked test-time registers (run `vit-surgery convert` first)")
     with staged_output(out_dir, ".openvino-export-") as scratch:

@@ -570,6 +570,20 @@ def test_special_files_are_never_replaced(command, world, tmp_path, capsys, monk
     assert stat.S_ISFIFO(fifo.lstat().st_mode)
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+@pytest.mark.parametrize("fmt, name", [("onnx", "model.onnx"), ("onnx", "model.onnx.data"),
+                                       ("openvino", "openvino_model.xml"), ("openvino", "openvino_model.bin")])
+def test_export_overwrite_never_replaces_a_special_file_inside_out(fmt, name, world, tmp_path, capsys):
+    out = tmp_path / "exported"
+    shutil.copytree(world["out"], out)
+    fifo = out / name
+    os.mkfifo(fifo)
+    before = _tree(out)
+    code, _, err = run(["export", out, "--format", fmt, "--overwrite", "-q"], capsys)
+    assert code == 10 and "FIFO" in err and one_line(err), err
+    assert stat.S_ISFIFO(fifo.lstat().st_mode) and _tree(out) == before
+
+
 @pytest.mark.parametrize("command", ["find", "convert", "inspect", "demo"])
 def test_a_missing_output_folder_is_not_created(command, world, tmp_path, capsys, monkeypatch):
     w = world

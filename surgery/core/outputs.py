@@ -67,24 +67,31 @@ def check_output_target(out: str | Path, overwrite: bool, kind: Kind = "folder")
     except UnicodeEncodeError:
         raise OutputPathError(f"output {shown(path)}: the name is not valid UTF-8; choose a name the report "
                               "files can record") from None
-    if path.is_symlink() and not path.exists():
-        raise OutputPathError(f"output {path} is a dangling symbolic link (to {os.readlink(path)}); remove it "
-                              "or choose another output")
-    if path.exists():
-        if not path.is_dir() and not path.is_file():
-            raise OutputPathError(f"output {path} is {_kind_of(path)}; only a regular file or a folder is ever "
-                                  "replaced: choose another output")
-        if not overwrite:
-            raise OutputExistsError(f"output {path} already exists; pass {{overwrite}} to replace it",
-                                    parameters=("overwrite",))
-        if kind == "folder" and not path.is_dir():
-            raise OutputPathError(f"output {path} exists and is a file, not a folder; {{overwrite}} only replaces "
-                                  "folders", parameters=("overwrite",))
-        if kind == "file" and path.is_dir():
-            raise OutputPathError(f"output {path} is a folder; give a file path")
+    check_replaceable(path, overwrite, kind)
     _check_writable_parent(path)
     _check_name_length(path)
     return path
+
+
+def check_replaceable(path: Path, overwrite: bool, kind: Kind = "file") -> None:
+    """`path` may be written: absent, or (with `overwrite`) an existing `kind`; never a dangling link, a
+    FIFO, device or socket, even with `overwrite` (an exporter adding a file into OUT checks this too)."""
+    if path.is_symlink() and not path.exists():
+        raise OutputPathError(f"output {path} is a dangling symbolic link (to {os.readlink(path)}); remove it "
+                              "or choose another output")
+    if not path.exists():
+        return
+    if not path.is_dir() and not path.is_file():
+        raise OutputPathError(f"output {path} is {_kind_of(path)}; only a regular file or a folder is ever "
+                              "replaced: choose another output")
+    if not overwrite:
+        raise OutputExistsError(f"output {path} already exists; pass {{overwrite}} to replace it",
+                                parameters=("overwrite",))
+    if kind == "folder" and not path.is_dir():
+        raise OutputPathError(f"output {path} exists and is a file, not a folder; {{overwrite}} only replaces "
+                              "folders", parameters=("overwrite",))
+    if kind == "file" and path.is_dir():
+        raise OutputPathError(f"output {path} is a folder; give a file path")
 
 
 def _check_writable_parent(path: Path) -> None:
