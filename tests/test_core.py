@@ -227,3 +227,23 @@ def test_graph_capture_sees_the_fix(timm_organism, calib_dir):
         plain_patches = model.forward_features(x)[:, 1:]
     assert _rel(expected, ref) < 1e-5
     assert _rel(fixed_patches, plain_patches) > 0.1  # the fix changes the patch features
+
+
+@pytest.mark.parametrize("seed, dtype", [(0, torch.float16), (3, torch.bfloat16)])
+def test_half_precision_judge_passes_a_right_bake_and_catches_a_branch_off_by_5_percent(seed, dtype, calib_dir):
+    # HF CLIP organisms whose right half-precision bakes the earlier judge (2 x own error, median floor)
+    # refused on CPU: the register token carries 2-3 x the reference's own rounding error.
+    from surgery.organisms.families import build_hf_clip_organism
+
+    model, planting = build_hf_clip_organism(seed)
+    model.eval()
+    recipe = Recipe(planting.neurons)
+    x = pixels_from(calib_dir, adapter_for(model).data_transform(model), 16)
+    baked = bake_registers(copy.deepcopy(model), recipe, adapter=adapter_for(copy.deepcopy(model))).to(dtype)
+    report = check_parity(model, baked, recipe, [x[:8], x[8:]], adapter=adapter_for(model))
+    assert report.passed, report.summary()
+    branch = next(m for m in baked.modules() if isinstance(m, RegisterMlp))
+    with torch.no_grad():
+        branch.reg_fc2.weight.mul_(1.05)
+    report = check_parity(model, baked, recipe, [x[:8], x[8:]], adapter=adapter_for(model))
+    assert not report.passed and report.failures()[0].name.startswith("block"), report.summary()
