@@ -28,8 +28,10 @@ from surgery.onnx_graph.organisms import export_vision_encoder_source, export_vl
 from surgery.organism_vlm import build_llava_organism, build_llava_processor
 
 PLANTED = {2: [17, 101], 3: [42]}
-# (vision_feature_select_strategy, vision_feature_layer, torch exporter)
-CASES = {"default-2-dynamo": ("default", -2, "dynamo"), "full-layers-legacy": ("full", [-2, -5], "legacy")}
+# (vision_feature_select_strategy, vision_feature_layer, torch exporter, language model width); at width 64
+# (the tower's) the projector Linear -> GELU -> Linear is 64 -> 64 -> 64, shaped like a block's MLP
+CASES = {"default-2-dynamo": ("default", -2, "dynamo", 48), "full-layers-legacy": ("full", [-2, -5], "legacy", 48),
+         "default-2-square-projector": ("default", -2, "dynamo", 64)}
 
 
 def _sessions(*paths: Path) -> list[ort.InferenceSession]:
@@ -41,9 +43,9 @@ def _io(sess: ort.InferenceSession) -> tuple[list, list]:
             [(o.name, o.type, o.shape) for o in sess.get_outputs()])
 
 
-def _write_source(folder: Path, strategy: str, layer, exporter: str) -> tuple[torch.nn.Module, Path]:
+def _write_source(folder: Path, strategy: str, layer, exporter: str, width: int = 48) -> tuple[torch.nn.Module, Path]:
     """folder/vision_encoder.onnx + preprocessor_config.json (the processor's image processor, as hub repos ship it)."""
-    vlm, planting = build_llava_organism(0, strategy=strategy, feature_layer=layer)
+    vlm, planting = build_llava_organism(0, strategy=strategy, feature_layer=layer, text_hidden_size=width)
     assert planting.neurons == PLANTED
     path = export_vision_encoder_source(vlm, folder / "vision_encoder.onnx", exporter=exporter)
     build_llava_processor(strategy).image_processor.save_pretrained(folder)
@@ -78,8 +80,8 @@ def _independent_image_features(vlm, strategy: str, layer, pixels: torch.Tensor)
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_vision_encoder_find_convert_check(case, tmp_path, capsys):
-    strategy, layer, exporter = CASES[case]
-    vlm, src = _write_source(tmp_path / "src", strategy, layer, exporter)
+    strategy, layer, exporter, width = CASES[case]
+    vlm, src = _write_source(tmp_path / "src", strategy, layer, exporter, width)
     images = builtin_images()
     assert main(["find", str(src), "--images", str(images), "--out", str(tmp_path / "n.json"), "-q"]) == 0
     found = json.loads((tmp_path / "n.json").read_text())["register_neurons"]
@@ -104,7 +106,7 @@ def test_vision_encoder_find_convert_check(case, tmp_path, capsys):
     for x in rebatch(pixels_from(images, tf, 11), [1, 2, 8]):
         got = baked.run(["image_features"], {"pixel_values": x.numpy()})[0]
         want = _independent_image_features(vlm, strategy, layer, x)
-        assert got.shape == tuple(want.shape) == (len(x), source.get_outputs()[0].shape[1], 48)
+        assert got.shape == tuple(want.shape) == (len(x), source.get_outputs()[0].shape[1], width)
         assert float(per_vector_relative(torch.from_numpy(got), want).max()) < 1e-5
     capsys.readouterr()
     assert main(["check", str(out / "model.onnx"), "--source", str(src), "--images", str(images), "-q"]) == 0
@@ -175,3 +177,22 @@ def test_a_changed_language_side_file_fails_the_folder_check(vlm_repo, tmp_path,
     code = main(["check", str(out), "--source", str(repo), "--images", str(builtin_images()), "-q"])
     err = capsys.readouterr().err
     assert code == 7 and "onnx/decoder_model_merged.onnx: differs from the source" in err, err
+
+
+@pytest.mark.slow
+def test_real_size_llava_vision_encoder(tmp_path):
+    """LLaVA-1.5's tower size (CLIP ViT-L/14-336, feature layer -2, strategy default) + its projector, random
+    weights: the rewritten vision_encoder.onnx passes its check and keeps the 576 image features."""
+    from surgery.core.recipe import Recipe
+    from surgery.onnx_graph import convert_onnx
+    from surgery.organism_vlm import build_llava_real_size
+
+    vlm, _ = build_llava_real_size(0)
+    src = export_vision_encoder_source(vlm, tmp_path / "src" / "vision_encoder.onnx")
+    rng = np.random.default_rng(0)
+    batches = [torch.from_numpy(rng.standard_normal((b, 3, 336, 336)).astype(np.float32)) for b in (1, 2)]
+    recipe = Recipe(neurons={1: (10, 200), 3: (5, 77, 1000), 5: (3, 31, 2000, 3000, 4000)})
+    res = convert_onnx(src, tmp_path / "out", recipe, check_batches=batches)
+    assert res.report.passed, res.report.summary()
+    baked, source = _sessions(res.out, src)
+    assert _io(baked) == _io(source) and source.get_outputs()[0].shape[1] == 576
