@@ -14,10 +14,10 @@ with one thread; ratios are medians of per-round ratios. Outputs are checked bef
 
     .venv/bin/python benchmarks/bench_onnx_graph.py [--rounds 9] [--warmup 2] [--threads 1] [--write]
 
-With --variants (issue 25): the same ViT-B/16 file's precision variants made by onnxruntime's tools (float16
-with float32 I/O, dynamic INT8 per-tensor and per-channel, 4-bit MatMulNBits), each rewritten by
-`convert_onnx` with the same recipe; latency of each rewritten variant against its source variant (section
-"ONNX graph rewrite: precision variants").
+With --variants (issue 25): the same ViT-B/16 file and its precision variants made by onnxruntime's tools
+(fp32 itself, all-float16, float16 with float32 I/O, dynamic INT8 per-tensor and per-channel, 4-bit
+MatMulNBits), each rewritten by `convert_onnx` with the same recipe; latency of each rewritten variant against
+its source variant, all in one run (section "ONNX graph rewrite: precision variants").
 """
 from __future__ import annotations
 
@@ -61,6 +61,7 @@ def main() -> int:
     from surgery.core.parity import OutputError
 
     t_start = time.perf_counter()
+    load_start = bl.load_average()
     bl.set_threads(a.threads)
     original = bl.build_vitb(seed=0)
     fam = adapter_for(original)
@@ -147,7 +148,7 @@ def main() -> int:
         f"- Rewrite (`convert_onnx`, recognition + bake + save): {rewrite_s:.1f} s.\n"
         "- Rewritten vs own export before timing (worst per-vector relative error, pooled and tokens): "
         + "; ".join(f"batch {bs}: {w:.2g}" for bs, w in checks) + ".\n"
-        f"- Whole run: {total:.0f} s.\n" + bl.context_lines()
+        f"- Whole run: {total:.0f} s; load average at the start: {load_start}.\n" + bl.context_lines()
     )
     print(body)
     if a.write:
@@ -156,7 +157,7 @@ def main() -> int:
     return 0
 
 
-VARIANTS = ("fp16_io32", "int8_per_tensor", "int8_per_channel", "q4")
+VARIANTS = ("fp32", "fp16", "fp16_io32", "int8_per_tensor", "int8_per_channel", "q4")
 
 
 def variants_main(a: argparse.Namespace, pinned: bool) -> int:
@@ -170,8 +171,10 @@ def variants_main(a: argparse.Namespace, pinned: bool) -> int:
     from surgery.backends import adapter_for
     from surgery.onnx_graph.convert import convert_onnx
     from surgery.organisms.onnx_graphs import make_variant
+    from surgery.onnx_graph.runtime import as_input
 
     t_start = time.perf_counter()
+    load_start = bl.load_average()
     bl.set_threads(a.threads)
     original = bl.build_vitb(seed=0)
     fam = adapter_for(original)
@@ -190,7 +193,8 @@ def variants_main(a: argparse.Namespace, pinned: bool) -> int:
         src = work / "src" / "model.onnx"
         onnx.save_model(export_graph(original, fam, work / "src", progress=False).proto, str(src))
         for kind in VARIANTS:
-            variant = make_variant(src, work / "src" / f"model_{kind}.onnx", kind, num_heads=12, hidden_size=768)
+            variant = src if kind == "fp32" else make_variant(src, work / "src" / f"model_{kind}.onnx", kind,
+                                                               num_heads=12, hidden_size=768)
             t = time.perf_counter()
             res = convert_onnx(variant, work / f"out_{kind}", recipe, check_batches=batches)
             rewrite_s = time.perf_counter() - t
@@ -198,7 +202,7 @@ def variants_main(a: argparse.Namespace, pinned: bool) -> int:
                         for k, p in (("source", variant), ("rewritten", res.out))}
             for bs in a.batches:
                 xn = torch.randn(bs, 3, 224, 224, generator=gen).numpy()
-                arms = {k: (lambda s=s: s.run(None, {"pixel_values": xn})) for k, s in sessions.items()}
+                arms = {k: (lambda s=s: s.run(None, {"pixel_values": as_input(s, xn)})) for k, s in sessions.items()}
                 for _ in range(a.warmup):
                     for f in arms.values():
                         f()
@@ -224,16 +228,17 @@ def variants_main(a: argparse.Namespace, pinned: bool) -> int:
         lines.append(f"| {kind} | {bs} | {med['source'] * 1000:.0f} ms | {med['rewritten'] * 1000:.0f} ms "
                      f"| {ratio:.3f} | {err:.1e} (tol {tol:g}) | {rewrite_s:.1f} s |")
     body = (
-        "Each precision variant of the ViT-B/16 file of section \"ONNX graph rewrite\" (made from it by onnxruntime's "
-        "own tools: `convert_float_to_float16(keep_io_types=True)`, `quantize_dynamic` per-tensor uint8 and "
-        "per-channel int8, `MatMulNBitsQuantizer` block 32 symmetric), rewritten by `convert_onnx` with the same "
+        "The ViT-B/16 file of section \"ONNX graph rewrite\" (`fp32`) and each precision variant made from it by "
+        "onnxruntime's own tools (`convert_float_to_float16`: `fp16` all-float16, `fp16_io32` with "
+        "`keep_io_types=True`; `quantize_dynamic` per-tensor uint8 and per-channel int8; `MatMulNBitsQuantizer` "
+        "block 32 symmetric: `q4`), rewritten by `convert_onnx` with the same "
         f"{recipe.num_neurons} register neurons (R=1) and checked against the hooked reference on that variant "
         "(batches 1 and 2, random pixels), then timed against the variant itself in onnxruntime (CPU provider, "
         f"optimisation level ALL). Threads: {a.threads}; {a.warmup} warm-up calls per arm, {a.rounds} "
         f"interleaved rounds; process CPU time; {bl.malloc_note(pinned)}; times are medians, ratios medians of "
         "per-round ratios. The rewritten file carries one more token (the register) than its source.\n\n"
         + "\n".join(lines) + "\n\n"
-        f"- Whole run: {total:.0f} s.\n" + bl.context_lines()
+        f"- Whole run: {total:.0f} s; load average at the start: {load_start}.\n" + bl.context_lines()
     )
     print(body)
     if a.write:

@@ -143,10 +143,11 @@ def test_hf_onnx_repo_folder_find_convert_check(organism, tmp_path, capsys):
     parity = json.loads((out / "parity.json").read_text())["onnx_folder"]
     assert parity["passed"] and set(parity["against_fp32"]) == {"onnx/model_fp16.onnx", "onnx/model_quantized.onnx",
                                                                 "onnx/model_q4.onnx"}
-    for name in ("model.onnx", "model_fp16.onnx", "model_quantized.onnx", "model_q4.onnx"):
+    for name in sorted(p.name for p in (repo / "onnx").glob("*.onnx")):  # every file, by the source's names
         a = ort.InferenceSession(str(out / "onnx" / name), providers=["CPUExecutionProvider"])
         b = ort.InferenceSession(str(repo / "onnx" / name), providers=["CPUExecutionProvider"])
-        assert [o.name for o in a.get_outputs()] == [o.name for o in b.get_outputs()]
+        assert [(i.name, i.type) for i in a.get_inputs()] == [(i.name, i.type) for i in b.get_inputs()]
+        assert [(o.name, o.type) for o in a.get_outputs()] == [(o.name, o.type) for o in b.get_outputs()]
         meta = {p.key: p.value for p in onnx.load(str(out / "onnx" / name)).metadata_props}
         assert json.loads(meta["vit_surgery.recipe"]) == Recipe(neurons=recipe.neurons).to_dict()
     capsys.readouterr()

@@ -24,10 +24,11 @@ from .. import __version__
 from ..core.errors import ModelInputError
 from ..core.output_format import OnnxMetadata
 from ..core.recipe import Recipe, validate_recipe_for_model
-from .discover import TokenLayout
+from .discover import TokenLayout, static_input_size
 from .linear import dequantized_rows, input_quantizer, silence_rows
 from .recognise import MlpSite, VitGraph, const_array, node_label
 from .unit_activation import COMPUTE_DTYPE, unit_activation
+from .vision_encoder import drop_register_rows, is_vision_encoder, source_outputs
 
 INT64_MAX = np.iinfo(np.int64).max
 
@@ -345,6 +346,7 @@ def bake_graph(vit: VitGraph, recipe: Recipe, layout: TokenLayout, *, source: st
     """Rewrite `vit.model` in place. Returns a summary (what was changed)."""
     validate_recipe_for_model(recipe, vit.depth, vit.hidden_sizes, source="neurons")
     side = _side_tensors(vit, layout)
+    vlm = source_outputs(vit.model, static_input_size(vit), str(vit.path)) if is_vision_encoder(vit.model) else None
     graph = vit.model.graph
     w_dtype = np.dtype(layout.dtype)
     b = _Builder(graph, "vit_surgery")
@@ -359,6 +361,11 @@ def bake_graph(vit: VitGraph, recipe: Recipe, layout: TokenLayout, *, source: st
     shifted = _shift_token_constants(b, new_entry, layout, R, own, vit.embed_dim, head)
     shifted += _remake_side_tensors(b, side, layout, R) + pooled
     graph.sort()
+    if vlm is not None:  # a VLM's vision encoder: image_features keep the source's token count
+        b.commit_new()
+        shifted += drop_register_rows(b, vit.model, vlm, static_input_size(vit), p, R, str(vit.path))
+        b.commit_new()
+        graph.sort()
     regs = list(range(p, p + R))
     token_layout = {"num_prefix_tokens": p, "num_registers": R, "register_indices": regs, "first_patch_index": p + R,
                     "num_tokens": layout.num_tokens + R,

@@ -24,11 +24,12 @@ from ..core.parity import OutputError
 from ..core.recipe import Recipe
 from .bake import (_Builder, _insert_registers, _remake_side_tensors, _replace_uses, _shift_token_constants,
                    _side_tensors, pool_without_registers)
-from .discover import TokenLayout, measure_layout
+from .discover import TokenLayout, measure_layout, static_input_size
 from .precision import precision_of, tolerance_for
 from .recognise import load_ir, recognise
 from .runtime import ExposedSession, as_input, session_for_file
 from .unit_activation import unit_activation
+from .vision_encoder import drop_register_rows, is_vision_encoder, source_outputs
 
 
 
@@ -67,6 +68,7 @@ def hooked_reference_graph(source: str | Path, recipe: Recipe, layout: Optional[
     vit = recognise(source)
     layout = layout or measure_layout(vit)
     side = _side_tensors(vit, layout)
+    vlm = source_outputs(vit.model, static_input_size(vit), str(source)) if is_vision_encoder(vit.model) else None
     graph = vit.model.graph
     opset = vit.model.opset_imports.get("", 17)
     b = _Builder(graph, "vit_surgery_reference")
@@ -89,6 +91,11 @@ def hooked_reference_graph(source: str | Path, recipe: Recipe, layout: Optional[
     _shift_token_constants(b, entry, layout, R, own, vit.embed_dim, head)
     _remake_side_tensors(b, side, layout, R)
     graph.sort()
+    if vlm is not None:  # as the bake does: image_features keep the source's token count
+        b.commit_new()
+        drop_register_rows(b, vit.model, vlm, static_input_size(vit), p, R, f"hooked reference of {source}")
+        b.commit_new()
+        graph.sort()
     return vit.model
 
 

@@ -43,14 +43,20 @@ def preprocess_config(vit: VitGraph) -> tuple[dict[str, Any], str]:
 
     size = static_input_size(vit)
     base = dict(DEFAULT_PREPROCESS, input_size=size)
-    proc_file = vit.path.parent / "preprocessor_config.json"
-    if not proc_file.is_file() and vit.path.parent.name == "onnx":  # HF ONNX repo: onnx/ next to the configs
-        proc_file = vit.path.parent.parent / "preprocessor_config.json"
-    if proc_file.is_file():
+    folders = [vit.path.parent] + ([vit.path.parent.parent] if vit.path.parent.name == "onnx" else [])
+    # HF ONNX repos keep onnx/ next to the configs; transformers 5 writes a multimodal processor's image
+    # processor inside processor_config.json ("image_processor") instead of preprocessor_config.json
+    for proc_file, key in [(d / f, key) for f, key in (("preprocessor_config.json", None),
+                                                        ("processor_config.json", "image_processor"))
+                           for d in folders if (d / f).is_file()]:
         try:
             raw = json.loads(proc_file.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ModelInputError(f"{proc_file}: unreadable ({type(e).__name__})") from None
+        if key is not None:
+            raw = raw.get(key) if isinstance(raw, dict) else None
+            if not isinstance(raw, dict):
+                continue  # a processor without an image processor (text only): not about images
         try:
             cfg = preprocess_from_processor(raw, base)
         except (TypeError, ValueError) as e:  # e.g. a non-numeric image_mean

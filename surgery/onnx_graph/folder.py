@@ -2,6 +2,11 @@
 `onnx/model.onnx` + `model_fp16.onnx`, `model_quantized.onnx`, `model_int8.onnx`, `model_uint8.onnx`,
 `model_q4.onnx`, ... as transformers.js picks them by `dtype`) or a plain folder of `.onnx` files.
 
+A VLM's ONNX folder (transformers.js / onnx-community: `onnx/vision_encoder.onnx` + its variants, next to
+`embed_tokens.onnx`, `decoder_model_merged.onnx`, ...): the vision encoder's files are rewritten (their
+`image_features` keep the source's token count, `vision_encoder.py`), the language side's files
+(`LANGUAGE_SIDE_GROUPS`, any precision suffix) are copied byte for byte: the registers never reach them.
+
 Neurons are found once, on the fp32 file of a group (`model.onnx` for `model_*.onnx`); every file of the
 folder is then rewritten with the same recipe into the same relative path under OUT, with every other file
 (configs, tokenizer, README) copied, so a runtime loads OUT by the same names as the source. A file that
@@ -31,6 +36,10 @@ from .variants import Fp32Judgement, judge_against_fp32
 ONNX_SUBDIR = "onnx"
 # transformers.js / optimum file suffixes of a model's precision variants (longest first when matching)
 VARIANT_SUFFIXES = ("_q4f16", "_quantized", "_uint8", "_int8", "_fp16", "_bnb4", "_q4", "_q8")
+# a VLM folder's language-side graphs (transformers.js file groups): copied unchanged next to a vision encoder
+VISION_ENCODER_GROUP = "vision_encoder"
+LANGUAGE_SIDE_GROUPS = ("embed_tokens", "decoder_model_merged", "decoder_model", "decoder_with_past_model",
+                        "encoder_model")
 _TORCH_WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt")
 # protobuf cannot hold 2 GiB; above this (or when the source had external data) weights go to a data file
 EXTERNAL_DATA_THRESHOLD = 2**31 - 64 * 2**20
@@ -66,7 +75,8 @@ def group_of(path: Path) -> str:
 @dataclass
 class OnnxFolder:
     root: Path
-    files: list[Path]  # every .onnx file, sorted
+    files: list[Path]  # every .onnx file to rewrite, sorted
+    copied: list[Path] = field(default_factory=list)  # a VLM's language-side .onnx files, copied unchanged
 
     def rel(self, p: Path) -> Path:
         return p.relative_to(self.root)
@@ -94,7 +104,11 @@ def open_folder(spec: str | Path) -> OnnxFolder:
     d = onnx_files_dir(root)
     if d is None:
         raise ModelInputError(f"{root}: no .onnx files in it or in {root / ONNX_SUBDIR}")
-    return OnnxFolder(root, sorted(d.glob("*.onnx")))
+    files = sorted(d.glob("*.onnx"))
+    if any(group_of(f) == VISION_ENCODER_GROUP for f in files):  # a VLM: only its vision encoder sees images
+        copied = [f for f in files if group_of(f) in LANGUAGE_SIDE_GROUPS]
+        return OnnxFolder(root, [f for f in files if f not in copied], copied)
+    return OnnxFolder(root, files)
 
 
 def _data_files(model: ir.Model) -> set[str]:
@@ -135,13 +149,17 @@ def rewrite_file(source: Path, target: Path, recipe: Recipe) -> dict[str, Any]:
 class FolderCheck:
     reports: dict[str, OnnxCheckReport] = field(default_factory=dict)
     judgements: dict[str, Fp32Judgement] = field(default_factory=dict)
+    unchanged: dict[str, bool] = field(default_factory=dict)  # a VLM's language-side files: byte-identical?
 
     @property
     def passed(self) -> bool:
-        return all(r.passed for r in self.reports.values()) and all(j.passed for j in self.judgements.values())
+        return (all(r.passed for r in self.reports.values()) and all(j.passed for j in self.judgements.values())
+                and all(self.unchanged.values()))
 
     def failures(self) -> list[str]:
         out = [f"{k}: {r.summary()}" for k, r in self.reports.items() if not r.passed]
+        out += [f"{k}: differs from the source (a language-side file must be copied unchanged)"
+                for k, same in self.unchanged.items() if not same]
         return out + [f"{k}: {j.summary()}" for k, j in self.judgements.items() if not j.passed]
 
     def summary(self) -> str:
@@ -150,12 +168,14 @@ class FolderCheck:
         worst = {k: f"{r.worst.relative:.1e} <= {r.tolerance:g}" for k, r in self.reports.items() if r.worst}
         return (f"ONNX folder check passed ({len(self.reports)} file(s), each against its own hooked reference: "
                 + ", ".join(f"{k} {v}" for k, v in worst.items())
-                + (f"; {len(self.judgements)} variant(s) also against the fp32 hooked reference)" if self.judgements
-                   else ")"))
+                + (f"; {len(self.judgements)} variant(s) also against the fp32 hooked reference" if self.judgements
+                   else "")
+                + (f"; {len(self.unchanged)} language-side file(s) unchanged" if self.unchanged else "") + ")")
 
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "files": {k: r.to_dict() for k, r in self.reports.items()},
-                "against_fp32": {k: j.to_dict() for k, j in self.judgements.items()}, "summary": self.summary()}
+                "against_fp32": {k: j.to_dict() for k, j in self.judgements.items()},
+                "copied_unchanged": self.unchanged, "summary": self.summary()}
 
 
 def check_folder(out: OnnxFolder, source: OnnxFolder, batches: list[torch.Tensor], *,
@@ -177,7 +197,23 @@ def check_folder(out: OnnxFolder, source: OnnxFolder, batches: list[torch.Tensor
     missing = sorted(set(src_by_rel) - {str(out.rel(p)) for p in out.files})
     if missing:
         raise ModelInputError(f"{out.root}: the source's {', '.join(missing)} not rewritten")
+    for p in source.copied:
+        key = str(source.rel(p))
+        target = out.root / key
+        res.unchanged[key] = target.is_file() and _same_bytes(p, target)
     return res
+
+
+def _same_bytes(a: Path, b: Path, chunk: int = 1 << 24) -> bool:
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(chunk), fb.read(chunk)
+            if x != y:
+                return False
+            if not x:
+                return True
 
 
 def convert_folder(source: OnnxFolder, tmp: Path, recipe: Recipe, *,
@@ -200,6 +236,8 @@ def convert_folder(source: OnnxFolder, tmp: Path, recipe: Recipe, *,
     if refused:
         raise ModelInputError(f"{source.root}: {len(refused)} of {len(source.files)} ONNX file(s) cannot be "
                               f"rewritten, nothing written: " + " | ".join(refused))
+    for p in source.copied:
+        say(f"copied {source.rel(p)} unchanged (the VLM's language side)")
     onnx_dir = source.files[0].parent
     skip = {p.resolve() for p in source.files} | {(onnx_dir / d).resolve() for d in data_names}
     for f in sorted(source.root.rglob("*")):

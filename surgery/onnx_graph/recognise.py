@@ -346,10 +346,11 @@ def _check_external_data(path: Path, model: ir.Model) -> None:
                                   f"declares ({target.stat().st_size} < {need} bytes)")
 
 
-def _mlp_site(node: ir.Node, index: int) -> tuple[Optional[MlpSite], Optional[str]]:
+def _mlp_site(node: ir.Node, index: int, after: Optional[ir.Value] = None) -> tuple[Optional[MlpSite], Optional[str]]:
     """`node` as the end of an MLP's down projection (a Linear <- GELU <- Linear with constant weights,
     joining a residual stream): (the site numbered `index`, None); (None, None) when it is no MLP's down
-    projection; a refusal text when it is one vit-surgery cannot rewrite."""
+    projection, or one that joins no residual stream downstream of `after` (the blocks' output so far: a
+    VLM's multimodal projector); a refusal text when it is one vit-surgery cannot rewrite."""
     fc2 = linear_at(node.outputs[0]) if node.op_type in ("MatMul", "MatMulNBits", "Mul") else None
     if fc2 is None:
         return None, None
@@ -381,6 +382,8 @@ def _mlp_site(node: ir.Node, index: int) -> tuple[Optional[MlpSite], Optional[st
             if o is not hidden and any(u.node not in acts for u in o.uses()):
                 refusal = refusal or f"activation value at {node_label(a)} is used outside the MLP"
     joins = _follow_to_residual(fc2.y, D)
+    if joins is None and after is not None and not refusal and id(after) in _ancestors(fc1.x):
+        return None, None  # after the blocks, feeding no stream: a projector (head), left as it is
     if joins is None:
         return None, refusal or (f"MLP output of {fc2.label} does not join a residual stream "
                                  "(Add or SkipLayerNormalization)")
@@ -400,7 +403,7 @@ def recognise(path: str | Path, model: Optional[ir.Model] = None) -> VitGraph:
     sites: list[MlpSite] = []
     first_refusal: Optional[str] = None
     for node in graph:  # topological order
-        site, refusal = _mlp_site(node, len(sites))
+        site, refusal = _mlp_site(node, len(sites), block_output(sites[-1]) if sites else None)
         first_refusal = first_refusal or refusal
         if site is not None:
             sites.append(site)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +107,68 @@ def make_variant(src: Path, out: Path, kind: str, *, num_heads: int = 4, hidden_
     else:
         raise ValueError(f"unknown variant {kind!r}; choose from {VARIANT_KINDS}")
     return out
+
+
+def export_vision_encoder_source(vlm: nn.Module, out: Path, *, exporter: str = "dynamo", opset: int = 18) -> Path:
+    """An *unbaked* LLaVA's `vision_encoder.onnx` as onnx-community / transformers.js ship it: input
+    `pixel_values`, one output `image_features` (the tower's `vision_feature_layer` hidden state(s), the
+    select strategy applied, through the multimodal projector), dynamic batch. Reuses the wrapper of
+    vit-surgery's own vision-encoder export (exporters/onnx_vlm.py) on the unbaked model."""
+    import onnx
+    import torch
+
+    from exporters.onnx_export import _export_proto, _fix_io_shapes
+    from exporters.onnx_spec import OnnxSpec
+    from exporters.onnx_vlm import _IMAGE, _PIXELS, VisionEncoder
+
+    class ImageFeatures(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = VisionEncoder(vlm, torch.float32)
+
+        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            return self.encoder(pixel_values)[0]
+
+    spec = OnnxSpec(inputs=(_PIXELS,), outputs=(_IMAGE,), opset=opset)
+    wrapper = ImageFeatures().eval()
+    size = vlm.config.vision_config.image_size
+    example = torch.randn(spec.export_batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        features = wrapper(example)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        proto = _export_proto(wrapper, example, spec, exporter, Path(scratch), progress=False)
+    _fix_io_shapes(proto, spec, {_PIXELS.name: tuple(example.shape), _IMAGE.name: tuple(features.shape)})
+    onnx.save(proto, str(out))
+    return out
+
+
+def export_vlm_language_side(vlm: nn.Module, onnx_dir: Path) -> list[Path]:
+    """The language side of an ONNX VLM folder next to its vision encoder, as transformers.js names it:
+    `embed_tokens.onnx` (input_ids -> inputs_embeds) and `decoder_model_merged.onnx` (inputs_embeds,
+    attention_mask -> logits; without the past key/values a real export adds). Legacy torch exporter."""
+    import torch
+
+    class Decoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm, self.head = vlm.model.language_model, vlm.lm_head
+
+        def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            h = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            return self.head(h)
+
+    onnx_dir.mkdir(parents=True, exist_ok=True)
+    seq = {0: "batch", 1: "sequence"}
+    embed, decoder = onnx_dir / "embed_tokens.onnx", onnx_dir / "decoder_model_merged.onnx"
+    width = vlm.config.text_config.hidden_size
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings
+        torch.onnx.export(vlm.model.language_model.get_input_embeddings(), (torch.zeros(2, 5, dtype=torch.long),),
+                          str(embed), dynamo=False, input_names=["input_ids"], output_names=["inputs_embeds"],
+                          dynamic_axes={"input_ids": seq, "inputs_embeds": seq})
+        torch.onnx.export(Decoder().eval(), (torch.randn(2, 5, width), torch.ones(2, 5, dtype=torch.long)),
+                          str(decoder), dynamo=False, input_names=["inputs_embeds", "attention_mask"],
+                          output_names=["logits"], dynamic_axes={"inputs_embeds": seq, "attention_mask": seq,
+                                                                 "logits": seq})
+    return [embed, decoder]

@@ -47,17 +47,20 @@ def _text_config(num_layers: int = 2) -> dict[str, Any]:
 
 
 def build_llava_organism(seed: int = 0, *, strategy: str = "default", feature_layer: int | list[int] = -2,
-                         tower: str = "clip", plant: dict[int, list[tuple[int, int]]] | None = None
-                         ) -> tuple[nn.Module, Planting]:
+                         tower: str = "clip", plant: dict[int, list[tuple[int, int]]] | None = None,
+                         text_hidden_size: int = 48) -> tuple[nn.Module, Planting]:
     """A `LlavaForConditionalGeneration` whose tower is the planted HF CLIP organism (`tower="clip"`) or the
-    planted HF SigLIP organism (`"siglip"`: no CLS, use strategy `full`, as SigLIP LLaVAs do)."""
+    planted HF SigLIP organism (`"siglip"`: no CLS, use strategy `full`, as SigLIP LLaVAs do).
+    `text_hidden_size` 64 (the tower's width) makes the projector `Linear -> GELU -> Linear` 64 -> 64 -> 64,
+    shaped like a block's MLP."""
     from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     from .eva import build_hf_siglip_organism
 
     build = {"clip": build_hf_clip_organism, "siglip": build_hf_siglip_organism}[tower]
     tower_model, planting = build(seed, plant=plant)
-    cfg = LlavaConfig(vision_config=tower_model.config.to_dict(), text_config=LlamaConfig(**_text_config()).to_dict(),
+    text = LlamaConfig(**dict(_text_config(), hidden_size=text_hidden_size, intermediate_size=2 * text_hidden_size))
+    cfg = LlavaConfig(vision_config=tower_model.config.to_dict(), text_config=text.to_dict(),
                       image_token_id=WORDS.index(IMAGE_TOKEN), vision_feature_select_strategy=strategy,
                       vision_feature_layer=feature_layer, projector_hidden_act="gelu", tie_word_embeddings=False)
     torch.manual_seed(seed + 1)
