@@ -27,7 +27,9 @@ from surgery.onnx_graph import convert_onnx, recognise
 from surgery.onnx_graph.check import rebatch
 from surgery.onnx_graph.discover import measure_layout
 from surgery.onnx_graph.linear import dequantized_rows
-from surgery.onnx_graph.organisms import build_organism, export_source_onnx, make_variant
+from surgery.onnx_graph import find_register_neurons_onnx
+from surgery.onnx_graph.organisms import build_organism, export_optimum_style, export_source_onnx, make_variant
+from surgery.onnx_graph.runtime import as_input
 from surgery.onnx_graph.precision import precision_of
 from surgery.onnx_graph.values import const_array
 from surgery.onnx_graph.variants import judge_against_fp32
@@ -212,3 +214,73 @@ def test_vit_b_variant(tmp_path_factory, kind):
     if kind != "fp32":
         judged = judge_against_fp32(res.out, variant, src, batches, recipe)
         assert judged.passed, judged.summary()
+
+
+# ---- issue 25: gated (SwiGLU) MLP and HF SigLIP graph shapes, every precision variant ---------------------
+
+# shape: (organism, exporter, embedding width). hf_siglip_optimum: HF SigLIP as optimum's exporter writes it
+# (pixel_values -> last_hidden_state, pooler_output; dynamic height / width; config.json next to it)
+SHAPES = {"hf_dinov2_swiglu": ("hf_dinov2_swiglu", "dynamo", 64), "timm_swiglu": ("timm_swiglu", "legacy", 64),
+          "hf_siglip_optimum": ("hf_siglip", "optimum", 96)}
+_SHAPE_SOURCES: dict[str, tuple] = {}
+
+
+@pytest.fixture(scope="module")
+def shape_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("shapes")
+
+
+def shape_source(root: Path, shape: str) -> tuple:
+    """(fp32 source, planting, organism transform, batches, width); variants go next to the source, in the
+    folder that holds its config.json (as in an HF ONNX repo)."""
+    if shape not in _SHAPE_SOURCES:
+        org, exporter, width = SHAPES[shape]
+        model, planting = build_organism(org)
+        folder = root / shape
+        if exporter == "optimum":
+            src = export_optimum_style(model, folder)
+        else:
+            src = export_source_onnx(model, folder / "model.onnx", exporter=exporter,
+                                     opset=17 if exporter == "legacy" else 18)
+            if hasattr(model, "config"):
+                model.config.save_pretrained(folder)
+        tf = adapter_for(model).data_transform(model)
+        _SHAPE_SOURCES[shape] = (src, planting, tf, rebatch(pixels_from(builtin_images(), tf, 12), [1, 3, 8]), width)
+    return _SHAPE_SOURCES[shape]
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_find_on_the_fp32_graph_recovers_the_planted_units(shape_root, shape):
+    src, planting, tf, _, _ = shape_source(shape_root, shape)
+    # the optimum layout brings its preprocessor_config.json: find reads it (no transform passed)
+    found = find_register_neurons_onnx(src, builtin_images(), transform=None if "optimum" in shape else tf,
+                                       progress=False)
+    assert dict(found.recipe.neurons) == {k: tuple(v) for k, v in planting.neurons.items()}
+    assert found.provenance["onnx"]["gated"] == ("swiglu" in shape)
+
+
+@pytest.mark.parametrize("kind", ["fp32"] + sorted(VARIANTS))
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_shape_variant_converts_and_checks(shape_root, tmp_path, shape, kind):
+    src, planting, _, batches, width = shape_source(shape_root, shape)
+    recipe = Recipe(neurons=planting.neurons)
+    variant = src if kind == "fp32" else make_variant(src, src.parent / f"model_{kind}.onnx", kind,
+                                                      hidden_size=width)
+    vit = recognise(variant)
+    assert precision_of(vit, measure_layout(vit)) == VARIANTS.get(kind, "fp32")
+    assert all(m.gated for m in vit.mlps) == ("swiglu" in shape)
+    res = convert_onnx(variant, tmp_path / "out", recipe, check_batches=batches)
+    assert res.report.passed, res.report.summary()
+    if kind != "fp32":
+        judged = judge_against_fp32(res.out, variant, src, batches, recipe)
+        assert judged.passed, judged.summary()
+    # same input / output names and types; token outputs carry the R registers, every other shape is the source's
+    sess, src_sess = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (res.out, variant))
+    assert [(i.name, i.type) for i in sess.get_inputs()] == [(i.name, i.type) for i in src_sess.get_inputs()]
+    assert [(o.name, o.type) for o in sess.get_outputs()] == [(o.name, o.type) for o in src_sess.get_outputs()]
+    x = batches[1].numpy()
+    got = sess.run(None, {sess.get_inputs()[0].name: as_input(sess, x)})
+    want = src_sess.run(None, {src_sess.get_inputs()[0].name: as_input(src_sess, x)})
+    R = recipe.num_registers
+    assert [g.shape for g in got] == [(w.shape[0], w.shape[1] + R, w.shape[2]) if w.ndim == 3 else w.shape
+                                      for w in want]
