@@ -192,24 +192,51 @@ def test_matmulnbits_with_float_zero_points_is_refused_naming_the_node(organism,
     assert code == 4 and len(err) == 1 and site_fc2 in err[0] and "MatMulNBits" in err[0], err
 
 
+def _vit_b_source(root: Path, shape: str) -> tuple[Path, Recipe]:
+    """A ViT-B-size source (random weights) of `shape` and a recipe of ~10 units in blocks <= 5: timm CLIP
+    ViT-B/16; HF DINOv2 with the SwiGLU FFN (width 768, 12 blocks, 2048 gated units, 224 px / 14); HF SigLIP
+    base (224 px / 16) as optimum writes it."""
+    folder = root / shape
+    src = folder / "model.onnx"
+    recipe = Recipe(neurons={1: (10, 200), 3: (5, 77, 1000), 5: (3, 31, 2000, 2047 if "swiglu" in shape else 3071)})
+    if src.is_file():
+        return src, recipe
+    import torch
+
+    torch.manual_seed(0)
+    if shape == "vit_b":
+        import timm
+
+        export_source_onnx(timm.create_model("vit_base_patch16_clip_224", pretrained=False).eval(), src)
+    elif shape == "dinov2_swiglu_b":
+        from transformers import Dinov2Config, Dinov2Model
+
+        model = Dinov2Model(Dinov2Config(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                         image_size=224, patch_size=14, use_swiglu_ffn=True)).eval()
+        export_source_onnx(model, src)
+        model.config.save_pretrained(folder)
+    else:
+        from transformers import SiglipVisionConfig, SiglipVisionModel
+
+        export_optimum_style(SiglipVisionModel(SiglipVisionConfig(image_size=224, patch_size=16)).eval(), folder)
+    return src, recipe
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["fp32", "fp16_io32", "int8_per_tensor", "int8_per_channel", "q4"])
-def test_vit_b_variant(tmp_path_factory, kind):
-    """One ViT-B/16 row per precision (random weights, ~10 register units in blocks <= 5)."""
-    import timm
-
+@pytest.mark.parametrize("shape", ["vit_b", "dinov2_swiglu_b", "siglip_b"])
+def test_vit_b_variant(tmp_path_factory, shape, kind):
+    """One ViT-B row per precision and graph shape (random weights)."""
     root = tmp_path_factory.getbasetemp() / "vitb_variants"
-    src = root / "model.onnx"
-    if not src.is_file():
-        model = timm.create_model("vit_base_patch16_clip_224", pretrained=False).eval()
-        export_source_onnx(model, src)
+    src, recipe = _vit_b_source(root, shape)
     rng = np.random.default_rng(0)
     import torch
 
     batches = [torch.from_numpy(rng.standard_normal((b, 3, 224, 224)).astype(np.float32)) for b in (1, 3)]
-    recipe = Recipe(neurons={1: (10, 200), 3: (5, 77, 1000), 5: (3, 31, 2000, 3000, 3071)})
-    variant = src if kind == "fp32" else make_variant(src, root / f"model_{kind}.onnx", kind)
-    res = convert_onnx(variant, root / f"out_{kind}", recipe, check_batches=batches, overwrite=True)
+    width = 768
+    variant = src if kind == "fp32" else make_variant(src, src.parent / f"model_{kind}.onnx", kind, num_heads=12,
+                                                      hidden_size=width)
+    res = convert_onnx(variant, root / f"out_{shape}_{kind}", recipe, check_batches=batches, overwrite=True)
     assert res.report.passed, res.report.summary()
     if kind != "fp32":
         judged = judge_against_fp32(res.out, variant, src, batches, recipe)
@@ -259,7 +286,12 @@ def test_find_on_the_fp32_graph_recovers_the_planted_units(shape_root, shape):
     assert found.provenance["onnx"]["gated"] == ("swiglu" in shape)
 
 
-@pytest.mark.parametrize("kind", ["fp32"] + sorted(VARIANTS))
+# one file per precision in the default tier; the optimizer's fp16 and asymmetric 4-bit in the slow one
+SHAPE_KINDS = ["fp32", "fp16", "fp16_io32", "int8_per_tensor", "int8_per_channel", "q4"]
+SLOW_SHAPE_KINDS = sorted(set(VARIANTS) - set(SHAPE_KINDS))
+
+
+@pytest.mark.parametrize("kind", SHAPE_KINDS + [pytest.param(k, marks=pytest.mark.slow) for k in SLOW_SHAPE_KINDS])
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_shape_variant_converts_and_checks(shape_root, tmp_path, shape, kind):
     src, planting, _, batches, width = shape_source(shape_root, shape)
