@@ -316,3 +316,23 @@ def test_shape_variant_converts_and_checks(shape_root, tmp_path, shape, kind):
     R = recipe.num_registers
     assert [g.shape for g in got] == [(w.shape[0], w.shape[1] + R, w.shape[2]) if w.ndim == 3 else w.shape
                                       for w in want]
+
+
+def test_hf_siglip_onnx_repo_folder(shape_root, tmp_path, capsys):
+    """An HF ONNX repo of an HF SigLIP (config.json above onnx/): the head reads the register in every variant,
+    as the baked HF model does, and each variant passes against the fp32 hooked reference."""
+    src, planting, _, _, _ = shape_source(shape_root, "hf_siglip_optimum")
+    repo = tmp_path / "repo"
+    (repo / "onnx").mkdir(parents=True)
+    for f in ("config.json", "preprocessor_config.json"):
+        shutil.copy(src.parent / f, repo / f)
+    shutil.copy(src, repo / "onnx" / "model.onnx")
+    make_variant(src, repo / "onnx" / "model_quantized.onnx", "int8_per_tensor")
+    out = tmp_path / "out"
+    assert main(["convert", str(repo), "--images", str(builtin_images()), "--out", str(out), "-q"]) == 0
+    doc = json.loads((out / "neurons.json").read_text())
+    assert doc["register_neurons"] == {str(k): list(v) for k, v in planting.neurons.items()}
+    assert json.loads((out / "parity.json").read_text())["onnx_folder"]["passed"]
+    for name in ("model.onnx", "model_quantized.onnx"):
+        meta = {p.key: p.value for p in onnx.load(str(out / "onnx" / name)).metadata_props}
+        assert "reads the register" in meta["vit_surgery.graph_rewrite"], name
