@@ -24,7 +24,7 @@ from surgery.core.discovery import find_register_neurons
 from surgery.backends import adapter_for
 from surgery.onnx_graph import check_onnx, convert_onnx, find_register_neurons_onnx, recognise
 from surgery.onnx_graph.check import rebatch
-from surgery.organisms.onnx_graphs import build_organism, export_source_onnx
+from surgery.organisms.onnx_graphs import OPTIMUM_OUTPUTS, build_organism, export_optimum_style, export_source_onnx
 from surgery.core.images import builtin_images
 from surgery.core.parity import OutputError
 from surgery.core.recipe import Recipe
@@ -41,13 +41,17 @@ FAST_CASES = [
     ("open_clip", "legacy", 17, "clip"),
     ("hf_clip", "dynamo", 17, "clip"),
     ("hf_dinov2", "legacy", 18, "vit"),
+    ("hf_dinov2_swiglu", "dynamo", 18, None),  # gated MLP, separate gate / up projections (issue 25)
+    ("timm_swiglu", "legacy", 17, None),  # gated MLP, one packed projection chunked by Slices (issue 25)
+    ("hf_siglip", "dynamo", 18, None),  # HF SigLIP: no CLS, attention-pool head reading every token (issue 25)
+    ("hf_siglip", "optimum", 14, None),  # as optimum's exporter writes it: dynamic height / width (issue 25)
 ]
 SLOW_CASES = [(org, exp, opset, opt)
               for org in ("timm_clip", "timm_vit", "timm_reg4", "timm_siglip", "open_clip", "open_clip_quickgelu",
-                          "hf_clip", "hf_dinov2")
+                          "hf_clip", "hf_dinov2", "hf_dinov2_swiglu", "timm_swiglu", "hf_siglip")
               for exp in ("dynamo", "legacy") for opset in (17, 18) for opt in (None, "vit" if "clip" not in org
                                                                                else "clip")
-              if (org, exp, opset, opt) not in FAST_CASES and not (org == "timm_siglip" and opt)]
+              if (org, exp, opset, opt) not in FAST_CASES and not (org.endswith("siglip") and opt)]
 
 _SOURCES: dict[tuple, tuple] = {}
 
@@ -57,8 +61,13 @@ def source_case(tmp_root: Path, case: tuple) -> tuple[Path, torch.nn.Module, obj
     if case not in _SOURCES:
         org, exporter, opset, opt = case
         model, planting = build_organism(org)
-        path = export_source_onnx(model, tmp_root / "_".join(map(str, case)) / "model.onnx", exporter=exporter,
-                                  opset=opset, optimize=opt)
+        folder = tmp_root / "_".join(map(str, case))
+        if exporter == "optimum":  # HF's own ONNX layout: last_hidden_state / pooler_output, config.json
+            path = export_optimum_style(model, folder, opset=opset)
+        else:
+            path = export_source_onnx(model, folder / "model.onnx", exporter=exporter, opset=opset, optimize=opt)
+            if hasattr(model, "config"):  # an HF model's ONNX comes with its config.json
+                model.config.save_pretrained(folder)
         _SOURCES[case] = (path, model, planting)
     return _SOURCES[case]
 
@@ -117,10 +126,11 @@ def round_trip(tmp_root: Path, case: tuple, recipe_options: dict | None = None) 
     # against the PyTorch hooked reference and vit-surgery's own baked export, at several batch sizes
     with tempfile.TemporaryDirectory() as scratch:
         own = own_baked_export(model, recipe, Path(scratch))
+    names = ["pooled", "tokens"] if case[1] != "optimum" else list(OPTIMUM_OUTPUTS[::-1])
     errs = {(n, against): OutputError(n) for n in ("pooled", "tokens") for against in ("hooked", "own_export")}
     offset = 0
     for x in batches:
-        got = sess.run(["pooled", "tokens"], {"pixel_values": x.numpy()})
+        got = sess.run(names, {"pixel_values": x.numpy()})
         ref = torch_outputs(model, fam, x, recipe)
         own_out = own.run(["pooled", "tokens"], {"pixel_values": x.numpy()})
         for i, n in enumerate(("pooled", "tokens")):
@@ -137,7 +147,7 @@ def round_trip(tmp_root: Path, case: tuple, recipe_options: dict | None = None) 
         onnx_err, torch_err = OutputError("tokens"), OutputError("tokens")
         for x in batches:
             want64 = torch_outputs(exact, fam, x.double(), recipe)[1]
-            onnx_err.update(torch.from_numpy(sess.run(["tokens"], {"pixel_values": x.numpy()})[0]), want64)
+            onnx_err.update(torch.from_numpy(sess.run(names[1:], {"pixel_values": x.numpy()})[0]), want64)
             torch_err.update(torch_outputs(model, fam, x, recipe)[1], want64)
         assert worst[("pooled", "hooked")] <= TOL, worst
         assert onnx_err.relative <= TOL + torch_err.relative, (worst, onnx_err.relative, torch_err.relative)
@@ -248,13 +258,15 @@ def _one_line_exit(args, capsys) -> tuple[int, str]:
 
 
 def test_unrecognised_graphs_are_refused_naming_the_node(tmp_path, capsys):
-    # a SwiGLU MLP (gated): not a GELU MLP
+    # a gated MLP whose gate is tanh (neither SiLU nor GELU): refused at the gated product
     from surgery.organisms.vit import build_timm_organism
 
-    swiglu, _ = build_timm_organism(0, "swiglu")
-    path = export_source_onnx(swiglu, tmp_path / "swiglu" / "model.onnx")
+    glu, _ = build_timm_organism(0, "swiglu")
+    for blk in glu.blocks:
+        blk.mlp.act = torch.nn.Tanh()
+    path = export_source_onnx(glu, tmp_path / "tanh_glu" / "model.onnx")
     code, msg = _one_line_exit(["find", path, "--images", builtin_images(), "--out", tmp_path / "n.json"], capsys)
-    assert code == 4 and "'" in msg and "(" in msg  # names a node and its op
+    assert code == 4 and "gate activation [Tanh]" in msg and "(Mul)" in msg, msg  # names the node and its op
     assert not (tmp_path / "n.json").exists()
     # not a ViT at all
     conv = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(4))

@@ -8,7 +8,8 @@ The rewrite mirrors `surgery.core.modules` node for node:
   edited as `register_rows` does (ArgMax/GatherElements: signed max, shared or per neuron, times scale;
   prefix rows unchanged) and projected by those units' fc2 rows, dequantized exactly (`linear.py`), on the
   prefix + register rows only, added to fc2's output before the bias; in the ordinary fc2 those rows
-  contribute exactly zero (a new initializer: zeros, or the zero point of a quantized weight).
+  contribute exactly zero (a new initializer: zeros, or the zero point of a quantized weight). A gated MLP
+  whose fc2 input is dynamically quantized is edited in place instead (`_edit_in_place`: why there).
 Constants that fix the token count (exporters write it into Reshape shapes, e.g. [-1, N, heads, dh])
 and token slices starting at the prefix count (patch pooling) are moved by R, as the baked PyTorch
 model's raised `num_prefix_tokens` does. The batch axis stays dynamic; every output is kept.
@@ -27,6 +28,7 @@ from ..core.recipe import Recipe, validate_recipe_for_model
 from .discover import TokenLayout, static_input_size
 from .linear import dequantized_rows, input_quantizer, silence_rows
 from .recognise import MlpSite, VitGraph, const_array, node_label
+from .sibling_config import sibling_config
 from .unit_activation import COMPUTE_DTYPE, unit_activation
 from .vision_encoder import drop_register_rows, is_vision_encoder, source_outputs
 
@@ -119,7 +121,10 @@ def _insert_registers(b: _Builder, vit: VitGraph, layout: TokenLayout, R: int, d
     p = layout.num_prefix
     before = len(b.nodes)
     reg = b.const("register_tokens", np.zeros((1, R, vit.embed_dim), dtype=dtype))
-    batch = b.op("Shape", [x], {"start": 0, "end": 1})
+    if vit.model.opset_imports.get("", 18) >= 15:
+        batch = b.op("Shape", [x], {"start": 0, "end": 1})
+    else:  # Shape's start / end attributes came with opset 15 (optimum exports at 14)
+        batch = b.op("Slice", [b.op("Shape", [x]), b.i64("start", [0]), b.i64("end", [1]), b.i64("axis0", [0])])
     shape = b.op("Concat", [batch, b.i64("ones", [1, 1])], {"axis": 0})
     regs = b.op("Expand", [reg, shape])
     axis = b.i64("axis1", [1])
@@ -162,6 +167,9 @@ def _split_mlp(b: _Builder, site: MlpSite, units: list[int], p: int, R: int, sca
     hr = unit_activation(b, site, idx, dtype)
     head = _edit_rows(b, hr, p, R, len(idx), scale, per_neuron, COMPUTE_DTYPE)
     quant = input_quantizer(site.fc2)
+    if quant is not None and site.gated:
+        _edit_in_place(b, site, idx, hr, head, p, R, dtype)
+        return
     if quant is not None:
         # dynamic INT8: fc2's input is quantized with one range for the whole tensor; the edited rows hold
         # values from that range (the signed max is one of the units' own values), so the branch rounds
@@ -180,6 +188,30 @@ def _split_mlp(b: _Builder, site: MlpSite, units: list[int], p: int, R: int, sca
     rest = b.op("Slice", [y, b.i64("start", [q]), b.i64("end", [INT64_MAX]), axis])
     new_y = b.op("Concat", [b.op("Add", [top, hb]), rest], {"axis": 1})
     _replace_uses(y, new_y, {id(n) for n in b.nodes[before:]})
+
+
+def _edit_in_place(b: _Builder, site: MlpSite, idx: np.ndarray, hr: ir.Value, head: ir.Value, p: int, R: int,
+                   dtype: np.dtype) -> None:
+    """A gated MLP whose fc2 input is dynamically quantized: the register units are edited inside fc2's input
+    (patch rows 0, prefix + register rows `head`), fc2 left as stored. Why no branch here: the quantizer's
+    range is taken over the whole tensor, and a gated unit (act(gate) * value) is unbounded on both sides,
+    so its patch values left in that tensor (a branch silences only its weight rows) can widen the range
+    past the hooked model's and move every other unit onto another grid. GELU-family units are bounded
+    below (>= -0.28), so their branch keeps the hooked range (`_split_mlp`)."""
+    k = len(idx)
+    rest = b.op("Slice", [hr, b.i64("start", [p + R]), b.i64("end", [INT64_MAX]), b.i64("axis1", [1])])
+    zeros = b.op("Mul", [rest, b.const("zero", np.zeros((), dtype=COMPUTE_DTYPE))])
+    edited = b.op("Concat", [head, zeros], {"axis": 1})  # [B, N, k]
+    if np.dtype(dtype) != COMPUTE_DTYPE:
+        edited = b.op("Cast", [edited], {"to": ir.DataType.from_numpy(np.dtype(dtype))})
+    keep = np.ones(site.width, dtype=dtype)
+    keep[idx] = 0
+    onehot = np.zeros((k, site.width), dtype=dtype)
+    onehot[np.arange(k), idx] = 1
+    before = len(b.nodes)
+    new_h = b.op("Add", [b.op("Mul", [site.hidden, b.const(f"block{site.block}_keep", keep)]),
+                         b.op("MatMul", [edited, b.const(f"block{site.block}_onehot", onehot)])])
+    _replace_uses(site.hidden, new_h, {id(n) for n in b.nodes[before:]})
 
 
 # inputs that hold shapes or sizes, and the integer arithmetic exporters compute them with
@@ -278,7 +310,7 @@ def _side_tensors(vit: VitGraph, layout: TokenLayout) -> list[tuple[ir.Value, np
                 side[id(v)] = v
     if not side:
         return []
-    c, h, w = (int(d) for d in list(image.shape)[1:])
+    c, h, w = static_input_size(vit)
     sess = ExposedSession(vit.model, list(side.values()), str(vit.path))
     try:
         _, got = sess.run(np.zeros((2, c, h, w), dtype=np.float32))
@@ -321,13 +353,24 @@ def _remake_side_tensors(b: _Builder, side: list[tuple[ir.Value, np.ndarray]], l
     return done
 
 
+# HF model types whose attention-pool head reads every token, the register included (as vit-surgery's HF
+# SigLIP backend bakes it: surgery/backends/hf/current.py)
+HEAD_READS_REGISTERS = frozenset({"siglip_vision_model", "siglip"})
+
+
 def pool_without_registers(b: _Builder, vit: VitGraph, layout: TokenLayout, R: int) -> tuple[list[str], frozenset[int]]:
     """A model without prefix tokens (SigLIP: attention-pool head) pools over the patches only, as the
-    baked PyTorch model does (timm's `x[:, num_prefix_tokens:]` before `attn_pool`, with the registers
+    baked timm model does (timm's `x[:, num_prefix_tokens:]` before `attn_pool`, with the registers
     counted as prefix): every use of a token output other than the output itself reads it from R on.
+    An HF SigLIP (config.json `model_type` in HEAD_READS_REGISTERS) keeps its head reading every token,
+    as the baked HF model does; the graph alone cannot tell the two apart.
     Returns (notes, the new Slice nodes: the head behind them keeps its N-token constants)."""
     if layout.num_prefix:
         return [], frozenset()
+    mt = str(sibling_config(vit.path).get("model_type", ""))
+    if mt in HEAD_READS_REGISTERS:
+        return [f"config.json model_type {mt!r}: the attention-pool head reads the register token(s) too, as "
+                "HF SigLIP's baked model does"], frozenset()
     before = len(b.nodes)
     _, values = _descendants(vit.entry)
     done = []

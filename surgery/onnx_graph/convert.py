@@ -79,7 +79,7 @@ def convert_onnx(source: str | Path, out_dir: str | Path, recipe: Recipe, *, ove
             (tmp / name).write_text(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
         if report is not None:
             (tmp / "parity.json").write_text(json.dumps({"onnx": report.to_dict()}, indent=2, default=float) + "\n")
-        for f in ("preprocessor_config.json",):  # keep the image preprocessing next to the model
+        for f in ("preprocessor_config.json", "config.json"):  # keep the preprocessing (and HF config) next to the model
             if (source.parent / f).is_file():
                 shutil.copyfile(source.parent / f, tmp / f)
     return OnnxConvertResult(out / ONNX_FILE, recipe, external, summary, report)

@@ -17,6 +17,7 @@ from ..core.output_format import META_PREFIX
 from ..core.images import ImageBatches, list_images
 from .recognise import VitGraph, block_output, node_label, recognise
 from .runtime import ExposedSession
+from .sibling_config import configured_image_size
 
 FAMILY_NAME = "onnx"
 DEFAULT_PREPROCESS = {"interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
@@ -24,12 +25,17 @@ DEFAULT_PREPROCESS = {"interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
 
 
 def static_input_size(vit: VitGraph) -> tuple[int, int, int]:
+    """(C, H, W) of the image input: the graph's fixed dims, else (optimum exports: symbolic height and
+    width) the `image_size` of the HF config.json next to it (`sibling_config.py`)."""
     x = vit.model.graph.inputs[0]
     dims = list(x.shape) if x.shape is not None else []
-    if len(dims) != 4 or not all(isinstance(d, int) for d in dims[1:]):
-        raise ModelInputError(f"{vit.path}: input '{x.name}' must be [batch, 3, H, W] with fixed C, H, W "
-                              f"(has {dims})")
-    return int(dims[1]), int(dims[2]), int(dims[3])
+    if len(dims) == 4 and all(isinstance(d, int) for d in dims[1:]):
+        return int(dims[1]), int(dims[2]), int(dims[3])
+    size = configured_image_size(vit.path) if len(dims) == 4 else None
+    if size is not None and all(not isinstance(d, int) or d == s for d, s in zip(dims[1:], size)):
+        return size
+    raise ModelInputError(f"{vit.path}: input '{x.name}' must be [batch, 3, H, W] with fixed C, H, W "
+                          f"(has {dims}) or come with a config.json giving image_size")
 
 
 _WARNED_DEFAULT_PREPROCESS: set[str] = set()  # models already warned about (one warning per model)

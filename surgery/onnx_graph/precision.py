@@ -17,7 +17,7 @@ TOLERANCES = {"fp32": FP32_TOLERANCE, "fp16": 3e-3, "int8": 1e-3, "q4": 1e-4, "q
 
 def precision_of(vit: VitGraph, layout: TokenLayout) -> str:
     """fp32 | fp16 | int8 | q4 (| q4f16 / int8f16: quantized weights in a float16 graph)."""
-    kinds = {lin.kind for s in vit.mlps for lin in (s.fc1, s.fc2)}
+    kinds = {lin.kind for s in vit.mlps for lin in s.projections}
     half = np.dtype(layout.dtype) == np.float16
     quant = "q4" if "nbits" in kinds else "int8" if "int8" in kinds else ""
     if quant:

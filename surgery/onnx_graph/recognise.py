@@ -4,8 +4,9 @@ What is found, on the onnx-ir graph (`onnx_ir`: a mutable IR with producer/consu
 data and faithful round trips, which plain protobuf editing lacks):
 - every transformer MLP: `MatMul(x, W1[D, H])` (+ `Add(b1[H])`) -> an elementwise GELU-family activation
   subgraph -> `MatMul(h, W2[H, D])`. Activations recognised: the `Gelu` op (opset 20 / com.microsoft),
-  the exact erf subgraph, tanh GELU, QuickGELU `x * sigmoid(1.702 x)`, and onnxruntime's fused
-  `FastGelu` / `BiasGelu` / `QuickGelu` (their bias inputs are per-unit constants);
+  the exact erf subgraph, tanh GELU, QuickGELU `x * sigmoid(1.702 x)`, SiLU `x * sigmoid(x)`, and
+  onnxruntime's fused `FastGelu` / `BiasGelu` / `QuickGelu` (their bias inputs are per-unit constants);
+  or a gated MLP `act(gate) * value` -> `MatMul(h, W2[H, D])` (SwiGLU, GeGLU: `gated.py`);
 - the residual stream: each MLP's output (through an optional bias `Add` and LayerScale `Mul`) joins
   it at an `Add` or at a fused `SkipLayerNormalization` (whose optional 4th output is the sum);
 - the register's entry point: the stream tensor that enters block 0, moved to before the pre-norm
@@ -15,6 +16,7 @@ Anything else raises ModelInputError naming the node where recognition stopped.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -23,6 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..core.errors import ModelInputError
+from .gated import GatedParts, describe_chunk, gated_parts
 from .linear import Linear, linear_at
 from .values import const_array, is_const, node_label
 
@@ -49,10 +52,23 @@ class MlpSite:
     fc2: Linear
     down: ir.Value
     joins: ir.Node  # the Add / SkipLayerNormalization where the MLP output joins the residual stream
+    # gated MLPs (`gated.py`): `pre` is the gate's pre-activation, `up` the value multiplied in, both
+    # [..., H]; `fc1` the gate (or packed gate + value) projection, `fc1_up` a separate value projection
+    up: Optional[ir.Value] = None
+    fc1_up: Optional[Linear] = None
+    layout: str = ""  # gated: how gate and value are projected (for describe)
 
     @property
     def width(self) -> int:
         return self.fc2.in_dim
+
+    @property
+    def gated(self) -> bool:
+        return self.up is not None
+
+    @property
+    def projections(self) -> list[Linear]:
+        return [lin for lin in (self.fc1, self.fc1_up, self.fc2) if lin is not None]
 
 
 @dataclass
@@ -78,8 +94,10 @@ class VitGraph:
         return {"blocks": self.depth, "embed_dim": self.embed_dim, "mlp_hidden": sorted(set(self.hidden_sizes)),
                 "activations": sorted({m.activation for m in self.mlps}),
                 "register_entry": self.entry.name, "patch_embedding": self.patch_conv.name,
-                "mlps": [{"fc1": m.fc1.name, "activation": m.activation, "fc2": m.fc2.name, "joins": m.joins.name}
-                         for m in self.mlps], "notes": self.notes}
+                "gated": any(m.gated for m in self.mlps),
+                "mlps": [{"fc1": m.fc1.name, "activation": m.activation, "fc2": m.fc2.name, "joins": m.joins.name,
+                          **({"gated": m.layout, "fc1_up": m.fc1_up.name if m.fc1_up else m.fc1.name}
+                             if m.gated else {})} for m in self.mlps], "notes": self.notes}
 
 
 _is_const = is_const
@@ -97,16 +115,30 @@ def _classify(nodes: list[ir.Node]) -> Optional[str]:
             a = node.attributes.get("alpha")
             return "quick_gelu" if a is None or abs(a.value - 1.702) < 1e-3 else None
         return fused[ops[0]]
-    if "Erf" in ops and set(ops) <= {"Erf", "Div", "Mul", "Add"} and len(ops) <= 5:
+    consts = [const_array(i) for n in nodes for i in n.inputs if i is not None and _is_const(i)]
+    scal = [float(c.ravel()[0]) for c in consts if c is not None and c.size == 1]
+
+    def has(x: float) -> bool:  # a scalar constant of the formula (float16 graphs store it rounded)
+        return any(abs(s - x) <= 1e-3 * abs(x) for s in scal)
+
+    if "Erf" in ops and set(ops) <= {"Erf", "Div", "Mul", "Add"} and len(ops) <= 5 \
+            and (has(math.sqrt(2.0)) or has(1 / math.sqrt(2.0))):
         return "gelu"
-    if "Tanh" in ops and set(ops) <= {"Tanh", "Pow", "Mul", "Add"}:
+    if "Tanh" in ops and set(ops) <= {"Tanh", "Pow", "Mul", "Add"} and has(0.044715):
         return "gelu_tanh"
     if ops == ["Mul", "Mul", "Sigmoid"] or ops == ["Mul", "Sigmoid"]:
-        consts = [const_array(i) for n in nodes for i in n.inputs if i is not None and _is_const(i)]
-        scal = [float(c.ravel()[0]) for c in consts if c is not None and c.size == 1]
         if any(abs(s - 1.702) < 1e-3 for s in scal):
             return "quick_gelu"
+        if ops == ["Mul", "Sigmoid"] and not consts and _is_silu(nodes):
+            return "silu"
     return None
+
+
+def _is_silu(nodes: list[ir.Node]) -> bool:
+    """x * Sigmoid(x) on one tensor x (torch's SiLU export)."""
+    sig = next(n for n in nodes if n.op_type == "Sigmoid")
+    mul = next(n for n in nodes if n.op_type == "Mul")
+    return sig.outputs[0] in mul.inputs and sig.inputs[0] in mul.inputs
 
 
 def _activation_subgraph(hidden: ir.Value) -> tuple[list[ir.Node], Optional[Linear], str]:
@@ -356,6 +388,9 @@ def _mlp_site(node: ir.Node, index: int, after: Optional[ir.Value] = None) -> tu
         return None, None
     H, D = fc2.in_dim, fc2.out_dim
     hidden = fc2.x
+    parts = gated_parts(hidden, H, D)
+    if parts is not None:
+        return _gated_site(parts, fc2, index)
     act_nodes, fc1, why = _activation_subgraph(hidden)
     if fc1 is None or not act_nodes:
         return None, None  # attention projections, heads: not an MLP's down projection
@@ -388,6 +423,31 @@ def _mlp_site(node: ir.Node, index: int, after: Optional[ir.Value] = None) -> tu
         return None, refusal or (f"MLP output of {fc2.label} does not join a residual stream "
                                  "(Add or SkipLayerNormalization)")
     return MlpSite(index, fc1, bias_add, acts, kind, pre, hidden, fc2, fc2.y, joins), refusal
+
+
+def _gated_site(parts: GatedParts, fc2: Linear, index: int) -> tuple[Optional[MlpSite], Optional[str]]:
+    """The MlpSite of a gated MLP (`gated.py`), or a refusal naming where it stops."""
+    kind = _classify(parts.act_nodes)
+    where = f"gated MLP at {describe_chunk(parts)} -> {fc2.label}"
+    if kind is None:
+        return None, (f"{where}: gate activation [{', '.join(sorted(n.op_type for n in parts.act_nodes))}] at "
+                      f"{node_label(parts.product)} is not a recognised SiLU / GELU")
+    if any(n.op_type in ("FastGelu", "BiasGelu") for n in parts.act_nodes):
+        return None, f"{where}: a fused biased gate activation is not supported"
+    inner = parts.act_nodes + [parts.product]
+    refusal = None
+    for a in parts.act_nodes:  # every use of an inner value must stay inside the MLP
+        for o in a.outputs:
+            if any(u.node not in inner for u in o.uses()):
+                refusal = refusal or f"{where}: activation value at {node_label(a)} is used outside the MLP"
+    joins = _follow_to_residual(fc2.y, fc2.out_dim)
+    if joins is None:
+        return None, refusal or (f"MLP output of {fc2.label} does not join a residual stream "
+                                 "(Add or SkipLayerNormalization)")
+    g, u = parts.gate, parts.up
+    return MlpSite(index, g.linear, g.bias_add, parts.act_nodes, kind, g.value, fc2.x, fc2, fc2.y,
+                   joins, up=u.value, fc1_up=None if parts.packed else u.linear,
+                   layout="packed" if parts.packed else "separate"), refusal
 
 
 def recognise(path: str | Path, model: Optional[ir.Model] = None) -> VitGraph:

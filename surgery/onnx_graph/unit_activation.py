@@ -5,7 +5,8 @@ values the source graph computes, in every precision variant) and the GELU is re
 sigmoid that stays accurate in the far negative tail: `sigmoid(t) = 1 / (1 + e)` for t >= 0 and
 `e / (1 + e)` otherwise, `e = exp(-|t|)`. QuickGELU is `z * sigmoid(alpha z)`, tanh GELU
 `z * sigmoid(2 sqrt(2/pi) (z + 0.044715 z^3))` (the same function: 1 + tanh(u) = 2 sigmoid(2u)), erf GELU
-`0.5 z (1 + erf(z / sqrt 2))`. Why: the register row is the signed max of these units over the image,
+`0.5 z (1 + erf(z / sqrt 2))`, SiLU `z * sigmoid(z)`. A gated MLP's unit is `act(gate_u) * value_u`: both
+gathered from the source's own tensors, the product taken in float32. Why: the register row is the signed max of these units over the image,
 which can sit in the activation's tail where `1 + tanh(u)` cancels and a saturating float32 Sigmoid kernel
 is relatively far off. The earlier float64 branch fixed that too, but onnxruntime fuses a float64
 x * sigmoid(1.702 x) into com.microsoft.QuickGelu, which has float kernels only (1.30 cannot load it at
@@ -57,12 +58,23 @@ def _sigmoid(b: Any, t: ir.Value) -> ir.Value:
     return b.op("Where", [nonneg, r, b.op("Mul", [e, r])])
 
 
+def _gather(b: Any, v: ir.Value, idx: np.ndarray, dtype: np.dtype) -> ir.Value:
+    z = b.op("Gather", [v, b.i64("units", [int(i) for i in idx])], {"axis": -1})
+    if np.dtype(dtype) != COMPUTE_DTYPE:
+        z = b.op("Cast", [z], {"to": ir.DataType.from_numpy(np.dtype(COMPUTE_DTYPE))})
+    return z
+
+
 def unit_activation(b: Any, site: MlpSite, idx: np.ndarray, pre_dtype: np.dtype) -> ir.Value:
     """Post-activation of units `idx` of `site`, float32 [B, N, k]; `b` is the rewrite's node builder,
     `pre_dtype` the dtype of the MLP's pre-activation tensor."""
-    z = b.op("Gather", [site.pre, b.i64("units", [int(i) for i in idx])], {"axis": -1})
-    if np.dtype(pre_dtype) != COMPUTE_DTYPE:
-        z = b.op("Cast", [z], {"to": ir.DataType.from_numpy(np.dtype(COMPUTE_DTYPE))})
+    act = _activation(b, site, _gather(b, site.pre, idx, pre_dtype), idx)
+    if site.up is None:
+        return act
+    return b.op("Mul", [act, _gather(b, site.up, idx, pre_dtype)])
+
+
+def _activation(b: Any, site: MlpSite, z: ir.Value, idx: np.ndarray) -> ir.Value:
     bias = _fused_bias(site, idx)
     if bias is not None:
         z = b.op("Add", [z, b.const(f"block{site.block}_reg_act_bias", bias)])
@@ -70,6 +82,8 @@ def unit_activation(b: Any, site: MlpSite, idx: np.ndarray, pre_dtype: np.dtype)
     def c(what: str, x: float) -> ir.Value:
         return b.const(what, np.asarray(x, dtype=COMPUTE_DTYPE))
 
+    if site.activation == "silu":
+        return b.op("Mul", [z, _sigmoid(b, z)])
     if site.activation == "quick_gelu":
         return b.op("Mul", [z, _sigmoid(b, b.op("Mul", [z, c("alpha", _alpha(site))]))])
     if site.activation == "gelu_tanh":

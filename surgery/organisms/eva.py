@@ -188,15 +188,17 @@ def sharpen_gated_units(model: nn.Module, planting: Planting, gate_of) -> None:
             gate.bias[u] = -66.0
 
 
-def build_hf_siglip_organism(seed: int = 0, *, plant: dict[int, list[tuple[int, int]]] | None = None
-                             ) -> tuple[nn.Module, Planting]:
-    """A tiny HF `SiglipVisionModel` (no CLS, attention-pool head) with planted register neurons."""
+def build_hf_siglip_organism(seed: int = 0, *, plant: dict[int, list[tuple[int, int]]] | None = None,
+                             width: int | None = None) -> tuple[nn.Module, Planting]:
+    """A tiny HF `SiglipVisionModel` (no CLS, attention-pool head) with planted register neurons; `width`
+    overrides the embedding width (the MLP stays mlp_ratio times it)."""
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
     from .families import _attach_hf_organism_preprocess, _hf_vision_sizes
 
     s = ORGANISM_SIZE
-    cfg = SiglipVisionConfig(intermediate_size=int(s["embed_dim"] * s["mlp_ratio"]), **_hf_vision_sizes())
+    sizes = dict(_hf_vision_sizes(), **({"hidden_size": width} if width else {}))
+    cfg = SiglipVisionConfig(intermediate_size=int(sizes["hidden_size"] * s["mlp_ratio"]), **sizes)
     torch.manual_seed(seed)
     model = SiglipVisionModel(cfg).eval()
     _init_small(model)

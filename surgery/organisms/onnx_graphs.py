@@ -10,25 +10,31 @@ from typing import Any
 
 from torch import nn
 
-ORGANISMS = ("timm_clip", "timm_vit", "timm_reg4", "timm_siglip", "open_clip", "open_clip_quickgelu", "hf_clip", "hf_dinov2",
-             "hf_dinov2_reg")
+ORGANISMS = ("timm_clip", "timm_vit", "timm_reg4", "timm_siglip", "timm_swiglu", "open_clip", "open_clip_quickgelu",
+             "hf_clip", "hf_dinov2", "hf_dinov2_reg", "hf_dinov2_swiglu", "hf_siglip")
 
 
 def build_organism(name: str, seed: int = 0) -> tuple[nn.Module, Any]:
     """(model, planting) of an organism; the model is what the family adapter runs."""
     from . import families as of
+    from .eva import build_hf_siglip_organism
     from .vit import build_timm_organism
 
-    if name.startswith("timm_"):
+    if name.startswith("timm_"):  # timm_swiglu: DINOv2-giant's packed SwiGLU (GluMlp) at organism width
         return build_timm_organism(seed, {"timm_clip": "clip", "timm_vit": "vit", "timm_reg4": "reg4",
-                                          "timm_siglip": "siglip"}[name])
+                                          "timm_siglip": "siglip", "timm_swiglu": "swiglu"}[name])
     if name.startswith("open_clip"):
         model, planting = of.build_open_clip_organism(seed, quick_gelu=name.endswith("quickgelu"))
         return model.visual, planting
     if name == "hf_clip":
         return of.build_hf_clip_organism(seed)
-    if name.startswith("hf_dinov2"):
-        return of.build_hf_dinov2_organism(seed, num_register_tokens=4 if name.endswith("reg") else 0)
+    if name.startswith("hf_dinov2"):  # hf_dinov2_swiglu: Dinov2SwiGLUFFN (gate_proj / up_proj / down_proj)
+        return of.build_hf_dinov2_organism(seed, num_register_tokens=4 if name.endswith("reg") else 0,
+                                           swiglu=name.endswith("swiglu"))
+    if name == "hf_siglip":  # SiglipVisionModel: no CLS, attention-pool head, tanh GELU. Width 96, not the
+        # organisms' 64 = their token count: the head's sequence-first attention writes [N, ...] shape pieces
+        # that are read as token counts only when N differs from the width (as in every real SigLIP)
+        return build_hf_siglip_organism(seed, width=96)
     raise ValueError(f"unknown organism {name!r}; choose from {ORGANISMS}")
 
 
@@ -172,3 +178,53 @@ def export_vlm_language_side(vlm: nn.Module, onnx_dir: Path) -> list[Path]:
                           output_names=["logits"], dynamic_axes={"inputs_embeds": seq, "attention_mask": seq,
                                                                  "logits": seq})
     return [embed, decoder]
+
+
+# optimum-onnx (the exporter of HF ONNX repos) pins transformers < 4.58 (pip install --dry-run optimum-onnx
+# would downgrade transformers 5.x), so it is not a test dependency. `export_optimum_style` writes what its
+# ViT-family ONNX config does for the feature-extraction task: the torchscript exporter, input
+# `pixel_values` with dynamic axes (batch_size, num_channels, height, width), outputs `last_hidden_state`
+# (batch_size, sequence_length) and `pooler_output` (batch_size), constant folding, eager attention, opset
+# 14, config.json (the HF config) next to model.onnx.
+OPTIMUM_OUTPUTS = ("last_hidden_state", "pooler_output")
+
+
+def export_optimum_style(model: nn.Module, folder: Path, *, opset: int = 14) -> Path:
+    """An HF vision model (`SiglipVisionModel`, ...) to folder/model.onnx + config.json + preprocessor_config.json,
+    as optimum's exporter writes them (see above)."""
+    import json
+
+    import torch
+
+    class _Outputs(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            out = self.inner(pixel_values=pixel_values)
+            return out.last_hidden_state, out.pooler_output
+
+    from .families import HF_ORGANISM_PREPROCESSOR
+
+    folder.mkdir(parents=True, exist_ok=True)
+    attn = getattr(model.config, "_attn_implementation", None)
+    model.set_attn_implementation("eager")
+    try:
+        size = int(model.config.image_size)
+        x = torch.zeros(2, int(model.config.num_channels), size, size)
+        out = folder / "model.onnx"
+        with torch.no_grad():
+            torch.onnx.export(_Outputs(model).eval(), (x,), str(out), dynamo=False, opset_version=opset,
+                              do_constant_folding=True, input_names=["pixel_values"],
+                              output_names=list(OPTIMUM_OUTPUTS),
+                              dynamic_axes={"pixel_values": {0: "batch_size", 1: "num_channels", 2: "height",
+                                                             3: "width"},
+                                            "last_hidden_state": {0: "batch_size", 1: "sequence_length"},
+                                            "pooler_output": {0: "batch_size"}})
+    finally:
+        if attn:
+            model.set_attn_implementation(attn)
+    model.config.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(HF_ORGANISM_PREPROCESSOR, indent=2) + "\n")
+    return out
