@@ -24,8 +24,8 @@ from surgery.backends.hf.adapter import HF_CLIP
 from surgery.cli import main
 from surgery.core.images import builtin_images
 from surgery.onnx_graph.check import rebatch
-from surgery.onnx_graph.organisms import export_vision_encoder_source, export_vlm_language_side, make_variant
-from surgery.organism_vlm import build_llava_organism, build_llava_processor
+from surgery.organisms.onnx_graphs import export_vision_encoder_source, export_vlm_language_side, make_variant
+from surgery.organisms.vlm import build_llava_organism, build_llava_processor
 
 PLANTED = {2: [17, 101], 3: [42]}
 # (vision_feature_select_strategy, vision_feature_layer, torch exporter, language model width); at width 64
@@ -185,7 +185,7 @@ def test_real_size_llava_vision_encoder(tmp_path):
     weights: the rewritten vision_encoder.onnx passes its check and keeps the 576 image features."""
     from surgery.core.recipe import Recipe
     from surgery.onnx_graph import convert_onnx
-    from surgery.organism_vlm import build_llava_real_size
+    from surgery.organisms.vlm import build_llava_real_size
 
     vlm, _ = build_llava_real_size(0)
     src = export_vision_encoder_source(vlm, tmp_path / "src" / "vision_encoder.onnx")

@@ -354,7 +354,7 @@ def _remake_side_tensors(b: _Builder, side: list[tuple[ir.Value, np.ndarray]], l
 
 
 # HF model types whose attention-pool head reads every token, the register included (as vit-surgery's HF
-# SigLIP backend bakes it: surgery/backends/hf/current.py)
+# SigLIP backend bakes it: surgery/backends/hf/dinov3_siglip.py)
 HEAD_READS_REGISTERS = frozenset({"siglip_vision_model", "siglip"})
 
 

@@ -123,9 +123,9 @@ def export_vision_encoder_source(vlm: nn.Module, out: Path, *, exporter: str = "
     import onnx
     import torch
 
-    from exporters.onnx_export import _export_proto, _fix_io_shapes
-    from exporters.onnx_spec import OnnxSpec
-    from exporters.onnx_vlm import _IMAGE, _PIXELS, VisionEncoder
+    from surgery.exporters.onnx_export import _export_proto, _fix_io_shapes
+    from surgery.exporters.onnx_spec import OnnxSpec
+    from surgery.exporters.onnx_vlm import _IMAGE, _PIXELS, VisionEncoder
 
     class ImageFeatures(nn.Module):
         def __init__(self) -> None:
