@@ -8,8 +8,8 @@ The rewrite mirrors `surgery.core.modules` node for node:
   edited as `register_rows` does (ArgMax/GatherElements: signed max, shared or per neuron, times scale;
   prefix rows unchanged) and projected by those units' fc2 rows, dequantized exactly (`linear.py`), on the
   prefix + register rows only, added to fc2's output before the bias; in the ordinary fc2 those rows
-  contribute exactly zero (a new initializer: zeros, or the zero point of a quantized weight). A gated MLP
-  whose fc2 input is dynamically quantized is edited in place instead (`_edit_in_place`: why there).
+  contribute exactly zero (a new initializer: zeros, or the zero point of a 4-bit weight). An MLP whose
+  fc2 input is dynamically quantized (INT8) is edited in place instead (`_edit_in_place`: why there).
 Constants that fix the token count (exporters write it into Reshape shapes, e.g. [-1, N, heads, dh])
 and token slices starting at the prefix count (patch pooling) are moved by R, as the baked PyTorch
 model's raised `num_prefix_tokens` does. The batch axis stays dynamic; every output is kept.
@@ -162,19 +162,14 @@ def _split_mlp(b: _Builder, site: MlpSite, units: list[int], p: int, R: int, sca
     (`unit_activation`, float32), edited, and projected by their fc2 rows (dequantized exactly) on the
     prefix + register rows only; in the ordinary fc2 those rows contribute exactly zero (zeros or the
     zero point, everything else stored as it was). fc1 is untouched: the units' pre-activation is the one
-    the source computes, in every precision."""
+    the source computes, in every precision. A dynamically quantized fc2 input (INT8) gets no branch: the
+    units are edited inside that input instead (`_edit_in_place`)."""
     idx = np.asarray(sorted(units), dtype=np.int64)
     hr = unit_activation(b, site, idx, dtype)
     head = _edit_rows(b, hr, p, R, len(idx), scale, per_neuron, COMPUTE_DTYPE)
-    quant = input_quantizer(site.fc2)
-    if quant is not None and site.gated:
+    if input_quantizer(site.fc2) is not None:
         _edit_in_place(b, site, idx, hr, head, p, R, dtype)
         return
-    if quant is not None:
-        # dynamic INT8: fc2's input is quantized with one range for the whole tensor; the edited rows hold
-        # values from that range (the signed max is one of the units' own values), so the branch rounds
-        # them on the same grid the hooked source graph does
-        head = b.op("DequantizeLinear", [b.op("QuantizeLinear", [head, *quant]), *quant])
     rows = dequantized_rows(site.fc2, idx).astype(COMPUTE_DTYPE)  # float16 -> float32 is exact
     silence_rows(site.fc2, idx, lambda what, a: b.const(f"block{site.block}_{what}", a))
     hb = b.op("MatMul", [head, b.const(f"block{site.block}_reg_fc2_weight", rows)])
@@ -192,12 +187,14 @@ def _split_mlp(b: _Builder, site: MlpSite, units: list[int], p: int, R: int, sca
 
 def _edit_in_place(b: _Builder, site: MlpSite, idx: np.ndarray, hr: ir.Value, head: ir.Value, p: int, R: int,
                    dtype: np.dtype) -> None:
-    """A gated MLP whose fc2 input is dynamically quantized: the register units are edited inside fc2's input
-    (patch rows 0, prefix + register rows `head`), fc2 left as stored. Why no branch here: the quantizer's
-    range is taken over the whole tensor, and a gated unit (act(gate) * value) is unbounded on both sides,
-    so its patch values left in that tensor (a branch silences only its weight rows) can widen the range
-    past the hooked model's and move every other unit onto another grid. GELU-family units are bounded
-    below (>= -0.28), so their branch keeps the hooked range (`_split_mlp`)."""
+    """An MLP whose fc2 input is dynamically quantized (`DynamicQuantizeLinear`, INT8): the register units
+    are edited inside fc2's input (patch rows 0, prefix + register rows `head`), fc2 left as stored. Why no
+    branch: the quantizer's range (hence its scale and zero point, the grid of every unit) is taken over the
+    whole input tensor, and in the hooked reference that tensor holds the edited values. A branch leaves
+    the units' patch values in it (it silences only their weight rows): when one of them is the tensor's
+    minimum or maximum (a GELU-family unit is bounded below, near -0.17 to -0.28, and a patch value there
+    can be the tensor's minimum; a gated unit is unbounded on both sides) the range differs from the hooked one and every other unit is
+    rounded on another grid. Only editing that tensor reproduces the hooked quantizer."""
     k = len(idx)
     rest = b.op("Slice", [hr, b.i64("start", [p + R]), b.i64("end", [INT64_MAX]), b.i64("axis1", [1])])
     zeros = b.op("Mul", [rest, b.const("zero", np.zeros((), dtype=COMPUTE_DTYPE))])

@@ -182,8 +182,8 @@ def silence_rows(lin: Linear, idx: np.ndarray, const) -> None:
 
 def input_quantizer(lin: Linear) -> Optional[tuple[ir.Value, ir.Value]]:
     """(scale, zero point) that an int8 projection's `DynamicQuantizeLinear` computes for its whole input
-    tensor, else None. A branch that takes over some of its input units quantizes them with these, so it
-    computes what the source does with them (the range is the source's: see bake._split_mlp)."""
+    tensor, else None. The bake uses it to tell a dynamically quantized fc2 input, which it edits in place
+    rather than branching around (the range is taken over the whole tensor: see bake._edit_in_place)."""
     if lin.kind != "int8":
         return None
     dq = lin.node.inputs[0].producer()

@@ -3,8 +3,8 @@
 Its precision is read from its graph (`precision.py`). Each rewritten variant is checked twice:
 1. against the hooked reference written into its *own* source graph (`check.check_onnx`), with the
    tolerance of its precision (`precision.TOLERANCES`: measured on the organisms, ~10x margin). The bake reproduces
-   the source's arithmetic (fc1 untouched; dynamic INT8 branches round on the source's grid; a gated MLP
-   with INT8 fc2 is edited in place, `bake._edit_in_place`), so
+   the source's arithmetic (fc1 untouched; a dynamically quantized INT8 fc2 input is edited in place,
+   `bake._edit_in_place`, so its quantizer sees the hooked reference's tensor), so
    quantized variants agree to float32 round-off; float16 adds float16 rounding of the branch sum;
 2. against the hooked reference on the *fp32* source (`judge_against_fp32`), so a wrong bake cannot hide
    under quantization noise: every vector except the register rows must be within `FP32_JUDGE_FACTOR`
