@@ -193,8 +193,9 @@ def _edit_in_place(b: _Builder, site: MlpSite, idx: np.ndarray, hr: ir.Value, he
     whole input tensor, and in the hooked reference that tensor holds the edited values. A branch leaves
     the units' patch values in it (it silences only their weight rows): when one of them is the tensor's
     minimum or maximum (a GELU-family unit is bounded below, near -0.17 to -0.28, and a patch value there
-    can be the tensor's minimum; a gated unit is unbounded on both sides) the range differs from the hooked one and every other unit is
-    rounded on another grid. Only editing that tensor reproduces the hooked quantizer."""
+    can be the tensor's minimum; a gated unit is unbounded on both sides) the range differs from the
+    hooked one and every other unit is rounded on another grid. Only editing that tensor reproduces the
+    hooked quantizer."""
     k = len(idx)
     rest = b.op("Slice", [hr, b.i64("start", [p + R]), b.i64("end", [INT64_MAX]), b.i64("axis1", [1])])
     zeros = b.op("Mul", [rest, b.const("zero", np.zeros((), dtype=COMPUTE_DTYPE))])
