@@ -298,7 +298,7 @@ def test_vit_b_variant(tmp_path_factory, shape, kind):
 # shape: (organism, exporter, embedding width). hf_siglip_optimum: HF SigLIP as optimum's exporter writes it
 # (pixel_values -> last_hidden_state, pooler_output; dynamic height / width; config.json next to it)
 SHAPES = {"hf_dinov2_swiglu": ("hf_dinov2_swiglu", "dynamo", 64), "timm_swiglu": ("timm_swiglu", "legacy", 64),
-          "hf_siglip_optimum": ("hf_siglip", "optimum", 96)}
+          "hf_siglip_optimum": ("hf_siglip", "optimum", 96), "hf_clip": ("hf_clip", "dynamo", 64)}
 _SHAPE_SOURCES: dict[str, tuple] = {}
 
 
