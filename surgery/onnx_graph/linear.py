@@ -156,19 +156,16 @@ def dequantized_rows(lin: Linear, idx: np.ndarray) -> np.ndarray:
 
 
 def silence_rows(lin: Linear, idx: np.ndarray, const) -> None:
-    """Replace the weight by a copy whose rows `idx` contribute exactly zero (`const(what, array)` makes an
-    initializer); every other entry, scale and zero point is kept as stored."""
+    """Replace the weight of a float or 4-bit projection by a copy whose rows `idx` contribute exactly zero
+    (`const(what, array)` makes an initializer); every other entry, scale and zero point is kept as stored.
+    An INT8 projection's input is edited in place instead (bake._edit_in_place): never silenced here."""
     n = lin.node
+    if lin.kind == "int8":
+        raise AssertionError("INT8 fc2 inputs are edited in place; their weights stay as stored")
     if lin.kind == "float":
         w = const_array(n.inputs[1]).copy()
         w[idx, :] = 0
         n.replace_input_with(1, const("fc2_weight", w))
-        return
-    if lin.kind == "int8":
-        wq, zp, _, _ = _int8_parts(lin)
-        w = wq.copy()
-        w[idx, :] = np.broadcast_to(zp.astype(wq.dtype), (len(idx), lin.out_dim))
-        n.replace_input_with(1, const("fc2_weight_quantized", w))
         return
     q, zp, _, bs = _nbits_parts(lin)
     q = q.copy()

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import onnx_ir as ir
 
 from ..core.errors import ModelInputError
