@@ -160,8 +160,10 @@ def compiled_main(args) -> None:
             + "\n".join(rows) + "\n")
     print(body)
     if args.write:
-        bl.write_section("Compiled PyTorch (torch.compile)", body)
-        print(f"wrote section 'Compiled PyTorch (torch.compile)' of {bl.RESULTS}")
+        # the CPU and GPU runs are different machines: each keeps its own section
+        title = "Compiled PyTorch (torch.compile)" + ("" if not cuda else ", GPU")
+        bl.write_section(title, body)
+        print(f"wrote section '{title}' of {bl.RESULTS}")
 
 
 def main() -> None:

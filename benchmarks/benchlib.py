@@ -80,7 +80,8 @@ def machine() -> str:
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return (f"{model_name}, {os.cpu_count()} cores, {mem_gib:.0f} GiB RAM, {platform.system()} "
             f"{platform.release()}, Python {platform.python_version()}, torch {torch.__version__}, "
-            f"torch threads {torch.get_num_threads()}")
+            f"torch threads {torch.get_num_threads()}"
+            + (f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""))
 
 
 def load_average() -> str:
@@ -158,8 +159,10 @@ def write_section(title: str, body: str, path: Path = RESULTS) -> None:
 
 
 def context_lines(extra: str = "") -> str:
+    cores = os.cpu_count() or 0
+    shared = "; other jobs shared the 2 cores" if cores <= 2 else ""
     return (f"- Machine: {machine()}\n- Command: `{command_line()}`\n- Date: {today()} "
-            f"(load average at the end: {load_average()}; other jobs shared the 2 cores){extra}\n")
+            f"(load average at the end: {load_average()}{shared}){extra}\n")
 
 
 def reset_peak_rss() -> bool:
