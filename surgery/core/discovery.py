@@ -164,6 +164,12 @@ class DiscoveryResult:
         })
         return d
 
+    def summary(self) -> str:
+        """One line for a person: how many units were found, on how much evidence, and which."""
+        units = ", ".join(f"{k}: {list(v)}" for k, v in self.recipe.neurons.items())
+        return (f"found {self.recipe.num_neurons} register neuron(s) in {self.counts['images_with_outliers']}/"
+                f"{self.counts['images']} images with outliers -> {units}")
+
 
 def outlier_mask(norms: torch.Tensor, p: int, threshold: float | str, include_prefix: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Outlier positions [B, N] from detect-layer token norms, and the per-image threshold used [B]."""

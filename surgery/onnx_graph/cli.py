@@ -59,9 +59,7 @@ def cmd_find_onnx(a: argparse.Namespace, config: Any) -> int:
                                         provenance=prov)
     with atomic_output_file(out, a.overwrite) as tmp:
         write_json(tmp, result.to_json())
-    units = ", ".join(f"{k}: {list(v)}" for k, v in result.recipe.neurons.items())
-    print(f"found {result.recipe.num_neurons} register neuron(s) in {result.counts['images_with_outliers']}/"
-          f"{result.counts['images']} images with outliers -> {units}")
+    print(result.summary())
     print(f"wrote {out}")
     return 0
 
