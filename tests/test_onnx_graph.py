@@ -37,14 +37,14 @@ SCORE_RTOL = 1e-4  # float32 activations summed in float64: scores agree far bet
 # (organism, exporter, opset, onnxruntime.transformers model_type or None)
 FAST_CASES = [
     ("timm_clip", "dynamo", 18, None),
-    ("timm_siglip", "dynamo", 18, None),  # no CLS token, attention-pool head (issue 25)
+    ("timm_siglip", "dynamo", 18, None),  # no CLS token, attention-pool head
     ("open_clip", "legacy", 17, "clip"),
     ("hf_clip", "dynamo", 17, "clip"),
     ("hf_dinov2", "legacy", 18, "vit"),
-    ("hf_dinov2_swiglu", "dynamo", 18, None),  # gated MLP, separate gate / up projections (issue 25)
-    ("timm_swiglu", "legacy", 17, None),  # gated MLP, one packed projection chunked by Slices (issue 25)
-    ("hf_siglip", "dynamo", 18, None),  # HF SigLIP: no CLS, attention-pool head reading every token (issue 25)
-    ("hf_siglip", "optimum", 14, None),  # as optimum's exporter writes it: dynamic height / width (issue 25)
+    ("hf_dinov2_swiglu", "dynamo", 18, None),  # gated MLP, separate gate / up projections
+    ("timm_swiglu", "legacy", 17, None),  # gated MLP, one packed projection chunked by Slices
+    ("hf_siglip", "dynamo", 18, None),  # HF SigLIP: no CLS, attention-pool head reading every token
+    ("hf_siglip", "optimum", 14, None),  # as optimum's exporter writes it: dynamic height / width
 ]
 SLOW_CASES = [(org, exp, opset, opt)
               for org in ("timm_clip", "timm_vit", "timm_reg4", "timm_siglip", "open_clip", "open_clip_quickgelu",

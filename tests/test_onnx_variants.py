@@ -271,7 +271,7 @@ def _vit_b_source(root: Path, shape: str) -> tuple[Path, Recipe]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["fp32", "fp16_io32", "int8_per_tensor", "int8_per_channel", "q4"])
+@pytest.mark.parametrize("kind", ["fp32", "fp16", "fp16_io32", "int8_per_tensor", "int8_per_channel", "q4"])
 @pytest.mark.parametrize("shape", ["vit_b", "dinov2_swiglu_b", "siglip_b"])
 def test_vit_b_variant(tmp_path_factory, shape, kind):
     """One ViT-B row per precision and graph shape (random weights). siglip_b with per-channel INT8 caught a
@@ -293,7 +293,7 @@ def test_vit_b_variant(tmp_path_factory, shape, kind):
         assert judged.passed, judged.summary()
 
 
-# ---- issue 25: gated (SwiGLU) MLP and HF SigLIP graph shapes, every precision variant ---------------------
+# ---- gated (SwiGLU) MLP and HF SigLIP graph shapes, every precision variant ------------------------------
 
 # shape: (organism, exporter, embedding width). hf_siglip_optimum: HF SigLIP as optimum's exporter writes it
 # (pixel_values -> last_hidden_state, pooler_output; dynamic height / width; config.json next to it)
