@@ -77,8 +77,10 @@ def main() -> int:
             print(f"[parity {dtype}]", json.dumps({k: v for k, v in doc.items() if not isinstance(v, (dict, list))}))
     if a.quick:
         return _finish(a, log)
-    run_step("export onnx (fp32)", ["export", str(work / "out_float32"), "--overwrite", "-q"] + dev, log)
-    run_step("export onnx (fp16)", ["export", str(work / "out_float16"), "--overwrite", "--fp16", "-q"] + dev, log)
+    if "float32" in a.dtypes.split(","):
+        run_step("export onnx (fp32)", ["export", str(work / "out_float32"), "--overwrite", "-q"] + dev, log)
+    if "float16" in a.dtypes.split(","):  # exports the float16 folder converted above
+        run_step("export onnx (fp16)", ["export", str(work / "out_float16"), "--overwrite", "--fp16", "-q"] + dev, log)
     run_step("auto device: find", ["find", str(work / "src"), "--images", str(work / "imgs"), "--out",
                                    str(work / "n_auto.json"), "--top-k", "5", "--overwrite", "-q", "--device", "auto"], log)
     return _finish(a, log)
