@@ -10,7 +10,7 @@ import torch
 from surgery import __version__
 from surgery.core.errors import ModelInputError, first_line
 
-from surgery.core.output_format import OnnxMetadata, read_surgery_json
+from surgery.core.output_format import OnnxMetadata, read_surgery_json, require_onnx_path
 
 from .onnx_spec import OnnxSpec
 
@@ -61,8 +61,7 @@ def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
 def _load_proto(path: Path, load_external_data: bool) -> Any:
     import onnx
 
-    if not path.is_file():
-        raise ModelInputError(f"{path}: no such ONNX file")
+    require_onnx_path(path)
     try:
         return onnx.load(str(path), load_external_data=load_external_data)
     except Exception as e:  # DecodeError, OSError, ValidationError for a bad external-data reference, ...

@@ -93,3 +93,34 @@ def test_output_with_another_head_is_a_user_error(organism_dir, tmp_path, capsys
     assert "no integrity record" in warning
     _one_line(err)
     assert "do not match" in err and "head.weight" in err
+
+
+@pytest.mark.parametrize("kind", ["empty", "fifo", "garbage", "fifo_in_folder"])
+@pytest.mark.parametrize("command", ["find", "convert"])
+def test_an_onnx_input_that_is_no_onnx_file_is_refused_saying_what_it_is(tmp_path, calib_dir, capsys, kind, command):
+    """An empty file parses as an empty graph and a FIFO would block the reader: each is named for what it
+    is (exit 4), nothing is written."""
+    import os
+
+    if "fifo" in kind and not hasattr(os, "mkfifo"):
+        pytest.skip("needs FIFOs")
+    model = tmp_path / "model.onnx"
+    expect = {"empty": "empty file, not an ONNX model", "garbage": "not a readable ONNX model",
+              "fifo": "not a regular file (a FIFO", "fifo_in_folder": "not a regular file (a FIFO"}[kind]
+    if kind == "empty":
+        model.write_bytes(b"")
+    elif kind == "garbage":
+        model.write_bytes(b"\x08\x07 not a protobuf")
+    else:
+        if kind == "fifo_in_folder":
+            (tmp_path / "repo" / "onnx").mkdir(parents=True)
+            model = tmp_path / "repo" / "onnx" / "model.onnx"
+        os.mkfifo(model)
+    arg = tmp_path / "repo" if kind == "fifo_in_folder" else model
+    out = tmp_path / ("n.json" if command == "find" else "out")
+    tail = ["--out", out]
+    code, err = run([command, arg, "--images", calib_dir, *tail], capsys)
+    assert code == 4, err
+    _one_line(err)
+    assert expect in err
+    assert not out.exists()

@@ -26,6 +26,22 @@ ONNX_HF_FILES = {"float32": "model.onnx", "float16": "model_fp16.onnx"}
 OPENVINO_XML = "openvino_model.xml"  # the names optimum-intel's OVModel classes look for
 OPENVINO_BIN = "openvino_model.bin"
 
+
+def require_onnx_path(path: Path) -> None:
+    """Refuse (exit 4) an ONNX path that is no regular, non-empty file, saying which it is: an empty
+    file parses as an empty graph, and a FIFO would block the reader."""
+    if path.is_file():
+        if path.stat().st_size == 0:
+            raise ModelInputError(f"{path}: empty file, not an ONNX model")
+        return
+    if path.is_symlink() and not path.exists():
+        raise ModelInputError(f"{path}: symbolic link to nothing (or a link loop), not an ONNX file")
+    if path.exists():
+        kind = "folder" if path.is_dir() else "FIFO, socket or device"
+        raise ModelInputError(f"{path}: not a regular file (a {kind}), not an ONNX file")
+    raise ModelInputError(f"{path}: no such ONNX file")
+
+
 # ---- tolerances (relative error per feature vector, see surgery/core/judge.py) --------------------
 
 FP32_TOLERANCE = 1e-5

@@ -10,8 +10,8 @@ from typing import Any, Optional
 import onnx_ir as ir
 import torch
 
-from ..core.errors import ModelInputError, ParityError
-from ..core.output_format import FP32_TOLERANCE, ONNX_FILE
+from ..core.errors import ParityError
+from ..core.output_format import FP32_TOLERANCE, ONNX_FILE, require_onnx_path
 from ..core.output_format import ONNX_DATA_FILE as DATA_FILE
 from ..core.outputs import atomic_output_dir, check_output_target, refuse_source_overlap
 from ..core.recipe import Recipe
@@ -89,6 +89,5 @@ def require_onnx_file(path: str | Path) -> Path:
     p = Path(path)
     if p.is_dir() and (p / ONNX_FILE).is_file():
         return p / ONNX_FILE
-    if not p.is_file():
-        raise ModelInputError(f"{p}: no such ONNX file")
+    require_onnx_path(p)
     return p

@@ -24,6 +24,7 @@ from typing import Optional
 import onnx_ir as ir
 
 from ..core.errors import ModelInputError
+from ..core.output_format import require_onnx_path
 from .gated import GatedParts, describe_chunk, gated_parts
 from .linear import Linear, linear_at
 from .values import const_array, is_const, node_label
@@ -346,8 +347,7 @@ def _patch_conv(graph: ir.Graph) -> ir.Node:
 
 def load_ir(path: str | Path) -> ir.Model:
     p = Path(path)
-    if not p.is_file():
-        raise ModelInputError(f"{p}: no such ONNX file")
+    require_onnx_path(p)
     try:
         model = ir.load(str(p))
     except Exception as e:  # DecodeError, OSError, bad external-data reference
