@@ -1,18 +1,19 @@
-"""`vit-surgery export OUT --format onnx --layout hf` for a converted vision-language model (LLaVA):
+"""`vit-surgery export OUT --format onnx --layout hf` for a converted vision-language model (LLaVA,
+PaliGemma):
 `OUT/onnx/vision_encoder.onnx`, the piece ONNX VLM pipelines (transformers.js, optimum) run on the image,
 so they can swap in the fixed vision encoder and keep their own embedding and decoder graphs.
 
   input   pixel_values [batch, 3, H, W] float32, preprocessed as the folder's processor says
   outputs image_features  [batch, image_tokens, text_hidden]  what the language model receives: the
                           projector's output (one row per `<image>` placeholder)
-          vision_features [batch, image_tokens, vision_dim]   the projector's input: the tower's
-                          `vision_feature_layer` output(s) with the VLM's select strategy applied
+          vision_features [batch, image_tokens, vision_dim]   the projector's input: LLaVA, the tower's
+                          `vision_feature_layer` output(s) with the VLM's select strategy applied;
+                          PaliGemma, the tower's `last_hidden_state` (every token)
 
 The test-time register(s) stay inside the tower and are removed before the selection, so the number of
 image tokens is the source's. Validated like model.onnx (onnxruntime CPU, optimisation ALL, another
 batch size than the export's) against the hooked reference on the un-baked VLM in float64, before it is
-moved into place. LLaVA-NeXT packs its tiles' features outside such a graph; it and PaliGemma are not
-exported here yet (refused in one line).
+moved into place. LLaVA-NeXT packs its tiles' features outside such a graph (refused in one line).
 """
 from __future__ import annotations
 
@@ -47,8 +48,17 @@ _VISION = TensorSpec("vision_features", ("batch", "image_tokens", "vision_hidden
 SPEC = OnnxSpec(inputs=(_PIXELS,), outputs=(_IMAGE, _VISION))
 
 
+# the VLM classes whose image features are one graph from pixel_values -> whether the projector takes every
+# token of the tower's last_hidden_state (PaliGemma) rather than LLaVA's selected layers and tokens
+_EVERY_TOKEN = {"LlavaForConditionalGeneration": False, "PaliGemmaForConditionalGeneration": True}
+
+
 def is_vlm_folder(loaded: Any) -> bool:
     return hasattr(loaded.adapter, "forward_features_and_logits")
+
+
+def _every_token(vlm: nn.Module) -> bool:
+    return _EVERY_TOKEN[type(vlm).__name__]
 
 
 class VisionEncoder(nn.Module):
@@ -59,16 +69,21 @@ class VisionEncoder(nn.Module):
         super().__init__()
         cfg = vlm.config
         self.tower, self.projector, self.dtype = vlm.model.vision_tower, vlm.model.multi_modal_projector, dtype
-        layer = cfg.vision_feature_layer
+        self.every_token = _every_token(vlm)
+        layer = -1 if self.every_token else cfg.vision_feature_layer
         self.layers = list(layer) if isinstance(layer, (list, tuple)) else [int(layer)]
-        self.drop_cls = getattr(cfg, "vision_feature_select_strategy", "default") == "default"
+        self.drop_cls = not self.every_token and getattr(cfg, "vision_feature_select_strategy", "default") == "default"
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.tower(pixel_values=pixel_values.to(self.dtype), output_hidden_states=True, return_dict=True)
-        chosen = [out.hidden_states[i] for i in self.layers]
-        if self.drop_cls:
-            chosen = [h[:, 1:] for h in chosen]
-        features = torch.cat(chosen, dim=-1)
+        pixels = pixel_values.to(self.dtype)
+        if self.every_token:  # after the tower's post-layernorm, as PaliGemma's get_image_features takes it
+            features = self.tower(pixel_values=pixels, return_dict=True).last_hidden_state
+        else:
+            out = self.tower(pixel_values=pixels, output_hidden_states=True, return_dict=True)
+            chosen = [out.hidden_states[i] for i in self.layers]
+            if self.drop_cls:
+                chosen = [h[:, 1:] for h in chosen]
+            features = torch.cat(chosen, dim=-1)
         return self.projector(features).float(), features.float()
 
 
@@ -114,8 +129,11 @@ def _validate(path: Path, loaded: Any, progress: bool) -> OnnxReport:
 
     def projected(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         cfg = model.config
-        out = model.model.get_image_features(pixel_values=x, vision_feature_layer=cfg.vision_feature_layer,
-                                             vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+        if _every_token(model):
+            out = model.model.get_image_features(pixel_values=x)
+        else:
+            out = model.model.get_image_features(pixel_values=x, vision_feature_layer=cfg.vision_feature_layer,
+                                                 vision_feature_select_strategy=cfg.vision_feature_select_strategy)
         return torch.stack(list(out.pooler_output))
 
     report = OnnxReport(path=str(path), dtype="float32", tolerance=FP32_TOLERANCE, export_batch_size=2)
@@ -133,8 +151,8 @@ def export_vision_encoder(out_dir: Path, *, loaded: Any, progress: bool = True, 
     out_dir = Path(out_dir)
     if loaded.recipe is None:
         raise ModelInputError(f"{out_dir} carries no baked test-time registers (run `vit-surgery convert` first)")
-    if type(loaded.model).__name__ != "LlavaForConditionalGeneration":
-        raise ModelInputError(f"{out_dir}: vision_encoder.onnx is written for LLaVA; a "
+    if type(loaded.model).__name__ not in _EVERY_TOKEN:
+        raise ModelInputError(f"{out_dir}: vision_encoder.onnx is written for LLaVA and PaliGemma; a "
                               f"{type(loaded.model).__name__} packs its image features outside such a graph")
     target = out_dir / ONNX_DIR / VISION_ENCODER
     check_replaceable(target, overwrite)

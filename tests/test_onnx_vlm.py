@@ -1,6 +1,7 @@
-"""Issue 25: a VLM's `vision_encoder.onnx` as onnx-community / transformers.js ship it, as the MODEL.
+"""A VLM's `vision_encoder.onnx` as onnx-community / transformers.js ship it, as the MODEL.
 
-Source files: the *unbaked* LLaVA organism (planted HF CLIP tower, 2-layer Llama) exported by torch
+Source files: the *unbaked* LLaVA organism (planted HF CLIP tower, 2-layer Llama; PaliGemma: planted HF
+SigLIP tower, every token, 2-layer Gemma) exported by torch
 through the wrapper of vit-surgery's own vision-encoder export: input `pixel_values`, output
 `image_features` (the hidden state of `vision_feature_layer`, an intermediate block here, the select
 strategy applied, through the multimodal projector). The judge is independent of the code under test:
@@ -21,17 +22,20 @@ import torch
 from conftest import pixels_from
 from rule_reference import per_vector_relative, rule_reference
 from surgery.backends.hf.adapter import HF_CLIP
+from surgery.backends.hf.dinov3_siglip import HF_SIGLIP
 from surgery.cli import main
 from surgery.core.images import builtin_images
 from surgery.onnx_graph.check import rebatch
 from surgery.organisms.onnx_graphs import export_vision_encoder_source, export_vlm_language_side, make_variant
-from surgery.organisms.vlm import build_llava_organism, build_llava_processor
+from surgery.organisms.vlm import build_llava_organism, build_llava_processor, build_paligemma_organism
 
 PLANTED = {2: [17, 101], 3: [42]}
 # (vision_feature_select_strategy, vision_feature_layer, torch exporter, language model width); at width 64
 # (the tower's) the projector Linear -> GELU -> Linear is 64 -> 64 -> 64, shaped like a block's MLP
+# strategy "paligemma": PaliGemma (SigLIP tower, no CLS, its last_hidden_state through one Linear)
 CASES = {"default-2-dynamo": ("default", -2, "dynamo", 48), "full-layers-legacy": ("full", [-2, -5], "legacy", 48),
-         "default-2-square-projector": ("default", -2, "dynamo", 64)}
+         "default-2-square-projector": ("default", -2, "dynamo", 64),
+         "paligemma-dynamo": ("paligemma", None, "dynamo", 48)}
 
 
 def _sessions(*paths: Path) -> list[ort.InferenceSession]:
@@ -45,10 +49,14 @@ def _io(sess: ort.InferenceSession) -> tuple[list, list]:
 
 def _write_source(folder: Path, strategy: str, layer, exporter: str, width: int = 48) -> tuple[torch.nn.Module, Path]:
     """folder/vision_encoder.onnx + preprocessor_config.json (the processor's image processor, as hub repos ship it)."""
-    vlm, planting = build_llava_organism(0, strategy=strategy, feature_layer=layer, text_hidden_size=width)
+    if strategy == "paligemma":
+        vlm, processor, planting = build_paligemma_organism(0)
+    else:
+        vlm, planting = build_llava_organism(0, strategy=strategy, feature_layer=layer, text_hidden_size=width)
+        processor = build_llava_processor(strategy)
     assert planting.neurons == PLANTED
     path = export_vision_encoder_source(vlm, folder / "vision_encoder.onnx", exporter=exporter)
-    build_llava_processor(strategy).image_processor.save_pretrained(folder)
+    processor.image_processor.save_pretrained(folder)
     return vlm, path
 
 
@@ -59,7 +67,7 @@ def _independent_image_features(vlm, strategy: str, layer, pixels: torch.Tensor)
     import copy
 
     stock = copy.deepcopy(vlm).double()
-    row = 1 if strategy == "full" else 0
+    row = 1 if strategy == "full" else 0  # PaliGemma: no CLS, the register is row 0
 
     def drop(_m, args):
         x = args[0]
@@ -69,9 +77,13 @@ def _independent_image_features(vlm, strategy: str, layer, pixels: torch.Tensor)
     hooks = [stock.model.multi_modal_projector.register_forward_pre_hook(drop),
              stock.model.multi_modal_projector.register_forward_hook(lambda _m, _a, o: projected.append(o))]
     try:
-        with torch.no_grad(), rule_reference(stock.model.vision_tower, PLANTED, family=HF_CLIP):
-            stock.model.get_image_features(pixel_values=pixels.double(), vision_feature_layer=layer,
-                                           vision_feature_select_strategy=strategy)
+        family = HF_SIGLIP if strategy == "paligemma" else HF_CLIP
+        with torch.no_grad(), rule_reference(stock.model.vision_tower, PLANTED, family=family):
+            if strategy == "paligemma":
+                stock.model.get_image_features(pixel_values=pixels.double())
+            else:
+                stock.model.get_image_features(pixel_values=pixels.double(), vision_feature_layer=layer,
+                                               vision_feature_select_strategy=strategy)
     finally:
         for h in hooks:
             h.remove()

@@ -275,14 +275,15 @@ def test_inspect_shows_the_language_models_attention_to_the_image(converted, ima
     assert "last text token" in (tmp_path / "rep" / "report.html").read_text()
 
 
-def test_vision_encoder_onnx_matches_the_independent_reference(converted, images, capsys):
+@pytest.mark.parametrize("case", ["clip-full-layers", "paligemma"])
+def test_vision_encoder_onnx_matches_the_independent_reference(case, converted, images, capsys):
     """onnx/vision_encoder.onnx gives the projector's output of the independent reference: one row per
     <image> placeholder (register removed), run by onnxruntime on the folder's own processor output."""
     import onnxruntime as ort
     from transformers import AutoModelForImageTextToText
 
-    tower, strategy, _ = CASES["clip-full-layers"]
-    src, out = converted["clip-full-layers"]
+    tower, strategy, _ = CASES[case]
+    src, out = converted[case]
     for fmt in ("onnx", "openvino"):  # the whole-model layouts are refused: a VLM exports its vision encoder
         code = main(["export", str(out), "--format", fmt, "-q"])
         _, err = capsys.readouterr()
@@ -293,9 +294,9 @@ def test_vision_encoder_onnx_matches_the_independent_reference(converted, images
     inputs = processor_inputs(out, images[:3])
     session = ort.InferenceSession(str(out / "onnx" / "vision_encoder.onnx"), providers=["CPUExecutionProvider"])
     got = session.run(["image_features"], {"pixel_values": inputs["pixel_values"].numpy()})[0]
-    placeholders = int((inputs["input_ids"][0] == 4).sum())  # "<image>" is word 4 of the organism's vocabulary
-    assert got.shape[:2] == (3, placeholders)
     stock = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float64).eval()
+    placeholders = int((inputs["input_ids"][0] == stock.config.image_token_id).sum())
+    assert got.shape[:2] == (3, placeholders)
     projected = []
     hook = stock.model.multi_modal_projector.register_forward_hook(lambda _m, _a, o: projected.append(o))
     with torch.no_grad(), independent_reference(stock, tower, strategy):
@@ -303,6 +304,15 @@ def test_vision_encoder_onnx_matches_the_independent_reference(converted, images
     hook.remove()
     assert float(per_vector_relative(torch.from_numpy(got), projected[0]).max()) < 1e-5
     assert "vision_encoder.onnx" in json.loads((out / "parity.json").read_text())["onnx_hf_layout"]
+
+
+def test_llava_next_vision_encoder_onnx_is_refused_in_one_line(converted, capsys):
+    """LLaVA-NeXT packs its tiles' features (unpadding, newline rows) outside a pixel_values graph."""
+    _, out = converted["next-clip-default"]
+    code = main(["export", str(out), "--format", "onnx", "--layout", "hf", "-q"])
+    _, err = capsys.readouterr()
+    assert code == 4 and "LlavaNextForConditionalGeneration" in err and err.count("\n") == 1, err
+    assert not (out / "onnx").exists()
 
 
 @pytest.mark.slow

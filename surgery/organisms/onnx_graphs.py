@@ -116,9 +116,10 @@ def make_variant(src: Path, out: Path, kind: str, *, num_heads: int = 4, hidden_
 
 
 def export_vision_encoder_source(vlm: nn.Module, out: Path, *, exporter: str = "dynamo", opset: int = 18) -> Path:
-    """An *unbaked* LLaVA's `vision_encoder.onnx` as onnx-community / transformers.js ship it: input
-    `pixel_values`, one output `image_features` (the tower's `vision_feature_layer` hidden state(s), the
-    select strategy applied, through the multimodal projector), dynamic batch. Reuses the wrapper of
+    """An *unbaked* LLaVA's or PaliGemma's `vision_encoder.onnx` as onnx-community / transformers.js ship it:
+    input `pixel_values`, one output `image_features` (LLaVA: the tower's `vision_feature_layer` hidden
+    state(s), the select strategy applied; PaliGemma: its last_hidden_state; through the multimodal
+    projector), dynamic batch. Reuses the wrapper of
     vit-surgery's own vision-encoder export (exporters/onnx_vlm.py) on the unbaked model."""
     import onnx
     import torch
