@@ -130,6 +130,42 @@ class GraphExport:
     tail_accurate_branches: list[str]  # RegisterMlps whose branch activation is the tail-accurate form
 
 
+def export_first_that_works(wrapper: nn.Module, example: torch.Tensor, spec: OnnxSpec, exporter: str,
+                            scratch: Path, model: nn.Module, progress: bool, *, what: str = "the model",
+                            detail: str = "") -> tuple[Any, str, list[str]]:
+    """Export `wrapper` with `exporter`, then with the other one if it fails (each exporter has its own
+    gaps): (proto, the exporter used, the RegisterMlps of `model` exported in the tail-accurate form).
+    All failing is one ModelInputError naming each exporter's error; our own errors pass through."""
+    order = [exporter] + [e for e in EXPORTERS if e != exporter]
+    errors: list[str] = []
+    for name in order:
+        _say(progress, f"exporting {what} with the {name} exporter{detail}")
+        try:
+            with tail_accurate_register_branches(model) as tail_branches:
+                proto = _export_proto(wrapper, example, spec, name, scratch, progress)
+        except SurgeryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the next exporter may cover it; all errors are reported
+            errors.append(f"{name}: {type(e).__name__}: {first_line(e)}")
+            log.warning("the %s ONNX exporter failed (%s)%s", name, errors[-1],
+                        "; trying the next one" if name != order[-1] else "")
+            continue
+        return proto, name, tail_branches
+    raise ModelInputError(f"could not export {what} to ONNX: " + "; ".join(errors))
+
+
+def replace_metadata(proto: Any, entries: dict[str, str], drop_prefix: str | None = None) -> None:
+    """Set `entries` as the proto's metadata_props, replacing the same keys (and, with `drop_prefix`,
+    every key starting with it); other properties stay as they are."""
+    kept = [p for p in proto.metadata_props
+            if p.key not in entries and not (drop_prefix and p.key.startswith(drop_prefix))]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    for k, v in entries.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+
+
 def export_graph(model: nn.Module, family: Any, scratch: Path, *, fp16: bool = False, exporter: str = "dynamo",
                  spec: OnnxSpec = VIT_ONNX_SPEC, progress: bool = True) -> GraphExport:
     """Export any model a family adapter runs (baked or not) as `spec` describes: `family.forward_both`
@@ -149,24 +185,11 @@ def export_graph(model: nn.Module, family: Any, scratch: Path, *, fp16: bool = F
         pooled, tokens = wrapper(example)
     shapes = {spec.input_names[0]: tuple(example.shape), spec.output_names[0]: tuple(pooled.shape),
               spec.output_names[1]: tuple(tokens.shape)}
-    order = [exporter] + [e for e in EXPORTERS if e != exporter]
-    errors: list[str] = []
-    for name in order:
-        _say(progress, f"exporting ONNX with the {name} exporter (opset {spec.opset}, "
-                       f"{'float16' if fp16 else 'float32'}, batch {spec.export_batch_size})")
-        try:
-            with tail_accurate_register_branches(model) as tail_branches:
-                proto = _export_proto(wrapper, example, spec, name, scratch, progress)
-        except SurgeryError:
-            raise
-        except Exception as e:  # each exporter has its own gaps; the other one may cover them
-            errors.append(f"{name}: {type(e).__name__}: {first_line(e)}")
-            log.warning("the %s ONNX exporter failed (%s)%s", name, errors[-1],
-                        "; trying the next one" if name != order[-1] else "")
-            continue
-        _fix_io_shapes(proto, spec, shapes)
-        return GraphExport(proto, name, shapes, tail_branches)
-    raise ModelInputError("could not export the model to ONNX: " + "; ".join(errors))
+    proto, name, tail_branches = export_first_that_works(
+        wrapper, example, spec, exporter, scratch, model, progress,
+        detail=f" (opset {spec.opset}, {'float16' if fp16 else 'float32'}, batch {spec.export_batch_size})")
+    _fix_io_shapes(proto, spec, shapes)
+    return GraphExport(proto, name, shapes, tail_branches)
 
 
 def export_onnx(loaded: Any, out_dir: Path, scratch: Path, *, fp16: bool = False, exporter: str = "dynamo",
@@ -185,12 +208,7 @@ def export_onnx(loaded: Any, out_dir: Path, scratch: Path, *, fp16: bool = False
     meta = build_metadata(loaded, out_dir, dtype="float16" if fp16 else "float32", exporter=used, spec=spec,
                           num_tokens=int(g.shapes[spec.output_names[1]][1]))
     meta[META_PREFIX + "tail_accurate_register_branch"] = json.dumps(tail_branches)
-    kept = [p for p in proto.metadata_props if not p.key.startswith(META_PREFIX)]
-    del proto.metadata_props[:]
-    proto.metadata_props.extend(kept)
-    for k, v in meta.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = k, v
+    replace_metadata(proto, meta, drop_prefix=META_PREFIX)
     proto.doc_string = ("vit-surgery baked model with test-time registers inside the graph; "
                         "inputs/outputs and recipe in metadata_props (vit_surgery.*)")
     size = _weights_bytes(proto)

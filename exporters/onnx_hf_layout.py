@@ -32,7 +32,7 @@ from torch import nn
 from surgery.core.errors import ModelInputError
 
 from .base import ExportOptions
-from .onnx_export import _export_proto, _fix_io_shapes, _save_proto
+from .onnx_export import _fix_io_shapes, _save_proto, export_first_that_works, replace_metadata
 from .onnx_metadata import build_metadata
 from .onnx_patches import _mha_fastpath_disabled
 from .onnx_publish import publish_validated, record_parity_section, staged_output
@@ -42,7 +42,6 @@ from surgery.core.outputs import check_replaceable
 from .onnx_spec import OnnxSpec, TensorSpec, _say
 from .onnx_validate import OnnxReport, _ort_session, validation_batches
 from .runtime_check import RenamedSession, validate_runtime
-from .tail_accurate_activation import tail_accurate_register_branches
 
 ONNX_DIR, FILES = ONNX_HF_DIR, ONNX_HF_FILES
 _PIXELS = TensorSpec("pixel_values", ("batch", "num_channels", "height", "width"),
@@ -94,24 +93,12 @@ def export_hf_graph(loaded: Any, out_dir: Path, scratch: Path, fp16: bool, expor
         outs = wrapper(example)
     shapes = {spec.input_names[0]: tuple(example.shape)}
     shapes.update({name: tuple(o.shape) for name, o in zip(spec.output_names, outs)})
-    order = [exporter] + [e for e in ("dynamo", "legacy") if e != exporter]
-    errors = []
-    for name in order:
-        _say(progress, f"exporting ONNX (HF layout) with the {name} exporter ({'float16' if fp16 else 'float32'})")
-        try:
-            with tail_accurate_register_branches(model):
-                proto = _export_proto(wrapper, example, spec, name, scratch, progress)
-            break
-        except Exception as e:  # each exporter has its own gaps; the other one may cover them
-            errors.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    else:
-        raise ModelInputError("could not export the model to ONNX: " + "; ".join(errors))
+    proto, name, _ = export_first_that_works(wrapper, example, spec, exporter, scratch, model, progress,
+                                             what="ONNX (HF layout)",
+                                             detail=f" ({'float16' if fp16 else 'float32'})")
     _fix_io_shapes(proto, spec, shapes)
-    meta = build_metadata(loaded, out_dir, dtype="float16" if fp16 else "float32", exporter=name, spec=spec,
-                          num_tokens=int(shapes[_HIDDEN.name][1]))
-    for k, v in meta.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = k, v
+    replace_metadata(proto, build_metadata(loaded, out_dir, dtype="float16" if fp16 else "float32", exporter=name,
+                                           spec=spec, num_tokens=int(shapes[_HIDDEN.name][1])))
     path = scratch / FILES["float16" if fp16 else "float32"]
     _save_proto(proto, path, external=False)
     return path

@@ -47,7 +47,7 @@ from surgery.core.output_format import META_PREFIX
 from surgery.core.outputs import atomic_output_file, check_replaceable
 from .onnx_spec import VIT_ONNX_SPEC, _say
 from .onnx_patches import _ExportWrapper, _mha_fastpath_disabled
-from .onnx_export import export_onnx
+from .onnx_export import export_onnx, replace_metadata
 from .onnx_publish import publish_validated, record_parity_section, staged_output
 from .onnx_metadata import token_layout
 from .onnx_validate import _ort_session, validation_batches
@@ -245,12 +245,7 @@ def _set_metadata(path: Path, entries: dict[str, str]) -> None:
     import onnx
 
     proto = onnx.load(str(path))
-    keep = [p for p in proto.metadata_props if p.key not in entries]
-    del proto.metadata_props[:]
-    proto.metadata_props.extend(keep)
-    for k, v in entries.items():
-        e = proto.metadata_props.add()
-        e.key, e.value = k, v
+    replace_metadata(proto, entries)
     onnx.save_model(proto, str(path))
 
 

@@ -31,8 +31,7 @@ from surgery.core.output_format import FP32_TOLERANCE
 from surgery.core.outputs import check_replaceable
 from .onnx_validate import OnnxReport, _ort_session, validation_batches
 from .onnx_spec import OnnxSpec, TensorSpec, _say
-from .onnx_export import _export_proto, _fix_io_shapes, _save_proto
-from .tail_accurate_activation import tail_accurate_register_branches
+from .onnx_export import _fix_io_shapes, _save_proto, export_first_that_works, replace_metadata
 from .onnx_metadata import build_metadata
 from .onnx_publish import publish_validated, record_parity_section, staged_output
 from .runtime_check import RenamedSession, validate_runtime
@@ -96,23 +95,11 @@ def _export(loaded: Any, out_dir: Path, scratch: Path, exporter: str, progress: 
         outs = wrapper(example)
     shapes = {SPEC.input_names[0]: tuple(example.shape)}
     shapes.update({name: tuple(o.shape) for name, o in zip(SPEC.output_names, outs)})
-    errors = []
-    for name in [exporter] + [e for e in ("dynamo", "legacy") if e != exporter]:
-        _say(progress, f"exporting {VISION_ENCODER} with the {name} exporter")
-        try:
-            with tail_accurate_register_branches(model):
-                proto = _export_proto(wrapper, example, SPEC, name, scratch, progress)
-            break
-        except Exception as e:  # each exporter has its own gaps; the other one may cover them
-            errors.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    else:
-        raise ModelInputError("could not export the vision encoder to ONNX: " + "; ".join(errors))
+    proto, name, _ = export_first_that_works(wrapper, example, SPEC, exporter, scratch, model, progress,
+                                             what=VISION_ENCODER)
     _fix_io_shapes(proto, SPEC, shapes)
-    meta = build_metadata(loaded, out_dir, dtype="float32", exporter=name, spec=SPEC,
-                          num_tokens=int(shapes[_IMAGE.name][1]))
-    for k, v in meta.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = k, v
+    replace_metadata(proto, build_metadata(loaded, out_dir, dtype="float32", exporter=name, spec=SPEC,
+                                           num_tokens=int(shapes[_IMAGE.name][1])))
     path = scratch / VISION_ENCODER
     _save_proto(proto, path, external=False)
     return path

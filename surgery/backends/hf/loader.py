@@ -169,18 +169,22 @@ def _read_json(src: _Source, path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def image_processor_config(src: _Source) -> dict[str, Any]:
+    """The checkpoint's image-processor config (preprocessor_config.json, or the `image_processor` entry
+    of processor_config.json, where transformers 5 writes it); {} when it has none."""
+    path = src.file("preprocessor_config.json")
+    if path is not None:
+        return _read_json(src, path)
+    proc_path = src.file("processor_config.json")
+    inner = _read_json(src, proc_path).get("image_processor") if proc_path is not None else None
+    return dict(inner) if isinstance(inner, dict) else {}
+
+
 def _attach_transform(model: nn.Module, src: _Source, stored: Optional[dict[str, Any]] = None) -> tuple[dict, dict]:
     """Sets the model's preprocessing; returns (timm-style cfg, raw preprocessor_config.json or {})."""
     fam = adapter_among(ADAPTERS, model)
     base = fam.preprocess_config(model)  # type: ignore[attr-defined]
-    raw: dict[str, Any] = {}
-    path = src.file("preprocessor_config.json")
-    if path is not None:
-        raw = _read_json(src, path)
-    else:  # transformers 5 writes the image processor inside processor_config.json
-        proc_path = src.file("processor_config.json")
-        inner = _read_json(src, proc_path).get("image_processor") if proc_path is not None else None
-        raw = dict(inner) if isinstance(inner, dict) else {}
+    raw = image_processor_config(src)
     if raw:
         try:
             cfg = preprocess_from_processor(raw, base)

@@ -22,8 +22,8 @@ from ...core.errors import ModelInputError, UnsafeCheckpointError, first_line
 from ...core.source import LoadedModel, LoadOptions, SourceInfo
 from ..base import adapter_among, extra_files
 from .adapter import PREPROCESS_ATTR
-from .loader import (SURGERY_CONFIG_KEY, _json_preprocess, _quiet_transformers, _read_json, _resolve, _Source,
-                     _stored_dtype, load_stock_class, preprocess_from_processor)
+from .loader import (SURGERY_CONFIG_KEY, _json_preprocess, _quiet_transformers, _resolve, _Source, _stored_dtype,
+                     image_processor_config, load_stock_class, preprocess_from_processor)
 from .vlm import IMAGE_PROCESSOR_ATTR, SELECT_STRATEGIES, VLM_ADAPTERS, prepare_vlm
 
 VLM_MODEL_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
@@ -61,14 +61,7 @@ def check_supported(cfg: dict[str, Any], spec: str) -> None:
 
 def image_processor_of(src: _Source) -> tuple[Any, dict[str, Any]]:
     """The VLM's own image processor (object, raw config); a one-line error when the checkpoint has none."""
-    raw: dict[str, Any] = {}
-    path = src.file("preprocessor_config.json")
-    if path is not None:
-        raw = _read_json(src, path)
-    else:  # transformers 5 writes the image processor inside processor_config.json
-        proc_path = src.file("processor_config.json")
-        inner = _read_json(src, proc_path).get("image_processor") if proc_path is not None else None
-        raw = dict(inner) if isinstance(inner, dict) else {}
+    raw = image_processor_config(src)
     if not raw:
         raise ModelInputError(f"{src.spec}: the VLM has no image processor (preprocessor_config.json or "
                               "processor_config.json); vit-surgery preprocesses images exactly as the VLM does")

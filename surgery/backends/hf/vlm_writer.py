@@ -25,7 +25,7 @@ from ..base import copy_extra_files
 from .loader import SURGERY_CONFIG_KEY
 from .vlm import feature_selection
 from .vlm_loader import VLM_MODEL_TYPES
-from .writer import MODELING_FILE, remote_modeling_source
+from .writer import MODELING_FILE, remote_class_config, remote_modeling_source
 
 TOWER_PREFIX = "model.vision_tower."  # state-dict keys of the tower inside the VLM
 
@@ -75,13 +75,7 @@ def write_vlm_dir(model: nn.Module, out_dir: Path, loaded: Any, surgery: dict[st
     regs = register_token_indices(model, adapter=fam)
     p_after = fam.num_prefix_tokens(model)
     layer, strategy = feature_selection(model)
-    cfg = model.config.to_dict()
-    cfg.pop(SURGERY_CONFIG_KEY, None)
-    for k in ("_name_or_path", "_attn_implementation_autoset"):
-        cfg.pop(k, None)
-    cfg["architectures"] = [remote]
-    cfg["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
-    cfg["auto_map"] = {"AutoModelForImageTextToText": f"{MODELING_FILE[:-3]}.{remote}"}
+    cfg = remote_class_config(model, remote, "AutoModelForImageTextToText")
     src = loaded.source.to_dict()
     cfg[SURGERY_CONFIG_KEY] = {
         "format": 1,

@@ -98,6 +98,20 @@ def _processor_config(preprocess: dict[str, Any], model_type: str) -> dict[str, 
     return out
 
 
+def remote_class_config(model: nn.Module, remote: str, auto_class: str) -> dict[str, Any]:
+    """The model's config.json for a folder loaded through our remote-code class `remote` (`auto_class`
+    maps to it): the source's config without loader-local keys or an older surgery block, in the weights'
+    dtype."""
+    cfg = model.config.to_dict()
+    cfg.pop(SURGERY_CONFIG_KEY, None)
+    for k in ("_name_or_path", "_attn_implementation_autoset"):
+        cfg.pop(k, None)
+    cfg["architectures"] = [remote]
+    cfg["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+    cfg["auto_map"] = {auto_class: f"{MODELING_FILE[:-3]}.{remote}"}
+    return cfg
+
+
 def write_hf_dir(model: nn.Module, out_dir: Path, *, source: SourceInfo, surgery: dict[str, Any],
                  preprocessor_config: dict[str, Any] | None = None) -> list[Path]:
     """Save a baked HF model (CLIPVisionModel / CLIPModel / Dinov2Model / Dinov2WithRegistersModel)."""
@@ -108,13 +122,7 @@ def write_hf_dir(model: nn.Module, out_dir: Path, *, source: SourceInfo, surgery
     regs = register_token_indices(model, adapter=fam)
     p_after = fam.num_prefix_tokens(model)
     p_before = p_after - recipe.num_registers
-    cfg = model.config.to_dict()
-    cfg.pop(SURGERY_CONFIG_KEY, None)
-    for k in ("_name_or_path", "_attn_implementation_autoset"):
-        cfg.pop(k, None)
-    cfg["architectures"] = [remote]
-    cfg["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
-    cfg["auto_map"] = {"AutoModel": f"{MODELING_FILE[:-3]}.{remote}"}
+    cfg = remote_class_config(model, remote, "AutoModel")
     # the stock class refuses the folder (an unknown attention implementation is an error in transformers),
     # the remote-code class takes the marker out: without trust_remote_code no unfixed model loads
     cfg["attn_implementation"] = STOCK_REFUSAL_ATTN
