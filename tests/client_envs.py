@@ -95,16 +95,16 @@ def transformers_js_dir() -> Path:
 
 
 # Runs under node: loads MODEL_DIR (an HF folder with onnx/model.onnx) the way transformers.js users do
-# (local models only, default session options: graph optimisation "all"), feeds the float32 pixels in
-# INPUT (raw little-endian, shape given) and writes last_hidden_state / pooler_output as JSON.
+# (local models only, default session options: graph optimisation "all"; DTYPE picks the file, default
+# fp32), feeds the float32 pixels in INPUT (raw little-endian, shape given) and writes every output as JSON.
 TJS_RUNNER = r"""
 import fs from 'node:fs';
 import path from 'node:path';
 import { env, AutoModel, Tensor } from '@huggingface/transformers';
-const [modelDir, inputFile, shapeJson, outFile] = process.argv.slice(2);
+const [modelDir, inputFile, shapeJson, outFile, dtype] = process.argv.slice(2);
 env.allowRemoteModels = false;
 env.localModelPath = path.dirname(modelDir) + '/';
-const model = await AutoModel.from_pretrained(path.basename(modelDir), { dtype: 'fp32', device: 'cpu' });
+const model = await AutoModel.from_pretrained(path.basename(modelDir), { dtype: dtype || 'fp32', device: 'cpu' });
 const buf = fs.readFileSync(inputFile);
 const data = new Float32Array(buf.buffer, buf.byteOffset, buf.byteLength / 4);
 const out = await model({ pixel_values: new Tensor('float32', data, JSON.parse(shapeJson)) });

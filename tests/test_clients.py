@@ -203,6 +203,58 @@ def test_transformers_js_loads_the_hf_layout_of_a_quickgelu_clip(tmp_path_factor
         assert _rel(value, want[name]) < 1e-5, name
 
 
+# transformers.js `dtype` -> the file it loads from onnx/, and the onnxruntime tool that makes it for the hub
+TJS_VARIANTS = {"fp32": ("model.onnx", None), "fp16": ("model_fp16.onnx", "fp16_io32"),
+                "q8": ("model_quantized.onnx", "int8_per_tensor"), "q4": ("model_q4.onnx", "q4")}
+
+
+@pytest.mark.slow
+def test_transformers_js_picks_every_rewritten_variant_of_an_onnx_repo_by_dtype(tmp_path):
+    """An HF SigLIP ONNX repo as optimum writes it, with the fp16 / quantized / q4 files onnxruntime's tools
+    make for the hub, converted by the graph rewrite: transformers.js loads each file of OUT by its `dtype`
+    option and returns what onnxruntime-python returns on that file, the register token included."""
+    import shutil
+
+    import onnxruntime as ort
+
+    from surgery.cli import main
+    from surgery.organisms.onnx_graphs import build_organism, export_optimum_style, make_variant
+
+    project = transformers_js_dir()
+    model, planting = build_organism("hf_siglip")
+    src = export_optimum_style(model, tmp_path / "export")
+    repo = tmp_path / "repo"
+    (repo / "onnx").mkdir(parents=True)
+    for f in ("config.json", "preprocessor_config.json"):
+        shutil.copy(src.parent / f, repo / f)
+    shutil.copy(src, repo / "onnx" / "model.onnx")
+    for name, kind in TJS_VARIANTS.values():
+        if kind:
+            make_variant(src, repo / "onnx" / name, kind)
+    out = tmp_path / "models" / "out"  # transformers.js resolves a model by name under its localModelPath
+    out.parent.mkdir()
+    nf = _neurons_file(planting, tmp_path / "n.json")
+    assert main(["convert", str(repo), "--neurons", str(nf), "--out", str(out), "-q"]) == 0
+    size = int(model.config.image_size)
+    x = np.random.default_rng(0).standard_normal((2, 3, size, size)).astype(np.float32)
+    (tmp_path / "x.bin").write_bytes(x.astype("<f4").tobytes())
+    (project / "run.mjs").write_text(TJS_RUNNER)
+    tokens = (size // int(model.config.patch_size)) ** 2
+    for dtype, (name, _) in TJS_VARIANTS.items():
+        done = subprocess.run(["node", "run.mjs", str(out), str(tmp_path / "x.bin"), json.dumps(list(x.shape)),
+                               str(tmp_path / f"{dtype}.json"), dtype], cwd=project, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, (dtype, done.stderr[-2000:])
+        got = json.loads((tmp_path / f"{dtype}.json").read_text())
+        sess = ort.InferenceSession(str(out / "onnx" / name), providers=["CPUExecutionProvider"])
+        want = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"pixel_values": x})))
+        assert set(got) == set(want) == {"last_hidden_state", "pooler_output"}, (dtype, set(got))
+        assert got["last_hidden_state"]["dims"] == [2, tokens + 1, want["last_hidden_state"].shape[2]], dtype
+        for k, w in want.items():  # the same file in another onnxruntime build: kernels may differ a little
+            value = np.asarray(got[k]["data"], dtype=np.float32).reshape(got[k]["dims"])
+            assert _rel(value, w) < (1e-5 if dtype == "fp32" else 2e-3), (dtype, k, _rel(value, w))
+
+
 # ---- transformers without remote code ------------------------------------------------------------
 
 @pytest.fixture(scope="module")
