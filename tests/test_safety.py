@@ -194,7 +194,8 @@ def test_two_concurrent_converts_one_wins_the_other_exits_8(organism_dir, neuron
     assert sorted(r for r, _ in results) == [0, 8], results
     assert "already exists" in results[0][1] + results[1][1] or "appeared" in results[0][1] + results[1][1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["n.json", "out"]
-    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "surgery.json", "parity.json"}
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "surgery.json", "parity.json",
+                                              "README.md"}
 
 
 # ---- 3. the source is never the output ---------------------------------------------------------
