@@ -38,7 +38,7 @@ PROMPT = "USER: <image> what is in the image ? ASSISTANT:"
 # (tower, strategy, vision_feature_layer); "next-": LLaVA-NeXT (any-resolution tiles)
 CASES = {"clip-default": ("clip", "default", -2), "clip-full-layers": ("clip", "full", [-2, -5]),
          "siglip-full": ("siglip", "full", -1), "next-clip-default": ("clip", "default", -2),
-         "paligemma": ("siglip", "full", None)}
+         "next-siglip-full": ("siglip", "full", -1), "paligemma": ("siglip", "full", None)}
 
 
 def save_case(root: Path, tower: str, strategy: str, layer, *, dtype=torch.float32, next_: bool = False,
@@ -46,8 +46,8 @@ def save_case(root: Path, tower: str, strategy: str, layer, *, dtype=torch.float
     if paligemma:
         model, processor, planting = build_paligemma_organism(0)
     elif next_:
-        model, planting = build_llava_next_organism(0, strategy=strategy, feature_layer=layer)
-        processor = build_llava_next_processor(strategy)
+        model, planting = build_llava_next_organism(0, strategy=strategy, feature_layer=layer, tower=tower)
+        processor = build_llava_next_processor(strategy, cls_token=tower == "clip")
     else:
         model, planting = build_llava_organism(0, strategy=strategy, feature_layer=layer, tower=tower)
         processor = build_llava_processor(strategy, cls_token=tower == "clip")

@@ -78,11 +78,16 @@ GRID_PINPOINTS = [[64, 128], [128, 64], [128, 128]]  # any-resolution grids of t
 
 
 def build_llava_next_organism(seed: int = 0, *, strategy: str = "default", feature_layer: int | list[int] = -2,
-                              plant: dict[int, list[tuple[int, int]]] | None = None) -> tuple[nn.Module, Planting]:
-    """A `LlavaNextForConditionalGeneration` (any-resolution 64 px tiles) around the planted HF CLIP organism."""
+                              tower: str = "clip", plant: dict[int, list[tuple[int, int]]] | None = None
+                              ) -> tuple[nn.Module, Planting]:
+    """A `LlavaNextForConditionalGeneration` (any-resolution 64 px tiles) around the planted HF CLIP organism
+    (`tower="clip"`) or the planted HF SigLIP organism (`"siglip"`: no CLS, use strategy `full`)."""
     from transformers import LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
-    tower_model, planting = build_hf_clip_organism(seed, plant=plant)
+    from .eva import build_hf_siglip_organism
+
+    build = {"clip": build_hf_clip_organism, "siglip": build_hf_siglip_organism}[tower]
+    tower_model, planting = build(seed, plant=plant)
     cfg = LlavaNextConfig(vision_config=tower_model.config.to_dict(), text_config=LlamaConfig(**_text_config()).to_dict(),
                           image_token_id=WORDS.index(IMAGE_TOKEN), vision_feature_select_strategy=strategy,
                           vision_feature_layer=feature_layer, image_grid_pinpoints=GRID_PINPOINTS,
@@ -98,8 +103,9 @@ def build_llava_next_organism(seed: int = 0, *, strategy: str = "default", featu
     return model, planting
 
 
-def build_llava_next_processor(strategy: str = "default") -> Any:
-    """LlavaNextProcessor: LlavaNextImageProcessor (64 px tiles on GRID_PINPOINTS) + the WordLevel tokenizer."""
+def build_llava_next_processor(strategy: str = "default", *, cls_token: bool = True) -> Any:
+    """LlavaNextProcessor: LlavaNextImageProcessor (64 px tiles on GRID_PINPOINTS) + the WordLevel tokenizer.
+    `num_additional_image_tokens` counts the tower's CLS (0 for a SigLIP tower)."""
     from transformers import LlavaNextImageProcessor, LlavaNextProcessor
 
     p = HF_ORGANISM_PREPROCESSOR
@@ -108,7 +114,8 @@ def build_llava_next_processor(strategy: str = "default") -> Any:
                                               image_grid_pinpoints=GRID_PINPOINTS)
     return LlavaNextProcessor(image_processor=image_processor, tokenizer=build_tokenizer(),
                               patch_size=ORGANISM_SIZE["patch_size"], vision_feature_select_strategy=strategy,
-                              num_additional_image_tokens=1, image_token=IMAGE_TOKEN, chat_template=CHAT_TEMPLATE)
+                              num_additional_image_tokens=int(cls_token), image_token=IMAGE_TOKEN,
+                              chat_template=CHAT_TEMPLATE)
 
 
 def build_paligemma_organism(seed: int = 0, *, plant: dict[int, list[tuple[int, int]]] | None = None
