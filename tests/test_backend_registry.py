@@ -36,9 +36,10 @@ ORGANISMS = {  # adapter name -> builder of (model the adapter handles, planting
 ADAPTERS = {a.name: a for b in BACKENDS for a in b.adapters}
 # Vision-language models: discovery needs the VLM's own image processor and the judge drops the register
 # row in front of the projector, so they run find -> convert -> independent reference from folders written
-# by save_pretrained, in tests/test_vlm.py (LLaVA with CLIP and SigLIP towers, LLaVA-NeXT with CLIP, PaliGemma;
-# LLaVA-NeXT with a SigLIP tower has no case of its own yet).
-VLM_ADAPTERS = {"hf_llava_clip", "hf_llava_siglip", "hf_llava_next_clip", "hf_llava_next_siglip", "hf_paligemma"}
+# by save_pretrained, in tests/test_vlm.py (LLaVA and LLaVA-NeXT with CLIP and SigLIP towers, LLaVA-OneVision
+# with SigLIP, PaliGemma).
+VLM_ADAPTERS = {"hf_llava_clip", "hf_llava_siglip", "hf_llava_next_clip", "hf_llava_next_siglip",
+                "hf_llava_onevision_siglip", "hf_paligemma"}
 
 
 def test_every_adapter_has_an_organism():

@@ -1,6 +1,6 @@
 """Vision-language models: LLaVA with a CLIP tower (strategies `default` / `full`, one feature layer or a
 list) and with a SigLIP tower (no CLS: every tower token is an image feature), LLaVA-NeXT (any-resolution
-tiles) and PaliGemma (SigLIP tower, Gemma).
+tiles), LLaVA-OneVision (tiles, SigLIP tower) and PaliGemma (SigLIP tower, Gemma).
 
 Tiny VLMs (planted tower organism + 2-layer Llama + a local WordLevel tokenizer + LlavaProcessor) are
 written by transformers' own `save_pretrained` and served through folders and a fake offline hub cache.
@@ -28,23 +28,30 @@ from surgery.cli import main
 from surgery.core.images import builtin_images
 from surgery.organisms.vit import write_organism_images
 from surgery.organisms.families import write_fake_hub_repo
-from surgery.organisms.vlm import (build_llava_next_organism, build_llava_next_processor, build_llava_organism,
+from surgery.organisms.vlm import (build_llava_next_organism, build_llava_next_processor,
+                                   build_llava_onevision_organism, build_llava_onevision_processor, build_llava_organism,
                                    build_llava_processor, build_paligemma_organism, save_vlm_organism)
 from surgery.pipeline import run_convert
 
 PLANTED = {2: [17, 101], 3: [42]}
 TOWER = "model.vision_tower."  # state-dict names of the tower's tensors
 PROMPT = "USER: <image> what is in the image ? ASSISTANT:"
-# (tower, strategy, vision_feature_layer); "next-": LLaVA-NeXT (any-resolution tiles)
+# (tower, strategy, vision_feature_layer); "next-": LLaVA-NeXT, "onevision-": LLaVA-OneVision (both with
+# any-resolution tiles)
 CASES = {"clip-default": ("clip", "default", -2), "clip-full-layers": ("clip", "full", [-2, -5]),
          "siglip-full": ("siglip", "full", -1), "next-clip-default": ("clip", "default", -2),
-         "next-siglip-full": ("siglip", "full", -1), "paligemma": ("siglip", "full", None)}
+         "next-siglip-full": ("siglip", "full", -1), "onevision-siglip-full": ("siglip", "full", -1),
+         "paligemma": ("siglip", "full", None)}
+TILED = ("next-", "onevision-")
 
 
 def save_case(root: Path, tower: str, strategy: str, layer, *, dtype=torch.float32, next_: bool = False,
-              paligemma: bool = False) -> Path:
+              paligemma: bool = False, onevision: bool = False) -> Path:
     if paligemma:
         model, processor, planting = build_paligemma_organism(0)
+    elif onevision:
+        model, planting = build_llava_onevision_organism(0, tower=tower, strategy=strategy, feature_layer=layer)
+        processor = build_llava_onevision_processor(strategy, cls_token=tower == "clip")
     elif next_:
         model, planting = build_llava_next_organism(0, strategy=strategy, feature_layer=layer, tower=tower)
         processor = build_llava_next_processor(strategy, cls_token=tower == "clip")
@@ -74,7 +81,7 @@ def converted(tmp_path_factory, neurons_file):
     out = {}
     for name, (tower, strategy, layer) in CASES.items():
         src = save_case(root / name / "src", tower, strategy, layer, next_=name.startswith("next-"),
-                        paligemma=name == "paligemma")
+                        paligemma=name == "paligemma", onevision=name.startswith("onevision-"))
         res = run_convert(load_model(str(src)), root / name / "out", neurons=str(neurons_file), progress=False)
         assert res.report.passed, res.report.summary()
         out[name] = (src, root / name / "out")
@@ -121,7 +128,7 @@ def test_converted_vlm_matches_the_independent_reference(case, converted, images
 
     tower, strategy, layer = CASES[case]
     src, out = converted[case]
-    stretch = case.startswith("next-")
+    stretch = case.startswith(TILED)
     inputs = processor_inputs(out, images, stretch)
     inputs["pixel_values"] = inputs["pixel_values"].double()
     baked = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True, dtype=torch.float64).eval()
@@ -174,6 +181,16 @@ def test_batched_generate_and_check(converted, images, capsys):
     code = main(["check", str(out)])
     stdout, err = capsys.readouterr()
     assert code == 0 and "parity PASS" in stdout, err
+
+
+@pytest.mark.parametrize("case", ["next-siglip-full", "onevision-siglip-full"])
+def test_find_on_a_tiled_vlm_recovers_the_planted_units(case, converted, tmp_path, capsys):
+    """Discovery through the VLM's own tiling processor (each tile an image to the tower)."""
+    src, _ = converted[case]
+    code = main(["find", str(src), "--images", str(builtin_images()), "--out", str(tmp_path / "n.json"), "-q"])
+    assert code == 0, capsys.readouterr().err
+    found = json.loads((tmp_path / "n.json").read_text())["register_neurons"]
+    assert {int(k): sorted(v) for k, v in found.items()} == PLANTED
 
 
 @pytest.fixture
@@ -241,10 +258,15 @@ def _unsupported_tower(root: Path) -> Path:
 
 @pytest.mark.parametrize("kind, words", [("strategy", "vision_feature_select_strategy"),
                                          ("processor", "no image processor"),
-                                         ("tower", "vision tower is a 'dinov2'")])
+                                         ("tower", "vision tower is a 'dinov2'"),
+                                         ("onevision-clip", "LlavaOnevisionForConditionalGeneration with a "
+                                                            "CLIPVisionModel tower")])
 def test_bad_vlms_are_refused_in_one_line(kind, words, converted, tmp_path, neurons_file, capsys):
     if kind == "tower":
         src = _unsupported_tower(tmp_path / "src")
+    elif kind == "onevision-clip":  # released OneVision models have SigLIP towers; no other is baked
+        model, _ = build_llava_onevision_organism(0, tower="clip", strategy="default", feature_layer=-2)
+        src = save_vlm_organism(model, build_llava_onevision_processor("default", cls_token=True), tmp_path / "src")
     else:
         src = tmp_path / "src"
         shutil.copytree(converted["clip-default"][0], src)
@@ -261,8 +283,9 @@ def test_bad_vlms_are_refused_in_one_line(kind, words, converted, tmp_path, neur
     assert not out.exists()
 
 
-def test_inspect_shows_the_language_models_attention_to_the_image(converted, images, tmp_path, capsys):
-    _, out = converted["clip-default"]
+@pytest.mark.parametrize("case", ["clip-default", "next-clip-default", "onevision-siglip-full"])
+def test_inspect_shows_the_language_models_attention_to_the_image(case, converted, images, tmp_path, capsys):
+    _, out = converted[case]
     code = main(["inspect", str(out), "--images", str(images[0].parent), "--out", str(tmp_path / "rep"),
                  "--num-images", "4", "--show", "2", "-q"])
     _, err = capsys.readouterr()
@@ -273,6 +296,26 @@ def test_inspect_shows_the_language_models_attention_to_the_image(converted, ima
         assert 0 < lm[side]["image_attention_share"] <= 1 and 0 < lm[side]["top1pct_image_attention_share"] <= 1
     assert (tmp_path / "rep" / "lm_attention_maps.png").is_file()
     assert "last text token" in (tmp_path / "rep" / "report.html").read_text()
+
+
+def test_a_tiled_vlms_figures_show_each_images_whole_image_tile():
+    """LLaVA-NeXT / OneVision give the tower several tiles per image, tile 0 the whole image: image i's maps
+    are row i * tiles of the tower's outputs, its picture tile 0."""
+    import numpy as np
+
+    from surgery.report.measure import _keep_shown, _Sums
+
+    B, tiles, n = 3, 5, 4
+    rows = torch.arange(B * tiles, dtype=torch.float32)[:, None].expand(B * tiles, n)  # row r holds r
+    side = {"norms": rows, "attn": rows, "mask": rows > 0, "register_attn": rows[:, 0]}
+    pixels = torch.stack([torch.full((tiles, 3, 2, 2), i / B) for i in range(B)])
+    pixels[:, 1:] = 1.0  # only tile 0 is the whole image
+    identity = (np.zeros((3, 1, 1)), np.ones((3, 1, 1)))  # un-normalising leaves the values as they are
+    sums = _Sums(depth=1)
+    _keep_shown(sums, [f"img{i}.png" for i in range(B)], pixels, {"original": side}, show=B, stats_px=identity)
+    for i, item in enumerate(sums.shown):
+        assert item["original"]["norms"].tolist() == [i * tiles] * n and item["original"]["register_attn"] == i * tiles
+        assert item["pixels"].shape == (2, 2, 3) and np.allclose(item["pixels"], i / B)
 
 
 @pytest.mark.parametrize("case", ["clip-full-layers", "paligemma"])

@@ -118,6 +118,52 @@ def build_llava_next_processor(strategy: str = "default", *, cls_token: bool = T
                               chat_template=CHAT_TEMPLATE)
 
 
+def build_llava_onevision_organism(seed: int = 0, *, tower: str = "siglip", strategy: str = "full",
+                                   feature_layer: int | list[int] = -1,
+                                   plant: dict[int, list[tuple[int, int]]] | None = None) -> tuple[nn.Module, Planting]:
+    """A `LlavaOnevisionForConditionalGeneration` (LLaVA-NeXT's 64 px tiles, OneVision's defaults: SigLIP
+    tower, strategy `full`, last layer) around the planted HF SigLIP (or CLIP) organism."""
+    from transformers import LlamaConfig, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    from .eva import build_hf_siglip_organism
+
+    build = {"clip": build_hf_clip_organism, "siglip": build_hf_siglip_organism}[tower]
+    tower_model, planting = build(seed, plant=plant)
+    cfg = LlavaOnevisionConfig(vision_config=tower_model.config.to_dict(),
+                               text_config=LlamaConfig(**_text_config()).to_dict(),
+                               image_token_index=WORDS.index(IMAGE_TOKEN), video_token_index=0,
+                               vision_feature_select_strategy=strategy, vision_feature_layer=feature_layer,
+                               image_grid_pinpoints=GRID_PINPOINTS, projector_hidden_act="gelu",
+                               tie_word_embeddings=False)
+    torch.manual_seed(seed + 1)
+    model = LlavaOnevisionForConditionalGeneration(cfg).eval()
+    model.model.vision_tower.load_state_dict(tower_model.state_dict())
+    with torch.no_grad():
+        for lin in (model.model.multi_modal_projector.linear_1, model.model.multi_modal_projector.linear_2):
+            lin.weight.normal_(0, 0.2)
+        model.model.image_newline.normal_(0, 1.0)
+    model.generation_config.pad_token_id = 0
+    return model, planting
+
+
+def build_llava_onevision_processor(strategy: str = "full", *, cls_token: bool = False) -> Any:
+    """LlavaOnevisionProcessor: LlavaOnevisionImageProcessor (64 px tiles on GRID_PINPOINTS) + the WordLevel
+    tokenizer; `num_image_tokens` per tile: the tower's patches (+ CLS under `full`)."""
+    from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
+
+    p = HF_ORGANISM_PREPROCESSOR
+    image_processor = LlavaOnevisionImageProcessor(size={"height": 64, "width": 64}, image_mean=p["image_mean"],
+                                                   image_std=p["image_std"], resample=3,
+                                                   image_grid_pinpoints=GRID_PINPOINTS)
+    video_processor = LlavaOnevisionVideoProcessor(size={"height": 64, "width": 64}, image_mean=p["image_mean"],
+                                                   image_std=p["image_std"])
+    return LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=build_tokenizer(),
+                                   video_processor=video_processor,
+                                   num_image_tokens=image_seq_length(strategy, cls=cls_token),
+                                   vision_feature_select_strategy=strategy, image_token=IMAGE_TOKEN,
+                                   chat_template=CHAT_TEMPLATE)
+
+
 def build_paligemma_organism(seed: int = 0, *, plant: dict[int, list[tuple[int, int]]] | None = None
                              ) -> tuple[nn.Module, Any, Planting]:
     """A `PaliGemmaForConditionalGeneration` around the planted HF SigLIP organism (2-layer Gemma), with a

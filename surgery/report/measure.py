@@ -44,6 +44,8 @@ def _normalize_stats(transform: Any) -> Optional[tuple[np.ndarray, np.ndarray]]:
 
 
 def _display_pixels(x: torch.Tensor, stats: Optional[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    if x.dim() == 4:  # any-resolution tiles (LLaVA-NeXT / OneVision): tile 0 is the whole image
+        x = x[0]
     a = x.detach().float().cpu().numpy().astype(np.float64)
     if stats is not None:
         a = a * stats[1] + stats[0]
@@ -162,15 +164,17 @@ def _add_outlier_profile(sums: _Sums, norms: torch.Tensor, mask: torch.Tensor, p
 
 def _keep_shown(sums: _Sums, paths: list[Any], pixels: torch.Tensor, per_image: dict[str, dict[str, Any]],
                 show: int, stats_px: Optional[tuple[np.ndarray, np.ndarray]]) -> None:
-    """Record the batch's image names, and the maps of the first `show` images for the figures."""
+    """Record the batch's image names, and the maps of the first `show` images for the figures. A tiling VLM
+    (LLaVA-NeXT / OneVision) gives the tower `tiles` images per image, tile 0 the whole image: its maps."""
     for i, path in enumerate(paths):
         sums.names.append(Path(path).name)
         if len(sums.shown) < show:
             item = {"name": Path(path).name, "pixels": _display_pixels(pixels[i], stats_px)}
             for name, d in per_image.items():
-                item[name] = {"norms": d["norms"][i].numpy(), "attn": d["attn"][i].numpy(),
-                              "mask": d["mask"][i].numpy(),
-                              "register_attn": None if d["register_attn"] is None else float(d["register_attn"][i])}
+                j = i * (d["norms"].shape[0] // len(paths))
+                item[name] = {"norms": d["norms"][j].numpy(), "attn": d["attn"][j].numpy(),
+                              "mask": d["mask"][j].numpy(),
+                              "register_attn": None if d["register_attn"] is None else float(d["register_attn"][j])}
             sums.shown.append(item)
 
 

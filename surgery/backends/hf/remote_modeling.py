@@ -178,6 +178,14 @@ class VitSurgeryLlavaNextForConditionalGeneration(transformers.LlavaNextForCondi
         bake_vlm_tower(self.model.vision_tower, config.vit_surgery)
 
 
+class VitSurgeryLlavaOnevisionForConditionalGeneration(transformers.LlavaOnevisionForConditionalGeneration):
+    """LLaVA-OneVision whose vision tower carries baked test-time registers (tiles as in LLaVA-NeXT)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        bake_vlm_tower(self.model.vision_tower, config.vit_surgery)
+
+
 class VitSurgeryPaliGemmaForConditionalGeneration(transformers.PaliGemmaForConditionalGeneration):
     """PaliGemma whose SigLIP tower carries baked test-time registers (removed from its last_hidden_state
     before the projector)."""

@@ -244,6 +244,13 @@ class HFLlavaNext(HFVisionLanguage):
         return tiles.reshape(B, -1, tiles.shape[-1]), out
 
 
+class HFLlavaOnevision(HFLlavaNext):
+    """`LlavaOnevisionForConditionalGeneration`: LLaVA-NeXT's any-resolution tiles (packed by the VLM, with
+    its `vision_aspect_ratio` cap) on a SigLIP tower (the released OneVision models' tower)."""
+
+    vlm_classes = ("LlavaOnevisionForConditionalGeneration",)
+
+
 class HFPaliGemma(HFVisionLanguage):
     """`PaliGemmaForConditionalGeneration`: a SigLIP tower (no CLS) whose `last_hidden_state` (every token,
     after the post-layernorm) goes through a linear projector; the language model is Gemma."""
@@ -260,5 +267,7 @@ HF_LLAVA_CLIP = HFVisionLanguage(HF_CLIP, "hf_llava_clip")
 HF_LLAVA_SIGLIP = HFVisionLanguage(HF_SIGLIP, "hf_llava_siglip")
 HF_LLAVA_NEXT_CLIP = HFLlavaNext(HF_CLIP, "hf_llava_next_clip")
 HF_LLAVA_NEXT_SIGLIP = HFLlavaNext(HF_SIGLIP, "hf_llava_next_siglip")
+HF_LLAVA_ONEVISION_SIGLIP = HFLlavaOnevision(HF_SIGLIP, "hf_llava_onevision_siglip")
 HF_PALIGEMMA = HFPaliGemma(HF_SIGLIP, "hf_paligemma")
-VLM_ADAPTERS = (HF_LLAVA_CLIP, HF_LLAVA_SIGLIP, HF_LLAVA_NEXT_CLIP, HF_LLAVA_NEXT_SIGLIP, HF_PALIGEMMA)
+VLM_ADAPTERS = (HF_LLAVA_CLIP, HF_LLAVA_SIGLIP, HF_LLAVA_NEXT_CLIP, HF_LLAVA_NEXT_SIGLIP, HF_LLAVA_ONEVISION_SIGLIP,
+                HF_PALIGEMMA)

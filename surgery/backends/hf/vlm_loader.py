@@ -1,6 +1,6 @@
 """Loading HF vision-language models (LLaVA family) and vit-surgery's baked VLM folders.
 
-Recognised by config.json `model_type` (`llava`, `llava_next`, `paligemma`). Refused in one line, before anything is built: a
+Recognised by config.json `model_type` (`llava`, `llava_next`, `llava_onevision`, `paligemma`). Refused in one line, before anything is built: a
 tower vit-surgery does not bake (supported: CLIP and SigLIP vision towers), a
 `vision_feature_select_strategy` other than `default` / `full`, a feature layer outside the tower,
 and a checkpoint without its image processor (discovery and the check preprocess images exactly as
@@ -27,6 +27,7 @@ from .loader import (SURGERY_CONFIG_KEY, _json_preprocess, _quiet_transformers, 
 from .vlm import IMAGE_PROCESSOR_ATTR, SELECT_STRATEGIES, VLM_ADAPTERS, prepare_vlm
 
 VLM_MODEL_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+                   "llava_onevision": "LlavaOnevisionForConditionalGeneration",
                    "paligemma": "PaliGemmaForConditionalGeneration"}
 TOWER_MODEL_TYPES = ("clip_vision_model", "siglip_vision_model")
 # files a VLM folder carries next to its weights (processor, tokenizer, chat template, generation defaults)
@@ -156,8 +157,8 @@ def vlm_loader(spec: str, opts: LoadOptions) -> Optional[LoadedModel]:
         try:
             fam = adapter_among(VLM_ADAPTERS, model)
         except ModelInputError:
-            raise ModelInputError(f"{spec}: the VLM's vision tower ({type(model.model.vision_tower).__name__}) is "
-                                  "not one vit-surgery bakes") from None
+            raise ModelInputError(f"{spec}: a {class_name} with a {type(model.model.vision_tower).__name__} tower "
+                                  "is not one vit-surgery bakes") from None
         prepare_vlm(model, fam)
         source_doc = {}
     pre = preprocess_from_processor(raw, fam.tower_family.preprocess_config(model.model.vision_tower))  # type: ignore[attr-defined]
