@@ -51,7 +51,10 @@ SLOW_CASES = [(org, exp, opset, opt)
                           "hf_clip", "hf_dinov2", "hf_dinov2_swiglu", "timm_swiglu", "hf_siglip")
               for exp in ("dynamo", "legacy") for opset in (17, 18) for opt in (None, "vit" if "clip" not in org
                                                                                else "clip")
-              if (org, exp, opset, opt) not in FAST_CASES and not (org.endswith("siglip") and opt)]
+              if (org, exp, opset, opt) not in FAST_CASES and not (org.endswith("siglip") and opt)
+              # torch's dynamo exporter writes timm's packed SwiGLU chunk as Split(num_outputs), an opset-18
+              # attribute, also at opset 17: onnxruntime refuses that source file itself
+              and not (org == "timm_swiglu" and exp == "dynamo" and opset == 17)]
 
 _SOURCES: dict[tuple, tuple] = {}
 

@@ -373,14 +373,31 @@ def pool_without_registers(b: _Builder, vit: VitGraph, layout: TokenLayout, R: i
     _, values = _descendants(vit.entry)
     done = []
     for out in list(vit.model.graph.outputs):
-        uses = [u for u in out.uses() if id(u.node) not in {id(n) for n in b.nodes}]
-        if id(out) not in values or not uses:
+        if id(out) not in values:
             continue
-        rest = b.op("Slice", [out, b.i64("start", [R]), b.i64("end", [INT64_MAX]), b.i64("axis1", [1])])
-        for u in uses:
-            u.node.replace_input_with(u.idx, rest)
-        done.append(f"head reads '{out.name}' without the {R} register token(s) ({len(uses)} use(s))")
+        chain = _copies_of(out)
+        copying = {id(v.producer()) for v in chain[:-1]}  # the Identity / Cast nodes between them
+        for v in chain:
+            uses = [u for u in v.uses() if id(u.node) not in {id(n) for n in b.nodes} | copying]
+            if not uses:
+                continue
+            rest = b.op("Slice", [v, b.i64("start", [R]), b.i64("end", [INT64_MAX]), b.i64("axis1", [1])])
+            for u in uses:
+                u.node.replace_input_with(u.idx, rest)
+            done.append(f"head reads '{v.name}' without the {R} register token(s) ({len(uses)} use(s))")
     return done, frozenset(id(n) for n in b.nodes[before:])
+
+
+def _copies_of(out: ir.Value) -> list[ir.Value]:
+    """`out` and the tensors it is a copy of, in the same or another precision (Identity, Cast): torch's
+    legacy exporter writes the token output as Cast(norm output) and the head reads the norm output; a
+    float32-interface float16 graph casts its float16 tokens to the output."""
+    chain = [out]
+    while (n := chain[-1].producer()) is not None and n.op_type in ("Identity", "Cast") and len(n.inputs) == 1:
+        if n.inputs[0] is None:
+            break
+        chain.append(n.inputs[0])
+    return chain
 
 
 def bake_graph(vit: VitGraph, recipe: Recipe, layout: TokenLayout, *, source: str = "") -> dict[str, Any]:
