@@ -55,23 +55,33 @@ def build_llava_organism(seed: int = 0, *, strategy: str = "default", feature_la
     shaped like a block's MLP."""
     from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    from .eva import build_hf_siglip_organism
-
-    build = {"clip": build_hf_clip_organism, "siglip": build_hf_siglip_organism}[tower]
-    tower_model, planting = build(seed, plant=plant)
+    tower_model, planting = _planted_tower(tower, seed, plant)
     text = LlamaConfig(**dict(_text_config(), hidden_size=text_hidden_size, intermediate_size=2 * text_hidden_size))
     cfg = LlavaConfig(vision_config=tower_model.config.to_dict(), text_config=text.to_dict(),
                       image_token_id=WORDS.index(IMAGE_TOKEN), vision_feature_select_strategy=strategy,
                       vision_feature_layer=feature_layer, projector_hidden_act="gelu", tie_word_embeddings=False)
+    return _vlm_around(LlavaForConditionalGeneration, cfg, tower_model, seed), planting
+
+
+def _planted_tower(tower: str, seed: int, plant: dict[int, list[tuple[int, int]]] | None) -> tuple[nn.Module, Planting]:
+    from .eva import build_hf_siglip_organism
+
+    return {"clip": build_hf_clip_organism, "siglip": build_hf_siglip_organism}[tower](seed, plant=plant)
+
+
+def _vlm_around(model_class: type, cfg: Any, tower_model: nn.Module, seed: int) -> nn.Module:
+    """The VLM built from `cfg` with the planted tower's weights. The projector's random init is tiny; a
+    larger one makes the image visibly matter to the logits (and so does a drawn tile-newline row)."""
     torch.manual_seed(seed + 1)
-    model = LlavaForConditionalGeneration(cfg).eval()
+    model = model_class(cfg).eval()
     model.model.vision_tower.load_state_dict(tower_model.state_dict())
-    # the projector's random init is tiny; a larger one makes the image visibly matter to the logits
     with torch.no_grad():
         for lin in (model.model.multi_modal_projector.linear_1, model.model.multi_modal_projector.linear_2):
             lin.weight.normal_(0, 0.2)
+        if hasattr(model.model, "image_newline"):  # LLaVA-NeXT / OneVision
+            model.model.image_newline.normal_(0, 1.0)
     model.generation_config.pad_token_id = 0
-    return model, planting
+    return model
 
 
 GRID_PINPOINTS = [[64, 128], [128, 64], [128, 128]]  # any-resolution grids of the LLaVA-NeXT organism (64 px tiles)
@@ -84,23 +94,12 @@ def build_llava_next_organism(seed: int = 0, *, strategy: str = "default", featu
     (`tower="clip"`) or the planted HF SigLIP organism (`"siglip"`: no CLS, use strategy `full`)."""
     from transformers import LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
-    from .eva import build_hf_siglip_organism
-
-    build = {"clip": build_hf_clip_organism, "siglip": build_hf_siglip_organism}[tower]
-    tower_model, planting = build(seed, plant=plant)
+    tower_model, planting = _planted_tower(tower, seed, plant)
     cfg = LlavaNextConfig(vision_config=tower_model.config.to_dict(), text_config=LlamaConfig(**_text_config()).to_dict(),
                           image_token_id=WORDS.index(IMAGE_TOKEN), vision_feature_select_strategy=strategy,
                           vision_feature_layer=feature_layer, image_grid_pinpoints=GRID_PINPOINTS,
                           projector_hidden_act="gelu", tie_word_embeddings=False)
-    torch.manual_seed(seed + 1)
-    model = LlavaNextForConditionalGeneration(cfg).eval()
-    model.model.vision_tower.load_state_dict(tower_model.state_dict())
-    with torch.no_grad():
-        for lin in (model.model.multi_modal_projector.linear_1, model.model.multi_modal_projector.linear_2):
-            lin.weight.normal_(0, 0.2)
-        model.model.image_newline.normal_(0, 1.0)
-    model.generation_config.pad_token_id = 0
-    return model, planting
+    return _vlm_around(LlavaNextForConditionalGeneration, cfg, tower_model, seed), planting
 
 
 def build_llava_next_processor(strategy: str = "default", *, cls_token: bool = True) -> Any:
@@ -125,25 +124,14 @@ def build_llava_onevision_organism(seed: int = 0, *, tower: str = "siglip", stra
     tower, strategy `full`, last layer) around the planted HF SigLIP (or CLIP) organism."""
     from transformers import LlamaConfig, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
-    from .eva import build_hf_siglip_organism
-
-    build = {"clip": build_hf_clip_organism, "siglip": build_hf_siglip_organism}[tower]
-    tower_model, planting = build(seed, plant=plant)
+    tower_model, planting = _planted_tower(tower, seed, plant)
     cfg = LlavaOnevisionConfig(vision_config=tower_model.config.to_dict(),
                                text_config=LlamaConfig(**_text_config()).to_dict(),
                                image_token_index=WORDS.index(IMAGE_TOKEN), video_token_index=0,
                                vision_feature_select_strategy=strategy, vision_feature_layer=feature_layer,
                                image_grid_pinpoints=GRID_PINPOINTS, projector_hidden_act="gelu",
                                tie_word_embeddings=False)
-    torch.manual_seed(seed + 1)
-    model = LlavaOnevisionForConditionalGeneration(cfg).eval()
-    model.model.vision_tower.load_state_dict(tower_model.state_dict())
-    with torch.no_grad():
-        for lin in (model.model.multi_modal_projector.linear_1, model.model.multi_modal_projector.linear_2):
-            lin.weight.normal_(0, 0.2)
-        model.model.image_newline.normal_(0, 1.0)
-    model.generation_config.pad_token_id = 0
-    return model, planting
+    return _vlm_around(LlavaOnevisionForConditionalGeneration, cfg, tower_model, seed), planting
 
 
 def build_llava_onevision_processor(strategy: str = "full", *, cls_token: bool = False) -> Any:
