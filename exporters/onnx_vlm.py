@@ -69,9 +69,10 @@ class VisionEncoder(nn.Module):
         cfg = vlm.config
         self.tower, self.projector, self.dtype = vlm.model.vision_tower, vlm.model.multi_modal_projector, dtype
         self.every_token = _every_token(vlm)
-        layer = -1 if self.every_token else cfg.vision_feature_layer
-        self.layers = list(layer) if isinstance(layer, (list, tuple)) else [int(layer)]
-        self.drop_cls = not self.every_token and getattr(cfg, "vision_feature_select_strategy", "default") == "default"
+        if not self.every_token:  # LLaVA: the selected layers, without CLS under `default`
+            layer = cfg.vision_feature_layer
+            self.layers = list(layer) if isinstance(layer, (list, tuple)) else [int(layer)]
+            self.drop_cls = getattr(cfg, "vision_feature_select_strategy", "default") == "default"
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pixels = pixel_values.to(self.dtype)

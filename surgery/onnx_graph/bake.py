@@ -30,6 +30,7 @@ from .linear import dequantized_rows, input_quantizer, silence_rows
 from .recognise import MlpSite, VitGraph, const_array, node_label
 from .sibling_config import sibling_config
 from .unit_activation import COMPUTE_DTYPE, unit_activation
+from .values import copies_chain
 from .vision_encoder import drop_register_rows, is_vision_encoder, source_outputs
 
 INT64_MAX = np.iinfo(np.int64).max
@@ -375,10 +376,12 @@ def pool_without_registers(b: _Builder, vit: VitGraph, layout: TokenLayout, R: i
     for out in list(vit.model.graph.outputs):
         if id(out) not in values:
             continue
-        chain = _copies_of(out)
-        copying = {id(v.producer()) for v in chain[:-1]}  # the Identity / Cast nodes between them
+        # torch's legacy exporter writes the token output as Cast(norm output) and the head reads the norm
+        # output; a float32-interface float16 graph casts its float16 tokens to the output
+        chain = copies_chain(out)
         for v in chain:
-            uses = [u for u in v.uses() if id(u.node) not in {id(n) for n in b.nodes} | copying]
+            skip = {id(n) for n in b.nodes} | {id(c.producer()) for c in chain[:-1]}  # ours, and the copies
+            uses = [u for u in v.uses() if id(u.node) not in skip]
             if not uses:
                 continue
             rest = b.op("Slice", [v, b.i64("start", [R]), b.i64("end", [INT64_MAX]), b.i64("axis1", [1])])
@@ -386,18 +389,6 @@ def pool_without_registers(b: _Builder, vit: VitGraph, layout: TokenLayout, R: i
                 u.node.replace_input_with(u.idx, rest)
             done.append(f"head reads '{v.name}' without the {R} register token(s) ({len(uses)} use(s))")
     return done, frozenset(id(n) for n in b.nodes[before:])
-
-
-def _copies_of(out: ir.Value) -> list[ir.Value]:
-    """`out` and the tensors it is a copy of, in the same or another precision (Identity, Cast): torch's
-    legacy exporter writes the token output as Cast(norm output) and the head reads the norm output; a
-    float32-interface float16 graph casts its float16 tokens to the output."""
-    chain = [out]
-    while (n := chain[-1].producer()) is not None and n.op_type in ("Identity", "Cast") and len(n.inputs) == 1:
-        if n.inputs[0] is None:
-            break
-        chain.append(n.inputs[0])
-    return chain
 
 
 def bake_graph(vit: VitGraph, recipe: Recipe, layout: TokenLayout, *, source: str = "") -> dict[str, Any]:

@@ -19,10 +19,9 @@ from typing import Optional
 import onnx_ir as ir
 
 from .linear import Linear, linear_at
-from .values import const_array, is_const, node_label
+from .values import const_array, copies_chain, is_const, node_label
 
 _STD = ("", "ai.onnx")
-_PASS_THROUGH = {"Identity", "Cast"}
 # ops a gate's activation subgraph may contain (elementwise: SiLU, GELU family)
 _GATE_ACT_OPS = {"Div", "Mul", "Add", "Sub", "Erf", "Sigmoid", "Tanh", "Pow", "Gelu", "FastGelu", "QuickGelu",
                  "Cast", "Identity"}
@@ -54,11 +53,7 @@ class GatedParts:
 
 def _through(v: ir.Value) -> ir.Value:
     """Back through pass-through ops (Identity, Cast)."""
-    p = v.producer()
-    while p is not None and p.op_type in _PASS_THROUGH and p.domain in _STD and p.inputs and p.inputs[0] is not None:
-        v = p.inputs[0]
-        p = v.producer()
-    return v
+    return copies_chain(v)[-1]
 
 
 def _biased(v: ir.Value) -> Optional[tuple[Linear, Optional[ir.Node]]]:

@@ -27,13 +27,12 @@ from ..core.errors import ModelInputError
 from ..core.output_format import require_onnx_path
 from .gated import GatedParts, describe_chunk, gated_parts
 from .linear import Linear, linear_at
-from .values import const_array, is_const, node_label
+from .values import PASS_THROUGH, const_array, is_const, node_label
 
 # ops an MLP activation subgraph may contain (elementwise, GELU family)
 _ACT_OPS = {"Div", "Mul", "Add", "Sub", "Erf", "Sigmoid", "Tanh", "Pow", "Gelu", "FastGelu", "BiasGelu",
             "QuickGelu", "Cast", "Identity"}
 _MAX_ACT_NODES = 14
-_PASS_THROUGH = {"Identity", "Cast"}
 
 
 @dataclass
@@ -104,7 +103,7 @@ _is_const = is_const
 
 
 def _classify(nodes: list[ir.Node]) -> Optional[str]:
-    ops = sorted(n.op_type for n in nodes if n.op_type not in _PASS_THROUGH)
+    ops = sorted(n.op_type for n in nodes if n.op_type not in PASS_THROUGH)
     fused = {"Gelu": "gelu", "BiasGelu": "gelu", "FastGelu": "gelu_tanh", "QuickGelu": "quick_gelu"}
     if len(ops) == 1 and ops[0] in fused:
         node = next(n for n in nodes if n.op_type == ops[0])
@@ -189,7 +188,7 @@ def _follow_to_residual(down: ir.Value, D: int) -> Optional[ir.Node]:
                 continue
             if node.op_type == "Add":
                 return node
-        if node.op_type in _PASS_THROUGH:
+        if node.op_type in PASS_THROUGH:
             v = node.outputs[0]
             continue
         return None

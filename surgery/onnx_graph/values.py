@@ -29,3 +29,16 @@ def const_array(v: Optional[ir.Value]) -> Optional[np.ndarray]:
 
 def is_const(v: Optional[ir.Value]) -> bool:
     return v is None or const_array(v) is not None
+
+
+PASS_THROUGH = frozenset({"Identity", "Cast"})  # ops that copy a tensor (Cast: in another precision)
+
+
+def copies_chain(v: ir.Value) -> list[ir.Value]:
+    """`v` and the tensors it is a copy of, walking back through standard Identity / Cast nodes; the last
+    one is the original."""
+    chain = [v]
+    while ((p := chain[-1].producer()) is not None and p.op_type in PASS_THROUGH and p.domain in ("", "ai.onnx")
+           and p.inputs and p.inputs[0] is not None):
+        chain.append(p.inputs[0])
+    return chain
