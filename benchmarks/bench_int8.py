@@ -176,6 +176,7 @@ def main() -> int:
     from surgery.organisms.vit import plant_register_neurons
 
     t0 = time.perf_counter()
+    load_at_start = bl.load_average()
     bl.set_threads(a.threads)
     torch.manual_seed(0)
     original = timm.create_model(bl.ARCH, pretrained=False, pretrained_cfg_overlay=dict(crop_pct=1.0)).eval()
@@ -244,23 +245,30 @@ def main() -> int:
         overrides = {t: [{"rmin": np.array(min(s[2], 0.0), dtype=np.float32),
                           "rmax": np.array(max(s[3], 0.0), dtype=np.float32)}] for t, s in stats_b.items() if t in dom_b}
 
-        variants = [("original", "static", "original", {}, []),
-                    ("baked", "static", "baked, register branch float", {}, branch["baked"]),
-                    ("baked", "static", "baked, register branch float, its input quantized", {"float_input": False},
-                     branch["baked"]),
-                    ("original", "dynamic", "original", {}, []),
-                    ("baked", "dynamic", "baked, register branch float", {}, branch["baked"])]
+        # (model, mode, per-channel weights, label, quantize_file options, nodes kept float)
+        variants = [("original", "static", True, "original", {}, []),
+                    ("baked", "static", True, "baked, register branch float", {}, branch["baked"]),
+                    ("baked", "static", True, "baked, register branch float, its input quantized",
+                     {"float_input": False}, branch["baked"]),
+                    ("original", "static", False, "original", {}, []),
+                    ("baked", "static", False, "baked, register branch float", {}, branch["baked"]),
+                    ("original", "dynamic", True, "original", {}, []),
+                    ("baked", "dynamic", True, "baked, register branch float", {}, branch["baked"]),
+                    ("original", "dynamic", False, "original", {}, []),
+                    ("baked", "dynamic", False, "baked, register branch float", {}, branch["baked"])]
         if overrides:
-            variants.insert(3, ("baked", "static", "baked, register branch float, register row out of the ranges",
+            variants.insert(3, ("baked", "static", True, "baked, register branch float, register row out of the ranges",
                                 {"overrides": overrides}, branch["baked"]))
         sessions = {name: bl.ort_session(paths[name], a.threads) for name in paths}
         ref = {name: run_all(sessions[name], evalb) for name in paths}
         rows = []
-        for model_name, mode, label, opts, exclude in variants:
+        for model_name, mode, per_channel, label, opts, exclude in variants:
+            granularity = "per-channel" if per_channel else "per-tensor"
             q = work / model_name / f"{mode}-{len(rows)}.onnx"
             t = time.perf_counter()
             quantize_file(paths[model_name], q, mode, calibration=calib if mode == "static" else (),
-                          exclude=exclude, work=work / model_name, float_branch_input=opts.get("float_input", True),
+                          exclude=exclude, per_channel=per_channel, work=work / model_name,
+                          float_branch_input=opts.get("float_input", True),
                           range_overrides=opts.get("overrides"))
             took = time.perf_counter() - t
             s = bl.ort_session(q, a.threads)
@@ -268,49 +276,54 @@ def main() -> int:
             special = [regs] * len(eval_masks) if model_name == "baked" else \
                 [m.nonzero().flatten().tolist() for m in eval_masks]
             f = fidelity(ref[model_name], got, first_patch[model_name], special)
-            rows.append({"model": model_name, "mode": mode, "label": label, "path": q, "session": s,
-                         "quantize_s": took, **f})
-            print(f"{label} {mode}: " + ", ".join(f"{k} {v:.4f}" for k, v in f.items()), file=sys.stderr)
+            rows.append({"model": model_name, "mode": mode, "weights": granularity, "label": label, "path": q,
+                         "session": s, "quantize_s": took, **f})
+            print(f"{label} {mode} {granularity}: " + ", ".join(f"{k} {v:.4f}" for k, v in f.items()), file=sys.stderr)
 
-        # latency: the adopted variants (first static and dynamic row per model) against float32
+        # latency: the adopted variant (first row) of each model, mode and weight granularity against float32
         lat = []
         gen = torch.Generator().manual_seed(0)
         adopted = {}
         for r in rows:
-            adopted.setdefault((r["model"], r["mode"]), r)
+            adopted.setdefault((r["model"], r["mode"], r["weights"]), r)
         for bs in a.batches:
             xn = torch.randn(bs, 3, 224, 224, generator=gen).numpy()
             arms = {f"{n} fp32": bl.ort_arm(sessions[n], xn) for n in paths}
-            arms.update({f"{m} {mode}": bl.ort_arm(r["session"], xn) for (m, mode), r in adopted.items()})
+            arms.update({" ".join(key): bl.ort_arm(r["session"], xn) for key, r in adopted.items()})
             times, med = bl.time_arms(arms, a.warmup, a.rounds)
             row = {"batch": bs, "median": med}
-            for (m, mode) in adopted:
-                row[(m, mode)] = bl.paired_ratio(times[f"{m} {mode}"], times[f"{m} fp32"])
+            for key in adopted:
+                row[key] = bl.paired_ratio(times[" ".join(key)], times[f"{key[0]} fp32"])
             row["baked/original fp32"] = bl.paired_ratio(times["baked fp32"], times["original fp32"])
-            row["baked/original static"] = bl.paired_ratio(times["baked static"], times["original static"])
+            for mode, granularity in {(k[1], k[2]) for k in adopted}:
+                tag = f"{mode} {granularity}"
+                row[f"baked/original {tag}"] = bl.paired_ratio(times[f"baked {tag}"], times[f"original {tag}"])
             lat.append(row)
             print(f"batch {bs}: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in med.items()), file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     total = time.perf_counter() - t0
 
-    lines = ["| model | mode | pooled cosine mean (min) | patch-token cosine mean (min image) | special tokens "
-             "cosine min (mean) | k-NN agreement, pooled | k-NN agreement, patch |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | mode | weights | pooled cosine mean (min) | patch-token cosine mean (min image) | special "
+             "tokens cosine min (mean) | k-NN agreement, pooled | k-NN agreement, patch |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['label']} | {r['mode']} | {r['pooled_mean']:.4f} ({r['pooled_min']:.4f}) | "
+        lines.append(f"| {r['label']} | {r['mode']} | {r['weights']} | {r['pooled_mean']:.4f} ({r['pooled_min']:.4f}) | "
                      f"{r['patch_mean']:.4f} ({r['patch_min']:.4f}) | {r['special_min']:.4f} ({r['special_mean']:.4f}) "
                      f"| {r['knn_pooled']:.3f} | {r['knn_patch']:.3f} |")
-    lat_lines = ["| batch | original fp32 | original static INT8 | baked fp32 | baked static INT8 | INT8/fp32 original "
-                 "(static, dynamic) | INT8/fp32 baked (static, dynamic) | baked/original fp32 | baked/original static INT8 |",
-                 "|---:|---:|---:|---:|---:|---|---|---:|---:|"]
+    combos = sorted({(k[1], k[2]) for r in lat for k in r if isinstance(k, tuple)}, key=lambda c: (c[0] != "static", c[1]))
+    lat_lines = ["| batch | original fp32 | baked fp32 | baked/original fp32 | INT8 (mode, weights) | original INT8 | "
+                 "baked INT8 | INT8/fp32 original | INT8/fp32 baked | baked/original INT8 |",
+                 "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in lat:
         m = r["median"]
-        lat_lines.append(f"| {r['batch']} | {m['original fp32'] * 1000:.0f} ms | {m['original static'] * 1000:.0f} ms | "
-                         f"{m['baked fp32'] * 1000:.0f} ms | {m['baked static'] * 1000:.0f} ms | "
-                         f"{r[('original', 'static')]:.3f}, {r[('original', 'dynamic')]:.3f} | "
-                         f"{r[('baked', 'static')]:.3f}, {r[('baked', 'dynamic')]:.3f} | "
-                         f"{r['baked/original fp32']:.3f} | {r['baked/original static']:.3f} |")
+        for mode, granularity in combos:
+            tag = f"{mode} {granularity}"
+            lat_lines.append(f"| {r['batch']} | {m['original fp32'] * 1000:.0f} ms | {m['baked fp32'] * 1000:.0f} ms | "
+                             f"{r['baked/original fp32']:.3f} | {mode}, {granularity} | "
+                             f"{m['original ' + tag] * 1000:.0f} ms | {m['baked ' + tag] * 1000:.0f} ms | "
+                             f"{r[('original', mode, granularity)]:.3f} | {r[('baked', mode, granularity)]:.3f} | "
+                             f"{r['baked/original ' + tag]:.3f} |")
     dom_txt = (f"baked: the register row takes more than half of {len(dom_b)} of the {len(stats_b)} calibrated "
                f"activation ranges (worst {max(dom_b.values(), default=1):.1f}x); original: the high-norm patch "
                f"rows take more than half of {len(dom_o)} of {len(stats_o)} (worst {max(dom_o.values(), default=1):.1f}x)")
@@ -319,9 +332,10 @@ def main() -> int:
             f"{len(with_outliers)} of {len(eval_ratio)} evaluation images with outliers: "
             f"{bl.median(with_outliers) if with_outliers else 0:.1f}; the demo organism's: 32.6), and the same "
             "model baked (those neurons, R = 1). Quantizer settings of `vit-surgery export --int8` "
-            "(exporters/onnx_int8.py): static = quant_pre_process, quantize_static QDQ, per-channel int8 "
+            "(exporters/onnx_int8.py): static = quant_pre_process, quantize_static QDQ, symmetric int8 "
             "weights, int8 activations, one MinMax range per tensor, MatMul/Gemm/Conv; dynamic = "
-            "quantize_dynamic, per-channel int8 weights (MatMul/Gemm). The baked model's register branch is "
+            "quantize_dynamic, int8 weights (MatMul/Gemm); weights per channel (the exporter's setting) or "
+            "per tensor. The baked model's register branch is "
             f"kept float by name ({len(branch['baked'])} nodes). Calibration: {a.calib} 224-px organism images "
             f"(seed 101); evaluation: {a.eval} others (seed 202). Fidelity is INT8 against the float32 graph "
             "of the same model (onnxruntime CPU, optimisation ALL). Special tokens: the register (baked), the "
@@ -332,7 +346,7 @@ def main() -> int:
             f"Latency, onnxruntime CPU, {a.threads} thread, process CPU time, {a.warmup} warm-up calls and "
             f"{a.rounds} interleaved rounds, medians and medians of per-round ratios ({bl.malloc_note(pinned)}):\n\n"
             + "\n".join(lat_lines) + "\n\n"
-            f"- Whole run: {total:.0f} s.\n" + bl.context_lines())
+            f"- Whole run: {total:.0f} s; load average at the start: {load_at_start}.\n" + bl.context_lines())
     print(body)
     if a.write:
         bl.write_section("INT8 (onnxruntime)", body)

@@ -114,24 +114,22 @@ def test_compile_fullgraph_and_export(baked_names, family: str) -> None:
         assert half(x.to(torch.bfloat16)).dtype == torch.bfloat16
 
 
-def test_half_precision_branch_is_decided_when_built_or_cast() -> None:
-    """RegisterMlp computes a half model's register branch in float32; the choice follows the weights'
-    dtype (construction, .to/.half/.float, load_state_dict(assign=True)), never the input's at call time."""
+def test_half_precision_model_has_one_static_path() -> None:
+    """RegisterMlp runs a half model's branch in the model's dtype on the same path as float32 (no branch on
+    dtype at all): an FX trace of a cast half module (its graph form: add + cat instead of the eager in-place
+    fused GEMM + add) agrees with the loaded half module to half precision's rounding, in half precision."""
     import copy
 
     from surgery.core.modules import MlpWeights, RegisterMlp
 
     w = MlpWeights(torch.randn(16, 8), torch.randn(16), torch.randn(8, 16), torch.randn(8), torch.nn.GELU())
     mlp = RegisterMlp(w, [3, 5], num_prefix=1, num_registers=1)
-    assert not mlp.branch_float32
-    assert copy.deepcopy(mlp).half().branch_float32 and copy.deepcopy(mlp).to(torch.bfloat16).branch_float32
-    assert not copy.deepcopy(mlp).half().float().branch_float32
     loaded = copy.deepcopy(mlp)
     loaded.load_state_dict({k: v.half() for k, v in mlp.state_dict().items()}, assign=True)
-    assert loaded.branch_float32
-    half = RegisterMlp(MlpWeights(*(t.half() for t in (w.fc1_weight, w.fc1_bias, w.fc2_weight, w.fc2_bias)), w.act),
-                       [3, 5], num_prefix=1, num_registers=1)
-    assert half.branch_float32
     x = torch.randn(2, 6, 8).half()
     traced = torch.fx.symbolic_trace(copy.deepcopy(mlp).half())  # static path: no TraceError on dtype
-    torch.testing.assert_close(traced(x), loaded(x), rtol=0, atol=0)
+    got = traced(x)
+    assert got.dtype == torch.float16
+    want = loaded(x)
+    torch.testing.assert_close(got[:, 2:], want[:, 2:], rtol=0, atol=0)  # patch rows: the same ops
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)  # CLS + register rows: one rounding apart

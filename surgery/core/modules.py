@@ -4,7 +4,7 @@ Both are plain `nn.Module`s with buffers and parameters only (no forward hooks),
 `torch.jit.trace`, `torch.compile`, `torch.export` and ONNX export see the fix as ordinary graph ops.
 They are also `torch.jit.script`-able and `torch.fx.symbolic_trace`-able (timm's own model tests run
 both): fixed forward signatures, and no branch on a tensor's value or dtype at call time (the one
-dtype decision, RegisterMlp's half-precision branch, is made when the module is built or cast).
+branch, RegisterMlp's graph form, follows whether an ONNX exporter or FX tracing is running).
 Token layout everywhere: [prefix tokens (CLS, trained registers) | R test-time registers | patches].
 """
 from __future__ import annotations
@@ -104,12 +104,11 @@ class MlpWeights:
         return self.fc2_weight.shape[1]
 
 
-def _is_half(dtype: torch.dtype) -> bool:
-    return dtype in (torch.float16, torch.bfloat16)
-
-
-def _refresh_branch_dtype(module: nn.Module, incompatible_keys: object) -> None:
-    module.branch_float32 = _is_half(module.reg_fc1.weight.dtype)
+def _graph_form() -> bool:
+    """Whether an ONNX exporter (dynamo or TorchScript-based) or FX symbolic tracing is running: RegisterMlp
+    then writes its graph form, without an in-place write (called only outside TorchScript, which cannot
+    compile this)."""
+    return torch.onnx.is_in_onnx_export() or torch.fx._symbolic_trace.is_fx_tracing()
 
 
 def _linear(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Linear:
@@ -145,6 +144,14 @@ class RegisterMlp(nn.Module):
     run several per cent slower) and, since a removed unit contributes an exact 0, the MLP's patch rows
     are computed exactly as the hooked reference computes them. `units` (buffer) records the original indices, so
     the split is exactly reversible (`merged_weights`).
+
+    Forward is written for the fewest dispatched ops (in eager mode each is a kernel launch), the same
+    in every dtype: besides the ordinary MLP, the branch GEMM and activation, abs / argmax / gather for
+    the signed max, one cat of the prefix rows and the register rows, and one fused GEMM + add
+    (`baddbmm_`) of the prefix and register rows into the output's rows. Half precision runs the branch
+    in the model's dtype: the max is picked exactly (|.| is exact), and the fused GEMM accumulates the k
+    register columns onto the ordinary rows in float before the one rounding, as the hooked
+    reference's single down projection does.
     """
 
     def __init__(
@@ -186,16 +193,6 @@ class RegisterMlp(nn.Module):
         # The activation the register branch applies: the MLP's own (the same module). Exporters may
         # swap in an equivalent that their runtime evaluates accurately in the far tail (exporters/).
         self.reg_act = self.act
-        self.branch_float32 = _is_half(self.reg_fc1.weight.dtype)
-        # load_state_dict(assign=True) replaces tensors without _apply: look again once children are loaded
-        self.register_load_state_dict_post_hook(_refresh_branch_dtype)
-
-    def _apply(self, fn, recurse=True):  # type: ignore[override]
-        # .to(dtype) / .half() / .float() pass here: the half-precision decision follows the weights, so
-        # forward never branches on a tensor's dtype (FX tracing and TorchScript need a static path)
-        out = super()._apply(fn, recurse)
-        self.branch_float32 = _is_half(self.reg_fc1.weight.dtype)
-        return out
 
     def _hidden(self, pre: torch.Tensor) -> torch.Tensor:
         if self.gated:
@@ -212,25 +209,36 @@ class RegisterMlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.fc2(self._hidden(self.fc1(x)))
-        if self.branch_float32:
-            head = self._register_head_float32(x)
+        h = self._reg_hidden(self.reg_fc1(x))  # [B, N, k], a fresh contiguous tensor of this call
+        B, N, k = h.shape
+        p, q = self.num_prefix, self.num_prefix + self.num_registers
+        # signed max: the value of largest |.| (the first one in token-major order on a tie, as argmax picks)
+        if self.per_neuron:
+            m = h.gather(1, h.abs().argmax(dim=1, keepdim=True))  # [B, 1, k]
         else:
-            reg = self._reg_hidden(self.reg_fc1(x))
-            # After the edit only the prefix and register rows of the branch are non-zero, so its output
-            # projection runs on those rows alone (a k-wide GEMM over every token is slow on CPU kernels).
-            head = self.reg_fc2(register_rows(reg, self.num_prefix, self.num_registers, self.scale, self.per_neuron))
-        q = head.shape[1]
-        return torch.cat([(out[:, :q].to(head.dtype) + head).to(out.dtype), out[:, q:]], dim=1)
-
-    def _register_head_float32(self, x: torch.Tensor) -> torch.Tensor:
-        """The branch of a half-precision model in float32: the register token is one max times k columns,
-        so rounding that max and the k-wide sums to half precision (which the hooked reference's single
-        GEMM does not do) moved it by several half ulps on CUDA; k units cost nothing to widen."""
-        linear = torch.nn.functional.linear
-        b1 = self.reg_fc1.bias
-        pre = linear(x.float(), self.reg_fc1.weight.float(), b1.float() if b1 is not None else None)
-        rows = register_rows(self._reg_hidden(pre), self.num_prefix, self.num_registers, self.scale, self.per_neuron)
-        return linear(rows, self.reg_fc2.weight.float())
+            flat = h.view(B, N * k)
+            m = flat.gather(1, flat.abs().argmax(dim=1, keepdim=True)).view(B, 1, 1)
+        if self.scale != 1.0:  # a Python float fixed at build time: no multiply for the default scale
+            m = m * self.scale
+        # After the edit only the prefix rows (unchanged) and the register rows (m) of the branch are
+        # non-zero, so its output projection runs on those q rows alone (no zeroed patch rows).
+        if p == 0:  # no prefix token (SigLIP): the register rows alone, no cat
+            head = m.expand(B, q, k)
+        else:
+            head = torch.cat([h[:, :p], m.expand(B, q - p, k)], dim=1)
+        if not torch.jit.is_scripting():  # (TorchScript skips this block: it compiles the eager path)
+            if _graph_form():
+                # ONNX: a write into rows of `out` would become ScatterND and its index arithmetic; an
+                # add and a concat stay lean, with a dynamic batch axis, and keep `reg_fc2` a node of its
+                # own (exporters/onnx_int8.py keeps the branch reg_fc1 .. reg_fc2 in float). FX: its
+                # dead-code elimination (timm's feature extraction) drops an in-place op whose result
+                # is not used.
+                return torch.cat([out[:, :q] + self.reg_fc2(head), out[:, q:]], dim=1)
+        # Eager: the projection and the add in one fused GEMM, in place on `out` (made in this call;
+        # fc2's backward reads its inputs, not its output). `h` is left as it is (gather's backward
+        # reads it). torch.export and torch.compile functionalise the write.
+        out[:, :q].baddbmm_(head, self.reg_fc2.weight.t().expand(B, k, out.shape[-1]))
+        return out
 
     def merged_weights(self) -> MlpWeights:
         """The original (unsplit) MLP weights: the branch's rows and columns put back in place."""
