@@ -108,7 +108,8 @@ def _graph_form() -> bool:
     """Whether an ONNX exporter (dynamo or TorchScript-based) or FX symbolic tracing is running: RegisterMlp
     then writes its graph form, without an in-place write (called only outside TorchScript, which cannot
     compile this)."""
-    return torch.onnx.is_in_onnx_export() or torch.fx._symbolic_trace.is_fx_tracing()
+    fx = torch.fx._symbolic_trace  # is_fx_symbolic_tracing: torch >= 2.4 (is_fx_tracing logs a warning)
+    return torch.onnx.is_in_onnx_export() or getattr(fx, "is_fx_symbolic_tracing", fx.is_fx_tracing)()
 
 
 def _linear(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Linear:
