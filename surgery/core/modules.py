@@ -16,21 +16,24 @@ import torch
 from torch import nn
 
 
+def signed_max(h: torch.Tensor, per_neuron: bool = False) -> torch.Tensor:
+    """The value of largest |.| in each image of `h` [B, N, k] (sign kept; the first in token-major order on
+    a tie, as argmax picks): over all tokens and all k units, [B, 1, 1]; per unit with `per_neuron`,
+    [B, 1, k]. |.| is exact in every dtype, so half precision picks what float32 would."""
+    if per_neuron:
+        return h.gather(1, h.abs().argmax(dim=1, keepdim=True))
+    B, N, k = h.shape
+    flat = h.reshape(B, N * k)
+    return flat.gather(1, flat.abs().argmax(dim=1, keepdim=True)).view(B, 1, 1)
+
+
 def register_rows(
     h: torch.Tensor, num_prefix: int, num_registers: int, scale: float = 1.0, per_neuron: bool = False
 ) -> torch.Tensor:
     """The rows of `register_edit(h, ...)` that can be non-zero: prefix rows (unchanged) and register
     rows (scale * signed max), [B, num_prefix + num_registers, k]. Patch rows are all zero."""
     B, N, k = h.shape
-    mag = h.float().abs()  # selection in float32 whatever the dtype: half rounding cannot change the pick
-    if per_neuron:
-        idx = mag.argmax(dim=1, keepdim=True)  # [B, 1, k]
-        m = h.gather(1, idx)
-    else:
-        flat = h.reshape(B, N * k)
-        idx = mag.reshape(B, N * k).argmax(dim=1, keepdim=True)  # [B, 1]
-        m = flat.gather(1, idx).reshape(B, 1, 1).expand(B, 1, k)
-    reg = (m * scale).expand(B, num_registers, k)
+    reg = (signed_max(h, per_neuron) * scale).expand(B, num_registers, k)
     return torch.cat([h[:, :num_prefix], reg], dim=1)
 
 
@@ -213,12 +216,7 @@ class RegisterMlp(nn.Module):
         h = self._reg_hidden(self.reg_fc1(x))  # [B, N, k], a fresh contiguous tensor of this call
         B, N, k = h.shape
         p, q = self.num_prefix, self.num_prefix + self.num_registers
-        # signed max: the value of largest |.| (the first one in token-major order on a tie, as argmax picks)
-        if self.per_neuron:
-            m = h.gather(1, h.abs().argmax(dim=1, keepdim=True))  # [B, 1, k]
-        else:
-            flat = h.view(B, N * k)
-            m = flat.gather(1, flat.abs().argmax(dim=1, keepdim=True)).view(B, 1, 1)
+        m = signed_max(h, self.per_neuron)  # h is contiguous: its reshape is a view
         if self.scale != 1.0:  # a Python float fixed at build time: no multiply for the default scale
             m = m * self.scale
         # After the edit only the prefix rows (unchanged) and the register rows (m) of the branch are
