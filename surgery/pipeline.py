@@ -105,7 +105,7 @@ def measure_effect(source: torch.nn.Module, family: Any, batches: list[torch.Ten
     with torch.inference_mode(), cast_blockwise(source, fam.blocks(source), torch.float32), \
             last_block_diagnostics(source, fam, 0, sink):
         for pixels in batches:  # the effect statistics are measured in float32
-            fam.forward_both(source, pixels.to(dev, torch.float32))
+            fam.forward_effect(source, pixels.to(dev, torch.float32))
     before = effect_metrics(collected(sink), p, [], threshold=threshold)
     return {"before": before, "after": effect_metrics(collected(after), p + len(registers), registers,
                                                       threshold=threshold)}
