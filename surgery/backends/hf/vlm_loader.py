@@ -135,18 +135,18 @@ def _stored_float_dtype(files: ShardedCheckpoint) -> Any:
 
 
 def _load_baked(src: _Source, cfg: dict[str, Any], opts: LoadOptions) -> tuple[nn.Module, Any, str, dict[str, Any]]:
+    """The baked VLM, its tower read in float32 when it was written in the source's own dtype: its weights
+    are then the source's exactly (the bake permutes units), so it is judged computing in float32 against
+    the float64 reference (half-precision arithmetic on a CPU is slower than float32 and says nothing
+    about the weights); written in another dtype (--dtype), it runs in that dtype (the half judge)."""
+    import torch
+
     files = _checkpoint(src)
     if files is None:
         raise ModelInputError(f"{src.spec}: no model.safetensors or {INDEX_FILE} (a vit-surgery VLM folder keeps "
                               "its weights there)")
     cls, config, recipe, class_name = _baked_class(cfg, src.spec)
     require_config_fits(src.spec, cfg, streamed=True)
-    model = build_streamed(cls, config, files, src.spec, dtype=_stored_float_dtype(files),
-                           before_load=_bake_structure(recipe))
-    stray = unmapped_tensors(streamed_checkpoint(model))  # type: ignore[arg-type]
-    if stray:
-        raise ModelInputError(f"{src.spec}: weights do not match the baked model: unexpected tensor {stray[0]} "
-                              f"({len(stray)} in all)")
     doc: dict[str, Any] = {}
     sj = src.file("surgery.json")
     if sj is not None:
@@ -154,7 +154,16 @@ def _load_baked(src: _Source, cfg: dict[str, Any], opts: LoadOptions) -> tuple[n
             doc = json.loads(sj.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             doc = {}
-    return model, recipe, class_name, doc.get("source") or cfg[SURGERY_CONFIG_KEY].get("source") or {}
+    source_doc = doc.get("source") or cfg[SURGERY_CONFIG_KEY].get("source") or {}
+    stored = _stored_float_dtype(files)
+    same = stored is not None and str(stored).replace("torch.", "") == source_doc.get("dtype", "float32")
+    model = build_streamed(cls, config, files, src.spec, dtype=torch.float32 if same else stored,
+                           before_load=_bake_structure(recipe))
+    stray = unmapped_tensors(streamed_checkpoint(model))  # type: ignore[arg-type]
+    if stray:
+        raise ModelInputError(f"{src.spec}: weights do not match the baked model: unexpected tensor {stray[0]} "
+                              f"({len(stray)} in all)")
+    return model, recipe, class_name, source_doc
 
 
 def _checkpoint(src: _Source) -> Optional[ShardedCheckpoint]:
