@@ -208,7 +208,8 @@ def convert_estimate(loaded: LoadedModel, out_dtype: str, batch_size: int, num_r
     released = module_bytes(whole) - module_bytes(model) if in_place and whole is not model else 0
     return Estimate(now=current_rss() - released, reload=module_bytes(model, torch.float32),  # the check reloads the image model
                     block64=module_bytes(blocks[0], torch.float64) + module_bytes(model, torch.float64) // max(1, len(blocks)),
-                    activations=act, copy=0 if in_place else module_bytes(model, torch_dtype(out_dtype)))
+                    activations=act, copy=0 if in_place else module_bytes(model, torch_dtype(out_dtype)),
+                    stream=int(loaded.extra.get("stream_bytes", 0)))
 
 
 @dataclass

@@ -17,6 +17,7 @@ _DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16"
                 torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
                 torch.bool: "BOOL"}
 _FLOAT_NAMES = ("F64", "F32", "F16", "BF16")
+_TORCH_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
 
 
 def save_state_dict(state: Mapping[str, torch.Tensor], path: Path, surgery: Optional[dict[str, Any]]) -> None:
@@ -111,7 +112,6 @@ class ShardedCheckpoint:
             self.headers[name], self.starts[name] = header, start
             for tensor in header:
                 self.file_of[tensor] = name
-        self._open: dict[str, Any] = {}
 
     @classmethod
     def open(cls, lookup: Callable[[str], Optional[Path]]) -> Optional["ShardedCheckpoint"]:
@@ -148,11 +148,28 @@ class ShardedCheckpoint:
         return sum(self.nbytes(n) for n in self.file_of)
 
     def tensor(self, name: str) -> torch.Tensor:
-        """The stored tensor (its dtype), read into memory of its own."""
-        file = self.file_of[name]
-        if file not in self._open:
-            self._open[file] = safe_open(str(self.paths[file]), framework="pt")
-        return self._open[file].get_tensor(name)
+        """The stored tensor (its dtype), read into memory of its own: plain reads, no mapping of the file
+        (a mapped file's touched pages would stay resident for as long as it is open)."""
+        import os
+
+        info = self.info(name)
+        dtype = _TORCH_DTYPES[info["dtype"]]
+        out = torch.empty(info["shape"], dtype=dtype)
+        size = self.nbytes(name)
+        if size:
+            buf = out.reshape(-1).view(torch.uint8).numpy()
+            file = self.file_of[name]
+            pos, done = self.starts[file] + info["data_offsets"][0], 0
+            fd = os.open(self.paths[file], os.O_RDONLY)
+            try:
+                while done < size:
+                    n = os.preadv(fd, [memoryview(buf)[done:]], pos + done)
+                    if n <= 0:
+                        raise OSError(f"{self.paths[file]}: truncated data for {name}")
+                    done += n
+            finally:
+                os.close(fd)
+        return out
 
     def copy_bytes(self, name: str, dst: Any) -> None:
         """Append the tensor's stored bytes to the open binary file `dst`, in chunks."""

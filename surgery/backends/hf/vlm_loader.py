@@ -20,8 +20,8 @@ from typing import Any, Optional
 from torch import nn
 
 from ...core.errors import ModelInputError, UnsafeCheckpointError, first_line
-from ...core.memory import require_config_fits
-from ...core.safetensors_io import INDEX_FILE, ShardedCheckpoint
+from ...core.memory import require_config_fits, text_config_bytes
+from ...core.safetensors_io import INDEX_FILE, SINGLE_FILE, ShardedCheckpoint
 from ...core.source import LoadedModel, LoadOptions, SourceInfo
 from ..base import adapter_among, extra_files
 from .adapter import PREPROCESS_ATTR
@@ -135,18 +135,20 @@ def _stored_float_dtype(files: ShardedCheckpoint) -> Any:
 
 
 def _load_baked(src: _Source, cfg: dict[str, Any], opts: LoadOptions) -> tuple[nn.Module, Any, str, dict[str, Any]]:
-    """The baked VLM, its tower read in float32 when it was written in the source's own dtype: its weights
-    are then the source's exactly (the bake permutes units), so it is judged computing in float32 against
-    the float64 reference (half-precision arithmetic on a CPU is slower than float32 and says nothing
-    about the weights); written in another dtype (--dtype), it runs in that dtype (the half judge)."""
+    """The baked VLM in the dtype it was written in. Written in its source's own dtype, its weights are
+    the source's exactly (the bake permutes units): it is judged computing in float32 (block by block)
+    against the float64 reference, since half-precision arithmetic on a CPU is slower than float32 and
+    says nothing more about the weights; written in another dtype (--dtype), the half judge holds it."""
     import torch
 
+    from ...core.parity import COMPUTE_DTYPE_ATTR
+
+    cls, config, recipe, class_name = _baked_class(cfg, src.spec)
+    require_config_fits(src.spec, cfg, streamed=True)
     files = _checkpoint(src)
     if files is None:
         raise ModelInputError(f"{src.spec}: no model.safetensors or {INDEX_FILE} (a vit-surgery VLM folder keeps "
                               "its weights there)")
-    cls, config, recipe, class_name = _baked_class(cfg, src.spec)
-    require_config_fits(src.spec, cfg, streamed=True)
     doc: dict[str, Any] = {}
     sj = src.file("surgery.json")
     if sj is not None:
@@ -157,8 +159,9 @@ def _load_baked(src: _Source, cfg: dict[str, Any], opts: LoadOptions) -> tuple[n
     source_doc = doc.get("source") or cfg[SURGERY_CONFIG_KEY].get("source") or {}
     stored = _stored_float_dtype(files)
     same = stored is not None and str(stored).replace("torch.", "") == source_doc.get("dtype", "float32")
-    model = build_streamed(cls, config, files, src.spec, dtype=torch.float32 if same else stored,
-                           before_load=_bake_structure(recipe))
+    model = build_streamed(cls, config, files, src.spec, dtype=stored, before_load=_bake_structure(recipe))
+    if same and stored != torch.float32:
+        setattr(model, COMPUTE_DTYPE_ATTR, torch.float32)
     stray = unmapped_tensors(streamed_checkpoint(model))  # type: ignore[arg-type]
     if stray:
         raise ModelInputError(f"{src.spec}: weights do not match the baked model: unexpected tensor {stray[0]} "
@@ -222,8 +225,9 @@ def vlm_loader(spec: str, opts: LoadOptions) -> Optional[LoadedModel]:
         fam = adapter_among(VLM_ADAPTERS, model)
     else:
         class_name = VLM_MODEL_TYPES[cfg["model_type"]]
+        streamed = src.file(INDEX_FILE) is not None or src.file(SINGLE_FILE) is not None
+        require_config_fits(spec, cfg, streamed=streamed)  # the whole config, before any file is opened
         files = _checkpoint(src)
-        require_config_fits(spec, cfg, streamed=files is not None)  # the whole config, before any tensor is read
         if files is None:  # a pickled checkpoint: the whole VLM is loaded
             model = load_stock_class(src, class_name, opts).eval()
         else:
@@ -251,4 +255,6 @@ def vlm_loader(spec: str, opts: LoadOptions) -> Optional[LoadedModel]:
                             spec=spec, preprocess=_json_preprocess(pre), dtype=dtype)
     return LoadedModel(model, fam, spec, source, fam.data_transform(model), recipe,
                        extra={"preprocessor_config": raw, "baked_folder": recipe is not None, "vlm": True,
+                              # one language-model unit, read and cast to float32, when the judge runs it
+                              "stream_bytes": 2 * text_config_bytes(cfg)[1] if streamed_checkpoint(model) else 0,
                               "extra_files": vlm_extra_files(src)})
