@@ -229,12 +229,16 @@ def run_measured(cmd: list[str], timeout: float) -> dict:
             "tail": "".join(out)[-3000:]}
 
 
-def measure(row: str, work: Path, keep: bool, timeout: float) -> dict:
+def measure(row: str, work: Path, keep: bool, timeout: float, reuse: bool = False) -> dict:
     src, out = work / row / "src", work / row / "out"
-    shutil.rmtree(work / row, ignore_errors=True)
     t = time.perf_counter()
-    print(f"[{row}] building the folder ...", flush=True)
-    weights = build(row, src)
+    if reuse and (src / "model.safetensors.index.json").is_file():  # a folder this script built and kept
+        shutil.rmtree(out, ignore_errors=True)
+        weights = json.loads((src / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+    else:
+        shutil.rmtree(work / row, ignore_errors=True)
+        print(f"[{row}] building the folder ...", flush=True)
+        weights = build(row, src)
     built = time.perf_counter() - t
     print(f"[{row}] built {weights / 1e9:.1f} GB in {built:.0f} s", flush=True)
     neurons = work / row / "n.json"
@@ -271,13 +275,14 @@ def main() -> None:
     ap.add_argument("--rows", default="llava15_7b")
     ap.add_argument("--work", default="/tmp/vitsurgery-bench-vlm")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--reuse", action="store_true", help="use a folder kept (--keep) by an earlier run")
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--write", action="store_true", help="replace this benchmark's section of RESULTS.md")
     ap.add_argument("--json", help="also write the raw results here")
     a = ap.parse_args()
     results = []
     for row in a.rows.split(","):
-        r = measure(row, Path(a.work), a.keep, a.timeout)
+        r = measure(row, Path(a.work), a.keep, a.timeout, a.reuse)
         results.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "tail"}, indent=1), flush=True)
         if r["rc"] != 0:

@@ -169,14 +169,14 @@ class HFVisionLanguage(Adapter):
         n = self.image_token_count(model, pixels) if image_tokens is None else image_tokens
         return torch.tensor([image_id] * n + text, device=pixels.device).unsqueeze(0).expand(pixels.shape[0], -1)
 
-    def forward_features_and_logits(self, model: nn.Module, pixels: torch.Tensor,
+    def forward_features_and_logits(self, model: nn.Module, pixels: torch.Tensor, all_images: bool = False,
                                     **kwargs: Any) -> tuple[torch.Tensor, Any]:
         """(projector input features [B, N, D'], the VLM's output on image + fixed text for the first
-        `logits_images` images: all of them unless the language model is streamed)."""
+        `logits_images` images: all of them unless the language model is streamed, or `all_images`)."""
         feats: list[torch.Tensor] = []
         hook = model.model.multi_modal_projector.register_forward_pre_hook(lambda _m, a: feats.append(a[0]))
         ids = self.judged_input_ids(model, pixels)
-        k = logits_images(model, pixels.shape[0], ids.shape[1])
+        k = pixels.shape[0] if all_images else logits_images(model, pixels.shape[0], ids.shape[1])
         try:
             out = model(input_ids=ids[:k], pixel_values=pixels[:k], attention_mask=torch.ones_like(ids[:k]),
                         use_cache=False, return_dict=True, **kwargs)
@@ -239,7 +239,7 @@ class HFLlavaNext(HFVisionLanguage):
     def forward_tokens(self, model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
         return super().forward_tokens(model, pixels.flatten(0, 1) if pixels.dim() == 5 else pixels)
 
-    def forward_features_and_logits(self, model: nn.Module, pixels: torch.Tensor,
+    def forward_features_and_logits(self, model: nn.Module, pixels: torch.Tensor, all_images: bool = False,
                                     **kwargs: Any) -> tuple[torch.Tensor, Any]:
         """One tower pass through the VLM's own feature code (tiles, selection, projector, packing); the
         packed features then fill the `<image>` placeholders of the judged prompt, as the VLM's forward does."""
@@ -255,7 +255,7 @@ class HFLlavaNext(HFVisionLanguage):
             hook.remove()
         image = torch.cat(list(packed)) if isinstance(packed, (list, tuple)) else packed
         ids = self.judged_input_ids(model, pixels, image_tokens=image.shape[0] // B)
-        k = logits_images(model, B, ids.shape[1])
+        k = B if all_images else logits_images(model, B, ids.shape[1])
         ids, image = ids[:k], image[: k * (image.shape[0] // B)]
         embeds = model.get_input_embeddings()(ids)
         mask = (ids == int(model.config.image_token_id)).unsqueeze(-1).expand_as(embeds)

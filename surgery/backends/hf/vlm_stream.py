@@ -219,14 +219,9 @@ def build_streamed(cls: type, config: Any, files: ShardedCheckpoint, spec: str, 
 def move_resident(model: nn.Module, device: str | torch.device) -> None:
     """`model.to(device)` for a streamed VLM: what is in memory moves, the language model's units are read
     onto the device their inputs are on when they run."""
-    with torch.no_grad():
-        for m in model.modules():
-            for k, p in m._parameters.items():
-                if p is not None and p.device.type != "meta":
-                    m._parameters[k] = nn.Parameter(p.data.to(device), requires_grad=p.requires_grad)
-            for k, b in m._buffers.items():
-                if b is not None and b.device.type != "meta":
-                    m._buffers[k] = b.to(device)
+    from ...core.weights import move_in_memory
+
+    move_in_memory(model, device)
 
 
 def unmapped_tensors(ckpt: VlmCheckpoint) -> list[str]:
