@@ -88,7 +88,10 @@ class VisionEncoder(nn.Module):
 
 
 def _export(loaded: Any, out_dir: Path, scratch: Path, exporter: str, progress: bool) -> Path:
-    model = copy.deepcopy(loaded.model).to("cpu", torch.float32).eval()
+    from surgery.core.weights import move_in_memory
+
+    # a VLM read from its files keeps its language model there (meta): the graph is the tower + projector
+    model = move_in_memory(copy.deepcopy(loaded.model), "cpu", torch.float32).eval()
     wrapper = VisionEncoder(model, torch.float32).eval()
     c, h, w = loaded.adapter.input_size(loaded.model)
     example = torch.randn(SPEC.export_batch_size, c, h, w, generator=torch.Generator().manual_seed(0))

@@ -105,7 +105,7 @@ def measure_effect(source: torch.nn.Module, family: Any, batches: list[torch.Ten
     with torch.inference_mode(), cast_blockwise(source, fam.blocks(source), torch.float32), \
             last_block_diagnostics(source, fam, 0, sink):
         for pixels in batches:  # the effect statistics are measured in float32
-            fam.forward_both(source, pixels.to(dev, torch.float32))
+            fam.forward_effect(source, pixels.to(dev, torch.float32))
     before = effect_metrics(collected(sink), p, [], threshold=threshold)
     return {"before": before, "after": effect_metrics(collected(after), p + len(registers), registers,
                                                       threshold=threshold)}
@@ -208,7 +208,8 @@ def convert_estimate(loaded: LoadedModel, out_dtype: str, batch_size: int, num_r
     released = module_bytes(whole) - module_bytes(model) if in_place and whole is not model else 0
     return Estimate(now=current_rss() - released, reload=module_bytes(model, torch.float32),  # the check reloads the image model
                     block64=module_bytes(blocks[0], torch.float64) + module_bytes(model, torch.float64) // max(1, len(blocks)),
-                    activations=act, copy=0 if in_place else module_bytes(model, torch_dtype(out_dtype)))
+                    activations=act, copy=0 if in_place else module_bytes(model, torch_dtype(out_dtype)),
+                    stream=int(loaded.extra.get("stream_bytes", 0)))
 
 
 @dataclass

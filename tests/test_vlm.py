@@ -145,22 +145,56 @@ def test_converted_vlm_matches_the_independent_reference(case, converted, images
     assert torch.equal(inputs["input_ids"], processor_inputs(src, images, stretch)["input_ids"])
 
 
+def stored_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a folder's safetensors files under its stored name (safetensors' own reading)."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def assert_only_the_tower_changed(src: Path, out: Path, tower_prefix: str) -> int:
+    """OUT has the source's files (and index) and tensor names outside the tower; each of those tensors
+    is the source's byte for byte (dtype, shape, bytes); at least one tower tensor changed. Returns the
+    number of unchanged tensors."""
+    source, written = stored_tensors(src), stored_tensors(out)
+    assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(p.name for p in src.glob("*.safetensors"))
+    assert (out / "model.safetensors.index.json").exists() == (src / "model.safetensors.index.json").exists()
+    outside = [k for k in source if not k.startswith(tower_prefix)]
+    assert outside and set(outside) <= set(written)
+    for k in outside:
+        a, b = source[k], written[k]
+        assert a.dtype == b.dtype and a.shape == b.shape, k
+        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), k
+    assert not set(written) - set(source) - {k for k in written if k.startswith(tower_prefix)}
+    assert any(not torch.equal(written[k], v) for k, v in source.items() if k.startswith(tower_prefix) and k in written)
+    if (src / "model.safetensors.index.json").exists():
+        index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+        assert set(index) == set(written)  # the branch's new tensors are named in the index
+        for name, file in index.items():
+            assert name in stored_tensors_in(out / file)
+    return len(outside)
+
+
+def stored_tensors_in(path: Path) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return set(f.keys())
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_only_the_tower_changed_and_the_folder_is_whole(case, converted):
-    from safetensors.torch import load_file
-    from transformers import AutoModelForImageTextToText
-
+    """transformers' own save_pretrained names (a single model.safetensors): kept, unchanged byte for byte."""
     src, out = converted[case]
-    source = AutoModelForImageTextToText.from_pretrained(src).state_dict()  # transformers' own reading
-    written = load_file(str(out / "model.safetensors"))
-    outside = [k for k in source if not k.startswith(TOWER)]
-    assert outside and all(torch.equal(written[k], source[k]) for k in outside)  # LM, projector: bit-identical
-    assert any(not torch.equal(written[k], v) for k, v in source.items() if k.startswith(TOWER) and k in written)
+    count = assert_only_the_tower_changed(src, out, "vision_tower.")
     for name in ("processor_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                  "generation_config.json"):
         assert (out / name).read_bytes() == (src / name).read_bytes(), name
     doc = json.loads((out / "surgery.json").read_text())
-    assert doc["unchanged_tensors"]["count"] == len(outside)
+    assert doc["unchanged_tensors"]["count"] == count
     card = (out / "README.md").read_text()
     assert "pipeline_tag: image-text-to-text" in card and "AutoModelForImageTextToText" in card
     parity = json.loads((out / "parity.json").read_text())["parity"]
@@ -225,12 +259,7 @@ def test_find_and_convert_from_the_hub_in_float16(fake_hub, tmp_path, capsys):
     stdout, err = capsys.readouterr()
     assert code == 0, err
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "float16"
-    from safetensors.torch import load_file
-    from transformers import LlavaForConditionalGeneration
-
-    source = LlavaForConditionalGeneration.from_pretrained(src, dtype="auto").state_dict()
-    written = load_file(str(tmp_path / "out" / "model.safetensors"))
-    assert all(torch.equal(written[k], v) for k, v in source.items() if not k.startswith(TOWER))
+    assert_only_the_tower_changed(src, tmp_path / "out", "vision_tower.")
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "out", trust_remote_code=True, dtype="auto")
     assert next(model.parameters()).dtype == torch.float16
     inputs = processor_inputs(tmp_path / "out", list(builtin_images().glob("*.png"))[:2])

@@ -51,7 +51,8 @@ def load_model(spec: str, options: LoadOptions | None = None) -> LoadedModel:
         if loaded is not None:
             assert_finite(loaded.model, spec)
             loaded.model.eval()
-            loaded.model.to(opts.device)
+            if not any(p.device.type == "meta" for p in loaded.model.parameters()):
+                loaded.model.to(opts.device)  # (a streamed VLM's loader places what it holds itself)
             trim_heap()  # a state dict loaded whole and copied into the model is freed by now
             require_finite_weights(loaded)
             return loaded

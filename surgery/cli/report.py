@@ -25,7 +25,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
     opts: dict[str, Any] = {"neurons": a.neurons, "options": _options(a), "num_images": a.num_images,
                             "show": a.show, "batch_size": a.batch_size, "seed": a.seed, "threshold": a.threshold,
-                            "detect_layer": a.detect_layer}
+                            "detect_layer": a.detect_layer, "lm_attention": not a.no_lm_attention}
     if a.dataset:
         opts["dataset"] = a.dataset
         opts["knn"] = {"k": a.k, "test_fraction": a.test_fraction, "seed": a.seed, "batch_size": a.batch_size}
@@ -92,6 +92,9 @@ def add_commands(sub: Any) -> None:
                    help="outlier rule: a norm, or 'auto' (default): > 2.5 x the image's median patch-token norm")
     i.add_argument("--detect-layer", type=int, default=None,
                    help="block whose output is measured (default: the discovery record's, else the last block)")
+    i.add_argument("--no-lm-attention", action="store_true",
+                   help="VLMs: leave out the language model's attention to the image tokens (its attention "
+                        "maps for every layer are what a 7B's report would not fit in memory)")
     g = i.add_argument_group("optional k-NN section")
     g.add_argument("--dataset", default=None, help="ImageFolder dataset: add k-NN accuracy before/after")
     g.add_argument("--k", type=_positive_int, default=20)

@@ -131,6 +131,10 @@ class Adapter:
     def forward_both(self, model: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.forward_pooled(model, pixels), self.forward_tokens(model, pixels)
 
+    def forward_effect(self, model: nn.Module, pixels: torch.Tensor) -> None:
+        """The pass the effect statistics watch (hooks on the blocks): the whole forward (a VLM: its tower)."""
+        self.forward_both(model, pixels)
+
     def input_size(self, model: nn.Module) -> tuple[int, int, int]:
         raise NotImplementedError
 

@@ -84,13 +84,13 @@ def available_bytes() -> Optional[int]:
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor], dtype: Optional[torch.dtype] = None) -> int:
-    """Bytes of distinct tensors, as stored or (floating ones) in `dtype`."""
+    """Bytes of distinct tensors in memory (meta tensors take none), as stored or (floating ones) in `dtype`."""
     import torch
 
     seen: set[int] = set()
     total = 0
     for t in tensors:
-        if id(t) in seen:
+        if id(t) in seen or t.device.type == "meta":  # meta: not in memory (a streamed VLM's language model)
             continue
         seen.add(id(t))
         size = t.element_size() if dtype is None or not t.is_floating_point() else torch.empty((), dtype=dtype).element_size()
@@ -109,16 +109,19 @@ class Estimate:
     block64: int  # one block of the source in float64
     activations: int  # one batch
     copy: int = 0  # a copy in another dtype (--dtype different from the source's)
+    stream: int = 0  # a streamed VLM's language model: one unit (layer / embeddings / head) in float32 + logits
 
     @property
     def peak(self) -> int:
-        return int(self.now + MARGIN * (self.reload + self.block64 + self.activations + self.copy))
+        return int(self.now + MARGIN * (self.reload + self.block64 + self.activations + self.copy + self.stream))
 
     def describe(self) -> str:
         parts = [f"process now {self.now / GiB:.1f}", f"reloaded output {self.reload / GiB:.1f}",
                  f"one batch of activations {self.activations / GiB:.1f}"]
         if self.copy:
             parts.append(f"copy in the output dtype {self.copy / GiB:.1f}")
+        if self.stream:
+            parts.append(f"streamed language model {self.stream / GiB:.1f}")
         return f"{self.peak / GiB:.1f} GiB ({', '.join(parts)} GiB, +{MARGIN - 1:.0%} on what is added)"
 
 
@@ -202,14 +205,58 @@ def config_weight_bytes(cfg: dict[str, Any]) -> int:
     return int(4 * (depth * (4 * width * width + 2 * width * hidden) + tokens * width))
 
 
-def require_config_fits(spec: str, cfg: dict[str, Any]) -> None:
+# A VLM's text config names only what differs from its class's defaults (LLaVA-1.5's hub config: vocab
+# and a few more): what it leaves out is taken as Llama-2-7B's, LlavaConfig's default text model.
+_TEXT_DEFAULTS = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "vocab_size": 32000}
+
+
+def text_config_bytes(cfg: dict[str, Any]) -> tuple[int, int]:
+    """float32 bytes of a VLM's language model from its `text_config`: (the whole of it, its largest
+    streamed unit: one decoder layer, or the embeddings / head, whichever is larger)."""
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    docs = [text, _TEXT_DEFAULTS]
+    width = _first_int(docs, ("hidden_size",), 4096)
+    hidden = _first_int(docs, ("intermediate_size",), 4 * width)
+    depth = _first_int(docs, ("num_hidden_layers",), 32)
+    vocab = _first_int(docs, ("vocab_size",), 32000)
+    heads = _first_int([text], ("num_attention_heads",), 32)
+    kv = _first_int([text], ("num_key_value_heads",), heads)
+    head_dim = _first_int([text], ("head_dim",), width / heads)
+    attention = 2 * width * heads * head_dim + 2 * width * kv * head_dim
+    layer = attention + 3 * width * hidden  # gated MLP (Llama, Mistral, Qwen2, Gemma)
+    embed = vocab * width
+    tied = bool(text.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False)))
+    return int(4 * (depth * layer + embed * (1 if tied else 2))), int(4 * max(layer, embed))
+
+
+def vlm_config_peak(cfg: dict[str, Any], streamed: bool) -> int:
+    """What loading a VLM and judging it needs, from its config: streamed (safetensors), the tower twice
+    (source and reloaded output) plus one language-model unit read and cast to float32 (twice: the stored
+    copy and the float32 one) and the logits; loaded whole (a pickled checkpoint), two copies of the whole VLM."""
+    tower = config_weight_bytes({k: v for k, v in cfg.items() if k != "text_config"})
+    whole, unit = text_config_bytes(cfg)
+    return int(2 * tower + 2 * unit) if streamed else int(2 * (tower + whole))
+
+
+def require_config_fits(spec: str, cfg: dict[str, Any], streamed: Optional[bool] = None) -> None:
     """Refuse (exit 13) a config whose model could not even be built here: building and loading it holds
-    about two copies of its weights. Read from config.json alone, before anything is allocated."""
+    about two copies of its weights. Read from config.json alone, before anything is allocated. For a VLM
+    the caller says which path will run (`streamed`: its language model stays in its safetensors files;
+    False: the whole VLM is loaded) and the whole config counts, `text_config` included; None: the
+    vision model alone."""
     if os.environ.get("VIT_SURGERY_SKIP_MEMORY_CHECK"):
         return
-    need = 2 * config_weight_bytes(cfg)
+    vlm = streamed is not None
+    need = vlm_config_peak(cfg, bool(streamed)) if vlm else 2 * config_weight_bytes(cfg)
     avail = available_bytes()
-    if avail is not None and need > avail:
-        raise OutOfMemoryRisk(f"{spec}: its config.json describes a model of about {need / 2 / GiB:.1f} GiB of "
-                              f"weights (building and loading it needs about {need / GiB:.1f} GiB, "
-                              f"{avail / GiB:.1f} GiB is available): stopped before building it")
+    if avail is None or need <= avail:
+        return
+    if vlm:
+        how = ("its tower and one language-model layer at a time" if streamed else
+               "the whole VLM (a pickled checkpoint; with safetensors only the tower is loaded)")
+        raise OutOfMemoryRisk(f"{spec}: its config.json describes a VLM that needs about {need / GiB:.1f} GiB to "
+                              f"convert ({how}), {avail / GiB:.1f} GiB is available: stopped before reading any "
+                              "weights")
+    raise OutOfMemoryRisk(f"{spec}: its config.json describes a model of about {need / 2 / GiB:.1f} GiB of "
+                          f"weights (building and loading it needs about {need / GiB:.1f} GiB, "
+                          f"{avail / GiB:.1f} GiB is available): stopped before building it")

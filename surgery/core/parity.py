@@ -15,6 +15,7 @@ from .judge import allowed_error, float32_sized_noise, per_vector_relative
 from .output_format import FP32_TOLERANCE
 from .recipe import Recipe
 
+COMPUTE_DTYPE_ATTR = "surgery_compute_dtype"  # set on a model judged computing in that dtype (see check_parity)
 # Half precision: the baked model may be off the float64 reference by this factor times the error of
 # the unmodified (hooked) model in the same dtype, vector by vector (floored at that error's median).
 HALF_FACTOR = 4.0
@@ -274,13 +275,18 @@ def check_parity(
     source.eval()
     baked.eval()
     dev = next(baked.parameters()).device
-    dtype = next(baked.parameters()).dtype
+    # a model may ask to be judged computing in another dtype than it is stored in (a VLM written in its
+    # source's half dtype holds the source's weights exactly: it computes in float32, block by block)
+    compute = getattr(baked, COMPUTE_DTYPE_ATTR, None)
+    dtype = compute or next(baked.parameters()).dtype
     half = dtype in (torch.float16, torch.bfloat16)
     src_dev = next(source.parameters()).device
     blocks = fam.blocks(source)
     for pixels in batches:
         got: dict[str, torch.Tensor] = {}
         with contextlib.ExitStack() as stack:
+            if compute is not None:
+                stack.enter_context(cast_blockwise(baked, fam.blocks(baked), compute))
             if on_baked_batch is not None:
                 stack.enter_context(on_baked_batch(baked, pixels))
             _stream(baked, fam, pixels.to(dev, dtype), got.__setitem__)

@@ -185,3 +185,22 @@ def share_with_file(model: nn.Module, path: str | Path, keys: list[str], prefix:
         released += dst.numel() * dst.element_size()
         dst.data = mapped.tensor(key)
     return released
+
+
+@torch.no_grad()
+def move_in_memory(model: nn.Module, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+    """`model.to(device, dtype)` for what is in memory: parameters left on the meta device (a streamed
+    VLM's language model, read from its files when it runs) stay there. Returns `model`."""
+    if not any(p.device.type == "meta" for p in model.parameters()):
+        return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    for m in model.modules():
+        for k, p in m._parameters.items():
+            if p is not None and p.device.type != "meta":
+                t = p.data.to(device) if device is not None else p.data
+                m._parameters[k] = nn.Parameter(t.to(dtype) if dtype is not None and t.is_floating_point() else t,
+                                                requires_grad=p.requires_grad)
+        for k, b in m._buffers.items():
+            if b is not None and b.device.type != "meta":
+                b = b.to(device) if device is not None else b
+                m._buffers[k] = b.to(dtype) if dtype is not None and b.is_floating_point() else b
+    return model

@@ -239,3 +239,39 @@ def save_vlm_organism(model: nn.Module, processor: Any, path: str | Path, *, wit
 
 def read_config(path: str | Path) -> dict[str, Any]:
     return json.loads((Path(path) / "config.json").read_text())
+
+
+# The hub's legacy names for a tower saved by transformers 5 (which writes `vision_tower.<...>`): the
+# llava-hf repos keep the CLIP/SigLIP vision model's own level, `vision_tower.vision_model.<...>`.
+HUB_TOWER_RENAME = ("vision_tower.", "vision_tower.vision_model.")
+
+
+def save_hub_layout(model: nn.Module, processor: Any, path: str | Path, *, max_shard_size: str = "200KB",
+                    hub_names: bool = True) -> Path:
+    """The VLM as a hub repo holds it: transformers' own `save_pretrained` in shards of `max_shard_size`
+    (+ model.safetensors.index.json), then (`hub_names`) the tower's tensors renamed in every shard and in
+    the index the way the hub stores them (`vision_tower.vision_model.*`; transformers 5 already writes
+    `language_model.model.*`, `language_model.lm_head.weight`, `multi_modal_projector.*`)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    model.save_pretrained(path, safe_serialization=True, max_shard_size=max_shard_size)
+    processor.save_pretrained(path)
+    if not hub_names:
+        return path
+    old, new = HUB_TOWER_RENAME
+
+    def rename(name: str) -> str:
+        return new + name[len(old):] if name.startswith(old) and not name.startswith(new) else name
+
+    index_path = path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    for shard in sorted(set(index["weight_map"].values())):
+        with safe_open(str(path / shard), framework="pt") as f:
+            tensors = {rename(k): f.get_tensor(k) for k in f.keys()}
+            meta = f.metadata()
+        save_file(tensors, str(path / shard), metadata=meta)
+    index["weight_map"] = {rename(k): v for k, v in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return path

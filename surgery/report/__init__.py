@@ -45,7 +45,8 @@ def write_report(model_spec: str, baked_spec: Optional[str] = None, images: Any 
     summary.json into `out_dir` (created). Returns the path of report.html.
 
     opts: neurons (file or published set, for a plain MODEL), options (LoadOptions), num_images (64),
-    show (6), batch_size (8), seed (0), threshold ("auto"), detect_layer (None: the discovery
+    show (6), batch_size (8), seed (0), threshold ("auto"), lm_attention (True: a VLM's language-model
+    attention section), detect_layer (None: the discovery
     record's, else the last block), dataset (ImageFolder: adds a k-NN section), knn (dict of
     `knn_compare` keyword arguments).
     """
@@ -60,6 +61,11 @@ def write_report(model_spec: str, baked_spec: Optional[str] = None, images: Any 
     cfg = DiscoveryConfig(detect_layer=opts.get("detect_layer"), threshold=threshold, batch_size=batch_size, seed=seed)
     pair = resolve_pair(model_spec, baked_spec, files, options=opts.get("options"), neurons=opts.get("neurons"),
                         cfg=cfg, progress=progress)
+    lm_attention_on = bool(opts.get("lm_attention", True))
+    if lm_attention_on:
+        from .lm_attention import require_lm_attention_fits
+
+        require_lm_attention_fits(pair, batch_size)  # before any image is measured
     detect = opts.get("detect_layer")
     if detect is None and pair.ranking_doc is not None and isinstance(pair.ranking_doc.get("detect_layer"), int):
         detect = pair.ranking_doc["detect_layer"]
@@ -70,7 +76,8 @@ def write_report(model_spec: str, baked_spec: Optional[str] = None, images: Any 
     out_dir.mkdir(parents=True, exist_ok=True)
     pics = _draw_pictures(m, recipe, out_dir)
     lm_attention = _lm_attention_section(pair, files, out_dir, pics, batch_size=batch_size,
-                                         show=int(opts.get("show", DEFAULT_SHOW)), progress=progress)
+                                         show=int(opts.get("show", DEFAULT_SHOW)),
+                                         progress=progress) if lm_attention_on else None
     ranking = _ranking_section(pair, recipe, out_dir, pics)
     knn = None
     if opts.get("dataset") and pair.baked is not None:

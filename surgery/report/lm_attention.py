@@ -12,6 +12,7 @@ tokens after a CLS feature, when the VLM keeps one).
 from __future__ import annotations
 
 import contextlib
+import os
 import math
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -53,10 +54,41 @@ def _grid_rows(adapter: Any, model: nn.Module, n_image: int) -> tuple[int, int]:
 def image_attention(adapter: Any, model: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(last token's attention over image tokens [B, n_image], share of its row on them [B])."""
     with eager_attention(model):
-        _, out = adapter.forward_features_and_logits(model, pixels, output_attentions=True)
+        _, out = adapter.forward_features_and_logits(model, pixels, all_images=True, output_attentions=True)
     att = torch.stack([a.float() for a in out.attentions]).mean(dim=(0, 2))[:, -1]  # [B, T]: layers, heads
     image = att[:, : att.shape[1] - adapter.text_length]  # the prompt: image tokens, then the text
     return image, image.sum(dim=1)
+
+
+def attention_bytes(adapter: Any, model: nn.Module, pixels_shape: tuple[int, ...], batch: int) -> int:
+    """The language model's attention probabilities a batch returns (float32, every layer and head, the
+    judged prompt's tokens squared), plus one streamed unit of a language model kept in its files."""
+    text = model.config.text_config
+    tokens = adapter.image_token_count(model, torch.empty(pixels_shape[-3:], device="meta"))
+    squares = [int(a) for a, b in (getattr(model.config, "image_grid_pinpoints", None) or []) if a == b]
+    if squares:  # any-resolution tiles: the whole image plus the grid's tiles (an upper bound)
+        tokens *= 1 + (max(squares) // int(pixels_shape[-1])) ** 2
+    tokens += adapter.text_length
+    heads, layers = int(text.num_attention_heads), int(text.num_hidden_layers)
+    return 4 * batch * layers * heads * tokens * tokens * 2  # the probabilities and the scores they came from
+
+
+def require_lm_attention_fits(pair: Any, batch_size: int) -> None:
+    """Refuse (exit 13) before measuring when a batch's language-model attention cannot fit in memory."""
+    from ..core.errors import OutOfMemoryRisk
+    from ..core.memory import GiB, available_bytes
+
+    loaded = pair.original
+    if not is_vlm(loaded.adapter) or os.environ.get("VIT_SURGERY_SKIP_MEMORY_CHECK"):
+        return
+    c, h, w = loaded.adapter.input_size(loaded.model)
+    need = attention_bytes(loaded.adapter, loaded.model, (c, h, w), batch_size)
+    avail = available_bytes()
+    if avail is not None and need > avail:
+        raise OutOfMemoryRisk(f"the language model's attention to the image tokens would hold about {need / GiB:.1f} "
+                              f"GiB per batch of {batch_size} ({avail / GiB:.1f} GiB is available): stopped before "
+                              "measuring; options: {no_lm_attention} (the rest of the report), or {batch_size} 1",
+                              parameters=("no_lm_attention", "batch_size"))
 
 
 def top_share(image: torch.Tensor) -> torch.Tensor:

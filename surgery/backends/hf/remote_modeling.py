@@ -193,3 +193,22 @@ class VitSurgeryPaliGemmaForConditionalGeneration(transformers.PaliGemmaForCondi
     def __init__(self, config):
         super().__init__(config)
         bake_vlm_tower(self.model.vision_tower, config.vit_surgery)
+
+
+def _keep_checkpoint_names(remote: type) -> None:
+    """The folder keeps its source's tensor names (the hub's legacy `language_model.model.*`,
+    `vision_tower.vision_model.*`, or transformers' own): transformers renames them at load for its stock
+    class only, so the stock class's renaming rules are registered for this remote-code class too."""
+    try:
+        from transformers.conversion_mapping import (get_checkpoint_conversion_mapping,
+                                                     register_checkpoint_conversion_mapping)
+    except ImportError:  # transformers 4.x: no conversion mapping (its classes load the legacy names)
+        return
+    mapping = get_checkpoint_conversion_mapping(remote.config_class.model_type)
+    if mapping:
+        register_checkpoint_conversion_mapping(remote.__name__, mapping, overwrite=True)
+
+
+for _vlm in (VitSurgeryLlavaForConditionalGeneration, VitSurgeryLlavaNextForConditionalGeneration,
+             VitSurgeryLlavaOnevisionForConditionalGeneration, VitSurgeryPaliGemmaForConditionalGeneration):
+    _keep_checkpoint_names(_vlm)

@@ -27,10 +27,23 @@ from ...core.image_features import NATIVE_PREFIX_ATTR, install_register_drop
 from ...core.modules import MlpWeights
 from .adapter import HF_CLIP, PREPROCESS_ATTR, _from_transformers, _hf_classes
 from .dinov3_siglip import HF_SIGLIP
+from .vlm_stream import streamed_checkpoint
 
 IMAGE_PROCESSOR_ATTR = "surgery_image_processor"  # the VLM's own HF image processor (set by the loader)
 SELECT_STRATEGIES = ("default", "full")
 TEXT_LENGTH = 8  # text tokens after the image in the judged prompt
+# A streamed language model (a VLM read from safetensors) gets the logits of as many images of a batch as
+# this much work allows (language-model parameters x prompt tokens, per pass), at least one: every image
+# is judged on its image features, a 7B's logits on one image per batch (each pass reads the whole model).
+LM_WORK_PER_BATCH = 2e12
+
+
+def logits_images(model: nn.Module, batch: int, tokens: int) -> int:
+    """How many images of a batch the judged logits cover (all, unless the language model is streamed)."""
+    ckpt = streamed_checkpoint(model)
+    if ckpt is None:
+        return batch
+    return max(1, min(batch, int(LM_WORK_PER_BATCH // max(1, ckpt.lm_parameters() * tokens))))
 
 
 def vision_tower(model: nn.Module) -> nn.Module:
@@ -156,18 +169,25 @@ class HFVisionLanguage(Adapter):
         n = self.image_token_count(model, pixels) if image_tokens is None else image_tokens
         return torch.tensor([image_id] * n + text, device=pixels.device).unsqueeze(0).expand(pixels.shape[0], -1)
 
-    def forward_features_and_logits(self, model: nn.Module, pixels: torch.Tensor,
+    def forward_features_and_logits(self, model: nn.Module, pixels: torch.Tensor, all_images: bool = False,
                                     **kwargs: Any) -> tuple[torch.Tensor, Any]:
-        """(projector input features [B, N, D'], the VLM's output) on image + fixed text."""
+        """(projector input features [B, N, D'], the VLM's output on image + fixed text for the first
+        `logits_images` images: all of them unless the language model is streamed, or `all_images`)."""
         feats: list[torch.Tensor] = []
         hook = model.model.multi_modal_projector.register_forward_pre_hook(lambda _m, a: feats.append(a[0]))
         ids = self.judged_input_ids(model, pixels)
+        k = pixels.shape[0] if all_images else logits_images(model, pixels.shape[0], ids.shape[1])
         try:
-            out = model(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids), use_cache=False,
-                        return_dict=True, **kwargs)
+            out = model(input_ids=ids[:k], pixel_values=pixels[:k], attention_mask=torch.ones_like(ids[:k]),
+                        use_cache=False, return_dict=True, **kwargs)
+            if k < pixels.shape[0]:  # the other images' features: tower and projector only
+                model.model.get_image_features(pixel_values=pixels[k:])
         finally:
             hook.remove()
-        return feats[0], out
+        return torch.cat(feats), out
+
+    def forward_effect(self, model: nn.Module, pixels: torch.Tensor) -> None:
+        self.forward_tokens(model, pixels)  # the effect statistics watch the tower
 
     def forward_tokens(self, model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
         """The tower alone (discovery): its token output, registers removed."""
@@ -219,7 +239,7 @@ class HFLlavaNext(HFVisionLanguage):
     def forward_tokens(self, model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
         return super().forward_tokens(model, pixels.flatten(0, 1) if pixels.dim() == 5 else pixels)
 
-    def forward_features_and_logits(self, model: nn.Module, pixels: torch.Tensor,
+    def forward_features_and_logits(self, model: nn.Module, pixels: torch.Tensor, all_images: bool = False,
                                     **kwargs: Any) -> tuple[torch.Tensor, Any]:
         """One tower pass through the VLM's own feature code (tiles, selection, projector, packing); the
         packed features then fill the `<image>` placeholders of the judged prompt, as the VLM's forward does."""
@@ -235,6 +255,8 @@ class HFLlavaNext(HFVisionLanguage):
             hook.remove()
         image = torch.cat(list(packed)) if isinstance(packed, (list, tuple)) else packed
         ids = self.judged_input_ids(model, pixels, image_tokens=image.shape[0] // B)
+        k = B if all_images else logits_images(model, B, ids.shape[1])
+        ids, image = ids[:k], image[: k * (image.shape[0] // B)]
         embeds = model.get_input_embeddings()(ids)
         mask = (ids == int(model.config.image_token_id)).unsqueeze(-1).expand_as(embeds)
         embeds = embeds.masked_scatter(mask, image.to(embeds.dtype))

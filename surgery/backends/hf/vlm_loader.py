@@ -14,17 +14,21 @@ tower and the weights are loaded strictly.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, Optional
 
 from torch import nn
 
 from ...core.errors import ModelInputError, UnsafeCheckpointError, first_line
+from ...core.memory import require_config_fits, text_config_bytes
+from ...core.safetensors_io import INDEX_FILE, SINGLE_FILE, ShardedCheckpoint
 from ...core.source import LoadedModel, LoadOptions, SourceInfo
 from ..base import adapter_among, extra_files
 from .adapter import PREPROCESS_ATTR
 from .loader import (SURGERY_CONFIG_KEY, _json_preprocess, _quiet_transformers, _resolve, _Source, _stored_dtype,
                      image_processor_config, load_stock_class, preprocess_from_processor)
 from .vlm import IMAGE_PROCESSOR_ATTR, SELECT_STRATEGIES, VLM_ADAPTERS, prepare_vlm
+from .vlm_stream import build_streamed, move_resident, streamed_checkpoint, unmapped_tensors
 
 VLM_MODEL_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
                    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
@@ -76,12 +80,10 @@ def image_processor_of(src: _Source) -> tuple[Any, dict[str, Any]]:
     return proc, raw
 
 
-def build_baked_vlm(cfg_dict: dict[str, Any], spec: str) -> tuple[nn.Module, Any, str]:
-    """The stock VLM from a vit-surgery VLM config with the recipe baked into its tower (random weights)."""
-    import torch
+def _baked_class(cfg_dict: dict[str, Any], spec: str) -> tuple[type, Any, Any, str]:
+    """(stock class, its config, recipe, class name) of a vit-surgery VLM config."""
     import transformers
 
-    from ...core.bake import bake_registers
     from ...core.recipe import Recipe
 
     block = cfg_dict.get(SURGERY_CONFIG_KEY)
@@ -94,28 +96,59 @@ def build_baked_vlm(cfg_dict: dict[str, Any], spec: str) -> tuple[nn.Module, Any
     cls = getattr(transformers, class_name)
     clean = {k: v for k, v in cfg_dict.items() if k not in ("auto_map", SURGERY_CONFIG_KEY)}
     clean["architectures"] = [class_name]
-    config = cls.config_class.from_dict(clean)
+    return cls, cls.config_class.from_dict(clean), recipe, class_name
+
+
+def _bake_structure(recipe: Any) -> Any:
+    """What turns a freshly built stock VLM into the baked one (registers dropped from the tower's outputs)."""
+    from ...core.bake import bake_registers
+
+    def bake(model: nn.Module) -> None:
+        fam = adapter_among(VLM_ADAPTERS, model)
+        prepare_vlm(model, fam)
+        bake_registers(model, recipe, adapter=fam)
+    return bake
+
+
+def build_baked_vlm(cfg_dict: dict[str, Any], spec: str) -> tuple[nn.Module, Any, str]:
+    """The stock VLM from a vit-surgery VLM config with the recipe baked into its tower (random weights)."""
+    import torch
+
+    cls, config, recipe, class_name = _baked_class(cfg_dict, spec)
     with _quiet_transformers():
         model = cls(config).to(torch.float32).eval()
-    fam = adapter_among(VLM_ADAPTERS, model)
-    prepare_vlm(model, fam)
-    bake_registers(model, recipe, adapter=fam)
+    _bake_structure(recipe)(model)
     return model, recipe, class_name
 
 
-def _load_baked(src: _Source, cfg: dict[str, Any], opts: LoadOptions) -> tuple[nn.Module, Any, str, dict[str, Any]]:
-    from ...core.weights import load_safetensors_streamed
+def _stored_float_dtype(files: ShardedCheckpoint) -> Any:
+    """The most common floating dtype over the checkpoint's tensors (what a baked folder runs in)."""
+    from ...core.source import torch_dtype
 
-    model, recipe, class_name = build_baked_vlm(cfg, src.spec)
-    weights = src.file("model.safetensors")
-    if weights is None:
-        raise ModelInputError(f"{src.spec}: no model.safetensors (a vit-surgery VLM folder keeps its weights there)")
-    try:
-        load_safetensors_streamed(model, weights, map_file=opts.convert_check)
-    except RuntimeError as e:
-        raise ModelInputError(f"{src.spec}: weights do not match the baked model: {' '.join(str(e).split())[:300]}") from None
-    except Exception as e:
-        raise ModelInputError(f"{src.spec}: unreadable model.safetensors ({first_line(e)})") from None
+    names = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+    counts: dict[str, int] = {}
+    for header in files.headers.values():
+        for info in header.values():
+            if info["dtype"] in names:
+                counts[names[info["dtype"]]] = counts.get(names[info["dtype"]], 0) + 1
+    return torch_dtype(max(counts, key=counts.get)) if counts else None  # type: ignore[arg-type]
+
+
+def _load_baked(src: _Source, cfg: dict[str, Any], opts: LoadOptions) -> tuple[nn.Module, Any, str, dict[str, Any]]:
+    """The baked VLM in the dtype it was written in. Written in its source's own dtype, its weights are
+    the source's exactly (the bake permutes units): it is judged computing in float32 (block by block)
+    against the float64 reference, since half-precision arithmetic on a CPU is slower than float32 and
+    says nothing more about the weights; written in another dtype (--dtype), the half judge holds it."""
+    import torch
+
+    from ...core.parity import COMPUTE_DTYPE_ATTR
+
+    cls, config, recipe, class_name = _baked_class(cfg, src.spec)
+    require_config_fits(src.spec, cfg, streamed=True)
+    files = _checkpoint(src)
+    if files is None:
+        raise ModelInputError(f"{src.spec}: no model.safetensors or {INDEX_FILE} (a vit-surgery VLM folder keeps "
+                              "its weights there)")
     doc: dict[str, Any] = {}
     sj = src.file("surgery.json")
     if sj is not None:
@@ -123,7 +156,46 @@ def _load_baked(src: _Source, cfg: dict[str, Any], opts: LoadOptions) -> tuple[n
             doc = json.loads(sj.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             doc = {}
-    return model, recipe, class_name, doc.get("source") or cfg[SURGERY_CONFIG_KEY].get("source") or {}
+    source_doc = doc.get("source") or cfg[SURGERY_CONFIG_KEY].get("source") or {}
+    stored = _stored_float_dtype(files)
+    same = stored is not None and str(stored).replace("torch.", "") == source_doc.get("dtype", "float32")
+    model = build_streamed(cls, config, files, src.spec, dtype=stored, before_load=_bake_structure(recipe))
+    if same and stored != torch.float32:
+        setattr(model, COMPUTE_DTYPE_ATTR, torch.float32)
+    stray = unmapped_tensors(streamed_checkpoint(model))  # type: ignore[arg-type]
+    if stray:
+        raise ModelInputError(f"{src.spec}: weights do not match the baked model: unexpected tensor {stray[0]} "
+                              f"({len(stray)} in all)")
+    return model, recipe, class_name, source_doc
+
+
+def _checkpoint(src: _Source) -> Optional[ShardedCheckpoint]:
+    """The source's safetensors checkpoint (single file or shards + index), or None."""
+    try:
+        return ShardedCheckpoint.open(src.file)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelInputError(f"{src.spec}: unreadable safetensors checkpoint ({first_line(e)})") from None
+
+
+def load_stock_streamed(src: _Source, class_name: str, files: ShardedCheckpoint) -> nn.Module:
+    """The stock VLM with its tower, projector and image_newline in float32 and its language model
+    streamed from `files` (surgery/backends/hf/vlm_stream.py); stored tensors it has no name for are
+    warned about and copied to the output as they are."""
+    import torch
+    import transformers
+
+    cls = getattr(transformers, class_name)
+    try:
+        with _quiet_transformers():
+            config = cls.config_class.from_pretrained(src.target)
+    except Exception as e:
+        raise ModelInputError(f"{src.spec}: unusable config.json ({first_line(e)})") from None
+    model = build_streamed(cls, config, files, src.spec, dtype=torch.float32)
+    stray = unmapped_tensors(streamed_checkpoint(model))  # type: ignore[arg-type]
+    if stray:
+        logging.getLogger("vit-surgery").warning("%s: %d stored tensor(s) that %s does not use (e.g. %s) are copied "
+                                                 "to the output unchanged", src.spec, len(stray), class_name, stray[0])
+    return model
 
 
 def vlm_extra_files(src: _Source) -> dict[str, str]:
@@ -153,7 +225,13 @@ def vlm_loader(spec: str, opts: LoadOptions) -> Optional[LoadedModel]:
         fam = adapter_among(VLM_ADAPTERS, model)
     else:
         class_name = VLM_MODEL_TYPES[cfg["model_type"]]
-        model = load_stock_class(src, class_name, opts).eval()
+        streamed = src.file(INDEX_FILE) is not None or src.file(SINGLE_FILE) is not None
+        require_config_fits(spec, cfg, streamed=streamed)  # the whole config, before any file is opened
+        files = _checkpoint(src)
+        if files is None:  # a pickled checkpoint: the whole VLM is loaded
+            model = load_stock_class(src, class_name, opts).eval()
+        else:
+            model = load_stock_streamed(src, class_name, files)
         try:
             fam = adapter_among(VLM_ADAPTERS, model)
         except ModelInputError:
@@ -161,6 +239,8 @@ def vlm_loader(spec: str, opts: LoadOptions) -> Optional[LoadedModel]:
                                   "is not one vit-surgery bakes") from None
         prepare_vlm(model, fam)
         source_doc = {}
+    if streamed_checkpoint(model) is not None:
+        move_resident(model, opts.device)
     pre = preprocess_from_processor(raw, fam.tower_family.preprocess_config(model.model.vision_tower))  # type: ignore[attr-defined]
     pre = {k: (tuple(v) if isinstance(v, list) else v) for k, v in pre.items()}
     setattr(model, PREPROCESS_ATTR, pre)
@@ -168,8 +248,13 @@ def vlm_loader(spec: str, opts: LoadOptions) -> Optional[LoadedModel]:
     if source_doc:
         source = SourceInfo.from_dict(source_doc, "hf")
     else:
+        ckpt = streamed_checkpoint(model)
+        stored = _stored_float_dtype(ckpt.files) if ckpt is not None else None
+        dtype = str(stored).replace("torch.", "") if stored is not None else _stored_dtype(cfg)
         source = SourceInfo("hf", hf_class=class_name, model_type=cfg.get("model_type"), name_or_path=src.target,
-                            spec=spec, preprocess=_json_preprocess(pre), dtype=_stored_dtype(cfg))
+                            spec=spec, preprocess=_json_preprocess(pre), dtype=dtype)
     return LoadedModel(model, fam, spec, source, fam.data_transform(model), recipe,
                        extra={"preprocessor_config": raw, "baked_folder": recipe is not None, "vlm": True,
+                              # one language-model unit, read and cast to float32, when the judge runs it
+                              "stream_bytes": 2 * text_config_bytes(cfg)[1] if streamed_checkpoint(model) else 0,
                               "extra_files": vlm_extra_files(src)})
