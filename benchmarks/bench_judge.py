@@ -7,11 +7,12 @@ prefix count) the same way. Each verdict's score is the largest error / allowed 
 (> 1 fails). The margin is (smallest mutation score) / (largest correct score): how many times the
 judge could loosen before a wrong bake passed, or tighten before a right one failed.
 
-The correct bake is also judged with the plain tolerance taken out (1e-12): its score then is its error
-over the kernel term alone (4 x the hooked reference's own float32 error, judge.kernel_allowance), the
-part of the allowance this issue added.
+The correct bake is judged with the plain tolerance taken out (1e-12): its score is its error over the
+kernel term alone (4 x the hooked reference's own float32 error, judge.kernel_allowance), and since every
+allowance grows with the tolerance, its pass there is a pass at the default 1e-5 too. The mutations are
+judged at the default tolerance.
 
-    python benchmarks/bench_judge.py [--runs vit_b16:0,vit_b16:1,vit_l14:0:4] [--images 8] [--write]
+    python benchmarks/bench_judge.py [--runs vit_b16:0:4,vit_l14:0:2] [--images 8] [--write]
 """
 from __future__ import annotations
 
@@ -50,11 +51,11 @@ def run_shape(shape: str, seed: int, images: int, batch: int) -> dict[str, objec
     batches = [x[i:i + batch] for i in range(0, len(x), batch)]
     baked = bake(model, recipe)
     t = time.perf_counter()
-    report = check_parity(model, baked, recipe, batches, adapter=fam)
+    # one run with the plain tolerance taken out: the allowances only grow with the tolerance, so a pass
+    # here is a pass at the default 1e-5 too, and the score is the error over the kernel term alone
+    report = check_parity(model, baked, recipe, batches, adapter=fam, tolerance=1e-12)
     seconds = time.perf_counter() - t
-    kernel_only = check_parity(model, baked, recipe, batches, adapter=fam, tolerance=1e-12)
     row: dict[str, object] = {"shape": shape, "seed": seed, "images": len(x), "correct": _score(report),
-                              "kernel_only": _score(kernel_only),
                               "correct_passed": report.passed, "own": report.reference_own_error,
                               "seconds": seconds, "summary": report.summary()}
     mutations = {}
@@ -73,9 +74,9 @@ def run_shape(shape: str, seed: int, images: int, batch: int) -> dict[str, objec
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", default="vit_b16:0,vit_b16:1,vit_l14:0:4", help="SHAPE:SEED[:IMAGES],...")
+    ap.add_argument("--runs", default="vit_b16:0:4,vit_l14:0:2", help="SHAPE:SEED[:IMAGES],...")
     ap.add_argument("--images", type=int, default=8)
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--write", action="store_true")
     a = ap.parse_args()
     rows = []
@@ -85,21 +86,21 @@ def main() -> None:
         rows.append(row)
         muts = ", ".join(f"{k} {v[0]:.3g}{'' if not v[1] else ' PASSED'}" for k, v in row["mutations"].items())
         print(f"{shape} seed {seed}: correct {row['correct']:.3g} ({'pass' if row['correct_passed'] else 'FAIL'}, "
-              f"kernel term only {row['kernel_only']:.3g}, own float32 error {row['own']}, {row['seconds']:.0f} s); "
+              f"own float32 error {row['own']}, {row['seconds']:.0f} s); "
               f"mutations: {muts}", flush=True)
         print(f"  {row['summary']}", flush=True)
-    worst_correct = max(max(r["correct"], r["kernel_only"]) for r in rows)
+    worst_correct = max(r["correct"] for r in rows)
     smallest = min((v[0], k, r["shape"]) for r in rows for k, v in r["mutations"].items())
     all_ok = all(r["correct_passed"] for r in rows) and all(not v[1] for r in rows for v in r["mutations"].values())
     print(f"worst correct score {worst_correct:.3g}, smallest mutation score {smallest[0]:.3g} ({smallest[1]}, "
           f"{smallest[2]}): margin {smallest[0] / worst_correct:.3g}x; every verdict right: {all_ok}")
     if a.write:
-        lines = ["| shape | seed | images | correct bake: max error/allowed | same, kernel term only "
+        lines = ["| shape | seed | images | correct bake: max error / kernel allowance (tolerance 1e-12) "
                  "| hooked reference's own float32 error | " + " | ".join(rows[0]["mutations"]) + " |",
-                 "|---|---|---|---|---|---|" + "---|" * len(rows[0]["mutations"])]
+                 "|---|---|---|---|---|" + "---|" * len(rows[0]["mutations"])]
         for r in rows:
             lines.append(f"| {r['shape']} | {r['seed']} | {r['images']} | {r['correct']:.3g} "
-                         f"({'PASS' if r['correct_passed'] else 'FAIL'}) | {r['kernel_only']:.3g} | {r['own'] if r['own'] is None else format(r['own'], '.3g')} | "
+                         f"({'PASS' if r['correct_passed'] else 'FAIL'}) | {r['own'] if r['own'] is None else format(r['own'], '.3g')} | "
                          + " | ".join(f"{v[0]:.3g} ({'PASS' if v[1] else 'FAIL'})" for v in r["mutations"].values())
                          + " |")
         body = (benchlib.context_lines() + "\n\nScore = largest (error / allowed) over every vector of every judged "

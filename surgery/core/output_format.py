@@ -48,6 +48,21 @@ FP32_TOLERANCE = 1e-5
 FP16_TOLERANCE = 2e-2  # float16 keeps 11 significant bits; a dozen blocks accumulate a few 1e-3
 OPENVINO_TOLERANCE = 1e-4  # the CPU plugin's float32 GELU tail decides an outlier-free image's register token
 
+
+
+def recorded_tolerance(folder: Path) -> Optional[float]:
+    """The tolerance convert judged `folder` with (parity.json's parity.tolerance), or None when the folder
+    has no readable parity.json or no positive finite number there."""
+    import math
+
+    try:
+        doc = json.loads((Path(folder) / PARITY_FILE).read_text(encoding="utf-8"))
+        tol = float(doc["parity"]["tolerance"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return tol if math.isfinite(tol) and tol > 0 else None
+
+
 # ---- surgery.json ----------------------------------------------------------------------------------
 
 TOOL = "vit-surgery"

@@ -13,6 +13,7 @@ from .adapter import Adapter
 from .cast import cast_blockwise
 from .judge import KERNEL_FACTOR, allowed_error, float32_sized_noise, kernel_allowance, per_vector_relative
 from .output_format import FP32_TOLERANCE
+from .progress import stage
 from .recipe import Recipe
 
 JUDGE = ("each vector against the hooked reference run in float64; allowed = max(tolerance x max(1, "
@@ -339,43 +340,55 @@ def check_parity(
     are computed, so the extra memory is one block's weights plus one batch of the baked model's
     residuals. `on_baked_batch(baked, pixels)`, if given, runs inside the baked model's pass (hooks
     placed by it see that pass: the effect statistics use it to cost no extra forward pass)."""
-    from .reference import hooked_reference
-
     fam = adapter
     require_same_architecture(source, baked, recipe, fam)
     source.eval()
     baked.eval()
+    dtype = next(baked.parameters()).dtype
+    report = ParityReport(tolerance=tolerance, dtype=str(dtype).replace("torch.", ""))
+    blocks = fam.blocks(source)
+    total = sum(len(b) for b in batches) if isinstance(batches, (list, tuple)) else None
+    with stage("float64 check against the hooked reference", total, unit="image") as progress:
+        for pixels in batches:
+            _judge_batch(report, source, baked, recipe, fam, pixels, blocks, tolerance, seed, on_baked_batch)
+            progress.advance(pixels.shape[0])
+    return report
+
+
+def _judge_batch(report: ParityReport, source: nn.Module, baked: nn.Module, recipe: Recipe, fam: Adapter,
+                 pixels: torch.Tensor, blocks: list[nn.Module], tolerance: float, seed: int,
+                 on_baked_batch: Optional[Callable[[nn.Module, torch.Tensor], Any]]) -> None:
+    """One batch of check_parity: the baked model's pass, then the float64 reference's (and the allowance
+    runs where needed), judged as they stream."""
+    from .reference import hooked_reference
+
     dev = next(baked.parameters()).device
     dtype = next(baked.parameters()).dtype
     half = dtype in (torch.float16, torch.bfloat16)
-    report = ParityReport(tolerance=tolerance, dtype=str(dtype).replace("torch.", ""))
     src_dev = next(source.parameters()).device
-    blocks = fam.blocks(source)
-    for pixels in batches:
-        got: dict[str, torch.Tensor] = {}
-        with contextlib.ExitStack() as stack:
-            if on_baked_batch is not None:
-                stack.enter_context(on_baked_batch(baked, pixels))
-            _stream(baked, fam, pixels.to(dev, dtype), got.__setitem__)
-        own: dict[str, torch.Tensor] = {}
-        if half:
-            with cast_blockwise(source, blocks, dtype), hooked_reference(source, recipe, adapter=fam):
-                _stream(source, fam, pixels.to(src_dev, dtype), own.__setitem__)
-        judge = _BatchJudge(report, got, own, tolerance)
-        x64 = pixels.to(src_dev, torch.float64)
-        with cast_blockwise(source, blocks, torch.float64):
-            with hooked_reference(source, recipe, adapter=fam):
-                _stream(source, fam, x64, judge.exact)
-            if judge.pending:
-                with hooked_reference(source, recipe, adapter=fam), float32_sized_noise(source, seed):
-                    _stream(source, fam, x64, judge.conditioning)
-        if judge.pending and not half:  # what this machine's kernels do to the unmodified model
-            with cast_blockwise(source, blocks, dtype), hooked_reference(source, recipe, adapter=fam):
-                _stream(source, fam, pixels.to(src_dev, dtype), judge.own_error)
-        judge.finish()
-        if judge.got:
-            extra = sorted(judge.got)[0]
-            raise ParityError(f"the baked model has an output {extra!r} the source does not: it is not the "
-                              "source's architecture")
-        report.images += pixels.shape[0]
-    return report
+    got: dict[str, torch.Tensor] = {}
+    with contextlib.ExitStack() as stack:
+        if on_baked_batch is not None:
+            stack.enter_context(on_baked_batch(baked, pixels))
+        _stream(baked, fam, pixels.to(dev, dtype), got.__setitem__)
+    own: dict[str, torch.Tensor] = {}
+    if half:
+        with cast_blockwise(source, blocks, dtype), hooked_reference(source, recipe, adapter=fam):
+            _stream(source, fam, pixels.to(src_dev, dtype), own.__setitem__)
+    judge = _BatchJudge(report, got, own, tolerance)
+    x64 = pixels.to(src_dev, torch.float64)
+    with cast_blockwise(source, blocks, torch.float64):
+        with hooked_reference(source, recipe, adapter=fam):
+            _stream(source, fam, x64, judge.exact)
+        if judge.pending:
+            with hooked_reference(source, recipe, adapter=fam), float32_sized_noise(source, seed):
+                _stream(source, fam, x64, judge.conditioning)
+    if judge.pending and not half:  # what this machine's kernels do to the unmodified model
+        with cast_blockwise(source, blocks, dtype), hooked_reference(source, recipe, adapter=fam):
+            _stream(source, fam, pixels.to(src_dev, dtype), judge.own_error)
+    judge.finish()
+    if judge.got:
+        extra = sorted(judge.got)[0]
+        raise ParityError(f"the baked model has an output {extra!r} the source does not: it is not the "
+                          "source's architecture")
+    report.images += pixels.shape[0]
