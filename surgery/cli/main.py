@@ -232,6 +232,21 @@ def _os_error_exit(e: OSError) -> Optional[int]:
     return 10 if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG, errno.EFBIG) else None
 
 
+# Libraries that log each network retry (an unreachable hub: five "Retrying in Ns" pairs per file, each
+# printed by their handler and again by ours): their failure ends as one SurgeryError line instead.
+NOISY_LOGGERS = ("huggingface_hub", "httpx", "httpcore", "urllib3", "filelock")
+
+
+def quiet_library_loggers(verbose: bool = False) -> None:
+    """Errors only from the libraries' own loggers (-v keeps their warnings). huggingface_hub sets its
+    logger's level when it is imported, from HF_HUB_VERBOSITY: set for a later import, and here for an
+    earlier one."""
+    if not verbose:
+        os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING if verbose else logging.ERROR)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run one command. User errors: one line on stderr and their exit code; Ctrl-C 130, SIGTERM 143, each
     one line, whenever they arrive; exit 1 only for bugs."""
@@ -245,6 +260,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         a = build_parser().parse_args(args)
         logging.basicConfig(level=logging.WARNING, format="vit-surgery: %(message)s")
+        quiet_library_loggers(verbose=getattr(a, "verbose", False))
         warnings.showwarning = lambda msg, cat, *rest, **kw: print(f"vit-surgery: warning: {msg}", file=sys.stderr)
         # each run says its warnings once (touching the filters also forgets what an earlier run in this
         # process already said: the Python API and tests call main() many times)
