@@ -128,7 +128,8 @@ class OnnxMetadata:
     format_version: Optional[str] = None  # None: FORMAT_VERSION when written
     token_layout: Optional[dict[str, Any]] = None
     register_token_indices: Optional[list[int]] = None
-    num_prefix_tokens: Optional[int] = None
+    num_prefix_tokens: Optional[int] = None  # the baked model's, test-time registers included
+    num_source_prefix_tokens: Optional[int] = None  # the source's: CLS and trained registers
     num_registers: Optional[int] = None
     source_model: Optional[str] = None
     source: Optional[dict[str, Any]] = None
@@ -146,7 +147,7 @@ class OnnxMetadata:
     extra: dict[str, str] = field(default_factory=dict)  # keys this version does not know, kept as written
 
     _TEXT = ("format_version", "source_model", "family", "tool", "tool_version", "dtype", "exporter")
-    _INT = ("num_prefix_tokens", "num_registers", "export_batch_size")
+    _INT = ("num_prefix_tokens", "num_source_prefix_tokens", "num_registers", "export_batch_size")
 
     @classmethod
     def _names(cls) -> list[str]:
