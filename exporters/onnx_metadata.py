@@ -29,7 +29,10 @@ def token_layout(loaded: Any) -> dict[str, Any]:
     fam, model = loaded.adapter, loaded.model
     regs = register_token_indices(model, adapter=fam)
     leading = fam.num_prefix_tokens(model)  # prefix + test-time registers in a baked model
-    return {"num_prefix_tokens": leading - len(regs), "num_registers": len(regs), "register_indices": regs,
+    # num_prefix_tokens as the model's own attribute counts them (registers included: patches are
+    # tokens[:, num_prefix_tokens:]); num_source_prefix_tokens is the source's (CLS, trained registers)
+    return {"num_prefix_tokens": leading, "num_source_prefix_tokens": leading - len(regs),
+            "num_registers": len(regs), "register_indices": regs,
             "first_patch_index": leading, "order": "[prefix (CLS, trained registers) | test-time registers | patches]"}
 
 
@@ -44,7 +47,8 @@ def build_metadata(loaded: Any, out_dir: Path, *, dtype: str, exporter: str, spe
                   if k in cfg}
     return OnnxMetadata(
         recipe=loaded.recipe.to_dict(), token_layout=layout, register_token_indices=layout["register_indices"],
-        num_prefix_tokens=layout["num_prefix_tokens"], num_registers=layout["num_registers"],
+        num_prefix_tokens=layout["num_prefix_tokens"], num_source_prefix_tokens=layout["num_source_prefix_tokens"],
+        num_registers=layout["num_registers"],
         source_model=str(doc.get("source_model") or loaded.spec), source=doc.get("source", loaded.source.to_dict()),
         family=loaded.adapter.name, tool_version=__version__, dtype=dtype,
         exporter=f"torch {torch.__version__} {exporter}", export_batch_size=spec.export_batch_size,

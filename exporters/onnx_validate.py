@@ -106,8 +106,8 @@ class OnnxReport:
         w = self.worst
         if w is None:
             return f"{head}: nothing compared"
-        allowed = w.error.allowed
-        note = f", allowed there {allowed:.3g}" if allowed is not None and allowed > w.tolerance else ""
+        why = w.error.why_allowed(w.tolerance)
+        note = f", allowed there {w.error.allowed:.3g}: {why}" if why else ""
         return (f"{head}: worst relative error {w.error.relative_at_where:.3g} (tolerance {w.tolerance:g}{note}) in "
                 f"{w.label}, over {self.images} image(s)")
 
@@ -186,7 +186,7 @@ def judge_runtime_outputs(report: OnnxReport, session: Any, loaded: Any, batches
     Shared by `validate_onnx` and `runtime_check.validate_runtime`."""
     import numpy as np
 
-    from surgery.core.judge import float64_reference
+    from surgery.core.judge import float64_reference, kernel_allowance
 
     spec, fam, tol = VIT_ONNX_SPEC, loaded.adapter, report.tolerance
     source64 = _unbaked_float64(loaded)
@@ -211,7 +211,11 @@ def judge_runtime_outputs(report: OnnxReport, session: Any, loaded: Any, batches
                     report.problems.append(f"{where}output {o} has shape {tuple(g.shape)}, the model's "
                                            f"{tuple(want.shape)} (exported from another model?)")
                     return report
-                comps[o].error.update(g, want, offset=offset, allowed=judge.allowed(o, tol, g).cpu())
+                allowed = judge.allowed(o, tol, g).cpu()
+                own = judge.measured_own_error(o)
+                comps[o].error.update(g, want, offset=offset, allowed=allowed, tolerance=tol,
+                                      own=None if own is None else own.cpu(),
+                                      kernel=None if own is None else kernel_allowance(own).cpu())
             offset += len(x)
             report.batch_sizes.append(len(x))
     report.images = offset

@@ -25,7 +25,7 @@ _LAZY = {
     "Recipe": "core.recipe", "read_neurons_file": "core.recipe",
     "hooked_reference": "core.reference",
     "open_clip_load": "backends.open_clip.loader", "adapter_for": "backends",
-    "convert": "api", "load": "api",
+    "find": "api", "convert": "api", "check": "api", "export": "api", "bake": "api", "load": "api",
     "register_timm": "timm_registration",
 }
 

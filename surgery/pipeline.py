@@ -26,6 +26,7 @@ from .core.images import builtin_images
 from .core.integrity import assert_finite, record_integrity
 from .core.outputs import atomic_output_dir, check_output_target, refuse_input_overlap
 from .core.parity import FP32_TOLERANCE, ParityReport, check_parity
+from .core.progress import current, stage
 from .core.recipe import Recipe, read_neurons_file, validate_recipe_for_model
 
 CHECK_IMAGES = 16  # images used by the parity check of a ViT-B/16 at 224 px unless told otherwise
@@ -214,11 +215,54 @@ def convert_estimate(loaded: LoadedModel, out_dtype: str, batch_size: int, num_r
 
 @dataclass
 class ConvertResult:
+    """What convert did. `report`: the parity report (a ParityReport, or the ONNX rewrite's check report),
+    None without a check; `exports`: the validation reports of the formats written next to it;
+    `baked_into`: what was rewritten when it is not a PyTorch model (ONNX inputs), for the summary line."""
+
     out: Path
     recipe: Recipe
-    report: Optional[ParityReport]
+    report: Optional[Any]
     effect: Optional[dict[str, Any]]
     discovery: Optional[DiscoveryResult]
+    exports: list[Any] = dataclasses.field(default_factory=list)
+    baked_into: str = ""
+    written_note: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return (self.report is None or self.report.passed) and all(r.passed for r in self.exports)
+
+    def summary_lines(self) -> list[str]:
+        """The lines `vit-surgery convert` prints (stdout), in order."""
+        units = ", ".join(f"{k}: {list(v)}" for k, v in self.recipe.neurons.items())
+        lines = [f"baked {self.recipe.num_neurons} register neuron(s) ({units}), R={self.recipe.num_registers}"
+                 + (f" into {self.baked_into}" if self.baked_into else "")]
+        if self.report is not None:
+            lines.append(self.report.summary())
+            lines.extend(effect_lines(self.effect))
+        lines.extend(r.summary() for r in self.exports)
+        lines.append(f"wrote {self.out}{self.written_note}")
+        return lines
+
+
+def effect_lines(effect: Optional[dict[str, Any]]) -> list[str]:
+    """The effect statistics (outliers and attention, before -> after) in one line."""
+    if not effect:
+        return []
+    b, f = effect["before"], effect["after"]
+    return [f"outlier share of patch tokens: {b['outlier_share']:.2%} -> {f['outlier_share']:.2%}; "
+            f"max/median patch norm: {b['max_over_median_patch_norm']:.2f} -> {f['max_over_median_patch_norm']:.2f}; "
+            f"CLS attention on top 1% patches: {b['cls_attention_top_patch_mass']:.2%} -> "
+            f"{f['cls_attention_top_patch_mass']:.2%} (register: {f['cls_attention_register_mass']:.2%})"]
+
+
+def warn_remaining_outliers(effect: Optional[dict[str, Any]]) -> None:
+    if effect and effect["after"]["outlier_share"] > 0:
+        import warnings
+
+        warnings.warn(f"{effect['after']['outlier_share']:.2%} of patch tokens are still outliers after baking; "
+                      "other units also create them: see the ranking in neurons.json and try a larger --max-layer "
+                      "or --top-k", stacklevel=2)
 
 
 # ~65 lines: the convert transaction (bake, write, reload, check, move) reads best as one sequence.
@@ -263,18 +307,23 @@ def run_convert(
     with atomic_output_dir(out, overwrite) as tmp:
         # No copy of the model: baked in place, written tensor by tensor, and put back exactly (the
         # original modules are restored) before the output is reloaded next to it for the check.
-        with (baked_in_place(model, recipe, adapter=fam) if in_place else _baked_copy(model, recipe, fam, out_dtype)) as baked:
+        with contextlib.ExitStack() as baking:
+            with stage("baking"):
+                baked = baking.enter_context(baked_in_place(model, recipe, adapter=fam) if in_place
+                                             else _baked_copy(model, recipe, fam, out_dtype))
             surgery_doc = _surgery_doc(loaded, recipe, result, num_prefix, register_token_indices(baked, adapter=fam),
                                        out_dtype)
             assert_finite(baked, "the baked model")
-            write(baked, tmp, loaded, surgery_doc)
+            with stage(f"writing {library} weights"):
+                write(baked, tmp, loaded, surgery_doc)
             del baked
         trim_heap()  # the split MLPs (or the copy) are gone before the output is reloaded
         if result is not None:
             write_json(tmp / "neurons.json", result.to_json())
         record_integrity(tmp, loaded.spec, loaded.model, loaded.extra.get("source_path_from_output"))
         if check:
-            reloaded = load_model(str(tmp), dataclasses.replace(options or LoadOptions(), convert_check=True))
+            with stage("reloading the output"):
+                reloaded = load_model(str(tmp), dataclasses.replace(options or LoadOptions(), convert_check=True))
             _verify_not_reloaded(reloaded, loaded, out_dtype)
             batches = parity_batches(reloaded, check_images or images, parity_count, batch_size, 0, progress)
             report, effect = run_check(reloaded, batches, source=model, tolerance=tolerance)
@@ -312,7 +361,8 @@ def export_formats_hook(formats: Sequence[str], *, fp16: bool = False, progress:
 
         reloaded = load_model(str(tmp), options or LoadOptions())
         for fmt in chosen:
-            report = fmt.export(tmp, reloaded, ExportOptions(fp16=fp16, progress=progress))
+            with stage(f"{fmt.name} export"):
+                report = fmt.export(tmp, reloaded, ExportOptions(fp16=fp16, progress=progress and current().prints))
             if reports is not None:  # the caller shows them
                 reports.append(report)
             elif progress:

@@ -261,9 +261,23 @@ def _checked(loaded: LoadedModel, model, args: dict, pretrained_cfg: dict, refer
     if not rel < 1e-5:
         raise ModelInputError(f"{loaded.spec}: the timm re-expression differs from the source (relative {rel:.2g})")
     fam = adapter_for(model)  # timm's VisionTransformer or Eva
+    # The skeleton was built from timm's default config for `arch`, which names a hub tag (e.g.
+    # ...laion2b_ft_in12k_in1k) these weights do not come from: drop it, so nothing (the model card's
+    # base_model, config.json) claims that origin; the source's own hub repo, when it has one, is kept.
+    model.pretrained_cfg = {k: v for k, v in dict(model.pretrained_cfg).items()
+                            if k not in ("hf_hub_id", "hf_hub_filename", "url", "tag", "source")}
     source = SourceInfo("timm", architecture=arch, model_args=args,
-                        pretrained_cfg=dict(pretrained_cfg, architecture=arch), converted_from=loaded.spec)
+                        pretrained_cfg=dict(pretrained_cfg, architecture=arch), converted_from=loaded.spec,
+                        base_model=loaded.source.base_model or _source_hub_repo(loaded))
     return LoadedModel(model, fam, loaded.spec, source, fam.data_transform(model), None)
+
+
+def _source_hub_repo(loaded: LoadedModel) -> str | None:
+    """The hub repo the source's weights came from, as its own library's config tells (None for a local
+    folder without one)."""
+    from surgery.exporters.model_card import source_facts
+
+    return source_facts(loaded.source.to_dict(), loaded.model).get("base_model")
 
 
 def to_timm(loaded: LoadedModel) -> LoadedModel:

@@ -33,7 +33,7 @@ def test_find_writes_neurons_json(organism_dir, calib_dir, tmp_path, capsys, tim
     assert code == 8 and "--overwrite" in err
 
 
-def test_convert_with_neurons_then_check(organism_dir, tmp_path, capsys, timm_organism):
+def test_convert_with_neurons_then_check(organism_dir, tmp_path, capsys, timm_organism, monkeypatch):
     neurons = tmp_path / "n.json"
     neurons.write_text(json.dumps({"register_neurons": {"2": [17, 101], "3": [42]}}))
     out = tmp_path / "out"
@@ -52,8 +52,16 @@ def test_convert_with_neurons_then_check(organism_dir, tmp_path, capsys, timm_or
     assert "parity PASS" in stdout
     code, stdout, err = run(["check", out, "-q", "--source", organism_dir, "--report", tmp_path / "p2.json"], capsys)
     assert code == 0, err
-    code, stdout, err = run(["check", out, "-q", "--tolerance", "1e-12", "--report", tmp_path / "p3.json"], capsys)
-    assert code == 7 and "parity FAIL" in err
+    # the tolerance is a floor: a correct float32 bake is never held to less than what float32 kernels
+    # do to the hooked reference itself on this machine (judge.kernel_allowance)
+    code, stdout, err = run(["check", out, "--tolerance", "1e-12", "--report", tmp_path / "p3.json"], capsys)
+    assert code == 0 and "parity PASS" in stdout and "x the error the hooked reference itself makes" in stdout, err
+    # without that term, the same bake fails at 1e-12: the FAIL line says the reference's own error
+    # and names --tolerance
+    monkeypatch.setattr("surgery.core.judge.KERNEL_FACTOR", 0.0)
+    code, stdout, err = run(["check", out, "-q", "--tolerance", "1e-12", "--report", tmp_path / "p4.json"], capsys)
+    assert code == 7 and "parity FAIL" in err, err
+    assert "the hooked reference itself in float32 is off by" in err and "--tolerance" in err
 
 
 def test_baked_folder_is_a_timm_local_dir(baked_dir, calib_dir):

@@ -126,7 +126,9 @@ def test_metadata_round_trips(exported):
     assert Recipe.from_dict(meta["recipe"]) == loaded.recipe
     assert meta["recipe"] == loaded.recipe.to_dict()
     assert meta["register_token_indices"] == register_token_indices(loaded.model, adapter=adapter_for(loaded.model)) == [1]
-    assert meta["num_prefix_tokens"] == 1 and meta["num_registers"] == 1
+    # num_prefix_tokens is the model's own (CLS + register): patches are tokens[:, num_prefix_tokens:]
+    assert meta["num_prefix_tokens"] == loaded.model.num_prefix_tokens == 2
+    assert meta["num_source_prefix_tokens"] == 1 and meta["num_registers"] == 1
     layout = meta["token_layout"]
     assert layout["register_indices"] == [1] and layout["first_patch_index"] == 2 and layout["num_tokens"] == 66
     surgery_doc = json.loads((d / "surgery.json").read_text())

@@ -56,4 +56,22 @@ def load_model(spec: str, options: LoadOptions | None = None) -> LoadedModel:
             trim_heap()  # a state dict loaded whole and copied into the model is freed by now
             require_finite_weights(loaded)
             return loaded
-    raise ModelInputError(f"unknown model {spec!r}")
+    raise ModelInputError(unknown_model_message(spec))
+
+
+# The spec prefixes the loaders above answer to (a bare timm name, a folder or an .onnx file need none).
+MODEL_PREFIXES = ("open_clip:", "hf:", "hf-hub:", "local-dir:", "dinov2:")
+
+
+def unknown_model_message(spec: str) -> str:
+    """"unknown model", naming the valid prefixes (and the closest one) when `spec` starts with another."""
+    import difflib
+    import re
+
+    m = re.match(r"^([A-Za-z][\w.\-]*:)(?!//)", spec)
+    if not m or len(m.group(1)) <= 2:  # no prefix (or a Windows drive letter)
+        return f"unknown model {spec!r}"
+    close = difflib.get_close_matches(m.group(1).lower(), MODEL_PREFIXES, n=1, cutoff=0.5)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return (f"unknown model {spec!r}: {m.group(1)!r} is not a model prefix{hint}; valid prefixes: "
+            f"{', '.join(MODEL_PREFIXES)} (or a timm model name, a folder or an .onnx file)")

@@ -48,6 +48,14 @@ def _int_or_auto(minimum: int) -> Callable[[str], int | str]:
     return _or_auto(_number(int, f"an integer >= {minimum} or 'auto'", lambda i: i >= minimum))
 
 
+def add_output_options(p: argparse.ArgumentParser) -> None:
+    """-q / -v: how much progress the command shows on stderr (surgery/core/progress.py)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary lines (warnings and "
+                                                              "errors only)")
+    g.add_argument("-v", "--verbose", action="store_true", help="also each step's time and detail lines")
+
+
 def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu); the reference runs "
                    "in exact float32/float64 there, no autocast")

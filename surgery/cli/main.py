@@ -12,12 +12,11 @@ from typing import Any, Callable, Optional, Sequence
 from .. import __version__
 from . import export as onnx_cli, report as report_cli
 from .args import (_format_names, _int_or_auto, _num_registers, _positive_float, _positive_int, _scale, _threshold,
-                   add_model_options)
+                   add_model_options, add_output_options)
 from .checks import validate_before_loading
 from ..core.errors import EXIT_CODES, SurgeryError
 from ..core.outputs import shown
 
-Handler = Callable[[argparse.Namespace], int]
 MODEL_HELP = ("timm name, hf-hub:ORG/NAME, local-dir:PATH or a model folder, open_clip:ARCH/TAG, "
               "hf:ORG/NAME or hf:PATH, dinov2:FILE.pth, or an .onnx file (see README: MODEL arguments)")
 
@@ -58,161 +57,70 @@ def _discovery_config(a: argparse.Namespace):
                            mode=a.mode or "shared")
 
 
-def _load(a: argparse.Namespace, spec: str):
+def _options(a: argparse.Namespace):
     from ..core.source import LoadOptions
-    from ..backends import load_model
 
-    return load_model(spec, LoadOptions(a.allow_unsafe_pickle, a.trust_remote_code, a.device))
-
-
-def _say(a: argparse.Namespace, msg: str) -> None:
-    if not getattr(a, "quiet", False):
-        print(msg, file=sys.stderr)
+    return LoadOptions(a.allow_unsafe_pickle, a.trust_remote_code, a.device)
 
 
-def _is_onnx(spec: Optional[str]) -> bool:
-    from ..onnx_graph.cli import is_onnx  # an .onnx file or a folder of them (an HF ONNX repo)
+def progress_of(a: argparse.Namespace):
+    """-q: nothing on stderr but warnings and errors; default: a bar per long step on a terminal, one
+    line per step otherwise; -v: each step's time and detail lines too (surgery/core/progress.py)."""
+    from ..core.progress import Progress
 
-    return is_onnx(spec)
+    return Progress("log" if getattr(a, "quiet", False) else "auto", verbose=getattr(a, "verbose", False))
 
 
-# ---- commands ----------------------------------------------------------------------------------
+# ---- commands: parse, call surgery.api, print --------------------------------------------------
 
 def cmd_find(a: argparse.Namespace) -> int:
-    from ..core.outputs import atomic_output_file
-    from ..pipeline import run_find, write_json
+    from .. import api
 
-    if _is_onnx(a.model):  # an ONNX file: graph rewriting, no PyTorch model (surgery/onnx_graph)
-        from ..onnx_graph.cli import cmd_find_onnx
-        return cmd_find_onnx(a, _discovery_config(a))
-    out = Path(a.out)
-    loaded = _load(a, a.model)
-    result = run_find(loaded, a.images, _discovery_config(a), progress=not a.quiet)
-    with atomic_output_file(out, a.overwrite) as tmp:
-        write_json(tmp, result.to_json())
+    result = api.find(a.model, a.images, out=a.out, overwrite=a.overwrite, discovery=_discovery_config(a),
+                      options=_options(a), progress=progress_of(a))
     print(result.summary())
-    print(f"wrote {out}")
+    print(f"wrote {a.out}")
     return 0
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
-    from ..core.source import LoadOptions
-    from ..pipeline import export_formats_hook, run_convert
+    from .. import api
 
-    if _is_onnx(a.model):
-        from ..onnx_graph.cli import cmd_convert_onnx
-        return cmd_convert_onnx(a, _discovery_config(a))
-    loaded = _load(a, a.model)
-    if a.to == "timm":
-        from ..to_timm import to_timm
-
-        loaded = to_timm(loaded)
-    overrides = {"num_registers": a.num_registers, "scale": a.scale, "mode": a.mode}
-    formats = (["onnx"] if getattr(a, "onnx", False) else []) + list(getattr(a, "formats", None) or [])
-    export_reports: list[Any] = []  # their summaries are printed after the bake's lines
-    after = export_formats_hook(formats, fp16=a.fp16, progress=not a.quiet, reports=export_reports)
-    res = run_convert(loaded, a.out, neurons=a.neurons, images=a.images, discovery=_discovery_config(a),
-                      overrides=overrides, check=not a.no_check, check_images=a.check_images,
-                      tolerance=a.tolerance, overwrite=a.overwrite,
-                      options=LoadOptions(a.allow_unsafe_pickle, a.trust_remote_code, a.device),
-                      progress=not a.quiet, after_write=after, dtype=a.dtype)
-    units = ", ".join(f"{k}: {list(v)}" for k, v in res.recipe.neurons.items())
-    print(f"baked {res.recipe.num_neurons} register neuron(s) ({units}), R={res.recipe.num_registers}")
-    if res.report is not None:
-        print(res.report.summary())
-        _print_effect(res.effect)
-    for r in export_reports:
-        print(r.summary())
-    print(f"wrote {res.out}")
+    res = api.convert(a.model, a.out, neurons=a.neurons, images=a.images, to=a.to, onnx=a.onnx,
+                      formats=a.formats or (), fp16=a.fp16, dtype=a.dtype, check=not a.no_check,
+                      check_images=a.check_images, tolerance=a.tolerance, overwrite=a.overwrite,
+                      discovery=_discovery_config(a), num_registers=a.num_registers, scale=a.scale, mode=a.mode,
+                      options=_options(a), progress=progress_of(a))
+    for line in res.summary_lines():
+        print(line)
     return 0
-
-
-def _print_effect(effect: Optional[dict[str, Any]]) -> None:
-    if not effect:
-        return
-    b, f = effect["before"], effect["after"]
-    print(f"outlier share of patch tokens: {b['outlier_share']:.2%} -> {f['outlier_share']:.2%}; "
-          f"max/median patch norm: {b['max_over_median_patch_norm']:.2f} -> {f['max_over_median_patch_norm']:.2f}; "
-          f"CLS attention on top 1% patches: {b['cls_attention_top_patch_mass']:.2%} -> "
-          f"{f['cls_attention_top_patch_mass']:.2%} (register: {f['cls_attention_register_mass']:.2%})")
-    if f["outlier_share"] > 0:
-        print(f"vit-surgery: warning: {f['outlier_share']:.2%} of patch tokens are still outliers after baking; "
-              "other units also create them: see the ranking in neurons.json and try a larger --max-layer or "
-              "--top-k", file=sys.stderr)
-
-
-def _verified(a: argparse.Namespace, folder: Path) -> bool:
-    """check first verifies OUT against its integrity record (exit 11 on damage, before torch is imported).
-    Returns whether OUT was verified; an OUT whose surgery.json has no record is warned about here."""
-    from ..core.integrity import read_surgery, verify_output
-
-    if verify_output(folder):
-        return True
-    if read_surgery(folder) is not None:
-        warnings.warn(f"{a.out_dir} has no integrity record (written by an older vit-surgery): damaged weights "
-                      "are only caught with --source")
-    return False
 
 
 def cmd_check(a: argparse.Namespace) -> int:
     """Verify OUT (hashes), then compare it with the hooked reference and re-validate every exported format
-    present. Never writes into OUT: the report goes to --report only. An OUT that cannot be verified never
-    passes without a source."""
-    from ..core.errors import IntegrityError, ModelInputError, ParityError
-    from ..core.integrity import read_surgery, source_for_check
-    from ..core.outputs import atomic_output_file, local_source_path
+    present. Never writes into OUT: the report goes to --report only."""
+    from .. import api
+    from ..core.errors import ParityError
+    from ..core.outputs import atomic_output_file
 
-    if _is_onnx(a.out_dir):
-        from ..onnx_graph.cli import cmd_check_onnx
-        return cmd_check_onnx(a)
-    folder = local_source_path(a.out_dir) or Path(a.out_dir)
-    verified = _verified(a, folder)
-    from ..pipeline import parity_batches, run_check, write_json
-
-    loaded = _load(a, a.out_dir)
-    if loaded.recipe is None:
-        raise ModelInputError(f"{a.out_dir} carries no baked test-time registers (not a vit-surgery output)")
-    if read_surgery(folder) is None:
-        warnings.warn(f"{a.out_dir} has no surgery.json (deleted, or not written by convert): its files cannot be "
-                      "verified; only a comparison with --source can tell a damaged output from a good one")
-    source, used = source_for_check(folder, a.source, lambda spec: _load(a, spec))
-    if not verified and source is None:
-        raise IntegrityError(f"{a.out_dir} cannot be verified (no integrity record) and its source is not here: "
-                             "pass --source MODEL, the model it was converted from")
-    batches = parity_batches(loaded, a.images, a.num_images, a.batch_size, a.seed, not a.quiet)
-    report, effect = run_check(loaded, batches, source=source, tolerance=a.tolerance)
-    print(f"compared against {used}")
-    doc = {"parity": report.to_dict(), "effect": effect}
-    failed_exports = [] if a.skip_onnx else _check_exports(Path(a.out_dir), loaded, batches, doc)
+    res = api.check(a.out_dir, source=a.source, images=a.images, num_images=a.num_images, batch_size=a.batch_size,
+                    seed=a.seed, tolerance=a.tolerance, skip_exports=a.skip_onnx, options=_options(a),
+                    progress=progress_of(a))
     if a.report:
+        from ..pipeline import write_json
+
         with atomic_output_file(Path(a.report), True) as tmp:
-            write_json(tmp, doc)
-    print(report.summary())
-    _print_effect(effect)
+            write_json(tmp, res.document)
+    for line in res.summary_lines():
+        print(line)
     if a.report:
         print(f"wrote {a.report}")
-    if not report.passed:
-        raise ParityError(report.summary())
-    if failed_exports:
-        raise ParityError(f"exported file(s) out of tolerance: {', '.join(failed_exports)}"
-                          + (f" (see {a.report})" if a.report else ""))
+    from ..pipeline import warn_remaining_outliers
+
+    warn_remaining_outliers(res.effect)
+    if not res.passed:
+        raise ParityError(res.failure() + (f" (see {a.report})" if a.report and res.report.passed else ""))
     return 0
-
-
-def _check_exports(out: Path, loaded: Any, batches: list[Any], doc: dict[str, Any]) -> list[str]:
-    """Re-validate every export format present in OUT (the format registry); their reports go into
-    `doc` under each format's parity.json key. Returns the files out of tolerance."""
-    from surgery.exporters.formats import formats_present
-
-    failed = []
-    for fmt in formats_present(out):
-        reports = fmt.validate(out, loaded, batches)
-        doc[fmt.parity_key] = {Path(r.path).name: r.to_dict() for r in reports} if fmt.by_file else reports[0].to_dict()
-        for r in reports:
-            print(r.summary())
-            if not r.passed:
-                failed.append(Path(r.path).relative_to(out).as_posix() if Path(r.path).is_relative_to(out) else r.path)
-    return failed
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -238,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--images", required=True, help="folder of calibration images (searched recursively)")
     f.add_argument("--out", required=True, help="neurons JSON file to write")
     f.add_argument("--overwrite", action="store_true")
-    f.add_argument("-q", "--quiet", action="store_true")
+    add_output_options(f)
     add_discovery_options(f)
     add_recipe_options(f)
     add_model_options(f)
@@ -255,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-check", action="store_true", help="skip the parity check (not recommended)")
     c.add_argument("--check-images", default=None, help="images for the parity check (default: --images or built-in)")
     c.add_argument("--tolerance", type=_positive_float, default=1e-5,
-                   help="relative error allowed, a positive number (default 1e-5, fp32)")
+                   help="relative error allowed, a positive number (default 1e-5; each vector is also allowed what "
+                        "float32 rounding does to it, measured in the same run: see README, the judge)")
     c.add_argument("--to", choices=["native", "timm"], default="native",
                    help="output library: the input's own (default), or timm (open_clip CLIP, HF CLIP and HF DINOv2 inputs too)")
     c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
@@ -266,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(format registry: onnx, onnx_hf, openvino)")
     c.add_argument("--fp16", action="store_true", help="with --onnx / --formats onnx: export in float16 "
                                                        "(looser tolerance)")
-    c.add_argument("-q", "--quiet", action="store_true")
+    add_output_options(c)
     add_discovery_options(c)
     add_recipe_options(c)
     add_model_options(c)
@@ -279,12 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--num-images", type=_positive_int, default=16)
     k.add_argument("--batch-size", type=_positive_int, default=8)
     k.add_argument("--seed", type=int, default=0)
-    k.add_argument("--tolerance", type=_positive_float, default=1e-5, help="relative error allowed (default 1e-5)")
+    k.add_argument("--tolerance", type=_positive_float, default=None,
+                   help="relative error allowed (default: the tolerance OUT was converted with, from its parity.json, "
+                        "else 1e-5)")
     k.add_argument("--report", default=None,
                    help="also write the JSON report to this file (check never writes into OUT)")
     k.add_argument("--skip-exports", "--skip-onnx", dest="skip_onnx", action="store_true",
                    help="do not re-validate the exported formats present in OUT (model.onnx, onnx/, openvino_model.xml)")
-    k.add_argument("-q", "--quiet", action="store_true")
+    add_output_options(k)
     add_model_options(k)
     k.set_defaults(func=cmd_check)
 
@@ -321,6 +232,21 @@ def _os_error_exit(e: OSError) -> Optional[int]:
     return 10 if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG, errno.EFBIG) else None
 
 
+# Libraries that log each network retry (an unreachable hub: five "Retrying in Ns" pairs per file, each
+# printed by their handler and again by ours): their failure ends as one SurgeryError line instead.
+NOISY_LOGGERS = ("huggingface_hub", "httpx", "httpcore", "urllib3", "filelock")
+
+
+def quiet_library_loggers(verbose: bool = False) -> None:
+    """Errors only from the libraries' own loggers (-v keeps their warnings). huggingface_hub sets its
+    logger's level when it is imported, from HF_HUB_VERBOSITY: set for a later import, and here for an
+    earlier one."""
+    if not verbose:
+        os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING if verbose else logging.ERROR)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run one command. User errors: one line on stderr and their exit code; Ctrl-C 130, SIGTERM 143, each
     one line, whenever they arrive; exit 1 only for bugs."""
@@ -334,6 +260,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         a = build_parser().parse_args(args)
         logging.basicConfig(level=logging.WARNING, format="vit-surgery: %(message)s")
+        quiet_library_loggers(verbose=getattr(a, "verbose", False))
         warnings.showwarning = lambda msg, cat, *rest, **kw: print(f"vit-surgery: warning: {msg}", file=sys.stderr)
         # each run says its warnings once (touching the filters also forgets what an earlier run in this
         # process already said: the Python API and tests call main() many times)

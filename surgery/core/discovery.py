@@ -164,11 +164,24 @@ class DiscoveryResult:
         })
         return d
 
+    @property
+    def fell_back(self) -> bool:
+        """No clear cut-off in the scores: the top FALLBACK_TOP_K were kept (a guess, not a finding)."""
+        return self.cut_rule.startswith("no score gap")
+
     def summary(self) -> str:
-        """One line for a person: how many units were found, on how much evidence, and which."""
+        """One line for a person: how many units were found, on how much evidence, and which; says when
+        the cut was a fallback and when the evidence is thin."""
         units = ", ".join(f"{k}: {list(v)}" for k, v in self.recipe.neurons.items())
-        return (f"found {self.recipe.num_neurons} register neuron(s) in {self.counts['images_with_outliers']}/"
+        line = (f"found {self.recipe.num_neurons} register neuron(s) in {self.counts['images_with_outliers']}/"
                 f"{self.counts['images']} images with outliers -> {units}")
+        if self.fell_back:
+            line += (f"; WARNING: no clear cut-off in the scores ({self.cut_rule}): check the ranking in "
+                     "neurons.json or pass --top-k")
+        notes = evidence_notes(self.counts["images_with_outliers"], self.counts["images"])
+        if notes:
+            line += f"; WARNING: thin evidence: {'; '.join(notes)}"
+        return line
 
 
 def outlier_mask(norms: torch.Tensor, p: int, threshold: float | str, include_prefix: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -308,12 +321,26 @@ def _stream_statistics(model: nn.Module, fam: Adapter, blocks: list[nn.Module], 
 MIN_EVIDENCE_IMAGES = 4
 
 
-def warn_thin_evidence(with_outliers: int, images: int) -> None:
-    """Say so when the neurons rest on few images: the ranking of a handful of images is noise-prone."""
+MIN_CALIBRATION_IMAGES = 8  # below this, a ranking of register neurons is a handful's noise
+
+
+def evidence_notes(with_outliers: int, images: int) -> list[str]:
+    """Why the neurons may rest on thin evidence, in words ([] when they do not): few images, few of
+    them with outliers, or outliers in only a small share of them."""
+    notes = []
+    if images < MIN_CALIBRATION_IMAGES:
+        notes.append(f"only {images} calibration image(s): use 32 or more (the reference used 100)")
     if with_outliers < min(MIN_EVIDENCE_IMAGES, images) or 4 * with_outliers < images:
-        warnings.warn(f"the register neurons rest on thin evidence: only {with_outliers} of {images} image(s) had "
-                      "outlier tokens; use more calibration images (or check --threshold / --detect-layer)",
-                      stacklevel=2)
+        notes.append(f"only {with_outliers} of {images} image(s) had outlier tokens")
+    return notes
+
+
+def warn_thin_evidence(with_outliers: int, images: int) -> None:
+    """Say so when the neurons rest on thin evidence: the ranking of a handful of images is noise-prone."""
+    notes = evidence_notes(with_outliers, images)
+    if notes:
+        warnings.warn(f"the register neurons rest on thin evidence: {'; '.join(notes)}; use more calibration "
+                      "images (or check --threshold / --detect-layer)", stacklevel=2)
 
 
 def summarise(stats: NeuronStatistics, cfg: DiscoveryConfig, *, detect: int, score_layers: int, depth: int,

@@ -103,13 +103,15 @@ class ImageBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, list[Path]]]:
         import torch
-        from tqdm.auto import tqdm
+
+        from .progress import iterate
 
         self.skipped.clear()
         batch: list[torch.Tensor] = []
         paths: list[Path] = []
-        bar = tqdm(self.files, desc=self.desc, unit="img", disable=None if self.progress else True, leave=False)  # None: off when not a TTY
-        for path in bar:
+        # a stage of surgery/core/progress.py: a bar on a terminal, one line otherwise, logging in the API
+        files = iterate(self.files, self.desc, unit="image") if self.progress else iter(self.files)
+        for path in files:
             try:
                 img = load_image(path)
             except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError, SyntaxError) as e:
@@ -122,7 +124,8 @@ class ImageBatches:
                 batch, paths = [], []
         if batch:
             yield torch.stack(batch), paths
-        bar.close()
+        if hasattr(files, "close"):
+            files.close()
         if self.skipped:
             warnings.warn(f"skipped {len(self.skipped)} unreadable image(s), e.g. {self.skipped[0][0]}: "
                           f"{self.skipped[0][1]}", stacklevel=2)

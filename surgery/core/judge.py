@@ -10,11 +10,19 @@ it is — measured on that same float64 run, never on the CPU's float32 kernels:
 
   conditioning[v] = relative change of vector v when every module output of the float64 run is
                     perturbed by seeded noise of float32 size (unit roundoff x the row's largest value)
-  allowed[v]      = tolerance x max(1, conditioning[v] / median over vectors of conditioning)
+  own[v]          = relative error of vector v when the hooked reference itself runs in the model's
+                    dtype (float32, float16, bfloat16) on this machine's kernels, against float64
+  allowed[v]      = max(tolerance x max(1, conditioning[v] / median over vectors of conditioning),
+                        KERNEL_FACTOR x max(own[v], KERNEL_FLOOR_QUANTILE of own over the output))
 
 A well-conditioned vector (almost all of them) is held to `tolerance`; one that float32 rounding moves
-a hundred times more than the typical vector gets a hundred times the room. The noise is seeded and
-computed in float64, so the verdict does not depend on the machine.
+a hundred times more than the typical vector gets a hundred times the room. The seeded noise is a floor
+that does not depend on the machine; it models one rounding per module output, while real float32
+GEMMs over K = 768..4096 accumulate more (a ViT-B/16's hooked reference in float32 is ~1e-5 off float64
+on some CPUs). So the second term holds the baked model to what the same kernels achieve on the
+unmodified model in the same run: a correct bake (a different rounding of the same function) is within
+a few times that; a wrong one (a branch off by 5 %, a wrong unit, a misplaced register) is orders of
+magnitude outside it (benchmarks/bench_judge.py measures the margin).
 """
 from __future__ import annotations
 
@@ -29,6 +37,14 @@ from .recipe import Recipe
 from .reference import hooked_reference
 
 FP32_UNIT_ROUNDOFF = 2.0 ** -24
+# The baked model may be off the float64 reference by KERNEL_FACTOR x the error of the unmodified
+# (hooked) model in the same dtype, vector by vector, floored at that error's KERNEL_FLOOR_QUANTILE.
+# Two independent roundings of one vector differ by more than 2x often enough (a vector the reference
+# happens to get right is not held to zero), and the baked model rounds the register branch's sum apart
+# from the ordinary MLP's: the register token, which that branch dominates, carries 2-3x the reference's
+# error (seen on CPU in float32, float16 and bfloat16). A branch off by 5 % is still far outside it.
+KERNEL_FACTOR = 4.0
+KERNEL_FLOOR_QUANTILE = 0.99
 Capture = Callable[[nn.Module, Adapter, torch.Tensor], dict[str, torch.Tensor]]
 
 
@@ -77,10 +93,20 @@ def allowed_error(conditioning: torch.Tensor, tolerance: float) -> torch.Tensor:
     return tolerance * (conditioning / typical).clamp_min(1.0)
 
 
+def kernel_allowance(own_error: torch.Tensor) -> torch.Tensor:
+    """Allowed error per vector from the hooked reference's own error in the model's dtype (`own_error`,
+    per vector, against float64): KERNEL_FACTOR x that error, floored at its KERNEL_FLOOR_QUANTILE."""
+    if not own_error.numel():
+        return own_error
+    floor = float(torch.quantile(own_error.flatten().double(), KERNEL_FLOOR_QUANTILE))
+    return KERNEL_FACTOR * own_error.double().clamp_min(floor)
+
+
 class Float64Reference:
-    """The hooked reference in float64 on one batch; each output vector's conditioning is measured
-    (a second, perturbed float64 run) only when some vector is off by more than the plain tolerance,
-    since vectors within it pass whatever their conditioning: the verdict is the same, at half the cost."""
+    """The hooked reference in float64 on one batch. Only when some vector is off by more than the plain
+    tolerance are the allowances measured (vectors within it pass whatever they are: the verdict is the
+    same, at a third of the cost): each vector's conditioning (a second, perturbed float64 run) and the
+    hooked reference's own error in float32 (a run on this machine's float32 kernels)."""
 
     def __init__(self, source64: nn.Module, recipe: Recipe, family: Adapter, pixels: torch.Tensor,
                  capture: Capture, seed: int = 0) -> None:
@@ -89,6 +115,7 @@ class Float64Reference:
         with torch.inference_mode(), hooked_reference(source64, recipe, adapter=family):
             self.exact: dict[str, torch.Tensor] = capture(source64, family, self._args[3])
         self._conditioning: dict[str, torch.Tensor] | None = None
+        self._own: dict[str, torch.Tensor] | None = None
 
     @property
     def conditioning(self) -> dict[str, torch.Tensor]:
@@ -100,14 +127,31 @@ class Float64Reference:
             self._conditioning = {k: per_vector_relative(noisy[k], v) for k, v in self.exact.items()}
         return self._conditioning
 
+    @property
+    def own_error(self) -> dict[str, torch.Tensor]:
+        """Per vector, the hooked reference run in float32 (block by block, no copy) against float64."""
+        if self._own is None:
+            from .cast import cast_blockwise
+
+            source64, recipe, family, x, capture, _ = self._args
+            with torch.inference_mode(), cast_blockwise(source64, family.blocks(source64), torch.float32), \
+                    hooked_reference(source64, recipe, adapter=family):
+                own = capture(source64, family, x.float())
+            self._own = {k: per_vector_relative(own[k], v) for k, v in self.exact.items()}
+        return self._own
+
+    def measured_own_error(self, name: str) -> torch.Tensor | None:
+        """The own float32 error of output `name` if `allowed` needed it, else None."""
+        return None if self._own is None else self._own[name]
+
     def allowed(self, name: str, tolerance: float, got: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-vector allowed error for output `name`. Given the output `got`, the conditioning run is
-        skipped when every vector is within `tolerance` anyway."""
+        """Per-vector allowed error for output `name` (module doc). Given the output `got`, the
+        allowance runs are skipped when every vector is within `tolerance` anyway."""
         if got is not None and self._conditioning is None:
             rel = per_vector_relative(got.to(self.exact[name].device), self.exact[name])  # runtimes answer on CPU
             if bool((rel <= tolerance).all()):
                 return torch.full_like(rel, tolerance)
-        return allowed_error(self.conditioning[name], tolerance)
+        return torch.maximum(allowed_error(self.conditioning[name], tolerance), kernel_allowance(self.own_error[name]))
 
 
 def as_float64(source: nn.Module) -> nn.Module:

@@ -48,6 +48,21 @@ FP32_TOLERANCE = 1e-5
 FP16_TOLERANCE = 2e-2  # float16 keeps 11 significant bits; a dozen blocks accumulate a few 1e-3
 OPENVINO_TOLERANCE = 1e-4  # the CPU plugin's float32 GELU tail decides an outlier-free image's register token
 
+
+
+def recorded_tolerance(folder: Path) -> Optional[float]:
+    """The tolerance convert judged `folder` with (parity.json's parity.tolerance), or None when the folder
+    has no readable parity.json or no positive finite number there."""
+    import math
+
+    try:
+        doc = json.loads((Path(folder) / PARITY_FILE).read_text(encoding="utf-8"))
+        tol = float(doc["parity"]["tolerance"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return tol if math.isfinite(tol) and tol > 0 else None
+
+
 # ---- surgery.json ----------------------------------------------------------------------------------
 
 TOOL = "vit-surgery"
@@ -113,7 +128,8 @@ class OnnxMetadata:
     format_version: Optional[str] = None  # None: FORMAT_VERSION when written
     token_layout: Optional[dict[str, Any]] = None
     register_token_indices: Optional[list[int]] = None
-    num_prefix_tokens: Optional[int] = None
+    num_prefix_tokens: Optional[int] = None  # the baked model's, test-time registers included
+    num_source_prefix_tokens: Optional[int] = None  # the source's: CLS and trained registers
     num_registers: Optional[int] = None
     source_model: Optional[str] = None
     source: Optional[dict[str, Any]] = None
@@ -131,7 +147,7 @@ class OnnxMetadata:
     extra: dict[str, str] = field(default_factory=dict)  # keys this version does not know, kept as written
 
     _TEXT = ("format_version", "source_model", "family", "tool", "tool_version", "dtype", "exporter")
-    _INT = ("num_prefix_tokens", "num_registers", "export_batch_size")
+    _INT = ("num_prefix_tokens", "num_source_prefix_tokens", "num_registers", "export_batch_size")
 
     @classmethod
     def _names(cls) -> list[str]:

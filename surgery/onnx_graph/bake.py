@@ -416,12 +416,15 @@ def bake_graph(vit: VitGraph, recipe: Recipe, layout: TokenLayout, *, source: st
         b.commit_new()
         graph.sort()
     regs = list(range(p, p + R))
-    token_layout = {"num_prefix_tokens": p, "num_registers": R, "register_indices": regs, "first_patch_index": p + R,
+    # num_prefix_tokens is the baked model's (registers included: patches are tokens[:, num_prefix_tokens:]),
+    # num_source_prefix_tokens the source's (CLS, trained registers)
+    token_layout = {"num_prefix_tokens": p + R, "num_source_prefix_tokens": p, "num_registers": R,
+                    "register_indices": regs, "first_patch_index": p + R,
                     "num_tokens": layout.num_tokens + R,
                     "order": "[prefix (CLS, trained registers) | test-time registers | patches]"}
     meta = OnnxMetadata(
-        recipe=recipe.to_dict(), token_layout=token_layout, register_token_indices=regs, num_prefix_tokens=p,
-        num_registers=R, source_model=source, family="onnx", tool_version=__version__, dtype=str(np.dtype(w_dtype)),
+        recipe=recipe.to_dict(), token_layout=token_layout, register_token_indices=regs, num_prefix_tokens=p + R,
+        num_source_prefix_tokens=p, num_registers=R, source_model=source, family="onnx", tool_version=__version__, dtype=str(np.dtype(w_dtype)),
         exporter="vit-surgery onnx graph rewrite (onnx-ir)",
         graph_rewrite={"recognised": vit.describe(), "notes": vit.notes, "shifted_constants": shifted})
     for k, v in meta.to_props().items():

@@ -1,0 +1,100 @@
+"""The judge's allowance from the float32 (and half) kernels' own error, and what its lines say.
+
+Default tier: the allowance rule on hand-made errors (expected values written from the rule), the FAIL /
+PASS lines. Slow tier: real-size ViT-B/16 and ViT-L/14 (random init, planted register neurons): a
+correct bake passes, every mutation (surgery/organisms/mutations.py) fails.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from surgery.core.judge import kernel_allowance
+from surgery.core.parity import OutputError, ParityReport
+
+
+def test_kernel_allowance_is_four_times_the_own_error_floored_at_its_99th_percentile():
+    own = torch.tensor([[1e-7] * 99 + [1e-5]])  # 100 vectors; the 99th percentile lies between 1e-7 and 1e-5
+    floor = 1e-7 + 0.01 * (1e-5 - 1e-7)  # linear interpolation at rank 0.99 * 99 = 98.01
+    got = kernel_allowance(own)
+    assert torch.allclose(got[0, :99], torch.full((99,), 4 * floor, dtype=got.dtype))
+    assert float(got[0, 99]) == pytest.approx(4e-5)
+
+
+def test_an_error_the_kernels_explain_passes_and_says_why():
+    ref = torch.ones(1, 4, 8, dtype=torch.float64)
+    own = torch.full((1, 4), 2e-5, dtype=torch.float64)  # the hooked reference itself, in float32, vs float64
+    got = ref.clone()
+    got[0, 2] *= 1 + 5e-5  # 2.5 x the reference's own error: within 4 x
+    err = OutputError("tokens")
+    allowed = torch.maximum(torch.full_like(own, 1e-5), kernel_allowance(own))
+    err.update(got, ref, allowed=allowed, kernel=kernel_allowance(own), own=own, tolerance=1e-5)
+    report = ParityReport(1e-5, outputs={"tokens": err}, images=1)
+    assert report.passed
+    line = report.summary()
+    assert "allowed there 8e-05: 4 x the error the hooked reference itself makes in float32" in line, line
+
+
+def test_a_failure_states_the_reference_own_error_and_names_tolerance():
+    ref = torch.ones(1, 4, 8, dtype=torch.float64)
+    own = torch.full((1, 4), 1e-6, dtype=torch.float64)
+    got = ref.clone()
+    got[0, 1] *= 1.003  # a wrong bake: 750 x the kernel allowance
+    err = OutputError("block3.residual")
+    allowed = torch.maximum(torch.full_like(own, 1e-5), kernel_allowance(own))
+    err.update(got, ref, allowed=allowed, kernel=kernel_allowance(own), own=own, tolerance=1e-5)
+    report = ParityReport(1e-5, outputs={err.name: err}, images=1)
+    line = report.summary()
+    assert not report.passed and line.startswith("parity FAIL")
+    assert "the hooked reference itself in float32 is off by 1e-06 there (1e-06 at most)" in line, line
+    assert "--tolerance 5e-3 accepts it" in line, line
+
+
+def test_check_uses_the_tolerance_recorded_by_convert(tmp_path):
+    from surgery.core.output_format import recorded_tolerance
+
+    assert recorded_tolerance(tmp_path) is None
+    (tmp_path / "parity.json").write_text('{"parity": {"tolerance": 0.0001, "passed": true}}')
+    assert recorded_tolerance(tmp_path) == 1e-4
+    (tmp_path / "parity.json").write_text('{"parity": {"tolerance": "nan"}}')
+    assert recorded_tolerance(tmp_path) is None
+
+
+# ---- real size (slow) ------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape, images, patch", [("vit_b16", 4, 16), ("vit_l14", 2, 14)])
+def test_real_size_correct_bake_passes_and_every_mutation_fails(shape, images, patch, tmp_path):
+    from PIL import Image
+
+    from surgery.backends import adapter_for
+    from surgery.core.bake import bake_registers
+    from surgery.core.errors import ParityError
+    from surgery.core.parity import check_parity
+    from surgery.organisms.mutations import MUTATIONS, build_real_size_vit
+    from surgery.organisms.vit import write_organism_images
+
+    model, recipe = build_real_size_vit(shape, 0)
+    fam = adapter_for(model)
+    tf = fam.data_transform(model)
+    files = write_organism_images(tmp_path, count=images, seed=0, size=224, patch=patch)
+    x = torch.stack([tf(Image.open(f).convert("RGB")) for f in files])
+    batches = [x[:1], x[1:]]
+
+    def bake(m, r):
+        return bake_registers(copy.deepcopy(m), r, adapter=adapter_for(m))
+
+    baked = bake(model, recipe)
+    report = check_parity(model, baked, recipe, batches, adapter=fam)
+    assert report.passed, report.summary()
+    for name, mutate in MUTATIONS.items():
+        wrong = mutate(model, baked, recipe, bake)
+        try:
+            verdict = check_parity(model, wrong, recipe, batches, adapter=fam)
+        except ParityError:
+            continue  # refused before any number is also caught
+        assert not verdict.passed, f"{name}: {verdict.summary()}"
+        assert verdict.worst.excess(verdict.tolerance) > 10, f"{name}: {verdict.summary()}"
+        del wrong
