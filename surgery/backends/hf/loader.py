@@ -27,6 +27,7 @@ from ...core.source import LoadedModel, LoadOptions, SourceInfo
 from ..base import adapter_among, extra_files, needs_full_unpickling, unsafe_pickle_error
 from .adapter import HF_CLIP, HF_DINOV2, PREPROCESS_ATTR
 from .dinov3_siglip import HF_DINOV3, HF_SIGLIP
+from .stock_refusal import without_stock_refusal
 
 ADAPTERS = (HF_CLIP, HF_DINOV2, HF_DINOV3, HF_SIGLIP)
 
@@ -43,10 +44,19 @@ HF_MODEL_TYPES = {
 HF_ARCH_CLASSES = {"CLIPVisionModelWithProjection": "CLIPVisionModelWithProjection"}
 SUPPORTED_CLASSES = set(HF_MODEL_TYPES.values()) | set(HF_ARCH_CLASSES.values())
 SURGERY_CONFIG_KEY = "vit_surgery"  # the block our HF exporter writes into config.json
-# config.json's `attn_implementation` in a baked HF folder: an attention implementation transformers does
-# not know, so the stock class (no trust_remote_code) raises instead of loading an unfixed model; the
-# remote-code classes (remote_modeling.py, same literal) and this loader take it out (see README).
-STOCK_REFUSAL_ATTN = "vit_surgery_needs_trust_remote_code"
+# config.json's `attn_implementation` in folders of older vit-surgery versions (their refusal marker,
+# which an explicit attn_implementation= overrode; stock_refusal.py replaced it): taken out when read
+LEGACY_REFUSAL_ATTN = "vit_surgery_needs_trust_remote_code"
+
+
+def stock_config_dict(cfg_dict: dict[str, Any], class_name: str) -> dict[str, Any]:
+    """A baked folder's config.json as the stock `class_name`'s config builds it: without the remote-code
+    keys and the stock-refusal marker."""
+    clean = {k: v for k, v in without_stock_refusal(cfg_dict).items() if k not in ("auto_map", SURGERY_CONFIG_KEY)}
+    if clean.get("attn_implementation") == LEGACY_REFUSAL_ATTN:
+        del clean["attn_implementation"]
+    clean["architectures"] = [class_name]
+    return clean
 
 _RESAMPLE = {0: "nearest", 1: "bicubic", 2: "bilinear", 3: "bicubic", 4: "bilinear", 5: "bicubic"}
 
@@ -318,11 +328,7 @@ def build_baked_skeleton(cfg_dict: dict[str, Any], spec: str) -> tuple[nn.Module
         raise ModelInputError(f"{spec}: unsupported base_class {class_name!r} in config.json {SURGERY_CONFIG_KEY}")
     recipe = Recipe.from_dict(block["recipe"], source=f"{spec} config.json")
     cls = getattr(transformers, class_name)
-    clean = {k: v for k, v in cfg_dict.items() if k not in ("auto_map", SURGERY_CONFIG_KEY)}
-    if clean.get("attn_implementation") == STOCK_REFUSAL_ATTN:
-        del clean["attn_implementation"]
-    clean["architectures"] = [class_name]
-    config = cls.config_class.from_dict(clean)
+    config = cls.config_class.from_dict(stock_config_dict(cfg_dict, class_name))
     setattr(config, SURGERY_CONFIG_KEY, block)
     with _quiet_transformers():
         model = cls(config).to(torch.float32)

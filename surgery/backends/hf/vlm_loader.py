@@ -23,7 +23,7 @@ from ...core.source import LoadedModel, LoadOptions, SourceInfo
 from ..base import adapter_among, extra_files
 from .adapter import PREPROCESS_ATTR
 from .loader import (SURGERY_CONFIG_KEY, _json_preprocess, _quiet_transformers, _resolve, _Source, _stored_dtype,
-                     image_processor_config, load_stock_class, preprocess_from_processor)
+                     image_processor_config, load_stock_class, preprocess_from_processor, stock_config_dict)
 from .vlm import IMAGE_PROCESSOR_ATTR, SELECT_STRATEGIES, VLM_ADAPTERS, prepare_vlm
 
 VLM_MODEL_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
@@ -92,9 +92,7 @@ def build_baked_vlm(cfg_dict: dict[str, Any], spec: str) -> tuple[nn.Module, Any
         raise ModelInputError(f"{spec}: unsupported base_class {class_name!r} in config.json {SURGERY_CONFIG_KEY}")
     recipe = Recipe.from_dict(block["recipe"], source=f"{spec} config.json")
     cls = getattr(transformers, class_name)
-    clean = {k: v for k, v in cfg_dict.items() if k not in ("auto_map", SURGERY_CONFIG_KEY)}
-    clean["architectures"] = [class_name]
-    config = cls.config_class.from_dict(clean)
+    config = cls.config_class.from_dict(stock_config_dict(cfg_dict, class_name))
     with _quiet_transformers():
         model = cls(config).to(torch.float32).eval()
     fam = adapter_among(VLM_ADAPTERS, model)
