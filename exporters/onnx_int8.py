@@ -44,7 +44,8 @@ import torch
 from surgery.core.errors import ModelInputError, UsageError
 
 from surgery.core.output_format import META_PREFIX
-from surgery.core.outputs import atomic_output_file, check_replaceable
+from surgery.core.integrity import record_written
+from surgery.core.outputs import atomic_output_file, check_replaceable, identity
 from .onnx_spec import VIT_ONNX_SPEC, _say
 from .onnx_patches import _ExportWrapper, _mha_fastpath_disabled
 from .onnx_export import export_onnx, replace_metadata
@@ -420,6 +421,7 @@ def export_int8(out_dir: Path, *, loaded: Any, mode: str = "static", images: Opt
         raise ModelInputError(f"{out_dir} carries no baked test-time registers (run `vit-surgery convert` first)")
     lay = (_hf_layout if layout == "hf" else _plain_layout)(out_dir, loaded, mode, exporter, progress)
     check_replaceable(lay.target, overwrite)
+    before = {lay.target: identity(lay.target)}  # another run finishing first wins; this one exits 8
     if images is not None:
         calib_files, held = split_images(Path(images))
         calibration = _batches(calib_files, loaded.transform) if mode == "static" else []
@@ -453,7 +455,8 @@ def export_int8(out_dir: Path, *, loaded: Any, mode: str = "static", images: Opt
                           layout_info["register_indices"])
         lay.target.parent.mkdir(exist_ok=True)
         publish_validated(report, f"INT8 export failed validation, no {lay.target.name} written: {report.summary()}",
-                          [(staged, lay.target)])
+                          [(staged, lay.target)], before)
+    record_written(out_dir, [lay.target.relative_to(out_dir).as_posix()])
     _record(out_dir, lay.target.name, report)
     write_card_section(out_dir, report)
     return report, lay.target

@@ -146,7 +146,7 @@ def _verified(a: argparse.Namespace, folder: Path) -> bool:
     Returns whether OUT was verified; an OUT whose surgery.json has no record is warned about here."""
     from ..core.integrity import read_surgery, verify_output
 
-    if verify_output(folder):
+    if verify_output(folder, every_deployment_file=True):
         return True
     if read_surgery(folder) is not None:
         warnings.warn(f"{a.out_dir} has no integrity record (written by an older vit-surgery): damaged weights "

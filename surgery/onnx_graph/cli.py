@@ -131,12 +131,14 @@ def cmd_check_onnx(a: argparse.Namespace) -> int:
         from .folder_cli import cmd_check_folder
         return cmd_check_folder(a, check_batches)
 
+    from ..core.integrity import verify_onnx_output
     from ..core.outputs import atomic_output_file
 
     baked = require_onnx_file(a.out_dir)
     if not a.source:
         raise UsageError("checking an ONNX file needs --source ORIGINAL.onnx (the model it was made from)")
     source = require_onnx_file(a.source)
+    verify_onnx_output(baked)
     batches = check_batches(source, a.images, a.num_images, a.seed, not a.quiet)
     report = check_onnx(baked, source, batches, tolerance=a.tolerance)
     if a.report:  # check never writes next to the model it checks

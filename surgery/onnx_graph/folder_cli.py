@@ -14,6 +14,7 @@ from ..core.errors import ModelInputError, ParityError
 
 def cmd_convert_folder(a: argparse.Namespace, config: Any, recipe_for: Callable[..., Any],
                        check_batches: Callable[..., Any], say: Callable[[argparse.Namespace, str], None]) -> int:
+    from ..core.integrity import record_onnx_output
     from ..core.outputs import atomic_output_dir, check_output_target
     from .folder import convert_folder, require_onnx_folder
 
@@ -35,6 +36,7 @@ def cmd_convert_folder(a: argparse.Namespace, config: Any, recipe_for: Callable[
         if check is not None:
             (tmp / "parity.json").write_text(json.dumps({"onnx_folder": check.to_dict()}, indent=2, default=float)
                                              + "\n")
+        record_onnx_output(tmp, recipe.to_dict(), str(a.model))
     units = ", ".join(f"{k}: {list(v)}" for k, v in recipe.neurons.items())
     print(f"baked {recipe.num_neurons} register neuron(s) ({units}), R={recipe.num_registers} into "
           + ", ".join(f"{k} ({s['precision']})" for k, s in summaries.items()))
@@ -49,12 +51,14 @@ def cmd_check_folder(a: argparse.Namespace, check_batches: Callable[..., Any]) -
     import json
 
     from ..core.errors import UsageError
+    from ..core.integrity import verify_onnx_output
     from ..core.outputs import atomic_output_file
     from .folder import check_folder, require_onnx_folder
 
     out = require_onnx_folder(a.out_dir)
     if not a.source:
         raise UsageError("checking an ONNX folder needs --source ORIGINAL_FOLDER (the model it was made from)")
+    verify_onnx_output(Path(a.out_dir))
     source = require_onnx_folder(a.source)
     try:
         first = source.find_source()

@@ -1,0 +1,102 @@
+"""Every output verifiable: each ONNX / OpenVINO file an export writes into OUT is added to OUT's integrity
+record, an ONNX input's output folder carries one too, and `check` exits 11 on any modified or unrecorded
+deployment file before it computes anything (random bytes, the unbaked source graph, another bake, a
+flipped bit, an edited preprocessor config)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from surgery.cli import main
+from surgery.core.images import builtin_images
+from surgery.core.integrity import file_sha256
+
+
+def _run(args, capsys) -> tuple[int, str]:
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def _flip_bit(path: Path, offset_from_end: int = 1000) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) - offset_from_end] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def exported(baked_dir, tmp_path_factory):
+    """The converted organism with model.onnx and model_quantized.onnx exported into it."""
+    out = tmp_path_factory.mktemp("closed") / "out"
+    shutil.copytree(baked_dir, out, ignore=shutil.ignore_patterns("*.onnx", "*.onnx.data"))
+    assert main(["export", str(out), "-q"]) == 0
+    assert main(["export", str(out), "--int8", "dynamic", "-q"]) == 0
+    return out
+
+
+def test_exports_are_recorded_and_check_passes(exported, capsys):
+    files = json.loads((exported / "surgery.json").read_text())["integrity"]["files"]
+    for name in ("model.onnx", "model_quantized.onnx"):
+        assert files[name] == file_sha256(exported / name)
+    code, err = _run(["check", exported, "-q"], capsys)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("damage", ["random_bytes", "flipped_bit", "another_valid_graph", "unrecorded_int8"])
+def test_check_refuses_a_modified_or_unrecorded_export(exported, tmp_path, damage, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(exported, out)
+    if damage == "random_bytes":
+        (out / "model_quantized.onnx").write_bytes(bytes(range(256)) * 64)
+    elif damage == "flipped_bit":
+        _flip_bit(out / "model.onnx")
+    elif damage == "another_valid_graph":  # a whole, loadable graph (the float one) under the INT8 name
+        shutil.copy(out / "model.onnx", out / "model_quantized.onnx")
+    else:  # a file no export wrote, under a name check would validate
+        shutil.copy(out / "model_quantized.onnx", out / "model_int8.onnx")
+    code, err = _run(["check", out, "-q"], capsys)
+    assert code == 11, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def onnx_output(tmp_path_factory):
+    """An ONNX input (with its preprocessor config) converted with the planted neurons: (source, OUT)."""
+    from transformers import CLIPImageProcessor
+
+    from surgery.organisms.onnx_graphs import build_organism, export_source_onnx
+
+    root = tmp_path_factory.mktemp("onnx_closed")
+    model, planting = build_organism("timm_clip")
+    (root / "src").mkdir()
+    src = export_source_onnx(model, root / "src" / "model.onnx")
+    CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}, resample=3,
+                       image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(root / "src")
+    neurons = root / "n.json"
+    neurons.write_text(json.dumps({"register_neurons": {str(k): v for k, v in planting.neurons.items()}}))
+    assert main(["convert", str(src), "--neurons", str(neurons), "--out", str(root / "out"), "-q"]) == 0
+    return src, root / "out"
+
+
+@pytest.mark.parametrize("damage", [None, "flipped_bit", "preprocessor", "deleted_record"])
+def test_an_onnx_output_is_verified_before_it_is_compared(onnx_output, tmp_path, damage, capsys):
+    src, converted = onnx_output
+    out = tmp_path / "out"
+    shutil.copytree(converted, out)
+    if damage == "flipped_bit":
+        _flip_bit(out / "model.onnx")
+    elif damage == "preprocessor":
+        doc = json.loads((out / "preprocessor_config.json").read_text())
+        doc["image_mean"] = [0.5, 0.5, 0.5]
+        (out / "preprocessor_config.json").write_text(json.dumps(doc))
+    elif damage == "deleted_record":
+        (out / "surgery.json").unlink()
+    code, err = _run(["check", out / "model.onnx", "--source", src, "--images", builtin_images(), "-q"], capsys)
+    if damage in (None, "deleted_record"):  # no record: the numbers alone judge it, and it says so
+        assert code == 0, err
+        assert ("no integrity record" in err) == (damage == "deleted_record")
+    else:
+        assert code == 11, err
+        assert err.count("\n") == 1
