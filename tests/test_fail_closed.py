@@ -100,3 +100,23 @@ def test_an_onnx_output_is_verified_before_it_is_compared(onnx_output, tmp_path,
     else:
         assert code == 11, err
         assert err.count("\n") == 1
+
+
+def test_an_onnx_folder_whose_variant_is_another_model_does_not_convert(onnx_output, tmp_path, capsys):
+    """onnx/model_fp16.onnx made from another model of the same shape: its error against model.onnx is
+    no precision noise, so no bound derived from it may pass the bake."""
+    from surgery.organisms.onnx_graphs import build_organism, export_source_onnx, make_variant
+
+    src, converted = onnx_output
+    repo = tmp_path / "repo"
+    (repo / "onnx").mkdir(parents=True)
+    shutil.copy(src, repo / "onnx" / "model.onnx")
+    shutil.copy(src.parent / "preprocessor_config.json", repo / "preprocessor_config.json")
+    other, _ = build_organism("timm_clip", seed=1)
+    make_variant(export_source_onnx(other, tmp_path / "other.onnx"), repo / "onnx" / "model_fp16.onnx", "fp16")
+    neurons = tmp_path / "n.json"
+    neurons.write_text(json.dumps({"register_neurons": json.loads((converted / "surgery.json").read_text())
+                                   ["recipe"]["register_neurons"]}))
+    code, err = _run(["convert", repo, "--neurons", neurons, "--out", tmp_path / "out", "-q"], capsys)
+    assert code == 7 and "model_fp16.onnx is not a precision variant of model.onnx" in err, err
+    assert not (tmp_path / "out").exists()
