@@ -360,6 +360,15 @@ def split_images(folder: Path, num: int = CALIBRATION_IMAGES_MAX) -> tuple[list[
     return rest, held
 
 
+def validation_images_text(images: Any, held: Sequence[Path], calibrated: Sequence[Path], static: bool) -> str:
+    """What the INT8 file was validated on, as stdout, parity.json and the card say it: held-out images
+    only when none of them was also calibrated on (a small CALIB is used for both)."""
+    if static and set(held) & set(calibrated):
+        return (f"{len(held)} image(s) of {images}, the same it was calibrated on (fewer than "
+                f"{2 * HELD_OUT_EVERY} images: none held out)")
+    return f"{len(held)} image(s) of {images}" + (" not calibrated on" if static else "")
+
+
 # ---- export + validate + move into place -------------------------------------------------------------
 
 @dataclass
@@ -425,7 +434,8 @@ def export_int8(out_dir: Path, *, loaded: Any, mode: str = "static", images: Opt
     if images is not None:
         calib_files, held = split_images(Path(images))
         calibration = _batches(calib_files, loaded.transform) if mode == "static" else []
-        validation, where = _batches(held, loaded.transform), f"{len(held)} image(s) of {images} not calibrated on"
+        validation, where = _batches(held, loaded.transform), validation_images_text(images, held, calib_files,
+                                                                                       mode == "static")
     else:
         calib_files, calibration = [], []
         validation, where = validation_batches(loaded), "the built-in images"

@@ -120,3 +120,36 @@ def test_an_onnx_folder_whose_variant_is_another_model_does_not_convert(onnx_out
     code, err = _run(["convert", repo, "--neurons", neurons, "--out", tmp_path / "out", "-q"], capsys)
     assert code == 7 and "model_fp16.onnx is not a precision variant of model.onnx" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_int8_on_few_images_does_not_claim_held_out_images(baked_dir, tmp_path, capsys):
+    few = tmp_path / "few"
+    few.mkdir()
+    for f in sorted(builtin_images().glob("*.png"))[:3]:
+        shutil.copy(f, few / f.name)
+    out = tmp_path / "out"
+    shutil.copytree(baked_dir, out, ignore=shutil.ignore_patterns("*.onnx", "*.onnx.data"))
+    code = main(["export", str(out), "--int8", "static", "--images", str(few)])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    said = json.loads((out / "parity.json").read_text())["onnx_int8"]["model_int8.onnx"]["validation_images"]
+    assert "the same it was calibrated on" in said and "not calibrated on" not in said
+    assert "not calibrated on" not in stdout + (out / "README.md").read_text()
+
+
+@pytest.mark.slow  # two processes exporting at once (minutes on a shared machine)
+def test_concurrent_int8_exports_into_one_out_one_wins(baked_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    shutil.copytree(baked_dir, out, ignore=shutil.ignore_patterns("*.onnx", "*.onnx.data"))
+    cmd = [sys.executable, "-m", "surgery.cli", "export", str(out), "--int8", "dynamic", "-q"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    runs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    codes = sorted(r.wait(timeout=600) for r in runs)
+    errs = [r.stderr.read() for r in runs]
+    assert codes == [0, 8], errs
+    files = json.loads((out / "surgery.json").read_text())["integrity"]["files"]
+    assert files["model_quantized.onnx"] == file_sha256(out / "model_quantized.onnx")  # the winner's file
