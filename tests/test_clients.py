@@ -336,6 +336,37 @@ def test_stock_refusal_literal_is_inlined_into_the_modeling_file(hf_folders):
     assert runpy.run_path(str(hf_folders["clip"] / "modeling_vit_surgery.py"))["STOCK_REFUSAL"] == STOCK_REFUSAL
 
 
+# ---- timm at another input size ----------------------------------------------------------------------
+
+def test_timm_baked_folder_at_another_input_size(tmp_path):
+    """`img_size=` at load and `set_input_size` on the baked model resample the positional table as timm
+    does for the source (the register has no positional row): both match the source at that size with the
+    rule hooked in; the pretrained_cfg has the source's types."""
+    import timm
+
+    from rule_reference import per_vector_relative, rule_reference
+
+    out = _folder_family("timm_clip", tmp_path)
+    src = tmp_path / "timm_clip-src"
+    planted = {int(k): v for k, v in json.loads((tmp_path / "timm_clip.json").read_text())["register_neurons"].items()}
+    x = torch.randn(2, 3, 96, 96)
+    resized = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    resized.set_input_size(img_size=96)
+    source = timm.create_model(f"local-dir:{src}", pretrained=True, img_size=96).eval()
+    plain, plain_source = (timm.create_model(f"local-dir:{d}", pretrained=True) for d in (out, src))
+    assert isinstance(plain_source.pretrained_cfg["input_size"], tuple)
+    assert {k: type(v) for k, v in plain.pretrained_cfg.items()} == \
+        {k: type(v) for k, v in plain_source.pretrained_cfg.items() if k in plain.pretrained_cfg}
+    with torch.no_grad(), rule_reference(source, planted):
+        want = source.forward_features(x)
+    for baked in (timm.create_model(f"local-dir:{out}", pretrained=True, img_size=96).eval(), resized):
+        assert baked.num_prefix_tokens == 2 and baked.pos_embed.shape == source.pos_embed.shape
+        with torch.no_grad():
+            got = baked.forward_features(x)
+        assert got.shape == want.shape == (2, 1 + 1 + 144, 64)
+        assert float(per_vector_relative(got.double(), want.double()).max()) < 1e-5
+
+
 # ---- OpenVINO ----------------------------------------------------------------------------------------
 
 def test_openvino_ir_of_an_hf_folder_has_hf_output_names(hf_folders):
