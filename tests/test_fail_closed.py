@@ -153,3 +153,20 @@ def test_concurrent_int8_exports_into_one_out_one_wins(baked_dir, tmp_path):
     assert codes == [0, 8], errs
     files = json.loads((out / "surgery.json").read_text())["integrity"]["files"]
     assert files["model_quantized.onnx"] == file_sha256(out / "model_quantized.onnx")  # the winner's file
+
+
+def test_source_weights_linked_from_out_are_refused(organism_dir, tmp_path, capsys):
+    """`src/model.safetensors -> out/model.safetensors`: replacing OUT would replace the source's weights."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    shutil.copy(organism_dir / "config.json", src / "config.json")
+    shutil.copy(organism_dir / "model.safetensors", out / "model.safetensors")
+    (src / "model.safetensors").symlink_to(out / "model.safetensors")
+    before = (out / "model.safetensors").read_bytes()
+    neurons = tmp_path / "n.json"
+    neurons.write_text(json.dumps({"register_neurons": {"2": [17]}}))
+    code, err = _run(["convert", src, "--neurons", neurons, "--out", out, "--overwrite", "-q"], capsys)
+    assert code == 10 and "through the link" in err and err.count("\n") == 1, err
+    assert (out / "model.safetensors").read_bytes() == before and sorted(p.name for p in out.iterdir()) == \
+        ["model.safetensors"]

@@ -146,6 +146,32 @@ def refuse_input_overlap(out: str | Path, inputs: dict[str, Optional[str | Path]
             raise OutputPathError(f"output {out} is inside {what} ({spec}); choose an output outside it")
         if target in src.parents:
             raise OutputPathError(f"output {out} contains {what} ({spec}); choose another output")
+        link = _link_into(src, target)
+        if link is not None:
+            raise OutputPathError(f"{what} ({spec}) reaches into output {out} through the link {link}: replacing "
+                                  "OUT would replace the input's files; choose another output")
+
+
+def _link_into(src: Path, target: Path, depth: int = 2) -> Optional[Path]:
+    """A symbolic link in input folder `src` (its files and those of its subfolders, `depth` levels) that
+    resolves to `target` or into it, else None."""
+    if not src.is_dir() or depth < 0:
+        return None
+    try:
+        entries = list(os.scandir(src))
+    except OSError:
+        return None
+    for e in entries:
+        path = Path(e.path)
+        if e.is_symlink():
+            resolved = path.resolve()
+            if resolved == target or target in resolved.parents:
+                return path
+        elif e.is_dir(follow_symlinks=False):
+            found = _link_into(path, target, depth - 1)
+            if found is not None:
+                return found
+    return None
 
 
 def refuse_source_overlap(out: str | Path, spec: str) -> None:
