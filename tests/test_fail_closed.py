@@ -170,3 +170,39 @@ def test_source_weights_linked_from_out_are_refused(organism_dir, tmp_path, caps
     assert code == 10 and "through the link" in err and err.count("\n") == 1, err
     assert (out / "model.safetensors").read_bytes() == before and sorted(p.name for p in out.iterdir()) == \
         ["model.safetensors"]
+
+
+@pytest.mark.parametrize("edit", ["deep_config", "deep_processor", "huge_head", "huge_pinpoint", "bad_pinpoint"])
+def test_hostile_configs_are_refused_early_with_their_code(hf_clip_folder, tmp_path, edit, capsys, monkeypatch):
+    """Refused from the files alone (no model built, no image resized): deep JSON and a bad pinpoint exit 4,
+    a head or tile that could not be held here exits 13."""
+    src = tmp_path / "src"
+    shutil.copytree(hf_clip_folder, src)
+    cfg = json.loads((src / "config.json").read_text())
+    deep = "[" * 100_000 + "]" * 100_000
+    if edit == "deep_config":
+        (src / "config.json").write_text(deep)
+    elif edit == "deep_processor":
+        (src / "preprocessor_config.json").write_text('{"a": ' + deep + "}")
+    elif edit == "huge_head":
+        cfg["num_classes"] = 10 ** 12
+    else:
+        cfg["image_grid_pinpoints"] = [[64, 64], [3_000_000, 3_000_000] if edit == "huge_pinpoint" else [0, 64]]
+    if not edit.startswith("deep"):
+        (src / "config.json").write_text(json.dumps(cfg))
+    code, err = _run(["find", src, "--images", builtin_images(), "--out", tmp_path / "n.json", "-q"], capsys)
+    assert code == {"huge_head": 13, "huge_pinpoint": 13}.get(edit, 4), err
+    assert err.count("\n") == 1 and "Traceback" not in err and "internal error" not in err, err
+
+
+@pytest.fixture(scope="module")
+def hf_clip_folder(tmp_path_factory):
+    from surgery.organisms.families import build_hf_clip_organism
+
+    model, _ = build_hf_clip_organism(0)
+    folder = tmp_path_factory.mktemp("hf_clip") / "src"
+    model.save_pretrained(folder)
+    from transformers import CLIPImageProcessor
+
+    CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(folder)
+    return folder

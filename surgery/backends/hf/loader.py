@@ -21,7 +21,7 @@ from typing import Any, Optional
 from torch import nn
 
 from ...core.errors import ModelInputError, UnsafeCheckpointError, first_line
-from ...core.memory import require_config_fits
+from ...core.memory import require_config_fits, require_extras_fit
 from ...core.output_format import SURGERY_FILE, read_surgery_json
 from ...core.source import LoadedModel, LoadOptions, SourceInfo
 from ..base import adapter_among, extra_files, needs_full_unpickling, unsafe_pickle_error
@@ -91,11 +91,12 @@ class _Source:
             raise ModelInputError(f"{self.spec}: no config.json for {where}{hint}")
         try:
             cfg = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ModelInputError(f"{self.spec}: unreadable config.json ({first_line(e)})") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise ModelInputError(f"{self.spec}: unreadable config.json ({first_line(e) or 'nested too deeply'})") from None
         if not isinstance(cfg, dict):
             raise ModelInputError(f"{self.spec}: config.json is not a JSON object")
         require_config_fits(self.spec, cfg)  # absurd depth / image size: refused before anything is built
+        require_extras_fit(self.spec, cfg)  # classifier head, LLaVA-NeXT tiles
         return cfg
 
 
@@ -174,8 +175,8 @@ def _json_preprocess(cfg: dict[str, Any]) -> dict[str, Any]:
 def _read_json(src: _Source, path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelInputError(f"{src.spec}: unreadable {path.name} ({first_line(e)})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ModelInputError(f"{src.spec}: unreadable {path.name} ({first_line(e) or 'nested too deeply'})") from None
     return data if isinstance(data, dict) else {}
 
 
