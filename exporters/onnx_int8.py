@@ -165,7 +165,23 @@ class QuantSettings:
                 "calibration_images": self.calibration_images,
                 "nodes_kept_float": self.excluded,
                 "why_kept_float": "register branch (reg_fc1, activation, signed-max edit, reg_fc2) of each "
-                                  "RegisterMlp: the k register units and the value the register token receives"}
+                                  "RegisterMlp: the k register units and the value the register token receives",
+                "validated_with": f"onnxruntime {_ort_version()} (CPU, graph optimisation ALL)",
+                **({"runtimes_not_supported": STATIC_UNSUPPORTED_RUNTIMES} if static else {})}
+
+
+# What older onnxruntime builds do to a static QDQ file at their default optimisation level (issue seen on
+# 1.18-1.30, the onnxruntime-node of transformers.js 4 included): their QDQ selector fusion pulls the float
+# register branch into the quantized path and the register token drifts (cosine ~0.6 against float32)
+STATIC_UNSUPPORTED_RUNTIMES = ("onnxruntime 1.18-1.30 (and transformers.js 4's onnxruntime-node) at graph "
+                               "optimisation above BASIC: the register token is not reproduced; use --int8 dynamic "
+                               "there, or optimisation BASIC")
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return str(onnxruntime.__version__)
 
 
 def _quiet_logging() -> Any:

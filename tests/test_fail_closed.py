@@ -135,6 +135,13 @@ def test_int8_on_few_images_does_not_claim_held_out_images(baked_dir, tmp_path, 
     said = json.loads((out / "parity.json").read_text())["onnx_int8"]["model_int8.onnx"]["validation_images"]
     assert "the same it was calibrated on" in said and "not calibrated on" not in said
     assert "not calibrated on" not in stdout + (out / "README.md").read_text()
+    import onnx
+    import onnxruntime
+
+    meta = json.loads({p.key: p.value for p in onnx.load(str(out / "model_int8.onnx"), load_external_data=False)
+                       .metadata_props}["vit_surgery.int8"])
+    assert meta["validated_with"].startswith(f"onnxruntime {onnxruntime.__version__}")
+    assert "1.18-1.30" in meta["runtimes_not_supported"]  # what older runtimes do to the register branch
 
 
 @pytest.mark.slow  # two processes exporting at once (minutes on a shared machine)
