@@ -213,3 +213,40 @@ def hf_clip_folder(tmp_path_factory):
 
     CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def llava_folder(tmp_path_factory):
+    from surgery.organisms.vlm import build_llava_organism, build_llava_processor, save_vlm_organism
+
+    model, _ = build_llava_organism(0, strategy="default", feature_layer=-2, tower="clip")
+    return save_vlm_organism(model, build_llava_processor("default", cls_token=True),
+                             tmp_path_factory.mktemp("llava") / "src")
+
+
+BAD_VLM_VALUES = {
+    "image_token_huge": ("config.json", lambda d: d.update(image_token_id=10 ** 9)),
+    "image_token_negative": ("config.json", lambda d: d.update(image_token_id=-5)),
+    "model_type_list": ("config.json", lambda d: d.update(model_type=["llava"])),
+    "vision_config_string": ("config.json", lambda d: d.update(vision_config="clip")),
+    "mean_text": ("processor", lambda d: d.update(image_mean=["a", "b", "c"])),
+    "mean_two": ("processor", lambda d: d.update(image_mean=[0.5, 0.5])),
+    "std_zero": ("processor", lambda d: d.update(image_std=[0, 0, 0])),
+    "resample_99": ("processor", lambda d: d.update(resample=99)),
+    "size_negative": ("processor", lambda d: d.update(size={"shortest_edge": -64})),
+    "crop_not_the_towers": ("processor", lambda d: d.update(crop_size={"height": 48, "width": 48})),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_VLM_VALUES))
+def test_bad_vlm_config_and_processor_values_exit_4(llava_folder, tmp_path, case, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(llava_folder, src)
+    where, edit = BAD_VLM_VALUES[case]
+    path = src / ("config.json" if where == "config.json" else "processor_config.json")
+    doc = json.loads(path.read_text())
+    edit(doc if where == "config.json" else doc["image_processor"])
+    path.write_text(json.dumps(doc))
+    code, err = _run(["find", src, "--images", builtin_images(), "--out", tmp_path / "n.json", "-q"], capsys)
+    assert code == 4, err
+    assert err.count("\n") == 1 and "internal error" not in err, err

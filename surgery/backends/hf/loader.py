@@ -137,8 +137,43 @@ def _pair(v: Any) -> Optional[tuple[int, int]]:
     return None
 
 
+def _positive_ints(value: Any) -> bool:
+    values = list(value.values()) if isinstance(value, dict) else [value]
+    return all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values) and bool(values)
+
+
+def check_processor_values(proc: dict[str, Any], tower_size: Optional[tuple[int, int]] = None) -> None:
+    """One-line refusals (exit 4) of image-processor values no preprocessing could follow: mean / std not 1 or
+    3 finite numbers (std never 0), an unknown `resample`, a size or crop that is not positive integers, and
+    (`tower_size`: a tower that takes one size only, as a VLM's) a crop other than the tower's."""
+    import math
+
+    for key in ("image_mean", "image_std"):
+        v = proc.get(key)
+        if v is None:
+            continue
+        seq = v if isinstance(v, list) else [v]
+        if len(seq) not in (1, 3) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                             and math.isfinite(x) for x in seq):
+            raise ModelInputError(f"image processor: {key} must be 1 or 3 finite numbers, got {v!r}")
+        if key == "image_std" and any(x == 0 for x in seq):
+            raise ModelInputError(f"image processor: image_std must not be 0, got {v!r}")
+    if "resample" in proc and proc["resample"] not in _RESAMPLE:
+        raise ModelInputError(f"image processor: resample {proc['resample']!r} is not a PIL resampling filter "
+                              f"({', '.join(map(str, _RESAMPLE))})")
+    for key in ("size", "crop_size"):
+        if proc.get(key) is not None and not _positive_ints(proc[key]):
+            raise ModelInputError(f"image processor: {key} must be positive integers, got {proc[key]!r}")
+    crop = proc.get("crop_size")
+    if tower_size is not None and isinstance(crop, dict) and "height" in crop and "width" in crop \
+            and proc.get("do_center_crop", True) and (crop["height"], crop["width"]) != tuple(tower_size):
+        raise ModelInputError(f"image processor: crop_size {crop['height']}x{crop['width']} is not the "
+                              f"{tower_size[0]}x{tower_size[1]} the vision tower takes")
+
+
 def preprocess_from_processor(proc: dict[str, Any], fallback: dict[str, Any]) -> dict[str, Any]:
     """timm transform arguments equivalent to an HF image processor config (resize, center crop, normalise)."""
+    check_processor_values(proc)
     cfg = dict(fallback)
     if proc.get("do_normalize", True):
         if proc.get("image_mean") is not None:
@@ -214,9 +249,11 @@ def _attach_transform(model: nn.Module, src: _Source, stored: Optional[dict[str,
 
 def _stock_class(cfg: dict[str, Any], spec: str) -> str:
     mt = cfg.get("model_type")
+    if not isinstance(mt, str):
+        raise ModelInputError(f"{spec}: config.json model_type must be a string, got {type(mt).__name__}")
     archs = cfg.get("architectures") or []
-    for a in archs:
-        if a in HF_ARCH_CLASSES:
+    for a in archs if isinstance(archs, list) else []:
+        if isinstance(a, str) and a in HF_ARCH_CLASSES:
             return HF_ARCH_CLASSES[a]
     if mt == "dinov2_with_registers" or mt in HF_MODEL_TYPES:
         return HF_MODEL_TYPES[mt]
