@@ -250,3 +250,45 @@ def test_bad_vlm_config_and_processor_values_exit_4(llava_folder, tmp_path, case
     code, err = _run(["find", src, "--images", builtin_images(), "--out", tmp_path / "n.json", "-q"], capsys)
     assert code == 4, err
     assert err.count("\n") == 1 and "internal error" not in err, err
+
+
+@pytest.mark.parametrize("entry", ["dangling_link", "fifo", "link_loop"])
+def test_an_onnx_folder_with_an_unreadable_entry_is_refused_first(onnx_output, tmp_path, entry, capsys):
+    import os
+
+    src, converted = onnx_output
+    repo = tmp_path / "repo"
+    (repo / "onnx").mkdir(parents=True)
+    shutil.copy(src, repo / "onnx" / "model.onnx")
+    if entry == "dangling_link":
+        (repo / "tokenizer.json").symlink_to(tmp_path / "missing.json")
+    elif entry == "fifo":
+        os.mkfifo(repo / "tokenizer.json")
+    else:
+        (repo / "a.json").symlink_to(repo / "b.json")
+        (repo / "b.json").symlink_to(repo / "a.json")
+    neurons = tmp_path / "n.json"
+    neurons.write_text(json.dumps({"register_neurons": json.loads((converted / "surgery.json").read_text())
+                                   ["recipe"]["register_neurons"]}))
+    code, err = _run(["convert", repo, "--neurons", neurons, "--out", tmp_path / "out", "-q"], capsys)
+    assert code == 4 and err.count("\n") == 1 and "repo" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_hf_layout_refuses_an_onnx_path_that_is_not_a_folder(baked_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(baked_dir, out, ignore=shutil.ignore_patterns("*.onnx", "*.onnx.data"))
+    (out / "onnx").write_text("in the way")
+    code, err = _run(["export", out, "--format", "onnx", "--layout", "hf", "-q"], capsys)
+    assert code == 10 and "is in the way" in err and err.count("\n") == 1, err
+
+
+def test_int8_of_a_vlm_is_refused_in_one_line(llava_folder, tmp_path, capsys):
+    from surgery.organisms.vlm import build_llava_organism
+
+    _, planting = build_llava_organism(0, strategy="default", feature_layer=-2, tower="clip")
+    neurons = tmp_path / "n.json"
+    neurons.write_text(json.dumps({"register_neurons": {str(k): v for k, v in planting.neurons.items()}}))
+    assert main(["convert", str(llava_folder), "--neurons", str(neurons), "--out", str(tmp_path / "out"), "-q"]) == 0
+    code, err = _run(["export", tmp_path / "out", "--format", "onnx", "--layout", "hf", "--int8", "dynamic"], capsys)
+    assert code == 4 and "no --int8" in err and err.count("\n") == 1, err

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +43,18 @@ def cmd_export(a: argparse.Namespace) -> int:
         raise UsageError("--format openvino takes neither --fp16 nor --layout hf")
     check_converted_folder(out)
     verify_before_export(out)
-    if a.layout != "hf" and "vlm" in json.loads((out / "surgery.json").read_text(encoding="utf-8")):
+    is_vlm = "vlm" in json.loads((out / "surgery.json").read_text(encoding="utf-8"))
+    if is_vlm and (a.layout != "hf" or a.int8 is not None):
         raise ModelInputError(f"{out} is a vision-language model: export its vision encoder with "
-                              "`--format onnx --layout hf` (onnx/vision_encoder.onnx)")
+                              "`--format onnx --layout hf` (onnx/vision_encoder.onnx, float; no --int8)")
+    if a.layout == "hf":  # OUT/onnx must be a folder (or absent) before any work starts
+        from surgery.core.errors import OutputPathError
+        from surgery.core.output_format import ONNX_HF_DIR
+
+        onnx_dir = out / ONNX_HF_DIR
+        if os.path.lexists(onnx_dir) and not onnx_dir.is_dir():
+            raise OutputPathError(f"{onnx_dir} is in the way: the HF layout writes its files into a folder there, "
+                                  "and that is not a folder (a file, special file or dangling link)")
     # the heavy imports only once the arguments and OUT passed their checks
     from surgery.exporters.base import ExportOptions
     from surgery.exporters.formats import format_for_cli

@@ -164,7 +164,10 @@ def _link_into(src: Path, target: Path, depth: int = 2) -> Optional[Path]:
     for e in entries:
         path = Path(e.path)
         if e.is_symlink():
-            resolved = path.resolve()
+            try:
+                resolved = path.resolve()
+            except (OSError, RuntimeError):  # a link loop reaches nothing (the loader says what it is)
+                continue
             if resolved == target or target in resolved.parents:
                 return path
         elif e.is_dir(follow_symlinks=False):
