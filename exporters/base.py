@@ -55,7 +55,15 @@ class Format:
         return (Path(out_dir) / self.files[0]).is_file()
 
     def export(self, out_dir: Path, loaded: Any, options: ExportOptions = ExportOptions()) -> Any:
-        return self.implementation().export_format(Path(out_dir), loaded, options)
+        """Export and validate, then add what was written to OUT's integrity record (check verifies it)."""
+        from surgery.core.integrity import record_written
+
+        out_dir = Path(out_dir)
+        report = self.implementation().export_format(out_dir, loaded, options)
+        written = [*self.files, str(Path(report.path).resolve().relative_to(out_dir.resolve()))
+                   if Path(report.path).resolve().is_relative_to(out_dir.resolve()) else None]
+        record_written(out_dir, sorted({Path(n).as_posix() for n in written if n}))
+        return report
 
     def session(self, path: Path) -> Any:
         return self.implementation().open_session(Path(path))

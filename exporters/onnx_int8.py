@@ -44,7 +44,8 @@ import torch
 from surgery.core.errors import ModelInputError, UsageError
 
 from surgery.core.output_format import META_PREFIX
-from surgery.core.outputs import atomic_output_file, check_replaceable
+from surgery.core.integrity import record_written
+from surgery.core.outputs import atomic_output_file, check_replaceable, identity
 from .onnx_spec import VIT_ONNX_SPEC, _say
 from .onnx_patches import _ExportWrapper, _mha_fastpath_disabled
 from .onnx_export import export_onnx, replace_metadata
@@ -164,7 +165,23 @@ class QuantSettings:
                 "calibration_images": self.calibration_images,
                 "nodes_kept_float": self.excluded,
                 "why_kept_float": "register branch (reg_fc1, activation, signed-max edit, reg_fc2) of each "
-                                  "RegisterMlp: the k register units and the value the register token receives"}
+                                  "RegisterMlp: the k register units and the value the register token receives",
+                "validated_with": f"onnxruntime {_ort_version()} (CPU, graph optimisation ALL)",
+                **({"runtimes_not_supported": STATIC_UNSUPPORTED_RUNTIMES} if static else {})}
+
+
+# What older onnxruntime builds do to a static QDQ file at their default optimisation level (issue seen on
+# 1.18-1.30, the onnxruntime-node of transformers.js 4 included): their QDQ selector fusion pulls the float
+# register branch into the quantized path and the register token drifts (cosine ~0.6 against float32)
+STATIC_UNSUPPORTED_RUNTIMES = ("onnxruntime 1.18-1.30 (and transformers.js 4's onnxruntime-node) at graph "
+                               "optimisation above BASIC: the register token is not reproduced; use --int8 dynamic "
+                               "there, or optimisation BASIC")
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return str(onnxruntime.__version__)
 
 
 def _quiet_logging() -> Any:
@@ -359,6 +376,15 @@ def split_images(folder: Path, num: int = CALIBRATION_IMAGES_MAX) -> tuple[list[
     return rest, held
 
 
+def validation_images_text(images: Any, held: Sequence[Path], calibrated: Sequence[Path], static: bool) -> str:
+    """What the INT8 file was validated on, as stdout, parity.json and the card say it: held-out images
+    only when none of them was also calibrated on (a small CALIB is used for both)."""
+    if static and set(held) & set(calibrated):
+        return (f"{len(held)} image(s) of {images}, the same it was calibrated on (fewer than "
+                f"{2 * HELD_OUT_EVERY} images: none held out)")
+    return f"{len(held)} image(s) of {images}" + (" not calibrated on" if static else "")
+
+
 # ---- export + validate + move into place -------------------------------------------------------------
 
 @dataclass
@@ -420,10 +446,12 @@ def export_int8(out_dir: Path, *, loaded: Any, mode: str = "static", images: Opt
         raise ModelInputError(f"{out_dir} carries no baked test-time registers (run `vit-surgery convert` first)")
     lay = (_hf_layout if layout == "hf" else _plain_layout)(out_dir, loaded, mode, exporter, progress)
     check_replaceable(lay.target, overwrite)
+    before = {lay.target: identity(lay.target)}  # another run finishing first wins; this one exits 8
     if images is not None:
         calib_files, held = split_images(Path(images))
         calibration = _batches(calib_files, loaded.transform) if mode == "static" else []
-        validation, where = _batches(held, loaded.transform), f"{len(held)} image(s) of {images} not calibrated on"
+        validation, where = _batches(held, loaded.transform), validation_images_text(images, held, calib_files,
+                                                                                       mode == "static")
     else:
         calib_files, calibration = [], []
         validation, where = validation_batches(loaded), "the built-in images"
@@ -453,7 +481,8 @@ def export_int8(out_dir: Path, *, loaded: Any, mode: str = "static", images: Opt
                           layout_info["register_indices"])
         lay.target.parent.mkdir(exist_ok=True)
         publish_validated(report, f"INT8 export failed validation, no {lay.target.name} written: {report.summary()}",
-                          [(staged, lay.target)])
+                          [(staged, lay.target)], before)
+    record_written(out_dir, [lay.target.relative_to(out_dir).as_posix()])
     _record(out_dir, lay.target.name, report)
     write_card_section(out_dir, report)
     return report, lay.target

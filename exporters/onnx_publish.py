@@ -19,7 +19,7 @@ from surgery.core.errors import ModelInputError, ParityError
 from .onnx_export import export_onnx
 from surgery.core.output_format import ONNX_DATA_FILE as DATA_FILE
 from surgery.core.output_format import ONNX_FILE, PARITY_FILE
-from surgery.core.outputs import atomic_output_file, check_replaceable
+from surgery.core.outputs import atomic_output_file, check_replaceable, identity, move_file_into_place
 
 from .onnx_spec import EXTERNAL_DATA_THRESHOLD, _say
 from .base import ExportOptions
@@ -37,13 +37,18 @@ def staged_output(out_dir: Path, prefix: str) -> Iterator[Path]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def publish_validated(report: OnnxReport, failure: str, moves: Sequence[tuple[Path, Path]]) -> None:
+def publish_validated(report: Any, failure: str, moves: Sequence[tuple[Path, Path]],
+                      before: Optional[dict[Path, Any]] = None) -> None:
     """Raise ParityError(`failure`) unless `report` passed; then move each staged file onto its target,
-    in order (os.replace: an existing target is replaced only now)."""
+    in order (an existing target is replaced only now). `before`: each target's identity() when the run
+    started; a target that changed since (another run wrote it) is left alone and this run exits 8."""
     if not report.passed:
         raise ParityError(failure)
     for staged, target in moves:
-        os.replace(staged, target)
+        if before is not None and target in before:
+            move_file_into_place(staged, target, before[target])
+        else:
+            os.replace(staged, target)
 
 
 def record_parity_section(out_dir: Path, key: str, entry: Any, *, create: bool) -> None:
@@ -88,6 +93,7 @@ def export_and_validate(out_dir: Path, fp16: bool = False, progress: bool = True
         raise ModelInputError(f"model folder not found: {out_dir}")
     if loaded.recipe is None:
         raise ModelInputError(f"{out_dir} carries no baked test-time registers (run `vit-surgery convert` first)")
+    before = {out_dir / name: identity(out_dir / name) for name in (ONNX_FILE, DATA_FILE)}
     with staged_output(out_dir, ".onnx-export-") as scratch:
         info = export_onnx(loaded, out_dir, scratch, fp16=fp16, exporter=exporter,
                            external_data_threshold=external_data_threshold, progress=progress)
@@ -96,7 +102,7 @@ def export_and_validate(out_dir: Path, fp16: bool = False, progress: bool = True
         report = validate_onnx(out_dir, loaded, work, onnx_path=info.path, tolerance=tolerance, progress=progress)
         report.path = str(out_dir / ONNX_FILE)
         publish_validated(report, f"ONNX export failed validation, no {ONNX_FILE} written: {report.summary()}",
-                          _staged_moves(scratch, out_dir, info.external_data))
+                          _staged_moves(scratch, out_dir, info.external_data), before)
         if not info.external_data and (out_dir / DATA_FILE).exists():  # a previous, larger export's weights
             (out_dir / DATA_FILE).unlink()
         _update_parity_json(out_dir, report)

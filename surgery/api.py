@@ -15,6 +15,7 @@ Imports stay light at module level: `check` and `export` verify a folder's files
 from __future__ import annotations
 
 import contextlib
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -287,7 +288,7 @@ def _verified(out: str | Path, folder: Path) -> bool:
     an OUT whose surgery.json has no record is warned about."""
     from .core.integrity import read_surgery, verify_output
 
-    if verify_output(folder):
+    if verify_output(folder, every_deployment_file=True):
         return True
     if read_surgery(folder) is not None:
         warnings.warn(f"{out} has no integrity record (written by an older vit-surgery): damaged weights "
@@ -387,9 +388,18 @@ def export(
     if format == "openvino" and (fp16 or layout != "plain"):
         raise UsageError("--format openvino takes neither --fp16 nor --layout hf")
     _require_converted_folder(folder)
-    if layout != "hf" and "vlm" in json.loads((folder / "surgery.json").read_text(encoding="utf-8")):
+    is_vlm = "vlm" in json.loads((folder / "surgery.json").read_text(encoding="utf-8"))
+    if is_vlm and (layout != "hf" or int8 is not None):
         raise ModelInputError(f"{folder} is a vision-language model: export its vision encoder with "
-                              "`--format onnx --layout hf` (onnx/vision_encoder.onnx)")
+                              "`--format onnx --layout hf` (onnx/vision_encoder.onnx, float; no --int8)")
+    if layout == "hf":  # OUT/onnx must be a folder (or absent) before any work starts
+        from .core.errors import OutputPathError
+        from .core.output_format import ONNX_HF_DIR
+
+        onnx_dir = folder / ONNX_HF_DIR
+        if os.path.lexists(onnx_dir) and not onnx_dir.is_dir():
+            raise OutputPathError(f"{onnx_dir} is in the way: the HF layout writes its files into a folder there, "
+                                  "and that is not a folder (a file, special file or dangling link)")
     with _progress.reporting(_progress.for_api(progress)):
         show = _progress.current().prints
         if int8 is not None:

@@ -94,6 +94,7 @@ def convert_onnx_source(model: str, out: str | Path, *, neurons: Optional[str] =
                         overwrite: bool = False, progress: bool = True) -> ConvertResult:
     """convert for an ONNX file (OUT/model.onnx) or folder (every file rewritten): the recipe, the rewrite,
     the check against the hooked reference graph; a failure leaves nothing at `out`."""
+    from .core.integrity import record_onnx_output
     from .core.outputs import atomic_output_dir, check_output_target
     from .onnx_graph.convert import convert_onnx, require_onnx_file
     from .onnx_graph.folder import convert_folder, is_onnx_folder, require_onnx_folder
@@ -112,6 +113,7 @@ def convert_onnx_source(model: str, out: str | Path, *, neurons: Optional[str] =
             (tmp / NEURONS_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
             if report is not None:
                 write_json(tmp / PARITY_FILE, {"onnx_folder": report.to_dict()})
+            record_onnx_output(tmp, recipe.to_dict(), str(model))
         into = ", ".join(f"{k} ({s['precision']})" for k, s in summaries.items())
         return ConvertResult(Path(out), recipe, report, None, None, baked_into=into)
     path = require_onnx_file(model)
@@ -129,6 +131,7 @@ def check_onnx_source(out: str | Path, source: Optional[str | Path], *, images: 
                       progress: bool = True) -> tuple[Any, dict[str, Any]]:
     """check of a rewritten ONNX file or folder against its source (required: the hooked reference graph
     is built on it). Returns the report and the --report document."""
+    from .core.integrity import verify_onnx_output
     from .onnx_graph.check import check_onnx
     from .onnx_graph.convert import require_onnx_file
     from .onnx_graph.folder import check_folder, is_onnx_folder, require_onnx_folder
@@ -139,6 +142,7 @@ def check_onnx_source(out: str | Path, source: Optional[str | Path], *, images: 
         folder = require_onnx_folder(out)
         if not source:
             raise UsageError("checking an ONNX folder needs --source ORIGINAL_FOLDER (the model it was made from)")
+        verify_onnx_output(Path(out))
         src = require_onnx_folder(source)
         try:
             first = src.find_source()
@@ -150,5 +154,6 @@ def check_onnx_source(out: str | Path, source: Optional[str | Path], *, images: 
     if not source:
         raise UsageError("checking an ONNX file needs --source ORIGINAL.onnx (the model it was made from)")
     src_path = require_onnx_file(source)
+    verify_onnx_output(baked)
     report = check_onnx(baked, src_path, check_batches(src_path, images, num_images, seed, progress), tolerance=tol)
     return report, {"onnx": report.to_dict()}

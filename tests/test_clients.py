@@ -1,8 +1,9 @@
 """The outputs in the clients people use, as those clients use them.
 
-- transformers: an HF output folder refuses to load as the unfixed stock class without
-  trust_remote_code (an error), while AutoConfig and AutoImageProcessor work and the remote-code class
-  loads the baked model.
+- transformers: no stock loader path (AutoModel, AutoConfig, the concrete class, `pipeline`, whatever the
+  keyword arguments) returns a model from an HF output folder: each raises with the stock-refusal text;
+  AutoImageProcessor works without remote code and the remote-code classes load the baked model (also
+  with those keyword arguments, and again after `save_pretrained`).
 - onnxruntime: ONNX exports (plain and HF layout) hold no float64 tensor (onnxruntime 1.30 fuses a
   float64 QuickGELU into `com.microsoft.QuickGelu`, float kernels only) and run at every graph
   optimisation level with the installed onnxruntime, equal to the validated level-ALL outputs; slow
@@ -23,7 +24,7 @@ import torch
 
 import surgery
 from surgery.backends import load_model
-from surgery.backends.hf.loader import STOCK_REFUSAL_ATTN
+from surgery.backends.hf.stock_refusal import STOCK_REFUSAL
 
 from client_envs import ORT_RUNNER, ORT_VERSIONS, TJS_RUNNER, ort_python, transformers_js_dir
 
@@ -257,35 +258,113 @@ def test_transformers_js_picks_every_rewritten_variant_of_an_onnx_repo_by_dtype(
 
 # ---- transformers without remote code ------------------------------------------------------------
 
+HF_KINDS = ("clip", "clip_model", "dinov2", "siglip")
+
+
 @pytest.fixture(scope="module")
 def hf_folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf-refusal")
-    return {kind: _hf_folder(kind, root) for kind in ("clip", "clip_model", "dinov2")}
+    return {kind: _hf_folder(kind, root) for kind in HF_KINDS}
 
 
-@pytest.mark.parametrize("kind", ["clip", "clip_model", "dinov2"])
-def test_hf_folder_refuses_the_stock_class_without_remote_code(hf_folders, kind):
+# keyword arguments people pass to from_pretrained; none may turn the refusal into a model
+STOCK_KWARGS = ({}, {"attn_implementation": "eager"}, {"attn_implementation": "sdpa"}, {"dtype": torch.float16},
+                {"ignore_mismatched_sizes": True}, {"num_labels": 2, "id2label": {0: "a", 1: "b"}})
+
+
+def stock_loads(out: Path, stock_class) -> dict:
+    """Every stock transformers way to get a model (or its config) from folder `out`, by name."""
     import transformers
-    from transformers import AutoConfig, AutoImageProcessor, AutoModel
+    from transformers import AutoConfig, AutoModel
+
+    loads = {"AutoConfig": lambda: AutoConfig.from_pretrained(out),
+             "pipeline": lambda: transformers.pipeline("image-feature-extraction", model=str(out)),
+             "from_config": lambda: AutoModel.from_config(AutoConfig.from_pretrained(out, trust_remote_code=True))}
+    for i, kwargs in enumerate(STOCK_KWARGS):
+        loads[f"AutoModel {kwargs}"] = lambda kw=kwargs: AutoModel.from_pretrained(out, **kw)
+        loads[f"{stock_class.__name__} {kwargs}"] = lambda kw=kwargs: stock_class.from_pretrained(out, **kw)
+    return loads
+
+
+@pytest.mark.parametrize("kind", HF_KINDS)
+def test_hf_folder_refuses_every_stock_loader(hf_folders, kind, tmp_path):
+    import transformers
+    from transformers import AutoImageProcessor, AutoModel
 
     out = hf_folders[kind]
-    cfg = AutoConfig.from_pretrained(out)  # the stock config: runtimes that only read it keep working
-    assert cfg.model_type == {"clip": "clip_vision_model", "clip_model": "clip", "dinov2": "dinov2"}[kind]
-    AutoImageProcessor.from_pretrained(out)
+    AutoImageProcessor.from_pretrained(out)  # preprocessing needs no remote code
     stock = getattr(transformers, json.loads((out / "config.json").read_text())["vit_surgery"]["base_class"])
-    for load in (lambda: AutoModel.from_pretrained(out), lambda: stock.from_pretrained(out)):
-        with pytest.raises(ValueError, match=STOCK_REFUSAL_ATTN):
+    for name, load in stock_loads(out, stock).items():
+        with pytest.raises(ValueError) as info:
             load()
-    remote = AutoModel.from_pretrained(out, trust_remote_code=True).eval()
-    assert type(remote).__name__.startswith("VitSurgery") and remote.config._attn_implementation != STOCK_REFUSAL_ATTN
-    ours = surgery.load(out)
+        assert STOCK_REFUSAL in str(info.value) or "trust_remote_code=True" in str(info.value), (name, info.value)
     x = torch.randn(2, 3, 64, 64)
+    ours = surgery.load(out)
     with torch.no_grad():
-        a = (remote.vision_model if kind == "clip_model" else remote)(pixel_values=x).last_hidden_state
-        b = (ours.vision_model if kind == "clip_model" else ours)(pixel_values=x).last_hidden_state
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
-    # the marker is one literal in two places: the standalone modeling file and vit-surgery's loader
-    assert f'STOCK_REFUSAL_ATTN = "{STOCK_REFUSAL_ATTN}"' in (out / "modeling_vit_surgery.py").read_text()
+        want = (ours.vision_model if kind == "clip_model" else ours)(pixel_values=x).last_hidden_state
+    for kwargs in ({}, {"attn_implementation": "eager"}, {"dtype": torch.float16}):
+        remote = AutoModel.from_pretrained(out, trust_remote_code=True, **kwargs).eval()
+        assert type(remote).__name__.startswith("VitSurgery"), kwargs
+        with torch.no_grad():
+            got = (remote.vision_model if kind == "clip_model" else remote)(
+                pixel_values=x.to(remote.dtype)).last_hidden_state
+        if not kwargs:
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        elif "attn_implementation" in kwargs:  # another attention kernel: float32 rounding apart
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        else:
+            assert got.dtype == torch.float16 and got.shape == want.shape
+    remote.save_pretrained(tmp_path / "resaved")  # a re-saved model stays closed to the stock class
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        stock.from_pretrained(tmp_path / "resaved", attn_implementation="eager")
+
+
+def test_hf_folder_loads_with_device_map(hf_folders):
+    pytest.importorskip("accelerate")
+    from transformers import AutoModel
+
+    out = hf_folders["clip"]
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        AutoModel.from_pretrained(out, device_map="cpu")
+    remote = AutoModel.from_pretrained(out, trust_remote_code=True, device_map="cpu")
+    assert type(remote).__name__ == "VitSurgeryCLIPVisionModel"
+
+
+def test_stock_refusal_literal_is_inlined_into_the_modeling_file(hf_folders):
+    import runpy
+
+    assert runpy.run_path(str(hf_folders["clip"] / "modeling_vit_surgery.py"))["STOCK_REFUSAL"] == STOCK_REFUSAL
+
+
+# ---- timm at another input size ----------------------------------------------------------------------
+
+def test_timm_baked_folder_at_another_input_size(tmp_path):
+    """`img_size=` at load and `set_input_size` on the baked model resample the positional table as timm
+    does for the source (the register has no positional row): both match the source at that size with the
+    rule hooked in; the pretrained_cfg has the source's types."""
+    import timm
+
+    from rule_reference import per_vector_relative, rule_reference
+
+    out = _folder_family("timm_clip", tmp_path)
+    src = tmp_path / "timm_clip-src"
+    planted = {int(k): v for k, v in json.loads((tmp_path / "timm_clip.json").read_text())["register_neurons"].items()}
+    x = torch.randn(2, 3, 96, 96)
+    resized = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    resized.set_input_size(img_size=96)
+    source = timm.create_model(f"local-dir:{src}", pretrained=True, img_size=96).eval()
+    plain, plain_source = (timm.create_model(f"local-dir:{d}", pretrained=True) for d in (out, src))
+    assert isinstance(plain_source.pretrained_cfg["input_size"], tuple)
+    assert {k: type(v) for k, v in plain.pretrained_cfg.items()} == \
+        {k: type(v) for k, v in plain_source.pretrained_cfg.items() if k in plain.pretrained_cfg}
+    with torch.no_grad(), rule_reference(source, planted):
+        want = source.forward_features(x)
+    for baked in (timm.create_model(f"local-dir:{out}", pretrained=True, img_size=96).eval(), resized):
+        assert baked.num_prefix_tokens == 2 and baked.pos_embed.shape == source.pos_embed.shape
+        with torch.no_grad():
+            got = baked.forward_features(x)
+        assert got.shape == want.shape == (2, 1 + 1 + 144, 64)
+        assert float(per_vector_relative(got.double(), want.double()).max()) < 1e-5
 
 
 # ---- OpenVINO ----------------------------------------------------------------------------------------

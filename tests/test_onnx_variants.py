@@ -184,7 +184,7 @@ def test_hf_onnx_repo_folder_find_convert_check(organism, tmp_path, capsys):
     assert main(["convert", str(repo), "--images", str(builtin_images()), "--out", str(out), "-q"]) == 0
     src_files = sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file())
     out_files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert out_files == sorted(src_files + ["neurons.json", "parity.json"])
+    assert out_files == sorted(src_files + ["neurons.json", "parity.json", "surgery.json"])
     for cfg in ("config.json", "preprocessor_config.json"):
         assert (out / cfg).read_bytes() == (repo / cfg).read_bytes()
     doc = json.loads((out / "neurons.json").read_text())

@@ -152,7 +152,7 @@ def test_vlm_onnx_folder_converts_every_vision_file_and_copies_the_language_side
     assert "copied onnx/decoder_model_merged.onnx unchanged" in said.err + said.out
     src_files = sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file())
     out_files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert out_files == sorted(src_files + ["neurons.json", "parity.json"])
+    assert out_files == sorted(src_files + ["neurons.json", "parity.json", "surgery.json"])
     doc = json.loads((out / "neurons.json").read_text())
     assert {int(k): v for k, v in doc["register_neurons"].items()} == PLANTED  # found on vision_encoder.onnx
     for name in ("embed_tokens.onnx", "decoder_model_merged.onnx", "config.json", "preprocessor_config.json",

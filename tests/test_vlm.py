@@ -217,6 +217,39 @@ def test_batched_generate_and_check(converted, images, capsys):
     assert code == 0 and "parity PASS" in stdout, err
 
 
+@pytest.mark.parametrize("case", ["clip-default", "next-clip-default", "paligemma"])
+def test_stock_transformers_refuses_a_converted_vlm(case, converted, images):
+    """No stock loader path returns the VLM with its register units zeroed: the VLM class (any kwargs), the
+    auto classes, `pipeline` and the tower class on the folder all raise; the processor and tokenizer load
+    without remote code; the remote-code class loads in float16."""
+    import transformers
+    from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+    from surgery.backends.hf.stock_refusal import STOCK_REFUSAL
+
+    src, out = converted[case]
+    stock = getattr(transformers, json.loads((out / "config.json").read_text())["vit_surgery"]["base_class"])
+    tower = {"clip": transformers.CLIPVisionModel, "siglip": transformers.SiglipVisionModel}[CASES[case][0]]
+    loads = [lambda: AutoModelForImageTextToText.from_pretrained(out), lambda: AutoModel.from_pretrained(out),
+             lambda: transformers.AutoConfig.from_pretrained(out), lambda: tower.from_pretrained(out),
+             lambda: transformers.pipeline("image-text-to-text", model=str(out))]
+    for kwargs in ({}, {"attn_implementation": "sdpa"}, {"attn_implementation": "eager"}, {"dtype": torch.float16},
+                   {"ignore_mismatched_sizes": True}):
+        loads.append(lambda kw=kwargs: stock.from_pretrained(out, **kw))
+    for load in loads:
+        with pytest.raises(ValueError) as info:
+            load()
+        assert STOCK_REFUSAL in str(info.value)
+    AutoProcessor.from_pretrained(out)
+    AutoTokenizer.from_pretrained(out)
+    model = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True, dtype=torch.float16).eval()
+    assert type(model).__name__ == f"VitSurgery{stock.__name__}" and model.dtype == torch.float16
+    inputs = processor_inputs(out, images[:1], case.startswith(TILED))
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.float16)
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits.float()).all()
+
+
 @pytest.mark.parametrize("case", ["next-siglip-full", "onevision-siglip-full"])
 def test_find_on_a_tiled_vlm_recovers_the_planted_units(case, converted, tmp_path, capsys):
     """Discovery through the VLM's own tiling processor (each tile an image to the tower)."""

@@ -68,17 +68,25 @@ def _check_config_size(spec: Optional[str]) -> None:
     loaders check again, for the Python API)."""
     import json
 
-    from ..core.memory import require_config_fits
+    from ..core.memory import require_config_fits, require_extras_fit
 
     if not spec:
         return
     path = Path(spec.split(":", 1)[1] if spec.startswith(("local-dir:", "hf:")) else spec)
     try:
         cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return  # no folder, no config, or unreadable: the loader says which
     if isinstance(cfg, dict):
         require_config_fits(spec, cfg)
+        processors = []
+        for name in ("preprocessor_config.json", "processor_config.json"):
+            try:
+                doc = json.loads((path / name).read_text(encoding="utf-8"))
+            except (OSError, ValueError, RecursionError):
+                continue
+            processors += [doc] if isinstance(doc, dict) else []
+        require_extras_fit(spec, cfg, processors)
 
 
 def _inputs(a: argparse.Namespace) -> dict[str, Optional[str]]:

@@ -286,6 +286,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("vit-surgery: interrupted; no output was left behind", file=sys.stderr)
         return 130
+    except RecursionError as e:  # vit-surgery recurses only into what it reads: an input nested without bound
+        if "--debug" in args:
+            raise
+        print("vit-surgery: error: an input (a JSON config, processor config or ONNX graph) is nested too deeply to "
+              f"read ({str(e).splitlines()[0] if str(e) else 'recursion limit'}); nothing was written", file=sys.stderr)
+        return 4
     except Exception as e:  # an unexpected failure: one line unless --debug
         return _internal_error(e, args)
     finally:

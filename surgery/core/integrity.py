@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .errors import IntegrityError, NonFiniteError
-from .output_format import SURGERY_FILE, read_surgery_json, surgery_json_text
+from .output_format import OPENVINO_BIN, OPENVINO_XML, SURGERY_FILE, read_surgery_json, surgery_json_text
 
 if TYPE_CHECKING:  # verifying files needs no torch: `check` and `export` refuse a damaged OUT before importing it
     from torch import nn
@@ -139,6 +139,54 @@ def record_integrity(folder: Path, spec: str, source_model: nn.Module, relative_
     (folder / SURGERY_FILE).write_text(surgery_json_text(doc), encoding="utf-8")
 
 
+def record_written(folder: Path, names: list[str]) -> None:
+    """Add (or refresh) the hashes of files an export just wrote into OUT (paths relative to it) to OUT's
+    integrity record; a name no longer there leaves the record. Without a record nothing is added (export
+    refuses such an OUT; convert records the whole folder)."""
+    from .outputs import atomic_output_file, folder_locked
+
+    with folder_locked(folder):  # concurrent exports into one OUT each keep their entries
+        doc = read_surgery_json(folder, kind=IntegrityError)
+        record = (doc or {}).get("integrity")
+        if doc is None or not isinstance(record, dict):
+            return
+        files = record.setdefault("files", {})
+        for name in names:
+            f = folder / name
+            if f.is_file():
+                files[name] = file_sha256(f)
+            else:
+                files.pop(name, None)
+        with atomic_output_file(folder / SURGERY_FILE, overwrite=True, locked=True) as tmp:
+            tmp.write_text(surgery_json_text(doc), encoding="utf-8")
+
+
+def record_onnx_output(folder: Path, recipe: dict[str, Any], source: str) -> None:
+    """surgery.json of an ONNX input's output folder (every file in it written by this run): the recipe,
+    the source, and the hash of every file, so `check` tells a modified file from a good one (exit 11)."""
+    from .output_format import TOOL, write_surgery_json
+
+    write_surgery_json(folder, {"recipe": recipe, "tool": TOOL, "source_model": source, "format": "onnx",
+                                "integrity": integrity_record(folder)})
+
+
+def verify_onnx_output(path: Path) -> bool:
+    """`check` of an ONNX output (a file or folder convert wrote): its folder's record first (exit 11 on a
+    modified or unrecorded file). False when there is none (an older output: the numbers alone judge it)."""
+    folder = path if path.is_dir() else path.parent
+    if verify_output(folder, every_deployment_file=True):
+        return True
+    warnings.warn(f"{path} has no integrity record ({SURGERY_FILE}): only the comparison with --source judges it",
+                  stacklevel=2)
+    return False
+
+
+def is_deployment_file(name: str) -> bool:
+    """A runtime file an export writes (ONNX graphs and their weights, OpenVINO IR): each must be recorded."""
+    base = name.rsplit("/", 1)[-1]
+    return base.endswith((".onnx", ".onnx.data", ".onnx_data")) or base in (OPENVINO_XML, OPENVINO_BIN)
+
+
 # ---- verification (check) --------------------------------------------------------------------------
 
 def read_surgery(folder: Path) -> Optional[dict[str, Any]]:
@@ -146,13 +194,22 @@ def read_surgery(folder: Path) -> Optional[dict[str, Any]]:
     return read_surgery_json(folder, kind=IntegrityError)
 
 
-def verify_output(folder: Path) -> bool:
-    """Compare OUT's files with the hashes convert recorded. Returns False when there is no record
-    (an output of an older vit-surgery); raises IntegrityError naming the first damaged file or tensor."""
+def verify_output(folder: Path, *, every_deployment_file: bool = False) -> bool:
+    """Compare OUT's files with the hashes convert (and each export) recorded. Returns False when there is
+    no record (an output of an older vit-surgery); raises IntegrityError naming the first damaged file or
+    tensor. `every_deployment_file` (check): an ONNX or OpenVINO file in OUT that no record names is damage
+    too (nothing could tell it from a good one)."""
     doc = read_surgery(folder)
     record = (doc or {}).get("integrity")
     if not isinstance(record, dict):
         return False
+    if every_deployment_file:
+        recorded = set(record.get("files", {}))
+        for f in sorted(folder.rglob("*")):
+            name = f.relative_to(folder).as_posix()
+            if is_deployment_file(name) and name not in recorded and not name.startswith("."):
+                raise IntegrityError(f"{folder}: {name} is not in OUT's integrity record (vit-surgery did not write "
+                                     "it, or an older version did): export it again")
     for name, digest in sorted(record.get("files", {}).items()):
         f = folder / name
         if not f.is_file():

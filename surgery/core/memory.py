@@ -260,3 +260,53 @@ def require_config_fits(spec: str, cfg: dict[str, Any], streamed: Optional[bool]
     raise OutOfMemoryRisk(f"{spec}: its config.json describes a model of about {need / 2 / GiB:.1f} GiB of "
                           f"weights (building and loading it needs about {need / GiB:.1f} GiB, "
                           f"{avail / GiB:.1f} GiB is available): stopped before building it")
+
+
+# ---- before a model is built: what its config asks for besides the tower's weights ---------------------
+
+def _pinpoints(doc: dict[str, Any]) -> list[Any]:
+    """LLaVA-NeXT's `image_grid_pinpoints` of a config or image-processor doc (processor_config nests it)."""
+    for d in (doc, doc.get("image_processor") if isinstance(doc.get("image_processor"), dict) else None):
+        if isinstance(d, dict) and isinstance(d.get("image_grid_pinpoints"), list):
+            return d["image_grid_pinpoints"]
+    return []
+
+
+def tile_bytes(docs: list[dict[str, Any]]) -> int:
+    """float32 bytes of one image resized to LLaVA-NeXT's largest any-resolution pinpoint (the processor
+    builds it before tiling), times 2 (the resized copy and its tiles). A pinpoint that is not two positive
+    integers is a config error (exit 4)."""
+    largest = 0
+    for doc in docs:
+        for point in _pinpoints(doc):
+            if not (isinstance(point, (list, tuple)) and len(point) == 2
+                    and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in point)):
+                raise ModelInputError(f"image_grid_pinpoints: each entry must be two positive integers "
+                                      f"[height, width], got {point!r}")
+            largest = max(largest, point[0] * point[1])
+    return 2 * 3 * 4 * largest
+
+
+def head_bytes(cfg: dict[str, Any]) -> int:
+    """float32 bytes of a classifier head the config asks for (timm `num_classes` x width)."""
+    docs = [d for d in (cfg.get("model_args"), cfg.get("pretrained_cfg"), cfg) if isinstance(d, dict)]
+    given = [d.get("num_classes") for d in docs]
+    classes = next((float(v) for v in given if isinstance(v, (int, float)) and not isinstance(v, bool)
+                    and math.isfinite(v) and v > 0), 0.0)  # 0: no head (timm's headless models)
+    width = _first_int(docs, ("embed_dim", "hidden_size", "width"), 768)
+    return int(4 * classes * (width + 1))
+
+
+def require_extras_fit(spec: str, cfg: dict[str, Any], processor_docs: Iterable[dict[str, Any]] = ()) -> None:
+    """Refuse (exit 13) a config whose classifier head or LLaVA-NeXT tiles could not be held here, from the
+    config (and image-processor) files alone, before anything is built or any image resized."""
+    tiles = tile_bytes([cfg, *processor_docs])
+    if os.environ.get("VIT_SURGERY_SKIP_MEMORY_CHECK"):
+        return
+    need = 2 * head_bytes(cfg) + tiles
+    avail = available_bytes()
+    if avail is not None and need > avail:
+        raise OutOfMemoryRisk(f"{spec}: its config asks for about {need / GiB:.1f} GiB beyond the tower "
+                              f"(classifier head {head_bytes(cfg) / GiB:.1f} GiB, one image at the largest "
+                              f"image_grid_pinpoints {tiles / GiB:.1f} GiB); {avail / GiB:.1f} GiB is available: "
+                              "stopped before building it")

@@ -146,6 +146,35 @@ def refuse_input_overlap(out: str | Path, inputs: dict[str, Optional[str | Path]
             raise OutputPathError(f"output {out} is inside {what} ({spec}); choose an output outside it")
         if target in src.parents:
             raise OutputPathError(f"output {out} contains {what} ({spec}); choose another output")
+        link = _link_into(src, target)
+        if link is not None:
+            raise OutputPathError(f"{what} ({spec}) reaches into output {out} through the link {link}: replacing "
+                                  "OUT would replace the input's files; choose another output")
+
+
+def _link_into(src: Path, target: Path, depth: int = 2) -> Optional[Path]:
+    """A symbolic link in input folder `src` (its files and those of its subfolders, `depth` levels) that
+    resolves to `target` or into it, else None."""
+    if not src.is_dir() or depth < 0:
+        return None
+    try:
+        entries = list(os.scandir(src))
+    except OSError:
+        return None
+    for e in entries:
+        path = Path(e.path)
+        if e.is_symlink():
+            try:
+                resolved = path.resolve()
+            except (OSError, RuntimeError):  # a link loop reaches nothing (the loader says what it is)
+                continue
+            if resolved == target or target in resolved.parents:
+                return path
+        elif e.is_dir(follow_symlinks=False):
+            found = _link_into(path, target, depth - 1)
+            if found is not None:
+                return found
+    return None
 
 
 def refuse_source_overlap(out: str | Path, spec: str) -> None:
@@ -232,7 +261,7 @@ def _renameat2(src: Path, dst: Path, flags: int) -> bool:
 
 
 @contextlib.contextmanager
-def _parent_locked(folder: Path) -> Iterator[None]:
+def folder_locked(folder: Path) -> Iterator[None]:
     """Serialise final moves into one folder between vit-surgery processes (released if a process dies)."""
     try:
         import fcntl
@@ -255,10 +284,10 @@ def _identity(path: Path) -> Optional[tuple[int, int]]:
     return st.st_dev, st.st_ino
 
 
-def _move_into_place(tmp: Path, path: Path, before: Optional[tuple[int, int]]) -> None:
+def _move_into_place(tmp: Path, path: Path, before: Optional[tuple[int, int]], lock: bool = True) -> None:
     """Move `tmp` to `path`, which must still be what it was when the run started (absent, or the same
     folder the user asked to overwrite). Anything else appeared meanwhile and is left untouched."""
-    with _parent_locked(path.parent):
+    with folder_locked(path.parent) if lock else contextlib.nullcontext():
         if _identity(path) != before:
             raise OutputExistsError(f"output {path} appeared while this run was writing it (another run?); "
                                     "left it untouched, nothing written")
@@ -276,6 +305,18 @@ def _move_into_place(tmp: Path, path: Path, before: Optional[tuple[int, int]]) -
         except FileExistsError:
             raise OutputExistsError(f"output {path} appeared while this run was writing it (another run?); "
                                     "left it untouched, nothing written") from None
+
+
+def identity(path: Path) -> Optional[tuple[int, int]]:
+    """What is at `path` now (device, inode), None when nothing: compare before a final move."""
+    return _identity(path)
+
+
+def move_file_into_place(staged: Path, target: Path, before: Optional[tuple[int, int]]) -> None:
+    """Move a finished file onto `target`, which must still be what it was when the run started (`before`,
+    from identity()): a file another run put there meanwhile is left alone (OutputExistsError, exit 8)."""
+    give_usual_modes(staged)
+    _move_into_place(staged, target, before)
 
 
 def _umask() -> int:
@@ -314,8 +355,9 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
 
 
 @contextlib.contextmanager
-def atomic_output_file(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary file path next to `out` for the caller to write; on success it becomes `out`."""
+def atomic_output_file(out: str | Path, overwrite: bool = False, locked: bool = False) -> Iterator[Path]:
+    """Yield a temporary file path next to `out` for the caller to write; on success it becomes `out`
+    (`locked`: the caller holds folder_locked on its folder already)."""
     path = check_output_target(out, overwrite, "file")
     clean_stale_partials(path)
     before = _identity(path)
@@ -323,6 +365,6 @@ def atomic_output_file(out: str | Path, overwrite: bool = False) -> Iterator[Pat
     try:
         yield tmp
         give_usual_modes(tmp)
-        _move_into_place(tmp, path, before)
+        _move_into_place(tmp, path, before, lock=not locked)
     finally:
         _remove(tmp)

@@ -11,6 +11,7 @@ import onnx_ir as ir
 import torch
 
 from ..core.errors import ParityError
+from ..core.integrity import record_onnx_output
 from ..core.output_format import FP32_TOLERANCE, ONNX_FILE, require_onnx_path
 from ..core.output_format import ONNX_DATA_FILE as DATA_FILE
 from ..core.outputs import atomic_output_dir, check_output_target, refuse_source_overlap
@@ -82,6 +83,7 @@ def convert_onnx(source: str | Path, out_dir: str | Path, recipe: Recipe, *, ove
         for f in ("preprocessor_config.json", "config.json"):  # keep the preprocessing (and HF config) next to the model
             if (source.parent / f).is_file():
                 shutil.copyfile(source.parent / f, tmp / f)
+        record_onnx_output(tmp, recipe.to_dict(), str(source))
     return OnnxConvertResult(out / ONNX_FILE, recipe, external, summary, report)
 
 

@@ -99,8 +99,31 @@ class OnnxFolder:
                               "find on one of them and pass {neurons} FILE", parameters=("neurons",))
 
 
+def refuse_unreadable_entries(root: Path) -> None:
+    """Every file of the folder is copied or rewritten: a dangling link, a link loop or a special file
+    (FIFO, socket, device) among them is refused now (exit 4), before any work, never met mid-copy."""
+    import os
+    import stat
+
+    for folder, dirs, names in os.walk(root, followlinks=False):
+        for name in names + [d for d in dirs if os.path.islink(os.path.join(folder, d))]:
+            path = Path(folder) / name
+            rel = path.relative_to(root)
+            if any(part.startswith(".") for part in rel.parts):
+                continue
+            try:
+                mode = path.stat().st_mode  # follows links: a dangling one or a loop raises
+            except (OSError, RuntimeError) as e:
+                raise ModelInputError(f"{root}: {rel} cannot be read ({'a link loop' if isinstance(e, RuntimeError) or getattr(e, 'errno', 0) == 40 else 'a dangling link' if path.is_symlink() else e.strerror}); "
+                                      "remove it or point it at a file") from None
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise ModelInputError(f"{root}: {rel} is a special file (FIFO, socket or device), not a model file; "
+                                      "remove it")
+
+
 def open_folder(spec: str | Path) -> OnnxFolder:
     root = Path(spec)
+    refuse_unreadable_entries(root)
     d = onnx_files_dir(root)
     if d is None:
         raise ModelInputError(f"{root}: no .onnx files in it or in {root / ONNX_SUBDIR}")

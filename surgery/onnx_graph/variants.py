@@ -12,6 +12,9 @@ Its precision is read from its graph (`precision.py`). Each rewritten variant is
    own noise, measured on the same images), plus the fp32 tolerance. The register rows have no unbaked
    counterpart: they are judged by check 1 only (with per-tensor INT8 their error against fp32 is of
    order 1 in the hooked reference itself: the register carries the sink's large values).
+   A variant whose *unbaked* outputs are further than `VARIANT_NOISE_MAX` from the fp32 source's is not a
+   precision variant of it (another model under the variant's name: its own error would make any bound
+   pass): it fails, whatever the baked error.
 """
 from __future__ import annotations
 
@@ -31,6 +34,9 @@ from .recognise import load_ir, recognise
 from .runtime import ExposedSession
 
 FP32_JUDGE_FACTOR = 4.0
+# unbaked variant vs unbaked fp32 source, relative error per feature vector: float16 ~1e-3, INT8 / 4-bit
+# ~0.01-0.11 on the organisms; another model of the same shape ~1.5
+VARIANT_NOISE_MAX = 0.5
 
 
 @dataclass
@@ -45,16 +51,27 @@ class Fp32Judgement:
         return self.factor * self.baseline[name].relative + FP32_TOLERANCE
 
     @property
+    def not_a_variant(self) -> list[str]:
+        """Outputs whose unbaked error against the fp32 source is beyond any precision's noise."""
+        return [n for n, e in self.baseline.items() if not e.relative <= VARIANT_NOISE_MAX]
+
+    @property
     def passed(self) -> bool:
-        return all(e.relative <= self.bound(n) for n, e in self.baked.items())
+        return not self.not_a_variant and all(e.relative <= self.bound(n) for n, e in self.baked.items())
 
     def summary(self) -> str:
+        if self.not_a_variant:
+            n = self.not_a_variant[0]
+            return (f"FAILED: {Path(self.variant).name} is not a precision variant of {Path(self.fp32_source).name}: "
+                    f"unbaked, its {n} differs from the fp32 file's by {self.baseline[n].relative:.3g} relative "
+                    f"(precision noise stays below {VARIANT_NOISE_MAX:g}; another model?)")
         parts = [f"{n} {e.relative:.2e} (bound {self.bound(n):.2e} = {self.factor:g} x unbaked "
                  f"{self.baseline[n].relative:.2e} + {FP32_TOLERANCE:g})" for n, e in self.baked.items()]
         return f"{'passed' if self.passed else 'FAILED'} against the fp32 hooked reference: " + "; ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "fp32_source": self.fp32_source, "factor": self.factor,
+                "variant_noise_max": VARIANT_NOISE_MAX,
                 "excludes": "register rows (no unbaked counterpart; judged against the variant's own reference)",
                 "outputs": {n: {"relative": e.relative, "where": list(e.where), "bound": self.bound(n),
                                 "unbaked_relative": self.baseline[n].relative} for n, e in self.baked.items()},

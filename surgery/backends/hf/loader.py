@@ -21,12 +21,13 @@ from typing import Any, Optional
 from torch import nn
 
 from ...core.errors import ModelInputError, UnsafeCheckpointError, first_line
-from ...core.memory import require_config_fits
+from ...core.memory import require_config_fits, require_extras_fit
 from ...core.output_format import SURGERY_FILE, read_surgery_json
 from ...core.source import LoadedModel, LoadOptions, SourceInfo
 from ..base import adapter_among, extra_files, needs_full_unpickling, unsafe_pickle_error
 from .adapter import HF_CLIP, HF_DINOV2, PREPROCESS_ATTR
 from .dinov3_siglip import HF_DINOV3, HF_SIGLIP
+from .stock_refusal import without_stock_refusal
 
 ADAPTERS = (HF_CLIP, HF_DINOV2, HF_DINOV3, HF_SIGLIP)
 
@@ -43,10 +44,19 @@ HF_MODEL_TYPES = {
 HF_ARCH_CLASSES = {"CLIPVisionModelWithProjection": "CLIPVisionModelWithProjection"}
 SUPPORTED_CLASSES = set(HF_MODEL_TYPES.values()) | set(HF_ARCH_CLASSES.values())
 SURGERY_CONFIG_KEY = "vit_surgery"  # the block our HF exporter writes into config.json
-# config.json's `attn_implementation` in a baked HF folder: an attention implementation transformers does
-# not know, so the stock class (no trust_remote_code) raises instead of loading an unfixed model; the
-# remote-code classes (remote_modeling.py, same literal) and this loader take it out (see README).
-STOCK_REFUSAL_ATTN = "vit_surgery_needs_trust_remote_code"
+# config.json's `attn_implementation` in folders of older vit-surgery versions (their refusal marker,
+# which an explicit attn_implementation= overrode; stock_refusal.py replaced it): taken out when read
+LEGACY_REFUSAL_ATTN = "vit_surgery_needs_trust_remote_code"
+
+
+def stock_config_dict(cfg_dict: dict[str, Any], class_name: str) -> dict[str, Any]:
+    """A baked folder's config.json as the stock `class_name`'s config builds it: without the remote-code
+    keys and the stock-refusal marker."""
+    clean = {k: v for k, v in without_stock_refusal(cfg_dict).items() if k not in ("auto_map", SURGERY_CONFIG_KEY)}
+    if clean.get("attn_implementation") == LEGACY_REFUSAL_ATTN:
+        del clean["attn_implementation"]
+    clean["architectures"] = [class_name]
+    return clean
 
 _RESAMPLE = {0: "nearest", 1: "bicubic", 2: "bilinear", 3: "bicubic", 4: "bilinear", 5: "bicubic"}
 
@@ -81,11 +91,12 @@ class _Source:
             raise ModelInputError(f"{self.spec}: no config.json for {where}{hint}")
         try:
             cfg = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ModelInputError(f"{self.spec}: unreadable config.json ({first_line(e)})") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise ModelInputError(f"{self.spec}: unreadable config.json ({first_line(e) or 'nested too deeply'})") from None
         if not isinstance(cfg, dict):
             raise ModelInputError(f"{self.spec}: config.json is not a JSON object")
         require_config_fits(self.spec, cfg)  # absurd depth / image size: refused before anything is built
+        require_extras_fit(self.spec, cfg)  # classifier head, LLaVA-NeXT tiles
         return cfg
 
 
@@ -126,8 +137,43 @@ def _pair(v: Any) -> Optional[tuple[int, int]]:
     return None
 
 
+def _positive_ints(value: Any) -> bool:
+    values = list(value.values()) if isinstance(value, dict) else [value]
+    return all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values) and bool(values)
+
+
+def check_processor_values(proc: dict[str, Any], tower_size: Optional[tuple[int, int]] = None) -> None:
+    """One-line refusals (exit 4) of image-processor values no preprocessing could follow: mean / std not 1 or
+    3 finite numbers (std never 0), an unknown `resample`, a size or crop that is not positive integers, and
+    (`tower_size`: a tower that takes one size only, as a VLM's) a crop other than the tower's."""
+    import math
+
+    for key in ("image_mean", "image_std"):
+        v = proc.get(key)
+        if v is None:
+            continue
+        seq = v if isinstance(v, list) else [v]
+        if len(seq) not in (1, 3) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                             and math.isfinite(x) for x in seq):
+            raise ModelInputError(f"image processor: {key} must be 1 or 3 finite numbers, got {v!r}")
+        if key == "image_std" and any(x == 0 for x in seq):
+            raise ModelInputError(f"image processor: image_std must not be 0, got {v!r}")
+    if "resample" in proc and proc["resample"] not in _RESAMPLE:
+        raise ModelInputError(f"image processor: resample {proc['resample']!r} is not a PIL resampling filter "
+                              f"({', '.join(map(str, _RESAMPLE))})")
+    for key in ("size", "crop_size"):
+        if proc.get(key) is not None and not _positive_ints(proc[key]):
+            raise ModelInputError(f"image processor: {key} must be positive integers, got {proc[key]!r}")
+    crop = proc.get("crop_size")
+    if tower_size is not None and isinstance(crop, dict) and "height" in crop and "width" in crop \
+            and proc.get("do_center_crop", True) and (crop["height"], crop["width"]) != tuple(tower_size):
+        raise ModelInputError(f"image processor: crop_size {crop['height']}x{crop['width']} is not the "
+                              f"{tower_size[0]}x{tower_size[1]} the vision tower takes")
+
+
 def preprocess_from_processor(proc: dict[str, Any], fallback: dict[str, Any]) -> dict[str, Any]:
     """timm transform arguments equivalent to an HF image processor config (resize, center crop, normalise)."""
+    check_processor_values(proc)
     cfg = dict(fallback)
     if proc.get("do_normalize", True):
         if proc.get("image_mean") is not None:
@@ -164,8 +210,8 @@ def _json_preprocess(cfg: dict[str, Any]) -> dict[str, Any]:
 def _read_json(src: _Source, path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelInputError(f"{src.spec}: unreadable {path.name} ({first_line(e)})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ModelInputError(f"{src.spec}: unreadable {path.name} ({first_line(e) or 'nested too deeply'})") from None
     return data if isinstance(data, dict) else {}
 
 
@@ -203,9 +249,11 @@ def _attach_transform(model: nn.Module, src: _Source, stored: Optional[dict[str,
 
 def _stock_class(cfg: dict[str, Any], spec: str) -> str:
     mt = cfg.get("model_type")
+    if not isinstance(mt, str):
+        raise ModelInputError(f"{spec}: config.json model_type must be a string, got {type(mt).__name__}")
     archs = cfg.get("architectures") or []
-    for a in archs:
-        if a in HF_ARCH_CLASSES:
+    for a in archs if isinstance(archs, list) else []:
+        if isinstance(a, str) and a in HF_ARCH_CLASSES:
             return HF_ARCH_CLASSES[a]
     if mt == "dinov2_with_registers" or mt in HF_MODEL_TYPES:
         return HF_MODEL_TYPES[mt]
@@ -318,11 +366,7 @@ def build_baked_skeleton(cfg_dict: dict[str, Any], spec: str) -> tuple[nn.Module
         raise ModelInputError(f"{spec}: unsupported base_class {class_name!r} in config.json {SURGERY_CONFIG_KEY}")
     recipe = Recipe.from_dict(block["recipe"], source=f"{spec} config.json")
     cls = getattr(transformers, class_name)
-    clean = {k: v for k, v in cfg_dict.items() if k not in ("auto_map", SURGERY_CONFIG_KEY)}
-    if clean.get("attn_implementation") == STOCK_REFUSAL_ATTN:
-        del clean["attn_implementation"]
-    clean["architectures"] = [class_name]
-    config = cls.config_class.from_dict(clean)
+    config = cls.config_class.from_dict(stock_config_dict(cfg_dict, class_name))
     setattr(config, SURGERY_CONFIG_KEY, block)
     with _quiet_transformers():
         model = cls(config).to(torch.float32)

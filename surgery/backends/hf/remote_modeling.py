@@ -32,18 +32,38 @@ from torch import nn
 # standalone (torch + transformers) and holds the very code vit-surgery bakes and checks with: one copy.
 from surgery.core.modules import MlpWeights, PrependRegisters, PrependRegistersToLayer, RegisterMlp  # vit-surgery: inline
 from surgery.core.image_features import install_register_drop  # vit-surgery: inline
+from surgery.backends.hf.stock_refusal import mark_stock_refusal, without_stock_refusal  # vit-surgery: inline
 
 
-# config.json names this attention implementation, which transformers does not know: loading the folder
-# without trust_remote_code builds the stock class, which raises on it (no silently unfixed model). The
-# classes below take it out before the stock __init__ sees it (attention then resolves as usual).
-STOCK_REFUSAL_ATTN = "vit_surgery_needs_trust_remote_code"
+def refusing_config(stock: type) -> type:
+    """`stock` (a transformers config class) reading and writing config.json with the stock-refusal marker of
+    stock_refusal.py: taken out when built (the stock __init__ never sees it), put back when serialised (a
+    re-saved model stays closed to the stock classes)."""
+
+    class Config(stock):
+        def __init__(self, **kwargs):
+            super().__init__(**without_stock_refusal(kwargs))
+
+        def to_dict(self):
+            return mark_stock_refusal(super().to_dict())
+
+        def to_diff_dict(self):
+            return mark_stock_refusal(super().to_diff_dict())
+
+    Config.__name__ = Config.__qualname__ = f"VitSurgery{stock.__name__}"
+    return Config
 
 
-def _accept(config):
-    if getattr(config, "_attn_implementation", None) == STOCK_REFUSAL_ATTN:
-        config._attn_implementation = None  # (the setter clears the sub-configs too)
-    return config
+VitSurgeryCLIPVisionConfig = refusing_config(transformers.CLIPVisionConfig)
+VitSurgeryCLIPConfig = refusing_config(transformers.CLIPConfig)
+VitSurgeryDinov2Config = refusing_config(transformers.Dinov2Config)
+VitSurgeryDinov2WithRegistersConfig = refusing_config(transformers.Dinov2WithRegistersConfig)
+VitSurgeryDINOv3ViTConfig = refusing_config(transformers.DINOv3ViTConfig)
+VitSurgerySiglipVisionConfig = refusing_config(transformers.SiglipVisionConfig)
+VitSurgeryLlavaConfig = refusing_config(transformers.LlavaConfig)
+VitSurgeryLlavaNextConfig = refusing_config(transformers.LlavaNextConfig)
+VitSurgeryLlavaOnevisionConfig = refusing_config(transformers.LlavaOnevisionConfig)
+VitSurgeryPaliGemmaConfig = refusing_config(transformers.PaliGemmaConfig)
 
 
 def _mlp_weights(old: nn.Module) -> MlpWeights:
@@ -90,21 +110,21 @@ class _PatchTokensMixin:
 
 class VitSurgeryCLIPVisionModel(_PatchTokensMixin, transformers.CLIPVisionModel):
     def __init__(self, config):
-        super().__init__(_accept(config))
+        super().__init__(config)
         v = getattr(self, "vision_model", self)  # transformers 4.x wraps a CLIPVisionTransformer
         bake_structure(self, v, v.encoder.layers, v, "pre_layrnorm", config.hidden_size, config.vit_surgery)
 
 
 class VitSurgeryCLIPVisionModelWithProjection(_PatchTokensMixin, transformers.CLIPVisionModelWithProjection):
     def __init__(self, config):
-        super().__init__(_accept(config))
+        super().__init__(config)
         v = self.vision_model
         bake_structure(self, v, v.encoder.layers, v, "pre_layrnorm", config.hidden_size, config.vit_surgery)
 
 
 class VitSurgeryCLIPModel(_PatchTokensMixin, transformers.CLIPModel):
     def __init__(self, config):
-        super().__init__(_accept(config))
+        super().__init__(config)
         v = self.vision_model
         bake_structure(self, v, v.encoder.layers, v, "pre_layrnorm", config.vision_config.hidden_size,
                        config.vit_surgery)
@@ -112,14 +132,14 @@ class VitSurgeryCLIPModel(_PatchTokensMixin, transformers.CLIPModel):
 
 class VitSurgeryDinov2Model(_PatchTokensMixin, transformers.Dinov2Model):
     def __init__(self, config):
-        super().__init__(_accept(config))
+        super().__init__(config)
         bake_structure(self, self, self.encoder.layer, self.embeddings, "dropout", config.hidden_size,
                        config.vit_surgery)
 
 
 class VitSurgeryDinov2WithRegistersModel(_PatchTokensMixin, transformers.Dinov2WithRegistersModel):
     def __init__(self, config):
-        super().__init__(_accept(config))
+        super().__init__(config)
         bake_structure(self, self, self.encoder.layer, self.embeddings, "dropout", config.hidden_size,
                        config.vit_surgery)
 
@@ -130,7 +150,7 @@ class VitSurgeryDINOv3ViTModel(_PatchTokensMixin, transformers.DINOv3ViTModel):
     trained registers."""
 
     def __init__(self, config):
-        super().__init__(_accept(config))
+        super().__init__(config)
         bake_structure(self, self, list(self.model.layer), self.model.layer, "0", config.hidden_size,
                        config.vit_surgery, PrependRegistersToLayer)
 
@@ -140,7 +160,7 @@ class VitSurgerySiglipVisionModel(_PatchTokensMixin, transformers.SiglipVisionMo
     token, the register included."""
 
     def __init__(self, config):
-        super().__init__(_accept(config))
+        super().__init__(config)
         v = getattr(self, "vision_model", self)
         bake_structure(self, v, list(v.encoder.layers), v.encoder.layers, "0", config.hidden_size,
                        config.vit_surgery, PrependRegistersToLayer)
@@ -212,3 +232,12 @@ def _keep_checkpoint_names(remote: type) -> None:
 for _vlm in (VitSurgeryLlavaForConditionalGeneration, VitSurgeryLlavaNextForConditionalGeneration,
              VitSurgeryLlavaOnevisionForConditionalGeneration, VitSurgeryPaliGemmaForConditionalGeneration):
     _keep_checkpoint_names(_vlm)
+
+
+# each model class builds its folder's config with the remote config class (the stock one refuses it)
+for _model_class in (VitSurgeryCLIPVisionModel, VitSurgeryCLIPVisionModelWithProjection, VitSurgeryCLIPModel,
+                     VitSurgeryDinov2Model, VitSurgeryDinov2WithRegistersModel, VitSurgeryDINOv3ViTModel,
+                     VitSurgerySiglipVisionModel, VitSurgeryLlavaForConditionalGeneration,
+                     VitSurgeryLlavaNextForConditionalGeneration, VitSurgeryLlavaOnevisionForConditionalGeneration,
+                     VitSurgeryPaliGemmaForConditionalGeneration):
+    _model_class.config_class = globals()[f"VitSurgery{_model_class.config_class.__name__}"]

@@ -26,7 +26,8 @@ from ...core.source import LoadedModel, LoadOptions, SourceInfo
 from ..base import adapter_among, extra_files
 from .adapter import PREPROCESS_ATTR
 from .loader import (SURGERY_CONFIG_KEY, _json_preprocess, _quiet_transformers, _resolve, _Source, _stored_dtype,
-                     image_processor_config, load_stock_class, preprocess_from_processor)
+                     check_processor_values, image_processor_config, load_stock_class, preprocess_from_processor,
+                     stock_config_dict)
 from .vlm import IMAGE_PROCESSOR_ATTR, SELECT_STRATEGIES, VLM_ADAPTERS, prepare_vlm
 from .vlm_stream import build_streamed, move_resident, streamed_checkpoint, unmapped_tensors
 
@@ -40,11 +41,28 @@ VLM_EXTRA_FILES = ("preprocessor_config.json", "processor_config.json", "chat_te
 
 
 def is_vlm_config(cfg: dict[str, Any]) -> bool:
-    return cfg.get("model_type") in VLM_MODEL_TYPES
+    return isinstance(cfg.get("model_type"), str) and cfg["model_type"] in VLM_MODEL_TYPES
+
+
+def check_config_values(cfg: dict[str, Any], spec: str) -> None:
+    """One-line refusals (exit 4) of VLM config values transformers would fail on deep inside (or accept
+    and then index out of range): sub-configs that are not objects, an image token outside the vocabulary."""
+    for key in ("vision_config", "text_config"):
+        if key in cfg and cfg[key] is not None and not isinstance(cfg[key], dict):
+            raise ModelInputError(f"{spec}: config.json {key} must be an object, got {type(cfg[key]).__name__}")
+    vocab = (cfg.get("text_config") or {}).get("vocab_size")
+    for key in ("image_token_id", "image_token_index"):
+        v = cfg.get(key)
+        if v is None:
+            continue
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0 or (isinstance(vocab, int) and v >= vocab):
+            raise ModelInputError(f"{spec}: config.json {key} {v!r} is not a token of the "
+                                  f"{vocab if isinstance(vocab, int) else '?'}-token vocabulary")
 
 
 def check_supported(cfg: dict[str, Any], spec: str) -> None:
     """One-line refusals for VLMs vit-surgery cannot bake as they are."""
+    check_config_values(cfg, spec)
     vision = cfg.get("vision_config") or {}
     tower = vision.get("model_type", "clip_vision_model")  # LlavaConfig's default tower is CLIP
     if tower not in TOWER_MODEL_TYPES:
@@ -94,9 +112,7 @@ def _baked_class(cfg_dict: dict[str, Any], spec: str) -> tuple[type, Any, Any, s
         raise ModelInputError(f"{spec}: unsupported base_class {class_name!r} in config.json {SURGERY_CONFIG_KEY}")
     recipe = Recipe.from_dict(block["recipe"], source=f"{spec} config.json")
     cls = getattr(transformers, class_name)
-    clean = {k: v for k, v in cfg_dict.items() if k not in ("auto_map", SURGERY_CONFIG_KEY)}
-    clean["architectures"] = [class_name]
-    return cls, cls.config_class.from_dict(clean), recipe, class_name
+    return cls, cls.config_class.from_dict(stock_config_dict(cfg_dict, class_name)), recipe, class_name
 
 
 def _bake_structure(recipe: Any) -> Any:
@@ -241,7 +257,9 @@ def vlm_loader(spec: str, opts: LoadOptions) -> Optional[LoadedModel]:
         source_doc = {}
     if streamed_checkpoint(model) is not None:
         move_resident(model, opts.device)
-    pre = preprocess_from_processor(raw, fam.tower_family.preprocess_config(model.model.vision_tower))  # type: ignore[attr-defined]
+    tower_pre = fam.tower_family.preprocess_config(model.model.vision_tower)  # type: ignore[attr-defined]
+    check_processor_values(raw, tuple(tower_pre["input_size"][1:]))
+    pre = preprocess_from_processor(raw, tower_pre)
     pre = {k: (tuple(v) if isinstance(v, list) else v) for k, v in pre.items()}
     setattr(model, PREPROCESS_ATTR, pre)
     setattr(model, IMAGE_PROCESSOR_ATTR, image_processor)

@@ -1,8 +1,9 @@
 """Writes a baked HF transformers model as a folder `AutoModel.from_pretrained(DIR, trust_remote_code=True)` loads.
 
-Files: config.json (the stock config plus `auto_map` -> modeling_vit_surgery.py, a `vit_surgery` block
-with the recipe and token layout, and `attn_implementation` set to STOCK_REFUSAL_ATTN, so the stock class
-raises instead of loading an unfixed model without trust_remote_code), modeling_vit_surgery.py (self-contained: torch + transformers only),
+Files: config.json (the stock config plus `auto_map` -> modeling_vit_surgery.py for AutoConfig and AutoModel,
+a `vit_surgery` block with the recipe and token layout, and the stock-refusal marker of stock_refusal.py, so
+every stock loader raises instead of returning an unfixed model), modeling_vit_surgery.py (self-contained:
+torch + transformers only),
 model.safetensors (recipe in the metadata), preprocessor_config.json (so AutoImageProcessor works),
 surgery.json and README.md (where the register token sits in `last_hidden_state`).
 
@@ -25,7 +26,8 @@ from ...core.bake import register_token_indices
 from ...core.output_format import SURGERY_FILE, write_surgery_json
 from ...core.source import SourceInfo
 from ..base import adapter_among, copy_extra_files
-from .loader import ADAPTERS, STOCK_REFUSAL_ATTN, SURGERY_CONFIG_KEY
+from .loader import ADAPTERS, SURGERY_CONFIG_KEY
+from .stock_refusal import mark_stock_refusal
 
 MODELING_FILE = "modeling_vit_surgery.py"
 _TEMPLATE = Path(__file__).with_name("remote_modeling.py")
@@ -100,16 +102,18 @@ def _processor_config(preprocess: dict[str, Any], model_type: str) -> dict[str, 
 
 def remote_class_config(model: nn.Module, remote: str, auto_class: str) -> dict[str, Any]:
     """The model's config.json for a folder loaded through our remote-code class `remote` (`auto_class`
-    maps to it): the source's config without loader-local keys or an older surgery block, in the weights'
-    dtype."""
+    maps to it; AutoConfig to its remote config class): the source's config without loader-local keys or an
+    older surgery block, in the weights' dtype, closed to the stock classes (stock_refusal.py)."""
     cfg = model.config.to_dict()
     cfg.pop(SURGERY_CONFIG_KEY, None)
     for k in ("_name_or_path", "_attn_implementation_autoset"):
         cfg.pop(k, None)
     cfg["architectures"] = [remote]
     cfg["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
-    cfg["auto_map"] = {auto_class: f"{MODELING_FILE[:-3]}.{remote}"}
-    return cfg
+    cfg.pop("attn_implementation", None)  # an older vit-surgery's refusal marker
+    cfg["auto_map"] = {"AutoConfig": f"{MODELING_FILE[:-3]}.VitSurgery{type(model.config).__name__}",
+                       auto_class: f"{MODELING_FILE[:-3]}.{remote}"}
+    return mark_stock_refusal(cfg)
 
 
 def write_hf_dir(model: nn.Module, out_dir: Path, *, source: SourceInfo, surgery: dict[str, Any],
@@ -123,9 +127,6 @@ def write_hf_dir(model: nn.Module, out_dir: Path, *, source: SourceInfo, surgery
     p_after = fam.num_prefix_tokens(model)
     p_before = p_after - recipe.num_registers
     cfg = remote_class_config(model, remote, "AutoModel")
-    # the stock class refuses the folder (an unknown attention implementation is an error in transformers),
-    # the remote-code class takes the marker out: without trust_remote_code no unfixed model loads
-    cfg["attn_implementation"] = STOCK_REFUSAL_ATTN
     preprocess = fam.preprocess_config(model)  # type: ignore[attr-defined]
     pre_json = {k: (list(v) if isinstance(v, tuple) else v) for k, v in preprocess.items()}
     src = source.to_dict()

@@ -66,8 +66,7 @@ class TimmViT(Adapter):
         return int(model.num_prefix_tokens)
 
     def set_num_prefix_tokens(self, model: nn.Module, n: int) -> None:
-        if getattr(model, "dynamic_img_size", False) and not getattr(model, "no_embed_class", False):
-            _pin_pos_embed_prefix(model)
+        _pin_pos_embed_prefix(model)
         model.num_prefix_tokens = n
         # timm keeps num_reg_tokens for bookkeeping (e.g. forward_intermediates); registers count there.
         model.num_reg_tokens = n - (1 if getattr(model, "cls_token", None) is not None else 0)
@@ -129,15 +128,27 @@ class TimmViT(Adapter):
         return timm.data.create_transform(**self._data_config(model), is_training=False)
 
 
-class _PosEmbedPrefixPinned:
-    """Mixin for dynamic_img_size models: the positional table is split with the source's prefix count.
+class _ResizePrefixPinned:
+    """Mixin for every baked timm ViT: `set_input_size` resamples `pos_embed` with the source's prefix count.
 
-    timm resamples `pos_embed` for each input size using `num_prefix_tokens` as the number of leading
-    rows that have no grid position; test-time registers raise that count (pooling and slicing must
-    skip them) but have no positional rows, so the split must keep the count the table was made with.
+    timm resamples the positional table using `num_prefix_tokens` as the number of leading rows that have
+    no grid position; test-time registers raise that count (pooling and slicing must skip them) but have
+    no positional rows, so the split must keep the count the table was made with.
     """
 
     surgery_pos_embed_prefix: int
+
+    def set_input_size(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        n = self.num_prefix_tokens
+        self.num_prefix_tokens = self.surgery_pos_embed_prefix
+        try:
+            return super().set_input_size(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            self.num_prefix_tokens = n
+
+
+class _PosEmbedPrefixPinned(_ResizePrefixPinned):
+    """For dynamic_img_size models also the resampling timm does in every forward (`_pos_embed`)."""
 
     def _pos_embed(self, x):  # type: ignore[no-untyped-def]
         n = self.num_prefix_tokens
@@ -148,19 +159,22 @@ class _PosEmbedPrefixPinned:
             self.num_prefix_tokens = n
 
 
-_PINNED_CLASSES: dict[type, type] = {}
+_PINNED_CLASSES: dict[tuple[type, type], type] = {}
 
 
 def _pin_pos_embed_prefix(model: nn.Module) -> None:
-    if isinstance(model, _PosEmbedPrefixPinned):
+    """Keep the positional table's prefix count for resizing (and, dynamic_img_size, every forward)."""
+    if isinstance(model, _ResizePrefixPinned):
         return
     cls = type(model)
-    if cls not in _PINNED_CLASSES:
-        _PINNED_CLASSES[cls] = type(cls.__name__, (_PosEmbedPrefixPinned, cls), {"__module__": cls.__module__})
+    dynamic = getattr(model, "dynamic_img_size", False) and not getattr(model, "no_embed_class", False)
+    mixin = _PosEmbedPrefixPinned if dynamic else _ResizePrefixPinned
+    if (cls, mixin) not in _PINNED_CLASSES:
+        _PINNED_CLASSES[cls, mixin] = type(cls.__name__, (mixin, cls), {"__module__": cls.__module__})
     model.surgery_pos_embed_prefix = int(model.num_prefix_tokens)
     # A class swap, not instance patching: `_pos_embed` is looked up on the class by timm's forward paths,
     # and the model must stay an instance of its timm class (isinstance checks, deepcopy, export tracing).
-    model.__class__ = _PINNED_CLASSES[cls]
+    model.__class__ = _PINNED_CLASSES[cls, mixin]
 
 
 TIMM = TimmViT()

@@ -35,6 +35,35 @@ def _cfg_dict(cfg: Any) -> dict[str, Any]:
 SOURCE_FEATURE_CFG = dict(out_indices=3, feature_cls="getter")
 
 
+def fit_pos_embed(state_dict: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """The checkpoint filter timm's factories have (`img_size=` at load): a positional table saved at
+    another grid is resampled as timm resamples the source's, with the source's prefix rows (the test-time
+    registers have none)."""
+    from timm.layers import resample_abs_pos_embed
+
+    table, have = state_dict.get("pos_embed"), getattr(model, "pos_embed", None)
+    if table is not None and have is not None and table.shape != have.shape:
+        registers = model.surgery_recipe.num_registers  # baked: prefix tokens = the source's + registers
+        prefix = 0 if getattr(model, "no_embed_class", False) else int(model.num_prefix_tokens) - registers
+        state_dict["pos_embed"] = resample_abs_pos_embed(table, new_size=model.patch_embed.grid_size,
+                                                         num_prefix_tokens=prefix, interpolation="bicubic",
+                                                         antialias=True, verbose=False)
+    return state_dict
+
+
+def _as_timm_reads_the_source(cfg: dict[str, Any], source_args: dict[str, Any]) -> dict[str, Any]:
+    """The pretrained_cfg as timm's hub reader makes the source's from its config.json (`input_size` a tuple
+    sized from the model args): our config.json nests those args under `source_model_args`, where timm's
+    reader does not look."""
+    try:
+        from timm.models._hub import _parse_model_cfg
+    except ImportError:  # a timm without that reader: keep the cfg as read
+        return cfg
+    typed, _, _ = _parse_model_cfg({"pretrained_cfg": dict(cfg), "model_args": dict(source_args),
+                                    "architecture": BAKED_ARCH}, {})
+    return typed
+
+
 @register_model
 def vit_surgery_baked(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """A timm VisionTransformer / Eva with baked test-time registers (see surgery.bake_registers).
@@ -55,6 +84,8 @@ def vit_surgery_baked(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     source_args = dict(kwargs.pop("source_model_args", {}) or {})
     cfg = _cfg_dict(kwargs.pop("pretrained_cfg", None))
     cfg.update(kwargs.pop("pretrained_cfg_overlay", None) or {})
+    if cfg:
+        cfg = _as_timm_reads_the_source(cfg, source_args)
     for k in ("pretrained_model_args", "cache_dir"):
         kwargs.pop(k, None)
     source_args.update(kwargs)
@@ -71,4 +102,5 @@ def vit_surgery_baked(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     else:  # no config given: the source architecture's own default
         cfg = resolve_pretrained_cfg(source_arch).to_dict()
     return build_model_with_cfg(build_baked, BAKED_ARCH, pretrained, pretrained_cfg=cfg,
-                                feature_cfg=dict(SOURCE_FEATURE_CFG), pretrained_strict=True, **source_args)
+                                feature_cfg=dict(SOURCE_FEATURE_CFG), pretrained_strict=True,
+                                pretrained_filter_fn=fit_pos_embed, **source_args)

@@ -13,7 +13,7 @@ from typing import Any, Optional
 from torch import nn
 
 from ...core.errors import ModelInputError, first_line
-from ...core.memory import require_config_fits
+from ...core.memory import require_config_fits, require_extras_fit
 from ...core.source import LoadedModel, LoadOptions, SourceInfo, safetensors_dtype, torch_dtype
 from ..base import adapter_among, hub_file, needs_full_unpickling, unsafe_pickle_error
 from .adapter import TIMM
@@ -93,11 +93,12 @@ def _load_timm_folder(spec: str, path: Path, opts: LoadOptions) -> LoadedModel:
     cfg_file = path / "config.json"
     try:
         cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelInputError(f"{spec}: unreadable config.json ({first_line(e)})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ModelInputError(f"{spec}: unreadable config.json ({first_line(e) or 'nested too deeply'})") from None
     if not isinstance(cfg, dict) or "architecture" not in cfg:
         raise ModelInputError(f"{spec}: config.json has no 'architecture' (not a timm model folder)")
     require_config_fits(spec, cfg)  # a depth or img_size of 100000 is refused before anything is built
+    require_extras_fit(spec, cfg)  # a classifier head of 30 million classes likewise
     weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pth", ".pt")]
     if not weights:
         raise ModelInputError(f"{spec}: no weights file (model.safetensors or pytorch_model.bin) in {path}")
