@@ -45,7 +45,7 @@ SUPPORTED_CLASSES = set(HF_MODEL_TYPES.values()) | set(HF_ARCH_CLASSES.values())
 SURGERY_CONFIG_KEY = "vit_surgery"  # the block our HF exporter writes into config.json
 # config.json's `attn_implementation` in a baked HF folder: an attention implementation transformers does
 # not know, so the stock class (no trust_remote_code) raises instead of loading an unfixed model; the
-# remote-code classes (remote_modeling.py, same literal) and this loader take it out (see README).
+# remote-code classes (remote_modeling.py, same literal) and this loader take it out (see docs/guides/hf.md).
 STOCK_REFUSAL_ATTN = "vit_surgery_needs_trust_remote_code"
 
 _RESAMPLE = {0: "nearest", 1: "bicubic", 2: "bilinear", 3: "bicubic", 4: "bilinear", 5: "bicubic"}
