@@ -224,7 +224,6 @@ def main() -> int:
         print(f"exported; {len(branch['baked'])} register-branch nodes in the baked graph", file=sys.stderr)
         regs = register_token_indices(baked, adapter=fam)
         first_patch = {"original": fam.num_prefix_tokens(original), "baked": fam.num_prefix_tokens(baked)}
-        tokens_n = {"original": 197, "baked": 198}
 
         # range analysis (static calibration ranges) on the pre-processed float graphs
         pre = {}

@@ -161,7 +161,6 @@ VARIANTS = ("fp32", "fp16", "fp16_io32", "int8_per_tensor", "int8_per_channel", 
 
 
 def variants_main(a: argparse.Namespace, pinned: bool) -> int:
-    import numpy as np
     import onnx
     import onnxruntime as ort
     import torch

@@ -108,3 +108,8 @@ def patch_offline_hub(mp: pytest.MonkeyPatch, cache: Path) -> Path:
 def fake_hub(tmp_path, monkeypatch) -> Path:
     """An empty HF hub cache, offline: hf-hub: names resolve only to what a test lays out in it."""
     return patch_offline_hub(monkeypatch, tmp_path / "hub")
+
+
+
+# Temporary folders a fixture made are removed when it ends (tests/tmp_cleanup.py says how and why).
+from tmp_cleanup import pytest_fixture_post_finalizer, pytest_fixture_setup, pytest_terminal_summary  # noqa: E402,F401

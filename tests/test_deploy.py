@@ -10,14 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch
 
 import surgery
 from surgery.backends import adapter_for
-from surgery.cli import main
 from surgery.organisms.vit import build_timm_organism
 from surgery.core.images import builtin_images
 from surgery.organisms.families import build_hf_clip_organism, build_hf_dinov2_organism, save_hf_organism

@@ -1,5 +1,5 @@
 """Exit codes: SurgeryError is abstract, every raise names its real kind, the table is built from the kinds
-and matches the README; core messages name parameters, the CLI shows flags."""
+and matches the exit-codes page of the docs; core messages name parameters, the CLI shows flags."""
 from __future__ import annotations
 
 import ast
@@ -34,11 +34,11 @@ def test_no_bare_surgery_error_is_raised_anywhere():
     assert bare == []
 
 
-def test_exit_code_table_is_built_from_the_kinds_and_matches_the_readme():
+def test_exit_code_table_is_built_from_the_kinds_and_matches_the_docs():
     assert EXIT_CODES[2].startswith("Bad command-line usage") and 1 in EXIT_CODES and 143 in EXIT_CODES
     assert {k.exit_code for k in errors._kinds()} == set(EXIT_CODES) - {0, 1, 130, 143}
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    table = readme[readme.index("Exit codes (also in"):]
+    page = (ROOT / "docs" / "reference" / "exit-codes.md").read_text(encoding="utf-8")
+    table = page[page.index("## What each code covers"):]
     documented = {int(m) for m in re.findall(r"^\| (\d+) \|", table, flags=re.M)}
     assert documented == set(EXIT_CODES)
 

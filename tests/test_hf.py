@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +18,6 @@ from surgery.core.discovery import DiscoveryConfig, find_register_neurons
 from surgery.core.errors import ModelInputError, SurgeryError, UnsafeCheckpointError
 from surgery.backends import adapter_for
 from surgery.core.images import ImageBatches, list_images
-from surgery.core.source import LoadOptions
 from surgery.backends import load_model
 from surgery.core.images import builtin_images
 from surgery.organisms.families import (build_hf_clip_organism, build_hf_dinov2_organism, save_hf_organism,

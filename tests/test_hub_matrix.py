@@ -35,6 +35,18 @@ def hub_cache(tmp_path_factory):
     mp.undo()
 
 
+@pytest.fixture(autouse=True)
+def empty_hub_after_each_test(hub_cache):
+    """Each test publishes its own ViT-B repo and reads only that one: emptied after the test, the cache
+    holds one model at a time instead of every row's (several GB over the module)."""
+    yield
+    for entry in hub_cache.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
 @pytest.fixture(scope="module")
 def two_images(tmp_path_factory) -> Path:
     """Calibration for `find`: two images. Parity runs on the first one only (the budget: ViT-B in float64)."""

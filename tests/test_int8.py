@@ -11,7 +11,6 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest

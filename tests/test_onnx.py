@@ -31,7 +31,6 @@ from surgery.backends import load_model
 from surgery.core.judge import allowed_error, as_float64, float64_reference
 from surgery.core.parity import OutputError
 from surgery.core.recipe import Recipe
-from surgery.core.reference import hooked_reference
 from conftest import cli as run
 
 

@@ -32,7 +32,6 @@ from surgery.onnx_graph import find_register_neurons_onnx
 from surgery.organisms.onnx_graphs import build_organism, export_optimum_style, export_source_onnx, make_variant
 from surgery.onnx_graph.runtime import as_input
 from surgery.onnx_graph.precision import precision_of
-from surgery.onnx_graph.values import const_array
 from surgery.onnx_graph.variants import judge_against_fp32
 
 

@@ -3,6 +3,7 @@ top of site-packages; exporters/ is installed as `surgery.exporters`, and the so
 surgery/exporters.py is not shipped (it would shadow the mapped package)."""
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ OFFLINE_WORDS = ("No matching distribution", "Could not find a version", "Failed
 
 
 @pytest.fixture(scope="module")
-def wheel_names(tmp_path_factory) -> list[str]:
+def wheel(tmp_path_factory) -> Path:
     # Build from a copy: an in-tree build would leave build/ and *.egg-info in the checkout.
     src = tmp_path_factory.mktemp("src")
     for name in ("pyproject.toml", "setup.py", "README.md"):
@@ -31,7 +32,12 @@ def wheel_names(tmp_path_factory) -> list[str]:
         pytest.skip("building a wheel needs setuptools from the package index, which is unreachable")
     assert proc.returncode == 0, proc.stderr
     (whl,) = out.glob("*.whl")
-    return zipfile.ZipFile(whl).namelist()
+    return whl
+
+
+@pytest.fixture(scope="module")
+def wheel_names(wheel) -> list[str]:
+    return zipfile.ZipFile(wheel).namelist()
 
 
 def test_only_surgery_lands_at_the_top_of_site_packages(wheel_names):
@@ -47,3 +53,23 @@ def test_exporters_ship_as_surgery_exporters_without_the_checkout_stand_in(wheel
         assert "surgery/" + rel in names, rel
     assert "surgery/exporters.py" not in names
     assert "surgery/cli/__main__.py" in names and "surgery/data/calibration" in "".join(names)
+
+
+def test_the_wheel_is_typed_and_ships_its_data_files(wheel_names):
+    names = set(wheel_names)
+    assert "surgery/py.typed" in names  # PEP 561: type checkers read the package's annotations
+    assert "surgery/data/published_neurons.json" in names
+    calibration = sorted(p.name for p in (ROOT / "surgery" / "data" / "calibration").glob("*.png"))
+    assert calibration and all(f"surgery/data/calibration/{n}" in names for n in calibration)
+
+
+def test_the_version_is_written_once(wheel):
+    """pyproject.toml takes the version from surgery.__version__: the wheel's metadata says the same."""
+    import surgery
+
+    with zipfile.ZipFile(wheel) as z:
+        (meta,) = [n for n in z.namelist() if n.endswith(".dist-info/METADATA")]
+        version = next(ln.split(":", 1)[1].strip() for ln in z.read(meta).decode().splitlines()
+                       if ln.startswith("Version:"))
+    assert version == surgery.__version__
+    assert not re.search(r'^version\s*=\s*"', (ROOT / "pyproject.toml").read_text(encoding="utf-8"), flags=re.M)

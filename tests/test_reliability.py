@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +15,11 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from surgery.cli import main
-from surgery.core.errors import ImageInputError, NeuronsFileError
+from surgery.core.errors import NeuronsFileError
 from surgery.core.images import ImageBatches, list_images
 from surgery.core.recipe import Recipe
 
-from conftest import cli as run, pixels_from
+from conftest import cli as run
 
 
 def _digest(folder: Path) -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""Every repository path named in the README, the benchmark notes, a docstring or a comment exists: file
+"""Every repository path named in the README, the docs site (docs/), the changelog, the benchmark notes, a
+docstring or a comment exists: file
 paths (`surgery/core/judge.py`, `tests/test_onnx.py::test_x`) and dotted module names
 (`surgery.core.discovery`, `surgery.exporters.onnx_export.export_graph`). A file that moves leaves no stale pointer."""
 from __future__ import annotations
@@ -8,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TOP = ("surgery", "exporters", "tests", "benchmarks")
-PATH = re.compile(r"(?<![\w./-])((?:surgery|exporters|tests|benchmarks)/[\w./-]*[\w/])")
+PATH = re.compile(r"(?<![\w./-])((?:surgery|exporters|tests|benchmarks|docs)/[\w./-]*[\w/])")
 # modules that write synthetic packages or stale examples on purpose
 SELF_REFERENTIAL = {"tests/test_architecture.py", "tests/test_repo_paths.py"}
 # files of other projects named by their own paths (timm's generic model tests, in timm's sdist)
@@ -17,7 +18,8 @@ DOTTED = re.compile(r"(?<![\w./-])((?:surgery|exporters)(?:\.[A-Za-z_]\w*)+)")
 
 
 def _texts() -> list[Path]:
-    files = [ROOT / "README.md", *sorted((ROOT / "benchmarks").glob("*.md"))]
+    files = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "benchmarks").glob("*.md"))]
+    files += sorted((ROOT / "docs").rglob("*.md")) + sorted((ROOT / "docs").rglob("*.py"))
     files += sorted(p for d in TOP for p in (ROOT / d).rglob("*.py"))
     return [f for f in files if f.relative_to(ROOT).as_posix() not in SELF_REFERENTIAL]
 
@@ -64,7 +66,9 @@ def stale_references(root_files: list[Path]) -> list[str]:
                 if re.match(r"[\"']\s*:", line[m.end():]):
                     continue  # a dict key: a file a test writes
                 p = m.group(1).split("::")[0].rstrip(".")
-                if p not in EXTERNAL and not (ROOT / p).exists():
+                # a markdown link is relative to its page (docs/index.md's `](benchmarks/index.md)`)
+                base = f.parent if line[:m.start()].endswith("](") else ROOT
+                if p not in EXTERNAL and not (base / p).exists():
                     bad.append(f"{where}:{n}: {p}")
             for m in DOTTED.finditer(line):
                 name = m.group(1).rstrip(".")
@@ -90,11 +94,28 @@ def test_the_checker_flags_a_stale_path(tmp_path):
     assert not dotted_exists("surgery.core.no_such_module")
 
 
-def test_readme_architecture_tree_names_every_module():
-    """The Architecture section is the map of the code: every module file is named in its tree."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    start = readme.index("```\n", readme.index("## Architecture")) + 4
-    tree = readme[start:readme.index("```\n", start)]
+ARCHITECTURE_PAGE = ROOT / "docs" / "contributing" / "architecture.md"
+
+
+def test_docs_are_among_the_checked_texts():
+    texts = {f.relative_to(ROOT).as_posix() for f in _texts()}
+    assert {"docs/index.md", "docs/contributing/architecture.md", "CHANGELOG.md"} <= texts
+
+
+def test_architecture_page_tree_names_every_module():
+    """The Architecture page is the map of the code: every module file is named in its tree."""
+    page = ARCHITECTURE_PAGE.read_text(encoding="utf-8")
+    start = page.index("```\n") + 4
+    tree = page[start:page.index("```\n", start)]
     missing = [p.relative_to(ROOT).as_posix() for d in ("surgery", "exporters") for p in sorted((ROOT / d).rglob("*.py"))
                if p.name not in ("__init__.py", "__main__.py") and not re.search(rf"\b{re.escape(p.name)}", tree)]
-    assert missing == [], "modules missing from README's Architecture tree: " + ", ".join(missing)
+    assert missing == [], "modules missing from docs/contributing/architecture.md's tree: " + ", ".join(missing)
+
+
+def test_a_markdown_link_is_resolved_from_its_page(tmp_path):
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "here.md").write_text("x")
+    page = tmp_path / "page.md"
+    page.write_text("[ok](benchmarks/here.md), [gone](benchmarks/gone.md), `benchmarks/here.md` from the root\n")
+    bad = [b.split(": ", 1)[1] for b in stale_references([page])]
+    assert bad == ["benchmarks/gone.md", "benchmarks/here.md"]

@@ -45,13 +45,13 @@ def add_commands(subparsers: Any) -> None:
     e.add_argument("--format", choices=formats, default="onnx", help="export format (default: onnx)")
     e.add_argument("--layout", choices=layouts, default="plain",
                    help="onnx only: plain OUT/model.onnx (default), or hf: the layout of HF ONNX repos "
-                        "(optimum, transformers.js), see README")
+                        "(optimum, transformers.js), see docs/exports/onnx.md")
     e.add_argument("--fp16", action="store_true",
                    help="onnx only: compute in float16 inside the graph (float32 inputs/outputs; tolerance 2e-2)")
     e.add_argument("--int8", nargs="?", const="static", choices=["static", "dynamic"], default=None,
                    help="onnx only: INT8 file next to the float one (static: QDQ calibrated on --images, "
                         "model_int8.onnx; dynamic: model_quantized.onnx, no images); the register branch stays "
-                        "float; validated against the float32 model (cosine, see README)")
+                        "float; validated against the float32 model (cosine, see docs/exports/int8.md)")
     e.add_argument("--images", metavar="CALIB", default=None,
                    help="with --int8: calibration images (static), preprocessed with the model's own transform; every "
                         "4th is held out for validation (dynamic: validation images only; default: built-in)")

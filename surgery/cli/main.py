@@ -18,7 +18,7 @@ from ..core.errors import EXIT_CODES, SurgeryError
 from ..core.outputs import shown
 
 MODEL_HELP = ("timm name, hf-hub:ORG/NAME, local-dir:PATH or a model folder, open_clip:ARCH/TAG, "
-              "hf:ORG/NAME or hf:PATH, dinov2:FILE.pth, or an .onnx file (see README: MODEL arguments)")
+              "hf:ORG/NAME or hf:PATH, dinov2:FILE.pth, or an .onnx file (see docs/guides/models.md)")
 
 
 def add_discovery_options(p: argparse.ArgumentParser) -> None:

@@ -1,4 +1,4 @@
-"""User-facing errors. Each kind carries the exit code the CLI returns (documented in the README).
+"""User-facing errors. Each kind carries the exit code the CLI returns (documented in docs/reference/exit-codes.md).
 
 `SurgeryError` is abstract: it has no exit code of its own (exit 1 means a bug), so every raise names
 its real kind, and `EXIT_CODES` is built from the kinds. Core code is also the Python API: its messages

@@ -198,7 +198,7 @@ def _loaded(spec: str, clip: nn.Module, transform: Callable, source: SourceInfo,
 
 
 def _load_spec(rs: OpenClipSpec, opts: LoadOptions, display: Optional[str] = None) -> LoadedModel:
-    import open_clip
+    import open_clip  # noqa: F401  (a missing open_clip fails here, before the errors below are mapped)
 
     spec = display or rs.spec
     try:
