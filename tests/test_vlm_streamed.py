@@ -215,3 +215,36 @@ def test_a_vlm_whose_text_model_cannot_fit_is_refused_before_reading(sharded, tm
     _, err = capsys.readouterr()
     assert code == 13 and err.count("\n") == 1 and "VLM" in err and "Traceback" not in err, err
     assert not opened and not (tmp_path / "out").exists()
+
+
+def test_check_and_export_work_on_a_sharded_hub_layout_output(sharded, capsys):
+    """`check` (integrity of every shard, the streamed judge) and `export --layout hf` (vision_encoder.onnx:
+    the tower and projector only) on the sharded output with the hub's names."""
+    _, out = sharded["hub"]
+    code = main(["check", str(out)])
+    stdout, err = capsys.readouterr()
+    assert code == 0 and "parity PASS" in stdout, err
+    code = main(["export", str(out), "--format", "onnx", "--layout", "hf", "-q"])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    assert (out / "onnx" / "vision_encoder.onnx").is_file()
+
+
+def test_inspect_refuses_up_front_when_the_language_models_attention_cannot_fit(sharded, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """inspect's language-model attention section: exit 13 naming --no-lm-attention before any image is
+    measured when a batch's attention maps cannot fit; with --no-lm-attention the rest of the report runs."""
+    _, out = sharded["hub"]
+    monkeypatch.setattr(memory, "available_bytes", lambda: 64 << 20)  # the tiny VLM fits, 4096 images' maps do not
+    monkeypatch.delenv("VIT_SURGERY_SKIP_MEMORY_CHECK", raising=False)
+    code = main(["inspect", str(out), "--out", str(tmp_path / "rep"), "--num-images", "2", "--show", "1", "-q",
+                 "--batch-size", "4096"])
+    _, err = capsys.readouterr()
+    assert code == 13 and "--no-lm-attention" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "rep").exists()
+    monkeypatch.setattr(memory, "available_bytes", lambda: None)
+    code = main(["inspect", str(out), "--out", str(tmp_path / "rep"), "--num-images", "2", "--show", "1", "-q",
+                 "--no-lm-attention"])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    assert "lm_attention" not in json.loads((tmp_path / "rep" / "summary.json").read_text())
