@@ -248,3 +248,28 @@ def test_inspect_refuses_up_front_when_the_language_models_attention_cannot_fit(
     _, err = capsys.readouterr()
     assert code == 0, err
     assert "lm_attention" not in json.loads((tmp_path / "rep" / "summary.json").read_text())
+
+
+def test_a_float16_vlm_is_judged_in_float32_against_its_own_float32_error(tmp_path, neurons_file):
+    """A float16 hub-layout source: the output holds the source's weights exactly and is judged computing in
+    float32, each output allowed the unmodified model's own float32 error (x 4); a tower off by 5 % still
+    fails, in the image features and the streamed language model's logits."""
+    model, _ = build_llava_organism(0)
+    src = save_hub_layout(model.to(torch.float16), build_llava_processor(), tmp_path / "src", max_shard_size="100KB")
+    res = run_convert(load_model(str(src)), tmp_path / "out", neurons=str(neurons_file), progress=False)
+    assert res.report.passed, res.report.summary()
+    assert {t.dtype for t in assert_tensors(tmp_path / "out").values() if t.is_floating_point()} == {torch.float16}
+    bad = tmp_path / "bad"
+    shutil.copytree(tmp_path / "out", bad)
+    _scale(bad, "layers.3.mlp.fc2.weight", 1.05)
+    wrong = load_model(str(bad))
+    assert getattr(wrong.model, "surgery_compute_dtype", None) == torch.float32
+    report, _ = run_check(wrong, parity_batches(wrong, None, 2, 2, 0, False), source=load_model(str(src)).model)
+    failed = {e.name for e in report.failures()}
+    assert not report.passed and {"image_features", "logits"} <= failed, report.summary()
+
+
+def assert_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from test_vlm import stored_tensors
+
+    return stored_tensors(folder)
