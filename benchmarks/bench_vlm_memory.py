@@ -226,6 +226,7 @@ def run_measured(cmd: list[str], timeout: float) -> dict:
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     return {"rc": proc.returncode, "wall": time.perf_counter() - start, "rss": usage.ru_maxrss * 1024,
+            "cpu": usage.ru_utime + usage.ru_stime,
             "tail": "".join(out)[-3000:]}
 
 
@@ -260,12 +261,13 @@ def measure(row: str, work: Path, keep: bool, timeout: float, reuse: bool = Fals
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| row | weights | convert wall (check included) | peak RSS | target met (<= 10 min, <= 4 GiB) | parity |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| row | weights | convert wall (check included) | CPU time | peak RSS | target met (<= 10 min, <= 4 GiB) "
+             "| parity |", "|---|---|---|---|---|---|---|"]
     for r in results:
         ok = r["rc"] == 0 and r["wall"] <= 600 and r["rss"] <= 4 * GiB
         parity = ("PASS" if r.get("parity", {}).get("passed") else "FAIL") if r["rc"] == 0 else f"exit {r['rc']}"
-        lines.append(f"| {r['row']} | {r['weights'] / 1e9:.1f} GB | {r['wall']:.0f} s | {r['rss'] / GiB:.2f} GiB | "
+        lines.append(f"| {r['row']} | {r['weights'] / 1e9:.1f} GB | {r['wall']:.0f} s | {r.get('cpu', 0):.0f} s | "
+                     f"{r['rss'] / GiB:.2f} GiB | "
                      f"{'yes' if ok else 'no'} | {parity} |")
     return "\n".join(lines)
 

@@ -471,7 +471,7 @@ def bake(
     `images`: find them on `model` first. No parity check runs here: `convert` is the checked path."""
     from .backends import adapter_for
     from .core.bake import baked_copy
-    from .core.recipe import Recipe, validate_recipe_for_model
+    from .core.recipe import validate_recipe_for_model
 
     if (neurons is None) == (images is None):
         raise UsageError("bake takes neurons= (a Recipe, {block: [units]}, a neurons.json or a published name) "

@@ -215,3 +215,61 @@ def test_a_vlm_whose_text_model_cannot_fit_is_refused_before_reading(sharded, tm
     _, err = capsys.readouterr()
     assert code == 13 and err.count("\n") == 1 and "VLM" in err and "Traceback" not in err, err
     assert not opened and not (tmp_path / "out").exists()
+
+
+def test_check_and_export_work_on_a_sharded_hub_layout_output(sharded, capsys):
+    """`check` (integrity of every shard, the streamed judge) and `export --layout hf` (vision_encoder.onnx:
+    the tower and projector only) on the sharded output with the hub's names."""
+    _, out = sharded["hub"]
+    code = main(["check", str(out)])
+    stdout, err = capsys.readouterr()
+    assert code == 0 and "parity PASS" in stdout, err
+    code = main(["export", str(out), "--format", "onnx", "--layout", "hf", "-q"])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    assert (out / "onnx" / "vision_encoder.onnx").is_file()
+
+
+def test_inspect_refuses_up_front_when_the_language_models_attention_cannot_fit(sharded, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """inspect's language-model attention section: exit 13 naming --no-lm-attention before any image is
+    measured when a batch's attention maps cannot fit; with --no-lm-attention the rest of the report runs."""
+    _, out = sharded["hub"]
+    monkeypatch.setattr(memory, "available_bytes", lambda: 64 << 20)  # the tiny VLM fits, 4096 images' maps do not
+    monkeypatch.delenv("VIT_SURGERY_SKIP_MEMORY_CHECK", raising=False)
+    code = main(["inspect", str(out), "--out", str(tmp_path / "rep"), "--num-images", "2", "--show", "1", "-q",
+                 "--batch-size", "4096"])
+    _, err = capsys.readouterr()
+    assert code == 13 and "--no-lm-attention" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "rep").exists()
+    monkeypatch.setattr(memory, "available_bytes", lambda: None)
+    code = main(["inspect", str(out), "--out", str(tmp_path / "rep"), "--num-images", "2", "--show", "1", "-q",
+                 "--no-lm-attention"])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    assert "lm_attention" not in json.loads((tmp_path / "rep" / "summary.json").read_text())
+
+
+def test_a_float16_vlm_is_judged_in_float32_against_its_own_float32_error(tmp_path, neurons_file):
+    """A float16 hub-layout source: the output holds the source's weights exactly and is judged computing in
+    float32, each output allowed the unmodified model's own float32 error (x 4); a tower off by 5 % still
+    fails, in the image features and the streamed language model's logits."""
+    model, _ = build_llava_organism(0)
+    src = save_hub_layout(model.to(torch.float16), build_llava_processor(), tmp_path / "src", max_shard_size="100KB")
+    res = run_convert(load_model(str(src)), tmp_path / "out", neurons=str(neurons_file), progress=False)
+    assert res.report.passed, res.report.summary()
+    assert {t.dtype for t in assert_tensors(tmp_path / "out").values() if t.is_floating_point()} == {torch.float16}
+    bad = tmp_path / "bad"
+    shutil.copytree(tmp_path / "out", bad)
+    _scale(bad, "layers.3.mlp.fc2.weight", 1.05)
+    wrong = load_model(str(bad))
+    assert getattr(wrong.model, "surgery_compute_dtype", None) == torch.float32
+    report, _ = run_check(wrong, parity_batches(wrong, None, 2, 2, 0, False), source=load_model(str(src)).model)
+    failed = {e.name for e in report.failures()}
+    assert not report.passed and {"image_features", "logits"} <= failed, report.summary()
+
+
+def assert_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from test_vlm import stored_tensors
+
+    return stored_tensors(folder)

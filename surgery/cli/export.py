@@ -5,7 +5,6 @@ Imports nothing heavy at module level: this module is loaded to build the CLI pa
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
