@@ -26,9 +26,11 @@ def python_snippets(text: str) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", text, re.M | re.S)
 
 
-def test_the_readme_has_python_snippets():
+def test_the_readme_has_python_snippets_that_compile():
     snippets = python_snippets(README.read_text(encoding="utf-8"))
     assert len(snippets) >= 5 and all(s.strip() for s in snippets)
+    for i, code in enumerate(snippets):
+        compile(code, f"README.md python snippet {i + 1}", "exec")  # a SyntaxError names the snippet
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +65,7 @@ def workspace(tmp_path_factory, calib_dir):
     return root, hub
 
 
+@pytest.mark.slow  # four conversions and the snippets' own work: minutes on a loaded 2-core machine
 def test_every_python_snippet_of_the_readme_runs_as_shown(workspace, monkeypatch):
     root, hub = workspace
     patch_offline_hub(monkeypatch, hub)

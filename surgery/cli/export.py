@@ -13,7 +13,7 @@ from typing import Any
 
 def cmd_export(a: argparse.Namespace) -> int:
     from surgery import api
-    from surgery.cli.main import progress_of
+    from surgery.cli.args import progress_of
 
     res = api.export(Path(a.out_dir), format=a.format, layout=a.layout, fp16=a.fp16, int8=a.int8, images=a.images,
                      exporter=a.exporter, overwrite=a.overwrite, options=_options(a), progress=progress_of(a))

@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional, Sequence
 from .. import __version__
 from . import export as onnx_cli, report as report_cli
 from .args import (_format_names, _int_or_auto, _num_registers, _positive_float, _positive_int, _scale, _threshold,
-                   add_model_options, add_output_options)
+                   add_model_options, add_output_options, progress_of)
 from .checks import validate_before_loading
 from ..core.errors import EXIT_CODES, SurgeryError
 from ..core.outputs import shown
@@ -61,14 +61,6 @@ def _options(a: argparse.Namespace):
     from ..core.source import LoadOptions
 
     return LoadOptions(a.allow_unsafe_pickle, a.trust_remote_code, a.device)
-
-
-def progress_of(a: argparse.Namespace):
-    """-q: nothing on stderr but warnings and errors; default: a bar per long step on a terminal, one
-    line per step otherwise; -v: each step's time and detail lines too (surgery/core/progress.py)."""
-    from ..core.progress import Progress
-
-    return Progress("log" if getattr(a, "quiet", False) else "auto", verbose=getattr(a, "verbose", False))
 
 
 # ---- commands: parse, call surgery.api, print --------------------------------------------------
