@@ -261,6 +261,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if a.command in _CORE_COMMANDS and a.quiet:  # -q: no summary lines; warnings, errors on stderr
                 stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
             validate_before_loading(a)
+            from ..core.progress import reporting  # every command's stages show as -q / -v say
+
+            stack.enter_context(reporting(progress_of(a)))
             return int(a.func(a) or 0)
     except SurgeryError as e:
         print(f"vit-surgery: error: {e.cli_message()}", file=sys.stderr)
