@@ -120,7 +120,6 @@ def find(
     """`vit-surgery find`: rank MLP units on calibration `images` and pick the register neurons. With
     `out`, the result is also written there as neurons.json (what `convert(neurons=...)` reads)."""
     with _progress.reporting(_progress.for_api(progress)):
-        show = _progress.current().prints
         if is_onnx(model_or_spec):
             from .pipeline_onnx import find_onnx
 
@@ -130,7 +129,6 @@ def find(
 
             with _as_loaded(model_or_spec, _options(options)) as loaded:
                 result = run_find(loaded, images, discovery or _default_discovery(), progress=True)
-        del show
         if out is not None:
             from .core.outputs import atomic_output_file
             from .pipeline import write_json

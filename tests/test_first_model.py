@@ -66,7 +66,12 @@ def test_progress_is_logging_by_default_callbacks_on_request_and_lines_off_a_ter
     with progress.reporting(progress.Progress("auto")):  # pytest's stderr is no terminal: one line
         with progress.stage("writing timm weights"):
             pass
-    assert capsys.readouterr().err == "vit-surgery: writing timm weights ...\n"
+    err = capsys.readouterr().err
+    assert err.startswith("vit-surgery: writing timm weights: done in ") and err.count("\n") == 1, err
+    with pytest.raises(RuntimeError), progress.reporting(progress.Progress("auto")):
+        with progress.stage("loading x"):
+            raise RuntimeError("a failed stage prints nothing: its error is the one line")
+    assert capsys.readouterr().err == ""
     with progress.reporting(progress.Progress("log")):  # -q
         with progress.stage("writing timm weights"):
             progress.say("said")
