@@ -78,6 +78,19 @@ def test_progress_is_logging_by_default_callbacks_on_request_and_lines_off_a_ter
     assert capsys.readouterr().err == ""
 
 
+def test_the_cli_prints_one_line_per_finished_stage_off_a_terminal(organism_dir, calib_dir, tmp_path, capsys,
+                                                                  monkeypatch):
+    from surgery.cli.main import main
+
+    monkeypatch.setenv("VIT_SURGERY_PROGRESS", "lines")
+    assert main(["find", str(organism_dir), "--images", str(calib_dir), "--out", str(tmp_path / "n.json")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[1].strip() for line in err] == [f"loading {organism_dir}", "calibrating (24 images)"], err
+    assert all(" done in " in line for line in err)
+    assert main(["find", str(organism_dir), "--images", str(calib_dir), "--out", str(tmp_path / "m.json"), "-q"]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_api_verbs_take_what_the_cli_takes_onnx_included(tmp_path, calib_dir):
     """surgery.find / convert / check on an .onnx file, and bake in memory."""
     from transformers import CLIPImageProcessor
