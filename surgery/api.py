@@ -239,7 +239,7 @@ class CheckResult:
         from .pipeline import effect_lines
 
         head = [f"compared against {self.compared_against}"] if self.compared_against else []
-        return head + [r.summary() for r in self.exports] + [self.report.summary()] + effect_lines(self.effect)
+        return self.notes + head + [r.summary() for r in self.exports] + [self.report.summary()] + effect_lines(self.effect)
 
     def failure(self) -> str:
         """The one-line reason `check` fails ('' when it passes)."""
@@ -324,7 +324,6 @@ def _check_folder(out: str | Path, source: Optional[str | Path], images: Optiona
         if recorded is not None and recorded != FP32_TOLERANCE:
             notes.append(f"tolerance {recorded:g}, as recorded in {Path(out).name}/parity.json by convert "
                          "(--tolerance overrides it)")
-            _progress.say(notes[-1])
     batches = parity_batches(loaded, images, num_images, batch_size, seed, True)
     report, effect = run_check(loaded, batches, source=src, tolerance=tolerance)
     doc: dict[str, Any] = {"parity": report.to_dict(), "effect": effect}

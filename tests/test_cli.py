@@ -63,7 +63,7 @@ def test_convert_with_neurons_then_check(organism_dir, tmp_path, capsys, timm_or
     doc["parity"]["tolerance"] = 2e-5
     (out / "parity.json").write_text(json.dumps(doc))
     code, stdout, err = run(["check", out, "--report", tmp_path / "p5.json"], capsys)
-    assert code == 0 and "tolerance 2e-05, as recorded in out/parity.json" in err, err
+    assert code == 0 and "tolerance 2e-05, as recorded in out/parity.json" in stdout, err
     assert json.loads((tmp_path / "p5.json").read_text())["parity"]["tolerance"] == 2e-5
     monkeypatch.setattr("surgery.core.judge.KERNEL_FACTOR", 0.0)
     code, stdout, err = run(["check", out, "-q", "--tolerance", "1e-12", "--report", tmp_path / "p4.json"], capsys)
