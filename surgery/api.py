@@ -376,17 +376,10 @@ def export(
 ) -> ExportResult:
     """`vit-surgery export`: runtime files for a folder written by `convert` (ONNX, the HF ONNX layout,
     OpenVINO IR; `int8="static"|"dynamic"` an INT8 ONNX file), validated before they are written."""
-    import json
-
     from .core.errors import MissingExtraError
 
     folder = Path(out)
-    if format == "openvino" and (fp16 or layout != "plain"):
-        raise UsageError("--format openvino takes neither --fp16 nor --layout hf")
-    _require_converted_folder(folder)
-    if layout != "hf" and "vlm" in json.loads((folder / "surgery.json").read_text(encoding="utf-8")):
-        raise ModelInputError(f"{folder} is a vision-language model: export its vision encoder with "
-                              "`--format onnx --layout hf` (onnx/vision_encoder.onnx)")
+    check_export_request(folder, format, layout, fp16)
     with _progress.reporting(_progress.for_api(progress)):
         show = _progress.current().prints
         if int8 is not None:
@@ -420,6 +413,19 @@ def export(
                                                               progress=show))
         written = [str(folder / f) for f in fmt.files if (folder / f).exists()] or [report.path]  # a VLM
         return ExportResult(report, written)
+
+
+def check_export_request(folder: Path, format: str, layout: str, fp16: bool) -> None:
+    """export's checks that need no torch (the CLI runs them before it builds anything): the options fit
+    together, `folder` is a converted folder matching its integrity record, a VLM is exported as HF layout."""
+    import json
+
+    if format == "openvino" and (fp16 or layout != "plain"):
+        raise UsageError("--format openvino takes neither --fp16 nor --layout hf")
+    _require_converted_folder(folder)
+    if layout != "hf" and "vlm" in json.loads((folder / "surgery.json").read_text(encoding="utf-8")):
+        raise ModelInputError(f"{folder} is a vision-language model: export its vision encoder with "
+                              "`--format onnx --layout hf` (onnx/vision_encoder.onnx)")
 
 
 def _require_converted_folder(out: Path) -> None:

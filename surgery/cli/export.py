@@ -15,6 +15,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     from surgery import api
     from surgery.cli.args import progress_of
 
+    api.check_export_request(Path(a.out_dir), a.format, a.layout, a.fp16)  # before torch is imported
     res = api.export(Path(a.out_dir), format=a.format, layout=a.layout, fp16=a.fp16, int8=a.int8, images=a.images,
                      exporter=a.exporter, overwrite=a.overwrite, options=_options(a), progress=progress_of(a))
     print(res.report.summary())
