@@ -43,7 +43,10 @@ def run_shape(shape: str, seed: int, images: int, batch: int) -> dict[str, objec
         return bake_registers(copy.deepcopy(m), r, adapter=adapter_for(m))
 
     folder = benchlib.work_dir("judge")
-    files = benchlib.write_images(folder, images, seed)
+    from surgery.organisms.vit import write_organism_images
+
+    patch = int(fam.patch_embed(model).kernel_size[0])  # triggers on the model's own patch grid
+    files = write_organism_images(folder, count=images, seed=seed, size=224, patch=patch)
     tf = fam.data_transform(model)
     from PIL import Image
 

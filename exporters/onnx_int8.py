@@ -225,11 +225,14 @@ def quantize_file(src: Path, dst: Path, mode: str, *, calibration: Sequence[torc
         if missing:  # the branch must survive pre-processing by name, or it would be quantized silently
             raise ModelInputError(f"quant_pre_process renamed or fused register-branch node(s) {missing[:3]}; "
                                   "cannot keep them in float")
-        quantize_static(str(pre), str(dst), PixelReader(calibration, input_name), quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=list(STATIC_OP_TYPES), per_channel=per_channel,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=list(exclude), calibrate_method=CalibrationMethod.MinMax,
-                        extra_options=extra)
+        from surgery.core.progress import stage
+
+        with stage("INT8 calibration (onnxruntime)", sum(len(b) for b in calibration), unit="image"):
+            quantize_static(str(pre), str(dst), PixelReader(calibration, input_name), quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=list(STATIC_OP_TYPES), per_channel=per_channel,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            nodes_to_exclude=list(exclude), calibrate_method=CalibrationMethod.MinMax,
+                            extra_options=extra)
         pre.unlink(missing_ok=True)
         if float_branch_input and exclude:
             proto = onnx.load(str(dst))
@@ -352,7 +355,7 @@ def validate_int8(report: Int8Report, path: Path, reference: Callable[[torch.Ten
 def _batches(files: Sequence[Path], transform: Any, size: int = 8) -> list[torch.Tensor]:
     from surgery.core.images import ImageBatches
 
-    reader = ImageBatches(list(files), transform, size, progress=False)
+    reader = ImageBatches(list(files), transform, size, desc="INT8 images")  # a stage (core/progress.py)
     out = [x for x, _ in reader]
     reader.require_some(sum(len(x) for x in out))
     return out

@@ -121,7 +121,6 @@ def find(
     """`vit-surgery find`: rank MLP units on calibration `images` and pick the register neurons. With
     `out`, the result is also written there as neurons.json (what `convert(neurons=...)` reads)."""
     with _progress.reporting(_progress.for_api(progress)):
-        show = _progress.current().prints
         if is_onnx(model_or_spec):
             from .pipeline_onnx import find_onnx
 
@@ -131,7 +130,6 @@ def find(
 
             with _as_loaded(model_or_spec, _options(options)) as loaded:
                 result = run_find(loaded, images, discovery or _default_discovery(), progress=True)
-        del show
         if out is not None:
             from .core.outputs import atomic_output_file
             from .pipeline import write_json
@@ -242,7 +240,7 @@ class CheckResult:
         from .pipeline import effect_lines
 
         head = [f"compared against {self.compared_against}"] if self.compared_against else []
-        return head + [r.summary() for r in self.exports] + [self.report.summary()] + effect_lines(self.effect)
+        return self.notes + head + [r.summary() for r in self.exports] + [self.report.summary()] + effect_lines(self.effect)
 
     def failure(self) -> str:
         """The one-line reason `check` fails ('' when it passes)."""
@@ -327,7 +325,6 @@ def _check_folder(out: str | Path, source: Optional[str | Path], images: Optiona
         if recorded is not None and recorded != FP32_TOLERANCE:
             notes.append(f"tolerance {recorded:g}, as recorded in {Path(out).name}/parity.json by convert "
                          "(--tolerance overrides it)")
-            _progress.say(notes[-1])
     batches = parity_batches(loaded, images, num_images, batch_size, seed, True)
     report, effect = run_check(loaded, batches, source=src, tolerance=tolerance)
     doc: dict[str, Any] = {"parity": report.to_dict(), "effect": effect}
@@ -380,26 +377,10 @@ def export(
 ) -> ExportResult:
     """`vit-surgery export`: runtime files for a folder written by `convert` (ONNX, the HF ONNX layout,
     OpenVINO IR; `int8="static"|"dynamic"` an INT8 ONNX file), validated before they are written."""
-    import json
-
     from .core.errors import MissingExtraError
 
     folder = Path(out)
-    if format == "openvino" and (fp16 or layout != "plain"):
-        raise UsageError("--format openvino takes neither --fp16 nor --layout hf")
-    _require_converted_folder(folder)
-    is_vlm = "vlm" in json.loads((folder / "surgery.json").read_text(encoding="utf-8"))
-    if is_vlm and (layout != "hf" or int8 is not None):
-        raise ModelInputError(f"{folder} is a vision-language model: export its vision encoder with "
-                              "`--format onnx --layout hf` (onnx/vision_encoder.onnx, float; no --int8)")
-    if layout == "hf":  # OUT/onnx must be a folder (or absent) before any work starts
-        from .core.errors import OutputPathError
-        from .core.output_format import ONNX_HF_DIR
-
-        onnx_dir = folder / ONNX_HF_DIR
-        if os.path.lexists(onnx_dir) and not onnx_dir.is_dir():
-            raise OutputPathError(f"{onnx_dir} is in the way: the HF layout writes its files into a folder there, "
-                                  "and that is not a folder (a file, special file or dangling link)")
+    check_export_request(folder, format, layout, fp16, int8)
     with _progress.reporting(_progress.for_api(progress)):
         show = _progress.current().prints
         if int8 is not None:
@@ -433,6 +414,29 @@ def export(
                                                               progress=show))
         written = [str(folder / f) for f in fmt.files if (folder / f).exists()] or [report.path]  # a VLM
         return ExportResult(report, written)
+
+
+def check_export_request(folder: Path, format: str, layout: str, fp16: bool, int8: Optional[str] = None) -> None:
+    """export's checks that need no torch (the CLI runs them before it builds anything): the options fit
+    together, `folder` is a converted folder matching its integrity record, a VLM is exported as HF layout
+    (float), OUT/onnx is a folder or absent for the HF layout."""
+    import json
+
+    if format == "openvino" and (fp16 or layout != "plain"):
+        raise UsageError("--format openvino takes neither --fp16 nor --layout hf")
+    _require_converted_folder(folder)
+    is_vlm = "vlm" in json.loads((folder / "surgery.json").read_text(encoding="utf-8"))
+    if is_vlm and (layout != "hf" or int8 is not None):
+        raise ModelInputError(f"{folder} is a vision-language model: export its vision encoder with "
+                              "`--format onnx --layout hf` (onnx/vision_encoder.onnx, float; no --int8)")
+    if layout == "hf":  # OUT/onnx must be a folder (or absent) before any work starts
+        from .core.errors import OutputPathError
+        from .core.output_format import ONNX_HF_DIR
+
+        onnx_dir = folder / ONNX_HF_DIR
+        if os.path.lexists(onnx_dir) and not onnx_dir.is_dir():
+            raise OutputPathError(f"{onnx_dir} is in the way: the HF layout writes its files into a folder there, "
+                                  "and that is not a folder (a file, special file or dangling link)")
 
 
 def _require_converted_folder(out: Path) -> None:

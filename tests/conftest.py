@@ -10,6 +10,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# No per-stage progress lines from the CLI (tests read its errors as one stderr line); progress itself is
+# tested with an explicit Progress (tests/test_first_model.py) and with VIT_SURGERY_PROGRESS=lines there.
+os.environ.setdefault("VIT_SURGERY_PROGRESS", "off")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 import surgery  # noqa: E402,F401  (registers the baked timm architecture)

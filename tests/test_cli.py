@@ -57,6 +57,13 @@ def test_convert_with_neurons_then_check(organism_dir, tmp_path, capsys, timm_or
     assert code == 0 and "parity PASS" in stdout and "x the error the hooked reference itself makes" in stdout, err
     # without that term, the same bake fails at 1e-12: the FAIL line says the reference's own error
     # and names --tolerance
+    # without --tolerance, check judges with the tolerance convert recorded in OUT/parity.json
+    doc = json.loads((out / "parity.json").read_text())
+    doc["parity"]["tolerance"] = 2e-5
+    (out / "parity.json").write_text(json.dumps(doc))
+    code, stdout, err = run(["check", out, "--report", tmp_path / "p5.json"], capsys)
+    assert code == 0 and "tolerance 2e-05, as recorded in out/parity.json" in stdout, err
+    assert json.loads((tmp_path / "p5.json").read_text())["parity"]["tolerance"] == 2e-5
     monkeypatch.setattr("surgery.core.judge.KERNEL_FACTOR", 0.0)
     code, stdout, err = run(["check", out, "-q", "--tolerance", "1e-12", "--report", tmp_path / "p4.json"], capsys)
     assert code == 7 and "parity FAIL" in err, err

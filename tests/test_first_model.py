@@ -66,10 +66,28 @@ def test_progress_is_logging_by_default_callbacks_on_request_and_lines_off_a_ter
     with progress.reporting(progress.Progress("auto")):  # pytest's stderr is no terminal: one line
         with progress.stage("writing timm weights"):
             pass
-    assert capsys.readouterr().err == "vit-surgery: writing timm weights ...\n"
+    err = capsys.readouterr().err
+    assert err.startswith("vit-surgery: writing timm weights: done in ") and err.count("\n") == 1, err
+    with pytest.raises(RuntimeError), progress.reporting(progress.Progress("auto")):
+        with progress.stage("loading x"):
+            raise RuntimeError("a failed stage prints nothing: its error is the one line")
+    assert capsys.readouterr().err == ""
     with progress.reporting(progress.Progress("log")):  # -q
         with progress.stage("writing timm weights"):
             progress.say("said")
+    assert capsys.readouterr().err == ""
+
+
+def test_the_cli_prints_one_line_per_finished_stage_off_a_terminal(organism_dir, calib_dir, tmp_path, capsys,
+                                                                  monkeypatch):
+    from surgery.cli.main import main
+
+    monkeypatch.setenv("VIT_SURGERY_PROGRESS", "lines")
+    assert main(["find", str(organism_dir), "--images", str(calib_dir), "--out", str(tmp_path / "n.json")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[1].strip() for line in err] == [f"loading {organism_dir}", "calibrating (24 images)"], err
+    assert all(" done in " in line for line in err)
+    assert main(["find", str(organism_dir), "--images", str(calib_dir), "--out", str(tmp_path / "m.json"), "-q"]) == 0
     assert capsys.readouterr().err == ""
 
 

@@ -327,7 +327,7 @@ def test_usage_problems_are_found_before_the_model_loads(case, code, words, orga
 
     def must_not_load(*a, **k):
         raise AssertionError("the model was loaded before a cheap check")
-    monkeypatch.setattr(cli, "_load", must_not_load)
+    monkeypatch.setattr("surgery.api.load_source", must_not_load)  # every verb loads through the dispatch
     if case == "device-cuda" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     (tmp_path / "bad.json").write_text("{")
@@ -492,7 +492,7 @@ def _must_not_load(monkeypatch) -> None:
 
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before a cheap check")
-    monkeypatch.setattr(cli, "_load", refuse)
+    monkeypatch.setattr("surgery.api.load_source", refuse)  # every verb loads through the dispatch
     monkeypatch.setattr(surgery.backends, "load_model", refuse)
 
 

@@ -56,6 +56,18 @@ def add_output_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("-v", "--verbose", action="store_true", help="also each step's time and detail lines")
 
 
+def progress_of(a: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """-q: nothing on stderr but warnings and errors; default: a bar per long step on a terminal, one
+    line per step otherwise; -v: each step's time and detail lines too (surgery/core/progress.py)."""
+    import os
+
+    from ..core.progress import Progress
+
+    # VIT_SURGERY_PROGRESS=bars|lines|off overrides the choice by terminal (as TQDM_DISABLE does for tqdm)
+    chosen = {"off": "log", "bars": "bars", "lines": "lines"}.get(os.environ.get("VIT_SURGERY_PROGRESS", ""), "auto")
+    return Progress("log" if getattr(a, "quiet", False) else chosen, verbose=getattr(a, "verbose", False))
+
+
 def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu); the reference runs "
                    "in exact float32/float64 there, no autocast")

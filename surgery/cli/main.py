@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional, Sequence
 from .. import __version__
 from . import export as onnx_cli, report as report_cli
 from .args import (_format_names, _int_or_auto, _num_registers, _positive_float, _positive_int, _scale, _threshold,
-                   add_model_options, add_output_options)
+                   add_model_options, add_output_options, progress_of)
 from .checks import validate_before_loading
 from ..core.errors import EXIT_CODES, SurgeryError
 from ..core.outputs import shown
@@ -61,14 +61,6 @@ def _options(a: argparse.Namespace):
     from ..core.source import LoadOptions
 
     return LoadOptions(a.allow_unsafe_pickle, a.trust_remote_code, a.device)
-
-
-def progress_of(a: argparse.Namespace):
-    """-q: nothing on stderr but warnings and errors; default: a bar per long step on a terminal, one
-    line per step otherwise; -v: each step's time and detail lines too (surgery/core/progress.py)."""
-    from ..core.progress import Progress
-
-    return Progress("log" if getattr(a, "quiet", False) else "auto", verbose=getattr(a, "verbose", False))
 
 
 # ---- commands: parse, call surgery.api, print --------------------------------------------------
@@ -269,6 +261,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if a.command in _CORE_COMMANDS and a.quiet:  # -q: no summary lines; warnings, errors on stderr
                 stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
             validate_before_loading(a)
+            from ..core.progress import reporting  # every command's stages show as -q / -v say
+
+            stack.enter_context(reporting(progress_of(a)))
             return int(a.func(a) or 0)
     except SurgeryError as e:
         print(f"vit-surgery: error: {e.cli_message()}", file=sys.stderr)

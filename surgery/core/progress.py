@@ -2,8 +2,8 @@
 streaming), reported one way from everywhere: code calls `stage(...)`, `iterate(...)`, `say(...)` and
 `detail(...)` here, and the caller decides how they show by installing a `Progress` with `reporting()`.
 
-- the CLI: a tqdm bar per stage on a terminal, one line per stage on stderr otherwise (logs, CI), nothing
-  with -q, more detail with -v;
+- the CLI: a tqdm bar per stage on a terminal, one line per finished stage on stderr otherwise (logs, CI:
+  its name and time; a failed stage prints only its error), nothing with -q, more detail with -v;
 - the Python API: `logging` only (logger "surgery": INFO per stage, DEBUG for detail; silent unless the
   application configures logging, as libraries are), plus an optional callback
   `callback(stage, done, total)` called when a stage starts (done 0), advances and ends.
@@ -130,13 +130,11 @@ class Stage:
 
 @contextlib.contextmanager
 def stage(name: str, total: Optional[int] = None, unit: str = "step") -> Iterator[Stage]:
-    """A long step: a bar on a terminal (advanced by `Stage.advance`), one line otherwise, an INFO log
-    record and the callback's (name, 0, total) at the start; the time taken at DEBUG (and with -v)."""
+    """A long step: a bar on a terminal (advanced by `Stage.advance`), one line when it is done otherwise,
+    an INFO log record and the callback's (name, 0, total) at the start; the time taken at DEBUG."""
     p = current()
     size = f" ({total} {unit}{'s' if total != 1 else ''})" if total is not None and unit != "step" else ""
     log.info("%s%s", name, size)
-    if p.prints and not p.bars:
-        _print(f"{name}{size} ...")
     if p.callback is not None:
         p.callback(name, 0, total)
     s = Stage(name, total, unit, p)
@@ -145,7 +143,14 @@ def stage(name: str, total: Optional[int] = None, unit: str = "step") -> Iterato
         yield s
     finally:
         s.close()
-    detail(f"{name}: done in {time.perf_counter() - start:.1f} s")
+    # off a terminal, one line per stage when it is done (a failed stage says nothing: its error is the
+    # one line); on a terminal the bar showed it, and -v adds the time
+    took = f"{name}{size}: done in {time.perf_counter() - start:.1f} s"
+    if p.prints and not p.bars:
+        log.debug(took)
+        _print(took)
+    else:
+        detail(took)
 
 
 def iterate(items: Iterable[T], name: str, total: Optional[int] = None, unit: str = "step") -> Iterator[T]:
