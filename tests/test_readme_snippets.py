@@ -1,4 +1,4 @@
-"""Every ```python snippet of README.md runs as shown, on organisms.
+"""Every ```python snippet of the user docs (README.md and the docs site's user pages) runs as shown, on organisms.
 
 The folders and names the snippets use are laid out first, the way the README's shell commands make
 them: `hf-hub:timm/vit_base_patch16_clip_224.laion2b` is the timm organism in a fake offline hub cache,
@@ -17,7 +17,10 @@ import pytest
 from conftest import patch_offline_hub
 from surgery.organisms.families import write_fake_hub_repo
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+# the pages a user copies code from, in reading order (the contributing pages hold sketches, not recipes)
+USER_DOCS = [ROOT / "README.md", ROOT / "docs" / "getting-started.md",
+             *sorted((ROOT / "docs" / "guides").glob("*.md")), ROOT / "docs" / "reference" / "python-api.md"]
 HUB_NAME = "timm/vit_base_patch16_clip_224.laion2b"
 PLANTED = {2: [17, 101], 3: [42]}
 
@@ -26,11 +29,20 @@ def python_snippets(text: str) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", text, re.M | re.S)
 
 
+def doc_snippets() -> list[tuple[str, str]]:
+    """(where, code) of every python snippet of USER_DOCS."""
+    found = []
+    for page in USER_DOCS:
+        for i, code in enumerate(python_snippets(page.read_text(encoding="utf-8"))):
+            found.append((f"{page.relative_to(ROOT).as_posix()} python snippet {i + 1}", code))
+    return found
+
+
 def test_the_readme_has_python_snippets_that_compile():
-    snippets = python_snippets(README.read_text(encoding="utf-8"))
-    assert len(snippets) >= 5 and all(s.strip() for s in snippets)
-    for i, code in enumerate(snippets):
-        compile(code, f"README.md python snippet {i + 1}", "exec")  # a SyntaxError names the snippet
+    snippets = doc_snippets()
+    assert len(snippets) >= 5 and all(code.strip() for _, code in snippets)
+    for where, code in snippets:
+        compile(code, where, "exec")  # a SyntaxError names the snippet
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +82,8 @@ def test_every_python_snippet_of_the_readme_runs_as_shown(workspace, monkeypatch
     root, hub = workspace
     patch_offline_hub(monkeypatch, hub)
     monkeypatch.chdir(root)
-    for i, code in enumerate(python_snippets(README.read_text(encoding="utf-8"))):
+    for i, (where, code) in enumerate(doc_snippets()):
         try:
-            exec(compile(code, f"README.md python snippet {i + 1}", "exec"), {"__name__": f"readme_snippet_{i + 1}"})
+            exec(compile(code, where, "exec"), {"__name__": f"doc_snippet_{i + 1}"})
         except Exception as e:  # which snippet, and the line in it
-            raise AssertionError(f"README python snippet {i + 1} fails: {type(e).__name__}: {e}\n{code}") from e
+            raise AssertionError(f"{where} fails: {type(e).__name__}: {e}\n{code}") from e
