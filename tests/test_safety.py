@@ -301,7 +301,7 @@ def test_check_names_an_inf_weight_in_the_output(baked_dir, tmp_path, capsys):
 # ---- also found: start-up, usage problems before loading, -q, reproducibility, permissions -----
 
 def test_ctrl_c_during_startup_is_one_line(monkeypatch, capsys):
-    cli = importlib.import_module("surgery.cli.main")  # the module (the package attribute `main` is the function)
+    importlib.import_module("surgery.cli.main")  # the CLI module loaded before the patches below
 
     def interrupted():
         raise KeyboardInterrupt
@@ -323,7 +323,7 @@ def test_ctrl_c_during_startup_is_one_line(monkeypatch, capsys):
 ])
 def test_usage_problems_are_found_before_the_model_loads(case, code, words, organism_dir, calib_dir, baked_dir,
                                                          tmp_path, capsys, monkeypatch):
-    cli = importlib.import_module("surgery.cli.main")  # the module (the package attribute `main` is the function)
+    importlib.import_module("surgery.cli.main")  # the CLI module loaded before the patches below
 
     def must_not_load(*a, **k):
         raise AssertionError("the model was loaded before a cheap check")
@@ -488,7 +488,7 @@ def _tree(root: Path) -> dict[str, str]:
 
 def _must_not_load(monkeypatch) -> None:
     import surgery.backends
-    cli = importlib.import_module("surgery.cli.main")  # the module (the package attribute `main` is the function)
+    importlib.import_module("surgery.cli.main")  # the CLI module loaded before the patches below
 
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before a cheap check")
