@@ -301,7 +301,7 @@ def test_check_names_an_inf_weight_in_the_output(baked_dir, tmp_path, capsys):
 # ---- also found: start-up, usage problems before loading, -q, reproducibility, permissions -----
 
 def test_ctrl_c_during_startup_is_one_line(monkeypatch, capsys):
-    importlib.import_module("surgery.cli.main")  # the CLI module loaded before the patches below
+    cli = importlib.import_module("surgery.cli.main")  # the module (the package attribute `main` is the function)
 
     def interrupted():
         raise KeyboardInterrupt
