@@ -225,7 +225,8 @@ def hf_converted(tmp_path_factory):
 @pytest.mark.parametrize("kind", ["dinov2", "clip_model"])
 def test_hf_layout_loads_with_transformers_config_processor_and_onnxruntime(hf_converted, kind, capsys):
     """What optimum's ORTModelForFeatureExtraction and transformers.js do with the folder: AutoConfig for the
-    model type, AutoImageProcessor for the inputs, onnx/model.onnx run by onnxruntime by output name."""
+    model type (with trust_remote_code: the folder's config is closed to the stock classes), AutoImageProcessor
+    for the inputs, onnx/model.onnx run by onnxruntime by output name."""
     import onnxruntime as ort
     from PIL import Image
     from transformers import AutoConfig, AutoImageProcessor
@@ -234,7 +235,9 @@ def test_hf_layout_loads_with_transformers_config_processor_and_onnxruntime(hf_c
     code, stdout, err = cli(["export", out, "--format", "onnx", "--layout", "hf", "-q"], capsys)
     assert code == 0, err
     assert (out / "onnx" / "model.onnx").is_file() and not (out / "onnx" / "model_fp16.onnx").exists()
-    cfg = AutoConfig.from_pretrained(out)
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        AutoConfig.from_pretrained(out)
+    cfg = AutoConfig.from_pretrained(out, trust_remote_code=True)
     assert cfg.model_type == {"dinov2": "dinov2", "clip_model": "clip"}[kind]
     processor = AutoImageProcessor.from_pretrained(out)
     images = [Image.open(p).convert("RGB") for p in sorted(builtin_images().glob("*.png"))[:3]]

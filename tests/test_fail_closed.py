@@ -292,3 +292,12 @@ def test_int8_of_a_vlm_is_refused_in_one_line(llava_folder, tmp_path, capsys):
     assert main(["convert", str(llava_folder), "--neurons", str(neurons), "--out", str(tmp_path / "out"), "-q"]) == 0
     code, err = _run(["export", tmp_path / "out", "--format", "onnx", "--layout", "hf", "--int8", "dynamic"], capsys)
     assert code == 4 and "no --int8" in err and err.count("\n") == 1, err
+
+
+def test_one_line_errors_keep_what_the_library_said():
+    from surgery.core.errors import first_line
+
+    strict = ValueError("Validation error for field 'vision_feature_layer':\n    TypeError: Field expected int, got str")
+    assert first_line(strict) == "Validation error for field 'vision_feature_layer': TypeError: Field expected int, got str"
+    assert first_line(RuntimeError("3 keys missing. Please look at the above report!")) == "3 keys missing."
+    assert first_line(ValueError("")) == "ValueError"

@@ -158,6 +158,13 @@ EXIT_CODES = exit_codes()
 
 
 def first_line(e: BaseException) -> str:
-    """An exception's first non-empty line (at most 300 characters): the one-line form of a library error."""
+    """An exception's first non-empty line (at most 300 characters): the one-line form of a library error. A
+    line that only introduces the next ("Validation error for field 'x':") keeps that next line; a line that
+    points at a report not shown ("... look at the above report!") drops that pointer."""
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    return (lines[0] if lines else type(e).__name__)[:300]
+    text = lines[0] if lines else type(e).__name__
+    if text.endswith(":") and len(lines) > 1:
+        text = f"{text} {lines[1]}"
+    for pointer in (" Please look at the above report!", " look at the above report!"):
+        text = text.replace(pointer, "")
+    return text[:300]

@@ -136,7 +136,6 @@ class _ResizePrefixPinned:
     no positional rows, so the split must keep the count the table was made with.
     """
 
-    surgery_pos_embed_prefix: int
 
     def set_input_size(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         n = self.num_prefix_tokens
