@@ -240,6 +240,11 @@ def test_check_flags_an_onnx_file_from_another_recipe(exported, tmp_path, capsys
         if p.key == "vit_surgery.recipe":
             p.value = json.dumps({"register_neurons": {"2": [17]}, "num_registers": 1, "scale": 1.0, "mode": "shared"})
     onnx.save(model, str(d / ONNX_FILE))
+    code, _, err = run(["check", d, "--num-images", "4"], capsys)
+    assert code == 11 and "model.onnx" in err  # a changed file: OUT's integrity record catches it first
+    from surgery.core.integrity import record_written
+
+    record_written(d, [ONNX_FILE])  # as if an export had written (and recorded) it: the numbers must catch it
     code, out, err = run(["check", d, "--num-images", "4"], capsys)
     assert code == 7 and "onnx FAIL" in out and "another recipe" in out
     assert "out of tolerance: model.onnx" in err and "\n" not in err.strip()
