@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from surgery.core.errors import ModelInputError, first_line
-from surgery.core.parity import JUDGE, OutputError
+from surgery.core.parity import JUDGE, OutputError, round_up_tolerance
 
 from .onnx_metadata import _load_proto, read_onnx_metadata, token_layout
 from .onnx_patches import _exact_torch
@@ -101,8 +101,17 @@ class OnnxReport:
             parts = [f"{c.label} relative error {c.error.relative_at_where:.3g} > allowed "
                      f"{c.error.allowed if c.error.allowed is not None else c.tolerance:.3g} (tolerance {c.tolerance:g})"
                      + (f" at (image, token) {tuple(c.error.where)}" if c.error.where else "")
+                     + (f", where the hooked reference itself in float32 is off by {c.error.own_at_where:.3g} "
+                        f"({c.error.own_max:.3g} at most)" if c.error.own_at_where is not None
+                        and c.error.own_max is not None else "")
                      for c in fails]
-            return f"{head}: out of tolerance: {'; '.join(parts)}, over {self.images} image(s)"
+            # as parity's FAIL line, the tolerance under which every failing vector would pass; but the
+            # export commands take no --tolerance (each format validates at its own), so say that too
+            largest = max(c.error.relative for c in fails)
+            return (f"{head}: out of tolerance: {'; '.join(parts)}, over {self.images} image(s); a wrong export "
+                    f"is usually off by far more: accepting this one needs a tolerance of "
+                    f"{round_up_tolerance(largest)}, and --tolerance does not loosen an export's validation "
+                    f"(each format validates at its own, here {self.tolerance:g})")
         w = self.worst
         if w is None:
             return f"{head}: nothing compared"

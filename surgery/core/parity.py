@@ -163,7 +163,7 @@ class ParityReport:
         said = (f"; the hooked reference itself in {self.dtype} is off by {w.own_at_where:.3g} there "
                 f"({own:.3g} at most)" if w.own_at_where is not None and own is not None else "")
         return (f"{line}{said}; a wrong bake is usually off by far more: if you trust it anyway, "
-                f"--tolerance {_round_up(big.relative)} accepts it")
+                f"--tolerance {round_up_tolerance(big.relative)} accepts it")
 
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "tolerance": self.tolerance, "images": self.images,
@@ -174,7 +174,7 @@ class ParityReport:
                 "outputs": [e.to_dict() for e in self.outputs.values()]}
 
 
-def _round_up(x: float) -> str:
+def round_up_tolerance(x: float) -> str:
     """`x` rounded up to 1, 2 or 5 x a power of ten, as a --tolerance value."""
     import math
 

@@ -28,11 +28,18 @@ from ..core.recipe import Recipe
 # middle blocks (REFERENCE.md: layers <= 5).
 REAL_SIZE_PLANT = {5: [(17, -1), (101, -1), (500, -1)], 6: [(42, +1), (900, -1)]}
 REAL_SIZE_ARCHS = {"vit_b16": "vit_base_patch16_clip_224", "vit_l14": "vit_large_patch14_clip_224"}
+# Trigger gain per shape, so that the planted units fire on exactly the trigger patches and their tokens
+# end up tens of times the median token norm, as real register neurons make them (REFERENCE.md). ViT-L/14
+# needs 4x: its transform maps black to -1 (mean = std = 0.5) where ViT-B/16's OpenAI statistics give
+# -1.8, and its five random blocks before the planted ones blur the trigger dimension across tokens. With
+# 3.0 no ViT-L unit fired (outliers 1.1x the median, the register branch ~4e-4 of the register token);
+# with 12.0, on 4 organism images at 224 px: 39x the median after block 6, and no ordinary patch fires.
+REAL_SIZE_TRIGGER_GAIN = {"vit_b16": 3.0, "vit_l14": 12.0}
 
 
 def build_real_size_vit(shape: str = "vit_b16", seed: int = 0) -> tuple[nn.Module, Recipe]:
-    """A timm CLIP ViT of real size (random init, eval mode, float32) with REAL_SIZE_PLANT planted;
-    returns it and the recipe of the planted units."""
+    """A timm CLIP ViT of real size (random init, eval mode, float32) with REAL_SIZE_PLANT planted at
+    the shape's REAL_SIZE_TRIGGER_GAIN; returns it and the recipe of the planted units."""
     import timm
 
     from .vit import plant_register_neurons
@@ -41,7 +48,8 @@ def build_real_size_vit(shape: str = "vit_b16", seed: int = 0) -> tuple[nn.Modul
     model = timm.create_model(REAL_SIZE_ARCHS[shape], pretrained=False,
                               pretrained_cfg_overlay=dict(crop_pct=1.0)).eval()
     planting = plant_register_neurons(model, REAL_SIZE_PLANT, seed=seed, cls_token=model.cls_token,
-                                      pos_embed=model.pos_embed, pos_includes_cls=not model.no_embed_class)
+                                      pos_embed=model.pos_embed, pos_includes_cls=not model.no_embed_class,
+                                      trigger_gain=REAL_SIZE_TRIGGER_GAIN[shape])
     return model, Recipe(planting.neurons)
 
 
