@@ -1,0 +1,142 @@
+"""Hostile ONNX files refused from a bounded scan of their protobuf, before onnx_ir parses them (exit 4, one
+line): nested control flow, a `Constant` whose external data lies outside the folder, an initializer whose
+dims declare 2^40 elements it does not hold. Each is planted in a real exported organism graph, so without the
+scan the file would be parsed (and, for the tensors, read) first."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from surgery.cli import main
+from surgery.onnx_graph import prescan
+from surgery.onnx_graph.prescan import MAX_SUBGRAPH_DEPTH, MAX_SUBGRAPHS, prescan_onnx
+
+
+@pytest.fixture(scope="module")
+def organism_onnx(tmp_path_factory) -> tuple[onnx.ModelProto, Path]:
+    from surgery.organisms.onnx_graphs import build_organism, export_source_onnx
+
+    model, planting = build_organism("timm_clip")
+    root = tmp_path_factory.mktemp("prescan")
+    path = export_source_onnx(model, root / "src" / "model.onnx", exporter="legacy", opset=17)
+    neurons = root / "n.json"
+    neurons.write_text(json.dumps({"register_neurons": {str(k): v for k, v in planting.neurons.items()}}))
+    return onnx.load(str(path)), neurons
+
+
+def _nested_if(depth: int, name: str = "n") -> onnx.NodeProto:
+    """An If whose two branches each hold an If ... : `depth` levels of subgraphs (2^depth - 1 Ifs)."""
+    def branch(level: int, tag: str) -> onnx.GraphProto:
+        out = helper.make_tensor_value_info(f"{name}_{tag}_o", TensorProto.FLOAT, [1])
+        if level == 1:
+            body = helper.make_node("Constant", [], [out.name], value_floats=[0.0])
+        else:
+            body = _nested_if_node(level - 1, tag, out.name)
+        return helper.make_graph([body], f"{name}_{tag}", [], [out])
+
+    def _nested_if_node(level: int, tag: str, output: str) -> onnx.NodeProto:
+        return helper.make_node("If", [f"{name}_cond"], [output], then_branch=branch(level, tag + "t"),
+                                else_branch=branch(level, tag + "e"))
+
+    return _nested_if_node(depth, "", f"{name}_out")
+
+
+def _depth(graph: onnx.GraphProto) -> int:
+    """Subgraph nesting of `graph`, counted straight from the proto (the reference the scan must agree with)."""
+    inner = [_depth(a.g) for n in graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
+    return 1 + max(inner, default=0)
+
+
+def _write(proto: onnx.ModelProto, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.onnx"
+    path.write_bytes(proto.SerializeToString())  # as is: onnx.save would not check it either
+    return path
+
+
+def _convert(path: Path, neurons: Path, out: Path, capsys, monkeypatch) -> tuple[int, str]:
+    import onnx_ir
+
+    def never(*a, **k):
+        raise AssertionError("onnx_ir.load reached: the file was parsed before it was refused")
+
+    monkeypatch.setattr(onnx_ir, "load", never)
+    code = main(["convert", str(path), "--neurons", str(neurons), "--out", str(out), "-q"])
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err and "internal error" not in err, err
+    assert not out.exists()
+    return code, err
+
+
+def test_nested_control_flow_is_refused_before_the_graph_is_parsed(organism_onnx, tmp_path, capsys, monkeypatch):
+    proto, neurons = organism_onnx
+    hostile = onnx.ModelProto.FromString(proto.SerializeToString())
+    hostile.graph.node.append(_nested_if(MAX_SUBGRAPH_DEPTH + 1))
+    assert _depth(hostile.graph) - 1 == MAX_SUBGRAPH_DEPTH + 1  # subgraph levels below the main graph
+    code, err = _convert(_write(hostile, tmp_path / "deep"), neurons, tmp_path / "out", capsys, monkeypatch)
+    assert code == 4, err
+    assert f"subgraphs nested more than {MAX_SUBGRAPH_DEPTH} deep" in err and "before the graph is parsed" in err
+
+
+def test_the_nesting_rule_is_a_depth_and_a_count_not_a_file_size(tmp_path, monkeypatch):
+    """At the depth limit a file passes the scan (recognise() then refuses its control flow by name); one level
+    more is refused however small the file; so is a flat graph of more subgraphs than the count limit."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    cond = helper.make_tensor_value_info("n_cond", TensorProto.BOOL, [])
+    for depth, refused in ((MAX_SUBGRAPH_DEPTH, False), (MAX_SUBGRAPH_DEPTH + 1, True)):
+        graph = helper.make_graph([_nested_if(depth)], "g", [x, cond], [x])
+        path = _write(helper.make_model(graph), tmp_path / str(depth))
+        assert _depth(graph) - 1 == depth
+        if refused:
+            with pytest.raises(Exception, match="nested more than"):
+                prescan_onnx(path)
+        else:
+            prescan_onnx(path)
+    monkeypatch.setattr(prescan, "MAX_SUBGRAPHS", 6)
+    flat = helper.make_graph([_nested_if(1, f"i{k}") for k in range(3)] +
+                             [helper.make_node("Identity", ["x"], ["y"])], "g", [x, cond], [x])
+    prescan_onnx(_write(helper.make_model(flat), tmp_path / "six"))  # 3 Ifs x 2 branches = 6 subgraphs
+    flat.node.append(_nested_if(1, "i3"))
+    with pytest.raises(Exception, match="more than 6 subgraphs"):
+        prescan_onnx(_write(helper.make_model(flat), tmp_path / "eight"))
+    assert MAX_SUBGRAPHS >= 1024  # the real limit leaves room for a merged decoder's If branches
+
+
+def test_a_constant_with_external_data_outside_the_folder_is_refused_unopened(organism_onnx, tmp_path, capsys,
+                                                                               monkeypatch):
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("needs FIFOs")
+    proto, neurons = organism_onnx
+    hostile = onnx.ModelProto.FromString(proto.SerializeToString())
+    value = TensorProto(name="stolen", data_type=TensorProto.FLOAT, dims=[4], data_location=TensorProto.EXTERNAL)
+    value.external_data.add(key="location", value="../secret")
+    hostile.graph.node.insert(0, helper.make_node("Constant", [], ["stolen"], value=value))
+    os.mkfifo(tmp_path / "secret")  # opening it would block: a finished run proves it was never opened
+    code, err = _convert(_write(hostile, tmp_path / "m"), neurons, tmp_path / "out", capsys, monkeypatch)
+    assert code == 4, err
+    assert "tensor stolen points at external data '../secret' outside the model's folder" in err
+
+
+@pytest.mark.parametrize("where", ["initializer", "constant"])
+def test_a_tensor_declaring_2_40_elements_it_does_not_hold_is_refused_before_allocation(
+        organism_onnx, tmp_path, capsys, monkeypatch, where):
+    proto, neurons = organism_onnx
+    hostile = onnx.ModelProto.FromString(proto.SerializeToString())
+    huge = TensorProto(name="huge", data_type=TensorProto.FLOAT, dims=[2**20, 2**20], raw_data=b"\0" * 16)
+    if where == "initializer":
+        hostile.graph.initializer.append(huge)
+    else:
+        hostile.graph.node.insert(0, helper.make_node("Constant", [], ["huge"], value=huge))
+    code, err = _convert(_write(hostile, tmp_path / "m"), neurons, tmp_path / "out", capsys, monkeypatch)
+    assert code == 4, err
+    assert f"tensor huge declares {2**40} elements (dims [1048576, 1048576]) but holds data for 4" in err
+
+
+def test_the_scan_passes_the_untouched_organism(organism_onnx, tmp_path):
+    proto, _ = organism_onnx
+    prescan_onnx(_write(proto, tmp_path / "ok"))
