@@ -140,3 +140,43 @@ def test_a_tensor_declaring_2_40_elements_it_does_not_hold_is_refused_before_all
 def test_the_scan_passes_the_untouched_organism(organism_onnx, tmp_path):
     proto, _ = organism_onnx
     prescan_onnx(_write(proto, tmp_path / "ok"))
+
+
+def test_a_vision_encoder_that_fails_in_onnxruntime_at_another_batch_size_is_exit_4(tmp_path, capsys):
+    """A vision_encoder.onnx that runs at batch 1 only (its output reshaped to a fixed batch of 1): convert
+    runs it at batch 2 to count its tokens; onnxruntime's failure is the model's (exit 4, one line naming the
+    batch), not an internal error."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from surgery.organisms.onnx_graphs import export_vision_encoder_source
+    from surgery.organisms.vlm import build_llava_organism
+
+    vlm, planting = build_llava_organism(0, strategy="default", feature_layer=-2, text_hidden_size=48)
+    src = export_vision_encoder_source(vlm, tmp_path / "src" / "vision_encoder.onnx", exporter="legacy")
+    proto = onnx.load(str(src))
+    sess = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+    shape = sess.get_inputs()[0].shape
+    features = sess.run(["image_features"], {sess.get_inputs()[0].name: np.zeros([1, *shape[1:]], np.float32)})[0]
+    out = proto.graph.output[0]
+    assert out.name == "image_features"
+    out.name = "features_any_batch"
+    for node in proto.graph.node:
+        node.output[:] = ["features_any_batch" if o == "image_features" else o for o in node.output]
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(np.array(features.shape, np.int64), "batch_of_one"))
+    proto.graph.node.append(helper.make_node("Reshape", ["features_any_batch", "batch_of_one"], ["image_features"]))
+    proto.graph.output.append(helper.make_tensor_value_info("image_features", TensorProto.FLOAT, None))
+    del proto.graph.output[0]
+    path = _write(proto, tmp_path / "one")
+    neurons = tmp_path / "n.json"
+    neurons.write_text(json.dumps({"register_neurons": {str(k): v for k, v in planting.neurons.items()}}))
+    capsys.readouterr()
+    code = main(["convert", str(path), "--neurons", str(neurons), "--out", str(tmp_path / "out"), "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code == 4, err
+    warning, err = err.splitlines()  # the warning that no preprocessor_config.json is there, then the error
+    assert warning.startswith("vit-surgery: warning:") and err.startswith("vit-surgery: error:")
+    assert "internal error" not in err and "Traceback" not in capsys.readouterr().err
+    assert "onnxruntime cannot run it on a batch of 2 image(s) of [3, 64, 64] (Reshape node: " in err
+    assert "requested shape:{1," in err
+    assert not (tmp_path / "out").exists()
