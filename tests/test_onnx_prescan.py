@@ -13,6 +13,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from surgery.cli import main
+from surgery.core.images import builtin_images
 from surgery.onnx_graph import prescan
 from surgery.onnx_graph.prescan import MAX_SUBGRAPH_DEPTH, MAX_SUBGRAPHS, prescan_onnx
 
@@ -180,3 +181,21 @@ def test_a_vision_encoder_that_fails_in_onnxruntime_at_another_batch_size_is_exi
     assert "onnxruntime cannot run it on a batch of 2 image(s) of [3, 64, 64] (Reshape node: " in err
     assert "requested shape:{1," in err
     assert not (tmp_path / "out").exists()
+
+
+def test_onnx_ir_warnings_stay_off_stderr_in_a_normal_run(organism_onnx, tmp_path):
+    """An unnamed initializer makes onnx_ir log a warning while parsing (it drops the tensor, which nothing
+    reads): a normal run keeps its stderr to vit-surgery's own lines; -v shows the library's warnings."""
+    import subprocess
+    import sys
+
+    proto, neurons = organism_onnx
+    odd = onnx.ModelProto.FromString(proto.SerializeToString())
+    odd.graph.initializer.append(TensorProto(data_type=TensorProto.FLOAT, dims=[1], float_data=[0.0]))
+    path = _write(odd, tmp_path / "m")
+    for verbose, shown in (([], False), (["-v"], True)):
+        out = tmp_path / f"n{len(verbose)}.json"
+        proc = subprocess.run([sys.executable, "-m", "surgery.cli", "find", str(path), "--out", str(out), "--images", str(builtin_images()),
+                               "--num-images", "4", *verbose], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert ("Initializer tensor must have a name" in proc.stderr) is shown, proc.stderr
