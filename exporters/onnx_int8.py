@@ -379,13 +379,16 @@ def split_images(folder: Path, num: int = CALIBRATION_IMAGES_MAX) -> tuple[list[
     return rest, held
 
 
-def validation_images_text(images: Any, held: Sequence[Path], calibrated: Sequence[Path], static: bool) -> str:
+def validation_images_text(images: Any, held: Sequence[Path], calibrated: Sequence[Path], static: bool,
+                           read: Optional[int] = None) -> str:
     """What the INT8 file was validated on, as stdout, parity.json and the card say it: held-out images
-    only when none of them was also calibrated on (a small CALIB is used for both)."""
+    only when none of them was also calibrated on (a small CALIB is used for both). `read`: how many of
+    `held` could be read (unreadable files are skipped, so not counted)."""
+    n = len(held) if read is None else read
     if static and set(held) & set(calibrated):
-        return (f"{len(held)} image(s) of {images}, the same it was calibrated on (fewer than "
+        return (f"{n} image(s) of {images}, the same it was calibrated on (fewer than "
                 f"{2 * HELD_OUT_EVERY} images: none held out)")
-    return f"{len(held)} image(s) of {images}" + (" not calibrated on" if static else "")
+    return f"{n} image(s) of {images}" + (" not calibrated on" if static else "")
 
 
 # ---- export + validate + move into place -------------------------------------------------------------
@@ -453,8 +456,8 @@ def export_int8(out_dir: Path, *, loaded: Any, mode: str = "static", images: Opt
     if images is not None:
         calib_files, held = split_images(Path(images))
         calibration = _batches(calib_files, loaded.transform) if mode == "static" else []
-        validation, where = _batches(held, loaded.transform), validation_images_text(images, held, calib_files,
-                                                                                       mode == "static")
+        validation = _batches(held, loaded.transform)
+        where = validation_images_text(images, held, calib_files, mode == "static", sum(map(len, validation)))
     else:
         calib_files, calibration = [], []
         validation, where = validation_batches(loaded), "the built-in images"
@@ -467,7 +470,7 @@ def export_int8(out_dir: Path, *, loaded: Any, mode: str = "static", images: Opt
         if not branch or not all(branch.values()):
             raise ModelInputError(f"could not find the register branch in the exported graph of {out_dir} "
                                   "(nothing to keep in float)")
-        settings = QuantSettings(mode, excluded=branch, calibration_images=len(calib_files) if calibration else 0)
+        settings = QuantSettings(mode, excluded=branch, calibration_images=sum(map(len, calibration)))  # read, not listed
         staged = scratch / lay.target.name
         _say(progress, f"quantizing to INT8 ({mode}; {sum(map(len, branch.values()))} register-branch nodes kept "
                        f"in float" + (f"; calibrating on {settings.calibration_images} images)" if calibration else ")"))

@@ -263,3 +263,30 @@ def test_hf_layout_dynamic_int8(tmp_path, capsys):
     proto = onnx.load(str(path))
     kept = json.loads({p.key: p.value for p in proto.metadata_props}["vit_surgery.int8"])["nodes_kept_float"]
     assert len(kept) == len(planting.neurons) and all(kept.values())
+
+
+def test_int8_counts_only_the_images_it_could_read(baked_dir, tmp_path, capsys):
+    """Unreadable files in CALIB are skipped (a warning), and neither the metadata's calibration count nor
+    the validation text counts them."""
+    from surgery.core.images import list_images
+    from exporters.onnx_int8 import HELD_OUT_EVERY, split_images
+
+    calib = tmp_path / "calib"
+    shutil.copytree(builtin_images(), calib)
+    bad = {calib / f"zz_bad{i}.png" for i in range(4)}  # sorted last: the last is held out, three calibrate
+    for i, f in enumerate(sorted(bad)):
+        f.write_bytes(b"" if i % 2 else b"not an image")
+    files = list_images(calib)
+    held = files[HELD_OUT_EVERY - 1::HELD_OUT_EVERY]  # the rule, written out: every 4th file is held out
+    calibrated = [f for f in files if f not in held]
+    assert (sorted(split_images(calib)[1]), sorted(split_images(calib)[0])) == (sorted(held), sorted(calibrated))
+    assert bad & set(held) and bad & set(calibrated)
+    out = copy_baked(baked_dir, tmp_path / "out")
+    code, _, err = cli(["export", out, "--int8", "--images", calib, "-q"], capsys)
+    assert code == 0, err
+    assert "unreadable image(s)" in err
+    q = json.loads(read_onnx_metadata(out / "model_int8.onnx")["int8"])
+    assert q["calibration_images"] == len(set(calibrated) - bad)
+    parity = json.loads((out / "parity.json").read_text())["onnx_int8"]["model_int8.onnx"]
+    assert parity["images"] == len(set(held) - bad)
+    assert parity["validation_images"] == f"{len(set(held) - bad)} image(s) of {calib} not calibrated on"

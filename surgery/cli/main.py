@@ -226,7 +226,7 @@ def _os_error_exit(e: OSError) -> Optional[int]:
 
 # Libraries that log each network retry (an unreachable hub: five "Retrying in Ns" pairs per file, each
 # printed by their handler and again by ours): their failure ends as one SurgeryError line instead.
-NOISY_LOGGERS = ("huggingface_hub", "httpx", "httpcore", "urllib3", "filelock")
+NOISY_LOGGERS = ("huggingface_hub", "httpx", "httpcore", "urllib3", "filelock", "onnx_ir")
 
 
 def quiet_library_loggers(verbose: bool = False) -> None:

@@ -27,7 +27,7 @@ from .bake import (_Builder, _insert_registers, _remake_side_tensors, _replace_u
 from .discover import TokenLayout, measure_layout, static_input_size
 from .precision import precision_of, tolerance_for
 from .recognise import load_ir, recognise
-from .runtime import ExposedSession, as_input, session_for_file
+from .runtime import ExposedSession, run_session, session_for_file
 from .unit_activation import unit_activation
 from .vision_encoder import drop_register_rows, is_vision_encoder, source_outputs
 
@@ -185,7 +185,7 @@ def check_onnx(baked: str | Path, source: str | Path, batches: list[torch.Tensor
     try:
         for pixels in batches:
             x = pixels.float().numpy()
-            got = sess.run(names, {sess.get_inputs()[0].name: as_input(sess, x)})
+            got = run_session(sess, names, x, str(baked))
             want, _ = ref.run(x)
             for n, g, w in zip(names, got, want):
                 if g.shape != w.shape:

@@ -28,6 +28,7 @@ from ..core.output_format import require_onnx_path
 from .gated import GatedParts, describe_chunk, gated_parts
 from .linear import Linear, linear_at
 from .values import PASS_THROUGH, const_array, is_const, node_label
+from .prescan import prescan_onnx
 
 # ops an MLP activation subgraph may contain (elementwise, GELU family)
 _ACT_OPS = {"Div", "Mul", "Add", "Sub", "Erf", "Sigmoid", "Tanh", "Pow", "Gelu", "FastGelu", "BiasGelu",
@@ -347,33 +348,13 @@ def _patch_conv(graph: ir.Graph) -> ir.Node:
 def load_ir(path: str | Path) -> ir.Model:
     p = Path(path)
     require_onnx_path(p)
+    prescan_onnx(p)  # nesting, tensor sizes and external data, before the parser builds the graph
     try:
         model = ir.load(str(p))
     except Exception as e:  # DecodeError, OSError, bad external-data reference
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ModelInputError(f"{p}: not a readable ONNX model ({type(e).__name__}: {first})") from None
-    _check_external_data(p, model)
     return model
-
-
-def _check_external_data(path: Path, model: ir.Model) -> None:
-    """Every external-data reference must name a regular file inside the model's folder, long enough for
-    what it declares (exit 4). A reference outside the folder is refused by its name alone: that file is
-    never opened."""
-    folder = path.resolve().parent
-    tensors = [v.const_value for v in model.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)]
-    for t in tensors:
-        where = Path(str(t.location))
-        target = (folder / where).resolve()
-        if where.is_absolute() or ".." in where.parts or not target.is_relative_to(folder):
-            raise ModelInputError(f"{path}: tensor {t.name} points at external data {str(where)!r} outside the "
-                                  "model's folder; refused (the file is not opened)")
-        if not target.is_file():
-            raise ModelInputError(f"{path}: tensor {t.name} needs external data file {str(where)!r}, which is missing")
-        need = (t.offset or 0) + (t.length if t.length is not None else t.nbytes)
-        if target.stat().st_size < need:
-            raise ModelInputError(f"{path}: external data file {str(where)!r} is shorter than tensor {t.name} "
-                                  f"declares ({target.stat().st_size} < {need} bytes)")
 
 
 def _mlp_site(node: ir.Node, index: int, after: Optional[ir.Value] = None) -> tuple[Optional[MlpSite], Optional[str]]:

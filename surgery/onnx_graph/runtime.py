@@ -18,7 +18,7 @@ def session_options() -> Any:
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # fatal only: a failed run is reported once, by run_session, on one line
     return so
 
 
@@ -35,6 +35,28 @@ def as_input(session: Any, pixels: np.ndarray) -> np.ndarray:
     """`pixels` in the dtype the session's image input takes (float16 graphs without float32 I/O)."""
     want = session.get_inputs()[0].type
     return pixels.astype(np.float16) if want == "tensor(float16)" else pixels.astype(np.float32, copy=False)
+
+
+def run_session(session: Any, names: Sequence[str], pixels: np.ndarray, label: str) -> list[np.ndarray]:
+    """`session.run` on one batch; onnxruntime's failure (a graph that runs at one batch size only, a
+    shape its nodes reject) is the model's: ModelInputError (exit 4) naming the batch, not an internal error."""
+    try:
+        return session.run(list(names), {session.get_inputs()[0].name: as_input(session, pixels)})
+    except Exception as e:
+        if type(e).__module__.split(".")[0] != "onnxruntime":
+            raise
+        raise ModelInputError(f"{label}: onnxruntime cannot run it on a batch of {len(pixels)} image(s) of "
+                              f"{list(pixels.shape[1:])} ({_ort_reason(e)})") from None
+
+
+def _ort_reason(e: Exception) -> str:
+    """onnxruntime's run error without its C++ source location: "Reshape node: The input tensor cannot be
+    reshaped ... Input shape:{2,64,48}, requested shape:{1,64,48}"."""
+    import re
+
+    text = " ".join(str(e).split())
+    m = re.search(r"running (\S+) node.*?Status Message: (?:\S+:\d+ .*? was false\. )?(.*)", text)
+    return first_line(ValueError(f"{m.group(1)} node: {m.group(2)}")) if m else first_line(e)
 
 
 class ExposedSession:
@@ -71,12 +93,12 @@ class ExposedSession:
             self.session = ort.InferenceSession(payload, session_options(), providers=["CPUExecutionProvider"])
         except Exception as e:
             raise ModelInputError(f"{label}: onnxruntime cannot load it ({first_line(e)})") from None
-        self.input_name = self.session.get_inputs()[0].name
+        self.label = label
         self.output_names = [o.name for o in own]
 
     def run(self, pixels: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """(the model's own outputs, the extra values), for one batch of pixels."""
-        got = self.session.run(self.output_names + self.names, {self.input_name: as_input(self.session, pixels)})
+        got = run_session(self.session, self.output_names + self.names, pixels, self.label)
         return got[:len(self.output_names)], got[len(self.output_names):]
 
     def close(self) -> None:
