@@ -106,7 +106,7 @@ def test_an_onnx_input_that_is_no_onnx_file_is_refused_saying_what_it_is(tmp_pat
         pytest.skip("needs FIFOs")
     model = tmp_path / "model.onnx"
     expect = {"empty": "empty file, not an ONNX model", "garbage": "not a readable ONNX model",
-              "fifo": "not a regular file (a FIFO", "fifo_in_folder": "not a regular file (a FIFO"}[kind]
+              "fifo": "not a regular file (a FIFO", "fifo_in_folder": "is a special file (FIFO"}[kind]
     if kind == "empty":
         model.write_bytes(b"")
     elif kind == "garbage":
