@@ -147,6 +147,31 @@ def test_sharded_hub_layout_output_loads_in_float16(sharded):
                        load_file(str(out / shard))[name].to(torch.float16))
 
 
+@pytest.mark.parametrize("kwargs", [{"device_map": "cpu"}, {"device_map": "auto"}, {"low_cpu_mem_usage": True}])
+def test_sharded_output_loads_through_accelerates_device_map(sharded, kwargs):
+    """The big-model loading paths people use for a 7B (accelerate's `device_map`, `low_cpu_mem_usage`) build
+    the vit-surgery class with every stored tensor in place, the register branch included, and no hook
+    left on a meta tensor."""
+    pytest.importorskip("accelerate")
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    _src, out = sharded["hub"]
+    model, info = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True, dtype=torch.float16,
+                                                              output_loading_info=True, **kwargs)
+    assert type(model).__name__ == "VitSurgeryLlavaForConditionalGeneration"
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert not any(p.device.type == "meta" for p in model.parameters())
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "vision_tower.vision_model.encoder.layers.2.mlp.reg_fc2.weight"
+    assert torch.equal(model.model.vision_tower.encoder.layers[2].mlp.reg_fc2.weight,
+                       load_file(str(out / index[name]))[name].to(torch.float16))
+    token = next(n for n in index if n.endswith("register_tokens"))
+    buf = dict(model.named_buffers())
+    assert any(k.endswith("register_tokens") for k in buf), sorted(buf)[:5]
+    assert token
+
+
 def _scale(folder: Path, suffix: str, factor: float) -> str:
     """Multiply the first stored tensor whose name ends with `suffix` by `factor`, in place."""
     from safetensors import safe_open
