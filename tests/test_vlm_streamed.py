@@ -285,6 +285,17 @@ def test_a_float16_vlm_is_judged_in_float32_against_its_own_float32_error(tmp_pa
     res = run_convert(load_model(str(src)), tmp_path / "out", neurons=str(neurons_file), progress=False)
     assert res.report.passed, res.report.summary()
     assert {t.dtype for t in assert_tensors(tmp_path / "out").values() if t.is_floating_point()} == {torch.float16}
+    # the judged model is the one users load: buffers the model builds in float32 (the rotary `inv_freq`)
+    # are not rounded to the stored dtype (at 7B a float16 inv_freq alone moves the logits by ~1e-2)
+    from transformers import AutoModelForImageTextToText
+
+    judged = load_model(str(tmp_path / "out"))
+    users = AutoModelForImageTextToText.from_pretrained(tmp_path / "out", trust_remote_code=True, dtype=torch.float16)
+    rotary = [n for n, _ in users.named_buffers() if n.endswith("inv_freq")]
+    assert rotary
+    for name in rotary:
+        mine, theirs = judged.model.get_buffer(name), users.get_buffer(name)
+        assert mine.dtype == theirs.dtype == torch.float32 and torch.equal(mine, theirs), name
     bad = tmp_path / "bad"
     shutil.copytree(tmp_path / "out", bad)
     _scale(bad, "layers.3.mlp.fc2.weight", 1.05)
