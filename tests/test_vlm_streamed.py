@@ -76,6 +76,12 @@ def recorded_reads(monkeypatch):
         live[0] -= 1
         return leave(self, module, args, out)
 
+    read_into = ShardedCheckpoint.read_into
+
+    def record_into(self, name, out, staging=None):
+        reads.append((name, live[0]))
+        return read_into(self, name, out, staging)
+
     def refused(*_a, **_k):
         raise AssertionError("the whole checkpoint was loaded")
 
@@ -83,6 +89,7 @@ def recorded_reads(monkeypatch):
     import transformers
 
     monkeypatch.setattr(ShardedCheckpoint, "tensor", record)
+    monkeypatch.setattr(ShardedCheckpoint, "read_into", record_into)
     monkeypatch.setattr(vlm_stream._Streamer, "enter", entered)
     monkeypatch.setattr(vlm_stream._Streamer, "leave", left)
     monkeypatch.setattr(safetensors.torch, "load_file", refused)
@@ -92,7 +99,8 @@ def recorded_reads(monkeypatch):
 
 def test_convert_builds_only_the_tower_and_streams_the_language_model(tmp_path, neurons_file, monkeypatch):
     """Loading and writing build exactly the tensors outside the language model (tower, projector); the
-    judge then builds the language model's tensors one unit (layer, embeddings, norm, head) at a time."""
+    judge then reads the language model's tensors one unit (a projection, a norm, the embeddings, the head)
+    at a time, into one reused region the size of the largest unit."""
     src = save_llava(tmp_path / "src", hub_names=True)
     stored = ShardedCheckpoint.open(lambda n: src / n if (src / n).is_file() else None).names()
     outside = {n for n in stored if not n.startswith(LM)}
@@ -109,6 +117,8 @@ def test_convert_builds_only_the_tower_and_streams_the_language_model(tmp_path, 
     lm_reads = [(n, live) for n, live in reads if n.startswith(LM)]
     assert {n for n, _ in lm_reads} == set(stored) - outside  # the judge ran the whole language model ...
     assert all(live == 1 for _, live in lm_reads)  # ... each tensor inside its own unit's forward only
+    largest = max(sum(p.numel() for p in m.parameters()) for _, m in vlm_stream._stream_units(reloaded.model))
+    assert vlm_stream._ARENA.weights[torch.device("cpu")].numel() == largest  # not a whole decoder layer
 
 
 @pytest.mark.parametrize("layout", ["hub", "transformers"])

@@ -171,6 +171,40 @@ class ShardedCheckpoint:
                 os.close(fd)
         return out
 
+    def read_into(self, name: str, out: "torch.Tensor", staging: Optional["torch.Tensor"] = None) -> None:
+        """The stored tensor written into `out` (same number of elements, any floating dtype, any device),
+        converted chunk by chunk through `staging` (uint8, reused by the caller): no allocation of the
+        tensor's size, so a streamed unit's weights land in memory that is already there."""
+        import os
+
+        info = self.info(name)
+        dtype = _TORCH_DTYPES[info["dtype"]]
+        count = math.prod(int(d) for d in info["shape"])
+        if out.numel() != count:
+            raise ValueError(f"{name}: {count} stored elements, {out.numel()} to fill")
+        item = torch.empty((), dtype=dtype).element_size()
+        chunk = max(item, (_COPY_CHUNK // item) * item)
+        if staging is None or staging.numel() < chunk:
+            staging = torch.empty(chunk, dtype=torch.uint8)
+        flat = out.reshape(-1)
+        file = self.file_of[name]
+        pos, size, done = self.starts[file] + info["data_offsets"][0], self.nbytes(name), 0
+        fd = os.open(self.paths[file], os.O_RDONLY)
+        try:
+            while done < size:
+                want = min(chunk, size - done)
+                view = staging[:want].numpy()
+                got = 0
+                while got < want:
+                    n = os.preadv(fd, [memoryview(view)[got:]], pos + done + got)
+                    if n <= 0:
+                        raise OSError(f"{self.paths[file]}: truncated data for {name}")
+                    got += n
+                flat[done // item:(done + want) // item].copy_(staging[:want].view(dtype))
+                done += want
+        finally:
+            os.close(fd)
+
     def copy_bytes(self, name: str, dst: Any) -> None:
         """Append the tensor's stored bytes to the open binary file `dst`, in chunks."""
         file = self.file_of[name]

@@ -4,10 +4,12 @@ The VLM is built with every parameter on the meta device (buffers computed as us
 position ids); then the tensors outside the language model (the tower, the projector, `image_newline`)
 are read from the checkpoint and put in place. The language model (`model.language_model`, `lm_head`)
 runs, when something runs it (the judge's logits, inspect's attention report), one unit at a time: each
-decoder layer, the embeddings, the final norm and the head are read from the checkpoint in float32 when
-their forward starts and dropped when it ends. So memory is the tower plus one layer, whatever the
-VLM's size, and the language model always computes in float32 (the judge compares logits computed
-with the same float32 language model on the baked and the reference image features).
+module of it that holds weights (a projection, a norm, the embeddings, the head) is read from the
+checkpoint in float32 when its forward starts and dropped when it ends, into one reused region of memory
+(`_Arena`: no fresh allocation, page faults and zeroing per layer). So memory is the tower plus the largest
+such module (the head or the embeddings), whatever the VLM's size, and the language model always computes
+in float32 (the judge compares logits computed with the same float32 language model on the baked and the
+reference image features).
 
 Names: transformers' own renaming rules (transformers/conversion_mapping.py, e.g. the hub's legacy
 `language_model.model.*`, `vision_tower.vision_model.*`) map the checkpoint's tensor names to the
@@ -87,6 +89,9 @@ class VlmCheckpoint:
     def tensor(self, model_name: str) -> torch.Tensor:
         return self.files.tensor(self.names[model_name])
 
+    def read_into(self, model_name: str, out: torch.Tensor, staging: Optional[torch.Tensor] = None) -> None:
+        self.files.read_into(self.names[model_name], out, staging)
+
     def hash_bytes(self, model_name: str, h: Any) -> None:
         self.files.hash_bytes(self.names[model_name], h)
 
@@ -140,17 +145,40 @@ def materialise_resident(model: nn.Module, ckpt: VlmCheckpoint, dtype: Optional[
 
 
 def _stream_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name prefix, module) of the language model's units run one at a time: each decoder layer, every
-    other child holding parameters (embeddings, final norm), and the head."""
-    lm = model.model.language_model
-    units: list[tuple[str, nn.Module]] = []
-    for name, child in lm.named_children():
-        if isinstance(child, nn.ModuleList):
-            units += [(f"model.language_model.{name}.{i}.", m) for i, m in enumerate(child)]
-        elif any(True for _ in child.parameters()):
-            units.append((f"model.language_model.{name}.", child))
+    """(name prefix, module) of the language model's units run one at a time: every module holding weights
+    of its own (projections, norms, embeddings) and the head. A module whose forward reads a child's weights
+    without calling the child would see meta tensors; transformers' decoders call their children."""
+    units = [(f"model.language_model.{name}." if name else "model.language_model.", m)
+             for name, m in model.model.language_model.named_modules() if m._parameters]
     units.append(("lm_head.", model.lm_head))
     return units
+
+
+class _Arena:
+    """The memory a streamed unit's float32 weights live in while it runs, reused unit after unit (only one
+    unit is in memory at a time, across every streamed model of the process), and the small staging buffer
+    the stored bytes are read through."""
+
+    def __init__(self) -> None:
+        self.weights: dict[torch.device, torch.Tensor] = {}
+        self._staging: Optional[torch.Tensor] = None
+
+    @property
+    def staging(self) -> torch.Tensor:
+        if self._staging is None:
+            self._staging = torch.empty(STAGING_BYTES, dtype=torch.uint8)
+        return self._staging
+
+    def region(self, device: torch.device, numel: int) -> torch.Tensor:
+        have = self.weights.get(device)
+        if have is None or have.numel() < numel:
+            self.weights.pop(device, None)  # the old region goes before the larger one is made
+            have = self.weights[device] = torch.empty(numel, dtype=torch.float32, device=device)
+        return have[:numel]
+
+
+STAGING_BYTES = 1 << 24  # stored bytes are read and converted 16 MiB at a time
+_ARENA = _Arena()
 
 
 class _Streamer:
@@ -168,13 +196,16 @@ class _Streamer:
         device = inputs[0].device if inputs else torch.device("cpu")  # where the rest of the model runs
         saved = []
         with torch.inference_mode(False), torch.no_grad():  # plain tensors: usable inside and outside
-            for name, p in module.named_parameters(remove_duplicate=False):
-                if p.device.type != "meta":
-                    continue
+            wanted = [(name, p) for name, p in module.named_parameters(remove_duplicate=False) if p.device.type == "meta"]
+            region = _ARENA.region(device, sum(p.numel() for _, p in wanted))
+            offset = 0
+            for name, p in wanted:
                 owner, leaf = _owner(module, name)
                 saved.append((owner, leaf, p))
-                owner._parameters[leaf] = nn.Parameter(self.ckpt.tensor(prefix + name).to(device, torch.float32),
-                                                       requires_grad=False)
+                weight = region[offset:offset + p.numel()].view(p.shape)
+                offset += p.numel()
+                self.ckpt.read_into(prefix + name, weight, _ARENA.staging)
+                owner._parameters[leaf] = nn.Parameter(weight, requires_grad=False)
         setattr(module, _SAVED_ATTR, saved)
 
     def leave(self, module: nn.Module, _args: tuple, _out: Any) -> None:
