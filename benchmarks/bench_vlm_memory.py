@@ -17,6 +17,7 @@ Rows (shapes as released; vocabularies as in the hub configs):
 
   /work/venv/bin/python benchmarks/bench_vlm_memory.py --rows llava15_7b --write
   /work/venv/bin/python benchmarks/bench_vlm_memory.py --rows llava15_7b --keep   # keep the ~14 GB folder
+  /work/venv/bin/python benchmarks/bench_vlm_memory.py --rows llava15_7b --find 64 --keep  # `find`, 64 images
 
 The folders are deleted after each row unless --keep (they are 6-16 GB each).
 """
@@ -260,6 +261,29 @@ def measure(row: str, work: Path, keep: bool, timeout: float, reuse: bool = Fals
     return res
 
 
+def measure_find(row: str, work: Path, count: int, timeout: float) -> dict:
+    """`find SRC --images DIR` (`count` organism images) on the row's folder, built if it is not kept."""
+    from benchmarks.benchlib import write_images
+
+    src = work / row / "src"
+    if not (src / "model.safetensors.index.json").is_file():
+        print(f"[{row}] building the folder ...", flush=True)
+        build(row, src)
+    images = work / row / f"images{count}"
+    shutil.rmtree(images, ignore_errors=True)
+    write_images(images, count)
+    out = work / row / "found.json"
+    out.unlink(missing_ok=True)
+    load = load_average()
+    res = run_measured([sys.executable, "-m", "surgery.cli", "find", str(src), "--images", str(images),
+                        "--num-images", str(count), "--out", str(out)], timeout)
+    res.update(row=f"{row} find ({count} images)", load_before=load, load_after=load_average(),
+               weights=json.loads((src / "model.safetensors.index.json").read_text())["metadata"]["total_size"])
+    if res["rc"] == 0:
+        res["neurons"] = json.loads(out.read_text()).get("register_neurons")
+    return res
+
+
 def table(results: list[dict]) -> str:
     lines = ["| row | weights | convert wall (check included) | CPU time | peak RSS | target met (<= 10 min, <= 4 GiB) "
              "| parity |", "|---|---|---|---|---|---|---|"]
@@ -281,9 +305,18 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--write", action="store_true", help="replace this benchmark's section of RESULTS.md")
     ap.add_argument("--json", help="also write the raw results here")
+    ap.add_argument("--find", type=int, default=0, metavar="N",
+                    help="instead of convert: `find` with N calibration images on each row's folder")
     a = ap.parse_args()
     results = []
     for row in a.rows.split(","):
+        if a.find:
+            r = measure_find(row, Path(a.work), a.find, a.timeout)
+            results.append(r)
+            print(json.dumps({k: v for k, v in r.items() if k != "tail"}, indent=1), flush=True)
+            if r["rc"] != 0:
+                print(r["tail"], flush=True)
+            continue
         r = measure(row, Path(a.work), a.keep, a.timeout, a.reuse)
         results.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "tail"}, indent=1), flush=True)

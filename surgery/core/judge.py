@@ -74,14 +74,39 @@ def float32_sized_noise(model: nn.Module, seed: int = 0) -> Iterator[None]:
             h.remove()
 
 
+_CHUNK_ELEMENTS = 1 << 22  # float64 working copies are made this many elements at a time
+
+
+def _row_chunks(got: torch.Tensor, ref: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(got, ref) as [rows, last axis] float64 pieces of at most ~_CHUNK_ELEMENTS elements: a VLM's logits
+    ([images, tokens, vocabulary]) are hundreds of MB in float64, and the judge needs only per-row numbers."""
+    width = max(1, got.shape[-1]) if got.dim() else 1
+    g, r = got.reshape(-1, width), ref.reshape(-1, width)
+    step = max(1, _CHUNK_ELEMENTS // width)
+    for i in range(0, g.shape[0], step):
+        yield g[i:i + step].double(), r[i:i + step].double()
+
+
 def per_vector_relative(got: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """||got - ref|| / ||ref|| per feature vector (last axis), in float64; vectors that are ~0 are
     measured against 1e-6 x the largest vector's norm."""
-    g, r = got.double(), ref.double()
-    ref_norm = r.norm(dim=-1)
+    if got.dim() == 0:
+        got, ref = got.reshape(1), ref.reshape(1)
+    diffs, norms = [], []
+    for g, r in _row_chunks(got, ref):
+        norms.append(r.norm(dim=-1))
+        diffs.append((g - r).norm(dim=-1))
+    shape = got.shape[:-1]
+    ref_norm = torch.cat(norms).reshape(shape) if norms else torch.zeros(shape, dtype=torch.float64)
+    diff_norm = torch.cat(diffs).reshape(shape) if diffs else torch.zeros(shape, dtype=torch.float64)
     floor = 1e-6 * float(ref_norm.max()) + 1e-30 if ref_norm.numel() else 1e-30
-    rel = (g - r).norm(dim=-1) / ref_norm.clamp_min(floor)
+    rel = diff_norm / ref_norm.clamp_min(floor)
     return torch.where(torch.isfinite(rel), rel, torch.full_like(rel, float("inf")))
+
+
+def max_abs_difference(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest elementwise |got - ref|, in float64, chunk by chunk."""
+    return max((float((g - r).abs().max()) for g, r in _row_chunks(got, ref) if g.numel()), default=0.0)
 
 
 def allowed_error(conditioning: torch.Tensor, tolerance: float) -> torch.Tensor:

@@ -11,7 +11,8 @@ from torch import nn
 from .errors import ParityError
 from .adapter import Adapter
 from .cast import cast_blockwise
-from .judge import KERNEL_FACTOR, allowed_error, float32_sized_noise, kernel_allowance, per_vector_relative
+from .judge import (KERNEL_FACTOR, allowed_error, float32_sized_noise, kernel_allowance, max_abs_difference,
+                    per_vector_relative)
 from .output_format import FP32_TOLERANCE
 from .progress import stage
 from .recipe import Recipe
@@ -59,8 +60,7 @@ class OutputError:
                               f"{tuple(ref.shape)}: the baked model is not the source's architecture")
         if not ref.numel():
             return
-        diff = got.double() - ref.double()
-        self.max_abs = max(self.max_abs, float(diff.abs().max()))
+        self.max_abs = max(self.max_abs, max_abs_difference(got, ref))
         rel = per_vector_relative(got, ref)
         score = rel if allowed is None else rel / allowed.to(rel)
         best = float(score.max())
