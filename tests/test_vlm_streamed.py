@@ -292,7 +292,17 @@ def test_a_float16_vlm_is_judged_in_float32_against_its_own_float32_error(tmp_pa
     fails, in the image features and the streamed language model's logits."""
     model, _ = build_llava_organism(0)
     src = save_hub_layout(model.to(torch.float16), build_llava_processor(), tmp_path / "src", max_shard_size="100KB")
-    res = run_convert(load_model(str(src)), tmp_path / "out", neurons=str(neurons_file), progress=False)
+    loaded = load_model(str(src))
+    # the source's tower stays in its stored float16 (half the memory) and computes in float32 block by block:
+    # discovery on it finds exactly the planted units, as on the float32 organism
+    assert {p.dtype for p in loaded.model.model.vision_tower.parameters()} == {torch.float16}
+    assert loaded.model.surgery_compute_dtype == torch.float32
+    from surgery.core.images import builtin_images
+
+    found = tmp_path / "found.json"
+    assert main(["find", str(src), "--images", str(builtin_images()), "--out", str(found), "-q"]) == 0
+    assert {int(k): sorted(v) for k, v in json.loads(found.read_text())["register_neurons"].items()} == PLANTED
+    res = run_convert(loaded, tmp_path / "out", neurons=str(neurons_file), progress=False)
     assert res.report.passed, res.report.summary()
     assert {t.dtype for t in assert_tensors(tmp_path / "out").values() if t.is_floating_point()} == {torch.float16}
     # the judged model is the one users load: buffers the model builds in float32 (the rotary `inv_freq`)

@@ -14,6 +14,15 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+# Set on a model stored in one dtype that computes in another (a VLM tower kept in its checkpoint's float16
+# runs block by block in float32): discovery, the judge and the effect statistics run it under cast_blockwise.
+COMPUTE_DTYPE_ATTR = "surgery_compute_dtype"
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype `model` computes in: COMPUTE_DTYPE_ATTR if set, else its parameters'."""
+    return getattr(model, COMPUTE_DTYPE_ATTR, None) or next(model.parameters()).dtype
+
 
 class _Stash:
     """Original tensors of cast parameters/buffers, restored on exit."""

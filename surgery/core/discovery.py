@@ -18,6 +18,7 @@ from torch import nn
 
 from .errors import NoOutliersError, ParameterError
 from .adapter import Adapter
+from .cast import cast_blockwise, compute_dtype
 from .images import ImageBatches, list_images
 from .recipe import Recipe
 
@@ -295,25 +296,33 @@ def _stream_statistics(model: nn.Module, fam: Adapter, blocks: list[nn.Module], 
     flag restored afterwards) and fold it into `stats`; returns how many images were used."""
     p = fam.num_prefix_tokens(model)
     device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
+    dtype = compute_dtype(model)  # a model stored in half precision to compute in float32 runs block by block
     norms: list[torch.Tensor | None] = [None] * (detect + 1)
     hidden: dict[int, torch.Tensor] = {}
     handles = _install_hooks(blocks, fam, detect, score_layers, norms, hidden)
     was_training = model.training
     model.eval()
-    used = 0
     try:
-        for pixels, paths in batches:
-            fam.forward_tokens(model, pixels.to(device=device, dtype=dtype))
-            mask, thr = outlier_mask(norms[detect], p, cfg.threshold, cfg.include_prefix)
-            stats.update(norms, hidden, mask, thr, p, cfg.sparsity_filter)
-            stats.add_histogram(norms[detect][:, p:])
-            used += len(paths)
-            hidden.clear()
+        with cast_blockwise(model, fam.blocks(model), dtype):
+            used = _run_batches(model, fam, batches, device, dtype, norms, hidden, stats, cfg, p, detect)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
+    return used
+
+
+def _run_batches(model: nn.Module, fam: Adapter, batches: ImageBatches, device: torch.device, dtype: torch.dtype,
+                 norms: list, hidden: dict, stats: NeuronStatistics, cfg: DiscoveryConfig, p: int, detect: int) -> int:
+    """Each batch through `model`, folded into `stats`; returns how many images were used."""
+    used = 0
+    for pixels, paths in batches:
+        fam.forward_tokens(model, pixels.to(device=device, dtype=dtype))
+        mask, thr = outlier_mask(norms[detect], p, cfg.threshold, cfg.include_prefix)
+        stats.update(norms, hidden, mask, thr, p, cfg.sparsity_filter)
+        stats.add_histogram(norms[detect][:, p:])
+        used += len(paths)
+        hidden.clear()
     return used
 
 

@@ -10,14 +10,13 @@ from torch import nn
 
 from .errors import ParityError
 from .adapter import Adapter
-from .cast import cast_blockwise
+from .cast import COMPUTE_DTYPE_ATTR, cast_blockwise
 from .judge import (KERNEL_FACTOR, allowed_error, float32_sized_noise, kernel_allowance, max_abs_difference,
                     per_vector_relative)
 from .output_format import FP32_TOLERANCE
 from .progress import stage
 from .recipe import Recipe
 
-COMPUTE_DTYPE_ATTR = "surgery_compute_dtype"  # set on a model judged computing in that dtype (see check_parity)
 JUDGE = ("each vector against the hooked reference run in float64; allowed = max(tolerance x max(1, "
          "conditioning / median conditioning), 4 x the hooked reference's own error in the model's dtype on "
          "this machine, floored at its 99th percentile); conditioning measured on the float64 run under "

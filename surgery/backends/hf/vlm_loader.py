@@ -157,7 +157,7 @@ def _load_baked(src: _Source, cfg: dict[str, Any], opts: LoadOptions) -> tuple[n
     says nothing more about the weights; written in another dtype (--dtype), the half judge holds it."""
     import torch
 
-    from ...core.parity import COMPUTE_DTYPE_ATTR
+    from ...core.cast import COMPUTE_DTYPE_ATTR
 
     cls, config, recipe, class_name = _baked_class(cfg, src.spec)
     require_config_fits(src.spec, cfg, streamed=True)
@@ -194,11 +194,15 @@ def _checkpoint(src: _Source) -> Optional[ShardedCheckpoint]:
 
 
 def load_stock_streamed(src: _Source, class_name: str, files: ShardedCheckpoint) -> nn.Module:
-    """The stock VLM with its tower, projector and image_newline in float32 and its language model
-    streamed from `files` (surgery/backends/hf/vlm_stream.py); stored tensors it has no name for are
-    warned about and copied to the output as they are."""
+    """The stock VLM with its tower, projector and image_newline in memory and its language model streamed
+    from `files` (surgery/backends/hf/vlm_stream.py); stored tensors it has no name for are warned about and
+    copied to the output as they are. A checkpoint stored in half precision stays so in memory (half the
+    tower's bytes; baked in place, exactly) and computes in float32 block by block (COMPUTE_DTYPE_ATTR:
+    discovery, the judge and the effect statistics cast one block at a time)."""
     import torch
     import transformers
+
+    from ...core.cast import COMPUTE_DTYPE_ATTR
 
     cls = getattr(transformers, class_name)
     try:
@@ -206,7 +210,11 @@ def load_stock_streamed(src: _Source, class_name: str, files: ShardedCheckpoint)
             config = cls.config_class.from_pretrained(src.target)
     except Exception as e:
         raise ModelInputError(f"{src.spec}: unusable config.json ({first_line(e)})") from None
-    model = build_streamed(cls, config, files, src.spec, dtype=torch.float32)
+    stored = _stored_float_dtype(files)
+    half = stored in (torch.float16, torch.bfloat16)
+    model = build_streamed(cls, config, files, src.spec, dtype=stored if half else torch.float32)
+    if half:
+        setattr(model, COMPUTE_DTYPE_ATTR, torch.float32)
     stray = unmapped_tensors(streamed_checkpoint(model))  # type: ignore[arg-type]
     if stray:
         logging.getLogger("vit-surgery").warning("%s: %d stored tensor(s) that %s does not use (e.g. %s) are copied "
