@@ -78,9 +78,9 @@ def recorded_reads(monkeypatch):
 
     read_into = ShardedCheckpoint.read_into
 
-    def record_into(self, name, out, staging=None):
+    def record_into(self, name, out, staging=None, start_row=0):
         reads.append((name, live[0]))
-        return read_into(self, name, out, staging)
+        return read_into(self, name, out, staging, start_row)
 
     def refused(*_a, **_k):
         raise AssertionError("the whole checkpoint was loaded")
@@ -119,6 +119,33 @@ def test_convert_builds_only_the_tower_and_streams_the_language_model(tmp_path, 
     assert all(live == 1 for _, live in lm_reads)  # ... each tensor inside its own unit's forward only
     largest = max(sum(p.numel() for p in m.parameters()) for _, m in vlm_stream._stream_units(reloaded.model))
     assert vlm_stream._ARENA.weights[torch.device("cpu")].numel() == largest  # not a whole decoder layer
+
+
+def test_large_projections_and_embedding_tables_are_read_in_pieces(sharded, monkeypatch):
+    """A projection over CHUNK_ELEMENTS runs in chunks of its output rows and an embedding table over it
+    reads only the rows of the ids asked for (a 7B's head and embeddings, 0.5-2 GB each in float32): the
+    logits are those of the whole-matrix run, and no more than a chunk is ever in memory."""
+    _src, out = sharded["hub"]
+    whole_model = load_model(str(out))
+    pixels = parity_batches(whole_model, None, 2, 2, 0, False)[0]
+    with torch.inference_mode():
+        whole, _ = whole_model.adapter.forward_both(whole_model.model, pixels)
+    limit = 512  # the organism's head and token table (20 x 48) are over it, its norms (48) under
+    monkeypatch.setattr(vlm_stream, "CHUNK_ELEMENTS", limit)
+    monkeypatch.setattr(vlm_stream, "_ARENA", vlm_stream._Arena())
+    pieces_model = load_model(str(out))
+    units = vlm_stream._stream_units(pieces_model.model)
+    chunked = [m for _, m in units if vlm_stream._is_chunked_linear(m)]
+    by_rows = [m for _, m in units if vlm_stream._is_row_embedding(m)]
+    assert pieces_model.model.lm_head in chunked and by_rows  # the head and the token embeddings at least
+    with torch.inference_mode():
+        pieces, _ = pieces_model.adapter.forward_both(pieces_model.model, pixels)
+    torch.testing.assert_close(pieces, whole, rtol=1e-5, atol=1e-6)
+    small = max(sum(p.numel() for p in m.parameters()) for _, m in units if m not in chunked and m not in by_rows)
+    tokens = pixels.shape[0] * 4096  # far more than the judged prompt's distinct ids
+    width = max(m.weight.shape[1] for m in chunked + by_rows)
+    assert vlm_stream._ARENA.weights[torch.device("cpu")].numel() <= max(small, limit + width, tokens * width)
+    assert vlm_stream._ARENA.weights[torch.device("cpu")].numel() < max(m.weight.numel() for m in chunked + by_rows)
 
 
 @pytest.mark.parametrize("layout", ["hub", "transformers"])

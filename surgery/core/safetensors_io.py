@@ -171,24 +171,32 @@ class ShardedCheckpoint:
                 os.close(fd)
         return out
 
-    def read_into(self, name: str, out: "torch.Tensor", staging: Optional["torch.Tensor"] = None) -> None:
-        """The stored tensor written into `out` (same number of elements, any floating dtype, any device),
-        converted chunk by chunk through `staging` (uint8, reused by the caller): no allocation of the
-        tensor's size, so a streamed unit's weights land in memory that is already there."""
+    def read_into(self, name: str, out: "torch.Tensor", staging: Optional["torch.Tensor"] = None,
+                  start_row: int = 0) -> None:
+        """The stored tensor written into `out` (any floating dtype, any device), converted chunk by chunk
+        through `staging` (uint8, reused by the caller): no allocation of the tensor's size, so a streamed
+        unit's weights land in memory that is already there. `out` holds the whole tensor, or, from row
+        `start_row` of its first axis on, as many whole rows as it has elements for."""
         import os
 
         info = self.info(name)
         dtype = _TORCH_DTYPES[info["dtype"]]
-        count = math.prod(int(d) for d in info["shape"])
-        if out.numel() != count:
-            raise ValueError(f"{name}: {count} stored elements, {out.numel()} to fill")
+        shape = [int(d) for d in info["shape"]]
+        count = math.prod(shape)
+        row = math.prod(shape[1:]) if shape else 1
+        rows = out.numel() // row if row else 0
+        if out.numel() != count and (not shape or out.numel() % row or start_row + rows > shape[0]):
+            raise ValueError(f"{name}: stored {shape}, {out.numel()} elements from row {start_row} to fill")
+        if out.numel() == count and start_row:
+            raise ValueError(f"{name}: the whole tensor asked for from row {start_row}")
         item = torch.empty((), dtype=dtype).element_size()
         chunk = max(item, (_COPY_CHUNK // item) * item)
         if staging is None or staging.numel() < chunk:
             staging = torch.empty(chunk, dtype=torch.uint8)
         flat = out.reshape(-1)
         file = self.file_of[name]
-        pos, size, done = self.starts[file] + info["data_offsets"][0], self.nbytes(name), 0
+        pos = self.starts[file] + info["data_offsets"][0] + start_row * row * item
+        size, done = out.numel() * item, 0
         fd = os.open(self.paths[file], os.O_RDONLY)
         try:
             while done < size:

@@ -30,6 +30,7 @@ CHECKPOINT_ATTR = "surgery_checkpoint"  # the VlmCheckpoint a streamed VLM reads
 LM_PREFIXES = ("model.language_model.", "lm_head.")  # what stays in the files (streamed when run)
 _PREFIX_ATTR = "surgery_stream_prefix"
 _SAVED_ATTR = "surgery_stream_saved"
+_PADDING_ATTR = "surgery_stream_padding_idx"
 
 
 @contextlib.contextmanager
@@ -89,8 +90,9 @@ class VlmCheckpoint:
     def tensor(self, model_name: str) -> torch.Tensor:
         return self.files.tensor(self.names[model_name])
 
-    def read_into(self, model_name: str, out: torch.Tensor, staging: Optional[torch.Tensor] = None) -> None:
-        self.files.read_into(self.names[model_name], out, staging)
+    def read_into(self, model_name: str, out: torch.Tensor, staging: Optional[torch.Tensor] = None,
+                  start_row: int = 0) -> None:
+        self.files.read_into(self.names[model_name], out, staging, start_row)
 
     def hash_bytes(self, model_name: str, h: Any) -> None:
         self.files.hash_bytes(self.names[model_name], h)
@@ -178,7 +180,45 @@ class _Arena:
 
 
 STAGING_BYTES = 1 << 24  # stored bytes are read and converted 16 MiB at a time
+# A projection or embedding table larger than this (elements; 128 MiB in float32) is never in memory whole:
+# a projection runs in chunks of its output rows (a 7B's MLP, a 150k-vocabulary head: 2 GB in float32), an
+# embedding table reads only the rows of the token ids it is asked for.
+CHUNK_ELEMENTS = 1 << 25
 _ARENA = _Arena()
+
+
+def _is_chunked_linear(module: nn.Module) -> bool:
+    return type(module) is nn.Linear and module.weight.numel() > CHUNK_ELEMENTS
+
+
+def _is_row_embedding(module: nn.Module) -> bool:
+    return (isinstance(module, nn.Embedding) and module.weight.numel() > CHUNK_ELEMENTS and module.max_norm is None
+            and not module.sparse)
+
+
+def _chunked_linear_forward(module: nn.Linear, ckpt: VlmCheckpoint, prefix: str) -> Any:
+    """`module`'s forward computed chunk of output rows by chunk, each chunk's weights read into the arena:
+    the same products, never the whole matrix in memory."""
+    import torch.nn.functional as F
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        rows_total, width = module.weight.shape
+        out = torch.empty(*x.shape[:-1], rows_total, dtype=torch.float32, device=x.device)
+        step = max(1, CHUNK_ELEMENTS // max(1, width))
+        for i in range(0, rows_total, step):
+            j = min(rows_total, i + step)
+            with torch.inference_mode(False), torch.no_grad():  # the arena is a plain tensor, in and out of it
+                region = _ARENA.region(x.device, (j - i) * (width + 1))
+                w = region[: (j - i) * width].view(j - i, width)
+                ckpt.read_into(prefix + "weight", w, _ARENA.staging, start_row=i)
+                b = None
+                if module.bias is not None:
+                    b = region[(j - i) * width:]
+                    ckpt.read_into(prefix + "bias", b, _ARENA.staging, start_row=i)
+            out[..., i:j] = F.linear(x, w, b)
+        return out
+
+    return forward
 
 
 class _Streamer:
@@ -190,10 +230,12 @@ class _Streamer:
     def __deepcopy__(self, memo: dict) -> "_Streamer":
         return self
 
-    def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         prefix = getattr(module, _PREFIX_ATTR)
         inputs = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
         device = inputs[0].device if inputs else torch.device("cpu")  # where the rest of the model runs
+        if _is_row_embedding(module) and args and isinstance(args[0], torch.Tensor):
+            return self._enter_rows(module, prefix, args, kwargs, device)
         saved = []
         with torch.inference_mode(False), torch.no_grad():  # plain tensors: usable inside and outside
             wanted = [(name, p) for name, p in module.named_parameters(remove_duplicate=False) if p.device.type == "meta"]
@@ -208,10 +250,30 @@ class _Streamer:
                 owner._parameters[leaf] = nn.Parameter(weight, requires_grad=False)
         setattr(module, _SAVED_ATTR, saved)
 
+    def _enter_rows(self, module: nn.Module, prefix: str, args: tuple, kwargs: dict, device: torch.device) -> Any:
+        """An embedding table too large to read whole: the rows of the ids asked for, as a small table the
+        ids are renumbered into (the module's own forward then runs on it, scaling and all)."""
+        ids = args[0]
+        wanted, renumbered = torch.unique(ids, return_inverse=True)
+        width = module.weight.shape[1]
+        with torch.inference_mode(False), torch.no_grad():
+            table = _ARENA.region(device, wanted.numel() * width).view(wanted.numel(), width)
+            for k, row in enumerate(wanted.tolist()):
+                self.ckpt.read_into(prefix + "weight", table[k], _ARENA.staging, start_row=int(row))
+            saved = [(module, "weight", module.weight)]
+            module._parameters["weight"] = nn.Parameter(table, requires_grad=False)
+        setattr(module, _SAVED_ATTR, saved)
+        setattr(module, _PADDING_ATTR, module.padding_idx)
+        module.padding_idx = None  # an index into the whole table (forward ignores it: it only shapes gradients)
+        return (renumbered,) + tuple(args[1:]), kwargs
+
     def leave(self, module: nn.Module, _args: tuple, _out: Any) -> None:
         for owner, leaf, p in getattr(module, _SAVED_ATTR, []):
             owner._parameters[leaf] = p
         setattr(module, _SAVED_ATTR, [])
+        if hasattr(module, _PADDING_ATTR):
+            module.padding_idx = getattr(module, _PADDING_ATTR)
+            delattr(module, _PADDING_ATTR)
 
 
 def install_lm_stream(model: nn.Module, ckpt: VlmCheckpoint) -> None:
@@ -219,6 +281,9 @@ def install_lm_stream(model: nn.Module, ckpt: VlmCheckpoint) -> None:
     streamer = _Streamer(ckpt)
     for prefix, module in _stream_units(model):
         setattr(module, _PREFIX_ATTR, prefix)
+        if _is_chunked_linear(module):
+            module.forward = _chunked_linear_forward(module, ckpt, prefix)
+            continue
         module.register_forward_pre_hook(streamer.enter, with_kwargs=True)
         module.register_forward_hook(streamer.leave)
     setattr(model, CHECKPOINT_ATTR, ckpt)
