@@ -259,15 +259,19 @@ def test_a_wrong_bake_fails_the_streamed_judge(tamper, first, also, sharded, jud
 
 def test_a_vlm_whose_text_model_cannot_fit_is_refused_before_reading(sharded, tmp_path, neurons_file, monkeypatch,
                                                                      capsys):
-    """The text_config counts: a 2-layer text model of width 65536 cannot stream even one layer in 16 GiB;
-    exit 13, one line, before any file of the checkpoint is opened. The same folder with its own small text
-    model is within the estimate."""
+    """The text_config counts: a text model whose judged logits alone (a 2^28-token vocabulary) exceed 16 GiB
+    cannot be streamed; exit 13, one line, before any file of the checkpoint is opened. The same folder with
+    its own small text model is within the estimate, and so is a text model of width 65536 (streamed in
+    pieces, its weights are never whole in memory)."""
     src = tmp_path / "src"
     shutil.copytree(sharded["hub"][0], src)
     cfg = json.loads((src / "config.json").read_text())
     monkeypatch.setattr(memory, "available_bytes", lambda: 16 * memory.GiB)
     memory.require_config_fits(str(src), cfg, streamed=True)  # the real one fits
-    cfg["text_config"].update(hidden_size=65536, intermediate_size=262144, num_hidden_layers=2)
+    wide = json.loads(json.dumps(cfg))
+    wide["text_config"].update(hidden_size=65536, intermediate_size=262144, num_hidden_layers=2)
+    memory.require_config_fits(str(src), wide, streamed=True)
+    cfg["text_config"].update(vocab_size=1 << 28)
     (src / "config.json").write_text(json.dumps(cfg))
     opened = []
     init = ShardedCheckpoint.__init__

@@ -210,9 +210,16 @@ def config_weight_bytes(cfg: dict[str, Any]) -> int:
 _TEXT_DEFAULTS = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "vocab_size": 32000}
 
 
+# A streamed language model's module larger than this (elements) is read in pieces (row chunks of a
+# projection, the asked rows of an embedding table): surgery/backends/hf/vlm_stream.py.
+STREAM_CHUNK_ELEMENTS = 1 << 25
+STREAM_STAGING_BYTES = 1 << 24  # the buffer stored bytes are read through
+
+
 def text_config_bytes(cfg: dict[str, Any]) -> tuple[int, int]:
-    """float32 bytes of a VLM's language model from its `text_config`: (the whole of it, its largest
-    streamed unit: one decoder layer, or the embeddings / head, whichever is larger)."""
+    """float32 bytes of a VLM's language model from its `text_config`: (the whole of it, what streaming it
+    holds at once: its largest module, or a chunk of STREAM_CHUNK_ELEMENTS when larger, the staging buffer
+    and the logits of a judged prompt of the tower's image tokens, up to 5 tiles for any-resolution VLMs)."""
     text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
     docs = [text, _TEXT_DEFAULTS]
     width = _first_int(docs, ("hidden_size",), 4096)
@@ -226,7 +233,15 @@ def text_config_bytes(cfg: dict[str, Any]) -> tuple[int, int]:
     layer = attention + 3 * width * hidden  # gated MLP (Llama, Mistral, Qwen2, Gemma)
     embed = vocab * width
     tied = bool(text.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False)))
-    return int(4 * (depth * layer + embed * (1 if tied else 2))), int(4 * max(layer, embed))
+    largest = max(width * heads * head_dim, width * hidden, embed)
+    vision = cfg.get("vision_config") if isinstance(cfg.get("vision_config"), dict) else {}
+    side = _first_int([vision], ("image_size",), 336) // max(1, _first_int([vision], ("patch_size",), 14))
+    tiles = 5 if cfg.get("image_grid_pinpoints") else 1  # any-resolution VLMs: the image and up to 4 tiles
+    tokens = tiles * side * side + 64
+    logits = 4 * vocab * tokens
+    activations = 4 * tokens * (4 * width + 3 * hidden)  # a layer's residual, q/k/v/out and gated MLP
+    unit = 4 * min(largest, STREAM_CHUNK_ELEMENTS) + STREAM_STAGING_BYTES + logits + activations
+    return int(4 * (depth * layer + embed * (1 if tied else 2))), int(unit)
 
 
 def vlm_config_peak(cfg: dict[str, Any], streamed: bool) -> int:
@@ -252,7 +267,7 @@ def require_config_fits(spec: str, cfg: dict[str, Any], streamed: Optional[bool]
     if avail is None or need <= avail:
         return
     if vlm:
-        how = ("its tower and one language-model layer at a time" if streamed else
+        how = ("its tower and the language model streamed one module at a time" if streamed else
                "the whole VLM (a pickled checkpoint; with safetensors only the tower is loaded)")
         raise OutOfMemoryRisk(f"{spec}: its config.json describes a VLM that needs about {need / GiB:.1f} GiB to "
                               f"convert ({how}), {avail / GiB:.1f} GiB is available: stopped before reading any "

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ...core.errors import ModelInputError
+from ...core.memory import STREAM_CHUNK_ELEMENTS, STREAM_STAGING_BYTES
 from ...core.safetensors_io import ShardedCheckpoint
 
 CHECKPOINT_ATTR = "surgery_checkpoint"  # the VlmCheckpoint a streamed VLM reads its tensors from
@@ -179,11 +180,11 @@ class _Arena:
         return have[:numel]
 
 
-STAGING_BYTES = 1 << 24  # stored bytes are read and converted 16 MiB at a time
+STAGING_BYTES = STREAM_STAGING_BYTES  # stored bytes are read and converted 16 MiB at a time
 # A projection or embedding table larger than this (elements; 128 MiB in float32) is never in memory whole:
 # a projection runs in chunks of its output rows (a 7B's MLP, a 150k-vocabulary head: 2 GB in float32), an
-# embedding table reads only the rows of the token ids it is asked for.
-CHUNK_ELEMENTS = 1 << 25
+# embedding table reads only the rows of the token ids it is asked for (core/memory.py estimates the same).
+CHUNK_ELEMENTS = STREAM_CHUNK_ELEMENTS
 _ARENA = _Arena()
 
 
