@@ -78,13 +78,23 @@ _CHUNK_ELEMENTS = 1 << 22  # float64 working copies are made this many elements 
 
 
 def _row_chunks(got: torch.Tensor, ref: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(got, ref) as [rows, last axis] float64 pieces of at most ~_CHUNK_ELEMENTS elements: a VLM's logits
-    ([images, tokens, vocabulary]) are hundreds of MB in float64, and the judge needs only per-row numbers."""
+    """(got, ref) as [rows, last axis] float64 pieces of at most ~_CHUNK_ELEMENTS elements, in two buffers
+    reused piece after piece (the caller may overwrite them, not keep them): a VLM's logits ([images, tokens,
+    vocabulary]) are hundreds of MB in float64, the judge needs only per-row numbers, and a fresh allocation
+    per piece fragments the heap (RSS grew by GBs on a 257k vocabulary)."""
     width = max(1, got.shape[-1]) if got.dim() else 1
     g, r = got.reshape(-1, width), ref.reshape(-1, width)
+    rows = g.shape[0]
     step = max(1, _CHUNK_ELEMENTS // width)
-    for i in range(0, g.shape[0], step):
-        yield g[i:i + step].double(), r[i:i + step].double()
+    if not rows:
+        return
+    bg = torch.empty(min(step, rows), width, dtype=torch.float64, device=got.device)
+    br = torch.empty_like(bg)
+    for i in range(0, rows, step):
+        k = min(step, rows - i)
+        bg[:k].copy_(g[i:i + k])
+        br[:k].copy_(r[i:i + k])
+        yield bg[:k], br[:k]
 
 
 def per_vector_relative(got: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -95,7 +105,7 @@ def per_vector_relative(got: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     diffs, norms = [], []
     for g, r in _row_chunks(got, ref):
         norms.append(r.norm(dim=-1))
-        diffs.append((g - r).norm(dim=-1))
+        diffs.append(g.sub_(r).norm(dim=-1))
     shape = got.shape[:-1]
     ref_norm = torch.cat(norms).reshape(shape) if norms else torch.zeros(shape, dtype=torch.float64)
     diff_norm = torch.cat(diffs).reshape(shape) if diffs else torch.zeros(shape, dtype=torch.float64)
@@ -106,7 +116,7 @@ def per_vector_relative(got: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 def max_abs_difference(got: torch.Tensor, ref: torch.Tensor) -> float:
     """Largest elementwise |got - ref|, in float64, chunk by chunk."""
-    return max((float((g - r).abs().max()) for g, r in _row_chunks(got, ref) if g.numel()), default=0.0)
+    return max((float(g.sub_(r).abs_().max()) for g, r in _row_chunks(got, ref) if g.numel()), default=0.0)
 
 
 def allowed_error(conditioning: torch.Tensor, tolerance: float) -> torch.Tensor:
