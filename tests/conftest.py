@@ -13,7 +13,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # No per-stage progress lines from the CLI (tests read its errors as one stderr line); progress itself is
 # tested with an explicit Progress (tests/cli/test_first_model.py) and with VIT_SURGERY_PROGRESS=lines there.
 os.environ.setdefault("VIT_SURGERY_PROGRESS", "off")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Threads per test process: the cores shared out among pytest-xdist's workers (`pytest -n 2` on a 2-core
+# machine: one each), so that parallel workers do not oversubscribe the cores; at most 2 in one process.
+# Subprocesses the tests start (the CLI, client venvs) inherit the same through OMP_NUM_THREADS.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_THREADS = max(1, min(2, (os.cpu_count() or 1) // _WORKERS))
+os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
+torch.set_num_threads(_THREADS)
 
 import surgery  # noqa: E402,F401  (registers the baked timm architecture)
 from surgery.demo import save_organism  # noqa: E402

@@ -4,7 +4,8 @@
 Each row: `find` and `convert` (which reloads the output through the real loader and checks parity
 against the float64 hooked reference) and `check`; then the output is loaded with the library's own
 call, its heads and output shapes must equal the source's, and it must compute the rule
-(tests/helpers/rule_reference.py) on the source in float64. ViT-B rows run by default; ViT-L rows are slow.
+(tests/helpers/rule_reference.py) on the source in float64. ViT-B rows run by default, except three whose
+behaviour a default test covers at organism size or in another row (each says which); ViT-L rows are slow.
 """
 from __future__ import annotations
 
@@ -112,7 +113,8 @@ class TimmRow:
 
 TIMM_ROWS = [
     TimmRow("vit_base_patch16_clip_224.laion2b", {}, drop_model_args=True, classes=512),  # the README example
-    TimmRow("vit_base_patch16_224.augreg_in21k", {}, classes=21843),
+    # slow: the hub path with model_args and a head is the augreg_in1k row's, below
+    pytest.param(TimmRow("vit_base_patch16_224.augreg_in21k", {}, classes=21843), marks=pytest.mark.slow),
     TimmRow("vit_base_patch16_224.augreg2_in21k_ft_in1k", {}, drop_model_args=True, label_names=True,
             serve="folder", classes=1000),  # num_classes only at the top level of config.json
     TimmRow("vit_base_patch16_224.mae", {"num_classes": 0}, serve="folder", classes=0),
@@ -265,7 +267,8 @@ HF_ROWS = [
     HfRow("CLIPModel-with-processor", _clip_model),
     HfRow("CLIPVisionModelWithProjection-fp16", _clip_vision_projection, dtype=torch.float16, serve="folder"),
     HfRow("Dinov2Model-518-crop224-bf16", _dinov2, dtype=torch.bfloat16, to_timm=True),
-    HfRow("Dinov2WithRegistersModel", lambda: _dinov2(4), serve="folder"),
+    # slow: the class is converted, checked and loaded at organism size by tests/backends/test_hf.py (dinov2_reg4)
+    pytest.param(HfRow("Dinov2WithRegistersModel", lambda: _dinov2(4), serve="folder"), marks=pytest.mark.slow),
 ]
 
 _SAFETENSORS_NAME = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -361,6 +364,7 @@ def test_hf_dinov2_large(hub_cache, tmp_path, two_images):
 
 # ---- DINOv2 torch-hub .pth -------------------------------------------------------------------------
 
+@pytest.mark.slow  # the same .pth layout, at organism size: tests/backends/test_dinov2.py::test_hub_layout_convert_and_check
 def test_dinov2_torch_hub_pth(tmp_path, two_images):
     import timm
 

@@ -69,5 +69,6 @@ def test_readme_is_a_short_entry_page_pointing_into_the_docs():
     links = re.findall(r"\]\(((?:docs/)[^)#]+)", readme)
     assert len(links) >= 20 and all((ROOT / link).is_file() for link in links), links
     # the README's test command is the one CI runs
-    assert 'pip install -e ".[test]" && pytest -q' in readme
-    assert 'pip install -e ".[test]" && pytest -q' in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    command = 'pip install -e ".[test]" && pytest -q -n 2 --dist loadfile'
+    assert command in readme
+    assert command in (ROOT / ".ci" / "run").read_text(encoding="utf-8")

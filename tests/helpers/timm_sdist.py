@@ -53,7 +53,7 @@ def _extract_test_models(version: str) -> Path:
     with tarfile.open(archives[0]) as tar:
         member = tar.getmember(f"timm-{version}/tests/test_models.py")
         data = tar.extractfile(member).read()  # type: ignore[union-attr]
-    tmp = target.with_suffix(".tmp")
+    tmp = target.with_suffix(f".{os.getpid()}.tmp")  # parallel workers (pytest -n) each write their own
     tmp.write_bytes(data)
     os.replace(tmp, target)
     return target
