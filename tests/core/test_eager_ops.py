@@ -1,4 +1,4 @@
-"""The baked block's eager launch cost, counted (issue 32): the aten ops one eager forward dispatches
+"""The baked block's eager launch cost, counted: the aten ops one eager forward dispatches
 (tests/helpers/op_count.py, view ops left out) are deterministic, so the count per baked block and for the register
 token is asserted exactly, in float32 and half precision; and the lean forward still computes the rule
 (tests/helpers/rule_reference.py, an independent implementation) in float32 and bfloat16."""

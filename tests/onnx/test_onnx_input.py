@@ -1,4 +1,4 @@
-"""Issue 16: find / convert / check on an ONNX file alone (no PyTorch source).
+"""ONNX input: find / convert / check on an ONNX file alone (no PyTorch source), the graph rewritten.
 
 Each family's organism is exported by torch (dynamo or legacy exporter, opset 17 or 18, optionally through
 onnxruntime's fused transformer optimisations); the ONNX file is then the only input. Judged against the

@@ -1,4 +1,4 @@
-"""Issue 25: ONNX files as the hub ships them: precision variants and HF ONNX repo folders.
+"""ONNX variants: ONNX files as the hub ships them: precision variants and HF ONNX repo folders.
 
 The variants are made from an organism's torch export by the tools that make them for the hub:
 onnxruntime's `quantize_dynamic` (per-tensor uint8, per-channel int8), `MatMulNBitsQuantizer` (4-bit),
