@@ -2,7 +2,7 @@
 
 On a GPU at small batch every aten op of an eager forward is a kernel launch, so the number of ops one
 eager `forward_features` dispatches tracks the eager baked / original ratio without a GPU. Counted on the
-CPU with `TorchDispatchMode` (tests/op_count.py: view ops left out), for ViT-B/16 (`vit_base_patch16_clip_224`,
+CPU with `TorchDispatchMode` (tests/helpers/op_count.py: view ops left out), for ViT-B/16 (`vit_base_patch16_clip_224`,
 random weights) baked with benchlib.BENCH_RECIPE (10 units in 4 blocks, R = 1), in float32, bfloat16 and
 float16: the whole forward, one baked block's MLP against the original MLP, and the register token (the
 inserter against the pre-norm it wraps). The count does not depend on the batch size.
@@ -24,8 +24,7 @@ from collections import Counter
 
 import benchlib as bl
 
-sys.path.insert(0, str(bl.ROOT / "tests"))
-from op_count import dispatched_ops  # noqa: E402  (tests/op_count.py: shared with the op-count tests)
+from tests.helpers.op_count import dispatched_ops  # noqa: E402  (shared with the op-count tests; benchlib puts the root on sys.path)
 
 DTYPES = ("float32", "bfloat16", "float16")
 # ONNX nodes left out of "compute nodes", as the eager count leaves out views: metadata (Constant, Shape,
@@ -127,7 +126,7 @@ def main() -> int:
                      f"{r['token_extra']} | {_fmt(r['extra'])} |")
     per_block = rows[0]["block_ops"]
     body = ("Aten ops one eager `forward_features` dispatches (batch 1; the count does not depend on it), "
-            "counted with `TorchDispatchMode` on the CPU, view ops left out (tests/op_count.py), ViT-B/16 "
+            "counted with `TorchDispatchMode` on the CPU, view ops left out (tests/helpers/op_count.py), ViT-B/16 "
             f"(`{bl.ARCH}`, random weights) baked with {blocks} blocks / "
             f"{sum(len(v) for v in recipe.neurons.values())} units (benchlib.BENCH_RECIPE, R = 1). Per baked "
             "block: the baked MLP against the original MLP on the same tokens; register token: the inserter "

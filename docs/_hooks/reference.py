@@ -6,7 +6,7 @@ A page holds a marker line and the hook replaces it when the site is built:
 - `<!-- generated: exit-codes -->`: the exit-code table, from `surgery.core.errors.EXIT_CODES` and the
   `SurgeryError` kinds that carry each code.
 
-The functions are plain so that tests/test_docs.py can call them without building the site.
+The functions are plain so that tests/docs/test_docs.py can call them without building the site.
 """
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""The method on organisms: discovery, the hooked reference, baking, parity, the judge, eager cost, memory."""
