@@ -46,6 +46,7 @@ from surgery.core.errors import ModelInputError, UsageError
 from surgery.core.output_format import META_PREFIX
 from surgery.core.integrity import record_written
 from surgery.core.outputs import atomic_output_file, check_replaceable, identity
+from surgery.core.verdict import verdict_word
 from .onnx_spec import VIT_ONNX_SPEC, _say
 from .onnx_patches import _ExportWrapper, _mha_fastpath_disabled
 from .onnx_export import export_onnx, replace_metadata
@@ -299,7 +300,7 @@ class Int8Report:
         if not self.images:
             return f"onnx int8 ({self.mode}) FAIL: no validation images"
         reg = f", register token >= {min(self.register_cosine):.4f}" if self.register_cosine else ""
-        return (f"onnx int8 ({self.mode}) {'PASS' if self.passed else 'FAIL'} against the float32 baked model, "
+        return (f"onnx int8 ({self.mode}) {verdict_word(self.passed)} against the float32 baked model, "
                 f"{self.images} image(s): pooled cosine >= {min(self.pooled_cosine):.4f} (needed "
                 f"{self.pooled_min}), patch-token cosine >= {min(self.patch_cosine):.4f} per image (needed "
                 f"{self.patch_min}; worst single patch token {self.patch_cosine_worst_token:.4f}){reg}")

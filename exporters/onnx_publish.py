@@ -17,7 +17,7 @@ import torch
 from surgery.core.errors import ModelInputError, ParityError
 
 from .onnx_export import export_onnx
-from surgery.core.output_format import ONNX_DATA_FILE as DATA_FILE
+from surgery.core.output_format import ONNX_DATA_FILE as DATA_FILE, write_json
 from surgery.core.output_format import ONNX_FILE, PARITY_FILE
 from surgery.core.outputs import atomic_output_file, check_replaceable, identity, move_file_into_place
 
@@ -67,7 +67,7 @@ def record_parity_section(out_dir: Path, key: str, entry: Any, *, create: bool) 
         doc = {}
     doc[key] = entry
     with atomic_output_file(f, overwrite=True) as tmp:
-        tmp.write_text(json.dumps(doc, indent=2, sort_keys=True, default=float) + "\n")
+        write_json(tmp, doc)
 
 
 def _update_parity_json(out_dir: Path, report: OnnxReport) -> None:

@@ -22,6 +22,7 @@ from torch import nn
 
 from surgery.core.errors import ModelInputError, first_line
 from surgery.core.parity import JUDGE, OutputError, round_up_tolerance
+from surgery.core.verdict import verdict_word
 
 from .onnx_metadata import _load_proto, read_onnx_metadata, token_layout
 from .onnx_patches import _exact_torch
@@ -46,15 +47,21 @@ class Comparison:
 
     @property
     def passed(self) -> bool:
-        return self.error.passed(self.tolerance)
+        return self.error.within(self.tolerance)
 
     @property
     def label(self) -> str:
         return f"{self.output} vs {self.against.replace('_', ' ')}"
 
+    def summary(self) -> str:
+        allowed = self.error.allowed if self.error.allowed is not None else self.tolerance
+        return (f"{self.label} {verdict_word(self.passed)}: relative error {self.error.relative_at_where:.3g}, "
+                f"allowed {allowed:.3g} (tolerance {self.tolerance:g})")
+
     def to_dict(self) -> dict[str, Any]:
         d = self.error.to_dict()
-        d.update(output=self.output, against=self.against, tolerance=self.tolerance, passed=self.passed)
+        d.update(output=self.output, against=self.against, tolerance=self.tolerance, passed=self.passed,
+                 summary=self.summary())
         return d
 
 
@@ -92,7 +99,7 @@ class OnnxReport:
         return max(self.comparisons, key=lambda c: c.error.excess(c.tolerance)) if self.comparisons else None
 
     def summary(self) -> str:
-        head = (f"{self.format} {'PASS' if self.passed else 'FAIL'} ({self.dtype}, {self.runtime}, "
+        head = (f"{self.format} {verdict_word(self.passed)} ({self.dtype}, {self.runtime}, "
                 f"batch sizes {sorted(set(self.batch_sizes))}, exported at batch {self.export_batch_size})")
         if self.problems:
             return f"{head}: {'; '.join(self.problems)}"

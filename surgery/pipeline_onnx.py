@@ -3,7 +3,6 @@ repo): the peer of surgery/pipeline.py for graphs (surgery/onnx_graph/ rewrites 
 `surgery.api` dispatches here; the CLI only parses and prints what comes back."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -12,10 +11,10 @@ import torch
 from . import __version__
 from .core.discovery import DiscoveryConfig, DiscoveryResult
 from .core.errors import NeuronsFileError, UsageError
-from .core.output_format import FP32_TOLERANCE, NEURONS_FILE, PARITY_FILE
+from .core.output_format import FP32_TOLERANCE, NEURONS_FILE, PARITY_FILE, write_json
 from .core.progress import say
 from .core.recipe import Recipe
-from .pipeline import ConvertResult, write_json
+from .pipeline import ConvertResult
 
 CHECK_BATCH_SIZES = (1, 3, 8)
 
@@ -110,7 +109,7 @@ def convert_onnx_source(model: str, out: str | Path, *, neurons: Optional[str] =
             f"R={recipe.num_registers}")
         with atomic_output_dir(out, overwrite) as tmp:
             summaries, report = convert_folder(source, tmp, recipe, check_batches=batches, tolerance=tolerance, say=say)
-            (tmp / NEURONS_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
+            write_json(tmp / NEURONS_FILE, doc)
             if report is not None:
                 write_json(tmp / PARITY_FILE, {"onnx_folder": report.to_dict()})
             record_onnx_output(tmp, recipe.to_dict(), str(model))

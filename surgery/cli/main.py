@@ -99,10 +99,10 @@ def cmd_check(a: argparse.Namespace) -> int:
                     seed=a.seed, tolerance=a.tolerance, skip_exports=a.skip_onnx, options=_options(a),
                     progress=progress_of(a))
     if a.report:
-        from ..pipeline import write_json
+        from ..core.output_format import write_json
 
         with atomic_output_file(Path(a.report), True) as tmp:
-            write_json(tmp, res.document)
+            write_json(tmp, res.to_dict())
     for line in res.summary_lines():
         print(line)
     if a.report:

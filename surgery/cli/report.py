@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .args import _fraction, _positive_float, _positive_int, _threshold, add_model_options
+from ..core.output_format import write_json
 
 
 def _options(a: argparse.Namespace):
@@ -64,7 +65,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
         doc = {"original": a.model if a.out_dir else f"{a.model} (un-baked copy)",
                "baked": a.out_dir or a.model, **res.to_dict()}
         with atomic_output_file(out, a.overwrite) as tmp:  # the shared scheme: never a special file, no partials
-            tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+            write_json(tmp, doc)
         print(f"wrote {out}")
     return 0
 

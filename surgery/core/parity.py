@@ -15,6 +15,7 @@ from .judge import KERNEL_FACTOR, allowed_error, float32_sized_noise, kernel_all
 from .output_format import FP32_TOLERANCE
 from .progress import stage
 from .recipe import Recipe
+from .verdict import verdict_word
 
 COMPUTE_DTYPE_ATTR = "surgery_compute_dtype"  # set on a model judged computing in that dtype (see check_parity)
 JUDGE = ("each vector against the hooked reference run in float64; allowed = max(tolerance x max(1, "
@@ -89,7 +90,8 @@ class OutputError:
                     f"machine there ({self.allowed / KERNEL_FACTOR:.3g})")
         return f"an ill-conditioned vector: float32-sized noise moves it {self.allowed / tolerance:.3g} x the median vector"
 
-    def passed(self, tolerance: float) -> bool:
+    def within(self, tolerance: float) -> bool:
+        """Whether the worst vector is inside its allowance (or `tolerance` when none was measured)."""
         return self.ratio <= 1.0 if self.ratio is not None else self.relative <= tolerance
 
     def excess(self, tolerance: float) -> float:
@@ -130,11 +132,11 @@ class ParityReport:
 
     @property
     def passed(self) -> bool:
-        return all(e.passed(self.tolerance) for e in self.outputs.values())
+        return all(e.within(self.tolerance) for e in self.outputs.values())
 
     def failures(self) -> list[OutputError]:
         """Outputs out of tolerance, in forward order (block residuals, tokens, pooled)."""
-        return [e for e in self.outputs.values() if not e.passed(self.tolerance)]
+        return [e for e in self.outputs.values() if not e.within(self.tolerance)]
 
     @property
     def reference_own_error(self) -> float | None:
@@ -145,7 +147,7 @@ class ParityReport:
 
     def summary(self) -> str:
         w = self.worst
-        verdict = "PASS" if self.passed else "FAIL"
+        verdict = verdict_word(self.passed)
         where = f" at (image, token) {tuple(w.where)}" if w.where else ""
         why = w.why_allowed(self.tolerance, self.dtype)
         allowed = f", allowed there {w.allowed:.3g}: {why}" if why else ""
@@ -171,7 +173,7 @@ class ParityReport:
                 "judge": self.judge, "dtype": self.dtype,
                 "reference_own_error": self.reference_own_error,
                 "worst": self.worst.to_dict(),
-                "outputs": [e.to_dict() for e in self.outputs.values()]}
+                "outputs": [e.to_dict() for e in self.outputs.values()], "summary": self.summary()}
 
 
 def round_up_tolerance(x: float) -> str:

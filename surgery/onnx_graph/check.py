@@ -22,6 +22,7 @@ from ..core.errors import ModelInputError
 from ..core.output_format import FP32_TOLERANCE, OnnxMetadata
 from ..core.parity import OutputError
 from ..core.recipe import Recipe
+from ..core.verdict import verdict_word
 from .bake import (_Builder, _insert_registers, _remake_side_tensors, _replace_uses, _shift_token_constants,
                    _side_tensors, pool_without_registers)
 from .discover import TokenLayout, measure_layout, static_input_size
@@ -115,17 +116,19 @@ class OnnxCheckReport:
 
     @property
     def passed(self) -> bool:
-        return not self.problems and all(e.relative <= self.tolerance for e in self.errors.values())
+        return not self.problems and all(e.within(self.tolerance) for e in self.errors.values())
 
     def summary(self) -> str:
+        head = f"onnx check {verdict_word(self.passed)}"
         if self.problems:
-            return f"ONNX check FAILED: {self.problems[0]}"
+            return f"{head}: {self.problems[0]}"
         w = self.worst
-        state = "passed" if self.passed else "FAILED"
-        return (f"ONNX check {state}: {self.path} vs the hooked reference on {self.source} "
+        if w is None:
+            return f"{head}: nothing compared"
+        return (f"{head}: {self.path} vs the hooked reference on {self.source} "
                 f"at batch sizes {self.batch_sizes}; worst relative error {w.relative:.2e} ({w.name}) "
                 f"<= {self.tolerance:g}" if self.passed else
-                f"ONNX check {state}: worst relative error {w.relative:.2e} ({w.name} at {w.where}) > {self.tolerance:g}")
+                f"{head}: worst relative error {w.relative:.2e} ({w.name} at {w.where}) > {self.tolerance:g}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "path": self.path, "source": self.source, "tolerance": self.tolerance,

@@ -22,7 +22,6 @@ page.py (the HTML page); this module puts them together.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,6 +34,7 @@ from .measure import DEFAULT_SHOW, Measurement, measure
 from .page import _display_spec, _html
 from .pair import DEFAULT_NUM_IMAGES, Pair, _files, resolve_pair
 from .plots import RANKING_BARS, _maps_figure, plot_layer_norms, plot_ranking
+from ..core.output_format import write_json
 
 PNG_FILES = ("layer_norms.png", "norm_maps.png", "attention_maps.png", "neuron_ranking.png")
 
@@ -91,7 +91,7 @@ def write_report(model_spec: str, baked_spec: Optional[str] = None, images: Any 
     if lm_attention is not None:
         summary["lm_attention"] = lm_attention
         summary["files"].append("lm_attention_maps.png")
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=float) + "\n")
+    write_json(out_dir / "summary.json", summary)
     html_path = out_dir / "report.html"
     html_path.write_text(_html(summary, pics), encoding="utf-8")
     return html_path
