@@ -170,7 +170,7 @@ def variants_main(a: argparse.Namespace, pinned: bool) -> int:
     from surgery.backends import adapter_for
     from surgery.onnx_graph.convert import convert_onnx
     from surgery.organisms.onnx_graphs import make_variant
-    from surgery.onnx_graph.runtime import as_input
+    from surgery.core.onnx_runtime import as_input
 
     t_start = time.perf_counter()
     load_start = bl.load_average()

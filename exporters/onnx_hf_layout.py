@@ -38,10 +38,11 @@ from .onnx_patches import _mha_fastpath_disabled
 from .onnx_publish import publish_validated, record_parity_section, staged_output
 from surgery.core.output_format import FP16_TOLERANCE, FP32_TOLERANCE, META_PREFIX, ONNX_HF_DIR, ONNX_HF_FILES
 from surgery.core.outputs import check_replaceable
+from surgery.core import onnx_runtime
 
 from .onnx_spec import OnnxSpec, TensorSpec, _say
-from .onnx_validate import OnnxReport, _ort_session, validation_batches
-from .runtime_check import RenamedSession, validate_runtime
+from .onnx_validate import OnnxReport, judge_runtime_outputs, validation_batches
+from .runtime_check import RenamedSession
 
 ONNX_DIR, FILES = ONNX_HF_DIR, ONNX_HF_FILES
 _PIXELS = TensorSpec("pixel_values", ("batch", "num_channels", "height", "width"),
@@ -106,7 +107,7 @@ def export_hf_graph(loaded: Any, out_dir: Path, scratch: Path, fp16: bool, expor
 
 def _validate(path: Path, loaded: Any, fp16: bool, progress: bool, batches: Optional[list[Any]] = None) -> OnnxReport:
     """onnxruntime on the graph vs PyTorch and the hooked reference (see validate_hf_outputs)."""
-    session = _ort_session(path)
+    session = onnx_runtime.open_session(path)
     names = [o.name for o in session.get_outputs()]
 
     def run(pixels: Any) -> dict[str, Any]:
@@ -133,14 +134,14 @@ def validate_hf_outputs(run: Any, path: Path, loaded: Any, tol: float, dtype: st
         return p(v(pixel_values=x, return_dict=True).pooler_output)
 
     report = OnnxReport(path=str(path), dtype=dtype, tolerance=tol, export_batch_size=2)
-    validate_runtime(report, RenamedSession(run, {"pooled": _POOLER.name, "tokens": _HIDDEN.name}), loaded,
-                     batches, pooled=pooler)
+    judge_runtime_outputs(report, RenamedSession(run, {"pooled": _POOLER.name, "tokens": _HIDDEN.name}), loaded,
+                          batches, pooled=pooler)
     for c in report.comparisons:
         c.output = {"pooled": _POOLER.name, "tokens": _HIDDEN.name}[c.output]
     if projection is not None and report.passed:
         extra = OnnxReport(path=str(path), dtype=report.dtype, tolerance=tol, export_batch_size=2)
-        validate_runtime(extra, RenamedSession(run, {"pooled": _EMBEDS.name, "tokens": _HIDDEN.name}), loaded,
-                         batches, pooled=embeds)
+        judge_runtime_outputs(extra, RenamedSession(run, {"pooled": _EMBEDS.name, "tokens": _HIDDEN.name}), loaded,
+                              batches, pooled=embeds)
         report.problems += extra.problems
         report.comparisons += [c for c in extra.comparisons if c.output == "pooled"]
         for c in report.comparisons:
@@ -220,7 +221,7 @@ def export_format(out_dir: Path, loaded: Any, options: ExportOptions) -> OnnxRep
 
 
 def open_session(path: Path) -> Any:
-    return _ort_session(path)
+    return onnx_runtime.open_session(path)
 
 
 validate_present = validate_hf_layout

@@ -47,12 +47,13 @@ from surgery.core.output_format import META_PREFIX
 from surgery.core.integrity import record_written
 from surgery.core.outputs import atomic_output_file, check_replaceable, identity
 from surgery.core.verdict import verdict_word
+from surgery.core import onnx_runtime
 from .onnx_spec import VIT_ONNX_SPEC, _say
 from .onnx_patches import _ExportWrapper, _mha_fastpath_disabled
 from .onnx_export import export_onnx, replace_metadata
 from .onnx_publish import publish_validated, record_parity_section, staged_output
 from .onnx_metadata import token_layout
-from .onnx_validate import _ort_session, validation_batches
+from .onnx_validate import validation_batches
 
 INT8_MODES = ("static", "dynamic")
 FILES = {"static": "model_int8.onnx", "dynamic": "model_quantized.onnx"}
@@ -308,8 +309,7 @@ class Int8Report:
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "path": self.path, "mode": self.mode, "images": self.images,
                 "validation_images": self.validation_images,
-                "against": "float32 baked model (PyTorch)", "runtime": "onnxruntime CPUExecutionProvider, "
-                "graph_optimization_level ORT_ENABLE_ALL",
+                "against": "float32 baked model (PyTorch)", "runtime": onnx_runtime.RUNTIME_DETAIL,
                 "thresholds": {"pooled_cosine_min_per_image": self.pooled_min,
                                "patch_token_cosine_min_per_image": self.patch_min,
                                "patch_token_cosine": "mean over an image's patch tokens of each token's cosine"},
@@ -329,7 +329,7 @@ def validate_int8(report: Int8Report, path: Path, reference: Callable[[torch.Ten
                   names: tuple[str, str], first_patch: int, registers: Sequence[int]) -> Int8Report:
     """Fill `report` with per-image cosines of the INT8 file's outputs `names` = (pooled, tokens) against
     `reference(pixels) -> (pooled, tokens, ...)`, the float32 baked model with the same interface."""
-    session = _ort_session(path)
+    session = onnx_runtime.open_session(path)
     worst = 1.0
     for x in batches:
         x = x.to("cpu", torch.float32).contiguous()

@@ -20,10 +20,11 @@ from .onnx_export import export_onnx
 from surgery.core.output_format import ONNX_DATA_FILE as DATA_FILE, write_json
 from surgery.core.output_format import ONNX_FILE, PARITY_FILE
 from surgery.core.outputs import atomic_output_file, check_replaceable, identity, move_file_into_place
+from surgery.core import onnx_runtime
 
 from .onnx_spec import EXTERNAL_DATA_THRESHOLD, _say
 from .base import ExportOptions
-from .onnx_validate import OnnxReport, _RefusingSession, _ort_session, validate_onnx, validation_batches
+from .onnx_validate import OnnxReport, validate_onnx, validation_batches
 
 
 @contextlib.contextmanager
@@ -122,7 +123,7 @@ def export_format(out_dir: Path, loaded: Any, options: ExportOptions) -> OnnxRep
 
 
 def open_session(path: Path) -> Any:
-    return _RefusingSession(_ort_session(path), path)
+    return onnx_runtime.open_session(path)
 
 
 def validate_present(out_dir: Path, loaded: Any, batches: list[torch.Tensor]) -> list[OnnxReport]:

@@ -22,6 +22,7 @@ from torch import nn
 
 from surgery.core.errors import ModelInputError, first_line
 from surgery.core.parity import JUDGE, OutputError, round_up_tolerance
+from surgery.core.onnx_runtime import RUNTIME, RUNTIME_DETAIL, open_session
 from surgery.core.verdict import verdict_word
 
 from .onnx_metadata import _load_proto, read_onnx_metadata, token_layout
@@ -65,9 +66,6 @@ class Comparison:
         return d
 
 
-ORT_RUNTIME = "onnxruntime CPU, optimisation ALL"
-
-
 @dataclass
 class OnnxReport:
     """One exported file validated in its runtime (any format: `format` and `runtime` say which)."""
@@ -84,8 +82,8 @@ class OnnxReport:
     problems: list[str] = field(default_factory=list)  # failures that are not numeric (stale metadata)
     metadata: dict[str, Any] = field(default_factory=dict)
     format: str = "onnx"  # the label of the format (exporters/formats.py), first word of the summary
-    runtime: str = ORT_RUNTIME  # what ran the graph, as the summary says it
-    runtime_detail: str = "onnxruntime CPUExecutionProvider, graph_optimization_level ORT_ENABLE_ALL"
+    runtime: str = RUNTIME  # what ran the graph, as the summary says it
+    runtime_detail: str = RUNTIME_DETAIL
 
     @property
     def passed(self) -> bool:
@@ -139,18 +137,6 @@ class OnnxReport:
                 "problems": self.problems, "summary": self.summary()}
 
 
-def _ort_session(path: Path) -> Any:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    try:
-        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise ModelInputError(f"{path}: onnxruntime cannot load it ({first_line(e)})") from None
-
-
 def _check_model(path: Path) -> None:
     import onnx
 
@@ -175,21 +161,6 @@ def _torch_outputs(model: nn.Module, family: Any, pixels: torch.Tensor) -> dict[
     return {"pooled": pooled, "tokens": tokens}
 
 
-class _RefusingSession:
-    """An onnxruntime session whose failures on a batch become one-line ModelInputErrors naming the file."""
-
-    def __init__(self, session: Any, path: Path) -> None:
-        self.session, self.path = session, path
-
-    def run(self, output_names: Sequence[str], feeds: dict[str, Any]) -> list[Any]:
-        try:
-            return self.session.run(output_names, feeds)
-        except Exception as e:
-            shape = tuple(next(iter(feeds.values())).shape)
-            raise ModelInputError(f"{self.path}: onnxruntime failed on a batch of {shape} "
-                                  f"({first_line(e)})") from None
-
-
 @torch.no_grad()
 def judge_runtime_outputs(report: OnnxReport, session: Any, loaded: Any, batches: list[torch.Tensor], *,
                           pooled: Optional[Callable[[Any, torch.Tensor], torch.Tensor]] = None,
@@ -199,7 +170,7 @@ def judge_runtime_outputs(report: OnnxReport, session: Any, loaded: Any, batches
     the hooked reference on the un-baked source in float64, per feature vector (surgery/core/judge.py).
     Fills `report.comparisons`, `batch_sizes`, `images`; a shape mismatch goes to `report.problems`
     (prefixed with `where`). `pooled(model, pixels)` overrides which PyTorch output `pooled` means.
-    Shared by `validate_onnx` and `runtime_check.validate_runtime`."""
+    Shared by `validate_onnx`, the OpenVINO IR's validation and the INT8 export."""
     import numpy as np
 
     from surgery.core.judge import float64_reference, kernel_allowance
@@ -288,7 +259,7 @@ def validate_onnx(out_dir: Path, loaded: Any, batches: list[torch.Tensor], *, on
     report = _onnx_report_header(path, Path(out_dir), loaded, tolerance)
     if report.problems:
         return report
-    session = _RefusingSession(_ort_session(path), path)
+    session = open_session(path)
     return judge_runtime_outputs(report, session, loaded, batches, where=f"{path.name} ")
 
 

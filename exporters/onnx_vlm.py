@@ -29,12 +29,13 @@ from surgery.core.errors import ModelInputError
 
 from surgery.core.output_format import FP32_TOLERANCE
 from surgery.core.outputs import check_replaceable
-from .onnx_validate import OnnxReport, _ort_session, validation_batches
+from surgery.core import onnx_runtime
+from .onnx_validate import OnnxReport, judge_runtime_outputs, validation_batches
 from .onnx_spec import OnnxSpec, TensorSpec, _say
 from .onnx_export import _fix_io_shapes, _save_proto, export_first_that_works, replace_metadata
 from .onnx_metadata import build_metadata
 from .onnx_publish import publish_validated, record_parity_section, staged_output
-from .runtime_check import RenamedSession, validate_runtime
+from .runtime_check import RenamedSession
 
 ONNX_DIR = "onnx"
 VISION_ENCODER = "vision_encoder.onnx"
@@ -112,7 +113,7 @@ def _export(loaded: Any, out_dir: Path, scratch: Path, exporter: str, progress: 
 def _validate(path: Path, loaded: Any, progress: bool) -> OnnxReport:
     """onnxruntime vs the hooked reference in float64: vision_features against the VLM's projector input
     (the judge's `image_features`), image_features against the VLM's own `get_image_features`."""
-    session = _ort_session(path)
+    session = onnx_runtime.open_session(path)
     names = [o.name for o in session.get_outputs()]
 
     def run(pixels: Any) -> dict[str, Any]:
@@ -129,8 +130,8 @@ def _validate(path: Path, loaded: Any, progress: bool) -> OnnxReport:
 
     report = OnnxReport(path=str(path), dtype="float32", tolerance=FP32_TOLERANCE, export_batch_size=2)
     _say(progress, f"validating {path.name} in onnxruntime against the hooked reference")
-    validate_runtime(report, RenamedSession(run, {"pooled": _IMAGE.name, "tokens": _VISION.name}), loaded,
-                     validation_batches(loaded), pooled=projected)
+    judge_runtime_outputs(report, RenamedSession(run, {"pooled": _IMAGE.name, "tokens": _VISION.name}), loaded,
+                          validation_batches(loaded), pooled=projected)
     for c in report.comparisons:
         c.output = {"pooled": _IMAGE.name, "tokens": _VISION.name}[c.output]
     return report

@@ -31,9 +31,9 @@ from surgery.core.output_format import META_PREFIX, OPENVINO_BIN, OPENVINO_TOLER
 from surgery.core.outputs import check_replaceable
 
 from .onnx_spec import VIT_ONNX_SPEC, _say
-from .onnx_validate import OnnxReport, validation_batches
+from .onnx_validate import OnnxReport, judge_runtime_outputs, validation_batches
 from .onnx_hf_layout import export_hf_graph, validate_hf_outputs
-from .runtime_check import RenamedSession, validate_runtime
+from .runtime_check import RenamedSession
 
 OV_XML, OV_BIN = OPENVINO_XML, OPENVINO_BIN
 CPU_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
@@ -86,7 +86,7 @@ def _validate_ir(xml: Path, report_path: Path, loaded: Any, batches: Optional[li
         report.comparisons, report.problems = hf.comparisons, hf.problems
         return report
     report = openvino_report(report_path)
-    return validate_runtime(report, openvino_session(xml), loaded,
+    return judge_runtime_outputs(report, openvino_session(xml), loaded,
                             batches if batches is not None else validation_batches(loaded))
 
 

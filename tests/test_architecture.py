@@ -2,7 +2,8 @@
 
 - no import cycle among the modules of surgery/ and exporters/;
 - surgery.core knows no library backend: it imports only surgery.core, the standard library and
-  torch / numpy / PIL / tqdm / safetensors;
+  torch / numpy / PIL / tqdm / safetensors, and onnxruntime inside functions (core/onnx_runtime.py, the
+  one session helper of the exporters and the ONNX rewrite);
 - exporters/ (formats) import surgery.core and the `surgery` package root only, never the pipeline,
   the CLI, the API or a backend;
 - a backend package imports no other backend package, except the edges listed in ALLOWED_BACKEND_EDGES;
@@ -12,7 +13,7 @@
   and itself, never the pipeline, the published sets, the organisms or a backend (ALLOWED_ONNX_GRAPH_EDGES
   lists the exceptions, with their reason);
 - the model organisms (test and demo fixtures) are imported by no library module (the demo aside);
-- importing core modules leaves open_clip, transformers and timm unimported.
+- importing core modules leaves open_clip, transformers, timm and onnxruntime unimported.
 Each checker is also run on a small synthetic package that breaks its rule, so it can fail.
 """
 from __future__ import annotations
@@ -31,7 +32,8 @@ ALLOWED_ONNX_GRAPH_EDGES = {
     # preprocessor_config.json next to an ONNX file is HF's format: read with the HF loader's own parser
     ("surgery.onnx_graph.discover", "surgery.backends.hf.loader"),
 }
-CORE_THIRD_PARTY = {"torch", "numpy", "PIL", "tqdm", "safetensors"}
+CORE_THIRD_PARTY = {"torch", "numpy", "PIL", "tqdm", "safetensors",
+                    "onnxruntime"}  # a runtime, not a model library: imported lazily (test below)
 # backend -> backends it may import, and why
 ALLOWED_BACKEND_EDGES = {
     ("open_clip", "timm"),  # open_clip TimmModel towers hold timm trunks: the timm adapters handle the trunk
@@ -283,7 +285,7 @@ def test_importing_the_core_loads_no_library_backend():
     core = sorted(m for m in module_files(ROOT) if m.startswith("surgery.core."))
     assert "surgery.core.bake" in core and "surgery.core.parity" in core
     code = ("import sys\n" + "".join(f"import {m}\n" for m in core)
-            + "print(sorted(k for k in ('open_clip', 'transformers', 'timm') if k in sys.modules))")
+            + "print(sorted(k for k in ('open_clip', 'transformers', 'timm', 'onnxruntime') if k in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT), timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]"

@@ -30,7 +30,7 @@ from surgery.onnx_graph.discover import measure_layout
 from surgery.onnx_graph.linear import dequantized_rows
 from surgery.onnx_graph import find_register_neurons_onnx
 from surgery.organisms.onnx_graphs import build_organism, export_optimum_style, export_source_onnx, make_variant
-from surgery.onnx_graph.runtime import as_input
+from surgery.core.onnx_runtime import as_input
 from surgery.onnx_graph.precision import precision_of
 from surgery.onnx_graph.variants import judge_against_fp32
 

@@ -19,6 +19,7 @@ import onnx_ir as ir
 import torch
 
 from ..core.errors import ModelInputError
+from ..core.onnx_runtime import RUNTIME_DETAIL, open_session
 from ..core.output_format import FP32_TOLERANCE, OnnxMetadata
 from ..core.parity import OutputError
 from ..core.recipe import Recipe
@@ -28,7 +29,7 @@ from .bake import (_Builder, _insert_registers, _remake_side_tensors, _replace_u
 from .discover import TokenLayout, measure_layout, static_input_size
 from .precision import precision_of, tolerance_for
 from .recognise import load_ir, recognise
-from .runtime import ExposedSession, run_session, session_for_file
+from .runtime import ExposedSession
 from .unit_activation import unit_activation
 from .vision_encoder import drop_register_rows, is_vision_encoder, source_outputs
 
@@ -135,7 +136,7 @@ class OnnxCheckReport:
                 "batch_sizes": self.batch_sizes, "problems": self.problems,
                 "relative_error_definition": "max over feature vectors of ||rewritten - reference|| / ||reference||",
                 "reference": "source ONNX graph with the test-time-register hooks written in (no weight split)",
-                "runtime": "onnxruntime CPUExecutionProvider, graph_optimization_level ORT_ENABLE_ALL",
+                "runtime": RUNTIME_DETAIL,
                 "outputs": {k: {"relative": e.relative, "max_abs": e.max_abs, "where": list(e.where)}
                             for k, e in self.errors.items()},
                 "summary": self.summary()}
@@ -176,7 +177,7 @@ def check_onnx(baked: str | Path, source: str | Path, batches: list[torch.Tensor
     if report.metadata.get("register_token_indices") not in (None, want_regs):
         report.problems.append(f"{baked.name} records register tokens at {report.metadata['register_token_indices']}, "
                                f"the source's layout puts them at {want_regs}")
-    sess = session_for_file(baked)
+    sess = open_session(baked)
     ref_model = hooked_reference_graph(source, recipe, layout)
     ref = ExposedSession(ref_model, [], f"hooked reference of {source}")
     names = [o.name for o in sess.get_outputs()]
@@ -188,7 +189,7 @@ def check_onnx(baked: str | Path, source: str | Path, batches: list[torch.Tensor
     try:
         for pixels in batches:
             x = pixels.float().numpy()
-            got = run_session(sess, names, x, str(baked))
+            got = sess.run_pixels(names, x)
             want, _ = ref.run(x)
             for n, g, w in zip(names, got, want):
                 if g.shape != w.shape:
