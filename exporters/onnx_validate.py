@@ -22,6 +22,7 @@ from torch import nn
 
 from surgery.core.errors import ModelInputError, first_line
 from surgery.core.parity import JUDGE, OutputError, round_up_tolerance
+from surgery.core.images import split_batches, with_another_batch_size
 from surgery.core.onnx_runtime import RUNTIME, RUNTIME_DETAIL, open_session
 from surgery.core.verdict import verdict_word
 
@@ -147,15 +148,6 @@ def _check_model(path: Path) -> None:
                               "re-export it with `vit-surgery export OUT --format onnx --overwrite`") from None
 
 
-def _rebatch(batches: Sequence[torch.Tensor], export_batch: int) -> list[torch.Tensor]:
-    """The given batches, split so that at least one has a size other than the export batch size."""
-    out = [b for b in batches if len(b)]
-    if out and all(len(b) == export_batch for b in out):
-        first = out[0]
-        out = [first[:1], first[1:]] + out[1:] if len(first) > 1 else out
-    return out
-
-
 def _torch_outputs(model: nn.Module, family: Any, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
     pooled, tokens = family.forward_both(model, pixels)
     return {"pooled": pooled, "tokens": tokens}
@@ -187,7 +179,7 @@ def judge_runtime_outputs(report: OnnxReport, session: Any, loaded: Any, batches
     comps = {o: Comparison(o, "float64_reference", OutputError(o), tol) for o in spec.output_names}
     offset = 0
     with _exact_torch():
-        for pixels in _rebatch(batches, report.export_batch_size):
+        for pixels in with_another_batch_size(batches, report.export_batch_size):
             x = pixels.to("cpu", torch.float32).contiguous()
             got = dict(zip(spec.output_names, session.run(spec.output_names, {spec.input_names[0]: x.numpy()})))
             judge = float64_reference(source64, loaded.recipe, fam, x, capture)
@@ -265,16 +257,9 @@ def validate_onnx(out_dir: Path, loaded: Any, batches: list[torch.Tensor], *, on
 
 def validation_batches(loaded: Any, sizes: Sequence[int] = (1, 5)) -> list[torch.Tensor]:
     """Built-in calibration images through the model's own transform, in batches of `sizes`."""
-    from surgery.core.images import ImageBatches, list_images
-    from surgery.core.images import builtin_images
+    from surgery.core.images import ImageBatches, builtin_images, list_images
 
     files = list_images(builtin_images())[:sum(sizes)]
-    pixels = torch.cat([x for x, _ in ImageBatches(files, loaded.transform, 8, progress=False)])
-    out, start = [], 0
-    for s in sizes:
-        if start < len(pixels):
-            out.append(pixels[start:start + s])
-        start += s
-    return out
+    return split_batches(torch.cat([x for x, _ in ImageBatches(files, loaded.transform, 8, progress=False)]), sizes)
 
 

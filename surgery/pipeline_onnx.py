@@ -11,6 +11,7 @@ import torch
 from . import __version__
 from .core.discovery import DiscoveryConfig, DiscoveryResult
 from .core.errors import NeuronsFileError, UsageError
+from .core.images import split_batches
 from .core.output_format import FP32_TOLERANCE, NEURONS_FILE, PARITY_FILE, write_json
 from .core.progress import say
 from .core.recipe import Recipe
@@ -42,11 +43,9 @@ def _images_pixels(source: Path, images: Optional[str | Path], count: int, seed:
 def check_batches(source: Path, images: Optional[str | Path], count: int, seed: int,
                   progress: bool) -> list[torch.Tensor]:
     """Check images through `source`'s preprocessing, in batches of several sizes (1, 3, the rest)."""
-    from .onnx_graph.check import rebatch
-
     pixels = _images_pixels(source, images, max(count, sum(CHECK_BATCH_SIZES[:2]) + 1), seed, progress)
     rest = len(pixels) - sum(CHECK_BATCH_SIZES[:2])
-    return rebatch(pixels, list(CHECK_BATCH_SIZES[:2]) + [max(rest, 1)])
+    return split_batches(pixels, list(CHECK_BATCH_SIZES[:2]) + [max(rest, 1)])
 
 
 def find_source(spec: str | Path) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import onnx_ir as ir
@@ -150,16 +150,6 @@ def read_recipe(path: str | Path) -> Recipe:
         return Recipe.from_dict(meta.recipe, source=f"{path} metadata")
     except ValueError:
         raise ModelInputError(f"{path}: metadata vit_surgery.recipe is malformed") from None
-
-
-def rebatch(pixels: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
-    out, start = [], 0
-    for s in sizes:
-        if start >= len(pixels):
-            break
-        out.append(pixels[start:start + s])
-        start += s
-    return out
 
 
 @torch.no_grad()
