@@ -37,8 +37,9 @@ from .onnx_patches import _ExportWrapper, _mha_fastpath_disabled
 from .tail_accurate_activation import tail_accurate_register_branches
 from surgery.core.output_format import META_PREFIX, ONNX_FILE
 from surgery.core.output_format import ONNX_DATA_FILE as DATA_FILE
+from surgery.core.progress import say_if
 
-from .onnx_spec import EXPORTERS, EXTERNAL_DATA_THRESHOLD, VIT_ONNX_SPEC, OnnxSpec, _say, log
+from .onnx_spec import EXPORTERS, EXTERNAL_DATA_THRESHOLD, VIT_ONNX_SPEC, OnnxSpec, log
 
 
 def _export_proto(wrapper: nn.Module, example: torch.Tensor, spec: OnnxSpec, exporter: str, scratch: Path,
@@ -139,7 +140,7 @@ def export_first_that_works(wrapper: nn.Module, example: torch.Tensor, spec: Onn
     order = [exporter] + [e for e in EXPORTERS if e != exporter]
     errors: list[str] = []
     for name in order:
-        _say(progress, f"exporting {what} with the {name} exporter{detail}")
+        say_if(progress, f"exporting {what} with the {name} exporter{detail}")
         try:
             with tail_accurate_register_branches(model) as tail_branches:
                 proto = _export_proto(wrapper, example, spec, name, scratch, progress)

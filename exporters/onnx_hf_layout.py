@@ -39,8 +39,9 @@ from .onnx_publish import publish_validated, record_parity_section, staged_outpu
 from surgery.core.output_format import FP16_TOLERANCE, FP32_TOLERANCE, META_PREFIX, ONNX_HF_DIR, ONNX_HF_FILES
 from surgery.core.outputs import check_replaceable
 from surgery.core import onnx_runtime
+from surgery.core.progress import say_if
 
-from .onnx_spec import OnnxSpec, TensorSpec, _say
+from .onnx_spec import OnnxSpec, TensorSpec
 from .onnx_validate import OnnxReport, judge_runtime_outputs, validation_batches
 from .runtime_check import RenamedSession
 
@@ -113,7 +114,7 @@ def _validate(path: Path, loaded: Any, fp16: bool, progress: bool, batches: Opti
     def run(pixels: Any) -> dict[str, Any]:
         return dict(zip(names, session.run(names, {"pixel_values": pixels})))
 
-    _say(progress, f"validating {path.name} in onnxruntime against PyTorch and the hooked reference")
+    say_if(progress, f"validating {path.name} in onnxruntime against PyTorch and the hooked reference")
     return validate_hf_outputs(run, path, loaded, FP16_TOLERANCE if fp16 else FP32_TOLERANCE,
                                "float16" if fp16 else "float32", batches)
 

@@ -48,7 +48,8 @@ from surgery.core.integrity import record_written
 from surgery.core.outputs import atomic_output_file, check_replaceable, identity
 from surgery.core.verdict import verdict_word
 from surgery.core import onnx_runtime
-from .onnx_spec import VIT_ONNX_SPEC, _say
+from surgery.core.progress import say_if
+from .onnx_spec import VIT_ONNX_SPEC
 from .onnx_patches import _ExportWrapper, _mha_fastpath_disabled
 from .onnx_export import export_onnx, replace_metadata
 from .onnx_publish import publish_validated, record_parity_section, staged_output
@@ -473,14 +474,14 @@ def export_int8(out_dir: Path, *, loaded: Any, mode: str = "static", images: Opt
                                   "(nothing to keep in float)")
         settings = QuantSettings(mode, excluded=branch, calibration_images=sum(map(len, calibration)))  # read, not listed
         staged = scratch / lay.target.name
-        _say(progress, f"quantizing to INT8 ({mode}; {sum(map(len, branch.values()))} register-branch nodes kept "
+        say_if(progress, f"quantizing to INT8 ({mode}; {sum(map(len, branch.values()))} register-branch nodes kept "
                        f"in float" + (f"; calibrating on {settings.calibration_images} images)" if calibration else ")"))
         with _mha_fastpath_disabled():
             quantize_file(fp32, staged, mode, calibration=calibration,
                           exclude=[n for names in branch.values() for n in names], work=scratch)
         _set_metadata(staged, {META_PREFIX + "int8": json.dumps(settings.to_dict(), sort_keys=True),
                                META_PREFIX + "dtype": "int8"})
-        _say(progress, f"validating {lay.target.name} against the float32 baked model ({where})")
+        say_if(progress, f"validating {lay.target.name} against the float32 baked model ({where})")
         report = Int8Report(path=str(lay.target), mode=mode, validation_images=where, settings=settings.to_dict())
         report.pooled_min, report.patch_min = POOLED_COSINE_MIN, PATCH_COSINE_MIN
         with _mha_fastpath_disabled():

@@ -30,8 +30,9 @@ from surgery.core.errors import ModelInputError
 from surgery.core.output_format import FP32_TOLERANCE
 from surgery.core.outputs import check_replaceable
 from surgery.core import onnx_runtime
+from surgery.core.progress import say_if
 from .onnx_validate import OnnxReport, judge_runtime_outputs, validation_batches
-from .onnx_spec import OnnxSpec, TensorSpec, _say
+from .onnx_spec import OnnxSpec, TensorSpec
 from .onnx_export import _fix_io_shapes, _save_proto, export_first_that_works, replace_metadata
 from .onnx_metadata import build_metadata
 from .onnx_publish import publish_validated, record_parity_section, staged_output
@@ -129,7 +130,7 @@ def _validate(path: Path, loaded: Any, progress: bool) -> OnnxReport:
         return torch.stack(list(out.pooler_output))
 
     report = OnnxReport(path=str(path), dtype="float32", tolerance=FP32_TOLERANCE, export_batch_size=2)
-    _say(progress, f"validating {path.name} in onnxruntime against the hooked reference")
+    say_if(progress, f"validating {path.name} in onnxruntime against the hooked reference")
     judge_runtime_outputs(report, RenamedSession(run, {"pooled": _IMAGE.name, "tokens": _VISION.name}), loaded,
                           validation_batches(loaded), pooled=projected)
     for c in report.comparisons:
