@@ -32,9 +32,9 @@ from torch import nn
 from surgery.core.errors import ModelInputError
 
 from .base import ExportOptions
-from .onnx_export import _fix_io_shapes, _save_proto, export_first_that_works, replace_metadata
+from .onnx_export import fix_io_shapes, save_proto, export_first_that_works, replace_metadata
 from .onnx_metadata import build_metadata
-from .onnx_patches import _mha_fastpath_disabled
+from .onnx_patches import mha_fastpath_disabled
 from .onnx_publish import publish_validated, record_parity_section, staged_output
 from surgery.core.output_format import FP16_TOLERANCE, FP32_TOLERANCE, META_PREFIX, ONNX_HF_DIR, ONNX_HF_FILES
 from surgery.core.outputs import check_replaceable
@@ -61,7 +61,7 @@ def _vision_and_projection(model: nn.Module) -> tuple[nn.Module, Optional[nn.Mod
     return model, None
 
 
-class _HFOutputs(nn.Module):
+class HFOutputs(nn.Module):
     """pixel_values -> (last_hidden_state, pooler_output[, image_embeds]) in float32."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
@@ -88,21 +88,21 @@ def export_hf_graph(loaded: Any, out_dir: Path, scratch: Path, fp16: bool, expor
     dtype = torch.float16 if fp16 else torch.float32
     model = copy.deepcopy(loaded.model).to("cpu", dtype).eval()
     spec = hf_spec(model)
-    wrapper = _HFOutputs(model, dtype).eval()
+    wrapper = HFOutputs(model, dtype).eval()
     c, h, w = loaded.adapter.input_size(loaded.model)
     example = torch.randn(spec.export_batch_size, c, h, w, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), _mha_fastpath_disabled():
+    with torch.no_grad(), mha_fastpath_disabled():
         outs = wrapper(example)
     shapes = {spec.input_names[0]: tuple(example.shape)}
     shapes.update({name: tuple(o.shape) for name, o in zip(spec.output_names, outs)})
     proto, name, _ = export_first_that_works(wrapper, example, spec, exporter, scratch, model, progress,
                                              what="ONNX (HF layout)",
                                              detail=f" ({'float16' if fp16 else 'float32'})")
-    _fix_io_shapes(proto, spec, shapes)
+    fix_io_shapes(proto, spec, shapes)
     replace_metadata(proto, build_metadata(loaded, out_dir, dtype="float16" if fp16 else "float32", exporter=name,
                                            spec=spec, num_tokens=int(shapes[_HIDDEN.name][1])))
     path = scratch / FILES["float16" if fp16 else "float32"]
-    _save_proto(proto, path, external=False)
+    save_proto(proto, path, external=False)
     return path
 
 

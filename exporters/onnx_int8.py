@@ -50,7 +50,7 @@ from surgery.core.verdict import verdict_word
 from surgery.core import onnx_runtime
 from surgery.core.progress import say_if
 from .onnx_spec import VIT_ONNX_SPEC
-from .onnx_patches import _ExportWrapper, _mha_fastpath_disabled
+from .onnx_patches import ExportWrapper, mha_fastpath_disabled
 from .onnx_export import export_onnx, replace_metadata
 from .onnx_publish import publish_validated, record_parity_section, staged_output
 from .onnx_metadata import token_layout
@@ -416,11 +416,11 @@ def _plain_layout(out_dir: Path, loaded: Any, mode: str, exporter: str, progress
         return info.path
 
     return _Layout(out_dir / FILES[mode], tuple(VIT_ONNX_SPEC.output_names),  # type: ignore[arg-type]
-                   _ExportWrapper(model, loaded.adapter, torch.float32).eval(), export)
+                   ExportWrapper(model, loaded.adapter, torch.float32).eval(), export)
 
 
 def _hf_layout(out_dir: Path, loaded: Any, mode: str, exporter: str, progress: bool) -> _Layout:
-    from .onnx_hf_layout import ONNX_DIR, _HFOutputs, export_hf_graph
+    from .onnx_hf_layout import ONNX_DIR, HFOutputs, export_hf_graph
 
     if loaded.source.library != "hf":
         raise ModelInputError(f"{{layout}} hf needs a folder converted from an HF transformers model; {out_dir} is "
@@ -430,7 +430,7 @@ def _hf_layout(out_dir: Path, loaded: Any, mode: str, exporter: str, progress: b
     def export(scratch: Path) -> Path:
         return export_hf_graph(loaded, out_dir, scratch, False, exporter, progress)
 
-    hf = _HFOutputs(model, torch.float32).eval()
+    hf = HFOutputs(model, torch.float32).eval()
 
     def reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, pooler = hf(x)[:2]
@@ -476,7 +476,7 @@ def export_int8(out_dir: Path, *, loaded: Any, mode: str = "static", images: Opt
         staged = scratch / lay.target.name
         say_if(progress, f"quantizing to INT8 ({mode}; {sum(map(len, branch.values()))} register-branch nodes kept "
                        f"in float" + (f"; calibrating on {settings.calibration_images} images)" if calibration else ")"))
-        with _mha_fastpath_disabled():
+        with mha_fastpath_disabled():
             quantize_file(fp32, staged, mode, calibration=calibration,
                           exclude=[n for names in branch.values() for n in names], work=scratch)
         _set_metadata(staged, {META_PREFIX + "int8": json.dumps(settings.to_dict(), sort_keys=True),
@@ -484,7 +484,7 @@ def export_int8(out_dir: Path, *, loaded: Any, mode: str = "static", images: Opt
         say_if(progress, f"validating {lay.target.name} against the float32 baked model ({where})")
         report = Int8Report(path=str(lay.target), mode=mode, validation_images=where, settings=settings.to_dict())
         report.pooled_min, report.patch_min = POOLED_COSINE_MIN, PATCH_COSINE_MIN
-        with _mha_fastpath_disabled():
+        with mha_fastpath_disabled():
             validate_int8(report, staged, lay.reference, validation, lay.names, layout_info["first_patch_index"],
                           layout_info["register_indices"])
         lay.target.parent.mkdir(exist_ok=True)

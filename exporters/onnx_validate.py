@@ -26,8 +26,8 @@ from surgery.core.images import split_batches, with_another_batch_size
 from surgery.core.onnx_runtime import RUNTIME, RUNTIME_DETAIL, open_session
 from surgery.core.verdict import verdict_word
 
-from .onnx_metadata import _load_proto, read_onnx_metadata, token_layout
-from .onnx_patches import _exact_torch
+from .onnx_metadata import load_proto, read_onnx_metadata, token_layout
+from .onnx_patches import exact_torch
 from surgery.core.output_format import FP16_TOLERANCE, FP32_TOLERANCE, ONNX_FILE
 
 from .onnx_spec import VIT_ONNX_SPEC
@@ -178,7 +178,7 @@ def judge_runtime_outputs(report: OnnxReport, session: Any, loaded: Any, batches
 
     comps = {o: Comparison(o, "float64_reference", OutputError(o), tol) for o in spec.output_names}
     offset = 0
-    with _exact_torch():
+    with exact_torch():
         for pixels in with_another_batch_size(batches, report.export_batch_size):
             x = pixels.to("cpu", torch.float32).contiguous()
             got = dict(zip(spec.output_names, session.run(spec.output_names, {spec.input_names[0]: x.numpy()})))
@@ -216,7 +216,7 @@ def _onnx_report_header(path: Path, out_dir: Path, loaded: Any, tolerance: Optio
         raise ModelInputError(f"{loaded.spec} carries no baked test-time registers (not a vit-surgery output)")
     _check_model(path)
     meta = read_onnx_metadata(path)
-    proto = _load_proto(path, load_external_data=False)
+    proto = load_proto(path, load_external_data=False)
     names_in = [i.name for i in proto.graph.input]
     names_out = [o.name for o in proto.graph.output]
     spec = VIT_ONNX_SPEC

@@ -33,20 +33,20 @@ from surgery.core import onnx_runtime
 from surgery.core.progress import say_if
 from .onnx_validate import OnnxReport, judge_runtime_outputs, validation_batches
 from .onnx_spec import OnnxSpec, TensorSpec
-from .onnx_export import _fix_io_shapes, _save_proto, export_first_that_works, replace_metadata
+from .onnx_export import fix_io_shapes, save_proto, export_first_that_works, replace_metadata
 from .onnx_metadata import build_metadata
 from .onnx_publish import publish_validated, record_parity_section, staged_output
 from .runtime_check import RenamedSession
 
 ONNX_DIR = "onnx"
 VISION_ENCODER = "vision_encoder.onnx"
-_PIXELS = TensorSpec("pixel_values", ("batch", "num_channels", "height", "width"),
+PIXEL_VALUES = TensorSpec("pixel_values", ("batch", "num_channels", "height", "width"),
                      doc="float32 images, preprocessed as the folder's processor says")
-_IMAGE = TensorSpec("image_features", ("batch", "image_tokens", "text_hidden_size"),
+IMAGE_FEATURES = TensorSpec("image_features", ("batch", "image_tokens", "text_hidden_size"),
                     doc="the projector's output: one row per <image> placeholder, registers removed")
 _VISION = TensorSpec("vision_features", ("batch", "image_tokens", "vision_hidden_size"),
                      doc="the projector's input: selected tower features, registers removed")
-SPEC = OnnxSpec(inputs=(_PIXELS,), outputs=(_IMAGE, _VISION))
+SPEC = OnnxSpec(inputs=(PIXEL_VALUES,), outputs=(IMAGE_FEATURES, _VISION))
 
 
 # the VLM classes whose image features are one graph from pixel_values -> whether the projector takes every
@@ -103,11 +103,11 @@ def _export(loaded: Any, out_dir: Path, scratch: Path, exporter: str, progress: 
     shapes.update({name: tuple(o.shape) for name, o in zip(SPEC.output_names, outs)})
     proto, name, _ = export_first_that_works(wrapper, example, SPEC, exporter, scratch, model, progress,
                                              what=VISION_ENCODER)
-    _fix_io_shapes(proto, SPEC, shapes)
+    fix_io_shapes(proto, SPEC, shapes)
     replace_metadata(proto, build_metadata(loaded, out_dir, dtype="float32", exporter=name, spec=SPEC,
-                                           num_tokens=int(shapes[_IMAGE.name][1])))
+                                           num_tokens=int(shapes[IMAGE_FEATURES.name][1])))
     path = scratch / VISION_ENCODER
-    _save_proto(proto, path, external=False)
+    save_proto(proto, path, external=False)
     return path
 
 
@@ -131,10 +131,10 @@ def _validate(path: Path, loaded: Any, progress: bool) -> OnnxReport:
 
     report = OnnxReport(path=str(path), dtype="float32", tolerance=FP32_TOLERANCE, export_batch_size=2)
     say_if(progress, f"validating {path.name} in onnxruntime against the hooked reference")
-    judge_runtime_outputs(report, RenamedSession(run, {"pooled": _IMAGE.name, "tokens": _VISION.name}), loaded,
+    judge_runtime_outputs(report, RenamedSession(run, {"pooled": IMAGE_FEATURES.name, "tokens": _VISION.name}), loaded,
                           validation_batches(loaded), pooled=projected)
     for c in report.comparisons:
-        c.output = {"pooled": _IMAGE.name, "tokens": _VISION.name}[c.output]
+        c.output = {"pooled": IMAGE_FEATURES.name, "tokens": _VISION.name}[c.output]
     return report
 
 

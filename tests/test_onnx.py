@@ -181,13 +181,13 @@ def test_external_data_branch_and_legacy_exporter(baked_dir, tmp_path):
 
 def test_failed_validation_leaves_no_file_and_names_the_output(baked_dir, tmp_path, monkeypatch):
     d = copy_baked(baked_dir, tmp_path / "out")
-    plain = onnx_patches._ExportWrapper.forward
+    plain = onnx_patches.ExportWrapper.forward
 
     def broken(self, pixel_values):
         pooled, tokens = plain(self, pixel_values)
         return pooled, tokens * 1.001  # an export bug: tokens off by 1e-3
 
-    monkeypatch.setattr(onnx_patches._ExportWrapper, "forward", broken)
+    monkeypatch.setattr(onnx_patches.ExportWrapper, "forward", broken)
     with pytest.raises(ParityError) as e:
         export_and_validate(d, loaded=load_model(str(d)), progress=False, exporter="legacy")
     msg = str(e.value)

@@ -24,8 +24,8 @@ from ..core.output_format import FP32_TOLERANCE, OnnxMetadata
 from ..core.parity import OutputError
 from ..core.recipe import Recipe
 from ..core.verdict import verdict_word
-from .bake import (_Builder, _insert_registers, _remake_side_tensors, _replace_uses, _shift_token_constants,
-                   _side_tensors, pool_without_registers)
+from .bake import (NodeBuilder, insert_registers, remake_side_tensors, replace_uses, shift_token_constants,
+                   side_tensors, pool_without_registers)
 from .discover import TokenLayout, measure_layout, static_input_size
 from .precision import precision_of, tolerance_for
 from .recognise import load_ir, recognise
@@ -35,13 +35,13 @@ from .vision_encoder import drop_register_rows, is_vision_encoder, source_output
 
 
 
-def _reduce(b: _Builder, op: str, x: ir.Value, axes: list[int], opset: int) -> ir.Value:
+def _reduce(b: NodeBuilder, op: str, x: ir.Value, axes: list[int], opset: int) -> ir.Value:
     if opset >= 18:
         return b.op(op, [x, b.i64("axes", axes)], {"keepdims": 1})
     return b.op(op, [x], {"axes": axes, "keepdims": 1})
 
 
-def _hooked_units(b: _Builder, h: ir.Value, sel: ir.Value, units: list[int], H: int, p: int, R: int,
+def _hooked_units(b: NodeBuilder, h: ir.Value, sel: ir.Value, units: list[int], H: int, p: int, R: int,
                   scale: float, per_neuron: bool, opset: int, h_dtype: np.dtype) -> ir.Value:
     """h with the register units (`sel` = their activations [B, N, k], float32) edited in place."""
     k = len(units)
@@ -69,14 +69,14 @@ def hooked_reference_graph(source: str | Path, recipe: Recipe, layout: Optional[
     """The source ONNX model with the test-time-register hooks written into it (see module doc)."""
     vit = recognise(source)
     layout = layout or measure_layout(vit)
-    side = _side_tensors(vit, layout)
+    side = side_tensors(vit, layout)
     vlm = source_outputs(vit.model, static_input_size(vit), str(source)) if is_vision_encoder(vit.model) else None
     graph = vit.model.graph
     opset = vit.model.opset_imports.get("", 17)
-    b = _Builder(graph, "vit_surgery_reference")
+    b = NodeBuilder(graph, "vit_surgery_reference")
     R, p = recipe.num_registers, layout.num_prefix
     dtype = np.dtype(layout.dtype)
-    entry = _insert_registers(b, vit, layout, R, dtype)
+    entry = insert_registers(b, vit, layout, R, dtype)
     for block, units in recipe.neurons.items():
         site = vit.mlps[block]
         before = len(b.nodes)
@@ -85,13 +85,13 @@ def hooked_reference_graph(source: str | Path, recipe: Recipe, layout: Optional[
         sel = unit_activation(b, site, np.asarray(idx), dtype)
         new_h = _hooked_units(b, site.hidden, sel, idx, site.width, p, R, recipe.scale,
                               recipe.mode == "per_neuron", opset, dtype)
-        _replace_uses(site.hidden, new_h, {id(n) for n in b.nodes[before:]})
+        replace_uses(site.hidden, new_h, {id(n) for n in b.nodes[before:]})
     own = {id(n) for n in b.nodes}
     b.commit()
     _, head = pool_without_registers(b, vit, layout, R)
     b.commit_new()
-    _shift_token_constants(b, entry, layout, R, own, vit.embed_dim, head)
-    _remake_side_tensors(b, side, layout, R)
+    shift_token_constants(b, entry, layout, R, own, vit.embed_dim, head)
+    remake_side_tensors(b, side, layout, R)
     graph.sort()
     if vlm is not None:  # as the bake does: image_features keep the source's token count
         b.commit_new()
