@@ -291,29 +291,16 @@ def check(
                              _options(options))
 
 
-def _verified(out: str | Path, folder: Path) -> bool:
-    """Whether OUT matches its integrity record (IntegrityError, exit 11, on damage: before torch loads);
-    an OUT whose surgery.json has no record is warned about."""
-    from .core.integrity import read_surgery, verify_output
-
-    if verify_output(folder, every_deployment_file=True):
-        return True
-    if read_surgery(folder) is not None:
-        warnings.warn(f"{out} has no integrity record (written by an older vit-surgery): damaged weights "
-                      "are only caught with --source", stacklevel=3)
-    return False
-
-
 def _check_folder(out: str | Path, source: Optional[str | Path], images: Optional[str | Path], num_images: int,
                   batch_size: int, seed: int, tolerance: Optional[float], skip_exports: bool,
                   options: LoadOptions) -> CheckResult:
     from .core.errors import IntegrityError
-    from .core.integrity import read_surgery, source_for_check
+    from .core.integrity import read_surgery, source_for_check, verify_before_check
     from .core.output_format import recorded_tolerance
     from .core.outputs import local_source_path
 
     folder = local_source_path(str(out)) or Path(out)
-    verified = _verified(out, folder)
+    verified = verify_before_check(folder, say_missing=False)
     from .pipeline import parity_batches, run_check
 
     loaded = load_source(out, options)

@@ -129,7 +129,7 @@ def check_onnx_source(out: str | Path, source: Optional[str | Path], *, images: 
                       progress: bool = True) -> tuple[Any, dict[str, Any]]:
     """check of a rewritten ONNX file or folder against its source (required: the hooked reference graph
     is built on it). Returns the report and the --report document."""
-    from .core.integrity import verify_onnx_output
+    from .core.integrity import verify_before_check
     from .onnx_graph.check import check_onnx
     from .onnx_graph.convert import require_onnx_file
     from .onnx_graph.folder import check_folder, is_onnx_folder, require_onnx_folder
@@ -140,7 +140,7 @@ def check_onnx_source(out: str | Path, source: Optional[str | Path], *, images: 
         folder = require_onnx_folder(out)
         if not source:
             raise UsageError("checking an ONNX folder needs --source ORIGINAL_FOLDER (the model it was made from)")
-        verify_onnx_output(Path(out))
+        verify_before_check(Path(out))
         src = require_onnx_folder(source)
         try:
             first = src.find_source()
@@ -152,6 +152,6 @@ def check_onnx_source(out: str | Path, source: Optional[str | Path], *, images: 
     if not source:
         raise UsageError("checking an ONNX file needs --source ORIGINAL.onnx (the model it was made from)")
     src_path = require_onnx_file(source)
-    verify_onnx_output(baked)
+    verify_before_check(baked)
     report = check_onnx(baked, src_path, check_batches(src_path, images, num_images, seed, progress), tolerance=tol)
     return report, {"onnx": report.to_dict()}
