@@ -347,28 +347,30 @@ def check_parity(
     require_same_architecture(source, baked, recipe, fam)
     source.eval()
     baked.eval()
-    dtype = getattr(baked, COMPUTE_DTYPE_ATTR, None) or next(baked.parameters()).dtype
+    # a model may ask to be judged computing in another dtype than it is stored in (a VLM written in its
+    # source's half dtype holds the source's weights exactly: it computes in float32, block by block)
+    compute = getattr(baked, COMPUTE_DTYPE_ATTR, None)
+    dtype = compute or next(baked.parameters()).dtype
     report = ParityReport(tolerance=tolerance, dtype=str(dtype).replace("torch.", ""))
     blocks = fam.blocks(source)
     total = sum(len(b) for b in batches) if isinstance(batches, (list, tuple)) else None
     with stage("float64 check against the hooked reference", total, unit="image") as progress:
         for pixels in batches:
-            _judge_batch(report, source, baked, recipe, fam, pixels, blocks, tolerance, seed, on_baked_batch)
+            _judge_batch(report, source, baked, recipe, fam, pixels, blocks, tolerance, seed, on_baked_batch, compute)
             progress.advance(pixels.shape[0])
     return report
 
 
 def _judge_batch(report: ParityReport, source: nn.Module, baked: nn.Module, recipe: Recipe, fam: Adapter,
                  pixels: torch.Tensor, blocks: list[nn.Module], tolerance: float, seed: int,
-                 on_baked_batch: Optional[Callable[[nn.Module, torch.Tensor], Any]]) -> None:
-    """One batch of check_parity: the baked model's pass, then the float64 reference's (and the allowance
-    runs where needed), judged as they stream."""
+                 on_baked_batch: Optional[Callable[[nn.Module, torch.Tensor], Any]],
+                 compute: Optional[torch.dtype] = None) -> None:
+    """One batch of check_parity: the baked model's pass (in `compute`, the dtype check_parity read off
+    the model, else its own), then the float64 reference's (and the allowance runs where needed), judged
+    as they stream."""
     from .reference import hooked_reference
 
     dev = next(baked.parameters()).device
-    # a model may ask to be judged computing in another dtype than it is stored in (a VLM written in its
-    # source's half dtype holds the source's weights exactly: it computes in float32, block by block)
-    compute = getattr(baked, COMPUTE_DTYPE_ATTR, None)
     dtype = compute or next(baked.parameters()).dtype
     half = dtype in (torch.float16, torch.bfloat16)
     src_dev = next(source.parameters()).device
