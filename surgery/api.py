@@ -197,7 +197,7 @@ def convert(
         from .pipeline import export_formats_hook, run_convert
 
         opts = _options(options)
-        exports: list[Any] = []
+        exports: list[Verdict] = []
         after = export_formats_hook((["onnx"] if onnx else []) + list(formats), fp16=fp16, options=opts,
                                     reports=exports)
         with _as_loaded(model_or_spec, opts) as loaded:

@@ -349,7 +349,7 @@ def run_convert(
 
 def export_formats_hook(formats: Sequence[str], *, fp16: bool = False, progress: bool = True,
                         options: Optional[LoadOptions] = None,
-                        reports: Optional[list[Any]] = None) -> Optional[Callable[[Path, LoadedModel], None]]:
+                        reports: Optional[list[Verdict]] = None) -> Optional[Callable[[Path, LoadedModel], None]]:
     """`run_convert`'s after_write for `convert --formats` / `surgery.convert(formats=...)`: each named
     format of the registry (exporters/formats.py) exported from the temporary output and validated
     before the output is moved into place. None for no formats; an unknown name fails before any work.
