@@ -53,8 +53,8 @@ def main() -> int:
     from surgery import Recipe
     from surgery.core.bake import baked_copy
     from surgery.backends import adapter_for
-    from surgery.onnx_graph.bake import _Builder, _insert_registers, _remake_side_tensors, _shift_token_constants, \
-        _side_tensors
+    from surgery.onnx_graph.bake import NodeBuilder, insert_registers, remake_side_tensors, shift_token_constants, \
+        side_tensors
     from surgery.onnx_graph.convert import convert_onnx
     from surgery.onnx_graph.discover import measure_layout
     from surgery.onnx_graph.recognise import recognise
@@ -82,13 +82,13 @@ def main() -> int:
         onnx.save_model(export_graph(baked, fam, work / "own", progress=False).proto, str(paths["own export"]))
         vit = recognise(paths["original"])  # token only: the rewriter's register insertion alone
         layout = measure_layout(vit)
-        side = _side_tensors(vit, layout)
-        b = _Builder(vit.model.graph, "token_only")
-        entry = _insert_registers(b, vit, layout, 1, np.float32)
+        side = side_tensors(vit, layout)
+        b = NodeBuilder(vit.model.graph, "token_only")
+        entry = insert_registers(b, vit, layout, 1, np.float32)
         own = {id(n) for n in b.nodes}
         b.commit()
-        _shift_token_constants(b, entry, layout, 1, own)
-        _remake_side_tensors(b, side, layout, 1)
+        shift_token_constants(b, entry, layout, 1, own)
+        remake_side_tensors(b, side, layout, 1)
         vit.model.graph.sort()
         paths["token only"] = work / "token.onnx"
         ir.save(vit.model, str(paths["token only"]))
@@ -170,7 +170,7 @@ def variants_main(a: argparse.Namespace, pinned: bool) -> int:
     from surgery.backends import adapter_for
     from surgery.onnx_graph.convert import convert_onnx
     from surgery.organisms.onnx_graphs import make_variant
-    from surgery.onnx_graph.runtime import as_input
+    from surgery.core.onnx_runtime import as_input
 
     t_start = time.perf_counter()
     load_start = bl.load_average()

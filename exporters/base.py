@@ -4,7 +4,8 @@ registry (`exporters/formats.py`), as `Backend` records are for libraries (surge
 A record is light (names, files, tolerance): the CLI parser is built from the registry without loading
 torch. The format's module, imported on first use, implements three functions:
 - `export_format(out_dir, loaded, options) -> report`: export the converted folder's baked model,
-  validate it, and only then move the files into place (the report of the last file written);
+  validate it, and only then move the files into place (the report of the last file written; every
+  report is a `Verdict`, surgery/core/verdict.py);
 - `open_session(path) -> session`: a runtime session on the format's main file, with onnxruntime's
   `run(output_names, feeds)` interface;
 - `validate_present(out_dir, loaded, batches) -> [report]`: re-validate the format's files already in
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Optional, Sequence
+
+from surgery.core.verdict import Verdict
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,7 @@ class Format:
     def present(self, out_dir: Path) -> bool:
         return (Path(out_dir) / self.files[0]).is_file()
 
-    def export(self, out_dir: Path, loaded: Any, options: ExportOptions = ExportOptions()) -> Any:
+    def export(self, out_dir: Path, loaded: Any, options: ExportOptions = ExportOptions()) -> Verdict:
         """Export and validate, then add what was written to OUT's integrity record (check verifies it)."""
         from surgery.core.integrity import record_written
 
@@ -68,5 +71,5 @@ class Format:
     def session(self, path: Path) -> Any:
         return self.implementation().open_session(Path(path))
 
-    def validate(self, out_dir: Path, loaded: Any, batches: Sequence[Any]) -> list[Any]:
+    def validate(self, out_dir: Path, loaded: Any, batches: Sequence[Any]) -> list[Verdict]:
         return self.implementation().validate_present(Path(out_dir), loaded, list(batches))

@@ -33,15 +33,16 @@ from torch import nn
 from surgery.core.errors import ModelInputError, SurgeryError, first_line
 
 from .onnx_metadata import build_metadata
-from .onnx_patches import _ExportWrapper, _mha_fastpath_disabled
+from .onnx_patches import ExportWrapper, mha_fastpath_disabled
 from .tail_accurate_activation import tail_accurate_register_branches
 from surgery.core.output_format import META_PREFIX, ONNX_FILE
 from surgery.core.output_format import ONNX_DATA_FILE as DATA_FILE
+from surgery.core.progress import say_if
 
-from .onnx_spec import EXPORTERS, EXTERNAL_DATA_THRESHOLD, VIT_ONNX_SPEC, OnnxSpec, _say, log
+from .onnx_spec import EXPORTERS, EXTERNAL_DATA_THRESHOLD, VIT_ONNX_SPEC, OnnxSpec, log
 
 
-def _export_proto(wrapper: nn.Module, example: torch.Tensor, spec: OnnxSpec, exporter: str, scratch: Path,
+def export_proto(wrapper: nn.Module, example: torch.Tensor, spec: OnnxSpec, exporter: str, scratch: Path,
                   progress: bool) -> Any:
     """Run one torch exporter; return the ModelProto (weights in memory)."""
     import onnx
@@ -51,7 +52,7 @@ def _export_proto(wrapper: nn.Module, example: torch.Tensor, spec: OnnxSpec, exp
         stack.enter_context(warnings.catch_warnings())
         warnings.simplefilter("ignore")  # TracerWarnings, the legacy exporter's DeprecationWarning
         stack.enter_context(contextlib.redirect_stdout(sink))  # the dynamo exporter prints its steps
-        stack.enter_context(_mha_fastpath_disabled())
+        stack.enter_context(mha_fastpath_disabled())
         stack.enter_context(torch.no_grad())
         if exporter == "dynamo":
             prog = torch.onnx.export(wrapper, (example,), None, input_names=spec.input_names,
@@ -69,7 +70,7 @@ def _export_proto(wrapper: nn.Module, example: torch.Tensor, spec: OnnxSpec, exp
         return proto
 
 
-def _fix_io_shapes(proto: Any, spec: OnnxSpec, shapes: dict[str, Sequence[int]]) -> None:
+def fix_io_shapes(proto: Any, spec: OnnxSpec, shapes: dict[str, Sequence[int]]) -> None:
     """Dynamic axes get their spec name, every other axis its concrete size (some exporters leave
     generated names on fixed axes)."""
     by_name = {t.name: t for t in spec.inputs + spec.outputs}
@@ -103,7 +104,7 @@ def _weights_bytes(proto: Any) -> int:
     return total
 
 
-def _save_proto(proto: Any, path: Path, external: bool) -> None:
+def save_proto(proto: Any, path: Path, external: bool) -> None:
     import onnx
 
     if external:
@@ -139,10 +140,10 @@ def export_first_that_works(wrapper: nn.Module, example: torch.Tensor, spec: Onn
     order = [exporter] + [e for e in EXPORTERS if e != exporter]
     errors: list[str] = []
     for name in order:
-        _say(progress, f"exporting {what} with the {name} exporter{detail}")
+        say_if(progress, f"exporting {what} with the {name} exporter{detail}")
         try:
             with tail_accurate_register_branches(model) as tail_branches:
-                proto = _export_proto(wrapper, example, spec, name, scratch, progress)
+                proto = export_proto(wrapper, example, spec, name, scratch, progress)
         except SurgeryError:
             raise
         except Exception as e:  # noqa: BLE001 - the next exporter may cover it; all errors are reported
@@ -179,16 +180,16 @@ def export_graph(model: nn.Module, family: Any, scratch: Path, *, fp16: bool = F
     if ref.device.type != "cpu" or ref.dtype != dtype:
         model = copy.deepcopy(model).to("cpu", dtype)  # export on CPU; the graph is device-independent
     model.eval()
-    wrapper = _ExportWrapper(model, family, dtype).eval()
+    wrapper = ExportWrapper(model, family, dtype).eval()
     example = torch.randn(spec.export_batch_size, c, h, w, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), _mha_fastpath_disabled():
+    with torch.no_grad(), mha_fastpath_disabled():
         pooled, tokens = wrapper(example)
     shapes = {spec.input_names[0]: tuple(example.shape), spec.output_names[0]: tuple(pooled.shape),
               spec.output_names[1]: tuple(tokens.shape)}
     proto, name, tail_branches = export_first_that_works(
         wrapper, example, spec, exporter, scratch, model, progress,
         detail=f" (opset {spec.opset}, {'float16' if fp16 else 'float32'}, batch {spec.export_batch_size})")
-    _fix_io_shapes(proto, spec, shapes)
+    fix_io_shapes(proto, spec, shapes)
     return GraphExport(proto, name, shapes, tail_branches)
 
 
@@ -214,6 +215,6 @@ def export_onnx(loaded: Any, out_dir: Path, scratch: Path, *, fp16: bool = False
     size = _weights_bytes(proto)
     external = size > external_data_threshold
     path = scratch / ONNX_FILE
-    _save_proto(proto, path, external)
+    save_proto(proto, path, external)
     return ExportInfo(path, used, "float16" if fp16 else "float32", external, size)
 

@@ -32,16 +32,18 @@ from torch import nn
 from surgery.core.errors import ModelInputError
 
 from .base import ExportOptions
-from .onnx_export import _fix_io_shapes, _save_proto, export_first_that_works, replace_metadata
+from .onnx_export import fix_io_shapes, save_proto, export_first_that_works, replace_metadata
 from .onnx_metadata import build_metadata
-from .onnx_patches import _mha_fastpath_disabled
+from .onnx_patches import mha_fastpath_disabled
 from .onnx_publish import publish_validated, record_parity_section, staged_output
 from surgery.core.output_format import FP16_TOLERANCE, FP32_TOLERANCE, META_PREFIX, ONNX_HF_DIR, ONNX_HF_FILES
 from surgery.core.outputs import check_replaceable
+from surgery.core import onnx_runtime
+from surgery.core.progress import say_if
 
-from .onnx_spec import OnnxSpec, TensorSpec, _say
-from .onnx_validate import OnnxReport, _ort_session, validation_batches
-from .runtime_check import RenamedSession, validate_runtime
+from .onnx_spec import OnnxSpec, TensorSpec
+from .onnx_validate import OnnxReport, judge_runtime_outputs, validation_batches
+from .runtime_check import RenamedSession
 
 ONNX_DIR, FILES = ONNX_HF_DIR, ONNX_HF_FILES
 _PIXELS = TensorSpec("pixel_values", ("batch", "num_channels", "height", "width"),
@@ -59,7 +61,7 @@ def _vision_and_projection(model: nn.Module) -> tuple[nn.Module, Optional[nn.Mod
     return model, None
 
 
-class _HFOutputs(nn.Module):
+class HFOutputs(nn.Module):
     """pixel_values -> (last_hidden_state, pooler_output[, image_embeds]) in float32."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
@@ -86,33 +88,33 @@ def export_hf_graph(loaded: Any, out_dir: Path, scratch: Path, fp16: bool, expor
     dtype = torch.float16 if fp16 else torch.float32
     model = copy.deepcopy(loaded.model).to("cpu", dtype).eval()
     spec = hf_spec(model)
-    wrapper = _HFOutputs(model, dtype).eval()
+    wrapper = HFOutputs(model, dtype).eval()
     c, h, w = loaded.adapter.input_size(loaded.model)
     example = torch.randn(spec.export_batch_size, c, h, w, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), _mha_fastpath_disabled():
+    with torch.no_grad(), mha_fastpath_disabled():
         outs = wrapper(example)
     shapes = {spec.input_names[0]: tuple(example.shape)}
     shapes.update({name: tuple(o.shape) for name, o in zip(spec.output_names, outs)})
     proto, name, _ = export_first_that_works(wrapper, example, spec, exporter, scratch, model, progress,
                                              what="ONNX (HF layout)",
                                              detail=f" ({'float16' if fp16 else 'float32'})")
-    _fix_io_shapes(proto, spec, shapes)
+    fix_io_shapes(proto, spec, shapes)
     replace_metadata(proto, build_metadata(loaded, out_dir, dtype="float16" if fp16 else "float32", exporter=name,
                                            spec=spec, num_tokens=int(shapes[_HIDDEN.name][1])))
     path = scratch / FILES["float16" if fp16 else "float32"]
-    _save_proto(proto, path, external=False)
+    save_proto(proto, path, external=False)
     return path
 
 
 def _validate(path: Path, loaded: Any, fp16: bool, progress: bool, batches: Optional[list[Any]] = None) -> OnnxReport:
     """onnxruntime on the graph vs PyTorch and the hooked reference (see validate_hf_outputs)."""
-    session = _ort_session(path)
+    session = onnx_runtime.open_session(path)
     names = [o.name for o in session.get_outputs()]
 
     def run(pixels: Any) -> dict[str, Any]:
         return dict(zip(names, session.run(names, {"pixel_values": pixels})))
 
-    _say(progress, f"validating {path.name} in onnxruntime against PyTorch and the hooked reference")
+    say_if(progress, f"validating {path.name} in onnxruntime against PyTorch and the hooked reference")
     return validate_hf_outputs(run, path, loaded, FP16_TOLERANCE if fp16 else FP32_TOLERANCE,
                                "float16" if fp16 else "float32", batches)
 
@@ -133,14 +135,14 @@ def validate_hf_outputs(run: Any, path: Path, loaded: Any, tol: float, dtype: st
         return p(v(pixel_values=x, return_dict=True).pooler_output)
 
     report = OnnxReport(path=str(path), dtype=dtype, tolerance=tol, export_batch_size=2)
-    validate_runtime(report, RenamedSession(run, {"pooled": _POOLER.name, "tokens": _HIDDEN.name}), loaded,
-                     batches, pooled=pooler)
+    judge_runtime_outputs(report, RenamedSession(run, {"pooled": _POOLER.name, "tokens": _HIDDEN.name}), loaded,
+                          batches, pooled=pooler)
     for c in report.comparisons:
         c.output = {"pooled": _POOLER.name, "tokens": _HIDDEN.name}[c.output]
     if projection is not None and report.passed:
         extra = OnnxReport(path=str(path), dtype=report.dtype, tolerance=tol, export_batch_size=2)
-        validate_runtime(extra, RenamedSession(run, {"pooled": _EMBEDS.name, "tokens": _HIDDEN.name}), loaded,
-                         batches, pooled=embeds)
+        judge_runtime_outputs(extra, RenamedSession(run, {"pooled": _EMBEDS.name, "tokens": _HIDDEN.name}), loaded,
+                              batches, pooled=embeds)
         report.problems += extra.problems
         report.comparisons += [c for c in extra.comparisons if c.output == "pooled"]
         for c in report.comparisons:
@@ -220,7 +222,7 @@ def export_format(out_dir: Path, loaded: Any, options: ExportOptions) -> OnnxRep
 
 
 def open_session(path: Path) -> Any:
-    return _ort_session(path)
+    return onnx_runtime.open_session(path)
 
 
 validate_present = validate_hf_layout

@@ -46,12 +46,15 @@ from surgery.core.errors import ModelInputError, UsageError
 from surgery.core.output_format import META_PREFIX
 from surgery.core.integrity import record_written
 from surgery.core.outputs import atomic_output_file, check_replaceable, identity
-from .onnx_spec import VIT_ONNX_SPEC, _say
-from .onnx_patches import _ExportWrapper, _mha_fastpath_disabled
+from surgery.core.verdict import verdict_word
+from surgery.core import onnx_runtime
+from surgery.core.progress import say_if
+from .onnx_spec import VIT_ONNX_SPEC
+from .onnx_patches import ExportWrapper, mha_fastpath_disabled
 from .onnx_export import export_onnx, replace_metadata
 from .onnx_publish import publish_validated, record_parity_section, staged_output
 from .onnx_metadata import token_layout
-from .onnx_validate import _ort_session, validation_batches
+from .onnx_validate import validation_batches
 
 INT8_MODES = ("static", "dynamic")
 FILES = {"static": "model_int8.onnx", "dynamic": "model_quantized.onnx"}
@@ -299,7 +302,7 @@ class Int8Report:
         if not self.images:
             return f"onnx int8 ({self.mode}) FAIL: no validation images"
         reg = f", register token >= {min(self.register_cosine):.4f}" if self.register_cosine else ""
-        return (f"onnx int8 ({self.mode}) {'PASS' if self.passed else 'FAIL'} against the float32 baked model, "
+        return (f"onnx int8 ({self.mode}) {verdict_word(self.passed)} against the float32 baked model, "
                 f"{self.images} image(s): pooled cosine >= {min(self.pooled_cosine):.4f} (needed "
                 f"{self.pooled_min}), patch-token cosine >= {min(self.patch_cosine):.4f} per image (needed "
                 f"{self.patch_min}; worst single patch token {self.patch_cosine_worst_token:.4f}){reg}")
@@ -307,8 +310,7 @@ class Int8Report:
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "path": self.path, "mode": self.mode, "images": self.images,
                 "validation_images": self.validation_images,
-                "against": "float32 baked model (PyTorch)", "runtime": "onnxruntime CPUExecutionProvider, "
-                "graph_optimization_level ORT_ENABLE_ALL",
+                "against": "float32 baked model (PyTorch)", "runtime": onnx_runtime.RUNTIME_DETAIL,
                 "thresholds": {"pooled_cosine_min_per_image": self.pooled_min,
                                "patch_token_cosine_min_per_image": self.patch_min,
                                "patch_token_cosine": "mean over an image's patch tokens of each token's cosine"},
@@ -328,7 +330,7 @@ def validate_int8(report: Int8Report, path: Path, reference: Callable[[torch.Ten
                   names: tuple[str, str], first_patch: int, registers: Sequence[int]) -> Int8Report:
     """Fill `report` with per-image cosines of the INT8 file's outputs `names` = (pooled, tokens) against
     `reference(pixels) -> (pooled, tokens, ...)`, the float32 baked model with the same interface."""
-    session = _ort_session(path)
+    session = onnx_runtime.open_session(path)
     worst = 1.0
     for x in batches:
         x = x.to("cpu", torch.float32).contiguous()
@@ -414,11 +416,11 @@ def _plain_layout(out_dir: Path, loaded: Any, mode: str, exporter: str, progress
         return info.path
 
     return _Layout(out_dir / FILES[mode], tuple(VIT_ONNX_SPEC.output_names),  # type: ignore[arg-type]
-                   _ExportWrapper(model, loaded.adapter, torch.float32).eval(), export)
+                   ExportWrapper(model, loaded.adapter, torch.float32).eval(), export)
 
 
 def _hf_layout(out_dir: Path, loaded: Any, mode: str, exporter: str, progress: bool) -> _Layout:
-    from .onnx_hf_layout import ONNX_DIR, _HFOutputs, export_hf_graph
+    from .onnx_hf_layout import ONNX_DIR, HFOutputs, export_hf_graph
 
     if loaded.source.library != "hf":
         raise ModelInputError(f"{{layout}} hf needs a folder converted from an HF transformers model; {out_dir} is "
@@ -428,7 +430,7 @@ def _hf_layout(out_dir: Path, loaded: Any, mode: str, exporter: str, progress: b
     def export(scratch: Path) -> Path:
         return export_hf_graph(loaded, out_dir, scratch, False, exporter, progress)
 
-    hf = _HFOutputs(model, torch.float32).eval()
+    hf = HFOutputs(model, torch.float32).eval()
 
     def reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, pooler = hf(x)[:2]
@@ -472,17 +474,17 @@ def export_int8(out_dir: Path, *, loaded: Any, mode: str = "static", images: Opt
                                   "(nothing to keep in float)")
         settings = QuantSettings(mode, excluded=branch, calibration_images=sum(map(len, calibration)))  # read, not listed
         staged = scratch / lay.target.name
-        _say(progress, f"quantizing to INT8 ({mode}; {sum(map(len, branch.values()))} register-branch nodes kept "
+        say_if(progress, f"quantizing to INT8 ({mode}; {sum(map(len, branch.values()))} register-branch nodes kept "
                        f"in float" + (f"; calibrating on {settings.calibration_images} images)" if calibration else ")"))
-        with _mha_fastpath_disabled():
+        with mha_fastpath_disabled():
             quantize_file(fp32, staged, mode, calibration=calibration,
                           exclude=[n for names in branch.values() for n in names], work=scratch)
         _set_metadata(staged, {META_PREFIX + "int8": json.dumps(settings.to_dict(), sort_keys=True),
                                META_PREFIX + "dtype": "int8"})
-        _say(progress, f"validating {lay.target.name} against the float32 baked model ({where})")
+        say_if(progress, f"validating {lay.target.name} against the float32 baked model ({where})")
         report = Int8Report(path=str(lay.target), mode=mode, validation_images=where, settings=settings.to_dict())
         report.pooled_min, report.patch_min = POOLED_COSINE_MIN, PATCH_COSINE_MIN
-        with _mha_fastpath_disabled():
+        with mha_fastpath_disabled():
             validate_int8(report, staged, lay.reference, validation, lay.names, layout_info["first_patch_index"],
                           layout_info["register_indices"])
         lay.target.parent.mkdir(exist_ok=True)

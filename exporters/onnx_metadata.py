@@ -57,12 +57,12 @@ def build_metadata(loaded: Any, out_dir: Path, *, dtype: str, exporter: str, spe
 
 def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
     """vit-surgery's metadata properties of an ONNX file, decoded (prefix dropped). Weights not loaded."""
-    model = _load_proto(Path(path), load_external_data=False)
+    model = load_proto(Path(path), load_external_data=False)
     props = {p.key: p.value for p in model.metadata_props}
     return OnnxMetadata.from_props(props, str(path)).as_dict()
 
 
-def _load_proto(path: Path, load_external_data: bool) -> Any:
+def load_proto(path: Path, load_external_data: bool) -> Any:
     import onnx
 
     require_onnx_path(path)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 
-class _ExportWrapper(nn.Module):
+class ExportWrapper(nn.Module):
     """family.forward_both as a module with a float32 interface (fp16 exports cast inside the graph)."""
 
     def __init__(self, model: nn.Module, family: Any, dtype: torch.dtype) -> None:
@@ -28,7 +28,7 @@ class _ExportWrapper(nn.Module):
 # ---- small helpers -----------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _mha_fastpath_disabled() -> Iterator[None]:
+def mha_fastpath_disabled() -> Iterator[None]:
     """open_clip's nn.MultiheadAttention fast path becomes aten::_native_multi_head_attention, which the
     exporters cannot translate; the ordinary path computes the same thing."""
     mha = getattr(torch.backends, "mha", None)
@@ -44,7 +44,7 @@ def _mha_fastpath_disabled() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _exact_torch() -> Iterator[None]:
+def exact_torch() -> Iterator[None]:
     """No TF32 on CUDA while PyTorch outputs serve as references."""
     m, c = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False

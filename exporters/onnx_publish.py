@@ -17,13 +17,15 @@ import torch
 from surgery.core.errors import ModelInputError, ParityError
 
 from .onnx_export import export_onnx
-from surgery.core.output_format import ONNX_DATA_FILE as DATA_FILE
+from surgery.core.output_format import ONNX_DATA_FILE as DATA_FILE, write_json
 from surgery.core.output_format import ONNX_FILE, PARITY_FILE
 from surgery.core.outputs import atomic_output_file, check_replaceable, identity, move_file_into_place
+from surgery.core import onnx_runtime
+from surgery.core.progress import say_if
 
-from .onnx_spec import EXTERNAL_DATA_THRESHOLD, _say
+from .onnx_spec import EXTERNAL_DATA_THRESHOLD
 from .base import ExportOptions
-from .onnx_validate import OnnxReport, _RefusingSession, _ort_session, validate_onnx, validation_batches
+from .onnx_validate import OnnxReport, validate_onnx, validation_batches
 
 
 @contextlib.contextmanager
@@ -67,7 +69,7 @@ def record_parity_section(out_dir: Path, key: str, entry: Any, *, create: bool) 
         doc = {}
     doc[key] = entry
     with atomic_output_file(f, overwrite=True) as tmp:
-        tmp.write_text(json.dumps(doc, indent=2, sort_keys=True, default=float) + "\n")
+        write_json(tmp, doc)
 
 
 def _update_parity_json(out_dir: Path, report: OnnxReport) -> None:
@@ -97,7 +99,7 @@ def export_and_validate(out_dir: Path, fp16: bool = False, progress: bool = True
     with staged_output(out_dir, ".onnx-export-") as scratch:
         info = export_onnx(loaded, out_dir, scratch, fp16=fp16, exporter=exporter,
                            external_data_threshold=external_data_threshold, progress=progress)
-        _say(progress, f"validating {ONNX_FILE} in onnxruntime against PyTorch and the hooked reference")
+        say_if(progress, f"validating {ONNX_FILE} in onnxruntime against PyTorch and the hooked reference")
         work = batches if batches is not None else validation_batches(loaded)
         report = validate_onnx(out_dir, loaded, work, onnx_path=info.path, tolerance=tolerance, progress=progress)
         report.path = str(out_dir / ONNX_FILE)
@@ -106,7 +108,7 @@ def export_and_validate(out_dir: Path, fp16: bool = False, progress: bool = True
         if not info.external_data and (out_dir / DATA_FILE).exists():  # a previous, larger export's weights
             (out_dir / DATA_FILE).unlink()
         _update_parity_json(out_dir, report)
-        _say(progress and say_summary, report.summary())
+        say_if(progress and say_summary, report.summary())
         return report
 
 
@@ -122,7 +124,7 @@ def export_format(out_dir: Path, loaded: Any, options: ExportOptions) -> OnnxRep
 
 
 def open_session(path: Path) -> Any:
-    return _RefusingSession(_ort_session(path), path)
+    return onnx_runtime.open_session(path)
 
 
 def validate_present(out_dir: Path, loaded: Any, batches: list[torch.Tensor]) -> list[OnnxReport]:

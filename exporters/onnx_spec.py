@@ -12,7 +12,6 @@ past its 2 GB limit.
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,9 +84,3 @@ VIT_ONNX_SPEC = OnnxSpec(
              TensorSpec("tokens", ("batch", "sequence", "width"),
                         doc="final normalised token features: [prefix | test-time registers | patches]")),
 )
-
-def _say(progress: bool, msg: str) -> None:
-    if progress:
-        print(f"vit-surgery: {msg}", file=sys.stderr)
-
-

@@ -22,9 +22,12 @@ from torch import nn
 
 from surgery.core.errors import ModelInputError, first_line
 from surgery.core.parity import JUDGE, OutputError, round_up_tolerance
+from surgery.core.images import split_batches, with_another_batch_size
+from surgery.core.onnx_runtime import RUNTIME, RUNTIME_DETAIL, open_session
+from surgery.core.verdict import verdict_word
 
-from .onnx_metadata import _load_proto, read_onnx_metadata, token_layout
-from .onnx_patches import _exact_torch
+from .onnx_metadata import load_proto, read_onnx_metadata, token_layout
+from .onnx_patches import exact_torch
 from surgery.core.output_format import FP16_TOLERANCE, FP32_TOLERANCE, ONNX_FILE
 
 from .onnx_spec import VIT_ONNX_SPEC
@@ -46,19 +49,22 @@ class Comparison:
 
     @property
     def passed(self) -> bool:
-        return self.error.passed(self.tolerance)
+        return self.error.within(self.tolerance)
 
     @property
     def label(self) -> str:
         return f"{self.output} vs {self.against.replace('_', ' ')}"
 
+    def summary(self) -> str:
+        allowed = self.error.allowed if self.error.allowed is not None else self.tolerance
+        return (f"{self.label} {verdict_word(self.passed)}: relative error {self.error.relative_at_where:.3g}, "
+                f"allowed {allowed:.3g} (tolerance {self.tolerance:g})")
+
     def to_dict(self) -> dict[str, Any]:
         d = self.error.to_dict()
-        d.update(output=self.output, against=self.against, tolerance=self.tolerance, passed=self.passed)
+        d.update(output=self.output, against=self.against, tolerance=self.tolerance, passed=self.passed,
+                 summary=self.summary())
         return d
-
-
-ORT_RUNTIME = "onnxruntime CPU, optimisation ALL"
 
 
 @dataclass
@@ -77,8 +83,8 @@ class OnnxReport:
     problems: list[str] = field(default_factory=list)  # failures that are not numeric (stale metadata)
     metadata: dict[str, Any] = field(default_factory=dict)
     format: str = "onnx"  # the label of the format (exporters/formats.py), first word of the summary
-    runtime: str = ORT_RUNTIME  # what ran the graph, as the summary says it
-    runtime_detail: str = "onnxruntime CPUExecutionProvider, graph_optimization_level ORT_ENABLE_ALL"
+    runtime: str = RUNTIME  # what ran the graph, as the summary says it
+    runtime_detail: str = RUNTIME_DETAIL
 
     @property
     def passed(self) -> bool:
@@ -92,7 +98,7 @@ class OnnxReport:
         return max(self.comparisons, key=lambda c: c.error.excess(c.tolerance)) if self.comparisons else None
 
     def summary(self) -> str:
-        head = (f"{self.format} {'PASS' if self.passed else 'FAIL'} ({self.dtype}, {self.runtime}, "
+        head = (f"{self.format} {verdict_word(self.passed)} ({self.dtype}, {self.runtime}, "
                 f"batch sizes {sorted(set(self.batch_sizes))}, exported at batch {self.export_batch_size})")
         if self.problems:
             return f"{head}: {'; '.join(self.problems)}"
@@ -132,18 +138,6 @@ class OnnxReport:
                 "problems": self.problems, "summary": self.summary()}
 
 
-def _ort_session(path: Path) -> Any:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    try:
-        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise ModelInputError(f"{path}: onnxruntime cannot load it ({first_line(e)})") from None
-
-
 def _check_model(path: Path) -> None:
     import onnx
 
@@ -154,33 +148,9 @@ def _check_model(path: Path) -> None:
                               "re-export it with `vit-surgery export OUT --format onnx --overwrite`") from None
 
 
-def _rebatch(batches: Sequence[torch.Tensor], export_batch: int) -> list[torch.Tensor]:
-    """The given batches, split so that at least one has a size other than the export batch size."""
-    out = [b for b in batches if len(b)]
-    if out and all(len(b) == export_batch for b in out):
-        first = out[0]
-        out = [first[:1], first[1:]] + out[1:] if len(first) > 1 else out
-    return out
-
-
 def _torch_outputs(model: nn.Module, family: Any, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
     pooled, tokens = family.forward_both(model, pixels)
     return {"pooled": pooled, "tokens": tokens}
-
-
-class _RefusingSession:
-    """An onnxruntime session whose failures on a batch become one-line ModelInputErrors naming the file."""
-
-    def __init__(self, session: Any, path: Path) -> None:
-        self.session, self.path = session, path
-
-    def run(self, output_names: Sequence[str], feeds: dict[str, Any]) -> list[Any]:
-        try:
-            return self.session.run(output_names, feeds)
-        except Exception as e:
-            shape = tuple(next(iter(feeds.values())).shape)
-            raise ModelInputError(f"{self.path}: onnxruntime failed on a batch of {shape} "
-                                  f"({first_line(e)})") from None
 
 
 @torch.no_grad()
@@ -192,7 +162,7 @@ def judge_runtime_outputs(report: OnnxReport, session: Any, loaded: Any, batches
     the hooked reference on the un-baked source in float64, per feature vector (surgery/core/judge.py).
     Fills `report.comparisons`, `batch_sizes`, `images`; a shape mismatch goes to `report.problems`
     (prefixed with `where`). `pooled(model, pixels)` overrides which PyTorch output `pooled` means.
-    Shared by `validate_onnx` and `runtime_check.validate_runtime`."""
+    Shared by `validate_onnx`, the OpenVINO IR's validation and the INT8 export."""
     import numpy as np
 
     from surgery.core.judge import float64_reference, kernel_allowance
@@ -208,8 +178,8 @@ def judge_runtime_outputs(report: OnnxReport, session: Any, loaded: Any, batches
 
     comps = {o: Comparison(o, "float64_reference", OutputError(o), tol) for o in spec.output_names}
     offset = 0
-    with _exact_torch():
-        for pixels in _rebatch(batches, report.export_batch_size):
+    with exact_torch():
+        for pixels in with_another_batch_size(batches, report.export_batch_size):
             x = pixels.to("cpu", torch.float32).contiguous()
             got = dict(zip(spec.output_names, session.run(spec.output_names, {spec.input_names[0]: x.numpy()})))
             judge = float64_reference(source64, loaded.recipe, fam, x, capture)
@@ -246,7 +216,7 @@ def _onnx_report_header(path: Path, out_dir: Path, loaded: Any, tolerance: Optio
         raise ModelInputError(f"{loaded.spec} carries no baked test-time registers (not a vit-surgery output)")
     _check_model(path)
     meta = read_onnx_metadata(path)
-    proto = _load_proto(path, load_external_data=False)
+    proto = load_proto(path, load_external_data=False)
     names_in = [i.name for i in proto.graph.input]
     names_out = [o.name for o in proto.graph.output]
     spec = VIT_ONNX_SPEC
@@ -281,22 +251,15 @@ def validate_onnx(out_dir: Path, loaded: Any, batches: list[torch.Tensor], *, on
     report = _onnx_report_header(path, Path(out_dir), loaded, tolerance)
     if report.problems:
         return report
-    session = _RefusingSession(_ort_session(path), path)
+    session = open_session(path)
     return judge_runtime_outputs(report, session, loaded, batches, where=f"{path.name} ")
 
 
 def validation_batches(loaded: Any, sizes: Sequence[int] = (1, 5)) -> list[torch.Tensor]:
     """Built-in calibration images through the model's own transform, in batches of `sizes`."""
-    from surgery.core.images import ImageBatches, list_images
-    from surgery.core.images import builtin_images
+    from surgery.core.images import ImageBatches, builtin_images, list_images
 
     files = list_images(builtin_images())[:sum(sizes)]
-    pixels = torch.cat([x for x, _ in ImageBatches(files, loaded.transform, 8, progress=False)])
-    out, start = [], 0
-    for s in sizes:
-        if start < len(pixels):
-            out.append(pixels[start:start + s])
-        start += s
-    return out
+    return split_batches(torch.cat([x for x, _ in ImageBatches(files, loaded.transform, 8, progress=False)]), sizes)
 
 

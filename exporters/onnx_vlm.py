@@ -29,22 +29,24 @@ from surgery.core.errors import ModelInputError
 
 from surgery.core.output_format import FP32_TOLERANCE
 from surgery.core.outputs import check_replaceable
-from .onnx_validate import OnnxReport, _ort_session, validation_batches
-from .onnx_spec import OnnxSpec, TensorSpec, _say
-from .onnx_export import _fix_io_shapes, _save_proto, export_first_that_works, replace_metadata
+from surgery.core import onnx_runtime
+from surgery.core.progress import say_if
+from .onnx_validate import OnnxReport, judge_runtime_outputs, validation_batches
+from .onnx_spec import OnnxSpec, TensorSpec
+from .onnx_export import fix_io_shapes, save_proto, export_first_that_works, replace_metadata
 from .onnx_metadata import build_metadata
 from .onnx_publish import publish_validated, record_parity_section, staged_output
-from .runtime_check import RenamedSession, validate_runtime
+from .runtime_check import RenamedSession
 
 ONNX_DIR = "onnx"
 VISION_ENCODER = "vision_encoder.onnx"
-_PIXELS = TensorSpec("pixel_values", ("batch", "num_channels", "height", "width"),
+PIXEL_VALUES = TensorSpec("pixel_values", ("batch", "num_channels", "height", "width"),
                      doc="float32 images, preprocessed as the folder's processor says")
-_IMAGE = TensorSpec("image_features", ("batch", "image_tokens", "text_hidden_size"),
+IMAGE_FEATURES = TensorSpec("image_features", ("batch", "image_tokens", "text_hidden_size"),
                     doc="the projector's output: one row per <image> placeholder, registers removed")
 _VISION = TensorSpec("vision_features", ("batch", "image_tokens", "vision_hidden_size"),
                      doc="the projector's input: selected tower features, registers removed")
-SPEC = OnnxSpec(inputs=(_PIXELS,), outputs=(_IMAGE, _VISION))
+SPEC = OnnxSpec(inputs=(PIXEL_VALUES,), outputs=(IMAGE_FEATURES, _VISION))
 
 
 # the VLM classes whose image features are one graph from pixel_values -> whether the projector takes every
@@ -101,18 +103,18 @@ def _export(loaded: Any, out_dir: Path, scratch: Path, exporter: str, progress: 
     shapes.update({name: tuple(o.shape) for name, o in zip(SPEC.output_names, outs)})
     proto, name, _ = export_first_that_works(wrapper, example, SPEC, exporter, scratch, model, progress,
                                              what=VISION_ENCODER)
-    _fix_io_shapes(proto, SPEC, shapes)
+    fix_io_shapes(proto, SPEC, shapes)
     replace_metadata(proto, build_metadata(loaded, out_dir, dtype="float32", exporter=name, spec=SPEC,
-                                           num_tokens=int(shapes[_IMAGE.name][1])))
+                                           num_tokens=int(shapes[IMAGE_FEATURES.name][1])))
     path = scratch / VISION_ENCODER
-    _save_proto(proto, path, external=False)
+    save_proto(proto, path, external=False)
     return path
 
 
 def _validate(path: Path, loaded: Any, progress: bool) -> OnnxReport:
     """onnxruntime vs the hooked reference in float64: vision_features against the VLM's projector input
     (the judge's `image_features`), image_features against the VLM's own `get_image_features`."""
-    session = _ort_session(path)
+    session = onnx_runtime.open_session(path)
     names = [o.name for o in session.get_outputs()]
 
     def run(pixels: Any) -> dict[str, Any]:
@@ -128,11 +130,11 @@ def _validate(path: Path, loaded: Any, progress: bool) -> OnnxReport:
         return torch.stack(list(out.pooler_output))
 
     report = OnnxReport(path=str(path), dtype="float32", tolerance=FP32_TOLERANCE, export_batch_size=2)
-    _say(progress, f"validating {path.name} in onnxruntime against the hooked reference")
-    validate_runtime(report, RenamedSession(run, {"pooled": _IMAGE.name, "tokens": _VISION.name}), loaded,
-                     validation_batches(loaded), pooled=projected)
+    say_if(progress, f"validating {path.name} in onnxruntime against the hooked reference")
+    judge_runtime_outputs(report, RenamedSession(run, {"pooled": IMAGE_FEATURES.name, "tokens": _VISION.name}), loaded,
+                          validation_batches(loaded), pooled=projected)
     for c in report.comparisons:
-        c.output = {"pooled": _IMAGE.name, "tokens": _VISION.name}[c.output]
+        c.output = {"pooled": IMAGE_FEATURES.name, "tokens": _VISION.name}[c.output]
     return report
 
 

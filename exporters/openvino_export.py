@@ -29,11 +29,12 @@ from .onnx_metadata import read_onnx_metadata
 from .onnx_publish import publish_validated, record_parity_section, staged_output
 from surgery.core.output_format import META_PREFIX, OPENVINO_BIN, OPENVINO_TOLERANCE, OPENVINO_XML
 from surgery.core.outputs import check_replaceable
+from surgery.core.progress import say_if
 
-from .onnx_spec import VIT_ONNX_SPEC, _say
-from .onnx_validate import OnnxReport, validation_batches
+from .onnx_spec import VIT_ONNX_SPEC
+from .onnx_validate import OnnxReport, judge_runtime_outputs, validation_batches
 from .onnx_hf_layout import export_hf_graph, validate_hf_outputs
-from .runtime_check import RenamedSession, validate_runtime
+from .runtime_check import RenamedSession
 
 OV_XML, OV_BIN = OPENVINO_XML, OPENVINO_BIN
 CPU_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
@@ -86,7 +87,7 @@ def _validate_ir(xml: Path, report_path: Path, loaded: Any, batches: Optional[li
         report.comparisons, report.problems = hf.comparisons, hf.problems
         return report
     report = openvino_report(report_path)
-    return validate_runtime(report, openvino_session(xml), loaded,
+    return judge_runtime_outputs(report, openvino_session(xml), loaded,
                             batches if batches is not None else validation_batches(loaded))
 
 
@@ -113,9 +114,9 @@ def export_openvino(out_dir: Path, *, loaded: Any, progress: bool = True, export
             onnx_path = export_hf_graph(loaded, out_dir, scratch, False, exporter, progress)
         else:
             onnx_path = export_onnx(loaded, out_dir, scratch, exporter=exporter, progress=progress).path
-        _say(progress, "converting to OpenVINO IR")
+        say_if(progress, "converting to OpenVINO IR")
         _convert(onnx_path, scratch / OV_XML)
-        _say(progress, "validating the IR on the OpenVINO CPU plugin (f32) against PyTorch and the hooked reference")
+        say_if(progress, "validating the IR on the OpenVINO CPU plugin (f32) against PyTorch and the hooked reference")
         report = _validate_ir(scratch / OV_XML, out_dir / OV_XML, loaded, batches)
         publish_validated(report, f"OpenVINO export failed validation, nothing written: {report.summary()}",
                           [(scratch / OV_BIN, out_dir / OV_BIN), (scratch / OV_XML, out_dir / OV_XML)])

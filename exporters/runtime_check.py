@@ -10,10 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import torch
 
-
-from .onnx_validate import OnnxReport, judge_runtime_outputs
 
 
 class RenamedSession:
@@ -25,11 +22,3 @@ class RenamedSession:
     def run(self, output_names: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         got = self.run_fn(next(iter(feeds.values())))
         return [np.asarray(got[self.names.get(o, o)]) for o in output_names]
-
-
-def validate_runtime(report: OnnxReport, session: Any, loaded: Any, batches: list[torch.Tensor],
-                     pooled: Callable[[Any, torch.Tensor], torch.Tensor] | None = None) -> OnnxReport:
-    """Fill `report` (path, dtype, tolerance and export batch already set) with the comparisons: each
-    output judged against the hooked reference run in float64, per vector (surgery/core/judge.py).
-    `pooled(model, pixels)` overrides which PyTorch output the runtime's `pooled` is compared with."""
-    return judge_runtime_outputs(report, session, loaded, batches, pooled=pooled)

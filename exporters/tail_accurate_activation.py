@@ -7,9 +7,8 @@ there, and that value is the register token. Exports used to compute the branch 
 onnxruntime (1.30 at optimisation EXTENDED/ALL, transformers.js's default) fuses a float64 QuickGELU into
 `com.microsoft.QuickGelu`, which has float kernels only: the model did not load.
 
-How. Every activation of the sigmoid family is x * sigmoid(z(x)):
-  QuickGELU  z = 1.702 x;   SiLU  z = x;   tanh-GELU  z = 2 sqrt(2/pi) (x + 0.044715 x^3)
-(0.5 (1 + tanh u) = sigmoid(2u)). `TailAccurateSigmoidGate` computes sigmoid as
+How. Every activation of the sigmoid family is x * sigmoid(z(x)) (the table, with its constants, is
+surgery/core/activations.py's SIGMOID_GATES: QuickGELU, SiLU, tanh GELU). `TailAccurateSigmoidGate` computes sigmoid as
 where(z >= 0, 1, e) / (1 + e) with e = exp(-|z|): one Exp, accurate to an ulp or two relative everywhere,
 no cancellation, no Sigmoid op for a runtime to fuse, all float32. The activation is recognised by its
 values in float64 (not its class: open_clip, timm and transformers each have their own QuickGELU), and
@@ -20,14 +19,12 @@ MLP keeps the model's own activation (and its fused kernel), the PyTorch model i
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Iterator, Optional
 
 import torch
 from torch import nn
 
-_TANH_C = math.sqrt(2.0 / math.pi)
-
+from surgery.core.activations import SIGMOID_GATES
 
 class TailAccurateSigmoidGate(nn.Module):
     """x * sigmoid(z(x)) with z = alpha * x (cubic = 0) or z = alpha * (x + cubic * x^3)."""
@@ -46,13 +43,6 @@ class TailAccurateSigmoidGate(nn.Module):
         return f"{self.kind}: x * sigmoid(z), sigmoid via exp(-|z|)"
 
 
-_CANDIDATES = (
-    ("quick_gelu", 1.702, 0.0),
-    ("silu", 1.0, 0.0),
-    ("gelu_tanh", 2.0 * _TANH_C, 0.044715),
-)
-
-
 def tail_accurate_equivalent(act: nn.Module) -> Optional[TailAccurateSigmoidGate]:
     """The sigmoid-family form of `act` when its float64 values match one (else None: e.g. exact GELU)."""
     x = torch.linspace(-12.0, 12.0, 481, dtype=torch.float64)
@@ -63,7 +53,7 @@ def tail_accurate_equivalent(act: nn.Module) -> Optional[TailAccurateSigmoidGate
         return None
     if not isinstance(y, torch.Tensor) or y.shape != x.shape or y.dtype != torch.float64:
         return None
-    for kind, alpha, cubic in _CANDIDATES:
+    for kind, (alpha, cubic) in SIGMOID_GATES.items():
         gate = TailAccurateSigmoidGate(kind, alpha, cubic)
         want = gate(x)
         if torch.allclose(y, want, rtol=1e-9, atol=1e-12):  # (float64 tanh GELU cancels in the far tail)

@@ -25,6 +25,7 @@ import warnings
 from .core import progress as _progress
 from .core.errors import ModelInputError, UsageError
 from .core.output_format import FP32_TOLERANCE
+from .core.verdict import FAIL, Verdict
 
 if TYPE_CHECKING:
     from torch import nn
@@ -132,7 +133,7 @@ def find(
                 result = run_find(loaded, images, discovery or _default_discovery(), progress=True)
         if out is not None:
             from .core.outputs import atomic_output_file
-            from .pipeline import write_json
+            from .core.output_format import write_json
 
             with atomic_output_file(Path(out), overwrite) as tmp:
                 write_json(tmp, result.to_json())
@@ -196,7 +197,7 @@ def convert(
         from .pipeline import export_formats_hook, run_convert
 
         opts = _options(options)
-        exports: list[Any] = []
+        exports: list[Verdict] = []
         after = export_formats_hook((["onnx"] if onnx else []) + list(formats), fp16=fp16, options=opts,
                                     reports=exports)
         with _as_loaded(model_or_spec, opts) as loaded:
@@ -219,12 +220,13 @@ def convert(
 
 @dataclass
 class CheckResult:
-    """What `check` found. `report`: the parity report of the folder (or the ONNX check report);
-    `exports`: the validation reports of the export formats present; `document`: the JSON --report
-    holds; `compared_against`: what the reference was built on; `notes`: lines said before the verdict."""
+    """What `check` found (a Verdict, surgery/core/verdict.py). `report`: the parity report of the folder
+    (or the ONNX check report); `exports`: the validation reports of the export formats present;
+    `document`: the JSON --report holds; `compared_against`: what the reference was built on; `notes`:
+    lines said before the verdict."""
 
-    report: Any
-    exports: list[Any] = field(default_factory=list)
+    report: Verdict
+    exports: list[Verdict] = field(default_factory=list)
     effect: Optional[dict[str, Any]] = None
     compared_against: str = ""
     document: dict[str, Any] = field(default_factory=dict)
@@ -247,8 +249,16 @@ class CheckResult:
         if not self.report.passed:
             return self.report.summary()
         if self.failed_exports:
-            return f"exported file(s) out of tolerance: {', '.join(self.failed_exports)}"
+            return f"exports {FAIL}: exported file(s) out of tolerance: {', '.join(self.failed_exports)}"
         return ""
+
+    def summary(self) -> str:
+        """One line: why it fails, else the report's own line."""
+        return self.failure() or self.report.summary()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The --report document, with the verdict."""
+        return dict(self.document, passed=self.passed, summary=self.summary())
 
 
 def check(
@@ -281,29 +291,16 @@ def check(
                              _options(options))
 
 
-def _verified(out: str | Path, folder: Path) -> bool:
-    """Whether OUT matches its integrity record (IntegrityError, exit 11, on damage: before torch loads);
-    an OUT whose surgery.json has no record is warned about."""
-    from .core.integrity import read_surgery, verify_output
-
-    if verify_output(folder, every_deployment_file=True):
-        return True
-    if read_surgery(folder) is not None:
-        warnings.warn(f"{out} has no integrity record (written by an older vit-surgery): damaged weights "
-                      "are only caught with --source", stacklevel=3)
-    return False
-
-
 def _check_folder(out: str | Path, source: Optional[str | Path], images: Optional[str | Path], num_images: int,
                   batch_size: int, seed: int, tolerance: Optional[float], skip_exports: bool,
                   options: LoadOptions) -> CheckResult:
     from .core.errors import IntegrityError
-    from .core.integrity import read_surgery, source_for_check
+    from .core.integrity import read_surgery, source_for_check, verify_before_check
     from .core.output_format import recorded_tolerance
     from .core.outputs import local_source_path
 
     folder = local_source_path(str(out)) or Path(out)
-    verified = _verified(out, folder)
+    verified = verify_before_check(folder, say_missing=False)
     from .pipeline import parity_batches, run_check
 
     loaded = load_source(out, options)
@@ -354,12 +351,20 @@ def _check_exports(out: Path, loaded: Any, batches: list[Any], doc: dict[str, An
 
 @dataclass
 class ExportResult:
-    report: Any
+    """What `export` wrote (`written`) and its validation report (a Verdict)."""
+
+    report: Verdict
     written: list[str]
 
     @property
     def passed(self) -> bool:
         return bool(self.report.passed)
+
+    def summary(self) -> str:
+        return self.report.summary()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.report.to_dict(), written=self.written)
 
 
 def export(

@@ -5,7 +5,6 @@ OUT/baked (convert + parity check) and OUT/report (before/after diagnostics).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .core.discovery import DiscoveryConfig
@@ -13,7 +12,8 @@ from .backends import load_model
 from .organisms.vit import build_timm_organism
 from .core.images import builtin_images
 from .core.outputs import atomic_output_dir
-from .pipeline import run_convert, run_find, write_json
+from .pipeline import run_convert, run_find
+from .core.output_format import write_json
 
 
 def save_organism(model, path: Path) -> Path:
@@ -24,7 +24,7 @@ def save_organism(model, path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     cfg = {"architecture": src["architecture"], "model_args": src["model_args"],
            "pretrained_cfg": {k: (list(v) if isinstance(v, tuple) else v) for k, v in src["pretrained_cfg"].items()}}
-    (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    write_json(path / "config.json", cfg)
     save_state_dict(model.state_dict(), path / "model.safetensors", {"organism": True})
     return path
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from . import __version__
 from .core.bake import baked_copy, baked_in_place, register_token_indices, unbaked_copy
 from .core.cast import cast_blockwise
 from .core.discovery import DiscoveryConfig, DiscoveryResult, find_register_neurons
-from .core.output_format import PARITY_FILE
+from .core.output_format import PARITY_FILE, write_json
 from .core.effect import collected, effect_metrics, last_block_diagnostics
 from .core.errors import ModelInputError, NeuronsFileError, ParameterError, ParityError
 from .core.images import ImageBatches, list_images
@@ -28,15 +27,12 @@ from .core.outputs import atomic_output_dir, check_output_target, refuse_input_o
 from .core.parity import FP32_TOLERANCE, ParityReport, check_parity
 from .core.progress import current, stage
 from .core.recipe import Recipe, read_neurons_file, validate_recipe_for_model
+from .core.verdict import Verdict, all_passed
 
 CHECK_IMAGES = 16  # images used by the parity check of a ViT-B/16 at 224 px unless told otherwise
 MIN_CHECK_IMAGES = 4  # ... and never fewer, however large the model (see default_check_images)
 _VITB16_WORK = 86e6 * 197  # parameters x tokens of a ViT-B/16 at 224 px
 
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
 
 
 def run_find(loaded: LoadedModel, images: str | Path, config: DiscoveryConfig, progress: bool = True) -> DiscoveryResult:
@@ -221,16 +217,28 @@ class ConvertResult:
 
     out: Path
     recipe: Recipe
-    report: Optional[Any]
+    report: Optional[Verdict]
     effect: Optional[dict[str, Any]]
     discovery: Optional[DiscoveryResult]
-    exports: list[Any] = dataclasses.field(default_factory=list)
+    exports: list[Verdict] = dataclasses.field(default_factory=list)
     baked_into: str = ""
     written_note: str = ""
 
     @property
     def passed(self) -> bool:
-        return (self.report is None or self.report.passed) and all(r.passed for r in self.exports)
+        return (self.report is None or self.report.passed) and all_passed(self.exports)
+
+    def summary(self) -> str:
+        """One line: the first failing verdict's, else the parity report's (or what was written, unchecked)."""
+        failing = [v for v in ([self.report] if self.report is not None else []) + self.exports if not v.passed]
+        if failing:
+            return failing[0].summary()
+        return self.report.summary() if self.report is not None else f"wrote {self.out} (not checked)"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "out": str(self.out), "recipe": self.recipe.to_dict(),
+                "parity": self.report.to_dict() if self.report is not None else None,
+                "effect": self.effect, "exports": [r.to_dict() for r in self.exports], "summary": self.summary()}
 
     def summary_lines(self) -> list[str]:
         """The lines `vit-surgery convert` prints (stdout), in order."""
@@ -341,7 +349,7 @@ def run_convert(
 
 def export_formats_hook(formats: Sequence[str], *, fp16: bool = False, progress: bool = True,
                         options: Optional[LoadOptions] = None,
-                        reports: Optional[list[Any]] = None) -> Optional[Callable[[Path, LoadedModel], None]]:
+                        reports: Optional[list[Verdict]] = None) -> Optional[Callable[[Path, LoadedModel], None]]:
     """`run_convert`'s after_write for `convert --formats` / `surgery.convert(formats=...)`: each named
     format of the registry (exporters/formats.py) exported from the temporary output and validated
     before the output is moved into place. None for no formats; an unknown name fails before any work.

@@ -3,7 +3,6 @@ repo): the peer of surgery/pipeline.py for graphs (surgery/onnx_graph/ rewrites 
 `surgery.api` dispatches here; the CLI only parses and prints what comes back."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -12,10 +11,11 @@ import torch
 from . import __version__
 from .core.discovery import DiscoveryConfig, DiscoveryResult
 from .core.errors import NeuronsFileError, UsageError
-from .core.output_format import FP32_TOLERANCE, NEURONS_FILE, PARITY_FILE
+from .core.images import split_batches
+from .core.output_format import FP32_TOLERANCE, NEURONS_FILE, PARITY_FILE, write_json
 from .core.progress import say
 from .core.recipe import Recipe
-from .pipeline import ConvertResult, write_json
+from .pipeline import ConvertResult
 
 CHECK_BATCH_SIZES = (1, 3, 8)
 
@@ -43,11 +43,9 @@ def _images_pixels(source: Path, images: Optional[str | Path], count: int, seed:
 def check_batches(source: Path, images: Optional[str | Path], count: int, seed: int,
                   progress: bool) -> list[torch.Tensor]:
     """Check images through `source`'s preprocessing, in batches of several sizes (1, 3, the rest)."""
-    from .onnx_graph.check import rebatch
-
     pixels = _images_pixels(source, images, max(count, sum(CHECK_BATCH_SIZES[:2]) + 1), seed, progress)
     rest = len(pixels) - sum(CHECK_BATCH_SIZES[:2])
-    return rebatch(pixels, list(CHECK_BATCH_SIZES[:2]) + [max(rest, 1)])
+    return split_batches(pixels, list(CHECK_BATCH_SIZES[:2]) + [max(rest, 1)])
 
 
 def find_source(spec: str | Path) -> str:
@@ -110,7 +108,7 @@ def convert_onnx_source(model: str, out: str | Path, *, neurons: Optional[str] =
             f"R={recipe.num_registers}")
         with atomic_output_dir(out, overwrite) as tmp:
             summaries, report = convert_folder(source, tmp, recipe, check_batches=batches, tolerance=tolerance, say=say)
-            (tmp / NEURONS_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
+            write_json(tmp / NEURONS_FILE, doc)
             if report is not None:
                 write_json(tmp / PARITY_FILE, {"onnx_folder": report.to_dict()})
             record_onnx_output(tmp, recipe.to_dict(), str(model))
@@ -131,7 +129,7 @@ def check_onnx_source(out: str | Path, source: Optional[str | Path], *, images: 
                       progress: bool = True) -> tuple[Any, dict[str, Any]]:
     """check of a rewritten ONNX file or folder against its source (required: the hooked reference graph
     is built on it). Returns the report and the --report document."""
-    from .core.integrity import verify_onnx_output
+    from .core.integrity import verify_before_check
     from .onnx_graph.check import check_onnx
     from .onnx_graph.convert import require_onnx_file
     from .onnx_graph.folder import check_folder, is_onnx_folder, require_onnx_folder
@@ -142,7 +140,7 @@ def check_onnx_source(out: str | Path, source: Optional[str | Path], *, images: 
         folder = require_onnx_folder(out)
         if not source:
             raise UsageError("checking an ONNX folder needs --source ORIGINAL_FOLDER (the model it was made from)")
-        verify_onnx_output(Path(out))
+        verify_before_check(Path(out))
         src = require_onnx_folder(source)
         try:
             first = src.find_source()
@@ -154,6 +152,6 @@ def check_onnx_source(out: str | Path, source: Optional[str | Path], *, images: 
     if not source:
         raise UsageError("checking an ONNX file needs --source ORIGINAL.onnx (the model it was made from)")
     src_path = require_onnx_file(source)
-    verify_onnx_output(baked)
+    verify_before_check(baked)
     report = check_onnx(baked, src_path, check_batches(src_path, images, num_images, seed, progress), tolerance=tol)
     return report, {"onnx": report.to_dict()}

@@ -27,14 +27,6 @@ def adapter_for(model: nn.Module) -> Adapter:
     return adapter_among([a for b in BACKENDS for a in b.adapters], model)
 
 
-def adapter_by_name(name: str) -> Adapter:
-    for backend in BACKENDS:
-        for adapter in backend.adapters:
-            if adapter.name == name:
-                return adapter
-    raise ModelInputError(f"unknown model family {name!r}")
-
-
 def writer_for(library: str) -> Writer:
     """The folder writer for outputs of `library` (the source's library)."""
     writer: Optional[Writer] = next((b.writer for b in BACKENDS if b.name == library and b.writer), None)

@@ -23,16 +23,16 @@ def _or_auto(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return lambda v: v if v == "auto" else parse(v)
 
 
-_positive_int = _number(int, "a positive integer", lambda i: i >= 1)
+positive_int = _number(int, "a positive integer", lambda i: i >= 1)
 _finite_float = _number(float, "a finite number", math.isfinite)
-_positive_float = _number(float, "a positive number", lambda f: f > 0 and math.isfinite(f))
-_fraction = _number(float, "a number between 0 and 1 (exclusive)", lambda f: 0 < f < 1)
-_num_registers = _number(int, "an integer from 1 to 64", lambda i: 1 <= i <= 64)
-_scale = _number(float, "a finite number with |scale| <= 1e6", lambda f: math.isfinite(f) and abs(f) <= 1e6)
-_threshold = _or_auto(_number(float, "a positive number or 'auto'", lambda f: f > 0 and math.isfinite(f)))
+positive_float = _number(float, "a positive number", lambda f: f > 0 and math.isfinite(f))
+fraction = _number(float, "a number between 0 and 1 (exclusive)", lambda f: 0 < f < 1)
+num_registers_arg = _number(int, "an integer from 1 to 64", lambda i: 1 <= i <= 64)
+scale_arg = _number(float, "a finite number with |scale| <= 1e6", lambda f: math.isfinite(f) and abs(f) <= 1e6)
+threshold_arg = _or_auto(_number(float, "a positive number or 'auto'", lambda f: f > 0 and math.isfinite(f)))
 
 
-def _format_names(v: str) -> list[str]:
+def format_names(v: str) -> list[str]:
     """`--formats onnx,openvino`: names of the format registry (exporters/formats.py), checked here."""
     from surgery.exporters.formats import FORMATS
 
@@ -44,7 +44,7 @@ def _format_names(v: str) -> list[str]:
     return names
 
 
-def _int_or_auto(minimum: int) -> Callable[[str], int | str]:
+def int_or_auto(minimum: int) -> Callable[[str], int | str]:
     return _or_auto(_number(int, f"an integer >= {minimum} or 'auto'", lambda i: i >= minimum))
 
 

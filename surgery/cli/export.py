@@ -17,7 +17,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     api.check_export_request(Path(a.out_dir), a.format, a.layout, a.fp16, a.int8)  # before torch is imported
     res = api.export(Path(a.out_dir), format=a.format, layout=a.layout, fp16=a.fp16, int8=a.int8, images=a.images,
                      exporter=a.exporter, overwrite=a.overwrite, options=_options(a), progress=progress_of(a))
-    print(res.report.summary())
+    print(res.summary())
     print(f"wrote {', '.join(res.written)}")
     return 0
 

@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from .. import __version__
 from . import export as onnx_cli, report as report_cli
-from .args import (_format_names, _int_or_auto, _num_registers, _positive_float, _positive_int, _scale, _threshold,
+from .args import (format_names, int_or_auto, num_registers_arg, positive_float, positive_int, scale_arg, threshold_arg,
                    add_model_options, add_output_options, progress_of)
 from .checks import validate_before_loading
 from ..core.errors import EXIT_CODES, SurgeryError
@@ -23,15 +23,15 @@ MODEL_HELP = ("timm name, hf-hub:ORG/NAME, local-dir:PATH or a model folder, ope
 
 def add_discovery_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("discovery")
-    g.add_argument("--batch-size", type=_positive_int, default=8)
-    g.add_argument("--num-images", type=_positive_int, default=None, help="seeded sample of this many images")
+    g.add_argument("--batch-size", type=positive_int, default=8)
+    g.add_argument("--num-images", type=positive_int, default=None, help="seeded sample of this many images")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--detect-layer", type=int, default=None, help="block whose output norms flag outliers (default: last)")
-    g.add_argument("--threshold", type=_threshold, default="auto",
+    g.add_argument("--threshold", type=threshold_arg, default="auto",
                    help="outlier norm threshold, or 'auto' (default): norm > 2.5 x the image's median patch-token norm")
-    g.add_argument("--max-layer", type=_int_or_auto(0), default="auto",
+    g.add_argument("--max-layer", type=int_or_auto(0), default="auto",
                    help="score units in blocks <= this; 'auto' (default): the block where outliers reach 90%% of their peak")
-    g.add_argument("--top-k", type=_int_or_auto(1), default="auto",
+    g.add_argument("--top-k", type=int_or_auto(1), default="auto",
                    help="keep K units; 'auto' (default): cut at the score gap")
     g.add_argument("--sparsity-filter", action="store_true",
                    help="keep a unit only on images where it is below 0.5 on at least half of the tokens")
@@ -40,8 +40,8 @@ def add_discovery_options(p: argparse.ArgumentParser) -> None:
 
 def add_recipe_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("intervention")
-    g.add_argument("--num-registers", type=_num_registers, default=None, help="R test-time registers (1-64, default 1)")
-    g.add_argument("--scale", type=_scale, default=None,
+    g.add_argument("--num-registers", type=num_registers_arg, default=None, help="R test-time registers (1-64, default 1)")
+    g.add_argument("--scale", type=scale_arg, default=None,
                    help="register rows get scale x signed max (default 1; |scale| <= 1e6)")
     g.add_argument("--mode", choices=["shared", "per_neuron"], default=None,
                    help="one signed max per block (shared, default) or per neuron")
@@ -99,10 +99,10 @@ def cmd_check(a: argparse.Namespace) -> int:
                     seed=a.seed, tolerance=a.tolerance, skip_exports=a.skip_onnx, options=_options(a),
                     progress=progress_of(a))
     if a.report:
-        from ..pipeline import write_json
+        from ..core.output_format import write_json
 
         with atomic_output_file(Path(a.report), True) as tmp:
-            write_json(tmp, res.document)
+            write_json(tmp, res.to_dict())
     for line in res.summary_lines():
         print(line)
     if a.report:
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     c.add_argument("--no-check", action="store_true", help="skip the parity check (not recommended)")
     c.add_argument("--check-images", default=None, help="images for the parity check (default: --images or built-in)")
-    c.add_argument("--tolerance", type=_positive_float, default=1e-5,
+    c.add_argument("--tolerance", type=positive_float, default=1e-5,
                    help="relative error allowed, a positive number (default 1e-5; each vector is also allowed what "
                         "float32 rounding does to it, measured in the same run: see README, the judge)")
     c.add_argument("--to", choices=["native", "timm"], default="native",
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="dtype of the written weights (default: the source checkpoint's)")
     c.add_argument("--onnx", action="store_true", help="also write and validate OUT/model.onnx (= --formats onnx)")
-    c.add_argument("--formats", type=_format_names, default=[], metavar="NAME[,NAME]",
+    c.add_argument("--formats", type=format_names, default=[], metavar="NAME[,NAME]",
                    help="also write and validate these export formats before OUT is moved into place "
                         "(format registry: onnx, onnx_hf, openvino)")
     c.add_argument("--fp16", action="store_true", help="with --onnx / --formats onnx: export in float16 "
@@ -177,10 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("out_dir", metavar="OUT", help="folder written by convert")
     k.add_argument("--images", default=None, help="images (default: the built-in calibration set)")
     k.add_argument("--source", default=None, help="compare against this original model instead of the un-baked weights")
-    k.add_argument("--num-images", type=_positive_int, default=16)
-    k.add_argument("--batch-size", type=_positive_int, default=8)
+    k.add_argument("--num-images", type=positive_int, default=16)
+    k.add_argument("--batch-size", type=positive_int, default=8)
     k.add_argument("--seed", type=int, default=0)
-    k.add_argument("--tolerance", type=_positive_float, default=None,
+    k.add_argument("--tolerance", type=positive_float, default=None,
                    help="relative error allowed (default: the tolerance OUT was converted with, from its parity.json, "
                         "else 1e-5)")
     k.add_argument("--report", default=None,

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .args import _fraction, _positive_float, _positive_int, _threshold, add_model_options
+from .args import fraction, positive_float, positive_int, threshold_arg, add_model_options
+from ..core.output_format import write_json
 
 
 def _options(a: argparse.Namespace):
@@ -64,7 +65,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
         doc = {"original": a.model if a.out_dir else f"{a.model} (un-baked copy)",
                "baked": a.out_dir or a.model, **res.to_dict()}
         with atomic_output_file(out, a.overwrite) as tmp:  # the shared scheme: never a special file, no partials
-            tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+            write_json(tmp, doc)
         print(f"wrote {out}")
     return 0
 
@@ -84,11 +85,11 @@ def add_commands(sub: Any) -> None:
                    help="with a converted OUT: compare against this original model instead of the un-baked weights")
     i.add_argument("--neurons", default=None,
                    help="with a plain MODEL: bake these neurons (file or published set) instead of finding them")
-    i.add_argument("--num-images", type=_positive_int, default=64, help="seeded sample of this many images (default 64)")
-    i.add_argument("--show", type=_positive_int, default=6, help="images drawn in the maps (default 6)")
-    i.add_argument("--batch-size", type=_positive_int, default=8)
+    i.add_argument("--num-images", type=positive_int, default=64, help="seeded sample of this many images (default 64)")
+    i.add_argument("--show", type=positive_int, default=6, help="images drawn in the maps (default 6)")
+    i.add_argument("--batch-size", type=positive_int, default=8)
     i.add_argument("--seed", type=int, default=0)
-    i.add_argument("--threshold", type=_threshold, default="auto",
+    i.add_argument("--threshold", type=threshold_arg, default="auto",
                    help="outlier rule: a norm, or 'auto' (default): > 2.5 x the image's median patch-token norm")
     i.add_argument("--detect-layer", type=int, default=None,
                    help="block whose output is measured (default: the discovery record's, else the last block)")
@@ -97,8 +98,8 @@ def add_commands(sub: Any) -> None:
                         "maps for every layer are what a 7B's report would not fit in memory)")
     g = i.add_argument_group("optional k-NN section")
     g.add_argument("--dataset", default=None, help="ImageFolder dataset: add k-NN accuracy before/after")
-    g.add_argument("--k", type=_positive_int, default=20)
-    g.add_argument("--test-fraction", type=_fraction, default=0.2)
+    g.add_argument("--k", type=positive_int, default=20)
+    g.add_argument("--test-fraction", type=fraction, default=0.2)
     i.add_argument("-q", "--quiet", action="store_true")
     add_model_options(i)
     i.set_defaults(func=cmd_inspect)
@@ -111,11 +112,11 @@ def add_commands(sub: Any) -> None:
     e.add_argument("out_dir", metavar="OUT", nargs="?", default=None,
                    help="the converted folder (omit to compare a converted MODEL with its un-baked copy)")
     e.add_argument("--dataset", required=True, help="ImageFolder layout: DIR/CLASS/IMAGE")
-    e.add_argument("--k", type=_positive_int, default=20, help="neighbours (default 20)")
-    e.add_argument("--test-fraction", type=_fraction, default=0.2, help="share of each class used as queries")
-    e.add_argument("--max-per-class", type=_positive_int, default=None, help="seeded sample per class (speed)")
-    e.add_argument("--temperature", type=_positive_float, default=0.07, help="vote weight exp(sim / T) (default 0.07)")
-    e.add_argument("--batch-size", type=_positive_int, default=32)
+    e.add_argument("--k", type=positive_int, default=20, help="neighbours (default 20)")
+    e.add_argument("--test-fraction", type=fraction, default=0.2, help="share of each class used as queries")
+    e.add_argument("--max-per-class", type=positive_int, default=None, help="seeded sample per class (speed)")
+    e.add_argument("--temperature", type=positive_float, default=0.07, help="vote weight exp(sim / T) (default 0.07)")
+    e.add_argument("--batch-size", type=positive_int, default=32)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     e.add_argument("--overwrite", action="store_true")

@@ -10,7 +10,7 @@ import random
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -135,6 +135,28 @@ class ImageBatches:
             raise ImageInputError(f"none of the {len(self.files)} image file(s) could be read "
                                   f"(first error: {self.skipped[0][0]}: {self.skipped[0][1]})" if self.skipped
                                   else "no images to process")
+
+
+def split_batches(pixels: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
+    """`pixels` [N, ...] cut into consecutive batches of `sizes`; the last is shorter, and the sizes past
+    N are dropped, when the images run out. The one re-batching helper: the checks run at several batch
+    sizes so that a graph fixed to one batch size fails."""
+    out, start = [], 0
+    for s in sizes:
+        if start >= len(pixels):
+            break
+        out.append(pixels[start:start + s])
+        start += s
+    return out
+
+
+def with_another_batch_size(batches: Sequence[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
+    """The non-empty `batches`, the first split in two when every one has `batch_size` images, so that at
+    least one size differs from it (an export traced at one batch size must run at another)."""
+    out = [b for b in batches if len(b)]
+    if out and all(len(b) == batch_size for b in out) and len(out[0]) > 1:
+        out = split_batches(out[0], [1, len(out[0]) - 1]) + out[1:]
+    return out
 
 
 BUILTIN_IMAGES = Path(__file__).parent.parent / "data" / "calibration"

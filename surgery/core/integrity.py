@@ -170,14 +170,21 @@ def record_onnx_output(folder: Path, recipe: dict[str, Any], source: str) -> Non
                                 "integrity": integrity_record(folder)})
 
 
-def verify_onnx_output(path: Path) -> bool:
-    """`check` of an ONNX output (a file or folder convert wrote): its folder's record first (exit 11 on a
-    modified or unrecorded file). False when there is none (an older output: the numbers alone judge it)."""
-    folder = path if path.is_dir() else path.parent
+def verify_before_check(out: Path, *, say_missing: bool = True) -> bool:
+    """`check`'s first step on OUT (a converted folder, or an ONNX output file or folder): its files against
+    the integrity record (IntegrityError, exit 11, on damage or an unrecorded runtime file: before any model
+    loads). False when there is no record, with a warning that only the comparison with --source can tell
+    a damaged output from a good one: surgery.json without a record (an older vit-surgery) is always said;
+    no surgery.json at all only with `say_missing` (else the caller says it, once it knows OUT is an output)."""
+    folder = out if out.is_dir() else out.parent
     if verify_output(folder, every_deployment_file=True):
         return True
-    warnings.warn(f"{path} has no integrity record ({SURGERY_FILE}): only the comparison with --source judges it",
-                  stacklevel=2)
+    if read_surgery(folder) is not None:
+        warnings.warn(f"{out} has no integrity record (written by an older vit-surgery): damaged files are only "
+                      "caught with --source", stacklevel=3)
+    elif say_missing:
+        warnings.warn(f"{out} has no integrity record ({SURGERY_FILE} deleted, or not written by convert): only the "
+                      "comparison with --source judges it", stacklevel=3)
     return False
 
 

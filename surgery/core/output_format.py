@@ -83,9 +83,29 @@ def _validated(doc: Any, where: str, kind: type[SurgeryError]) -> dict[str, Any]
     return doc
 
 
+def _json_value(value: Any) -> Any:
+    """What JSON cannot hold as it is: numbers of numpy / torch (0-d) as floats, anything else (a path) as text."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def json_text(doc: Any) -> str:
+    """Every JSON file vit-surgery writes, as text: sorted keys, indented, newline-terminated (byte-identical
+    across runs); numpy / torch numbers as floats, other non-JSON values (paths) as text."""
+    return json.dumps(doc, indent=2, sort_keys=True, default=_json_value) + "\n"
+
+
+def write_json(path: Path, doc: Any) -> None:
+    """Write `doc` to `path` as `json_text` (UTF-8). The one JSON writer: parity.json, neurons.json,
+    config files, reports."""
+    Path(path).write_text(json_text(doc), encoding="utf-8")
+
+
 def surgery_json_text(doc: Mapping[str, Any]) -> str:
-    """The bytes of surgery.json: sorted keys, indented, newline-terminated (byte-identical across runs)."""
-    return json.dumps(doc, indent=2, sort_keys=True, default=float) + "\n"
+    """The bytes of surgery.json (`json_text`)."""
+    return json_text(doc)
 
 
 def write_surgery_json(folder: Path, doc: Mapping[str, Any]) -> Path:

@@ -16,6 +16,7 @@ from .judge import (KERNEL_FACTOR, allowed_error, float32_sized_noise, kernel_al
 from .output_format import FP32_TOLERANCE
 from .progress import stage
 from .recipe import Recipe
+from .verdict import verdict_word
 
 JUDGE = ("each vector against the hooked reference run in float64; allowed = max(tolerance x max(1, "
          "conditioning / median conditioning), 4 x the hooked reference's own error in the model's dtype on "
@@ -88,7 +89,8 @@ class OutputError:
                     f"machine there ({self.allowed / KERNEL_FACTOR:.3g})")
         return f"an ill-conditioned vector: float32-sized noise moves it {self.allowed / tolerance:.3g} x the median vector"
 
-    def passed(self, tolerance: float) -> bool:
+    def within(self, tolerance: float) -> bool:
+        """Whether the worst vector is inside its allowance (or `tolerance` when none was measured)."""
         return self.ratio <= 1.0 if self.ratio is not None else self.relative <= tolerance
 
     def excess(self, tolerance: float) -> float:
@@ -129,11 +131,11 @@ class ParityReport:
 
     @property
     def passed(self) -> bool:
-        return all(e.passed(self.tolerance) for e in self.outputs.values())
+        return all(e.within(self.tolerance) for e in self.outputs.values())
 
     def failures(self) -> list[OutputError]:
         """Outputs out of tolerance, in forward order (block residuals, tokens, pooled)."""
-        return [e for e in self.outputs.values() if not e.passed(self.tolerance)]
+        return [e for e in self.outputs.values() if not e.within(self.tolerance)]
 
     @property
     def reference_own_error(self) -> float | None:
@@ -144,7 +146,7 @@ class ParityReport:
 
     def summary(self) -> str:
         w = self.worst
-        verdict = "PASS" if self.passed else "FAIL"
+        verdict = verdict_word(self.passed)
         where = f" at (image, token) {tuple(w.where)}" if w.where else ""
         why = w.why_allowed(self.tolerance, self.dtype)
         allowed = f", allowed there {w.allowed:.3g}: {why}" if why else ""
@@ -170,7 +172,7 @@ class ParityReport:
                 "judge": self.judge, "dtype": self.dtype,
                 "reference_own_error": self.reference_own_error,
                 "worst": self.worst.to_dict(),
-                "outputs": [e.to_dict() for e in self.outputs.values()]}
+                "outputs": [e.to_dict() for e in self.outputs.values()], "summary": self.summary()}
 
 
 def round_up_tolerance(x: float) -> str:
@@ -356,28 +358,30 @@ def check_parity(
     require_same_architecture(source, baked, recipe, fam)
     source.eval()
     baked.eval()
-    dtype = getattr(baked, COMPUTE_DTYPE_ATTR, None) or next(baked.parameters()).dtype
+    # a model may ask to be judged computing in another dtype than it is stored in (a VLM written in its
+    # source's half dtype holds the source's weights exactly: it computes in float32, block by block)
+    compute = getattr(baked, COMPUTE_DTYPE_ATTR, None)
+    dtype = compute or next(baked.parameters()).dtype
     report = ParityReport(tolerance=tolerance, dtype=str(dtype).replace("torch.", ""))
     blocks = fam.blocks(source)
     total = sum(len(b) for b in batches) if isinstance(batches, (list, tuple)) else None
     with stage("float64 check against the hooked reference", total, unit="image") as progress:
         for pixels in batches:
-            _judge_batch(report, source, baked, recipe, fam, pixels, blocks, tolerance, seed, on_baked_batch)
+            _judge_batch(report, source, baked, recipe, fam, pixels, blocks, tolerance, seed, on_baked_batch, compute)
             progress.advance(pixels.shape[0])
     return report
 
 
 def _judge_batch(report: ParityReport, source: nn.Module, baked: nn.Module, recipe: Recipe, fam: Adapter,
                  pixels: torch.Tensor, blocks: list[nn.Module], tolerance: float, seed: int,
-                 on_baked_batch: Optional[Callable[[nn.Module, torch.Tensor], Any]]) -> None:
-    """One batch of check_parity: the baked model's pass, then the float64 reference's (and the allowance
-    runs where needed), judged as they stream."""
+                 on_baked_batch: Optional[Callable[[nn.Module, torch.Tensor], Any]],
+                 compute: Optional[torch.dtype] = None) -> None:
+    """One batch of check_parity: the baked model's pass (in `compute`, the dtype check_parity read off
+    the model, else its own), then the float64 reference's (and the allowance runs where needed), judged
+    as they stream."""
     from .reference import hooked_reference
 
     dev = next(baked.parameters()).device
-    # a model may ask to be judged computing in another dtype than it is stored in (a VLM written in its
-    # source's half dtype holds the source's weights exactly: it computes in float32, block by block)
-    compute = getattr(baked, COMPUTE_DTYPE_ATTR, None)
     dtype = compute or next(baked.parameters()).dtype
     half = dtype in (torch.float16, torch.bfloat16)
     src_dev = next(source.parameters()).device

@@ -96,6 +96,14 @@ def say(msg: str) -> None:
         _print(msg)
 
 
+def say_if(show: bool, msg: str) -> None:
+    """A step's one-line message from code whose caller says whether to show it (the exporters'
+    `progress=`): printed when `show`, logged at INFO always."""
+    log.info(msg)
+    if show:
+        _print(msg)
+
+
 def detail(msg: str) -> None:
     """A detail line: printed only when verbose (-v), logged at DEBUG always."""
     log.debug(msg)

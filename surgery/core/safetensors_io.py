@@ -9,6 +9,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 from safetensors import safe_open
+from .output_format import write_json
 
 METADATA_KEY = "vit_surgery"
 
@@ -336,6 +337,6 @@ def write_checkpoint_like(src: ShardedCheckpoint, out_dir: Path, tensors: Mappin
         if "total_parameters" in meta:
             meta["total_parameters"] = params
         dst = out_dir / INDEX_FILE
-        dst.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        write_json(dst, index)
         written.append(dst)
     return written

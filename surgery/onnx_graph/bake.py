@@ -36,7 +36,7 @@ from .vision_encoder import drop_register_rows, is_vision_encoder, source_output
 INT64_MAX = np.iinfo(np.int64).max
 
 
-class _Builder:
+class NodeBuilder:
     """New nodes and initializers, named after a prefix, appended to the graph at the end (then sorted)."""
 
     def __init__(self, graph: ir.Graph, prefix: str) -> None:
@@ -109,7 +109,7 @@ def _descendants(start: ir.Value, stop: frozenset[int] = frozenset()) -> tuple[l
     return list(nodes.values()), values
 
 
-def _replace_uses(old: ir.Value, new: ir.Value, keep: set[int]) -> None:
+def replace_uses(old: ir.Value, new: ir.Value, keep: set[int]) -> None:
     for u in list(old.uses()):
         if id(u.node) not in keep:
             u.node.replace_input_with(u.idx, new)
@@ -117,7 +117,7 @@ def _replace_uses(old: ir.Value, new: ir.Value, keep: set[int]) -> None:
         raise ModelInputError(f"'{old.name}' is a graph output; cannot rewrite around it")
 
 
-def _insert_registers(b: _Builder, vit: VitGraph, layout: TokenLayout, R: int, dtype: np.dtype) -> ir.Value:
+def insert_registers(b: NodeBuilder, vit: VitGraph, layout: TokenLayout, R: int, dtype: np.dtype) -> ir.Value:
     x = vit.entry
     p = layout.num_prefix
     before = len(b.nodes)
@@ -134,11 +134,11 @@ def _insert_registers(b: _Builder, vit: VitGraph, layout: TokenLayout, R: int, d
     if p:
         parts.insert(0, b.op("Slice", [x, b.i64("start", [0]), b.i64("end", [p]), axis]))
     new = b.op("Concat", parts, {"axis": 1})
-    _replace_uses(x, new, {id(n) for n in b.nodes[before:]})
+    replace_uses(x, new, {id(n) for n in b.nodes[before:]})
     return new
 
 
-def _edit_rows(b: _Builder, h: ir.Value, p: int, R: int, k: int, scale: float, per_neuron: bool,
+def _edit_rows(b: NodeBuilder, h: ir.Value, p: int, R: int, k: int, scale: float, per_neuron: bool,
                dtype: Any = np.float32) -> ir.Value:
     """`register_rows(h, p, R, scale, per_neuron)` in ONNX: [B, p + R, k]."""
     if per_neuron:
@@ -157,7 +157,7 @@ def _edit_rows(b: _Builder, h: ir.Value, p: int, R: int, k: int, scale: float, p
     return b.op("Concat", [head, reg], {"axis": 1})
 
 
-def _split_mlp(b: _Builder, site: MlpSite, units: list[int], p: int, R: int, scale: float, per_neuron: bool,
+def _split_mlp(b: NodeBuilder, site: MlpSite, units: list[int], p: int, R: int, scale: float, per_neuron: bool,
                dtype: np.dtype) -> None:
     """The register units of `site` move to a branch: their activation is recomputed from fc1's own output
     (`unit_activation`, float32), edited, and projected by their fc2 rows (dequantized exactly) on the
@@ -183,10 +183,10 @@ def _split_mlp(b: _Builder, site: MlpSite, units: list[int], p: int, R: int, sca
     top = b.op("Slice", [y, b.i64("start", [0]), b.i64("end", [q]), axis])
     rest = b.op("Slice", [y, b.i64("start", [q]), b.i64("end", [INT64_MAX]), axis])
     new_y = b.op("Concat", [b.op("Add", [top, hb]), rest], {"axis": 1})
-    _replace_uses(y, new_y, {id(n) for n in b.nodes[before:]})
+    replace_uses(y, new_y, {id(n) for n in b.nodes[before:]})
 
 
-def _edit_in_place(b: _Builder, site: MlpSite, idx: np.ndarray, hr: ir.Value, head: ir.Value, p: int, R: int,
+def _edit_in_place(b: NodeBuilder, site: MlpSite, idx: np.ndarray, hr: ir.Value, head: ir.Value, p: int, R: int,
                    dtype: np.dtype) -> None:
     """An MLP whose fc2 input is dynamically quantized (`DynamicQuantizeLinear`, INT8): the register units
     are edited inside fc2's input (patch rows 0, prefix + register rows `head`), fc2 left as stored. Why no
@@ -210,7 +210,7 @@ def _edit_in_place(b: _Builder, site: MlpSite, idx: np.ndarray, hr: ir.Value, he
     before = len(b.nodes)
     new_h = b.op("Add", [b.op("Mul", [site.hidden, b.const(f"block{site.block}_keep", keep)]),
                          b.op("MatMul", [edited, b.const(f"block{site.block}_onehot", onehot)])])
-    _replace_uses(site.hidden, new_h, {id(n) for n in b.nodes[before:]})
+    replace_uses(site.hidden, new_h, {id(n) for n in b.nodes[before:]})
 
 
 # inputs that hold shapes or sizes, and the integer arithmetic exporters compute them with
@@ -220,7 +220,7 @@ _SHAPE_OPS = {"Concat", "Unsqueeze", "Squeeze", "Gather", "Slice", "Mul", "Add",
               "Reshape", "Max", "Min"}
 
 
-def _shift_shape_input(b: _Builder, consumer: ir.Node, j: int, N: int, R: int, dim: Optional[int] = None) -> list[str]:
+def _shift_shape_input(b: NodeBuilder, consumer: ir.Node, j: int, N: int, R: int, dim: Optional[int] = None) -> list[str]:
     """Integer constants that the `j`th (shape) input of `consumer` is computed from: entries equal to the
     token count N become N + R (new constants; the old ones may be shared with nodes upstream)."""
     changed: list[str] = []
@@ -252,7 +252,7 @@ def _shift_shape_input(b: _Builder, consumer: ir.Node, j: int, N: int, R: int, d
     return changed
 
 
-def _shift_token_constants(b: _Builder, start: ir.Value, layout: TokenLayout, R: int, own: set[int],
+def shift_token_constants(b: NodeBuilder, start: ir.Value, layout: TokenLayout, R: int, own: set[int],
                            dim: Optional[int] = None, stop: frozenset[int] = frozenset()) -> list[str]:
     """Constants downstream of the register entry (up to the nodes in `stop`) that encode the token count N
     or slice from the prefix count p: N -> N + R, p -> p + R. Returns a description of each change."""
@@ -292,7 +292,7 @@ def _shift_token_constants(b: _Builder, start: ir.Value, layout: TokenLayout, R:
     return changed
 
 
-def _side_tensors(vit: VitGraph, layout: TokenLayout) -> list[tuple[ir.Value, np.ndarray]]:
+def side_tensors(vit: VitGraph, layout: TokenLayout) -> list[tuple[ir.Value, np.ndarray]]:
     """Tensors computed without the image (from constants and the batch size, e.g. an attention mask that
     masks nothing) that meet the token stream downstream of the entry with a token axis of size N.
     Returned with their value at batch 2: they must be uniform to be re-made for N + R tokens."""
@@ -335,7 +335,7 @@ def _image_free(v: ir.Value, image: ir.Value) -> bool:
     return True
 
 
-def _remake_side_tensors(b: _Builder, side: list[tuple[ir.Value, np.ndarray]], layout: TokenLayout, R: int) -> list[str]:
+def remake_side_tensors(b: NodeBuilder, side: list[tuple[ir.Value, np.ndarray]], layout: TokenLayout, R: int) -> list[str]:
     N = layout.num_tokens
     done = []
     for v, a in side:
@@ -357,7 +357,7 @@ def _remake_side_tensors(b: _Builder, side: list[tuple[ir.Value, np.ndarray]], l
 HEAD_READS_REGISTERS = frozenset({"siglip_vision_model", "siglip"})
 
 
-def pool_without_registers(b: _Builder, vit: VitGraph, layout: TokenLayout, R: int) -> tuple[list[str], frozenset[int]]:
+def pool_without_registers(b: NodeBuilder, vit: VitGraph, layout: TokenLayout, R: int) -> tuple[list[str], frozenset[int]]:
     """A model without prefix tokens (SigLIP: attention-pool head) pools over the patches only, as the
     baked timm model does (timm's `x[:, num_prefix_tokens:]` before `attn_pool`, with the registers
     counted as prefix): every use of a token output other than the output itself reads it from R on.
@@ -394,21 +394,21 @@ def pool_without_registers(b: _Builder, vit: VitGraph, layout: TokenLayout, R: i
 def bake_graph(vit: VitGraph, recipe: Recipe, layout: TokenLayout, *, source: str = "") -> dict[str, Any]:
     """Rewrite `vit.model` in place. Returns a summary (what was changed)."""
     validate_recipe_for_model(recipe, vit.depth, vit.hidden_sizes, source="neurons")
-    side = _side_tensors(vit, layout)
+    side = side_tensors(vit, layout)
     vlm = source_outputs(vit.model, static_input_size(vit), str(vit.path)) if is_vision_encoder(vit.model) else None
     graph = vit.model.graph
     w_dtype = np.dtype(layout.dtype)
-    b = _Builder(graph, "vit_surgery")
+    b = NodeBuilder(graph, "vit_surgery")
     R, p = recipe.num_registers, layout.num_prefix
-    new_entry = _insert_registers(b, vit, layout, R, w_dtype)
+    new_entry = insert_registers(b, vit, layout, R, w_dtype)
     for block, units in recipe.neurons.items():
         _split_mlp(b, vit.mlps[block], list(units), p, R, recipe.scale, recipe.mode == "per_neuron", w_dtype)
     own = {id(n) for n in b.nodes}
     b.commit()
     pooled, head = pool_without_registers(b, vit, layout, R)
     b.commit_new()
-    shifted = _shift_token_constants(b, new_entry, layout, R, own, vit.embed_dim, head)
-    shifted += _remake_side_tensors(b, side, layout, R) + pooled
+    shifted = shift_token_constants(b, new_entry, layout, R, own, vit.embed_dim, head)
+    shifted += remake_side_tensors(b, side, layout, R) + pooled
     graph.sort()
     if vlm is not None:  # a VLM's vision encoder: image_features keep the source's token count
         b.commit_new()

@@ -12,34 +12,36 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import onnx_ir as ir
 import torch
 
 from ..core.errors import ModelInputError
+from ..core.onnx_runtime import RUNTIME_DETAIL, open_session
 from ..core.output_format import FP32_TOLERANCE, OnnxMetadata
 from ..core.parity import OutputError
 from ..core.recipe import Recipe
-from .bake import (_Builder, _insert_registers, _remake_side_tensors, _replace_uses, _shift_token_constants,
-                   _side_tensors, pool_without_registers)
+from ..core.verdict import verdict_word
+from .bake import (NodeBuilder, insert_registers, remake_side_tensors, replace_uses, shift_token_constants,
+                   side_tensors, pool_without_registers)
 from .discover import TokenLayout, measure_layout, static_input_size
 from .precision import precision_of, tolerance_for
 from .recognise import load_ir, recognise
-from .runtime import ExposedSession, run_session, session_for_file
+from .runtime import ExposedSession
 from .unit_activation import unit_activation
 from .vision_encoder import drop_register_rows, is_vision_encoder, source_outputs
 
 
 
-def _reduce(b: _Builder, op: str, x: ir.Value, axes: list[int], opset: int) -> ir.Value:
+def _reduce(b: NodeBuilder, op: str, x: ir.Value, axes: list[int], opset: int) -> ir.Value:
     if opset >= 18:
         return b.op(op, [x, b.i64("axes", axes)], {"keepdims": 1})
     return b.op(op, [x], {"axes": axes, "keepdims": 1})
 
 
-def _hooked_units(b: _Builder, h: ir.Value, sel: ir.Value, units: list[int], H: int, p: int, R: int,
+def _hooked_units(b: NodeBuilder, h: ir.Value, sel: ir.Value, units: list[int], H: int, p: int, R: int,
                   scale: float, per_neuron: bool, opset: int, h_dtype: np.dtype) -> ir.Value:
     """h with the register units (`sel` = their activations [B, N, k], float32) edited in place."""
     k = len(units)
@@ -67,14 +69,14 @@ def hooked_reference_graph(source: str | Path, recipe: Recipe, layout: Optional[
     """The source ONNX model with the test-time-register hooks written into it (see module doc)."""
     vit = recognise(source)
     layout = layout or measure_layout(vit)
-    side = _side_tensors(vit, layout)
+    side = side_tensors(vit, layout)
     vlm = source_outputs(vit.model, static_input_size(vit), str(source)) if is_vision_encoder(vit.model) else None
     graph = vit.model.graph
     opset = vit.model.opset_imports.get("", 17)
-    b = _Builder(graph, "vit_surgery_reference")
+    b = NodeBuilder(graph, "vit_surgery_reference")
     R, p = recipe.num_registers, layout.num_prefix
     dtype = np.dtype(layout.dtype)
-    entry = _insert_registers(b, vit, layout, R, dtype)
+    entry = insert_registers(b, vit, layout, R, dtype)
     for block, units in recipe.neurons.items():
         site = vit.mlps[block]
         before = len(b.nodes)
@@ -83,13 +85,13 @@ def hooked_reference_graph(source: str | Path, recipe: Recipe, layout: Optional[
         sel = unit_activation(b, site, np.asarray(idx), dtype)
         new_h = _hooked_units(b, site.hidden, sel, idx, site.width, p, R, recipe.scale,
                               recipe.mode == "per_neuron", opset, dtype)
-        _replace_uses(site.hidden, new_h, {id(n) for n in b.nodes[before:]})
+        replace_uses(site.hidden, new_h, {id(n) for n in b.nodes[before:]})
     own = {id(n) for n in b.nodes}
     b.commit()
     _, head = pool_without_registers(b, vit, layout, R)
     b.commit_new()
-    _shift_token_constants(b, entry, layout, R, own, vit.embed_dim, head)
-    _remake_side_tensors(b, side, layout, R)
+    shift_token_constants(b, entry, layout, R, own, vit.embed_dim, head)
+    remake_side_tensors(b, side, layout, R)
     graph.sort()
     if vlm is not None:  # as the bake does: image_features keep the source's token count
         b.commit_new()
@@ -115,24 +117,26 @@ class OnnxCheckReport:
 
     @property
     def passed(self) -> bool:
-        return not self.problems and all(e.relative <= self.tolerance for e in self.errors.values())
+        return not self.problems and all(e.within(self.tolerance) for e in self.errors.values())
 
     def summary(self) -> str:
+        head = f"onnx check {verdict_word(self.passed)}"
         if self.problems:
-            return f"ONNX check FAILED: {self.problems[0]}"
+            return f"{head}: {self.problems[0]}"
         w = self.worst
-        state = "passed" if self.passed else "FAILED"
-        return (f"ONNX check {state}: {self.path} vs the hooked reference on {self.source} "
+        if w is None:
+            return f"{head}: nothing compared"
+        return (f"{head}: {self.path} vs the hooked reference on {self.source} "
                 f"at batch sizes {self.batch_sizes}; worst relative error {w.relative:.2e} ({w.name}) "
                 f"<= {self.tolerance:g}" if self.passed else
-                f"ONNX check {state}: worst relative error {w.relative:.2e} ({w.name} at {w.where}) > {self.tolerance:g}")
+                f"{head}: worst relative error {w.relative:.2e} ({w.name} at {w.where}) > {self.tolerance:g}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "path": self.path, "source": self.source, "tolerance": self.tolerance,
                 "batch_sizes": self.batch_sizes, "problems": self.problems,
                 "relative_error_definition": "max over feature vectors of ||rewritten - reference|| / ||reference||",
                 "reference": "source ONNX graph with the test-time-register hooks written in (no weight split)",
-                "runtime": "onnxruntime CPUExecutionProvider, graph_optimization_level ORT_ENABLE_ALL",
+                "runtime": RUNTIME_DETAIL,
                 "outputs": {k: {"relative": e.relative, "max_abs": e.max_abs, "where": list(e.where)}
                             for k, e in self.errors.items()},
                 "summary": self.summary()}
@@ -146,16 +150,6 @@ def read_recipe(path: str | Path) -> Recipe:
         return Recipe.from_dict(meta.recipe, source=f"{path} metadata")
     except ValueError:
         raise ModelInputError(f"{path}: metadata vit_surgery.recipe is malformed") from None
-
-
-def rebatch(pixels: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
-    out, start = [], 0
-    for s in sizes:
-        if start >= len(pixels):
-            break
-        out.append(pixels[start:start + s])
-        start += s
-    return out
 
 
 @torch.no_grad()
@@ -173,7 +167,7 @@ def check_onnx(baked: str | Path, source: str | Path, batches: list[torch.Tensor
     if report.metadata.get("register_token_indices") not in (None, want_regs):
         report.problems.append(f"{baked.name} records register tokens at {report.metadata['register_token_indices']}, "
                                f"the source's layout puts them at {want_regs}")
-    sess = session_for_file(baked)
+    sess = open_session(baked)
     ref_model = hooked_reference_graph(source, recipe, layout)
     ref = ExposedSession(ref_model, [], f"hooked reference of {source}")
     names = [o.name for o in sess.get_outputs()]
@@ -185,7 +179,7 @@ def check_onnx(baked: str | Path, source: str | Path, batches: list[torch.Tensor
     try:
         for pixels in batches:
             x = pixels.float().numpy()
-            got = run_session(sess, names, x, str(baked))
+            got = sess.run_pixels(names, x)
             want, _ = ref.run(x)
             for n, g, w in zip(names, got, want):
                 if g.shape != w.shape:

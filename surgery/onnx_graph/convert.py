@@ -1,7 +1,6 @@
 """`convert model.onnx`: recognise, bake, save (external data kept for large models), check, move into place."""
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +11,7 @@ import torch
 
 from ..core.errors import ParityError
 from ..core.integrity import record_onnx_output
-from ..core.output_format import FP32_TOLERANCE, ONNX_FILE, require_onnx_path
+from ..core.output_format import FP32_TOLERANCE, ONNX_FILE, require_onnx_path, write_json
 from ..core.output_format import ONNX_DATA_FILE as DATA_FILE
 from ..core.outputs import atomic_output_dir, check_output_target, refuse_source_overlap
 from ..core.recipe import Recipe
@@ -77,9 +76,9 @@ def convert_onnx(source: str | Path, out_dir: str | Path, recipe: Recipe, *, ove
             if not report.passed:
                 raise ParityError(f"the rewritten ONNX model failed the check, nothing written: {report.summary()}")
         for name, doc in (extra_files or {}).items():
-            (tmp / name).write_text(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+            write_json(tmp / name, doc)
         if report is not None:
-            (tmp / "parity.json").write_text(json.dumps({"onnx": report.to_dict()}, indent=2, default=float) + "\n")
+            write_json(tmp / "parity.json", {"onnx": report.to_dict()})
         for f in ("preprocessor_config.json", "config.json"):  # keep the preprocessing (and HF config) next to the model
             if (source.parent / f).is_file():
                 shutil.copyfile(source.parent / f, tmp / f)

@@ -26,6 +26,7 @@ import torch
 
 from ..core.errors import ModelInputError, ParityError
 from ..core.recipe import Recipe
+from ..core.verdict import all_passed, verdict_word
 from .bake import bake_graph
 from .check import OnnxCheckReport, check_onnx, read_recipe
 from .discover import measure_layout
@@ -176,8 +177,7 @@ class FolderCheck:
 
     @property
     def passed(self) -> bool:
-        return (all(r.passed for r in self.reports.values()) and all(j.passed for j in self.judgements.values())
-                and all(self.unchanged.values()))
+        return all_passed(self.reports.values()) and all_passed(self.judgements.values()) and all(self.unchanged.values())
 
     def failures(self) -> list[str]:
         out = [f"{k}: {r.summary()}" for k, r in self.reports.items() if not r.passed]
@@ -186,10 +186,11 @@ class FolderCheck:
         return out + [f"{k}: {j.summary()}" for k, j in self.judgements.items() if not j.passed]
 
     def summary(self) -> str:
+        head = f"onnx folder check {verdict_word(self.passed)}"
         if not self.passed:
-            return "ONNX folder check FAILED: " + " | ".join(self.failures())
+            return f"{head}: " + " | ".join(self.failures())
         worst = {k: f"{r.worst.relative:.1e} <= {r.tolerance:g}" for k, r in self.reports.items() if r.worst}
-        return (f"ONNX folder check passed ({len(self.reports)} file(s), each against its own hooked reference: "
+        return (f"{head} ({len(self.reports)} file(s), each against its own hooked reference: "
                 + ", ".join(f"{k} {v}" for k, v in worst.items())
                 + (f"; {len(self.judgements)} variant(s) also against the fp32 hooked reference" if self.judgements
                    else "")

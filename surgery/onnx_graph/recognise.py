@@ -23,6 +23,7 @@ from typing import Optional
 
 import onnx_ir as ir
 
+from ..core.activations import GELU_TANH_CUBIC, QUICK_GELU_ALPHA
 from ..core.errors import ModelInputError
 from ..core.output_format import require_onnx_path
 from .gated import GatedParts, describe_chunk, gated_parts
@@ -100,9 +101,6 @@ class VitGraph:
                              if m.gated else {})} for m in self.mlps], "notes": self.notes}
 
 
-_is_const = is_const
-
-
 def _classify(nodes: list[ir.Node]) -> Optional[str]:
     ops = sorted(n.op_type for n in nodes if n.op_type not in PASS_THROUGH)
     fused = {"Gelu": "gelu", "BiasGelu": "gelu", "FastGelu": "gelu_tanh", "QuickGelu": "quick_gelu"}
@@ -113,9 +111,9 @@ def _classify(nodes: list[ir.Node]) -> Optional[str]:
             return "gelu_tanh"
         if ops[0] == "QuickGelu":
             a = node.attributes.get("alpha")
-            return "quick_gelu" if a is None or abs(a.value - 1.702) < 1e-3 else None
+            return "quick_gelu" if a is None or abs(a.value - QUICK_GELU_ALPHA) < 1e-3 else None
         return fused[ops[0]]
-    consts = [const_array(i) for n in nodes for i in n.inputs if i is not None and _is_const(i)]
+    consts = [const_array(i) for n in nodes for i in n.inputs if i is not None and is_const(i)]
     scal = [float(c.ravel()[0]) for c in consts if c is not None and c.size == 1]
 
     def has(x: float) -> bool:  # a scalar constant of the formula (float16 graphs store it rounded)
@@ -124,10 +122,10 @@ def _classify(nodes: list[ir.Node]) -> Optional[str]:
     if "Erf" in ops and set(ops) <= {"Erf", "Div", "Mul", "Add"} and len(ops) <= 5 \
             and (has(math.sqrt(2.0)) or has(1 / math.sqrt(2.0))):
         return "gelu"
-    if "Tanh" in ops and set(ops) <= {"Tanh", "Pow", "Mul", "Add"} and has(0.044715):
+    if "Tanh" in ops and set(ops) <= {"Tanh", "Pow", "Mul", "Add"} and has(GELU_TANH_CUBIC):
         return "gelu_tanh"
     if ops == ["Mul", "Mul", "Sigmoid"] or ops == ["Mul", "Sigmoid"]:
-        if any(abs(s - 1.702) < 1e-3 for s in scal):
+        if any(abs(s - QUICK_GELU_ALPHA) < 1e-3 for s in scal):
             return "quick_gelu"
         if ops == ["Mul", "Sigmoid"] and not consts and _is_silu(nodes):
             return "silu"
@@ -149,7 +147,7 @@ def _activation_subgraph(hidden: ir.Value) -> tuple[list[ir.Node], Optional[Line
     stack = [hidden]
     while stack:
         v = stack.pop()
-        if _is_const(v):
+        if is_const(v):
             continue
         p = v.producer()
         if p is None:
@@ -184,7 +182,7 @@ def _follow_to_residual(down: ir.Value, D: int) -> Optional[ir.Node]:
             return node
         if node.op_type in ("Add", "Mul") and node.domain in ("", "ai.onnx"):
             other = node.inputs[1 - uses[0].idx]
-            if _is_const(other):
+            if is_const(other):
                 v = node.outputs[0]
                 continue
             if node.op_type == "Add":
@@ -234,7 +232,7 @@ def _residual_inputs(v: ir.Value) -> Optional[tuple[ir.Value, ir.Value, ir.Node]
     if p.op_type == "Add" and p.domain in ("", "ai.onnx") or (p.op_type == "SkipLayerNormalization"
                                                               and v is (p.outputs[3] if len(p.outputs) > 3 else None)):
         a, b = p.inputs[0], p.inputs[1]
-        if a is None or b is None or _is_const(a) or _is_const(b):
+        if a is None or b is None or is_const(a) or is_const(b):
             return None
         if id(a) in _ancestors(b):
             return a, b, p

@@ -1,4 +1,5 @@
-"""Running a (possibly rewritten) onnx-ir model in onnxruntime, with chosen intermediate tensors exposed."""
+"""Running a (possibly rewritten) onnx-ir model in onnxruntime, with chosen intermediate tensors exposed.
+Sessions are opened and run by surgery/core/onnx_runtime.py (the project's one session helper)."""
 from __future__ import annotations
 
 import tempfile
@@ -8,55 +9,9 @@ from typing import Any, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from ..core.errors import ModelInputError, first_line
+from ..core.onnx_runtime import open_session
 
 _IN_MEMORY_LIMIT = 1 << 30  # larger models go through a temporary file with external data
-
-
-def session_options() -> Any:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 4  # fatal only: a failed run is reported once, by run_session, on one line
-    return so
-
-
-def session_for_file(path: Path) -> Any:
-    import onnxruntime as ort
-
-    try:
-        return ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise ModelInputError(f"{path}: onnxruntime cannot load it ({first_line(e)})") from None
-
-
-def as_input(session: Any, pixels: np.ndarray) -> np.ndarray:
-    """`pixels` in the dtype the session's image input takes (float16 graphs without float32 I/O)."""
-    want = session.get_inputs()[0].type
-    return pixels.astype(np.float16) if want == "tensor(float16)" else pixels.astype(np.float32, copy=False)
-
-
-def run_session(session: Any, names: Sequence[str], pixels: np.ndarray, label: str) -> list[np.ndarray]:
-    """`session.run` on one batch; onnxruntime's failure (a graph that runs at one batch size only, a
-    shape its nodes reject) is the model's: ModelInputError (exit 4) naming the batch, not an internal error."""
-    try:
-        return session.run(list(names), {session.get_inputs()[0].name: as_input(session, pixels)})
-    except Exception as e:
-        if type(e).__module__.split(".")[0] != "onnxruntime":
-            raise
-        raise ModelInputError(f"{label}: onnxruntime cannot run it on a batch of {len(pixels)} image(s) of "
-                              f"{list(pixels.shape[1:])} ({_ort_reason(e)})") from None
-
-
-def _ort_reason(e: Exception) -> str:
-    """onnxruntime's run error without its C++ source location: "Reshape node: The input tensor cannot be
-    reshaped ... Input shape:{2,64,48}, requested shape:{1,64,48}"."""
-    import re
-
-    text = " ".join(str(e).split())
-    m = re.search(r"running (\S+) node.*?Status Message: (?:\S+:\d+ .*? was false\. )?(.*)", text)
-    return first_line(ValueError(f"{m.group(1)} node: {m.group(2)}")) if m else first_line(e)
 
 
 class ExposedSession:
@@ -66,8 +21,6 @@ class ExposedSession:
     itself is restored (its outputs list) before returning."""
 
     def __init__(self, model: ir.Model, extra: Sequence[ir.Value], label: str) -> None:
-        import onnxruntime as ort
-
         graph = model.graph
         own = list(graph.outputs)
         self.names = [v.name for v in extra]
@@ -89,16 +42,13 @@ class ExposedSession:
             for _ in added:
                 graph.outputs.pop()
             assert [v.name for v in graph.outputs] == [v.name for v in own]
-        try:
-            self.session = ort.InferenceSession(payload, session_options(), providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise ModelInputError(f"{label}: onnxruntime cannot load it ({first_line(e)})") from None
+        self.session = open_session(payload, label)
         self.label = label
         self.output_names = [o.name for o in own]
 
     def run(self, pixels: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """(the model's own outputs, the extra values), for one batch of pixels."""
-        got = run_session(self.session, self.output_names + self.names, pixels, self.label)
+        got = self.session.run_pixels(self.output_names + self.names, pixels)
         return got[:len(self.output_names)], got[len(self.output_names):]
 
     def close(self) -> None:

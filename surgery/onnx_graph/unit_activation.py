@@ -21,24 +21,24 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from ..core.activations import QUICK_GELU_ALPHA, SIGMOID_GATES
 from .recognise import MlpSite
 from .values import const_array
 
 COMPUTE_DTYPE = np.float32
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
 def _alpha(site: MlpSite) -> float:
     for n in site.act_nodes:
         if n.op_type == "QuickGelu":
             a = n.attributes.get("alpha")
-            return 1.702 if a is None else float(a.value)
+            return QUICK_GELU_ALPHA if a is None else float(a.value)
     for n in site.act_nodes:
         for v in n.inputs:
             c = const_array(v) if v is not None else None
-            if c is not None and c.size == 1 and abs(float(c.ravel()[0]) - 1.702) < 1e-3:
+            if c is not None and c.size == 1 and abs(float(c.ravel()[0]) - QUICK_GELU_ALPHA) < 1e-3:
                 return float(c.ravel()[0])
-    return 1.702
+    return QUICK_GELU_ALPHA
 
 
 def _fused_bias(site: MlpSite, idx: np.ndarray) -> np.ndarray | None:
@@ -82,13 +82,10 @@ def _activation(b: Any, site: MlpSite, z: ir.Value, idx: np.ndarray) -> ir.Value
     def c(what: str, x: float) -> ir.Value:
         return b.const(what, np.asarray(x, dtype=COMPUTE_DTYPE))
 
-    if site.activation == "silu":
-        return b.op("Mul", [z, _sigmoid(b, z)])
-    if site.activation == "quick_gelu":
-        return b.op("Mul", [z, _sigmoid(b, b.op("Mul", [z, c("alpha", _alpha(site))]))])
-    if site.activation == "gelu_tanh":
-        cube = b.op("Mul", [b.op("Mul", [z, z]), z])
-        u = b.op("Add", [z, b.op("Mul", [cube, c("k", 0.044715)])])
-        return b.op("Mul", [z, _sigmoid(b, b.op("Mul", [u, c("two_sqrt_2_over_pi", 2 * _SQRT_2_OVER_PI)]))])
+    if site.activation in SIGMOID_GATES:  # z * sigmoid(alpha (z + cubic z^3)), the graph's own QuickGELU alpha
+        alpha, cubic = SIGMOID_GATES[site.activation]
+        alpha = _alpha(site) if site.activation == "quick_gelu" else alpha
+        u = b.op("Add", [z, b.op("Mul", [b.op("Mul", [b.op("Mul", [z, z]), z]), c("cubic", cubic)])]) if cubic else z
+        return b.op("Mul", [z, _sigmoid(b, u if alpha == 1.0 else b.op("Mul", [u, c("alpha", alpha)]))])
     erf = b.op("Erf", [b.op("Mul", [z, c("inv_sqrt2", 1 / math.sqrt(2.0))])])
     return b.op("Mul", [b.op("Mul", [z, c("half", 0.5)]), b.op("Add", [erf, c("one", 1.0)])])

@@ -27,6 +27,7 @@ import torch
 
 from ..core.parity import OutputError
 from ..core.recipe import Recipe
+from ..core.verdict import verdict_word
 from .check import hooked_reference_graph
 from .precision import FP32_TOLERANCE
 from .discover import measure_layout
@@ -63,14 +64,15 @@ class Fp32Judgement:
         return not self.not_a_variant and all(e.relative <= self.bound(n) for n, e in self.baked.items())
 
     def summary(self) -> str:
+        head = f"{Path(self.variant).name} against the fp32 hooked reference {verdict_word(self.passed)}"
         if self.not_a_variant:
             n = self.not_a_variant[0]
-            return (f"FAILED: {Path(self.variant).name} is not a precision variant of {Path(self.fp32_source).name}: "
+            return (f"{head}: {Path(self.variant).name} is not a precision variant of {Path(self.fp32_source).name}: "
                     f"unbaked, its {n} differs from the fp32 file's by {self.baseline[n].relative:.3g} relative "
                     f"(its precision's noise stays below {self.noise_max:g}; another model?)")
         parts = [f"{n} {e.relative:.2e} (bound {self.bound(n):.2e} = {self.factor:g} x unbaked "
                  f"{self.baseline[n].relative:.2e} + {FP32_TOLERANCE:g})" for n, e in self.baked.items()]
-        return f"{'passed' if self.passed else 'FAILED'} against the fp32 hooked reference: " + "; ".join(parts)
+        return f"{head}: " + "; ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "fp32_source": self.fp32_source, "factor": self.factor,

@@ -150,15 +150,15 @@ def build_hf_dinov3_organism(seed: int = 0, *, gated: bool = False, num_register
     from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
     from ..backends import adapter_for
-    from .families import _attach_hf_organism_preprocess, _hf_vision_sizes
+    from .families import attach_hf_organism_preprocess, hf_vision_sizes
 
     s = ORGANISM_SIZE
     hidden = int(s["embed_dim"] * s["mlp_ratio"])
     cfg = DINOv3ViTConfig(intermediate_size=hidden, num_register_tokens=num_register_tokens, layerscale_value=1.0,
-                          use_gated_mlp=gated, query_bias=True, key_bias=True, value_bias=True, **_hf_vision_sizes())
+                          use_gated_mlp=gated, query_bias=True, key_bias=True, value_bias=True, **hf_vision_sizes())
     torch.manual_seed(seed)
     model = DINOv3ViTModel(cfg).eval()
-    _attach_hf_organism_preprocess(model)
+    attach_hf_organism_preprocess(model)
     _, sin = adapter_for(model)._rope(model)  # type: ignore[attr-defined]
     emb = model.embeddings
     planting = plant_split_glu(model, plant, seed=seed, cls_token=emb.cls_token,
@@ -194,10 +194,10 @@ def build_hf_siglip_organism(seed: int = 0, *, plant: dict[int, list[tuple[int, 
     overrides the embedding width (the MLP stays mlp_ratio times it)."""
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
-    from .families import _attach_hf_organism_preprocess, _hf_vision_sizes
+    from .families import attach_hf_organism_preprocess, hf_vision_sizes
 
     s = ORGANISM_SIZE
-    sizes = dict(_hf_vision_sizes(), **({"hidden_size": width} if width else {}))
+    sizes = dict(hf_vision_sizes(), **({"hidden_size": width} if width else {}))
     cfg = SiglipVisionConfig(intermediate_size=int(sizes["hidden_size"] * s["mlp_ratio"]), **sizes)
     torch.manual_seed(seed)
     model = SiglipVisionModel(cfg).eval()
@@ -205,7 +205,7 @@ def build_hf_siglip_organism(seed: int = 0, *, plant: dict[int, list[tuple[int, 
     with torch.no_grad():  # HF's position (std 1/sqrt(D)) and patch inits would drown the planted trigger
         nn.init.trunc_normal_(emb_of(model).position_embedding.weight, std=0.02)
         nn.init.trunc_normal_(emb_of(model).patch_embedding.weight, std=0.02)
-    _attach_hf_organism_preprocess(model)
+    attach_hf_organism_preprocess(model)
     planting = plant_register_neurons(model, plant, seed=seed, pos_embed=emb_of(model).position_embedding.weight,
                                       pos_includes_cls=False)
     return model, planting

@@ -143,20 +143,20 @@ HF_ORGANISM_PREPROCESSOR = {"image_processor_type": "BitImageProcessor", "do_res
                             "do_convert_rgb": True}
 
 
-def _hf_vision_sizes() -> dict[str, Any]:
+def hf_vision_sizes() -> dict[str, Any]:
     s = ORGANISM_SIZE
     return {"hidden_size": s["embed_dim"], "num_hidden_layers": s["depth"], "num_attention_heads": s["num_heads"],
             "image_size": s["img_size"], "patch_size": s["patch_size"]}
 
 
-def _attach_hf_organism_preprocess(model: nn.Module) -> None:
+def attach_hf_organism_preprocess(model: nn.Module) -> None:
     """The organism's preprocessing (what HF_ORGANISM_PREPROCESSOR gives once saved): 64 px, no crop margin,
     so the calibration images' trigger squares stay patch-aligned."""
     from ..backends import adapter_for
-    from ..backends.hf.loader import _set_preprocess, preprocess_from_processor
+    from ..backends.hf.loader import set_preprocess, preprocess_from_processor
 
     fam = adapter_for(model)
-    _set_preprocess(model, preprocess_from_processor(HF_ORGANISM_PREPROCESSOR, fam.preprocess_config(model)))
+    set_preprocess(model, preprocess_from_processor(HF_ORGANISM_PREPROCESSOR, fam.preprocess_config(model)))
 
 
 def build_hf_clip_organism(seed: int = 0, *, full_clip: bool = False, attn_implementation: str = "sdpa",
@@ -172,7 +172,7 @@ def build_hf_clip_organism(seed: int = 0, *, full_clip: bool = False, attn_imple
     s = ORGANISM_SIZE
     # initializer_factor 0.25: weights at the scale timm uses (std ~0.02), as in the timm organism
     vcfg = CLIPVisionConfig(intermediate_size=int(s["embed_dim"] * s["mlp_ratio"]), projection_dim=32, initializer_factor=0.25,
-                            **_hf_vision_sizes())
+                            **hf_vision_sizes())
     torch.manual_seed(seed)
     if full_clip:
         tcfg = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
@@ -184,7 +184,7 @@ def build_hf_clip_organism(seed: int = 0, *, full_clip: bool = False, attn_imple
         vision = model
     model.set_attn_implementation(attn_implementation)
     model.eval()
-    _attach_hf_organism_preprocess(model)
+    attach_hf_organism_preprocess(model)
     emb = vision.embeddings
     planting = plant_register_neurons(model, plant, seed=seed, cls_token=emb.class_embedding,
                                       pos_embed=emb.position_embedding.weight, pos_includes_cls=True)
@@ -260,7 +260,7 @@ def build_hf_dinov2_organism(seed: int = 0, *, swiglu: bool = False, num_registe
     """
     from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
-    sizes = dict(_hf_vision_sizes(), mlp_ratio=int(ORGANISM_SIZE["mlp_ratio"]), layerscale_value=1.0,
+    sizes = dict(hf_vision_sizes(), mlp_ratio=int(ORGANISM_SIZE["mlp_ratio"]), layerscale_value=1.0,
                  use_swiglu_ffn=swiglu)
     torch.manual_seed(seed)
     if num_register_tokens:
@@ -269,7 +269,7 @@ def build_hf_dinov2_organism(seed: int = 0, *, swiglu: bool = False, num_registe
         model = Dinov2Model(Dinov2Config(**sizes))
     model.set_attn_implementation(attn_implementation)
     model.eval()
-    _attach_hf_organism_preprocess(model)
+    attach_hf_organism_preprocess(model)
     emb = model.embeddings
     planting = plant_split_glu(model, plant, seed=seed, cls_token=emb.cls_token,
                                pos_embed=emb.position_embeddings, pos_includes_cls=True)

@@ -124,9 +124,9 @@ def export_vision_encoder_source(vlm: nn.Module, out: Path, *, exporter: str = "
     import onnx
     import torch
 
-    from surgery.exporters.onnx_export import _export_proto, _fix_io_shapes
+    from surgery.exporters.onnx_export import export_proto, fix_io_shapes
     from surgery.exporters.onnx_spec import OnnxSpec
-    from surgery.exporters.onnx_vlm import _IMAGE, _PIXELS, VisionEncoder
+    from surgery.exporters.onnx_vlm import IMAGE_FEATURES, PIXEL_VALUES, VisionEncoder
 
     class ImageFeatures(nn.Module):
         def __init__(self) -> None:
@@ -136,7 +136,7 @@ def export_vision_encoder_source(vlm: nn.Module, out: Path, *, exporter: str = "
         def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
             return self.encoder(pixel_values)[0]
 
-    spec = OnnxSpec(inputs=(_PIXELS,), outputs=(_IMAGE,), opset=opset)
+    spec = OnnxSpec(inputs=(PIXEL_VALUES,), outputs=(IMAGE_FEATURES,), opset=opset)
     wrapper = ImageFeatures().eval()
     size = vlm.config.vision_config.image_size
     example = torch.randn(spec.export_batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
@@ -144,8 +144,8 @@ def export_vision_encoder_source(vlm: nn.Module, out: Path, *, exporter: str = "
         features = wrapper(example)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
-        proto = _export_proto(wrapper, example, spec, exporter, Path(scratch), progress=False)
-    _fix_io_shapes(proto, spec, {_PIXELS.name: tuple(example.shape), _IMAGE.name: tuple(features.shape)})
+        proto = export_proto(wrapper, example, spec, exporter, Path(scratch), progress=False)
+    fix_io_shapes(proto, spec, {PIXEL_VALUES.name: tuple(example.shape), IMAGE_FEATURES.name: tuple(features.shape)})
     onnx.save(proto, str(out))
     return out
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from .vit import ORGANISM_SIZE, Planting
 from .families import HF_ORGANISM_PREPROCESSOR, build_hf_clip_organism
+from ..core.output_format import write_json
 
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "USER:", "ASSISTANT:", "what", "is", "in", "the", "image",
          "?", "a", "cat", "dog", "number", "28", "32", "describe"]
@@ -273,5 +274,5 @@ def save_hub_layout(model: nn.Module, processor: Any, path: str | Path, *, max_s
             meta = f.metadata()
         save_file(tensors, str(path / shard), metadata=meta)
     index["weight_map"] = {rename(k): v for k, v in index["weight_map"].items()}
-    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    write_json(index_path, index)
     return path

@@ -22,7 +22,6 @@ page.py (the HTML page); this module puts them together.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -32,9 +31,10 @@ from ..core.bake import register_token_indices
 from ..core.discovery import DiscoveryConfig
 from ..core.recipe import Recipe
 from .measure import DEFAULT_SHOW, Measurement, measure
-from .page import _display_spec, _html
-from .pair import DEFAULT_NUM_IMAGES, Pair, _files, resolve_pair
-from .plots import RANKING_BARS, _maps_figure, plot_layer_norms, plot_ranking
+from .page import display_spec, report_html
+from .pair import DEFAULT_NUM_IMAGES, Pair, image_files, resolve_pair
+from .plots import RANKING_BARS, maps_figure, plot_layer_norms, plot_ranking
+from ..core.output_format import write_json
 
 PNG_FILES = ("layer_norms.png", "norm_maps.png", "attention_maps.png", "neuron_ranking.png")
 
@@ -55,7 +55,7 @@ def write_report(model_spec: str, baked_spec: Optional[str] = None, images: Any 
 
     out_dir = Path(out_dir)
     seed = int(opts.get("seed", 0))
-    files = _files(images if images is not None else builtin_images(), opts.get("num_images", DEFAULT_NUM_IMAGES), seed)
+    files = image_files(images if images is not None else builtin_images(), opts.get("num_images", DEFAULT_NUM_IMAGES), seed)
     batch_size = int(opts.get("batch_size", 8))
     threshold = opts.get("threshold", "auto")
     cfg = DiscoveryConfig(detect_layer=opts.get("detect_layer"), threshold=threshold, batch_size=batch_size, seed=seed)
@@ -91,9 +91,9 @@ def write_report(model_spec: str, baked_spec: Optional[str] = None, images: Any 
     if lm_attention is not None:
         summary["lm_attention"] = lm_attention
         summary["files"].append("lm_attention_maps.png")
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=float) + "\n")
+    write_json(out_dir / "summary.json", summary)
     html_path = out_dir / "report.html"
-    html_path.write_text(_html(summary, pics), encoding="utf-8")
+    html_path.write_text(report_html(summary, pics), encoding="utf-8")
     return html_path
 
 
@@ -103,9 +103,9 @@ def _draw_pictures(m: Measurement, recipe: Optional[Recipe], out_dir: Path) -> d
     pics: dict[str, bytes] = {}
     pics["layer_norms.png"] = plot_layer_norms(m, recipe, out_dir / "layer_norms.png")
     if m.show:
-        pics["norm_maps.png"] = _maps_figure(m, "norms", out_dir / "norm_maps.png",
+        pics["norm_maps.png"] = maps_figure(m, "norms", out_dir / "norm_maps.png",
                                              f"Patch-token norms at block {m.detect_layer}", "token L2 norm", log=True)
-        pics["attention_maps.png"] = _maps_figure(
+        pics["attention_maps.png"] = maps_figure(
             m, "attn", out_dir / "attention_maps.png",
             f"{'CLS' if m.has_cls else 'Mean patch-query (no CLS token)'} attention over patches, last block "
             f"(block {m.depth - 1}), mean over heads",
@@ -145,7 +145,7 @@ def _ranking_section(pair: Pair, recipe: Optional[Recipe], out_dir: Path,
         return None
     pics["neuron_ranking.png"] = plot_ranking(pair.ranking_doc, recipe, out_dir / "neuron_ranking.png")
     sel = pair.ranking_doc.get("selection") or {}
-    source = (_display_spec(pair.ranking_path, out_dir) if pair.ranking_path else "") + pair.ranking_source
+    source = (display_spec(pair.ranking_path, out_dir) if pair.ranking_path else "") + pair.ranking_source
     return {"source": source, "cut": sel.get("top_k"), "rule": sel.get("rule"),
             "chosen": pair.ranking_doc.get("register_neurons"),
             "top": pair.ranking_doc["scores"][:max(RANKING_BARS, int(sel.get("top_k") or 0) + 10)]}
@@ -159,13 +159,13 @@ def _summary(pair: Pair, m: Measurement, recipe: Optional[Recipe], out_dir: Path
                     **({"register": t.register} if t.register is not None else {})} for side, t in m.trace.items()}
     return {
         "tool_version": version,
-        "original": _display_spec(pair.original_label, out_dir) + pair.original_suffix,
-        "baked": None if pair.baked is None else (_display_spec(pair.baked_label, out_dir) if pair.baked_label
+        "original": display_spec(pair.original_label, out_dir) + pair.original_suffix,
+        "baked": None if pair.baked is None else (display_spec(pair.baked_label, out_dir) if pair.baked_label
                                                   else "in memory"),
         "baked_side": pair.how,
         "recipe": recipe.to_dict() if recipe is not None else None,
         "register_indices": register_token_indices(pair.baked.model, adapter=pair.baked.adapter) if pair.baked else [],
-        "images": _display_spec(images_label, out_dir), "num_images": len(m.images),
+        "images": display_spec(images_label, out_dir), "num_images": len(m.images),
         "skipped_images": m.skipped, "image_files": m.images[:1000],
         "detect_layer": m.detect_layer, "depth": m.depth,
         "threshold_rule": m.metrics["original"].get("threshold_rule"),

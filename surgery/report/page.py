@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from .plots import _pct
+from .plots import percent
 
 
 METRIC_ROWS = [  # (key, label, format)
@@ -26,7 +26,7 @@ METRIC_ROWS = [  # (key, label, format)
 
 # ---- writing ----------------------------------------------------------------------------------
 
-def _display_spec(spec: str, out_dir: Path) -> str:
+def display_spec(spec: str, out_dir: Path) -> str:
     """Paths inside an output that is still being written (atomic temporary folder) are shown relative
     to the report, so the report does not name a folder that no longer exists once it is moved."""
     p = Path(spec)
@@ -58,7 +58,7 @@ td:first-child,th:first-child{text-align:left}img{max-width:100%;border:1px soli
 code{background:#f4f4f4;padding:0 .2em}"""
 
 
-def _html(summary: dict[str, Any], pictures: dict[str, bytes]) -> str:
+def report_html(summary: dict[str, Any], pictures: dict[str, bytes]) -> str:
     e = html.escape
     s = summary
     parts = _html_head(s) + _html_numbers(s) + _html_pictures(s, pictures)
@@ -121,8 +121,8 @@ def _html_numbers(s: dict[str, Any]) -> list[str]:
 def _lm_attention_text(lm: Optional[dict[str, Any]]) -> str:
     if not lm:
         return ""
-    parts = [f"{side}: {_pct(lm[side]['image_attention_share'])} of the row on the image tokens, "
-             f"{_pct(lm[side]['top1pct_image_attention_share'])} of that on the top 1 % of image tokens"
+    parts = [f"{side}: {percent(lm[side]['image_attention_share'])} of the row on the image tokens, "
+             f"{percent(lm[side]['top1pct_image_attention_share'])} of that on the top 1 % of image tokens"
              for side in ("original", "baked") if side in lm]
     return "; ".join(parts) + f" ({lm['definition']})."
 

@@ -36,7 +36,7 @@ class Pair:
     baked_label: Optional[str] = None  # None: baked in memory
 
 
-def _files(images: Any, num_images: Optional[int], seed: int) -> list[Path]:
+def image_files(images: Any, num_images: Optional[int], seed: int) -> list[Path]:
     if isinstance(images, (str, Path)):
         return list_images(images, num_images, seed)
     files = [Path(p) for p in images]

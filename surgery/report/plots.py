@@ -106,11 +106,11 @@ def _plain_log_axis(axis: Any) -> None:
     axis.set_minor_formatter(FuncFormatter(_plain_minor_fmt))
 
 
-def _pct(v: float) -> str:
+def percent(v: float) -> str:
     return f"{v:.1%}" if v >= 0.01 or v == 0 else f"{100 * v:.2g}%"
 
 
-def _maps_figure(m: Measurement, key: str, path: Path, title: str, cbar_label: str, log: bool) -> bytes:
+def maps_figure(m: Measurement, key: str, path: Path, title: str, cbar_label: str, log: bool) -> bytes:
     from matplotlib.colors import LogNorm, Normalize
 
     sides = [s for s in ("original", "baked") if s in m.show[0]]
@@ -144,9 +144,9 @@ def _maps_figure(m: Measurement, key: str, path: Path, title: str, cbar_label: s
                            edgecolors="#00e5ff", linewidths=1.0 if max(gh, gw) > 16 else 1.2)
             sub = s
             if key == "attn":
-                sub += f": max patch {_pct(float(it[s][key].max()))}"
+                sub += f": max patch {percent(float(it[s][key].max()))}"
                 if it[s]["register_attn"] is not None:
-                    sub += f",\nregister {_pct(it[s]['register_attn'])}"
+                    sub += f",\nregister {percent(it[s]['register_attn'])}"
             else:
                 sub += f" (max/median {float(it[s][key].max() / max(np.median(it[s][key]), 1e-12)):.1f})"
             ax.set_title(sub, fontsize=8)

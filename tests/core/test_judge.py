@@ -89,6 +89,74 @@ def test_check_uses_the_tolerance_recorded_by_convert(tmp_path):
     assert recorded_tolerance(tmp_path) is None
 
 
+# ---- one verdict protocol (surgery/core/verdict.py) ---------------------------------------------------
+
+def _error(name: str, relative: float) -> OutputError:
+    """An OutputError whose worst vector is `relative` off (plain tolerance judge, no allowance)."""
+    ref = torch.ones(1, 2, 4, dtype=torch.float64)
+    got = ref.clone()
+    got[0, 1] *= 1 + relative  # the vector's relative error is exactly `relative` (all its entries scale)
+    err = OutputError(name)
+    err.update(got, ref)
+    return err
+
+
+def _verdicts(relative: float) -> dict[str, object]:
+    """One of every verdict type, judged on an error of `relative` against a tolerance of 1e-3."""
+    from pathlib import Path
+
+    from surgery.api import CheckResult, ExportResult
+    from surgery.core.recipe import Recipe
+    from surgery.exporters.onnx_int8 import Int8Report
+    from surgery.exporters.onnx_validate import Comparison, OnnxReport
+    from surgery.onnx_graph.check import OnnxCheckReport
+    from surgery.onnx_graph.folder import FolderCheck
+    from surgery.onnx_graph.variants import Fp32Judgement
+    from surgery.pipeline import ConvertResult
+
+    tol = 1e-3
+    parity = ParityReport(tol, outputs={"tokens": _error("tokens", relative)}, images=1)
+    comparison = Comparison("tokens", "float64_reference", _error("tokens", relative), tol)
+    onnx = OnnxReport(path="model.onnx", tolerance=tol, export_batch_size=2, batch_sizes=[1], images=1,
+                      comparisons=[comparison])
+    onnx_check = OnnxCheckReport("baked.onnx", "source.onnx", tol, batch_sizes=[1],
+                                 errors={"tokens": _error("tokens", relative)})
+    # bound = factor x unbaked error + FP32_TOLERANCE = 1 x 1e-3 + 1e-5
+    fp32 = Fp32Judgement("model_fp16.onnx", "model.onnx", factor=1.0, noise_max=0.05,
+                         baked={"tokens": _error("tokens", relative)}, baseline={"tokens": _error("tokens", 1e-3)})
+    folder = FolderCheck(reports={"onnx/model.onnx": onnx_check}, judgements={"onnx/model_fp16.onnx": fp32})
+    cosine = 1.0 - relative  # INT8's judge: cosines against 1 - tolerance
+    int8 = Int8Report("model_quantized.onnx", "dynamic", pooled_min=1 - tol, patch_min=1 - tol,
+                      pooled_cosine=[cosine], patch_cosine=[cosine], images=1)
+    recipe = Recipe({0: (1,)})
+    return {"ParityReport": parity, "Comparison": comparison, "OnnxReport": onnx, "OnnxCheckReport": onnx_check,
+            "Fp32Judgement": fp32, "FolderCheck": folder, "Int8Report": int8,
+            "CheckResult": CheckResult(parity, exports=[onnx]), "ExportResult": ExportResult(onnx, ["model.onnx"]),
+            "ConvertResult": ConvertResult(Path("out"), recipe, parity, None, None, exports=[int8])}
+
+
+@pytest.mark.parametrize("relative, passed", [(1e-4, True), (5e-2, False)])
+def test_every_verdict_type_satisfies_the_one_protocol(relative, passed):
+    """passed is a bool property, summary() one line saying PASS or FAIL (a failing one never PASS),
+    to_dict() carries the same passed and summary and is JSON; whatever judged it."""
+    import json
+    import re
+
+    from surgery.core.output_format import json_text
+    from surgery.core.verdict import Verdict
+
+    assert not isinstance(_error("tokens", 0.0), Verdict)  # a part of a report, not a verdict
+    for name, v in _verdicts(relative).items():
+        assert isinstance(v, Verdict), name
+        assert v.passed is passed, (name, v.summary())
+        line = v.summary()
+        words = set(re.findall(r"\b(PASS|FAIL)\b", line))
+        assert words == ({"PASS"} if passed else {"FAIL"}), (name, line)
+        assert "\n" not in line, (name, line)
+        d = json.loads(json_text(v.to_dict()))
+        assert d["passed"] is passed and d["summary"] == line, name
+
+
 # ---- real size (slow) ------------------------------------------------------------------------------
 
 @pytest.mark.slow

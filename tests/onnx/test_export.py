@@ -110,7 +110,7 @@ def test_onnxruntime_matches_pytorch_and_hooked_reference_at_batch_1_and_5(expor
             err.update(got[a][o], judge.exact[o], allowed=judge.allowed(o, 1e-5))
         singles.append(got["onnx"])
     for (o, a), err in errors.items():
-        assert err.passed(1e-5), (o, a, err.to_dict())
+        assert err.within(1e-5), (o, a, err.to_dict())
     # the register token (index 1) is a real output: the fix is in the graph, not dropped
     assert register_token_indices(baked, adapter=fam) == [1]
     tok = singles[1]["tokens"]
@@ -181,13 +181,13 @@ def test_external_data_branch_and_legacy_exporter(baked_dir, tmp_path):
 
 def test_failed_validation_leaves_no_file_and_names_the_output(baked_dir, tmp_path, monkeypatch):
     d = copy_baked(baked_dir, tmp_path / "out")
-    plain = onnx_patches._ExportWrapper.forward
+    plain = onnx_patches.ExportWrapper.forward
 
     def broken(self, pixel_values):
         pooled, tokens = plain(self, pixel_values)
         return pooled, tokens * 1.001  # an export bug: tokens off by 1e-3
 
-    monkeypatch.setattr(onnx_patches._ExportWrapper, "forward", broken)
+    monkeypatch.setattr(onnx_patches.ExportWrapper, "forward", broken)
     with pytest.raises(ParityError) as e:
         export_and_validate(d, loaded=load_model(str(d)), progress=False, exporter="legacy")
     msg = str(e.value)
@@ -372,3 +372,44 @@ def test_every_builtin_image_passes_validation(exported):
     assert report.images == 24 and report.batch_sizes == [8, 8, 8]
     for c in report.comparisons:
         assert c.error.ratio <= 1.0, c.to_dict()
+
+
+# ---- the shared helpers: sessions (surgery/core/onnx_runtime.py), re-batching (surgery/core/images.py) ----
+
+def test_a_session_that_cannot_load_or_run_is_a_one_line_model_input_error(tmp_path):
+    from onnx import TensorProto, helper
+
+    from surgery.core.onnx_runtime import open_session
+
+    with pytest.raises(ModelInputError) as e:
+        open_session(b"not an onnx model", "garbage.onnx")
+    assert str(e.value).startswith("garbage.onnx: onnxruntime cannot load it (") and "\n" not in str(e.value)
+    # a graph fixed to batch 1 (Reshape to [1, 4]) runs at batch 1 and refuses batch 2, naming the batch
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])], "fixed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor("shape", TensorProto.INT64, [2], [1, 4])])
+    path = tmp_path / "fixed.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    session = open_session(path)
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    assert np.array_equal(session.run_pixels(["y"], x[:1])[0], x[:1])
+    with pytest.raises(ModelInputError) as e:
+        session.run(["y"], {"x": x})
+    assert str(e.value).startswith(f"{path}: onnxruntime cannot run it on a batch of 2 image(s) of [4] (Reshape node")
+    assert "\n" not in str(e.value)
+
+
+def test_rebatching_cuts_consecutive_batches_and_always_adds_another_size():
+    from surgery.core.images import split_batches, with_another_batch_size
+
+    x = torch.arange(6.0).reshape(6, 1)
+    sizes = lambda batches: [len(b) for b in batches]  # noqa: E731
+    assert sizes(split_batches(x, [1, 5])) == [1, 5] and sizes(split_batches(x, [4, 4])) == [4, 2]
+    assert sizes(split_batches(x, [6, 3])) == [6] and torch.equal(torch.cat(split_batches(x, [4, 4])), x)
+    two = split_batches(x, [2, 2, 2])
+    assert sizes(with_another_batch_size(two, 2)) == [1, 1, 2, 2]  # all at the export batch: the first is split
+    assert torch.equal(torch.cat(with_another_batch_size(two, 2)), x)
+    assert sizes(with_another_batch_size(split_batches(x, [2, 4]), 2)) == [2, 4]  # already another size
+    assert sizes(with_another_batch_size([x[:1], x[:0]], 1)) == [1]  # empty dropped; one image cannot be split

@@ -23,7 +23,7 @@ from surgery.cli import main
 from surgery.core.discovery import find_register_neurons
 from surgery.backends import adapter_for
 from surgery.onnx_graph import check_onnx, convert_onnx, find_register_neurons_onnx, recognise
-from surgery.onnx_graph.check import rebatch
+from surgery.core.images import split_batches
 from surgery.organisms.onnx_graphs import OPTIMUM_OUTPUTS, build_organism, export_optimum_style, export_source_onnx
 from surgery.core.images import builtin_images
 from surgery.core.parity import OutputError
@@ -113,7 +113,7 @@ def round_trip(tmp_root: Path, case: tuple, recipe_options: dict | None = None) 
     recipe = found.recipe.with_options(**(recipe_options or {}))
     # convert on the ONNX alone, checked against the hooked reference graph
     pixels = pixels_from(builtin_images(), tf, 12)
-    batches = rebatch(pixels, [1, 3, 8])
+    batches = split_batches(pixels, [1, 3, 8])
     out = tmp_root / ("out_" + "_".join(map(str, case)) + "_" + "_".join(f"{k}{v}" for k, v in (recipe_options or {}).items()))
     res = convert_onnx(src, out, recipe, check_batches=batches, overwrite=True)
     assert res.report.passed and res.report.batch_sizes == [1, 3, 8]

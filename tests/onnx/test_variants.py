@@ -25,12 +25,12 @@ from surgery.cli import main
 from surgery.core.images import builtin_images
 from surgery.core.recipe import Recipe
 from surgery.onnx_graph import convert_onnx, recognise
-from surgery.onnx_graph.check import rebatch
+from surgery.core.images import split_batches
 from surgery.onnx_graph.discover import measure_layout
 from surgery.onnx_graph.linear import dequantized_rows
 from surgery.onnx_graph import find_register_neurons_onnx
 from surgery.organisms.onnx_graphs import build_organism, export_optimum_style, export_source_onnx, make_variant
-from surgery.onnx_graph.runtime import as_input
+from surgery.core.onnx_runtime import as_input
 from surgery.onnx_graph.precision import precision_of
 from surgery.onnx_graph.variants import judge_against_fp32
 
@@ -45,7 +45,7 @@ def organism(tmp_path_factory):
     model, planting = build_organism("timm_clip")
     src = export_source_onnx(model, root / "model.onnx")
     tf = adapter_for(model).data_transform(model)
-    batches = rebatch(pixels_from(builtin_images(), tf, 12), [1, 3, 8])
+    batches = split_batches(pixels_from(builtin_images(), tf, 12), [1, 3, 8])
     return root, src, Recipe(neurons=planting.neurons), batches
 
 
@@ -321,7 +321,7 @@ def shape_source(root: Path, shape: str) -> tuple:
             if hasattr(model, "config"):
                 model.config.save_pretrained(folder)
         tf = adapter_for(model).data_transform(model)
-        _SHAPE_SOURCES[shape] = (src, planting, tf, rebatch(pixels_from(builtin_images(), tf, 12), [1, 3, 8]), width)
+        _SHAPE_SOURCES[shape] = (src, planting, tf, split_batches(pixels_from(builtin_images(), tf, 12), [1, 3, 8]), width)
     return _SHAPE_SOURCES[shape]
 
 

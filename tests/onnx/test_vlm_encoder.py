@@ -25,7 +25,7 @@ from surgery.backends.hf.adapter import HF_CLIP
 from surgery.backends.hf.dinov3_siglip import HF_SIGLIP
 from surgery.cli import main
 from surgery.core.images import builtin_images
-from surgery.onnx_graph.check import rebatch
+from surgery.core.images import split_batches
 from surgery.organisms.onnx_graphs import export_vision_encoder_source, export_vlm_language_side, make_variant
 from surgery.organisms.vlm import build_llava_organism, build_llava_processor, build_paligemma_organism
 
@@ -115,7 +115,7 @@ def test_vision_encoder_find_convert_check(case, tmp_path, capsys):
     assert origin.endswith("preprocessor_config.json")
     tf = timm.data.create_transform(input_size=tuple(cfg["input_size"]), interpolation=cfg["interpolation"],
                                     mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), crop_pct=cfg["crop_pct"])
-    for x in rebatch(pixels_from(images, tf, 11), [1, 2, 8]):
+    for x in split_batches(pixels_from(images, tf, 11), [1, 2, 8]):
         got = baked.run(["image_features"], {"pixel_values": x.numpy()})[0]
         want = _independent_image_features(vlm, strategy, layer, x)
         assert got.shape == tuple(want.shape) == (len(x), source.get_outputs()[0].shape[1], width)

@@ -2,7 +2,8 @@
 
 - no import cycle among the modules of surgery/ and exporters/;
 - surgery.core knows no library backend: it imports only surgery.core, the standard library and
-  torch / numpy / PIL / tqdm / safetensors;
+  torch / numpy / PIL / tqdm / safetensors, and onnxruntime inside functions (core/onnx_runtime.py, the
+  one session helper of the exporters and the ONNX rewrite);
 - exporters/ (formats) import surgery.core and the `surgery` package root only, never the pipeline,
   the CLI, the API or a backend;
 - a backend package imports no other backend package, except the edges listed in ALLOWED_BACKEND_EDGES;
@@ -12,7 +13,9 @@
   and itself, never the pipeline, the published sets, the organisms or a backend (ALLOWED_ONNX_GRAPH_EDGES
   lists the exceptions, with their reason);
 - the model organisms (test and demo fixtures) are imported by no library module (the demo aside);
-- importing core modules leaves open_clip, transformers and timm unimported.
+- importing core modules leaves open_clip, transformers, timm and onnxruntime unimported;
+- no module imports another module's underscore names (`from m import _x`, `m._x`; rule at
+  `underscore_imports`).
 Each checker is also run on a small synthetic package that breaks its rule, so it can fail.
 """
 from __future__ import annotations
@@ -31,7 +34,8 @@ ALLOWED_ONNX_GRAPH_EDGES = {
     # preprocessor_config.json next to an ONNX file is HF's format: read with the HF loader's own parser
     ("surgery.onnx_graph.discover", "surgery.backends.hf.loader"),
 }
-CORE_THIRD_PARTY = {"torch", "numpy", "PIL", "tqdm", "safetensors"}
+CORE_THIRD_PARTY = {"torch", "numpy", "PIL", "tqdm", "safetensors",
+                    "onnxruntime"}  # a runtime, not a model library: imported lazily (test below)
 # backend -> backends it may import, and why
 ALLOWED_BACKEND_EDGES = {
     ("open_clip", "timm"),  # open_clip TimmModel towers hold timm trunks: the timm adapters handle the trunk
@@ -233,6 +237,56 @@ def backend_violations(root: Path, packages: tuple[str, ...] = PACKAGES) -> list
     return bad
 
 
+def underscore_imports(root: Path, packages: tuple[str, ...] = PACKAGES) -> list[str]:
+    """'module:line name' for every underscore name one project module takes from another.
+
+    The rule: a name starting with one underscore is private to the module that defines it, with no
+    exception for siblings in one package: what another module needs is public (and named for what it
+    is). Flagged: `from m import _x` and `m._x` where `m` is a project module (imported as a module, by
+    `import m [as n]` or `from package import m`). Dunders are not private; third-party private APIs
+    (timm.models._hub) are the libraries' business, not this rule's."""
+    mods = module_files(root, packages)
+    names = frozenset(mods)
+    bad = []
+    for m, p in mods.items():
+        tree = ast.parse(p.read_text(encoding="utf-8"))
+        is_pkg = p.name == "__init__.py"
+        module_aliases: dict[str, str] = {}  # local name -> project module it is bound to
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name in names:
+                        module_aliases[a.asname or a.name] = a.name
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = m.split(".") if is_pkg else m.split(".")[:-1]
+                    base = base[: len(base) - (node.level - 1)]
+                    mod = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    mod = node.module or ""
+                for a in node.names:
+                    if f"{mod}.{a.name}" in names:
+                        module_aliases[a.asname or a.name] = f"{mod}.{a.name}"
+                    elif mod in names and mod != m and _private(a.name):
+                        bad.append(f"{m}:{node.lineno} from {mod} import {a.name}")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and _private(node.attr):
+                target = node.value
+                dotted = []
+                while isinstance(target, ast.Attribute):
+                    dotted.append(target.attr)
+                    target = target.value
+                if isinstance(target, ast.Name) and target.id in module_aliases:
+                    owner = ".".join([module_aliases[target.id]] + dotted[::-1])
+                    if owner in names and owner != m:
+                        bad.append(f"{m}:{node.lineno} {owner}.{node.attr}")
+    return bad
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
 # ---- the repository --------------------------------------------------------------------------------
 
 def test_no_import_cycle():
@@ -270,6 +324,11 @@ def test_backends_import_no_other_backend_beyond_the_listed_edges():
     assert bad == [], "backend packages importing each other:\n" + "\n".join(bad)
 
 
+def test_no_module_imports_another_modules_underscore_names():
+    bad = underscore_imports(ROOT)
+    assert bad == [], "underscore names taken across modules (make them public):\n" + "\n".join(bad)
+
+
 def test_every_backend_package_is_in_the_registry():
     """The registry line is the one place a backend is added: every package under surgery/backends is listed."""
     packages = sorted(p.name for p in (ROOT / "surgery" / "backends").iterdir() if (p / "__init__.py").is_file())
@@ -283,7 +342,7 @@ def test_importing_the_core_loads_no_library_backend():
     core = sorted(m for m in module_files(ROOT) if m.startswith("surgery.core."))
     assert "surgery.core.bake" in core and "surgery.core.parity" in core
     code = ("import sys\n" + "".join(f"import {m}\n" for m in core)
-            + "print(sorted(k for k in ('open_clip', 'transformers', 'timm') if k in sys.modules))")
+            + "print(sorted(k for k in ('open_clip', 'transformers', 'timm', 'onnxruntime') if k in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT), timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]"
@@ -358,3 +417,18 @@ def test_layer_checkers_flag_what_they_forbid(tmp_path):
     assert exporter_violations(root) == ["surgery.exporters.fmt -> surgery.pipeline", "surgery.exporters.fmt -> surgery.pipeline.run"]
     assert backend_violations(root) == ["surgery.backends.hf -> surgery.backends.timm",
                                         "surgery.backends.hf -> surgery.backends.timm.BACKEND"]
+
+
+def test_underscore_checker_flags_private_names_taken_across_modules(tmp_path):
+    root = _write(tmp_path, {
+        "surgery/__init__.py": "",
+        "surgery/core/__init__.py": "",
+        "surgery/core/a.py": "_x = 1\ndef _f():\n    return _x\n",
+        "surgery/core/b.py": "from .a import _f, __doc__\nfrom . import a\nimport surgery.core.a as aa\n"
+                             "y = a._x + aa._x + a.__name__\n",
+        "surgery/core/c.py": "import timm.models._hub\nfrom timm.models._hub import _p\nclass K:\n    _z = 1\n"
+                             "    def g(self):\n        return self._z\n",
+        "exporters/__init__.py": "",
+    })
+    assert underscore_imports(root) == ["surgery.core.b:1 from surgery.core.a import _f", "surgery.core.b:4 surgery.core.a._x",
+                                        "surgery.core.b:4 surgery.core.a._x"]

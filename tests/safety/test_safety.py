@@ -699,11 +699,11 @@ def test_an_absurd_config_is_refused_before_anything_is_built(field, world, tmp_
 def test_disk_full_is_an_environment_error_and_leaves_nothing(world, tmp_path, capsys, monkeypatch):
     import errno
 
-    import surgery.pipeline
+    import surgery.core.output_format
 
     def full(path, data):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
-    monkeypatch.setattr(surgery.pipeline, "write_json", full)
+    monkeypatch.setattr(surgery.core.output_format, "write_json", full)  # the one JSON writer
     code, _, err = run(["find", world["src"], "--images", world["imgs"], "--out", tmp_path / "n2.json", "-q"], capsys)
     assert code == 10 and "No space left on device" in err and one_line(err.splitlines()[-1] + "\n"), err
     assert not any(p.name.startswith((".n2.json", "n2.json")) for p in tmp_path.iterdir())

@@ -36,12 +36,12 @@ PREFIX_ATTR = "num_prefix_tokens"  # kept on the vision tower: tokens before the
 PREPROCESS_ATTR = "surgery_preprocess"  # optional dict set by the loader (from preprocessor_config.json)
 
 
-def _from_transformers(model: nn.Module) -> bool:
+def is_transformers_model(model: nn.Module) -> bool:
     """Cheap pre-check (no transformers import): is any class in the model's MRO from transformers?"""
     return any(c.__module__.startswith("transformers.") for c in type(model).__mro__)
 
 
-def _hf_classes(*names: str) -> tuple[type, ...]:
+def hf_classes(*names: str) -> tuple[type, ...]:
     import transformers
 
     out = []
@@ -52,7 +52,7 @@ def _hf_classes(*names: str) -> tuple[type, ...]:
     return tuple(out)
 
 
-class _HFVisionFamily(Adapter):
+class HFVisionAdapter(Adapter):
     """Shared parts of the HF adapters: config-driven sizes, preprocessing, the prefix attribute."""
 
     default_mean: tuple[float, ...] = IMAGENET_MEAN
@@ -63,7 +63,7 @@ class _HFVisionFamily(Adapter):
         raise NotImplementedError
 
     def matches(self, model: nn.Module) -> bool:
-        if not _from_transformers(model):
+        if not is_transformers_model(model):
             return False
         try:
             return isinstance(model, self._classes())
@@ -191,7 +191,7 @@ class _HFVisionFamily(Adapter):
                 lin.bias.copy_(b)
 
 
-class HFClipVision(_HFVisionFamily):
+class HFClipVision(HFVisionAdapter):
     """`CLIPVisionModel`, `CLIPVisionModelWithProjection` and the vision tower of `CLIPModel`."""
 
     name = "hf_clip"
@@ -199,7 +199,7 @@ class HFClipVision(_HFVisionFamily):
     default_std = CLIP_STD
 
     def _classes(self) -> tuple[type, ...]:
-        return _hf_classes("CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel")
+        return hf_classes("CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel")
 
     def vision(self, model: nn.Module) -> nn.Module:
         return model.vision_model if hasattr(model, "vision_model") else model
@@ -239,14 +239,14 @@ class HFClipVision(_HFVisionFamily):
         return proj(pooled) if proj is not None else pooled
 
 
-class HFDinov2(_HFVisionFamily):
+class HFDinov2(HFVisionAdapter):
     """`Dinov2Model` and `Dinov2WithRegistersModel` (plain GELU MLP or SwiGLU FFN, LayerScale)."""
 
     name = "hf_dinov2"
     default_crop_pct = 224 / 256
 
     def _classes(self) -> tuple[type, ...]:
-        return _hf_classes("Dinov2Model", "Dinov2WithRegistersModel")
+        return hf_classes("Dinov2Model", "Dinov2WithRegistersModel")
 
     def default_prefix(self, vision: nn.Module) -> int:
         return 1 + int(getattr(vision.config, "num_register_tokens", 0) or 0)

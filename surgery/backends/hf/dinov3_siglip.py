@@ -27,7 +27,7 @@ from torch import nn
 from ...core.errors import ModelInputError
 from ...core.modules import MlpWeights, PrependRegisters, PrependRegistersToLayer, RegisterMlp
 from ...core.adapter import AttentionParts
-from .adapter import HFClipVision, HFDinov2, _HFVisionFamily, _hf_classes
+from .adapter import HFClipVision, HFDinov2, HFVisionAdapter, hf_classes
 
 
 def _unwrap(block: nn.Module) -> nn.Module:
@@ -56,7 +56,7 @@ class HFRopeAttentionParts(AttentionParts):
                 torch.cat([k[:, :, :N - P], k[:, :, N - P:] * cos + rot(k[:, :, N - P:]) * sin], dim=2))
 
 
-class _FirstLayerInsertion(_HFVisionFamily):
+class _FirstLayerInsertion(HFVisionAdapter):
     """Registers enter at the input of the first encoder layer (no pre-norm, keyword-called encoders)."""
 
     inserter = PrependRegistersToLayer
@@ -75,7 +75,7 @@ class HFDinov3(_FirstLayerInsertion):
     name = "hf_dinov3"
 
     def _classes(self) -> tuple[type, ...]:
-        return _hf_classes("DINOv3ViTModel")
+        return hf_classes("DINOv3ViTModel")
 
     def _layers(self, model: nn.Module) -> nn.ModuleList:
         return model.model.layer
@@ -143,7 +143,7 @@ class HFSiglipVision(_FirstLayerInsertion):
     default_std = (0.5, 0.5, 0.5)
 
     def _classes(self) -> tuple[type, ...]:
-        return _hf_classes("SiglipVisionModel")
+        return hf_classes("SiglipVisionModel")
 
     def _layers(self, model: nn.Module) -> nn.ModuleList:
         return self.vision(model).encoder.layers

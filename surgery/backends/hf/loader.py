@@ -63,7 +63,7 @@ _RESAMPLE = {0: "nearest", 1: "bicubic", 2: "bilinear", 3: "bicubic", 4: "biline
 
 # ---- resolving files ---------------------------------------------------------------------------
 
-class _Source:
+class HFSource:
     """A local folder or a hub id; `file(name)` gives a local path (from the HF cache for hub ids) or None."""
 
     def __init__(self, spec: str, target: str, local: Optional[Path]) -> None:
@@ -100,17 +100,17 @@ class _Source:
         return cfg
 
 
-def _resolve(spec: str) -> Optional[_Source]:
+def resolve_hf_source(spec: str) -> Optional[HFSource]:
     if spec.startswith("hf:"):
         target = spec[3:]
         if not target:
             raise ModelInputError("hf: needs a hub id (hf:ORG/NAME) or a folder (hf:PATH)")
         p = Path(target)
         if p.is_dir():
-            return _Source(spec, target, p)
+            return HFSource(spec, target, p)
         if p.exists() or target.startswith((".", "/")) or target.count("/") > 1:
             raise ModelInputError(f"{spec}: not a model folder and not a hub id ORG/NAME")
-        return _Source(spec, target, None)
+        return HFSource(spec, target, None)
     p = Path(spec)
     if p.is_dir() and (p / "config.json").is_file():
         try:
@@ -118,7 +118,7 @@ def _resolve(spec: str) -> Optional[_Source]:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return None  # the timm loader reports unreadable configs
         if isinstance(cfg, dict) and "model_type" in cfg and "architecture" not in cfg:
-            return _Source(spec, str(p), p)
+            return HFSource(spec, str(p), p)
     return None
 
 
@@ -198,16 +198,16 @@ def preprocess_from_processor(proc: dict[str, Any], fallback: dict[str, Any]) ->
     return cfg
 
 
-def _set_preprocess(model: nn.Module, cfg: dict[str, Any]) -> None:
+def set_preprocess(model: nn.Module, cfg: dict[str, Any]) -> None:
     fam = adapter_among(ADAPTERS, model)
     setattr(fam.vision(model), PREPROCESS_ATTR, cfg)  # type: ignore[attr-defined]
 
 
-def _json_preprocess(cfg: dict[str, Any]) -> dict[str, Any]:
+def json_preprocess(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
 
 
-def _read_json(src: _Source, path: Path) -> dict[str, Any]:
+def _read_json(src: HFSource, path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -215,7 +215,7 @@ def _read_json(src: _Source, path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def image_processor_config(src: _Source) -> dict[str, Any]:
+def image_processor_config(src: HFSource) -> dict[str, Any]:
     """The checkpoint's image-processor config (preprocessor_config.json, or the `image_processor` entry
     of processor_config.json, where transformers 5 writes it); {} when it has none."""
     path = src.file("preprocessor_config.json")
@@ -226,7 +226,7 @@ def image_processor_config(src: _Source) -> dict[str, Any]:
     return dict(inner) if isinstance(inner, dict) else {}
 
 
-def _attach_transform(model: nn.Module, src: _Source, stored: Optional[dict[str, Any]] = None) -> tuple[dict, dict]:
+def _attach_transform(model: nn.Module, src: HFSource, stored: Optional[dict[str, Any]] = None) -> tuple[dict, dict]:
     """Sets the model's preprocessing; returns (timm-style cfg, raw preprocessor_config.json or {})."""
     fam = adapter_among(ADAPTERS, model)
     base = fam.preprocess_config(model)  # type: ignore[attr-defined]
@@ -241,7 +241,7 @@ def _attach_transform(model: nn.Module, src: _Source, stored: Optional[dict[str,
     else:
         cfg = base
     cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items()}
-    _set_preprocess(model, cfg)
+    set_preprocess(model, cfg)
     return cfg, raw
 
 
@@ -284,7 +284,7 @@ def _map_hf_error(spec: str, e: BaseException) -> Exception:
     return ModelInputError(f"{spec}: could not load: {first_line(e)}")
 
 
-def _quiet_transformers():
+def quiet_transformers():
     """Silence transformers' info/warning chatter while loading (our own errors say what went wrong)."""
     import contextlib
 
@@ -307,12 +307,12 @@ def _quiet_transformers():
     return ctx()
 
 
-def _load_stock(src: _Source, cfg: dict[str, Any], opts: LoadOptions) -> tuple[nn.Module, str]:
+def _load_stock(src: HFSource, cfg: dict[str, Any], opts: LoadOptions) -> tuple[nn.Module, str]:
     class_name = _stock_class(cfg, src.spec)
     return load_stock_class(src, class_name, opts), class_name
 
 
-def load_stock_class(src: _Source, class_name: str, opts: LoadOptions) -> nn.Module:
+def load_stock_class(src: HFSource, class_name: str, opts: LoadOptions) -> nn.Module:
     """transformers' `class_name` from the source in float32; missing or mismatched tensors refused (no
     randomly initialised weights), unused checkpoint tensors warned about."""
     import torch
@@ -320,7 +320,7 @@ def load_stock_class(src: _Source, class_name: str, opts: LoadOptions) -> nn.Mod
 
     cls = getattr(transformers, class_name)
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             model, info = cls.from_pretrained(src.target, dtype=torch.float32, use_safetensors=None,
                                               weights_only=not opts.allow_unsafe_pickle, output_loading_info=True)
     except Exception as e:
@@ -338,12 +338,12 @@ def load_stock_class(src: _Source, class_name: str, opts: LoadOptions) -> nn.Mod
     return model
 
 
-def _load_remote(src: _Source, opts: LoadOptions) -> nn.Module:
+def _load_remote(src: HFSource, opts: LoadOptions) -> nn.Module:
     import torch
     from transformers import AutoModel
 
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             return AutoModel.from_pretrained(src.target, trust_remote_code=True, dtype=torch.float32,
                                              weights_only=not opts.allow_unsafe_pickle)
     except Exception as e:
@@ -368,7 +368,7 @@ def build_baked_skeleton(cfg_dict: dict[str, Any], spec: str) -> tuple[nn.Module
     cls = getattr(transformers, class_name)
     config = cls.config_class.from_dict(stock_config_dict(cfg_dict, class_name))
     setattr(config, SURGERY_CONFIG_KEY, block)
-    with _quiet_transformers():
+    with quiet_transformers():
         model = cls(config).to(torch.float32)
     model.eval()
     fam = adapter_among(ADAPTERS, model)
@@ -380,7 +380,7 @@ def build_baked_skeleton(cfg_dict: dict[str, Any], spec: str) -> tuple[nn.Module
     return model, recipe, class_name
 
 
-def _load_baked(src: _Source, cfg: dict[str, Any], opts: LoadOptions) -> LoadedModel:
+def _load_baked(src: HFSource, cfg: dict[str, Any], opts: LoadOptions) -> LoadedModel:
     from ...core.weights import load_safetensors_streamed
 
     model, recipe, class_name = build_baked_skeleton(cfg, src.spec)
@@ -410,7 +410,7 @@ def _load_baked(src: _Source, cfg: dict[str, Any], opts: LoadOptions) -> LoadedM
 
 
 def hf_loader(spec: str, opts: LoadOptions) -> Optional[LoadedModel]:
-    src = _resolve(spec)
+    src = resolve_hf_source(spec)
     if src is None:
         return None
     cfg = src.config()
@@ -430,12 +430,12 @@ def hf_loader(spec: str, opts: LoadOptions) -> Optional[LoadedModel]:
     fam = adapter_among(ADAPTERS, model)
     pre, raw = _attach_transform(model, src)
     source = SourceInfo("hf", hf_class=class_name, model_type=cfg.get("model_type"), name_or_path=src.target,
-                        spec=spec, preprocess=_json_preprocess(pre), dtype=_stored_dtype(cfg))
+                        spec=spec, preprocess=json_preprocess(pre), dtype=stored_dtype(cfg))
     return LoadedModel(model, fam, spec, source, fam.data_transform(model), None,
                        extra={"preprocessor_config": raw, "extra_files": extra_files(src.file)})
 
 
-def _stored_dtype(cfg: dict[str, Any]) -> str:
+def stored_dtype(cfg: dict[str, Any]) -> str:
     """The dtype transformers recorded for the checkpoint (config `dtype` / `torch_dtype`)."""
     name = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32").replace("torch.", "")
     return name if name in ("float32", "float16", "bfloat16") else "float32"

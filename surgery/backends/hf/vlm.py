@@ -25,7 +25,7 @@ from torch import nn
 from ...core.adapter import Adapter, AttentionParts
 from ...core.image_features import NATIVE_PREFIX_ATTR, install_register_drop
 from ...core.modules import MlpWeights
-from .adapter import HF_CLIP, PREPROCESS_ATTR, _from_transformers, _hf_classes
+from .adapter import HF_CLIP, PREPROCESS_ATTR, is_transformers_model, hf_classes
 from .dinov3_siglip import HF_SIGLIP
 from .vlm_stream import streamed_checkpoint
 
@@ -81,10 +81,10 @@ class HFVisionLanguage(Adapter):
         self.inserter = tower_family.inserter  # SigLIP towers: registers enter at a transformer layer
 
     def matches(self, model: nn.Module) -> bool:
-        if not _from_transformers(model):
+        if not is_transformers_model(model):
             return False
         try:
-            classes = _hf_classes(*self.vlm_classes)
+            classes = hf_classes(*self.vlm_classes)
         except ImportError:
             return False
         return bool(classes) and isinstance(model, classes) and self.tower_family.matches(vision_tower(model))

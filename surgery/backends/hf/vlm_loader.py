@@ -25,7 +25,7 @@ from ...core.safetensors_io import INDEX_FILE, SINGLE_FILE, ShardedCheckpoint
 from ...core.source import LoadedModel, LoadOptions, SourceInfo
 from ..base import adapter_among, extra_files
 from .adapter import PREPROCESS_ATTR
-from .loader import (SURGERY_CONFIG_KEY, _json_preprocess, _quiet_transformers, _resolve, _Source, _stored_dtype,
+from .loader import (SURGERY_CONFIG_KEY, json_preprocess, quiet_transformers, resolve_hf_source, HFSource, stored_dtype,
                      check_processor_values, image_processor_config, load_stock_class, preprocess_from_processor,
                      stock_config_dict)
 from .vlm import IMAGE_PROCESSOR_ATTR, SELECT_STRATEGIES, VLM_ADAPTERS, prepare_vlm
@@ -82,7 +82,7 @@ def check_supported(cfg: dict[str, Any], spec: str) -> None:
                                   f"{depth}-layer tower")
 
 
-def image_processor_of(src: _Source) -> tuple[Any, dict[str, Any]]:
+def image_processor_of(src: HFSource) -> tuple[Any, dict[str, Any]]:
     """The VLM's own image processor (object, raw config); a one-line error when the checkpoint has none."""
     raw = image_processor_config(src)
     if not raw:
@@ -91,7 +91,7 @@ def image_processor_of(src: _Source) -> tuple[Any, dict[str, Any]]:
     from transformers import AutoImageProcessor
 
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             proc = AutoImageProcessor.from_pretrained(src.target)
     except Exception as e:
         raise ModelInputError(f"{src.spec}: unusable image processor ({first_line(e)})") from None
@@ -131,7 +131,7 @@ def build_baked_vlm(cfg_dict: dict[str, Any], spec: str) -> tuple[nn.Module, Any
     import torch
 
     cls, config, recipe, class_name = _baked_class(cfg_dict, spec)
-    with _quiet_transformers():
+    with quiet_transformers():
         model = cls(config).to(torch.float32).eval()
     _bake_structure(recipe)(model)
     return model, recipe, class_name
@@ -150,7 +150,7 @@ def _stored_float_dtype(files: ShardedCheckpoint) -> Any:
     return torch_dtype(max(counts, key=counts.get)) if counts else None  # type: ignore[arg-type]
 
 
-def _load_baked(src: _Source, cfg: dict[str, Any], opts: LoadOptions) -> tuple[nn.Module, Any, str, dict[str, Any]]:
+def _load_baked(src: HFSource, cfg: dict[str, Any], opts: LoadOptions) -> tuple[nn.Module, Any, str, dict[str, Any]]:
     """The baked VLM in the dtype it was written in. Written in its source's own dtype, its weights are
     the source's exactly (the bake permutes units): it is judged computing in float32 (block by block)
     against the float64 reference, since half-precision arithmetic on a CPU is slower than float32 and
@@ -185,7 +185,7 @@ def _load_baked(src: _Source, cfg: dict[str, Any], opts: LoadOptions) -> tuple[n
     return model, recipe, class_name, source_doc
 
 
-def _checkpoint(src: _Source) -> Optional[ShardedCheckpoint]:
+def _checkpoint(src: HFSource) -> Optional[ShardedCheckpoint]:
     """The source's safetensors checkpoint (single file or shards + index), or None."""
     try:
         return ShardedCheckpoint.open(src.file)
@@ -193,7 +193,7 @@ def _checkpoint(src: _Source) -> Optional[ShardedCheckpoint]:
         raise ModelInputError(f"{src.spec}: unreadable safetensors checkpoint ({first_line(e)})") from None
 
 
-def load_stock_streamed(src: _Source, class_name: str, files: ShardedCheckpoint) -> nn.Module:
+def load_stock_streamed(src: HFSource, class_name: str, files: ShardedCheckpoint) -> nn.Module:
     """The stock VLM with its tower, projector and image_newline in memory and its language model streamed
     from `files` (surgery/backends/hf/vlm_stream.py); stored tensors it has no name for are warned about and
     copied to the output as they are. A checkpoint stored in half precision stays so in memory (half the
@@ -206,7 +206,7 @@ def load_stock_streamed(src: _Source, class_name: str, files: ShardedCheckpoint)
 
     cls = getattr(transformers, class_name)
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             config = cls.config_class.from_pretrained(src.target)
     except Exception as e:
         raise ModelInputError(f"{src.spec}: unusable config.json ({first_line(e)})") from None
@@ -222,7 +222,7 @@ def load_stock_streamed(src: _Source, class_name: str, files: ShardedCheckpoint)
     return model
 
 
-def vlm_extra_files(src: _Source) -> dict[str, str]:
+def vlm_extra_files(src: HFSource) -> dict[str, str]:
     found = extra_files(src.file)
     for name in VLM_EXTRA_FILES:
         p = src.file(name)
@@ -232,7 +232,7 @@ def vlm_extra_files(src: _Source) -> dict[str, str]:
 
 
 def vlm_loader(spec: str, opts: LoadOptions) -> Optional[LoadedModel]:
-    src = _resolve(spec)
+    src = resolve_hf_source(spec)
     if src is None:
         return None
     cfg = src.config()
@@ -276,9 +276,9 @@ def vlm_loader(spec: str, opts: LoadOptions) -> Optional[LoadedModel]:
     else:
         ckpt = streamed_checkpoint(model)
         stored = _stored_float_dtype(ckpt.files) if ckpt is not None else None
-        dtype = str(stored).replace("torch.", "") if stored is not None else _stored_dtype(cfg)
+        dtype = str(stored).replace("torch.", "") if stored is not None else stored_dtype(cfg)
         source = SourceInfo("hf", hf_class=class_name, model_type=cfg.get("model_type"), name_or_path=src.target,
-                            spec=spec, preprocess=_json_preprocess(pre), dtype=dtype)
+                            spec=spec, preprocess=json_preprocess(pre), dtype=dtype)
     return LoadedModel(model, fam, spec, source, fam.data_transform(model), recipe,
                        extra={"preprocessor_config": raw, "baked_folder": recipe is not None, "vlm": True,
                               # one language-model unit, read and cast to float32, when the judge runs it

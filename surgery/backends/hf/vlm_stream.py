@@ -299,9 +299,9 @@ def build_streamed(cls: type, config: Any, files: ShardedCheckpoint, spec: str, 
     """`cls(config)` with its parameters on the meta device, `before_load(model)` (baking a vit-surgery
     folder's structure), then the tensors outside the language model read from `files` (floating ones in
     `dtype`, None: as stored) and the language model streamed from them."""
-    from .loader import _quiet_transformers
+    from .loader import quiet_transformers
 
-    with _quiet_transformers(), parameters_on_meta():
+    with quiet_transformers(), parameters_on_meta():
         model = cls(config).eval()
         if before_load is not None:
             before_load(model)

@@ -32,6 +32,7 @@ from .vlm import feature_selection
 from .vlm_loader import VLM_MODEL_TYPES
 from .vlm_stream import VlmCheckpoint, streamed_checkpoint
 from .writer import MODELING_FILE, remote_class_config, remote_modeling_source
+from ...core.output_format import write_json
 
 TOWER_PREFIX = "model.vision_tower."  # state-dict keys of the tower inside the VLM
 
@@ -141,7 +142,7 @@ def write_vlm_dir(model: nn.Module, out_dir: Path, loaded: Any, surgery: dict[st
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [out_dir / "config.json", out_dir / MODELING_FILE]
-    files[0].write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    write_json(files[0], cfg)
     files[1].write_text(remote_modeling_source())
     ckpt = streamed_checkpoint(loaded.model)
     if ckpt is not None:  # the source's files, names and layout; only the tower's tensors are written
@@ -165,6 +166,6 @@ def write_vlm_dir(model: nn.Module, out_dir: Path, loaded: Any, surgery: dict[st
     if not (out_dir / "generation_config.json").exists() and getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out_dir)
         extra.append(out_dir / "generation_config.json")
-    (out_dir / "surgery.json").write_text(json.dumps(surgery, indent=2, sort_keys=True, default=float) + "\n")
+    write_json(out_dir / "surgery.json", surgery)
     (out_dir / "README.md").write_text(_readme(base, recipe, regs, layer, strategy))
     return files + [out_dir / "surgery.json", out_dir / "README.md"] + extra

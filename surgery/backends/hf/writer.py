@@ -23,7 +23,7 @@ from torch import nn
 from surgery.core.safetensors_io import save_state_dict
 
 from ...core.bake import register_token_indices
-from ...core.output_format import SURGERY_FILE, write_surgery_json
+from ...core.output_format import SURGERY_FILE, write_json, write_surgery_json
 from ...core.source import SourceInfo
 from ..base import adapter_among, copy_extra_files
 from .loader import ADAPTERS, SURGERY_CONFIG_KEY
@@ -145,11 +145,11 @@ def write_hf_dir(model: nn.Module, out_dir: Path, *, source: SourceInfo, surgery
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [out_dir / "config.json", out_dir / MODELING_FILE, out_dir / "model.safetensors",
              out_dir / "preprocessor_config.json", out_dir / SURGERY_FILE, out_dir / "README.md"]
-    files[0].write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    write_json(files[0], cfg)
     files[1].write_text(remote_modeling_source())
     save_state_dict(model.state_dict(), files[2], surgery)
     proc = dict(preprocessor_config) if preprocessor_config else _processor_config(preprocess, cfg.get("model_type", ""))
-    files[3].write_text(json.dumps(proc, indent=2, sort_keys=True) + "\n")
+    write_json(files[3], proc)
     write_surgery_json(out_dir, surgery)
     reg_text = ", ".join(str(i) for i in regs)
     files[5].write_text(

@@ -11,7 +11,6 @@ extra keys) instead of silently returning an unfixed model.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from torch import nn
 
 from surgery.core.safetensors_io import save_state_dict
 
-from ...core.output_format import write_surgery_json
+from ...core.output_format import write_json, write_surgery_json
 from ...core.source import SourceInfo
 from ..base import copy_extra_files
 
@@ -45,7 +44,7 @@ def write_open_clip_dir(clip: nn.Module, visual: nn.Module, out_dir: Path, *, so
     config = {"model_cfg": source.model_cfg, "preprocess_cfg": source.preprocess_cfg or {}}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_json(out_dir / CONFIG_NAME, config)
     save_state_dict(combined_state_dict(clip, visual), out_dir / WEIGHTS_NAME, surgery)
     return [out_dir / CONFIG_NAME, out_dir / WEIGHTS_NAME, write_surgery_json(out_dir, surgery)]
 

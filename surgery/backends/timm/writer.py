@@ -1,7 +1,6 @@
 """Writes a baked timm model as a timm local-dir: config.json + model.safetensors + surgery.json."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +8,7 @@ from torch import nn
 
 from surgery.core.safetensors_io import save_state_dict
 
-from ...core.output_format import write_surgery_json
+from ...core.output_format import write_json, write_surgery_json
 from ...core.source import SourceInfo
 from .baked import BAKED_ARCH
 
@@ -32,7 +31,7 @@ def write_timm_dir(model: nn.Module, out_dir: Path, *, source: SourceInfo, surge
         "pretrained_cfg": cfg,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_json(out_dir / "config.json", config)
     save_state_dict(model.state_dict(), out_dir / "model.safetensors", surgery)
     return [out_dir / "config.json", out_dir / "model.safetensors", write_surgery_json(out_dir, surgery)]
 
