@@ -207,10 +207,10 @@ def test_written_file_holds_the_core_source_and_imports_only_torch_and_transform
     tree = ast.parse(text)
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            assert {a.name.split(".")[0] for a in node.names} <= {"torch", "transformers", "dataclasses", "typing"}
+            assert {a.name.split(".")[0] for a in node.names} <= {"torch", "transformers", "dataclasses", "sys", "typing"}
         elif isinstance(node, ast.ImportFrom):
             assert node.level == 0 and node.module.split(".")[0] in {"__future__", "torch", "transformers",
-                                                                     "dataclasses", "typing"}, node.module
+                                                                     "dataclasses", "sys", "typing"}, node.module
     lines = text.splitlines()
     for name in CORE_NAMES:
         node = next(n for n in tree.body if getattr(n, "name", None) == name)

@@ -8,7 +8,8 @@ to the tower, so discovery, the hooked reference, baking and the judge run on th
 the VLM's own image processor.
 
 What the VLM adds:
-- the tower drops the register rows from its outputs (surgery/core/image_features.py), so the VLM's
+- the tower drops the register rows from its outputs (its class becomes `RegisterDropping<tower class>`,
+  surgery/core/image_features.py: a module of the graph, no hook), so the VLM's
   position-based feature selection (`hidden_states[vision_feature_layer]`, strategy `default` drops
   index 0, `full` keeps every token) sees exactly the tokens it sees without registers, and the
   number of image features (= `<image>` placeholders) is unchanged;
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from ...core.adapter import Adapter, AttentionParts
-from ...core.image_features import NATIVE_PREFIX_ATTR, install_register_drop
+from ...core.image_features import NATIVE_PREFIX_ATTR, drop_registers_from_outputs
 from ...core.modules import MlpWeights
 from .adapter import HF_CLIP, PREPROCESS_ATTR, _from_transformers, _hf_classes
 from .dinov3_siglip import HF_SIGLIP
@@ -280,9 +281,10 @@ class HFPaliGemma(HFVisionLanguage):
     vlm_classes = ("PaliGemmaForConditionalGeneration",)
 
 
-def prepare_vlm(model: nn.Module, family: HFVisionLanguage) -> None:
+def prepare_vlm(model: nn.Module, adapter: HFVisionLanguage) -> None:
     """A freshly loaded VLM: its tower drops register rows from its outputs from now on."""
-    install_register_drop(vision_tower(model), family.tower_family.default_prefix(vision_tower(model)))  # type: ignore[attr-defined]
+    tower = vision_tower(model)
+    drop_registers_from_outputs(tower, adapter.tower_family.default_prefix(tower))  # type: ignore[attr-defined]
 
 
 HF_LLAVA_CLIP = HFVisionLanguage(HF_CLIP, "hf_llava_clip")

@@ -32,7 +32,7 @@ from .stock_refusal import mark_stock_refusal
 MODELING_FILE = "modeling_vit_surgery.py"
 _TEMPLATE = Path(__file__).with_name("remote_modeling.py")
 INLINE_MARK = "# vit-surgery: inline"  # ends the template's `from MODULE import ...` line that gets MODULE's source
-STANDALONE_IMPORTS = {"__future__", "dataclasses", "typing", "torch", "transformers"}
+STANDALONE_IMPORTS = {"__future__", "dataclasses", "sys", "typing", "torch", "transformers"}
 REMOTE_CLASSES = {
     "CLIPVisionModel": "VitSurgeryCLIPVisionModel",
     "CLIPVisionModelWithProjection": "VitSurgeryCLIPVisionModelWithProjection",
