@@ -217,6 +217,15 @@ def test_only_the_tower_changed_and_the_folder_is_whole(case, converted):
     assert {o["name"] for o in parity["outputs"]} >= {"image_features", "logits"}
 
 
+def test_every_vlm_family_is_converted_here(converted):
+    """Each adapter of each VLM family record (surgery/backends/hf/family.py) is the one a converted case
+    loads with: a VLM family registered without a case above fails."""
+    from surgery.backends.hf.family import vlm_families
+
+    names = {load_model(str(out)).adapter.name for _, out in converted.values()}
+    assert names == {a.name for f in vlm_families() for a in f.adapters}
+
+
 def test_batched_generate_and_check(converted, images, capsys):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 

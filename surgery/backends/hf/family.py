@@ -29,17 +29,11 @@ ORGANISMS = "surgery.organisms."  # where organism builders live
 @dataclass(frozen=True)
 class Organism:
     """A builder of the family's test organism, `"package.module:function"` plus keyword arguments; it
-    returns the model first (then the planting; a VLM builder may return its processor too)."""
+    returns the model first (then the planting; a VLM builder may return its processor too). Only the tests
+    import and call it (tests/test_backend_registry.py)."""
 
     builder: str
     kwargs: Mapping[str, Any] = field(default_factory=dict)
-
-    def build(self, **overrides: Any) -> Any:
-        """Import the builder and build (tests and tools only)."""
-        import importlib
-
-        module, function = self.builder.split(":")
-        return getattr(importlib.import_module(module), function)(**{**self.kwargs, **overrides})
 
 
 @dataclass(frozen=True)
