@@ -69,6 +69,16 @@ FAMILIES = {
     "DINOv3ViTModel-gated": (lambda: build_hf_dinov3_organism(0, gated=True), "DINOv3ViTModel", 5),
     "SiglipVisionModel": (lambda: build_hf_siglip_organism(0), "SiglipVisionModel", 0),
 }
+
+
+def test_every_class_of_every_hf_vision_family_has_a_row():
+    """A family registered in surgery/backends/hf/family.py is written and loaded through its remote class
+    here: a stock class of a record without a row above fails."""
+    from surgery.backends.hf.family import vision_families
+
+    assert {stock for _, stock, _ in FAMILIES.values()} == {c for f in vision_families() for c in f.stock_classes}
+
+
 # The planted units of one block fire identically (shared and per-neuron maxima would coincide): ordinary units
 # are added so that the modes differ, and a block without planted units is edited too.
 EXTRA_UNITS = {1: [3], 2: [5]}
@@ -207,10 +217,10 @@ def test_written_file_holds_the_core_source_and_imports_only_torch_and_transform
     tree = ast.parse(text)
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            assert {a.name.split(".")[0] for a in node.names} <= {"torch", "transformers", "dataclasses", "typing"}
+            assert {a.name.split(".")[0] for a in node.names} <= {"torch", "transformers", "dataclasses", "sys", "typing"}
         elif isinstance(node, ast.ImportFrom):
             assert node.level == 0 and node.module.split(".")[0] in {"__future__", "torch", "transformers",
-                                                                     "dataclasses", "typing"}, node.module
+                                                                     "dataclasses", "sys", "typing"}, node.module
     lines = text.splitlines()
     for name in CORE_NAMES:
         node = next(n for n in tree.body if getattr(n, "name", None) == name)

@@ -122,6 +122,16 @@ def independent_reference(vlm, tower_kind: str, strategy: str):
         handle.remove()
 
 
+def forward_hooks(model: torch.nn.Module) -> dict[tuple[str, str], str]:
+    """(module name, pre / post) -> the hook functions' names, for every module holding a forward (pre-)hook."""
+    found = {}
+    for name, module in model.named_modules():
+        for kind, hooks in (("pre", module._forward_pre_hooks), ("post", module._forward_hooks)):
+            if hooks:
+                found[(name, kind)] = ",".join(sorted(getattr(h, "__name__", repr(h)) for h in hooks.values()))
+    return found
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_converted_vlm_matches_the_independent_reference(case, converted, images):
     from transformers import AutoModelForImageTextToText
@@ -134,12 +144,18 @@ def test_converted_vlm_matches_the_independent_reference(case, converted, images
     baked = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True, dtype=torch.float64).eval()
     stock = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float64).eval()  # transformers alone
     assert type(baked).__name__ == f"VitSurgery{type(stock).__name__}"
+    # the register rows leave the tower's outputs through its class, in the module graph: no hook at all
+    assert forward_hooks(baked) == {}
+    assert type(baked.model.vision_tower).__name__ == f"RegisterDropping{type(stock.model.vision_tower).__name__}"
     with torch.no_grad():
         got = baked(**inputs).logits
         plain = stock(**inputs).logits
         with independent_reference(stock, tower, strategy):
             want = stock(**inputs).logits
     assert float(per_vector_relative(got, want).max()) < 1e-9
+    # after a forward, only the hooks transformers 5 itself installs to record hidden states (the stock VLM's too)
+    assert set(forward_hooks(baked).values()) <= {"output_capturing_hook"}
+    assert set(forward_hooks(baked).values()) == set(forward_hooks(stock).values())
     assert float(per_vector_relative(plain, want).max()) > 1e-3  # the fix changes what the LM sees
     # same placeholders as the source's processor: nothing downstream of the tower changed
     assert torch.equal(inputs["input_ids"], processor_inputs(src, images, stretch)["input_ids"])
@@ -199,6 +215,15 @@ def test_only_the_tower_changed_and_the_folder_is_whole(case, converted):
     assert "pipeline_tag: image-text-to-text" in card and "AutoModelForImageTextToText" in card
     parity = json.loads((out / "parity.json").read_text())["parity"]
     assert {o["name"] for o in parity["outputs"]} >= {"image_features", "logits"}
+
+
+def test_every_vlm_family_is_converted_here(converted):
+    """Each adapter of each VLM family record (surgery/backends/hf/family.py) is the one a converted case
+    loads with: a VLM family registered without a case above fails."""
+    from surgery.backends.hf.family import vlm_families
+
+    names = {load_model(str(out)).adapter.name for _, out in converted.values()}
+    assert names == {a.name for f in vlm_families() for a in f.adapters}
 
 
 def test_batched_generate_and_check(converted, images, capsys):

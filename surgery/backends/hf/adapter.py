@@ -25,6 +25,7 @@ from torch import nn
 from ...core.errors import ModelInputError
 from ...core.modules import MlpWeights, RegisterMlp
 from ...core.adapter import AttentionParts, Adapter
+from .family import ORGANISMS, Organism, from_transformers, hf_family, transformers_classes
 
 # Preprocessing defaults when a model comes without preprocessor_config.json.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -36,34 +37,19 @@ PREFIX_ATTR = "num_prefix_tokens"  # kept on the vision tower: tokens before the
 PREPROCESS_ATTR = "surgery_preprocess"  # optional dict set by the loader (from preprocessor_config.json)
 
 
-def is_transformers_model(model: nn.Module) -> bool:
-    """Cheap pre-check (no transformers import): is any class in the model's MRO from transformers?"""
-    return any(c.__module__.startswith("transformers.") for c in type(model).__mro__)
-
-
-def hf_classes(*names: str) -> tuple[type, ...]:
-    import transformers
-
-    out = []
-    for n in names:
-        cls = getattr(transformers, n, None)
-        if cls is not None:
-            out.append(cls)
-    return tuple(out)
-
-
 class HFVisionAdapter(Adapter):
-    """Shared parts of the HF adapters: config-driven sizes, preprocessing, the prefix attribute."""
+    """Shared parts of the HF adapters: config-driven sizes, preprocessing, the prefix attribute. A
+    subclass is registered with its family record (`@hf_family`, family.py), which names its classes."""
 
     default_mean: tuple[float, ...] = IMAGENET_MEAN
     default_std: tuple[float, ...] = IMAGENET_STD
     default_crop_pct: float = 1.0
 
     def _classes(self) -> tuple[type, ...]:
-        raise NotImplementedError
+        return transformers_classes(*type(self).family.stock_classes)  # type: ignore[attr-defined]
 
     def matches(self, model: nn.Module) -> bool:
-        if not is_transformers_model(model):
+        if not from_transformers(model):
             return False
         try:
             return isinstance(model, self._classes())
@@ -191,15 +177,16 @@ class HFVisionAdapter(Adapter):
                 lin.bias.copy_(b)
 
 
+@hf_family(model_types={"clip": "CLIPModel", "clip_vision_model": "CLIPVisionModel"},
+           arch_classes=("CLIPVisionModelWithProjection",),
+           organism=Organism(ORGANISMS + "families:build_hf_clip_organism"))
 class HFClipVision(HFVisionAdapter):
-    """`CLIPVisionModel`, `CLIPVisionModelWithProjection` and the vision tower of `CLIPModel`."""
+    """`CLIPVisionModel`, `CLIPVisionModelWithProjection` and the vision tower of `CLIPModel` (CLIPModel stays
+    whole; its vision tower is what is edited)."""
 
     name = "hf_clip"
     default_mean = CLIP_MEAN
     default_std = CLIP_STD
-
-    def _classes(self) -> tuple[type, ...]:
-        return hf_classes("CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel")
 
     def vision(self, model: nn.Module) -> nn.Module:
         return model.vision_model if hasattr(model, "vision_model") else model
@@ -239,14 +226,13 @@ class HFClipVision(HFVisionAdapter):
         return proj(pooled) if proj is not None else pooled
 
 
+@hf_family(model_types={"dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel"},
+           organism=Organism(ORGANISMS + "families:build_hf_dinov2_organism"))
 class HFDinov2(HFVisionAdapter):
     """`Dinov2Model` and `Dinov2WithRegistersModel` (plain GELU MLP or SwiGLU FFN, LayerScale)."""
 
     name = "hf_dinov2"
     default_crop_pct = 224 / 256
-
-    def _classes(self) -> tuple[type, ...]:
-        return hf_classes("Dinov2Model", "Dinov2WithRegistersModel")
 
     def default_prefix(self, vision: nn.Module) -> int:
         return 1 + int(getattr(vision.config, "num_register_tokens", 0) or 0)
@@ -313,5 +299,5 @@ class _SwiGLU(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-HF_CLIP = HFClipVision()
-HF_DINOV2 = HFDinov2()
+HF_CLIP = HFClipVision.family.adapter  # type: ignore[attr-defined]
+HF_DINOV2 = HFDinov2.family.adapter  # type: ignore[attr-defined]

@@ -27,7 +27,8 @@ from torch import nn
 from ...core.errors import ModelInputError
 from ...core.modules import MlpWeights, PrependRegisters, PrependRegistersToLayer, RegisterMlp
 from ...core.adapter import AttentionParts
-from .adapter import HFClipVision, HFDinov2, HFVisionAdapter, hf_classes
+from .adapter import HFClipVision, HFDinov2, HFVisionAdapter
+from .family import ORGANISMS, Organism, hf_family
 
 
 def _unwrap(block: nn.Module) -> nn.Module:
@@ -71,11 +72,9 @@ class _FirstLayerInsertion(HFVisionAdapter):
         return self._layers(model), "0"
 
 
+@hf_family(model_types={"dinov3_vit": "DINOv3ViTModel"}, organism=Organism(ORGANISMS + "eva:build_hf_dinov3_organism"))
 class HFDinov3(_FirstLayerInsertion):
     name = "hf_dinov3"
-
-    def _classes(self) -> tuple[type, ...]:
-        return hf_classes("DINOv3ViTModel")
 
     def _layers(self, model: nn.Module) -> nn.ModuleList:
         return model.model.layer
@@ -137,13 +136,12 @@ class HFDinov3(_FirstLayerInsertion):
         return model.embeddings.patch_embeddings
 
 
+@hf_family(model_types={"siglip_vision_model": "SiglipVisionModel"},
+           organism=Organism(ORGANISMS + "eva:build_hf_siglip_organism"))
 class HFSiglipVision(_FirstLayerInsertion):
     name = "hf_siglip"
     default_mean = (0.5, 0.5, 0.5)
     default_std = (0.5, 0.5, 0.5)
-
-    def _classes(self) -> tuple[type, ...]:
-        return hf_classes("SiglipVisionModel")
 
     def _layers(self, model: nn.Module) -> nn.ModuleList:
         return self.vision(model).encoder.layers
@@ -178,5 +176,5 @@ class HFSiglipVision(_FirstLayerInsertion):
         return out.pooler_output if out.pooler_output is not None else out.last_hidden_state.mean(1)
 
 
-HF_DINOV3 = HFDinov3()
-HF_SIGLIP = HFSiglipVision()
+HF_DINOV3 = HFDinov3.family.adapter  # type: ignore[attr-defined]
+HF_SIGLIP = HFSiglipVision.family.adapter  # type: ignore[attr-defined]

@@ -25,24 +25,19 @@ from ...core.memory import require_config_fits, require_extras_fit
 from ...core.output_format import SURGERY_FILE, read_surgery_json
 from ...core.source import LoadedModel, LoadOptions, SourceInfo
 from ..base import adapter_among, extra_files, needs_full_unpickling, unsafe_pickle_error
-from .adapter import HF_CLIP, HF_DINOV2, PREPROCESS_ATTR
-from .dinov3_siglip import HF_DINOV3, HF_SIGLIP
+from . import adapter as clip_dinov2_families, dinov3_siglip as dinov3_siglip_families  # noqa: F401 (registering)
+from .adapter import PREPROCESS_ATTR
+from .family import vision_families
 from .stock_refusal import without_stock_refusal
 
-ADAPTERS = (HF_CLIP, HF_DINOV2, HF_DINOV3, HF_SIGLIP)
-
+# The tables below come from the HF vision family records (family.py), registered by the modules imported
+# above (a new family module is one more import there), in registration = dispatch order.
+ADAPTERS = tuple(adapter for family in vision_families() for adapter in family.adapters)
 # model_type -> stock class loaded for it (CLIPModel stays whole; its vision tower is what we edit).
-HF_MODEL_TYPES = {
-    "clip": "CLIPModel",
-    "clip_vision_model": "CLIPVisionModel",
-    "dinov2": "Dinov2Model",
-    "dinov2_with_registers": "Dinov2WithRegistersModel",
-    "dinov3_vit": "DINOv3ViTModel",
-    "siglip_vision_model": "SiglipVisionModel",
-}
+HF_MODEL_TYPES = {mt: cls for family in vision_families() for mt, cls in family.model_types.items()}
 # architectures[] entries that pick another stock class than the model_type default.
-HF_ARCH_CLASSES = {"CLIPVisionModelWithProjection": "CLIPVisionModelWithProjection"}
-SUPPORTED_CLASSES = set(HF_MODEL_TYPES.values()) | set(HF_ARCH_CLASSES.values())
+HF_ARCH_CLASSES = {cls: cls for family in vision_families() for cls in family.arch_classes}
+SUPPORTED_CLASSES = {cls for family in vision_families() for cls in family.stock_classes}
 SURGERY_CONFIG_KEY = "vit_surgery"  # the block our HF exporter writes into config.json
 # config.json's `attn_implementation` in folders of older vit-surgery versions (their refusal marker,
 # which an explicit attn_implementation= overrode; stock_refusal.py replaced it): taken out when read
@@ -199,8 +194,8 @@ def preprocess_from_processor(proc: dict[str, Any], fallback: dict[str, Any]) ->
 
 
 def set_preprocess(model: nn.Module, cfg: dict[str, Any]) -> None:
-    fam = adapter_among(ADAPTERS, model)
-    setattr(fam.vision(model), PREPROCESS_ATTR, cfg)  # type: ignore[attr-defined]
+    adapter = adapter_among(ADAPTERS, model)
+    setattr(adapter.vision(model), PREPROCESS_ATTR, cfg)  # type: ignore[attr-defined]
 
 
 def json_preprocess(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -228,8 +223,8 @@ def image_processor_config(src: HFSource) -> dict[str, Any]:
 
 def _attach_transform(model: nn.Module, src: HFSource, stored: Optional[dict[str, Any]] = None) -> tuple[dict, dict]:
     """Sets the model's preprocessing; returns (timm-style cfg, raw preprocessor_config.json or {})."""
-    fam = adapter_among(ADAPTERS, model)
-    base = fam.preprocess_config(model)  # type: ignore[attr-defined]
+    adapter = adapter_among(ADAPTERS, model)
+    base = adapter.preprocess_config(model)  # type: ignore[attr-defined]
     raw = image_processor_config(src)
     if raw:
         try:
@@ -255,7 +250,7 @@ def _stock_class(cfg: dict[str, Any], spec: str) -> str:
     for a in archs if isinstance(archs, list) else []:
         if isinstance(a, str) and a in HF_ARCH_CLASSES:
             return HF_ARCH_CLASSES[a]
-    if mt == "dinov2_with_registers" or mt in HF_MODEL_TYPES:
+    if mt in HF_MODEL_TYPES:
         return HF_MODEL_TYPES[mt]
     if mt and "siglip2" in str(mt):
         raise ModelInputError(
@@ -266,7 +261,7 @@ def _stock_class(cfg: dict[str, Any], spec: str) -> str:
                               "that, or use the timm / open_clip SigLIP")
     raise ModelInputError(
         f"{spec}: HF model_type {mt!r} is not supported (supported: {', '.join(sorted(HF_MODEL_TYPES))}; "
-        "vit-surgery edits CLIP vision towers and DINOv2 backbones)")
+        "vit-surgery edits CLIP, SigLIP, DINOv2 and DINOv3 vision models)")
 
 
 def _map_hf_error(spec: str, e: BaseException) -> Exception:
@@ -371,12 +366,12 @@ def build_baked_skeleton(cfg_dict: dict[str, Any], spec: str) -> tuple[nn.Module
     with quiet_transformers():
         model = cls(config).to(torch.float32)
     model.eval()
-    fam = adapter_among(ADAPTERS, model)
+    adapter = adapter_among(ADAPTERS, model)
     want_p = block.get("num_prefix_tokens")
-    if want_p is not None and int(want_p) != fam.num_prefix_tokens(model):
+    if want_p is not None and int(want_p) != adapter.num_prefix_tokens(model):
         raise ModelInputError(f"{spec}: config says {want_p} prefix token(s) before the registers, the model has "
-                              f"{fam.num_prefix_tokens(model)}")
-    bake_registers(model, recipe, adapter=fam)
+                              f"{adapter.num_prefix_tokens(model)}")
+    bake_registers(model, recipe, adapter=adapter)
     return model, recipe, class_name
 
 
@@ -402,9 +397,9 @@ def _load_baked(src: HFSource, cfg: dict[str, Any], opts: LoadOptions) -> Loaded
         except ModelInputError:  # the config.json block has what loading needs; `check` reports the damage
             doc = {}
     source = SourceInfo.from_dict(doc.get("source") or block.get("source") or {"class": class_name}, "hf")
-    fam = adapter_among(ADAPTERS, model)
+    adapter = adapter_among(ADAPTERS, model)
     pre, raw = _attach_transform(model, src, source.preprocess)
-    loaded = LoadedModel(model, fam, src.spec, source, fam.data_transform(model), recipe,
+    loaded = LoadedModel(model, adapter, src.spec, source, adapter.data_transform(model), recipe,
                          extra={"preprocessor_config": raw, "baked_folder": True, "extra_files": extra_files(src.file)})
     return loaded
 
@@ -427,11 +422,11 @@ def hf_loader(spec: str, opts: LoadOptions) -> Optional[LoadedModel]:
             raise ModelInputError(f"{spec}: config.json has no model_type (not an HF transformers model)")
         model, class_name = _load_stock(src, cfg, opts)
     model.eval()
-    fam = adapter_among(ADAPTERS, model)
+    adapter = adapter_among(ADAPTERS, model)
     pre, raw = _attach_transform(model, src)
     source = SourceInfo("hf", hf_class=class_name, model_type=cfg.get("model_type"), name_or_path=src.target,
                         spec=spec, preprocess=json_preprocess(pre), dtype=stored_dtype(cfg))
-    return LoadedModel(model, fam, spec, source, fam.data_transform(model), None,
+    return LoadedModel(model, adapter, spec, source, adapter.data_transform(model), None,
                        extra={"preprocessor_config": raw, "extra_files": extra_files(src.file)})
 
 

@@ -31,7 +31,7 @@ from torch import nn
 # (surgery/backends/hf/writer.py) replaces the import line below by that file's source, so the written modeling file is
 # standalone (torch + transformers) and holds the very code vit-surgery bakes and checks with: one copy.
 from surgery.core.modules import MlpWeights, PrependRegisters, PrependRegistersToLayer, RegisterMlp  # vit-surgery: inline
-from surgery.core.image_features import install_register_drop  # vit-surgery: inline
+from surgery.core.image_features import drop_registers_from_outputs  # vit-surgery: inline
 from surgery.backends.hf.stock_refusal import mark_stock_refusal, without_stock_refusal  # vit-surgery: inline
 
 
@@ -169,15 +169,16 @@ class VitSurgerySiglipVisionModel(_PatchTokensMixin, transformers.SiglipVisionMo
 # ---- vision-language models: only the vision tower is baked ----------------------------------------
 
 def bake_vlm_tower(tower: nn.Module, spec: dict) -> None:
-    """Bake the VLM's vision tower (CLIP: registers enter `pre_layrnorm`; SigLIP: the first layer) and make
-    it drop the register rows from its outputs, so the VLM selects the same image features as before."""
+    """Bake the VLM's vision tower (CLIP: registers enter `pre_layrnorm`; SigLIP: the first layer) and give it
+    the class that leaves the register rows out of its outputs (`RegisterDropping<tower class>`, no hook), so
+    the VLM selects the same image features as before."""
     v = getattr(tower, "vision_model", tower)
     if hasattr(v, "pre_layrnorm"):
         bake_structure(tower, v, v.encoder.layers, v, "pre_layrnorm", tower.config.hidden_size, spec)
     else:
         bake_structure(tower, v, list(v.encoder.layers), v.encoder.layers, "0", tower.config.hidden_size, spec,
                        PrependRegistersToLayer)
-    install_register_drop(v, int(spec["num_prefix_tokens"]))
+    drop_registers_from_outputs(v, int(spec["num_prefix_tokens"]))
 
 
 class VitSurgeryLlavaForConditionalGeneration(transformers.LlavaForConditionalGeneration):

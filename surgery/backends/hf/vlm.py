@@ -8,7 +8,8 @@ to the tower, so discovery, the hooked reference, baking and the judge run on th
 the VLM's own image processor.
 
 What the VLM adds:
-- the tower drops the register rows from its outputs (surgery/core/image_features.py), so the VLM's
+- the tower drops the register rows from its outputs (its class becomes `RegisterDropping<tower class>`,
+  surgery/core/image_features.py: a module of the graph, no hook), so the VLM's
   position-based feature selection (`hidden_states[vision_feature_layer]`, strategy `default` drops
   index 0, `full` keeps every token) sees exactly the tokens it sees without registers, and the
   number of image features (= `<image>` placeholders) is unchanged;
@@ -23,10 +24,11 @@ import torch
 from torch import nn
 
 from ...core.adapter import Adapter, AttentionParts
-from ...core.image_features import NATIVE_PREFIX_ATTR, install_register_drop
+from ...core.image_features import NATIVE_PREFIX_ATTR, drop_registers_from_outputs
 from ...core.modules import MlpWeights
-from .adapter import HF_CLIP, PREPROCESS_ATTR, is_transformers_model, hf_classes
+from .adapter import HF_CLIP, PREPROCESS_ATTR
 from .dinov3_siglip import HF_SIGLIP
+from .family import ORGANISMS, Organism, from_transformers, hf_family, transformers_classes, vlm_families
 from .vlm_stream import streamed_checkpoint
 
 IMAGE_PROCESSOR_ATTR = "surgery_image_processor"  # the VLM's own HF image processor (set by the loader)
@@ -68,74 +70,80 @@ class ProcessorTransform:
         return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0].to(torch.float32)
 
 
+LLAVA = ORGANISMS + "vlm:build_llava_organism"
+LLAVA_NEXT = ORGANISMS + "vlm:build_llava_next_organism"
+
+
+@hf_family(model_types={"llava": "LlavaForConditionalGeneration"},
+           towers={"hf_llava_clip": (HF_CLIP, Organism(LLAVA)),
+                   "hf_llava_siglip": (HF_SIGLIP, Organism(LLAVA, {"tower": "siglip", "strategy": "full"}))})
 class HFVisionLanguage(Adapter):
-    """A LLaVA-style VLM whose tower is handled by `tower_family` (an HF vision adapter)."""
+    """A LLaVA-style VLM whose tower is handled by `tower_adapter` (an HF vision adapter); its classes are
+    its family record's (`@hf_family`)."""
 
     output_names = ("image_features", "logits")  # what the judge calls forward_both's two outputs
     text_length = TEXT_LENGTH  # the judged prompt: the image's placeholders, then this many text tokens
 
-    vlm_classes: tuple[str, ...] = ("LlavaForConditionalGeneration",)
-
-    def __init__(self, tower_family: Adapter, name: str) -> None:
-        self.tower_family, self.name = tower_family, name
-        self.inserter = tower_family.inserter  # SigLIP towers: registers enter at a transformer layer
+    def __init__(self, tower_adapter: Adapter, name: str) -> None:
+        self.tower_adapter, self.name = tower_adapter, name
+        self.inserter = tower_adapter.inserter  # SigLIP towers: registers enter at a transformer layer
 
     def matches(self, model: nn.Module) -> bool:
-        if not is_transformers_model(model):
+        if not from_transformers(model):
             return False
         try:
-            classes = hf_classes(*self.vlm_classes)
+            classes = transformers_classes(*type(self).family.stock_classes)  # type: ignore[attr-defined]
         except ImportError:
             return False
-        return bool(classes) and isinstance(model, classes) and self.tower_family.matches(vision_tower(model))
+        return bool(classes) and isinstance(model, classes) and self.tower_adapter.matches(vision_tower(model))
 
     # --- the tower's structure, answered by the tower's adapter ---------------------------------
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
-        return self.tower_family.blocks(vision_tower(model))
+        return self.tower_adapter.blocks(vision_tower(model))
 
     def get_mlp(self, block: nn.Module) -> nn.Module:
-        return self.tower_family.get_mlp(block)
+        return self.tower_adapter.get_mlp(block)
 
     def set_mlp(self, block: nn.Module, mlp: nn.Module) -> None:
-        self.tower_family.set_mlp(block, mlp)
+        self.tower_adapter.set_mlp(block, mlp)
 
     def mlp_weights(self, mlp: nn.Module) -> MlpWeights:
-        return self.tower_family.mlp_weights(mlp)
+        return self.tower_adapter.mlp_weights(mlp)
 
     def make_mlp(self, weights: MlpWeights) -> nn.Module:
-        return self.tower_family.make_mlp(weights)
+        return self.tower_adapter.make_mlp(weights)
 
     def down_proj(self, mlp: nn.Module) -> nn.Module:
-        return self.tower_family.down_proj(mlp)
+        return self.tower_adapter.down_proj(mlp)
 
     def mlp_width(self, block: nn.Module) -> int:
-        return self.tower_family.mlp_width(block)
+        return self.tower_adapter.mlp_width(block)
 
     def num_prefix_tokens(self, model: nn.Module) -> int:
-        return self.tower_family.num_prefix_tokens(vision_tower(model))
+        return self.tower_adapter.num_prefix_tokens(vision_tower(model))
 
     def set_num_prefix_tokens(self, model: nn.Module, n: int) -> None:
-        self.tower_family.set_num_prefix_tokens(vision_tower(model), n)
+        self.tower_adapter.set_num_prefix_tokens(vision_tower(model), n)
 
     def insertion_point(self, model: nn.Module) -> tuple[nn.Module, str]:
-        return self.tower_family.insertion_point(vision_tower(model))
+        return self.tower_adapter.insertion_point(vision_tower(model))
 
     def embed_dim(self, model: nn.Module) -> int:
-        return self.tower_family.embed_dim(vision_tower(model))
+        return self.tower_adapter.embed_dim(vision_tower(model))
 
     def attention(self, block: nn.Module) -> AttentionParts:
-        return self.tower_family.attention(block)
+        return self.tower_adapter.attention(block)
 
     def patch_embed(self, model: nn.Module) -> nn.Conv2d:
-        return self.tower_family.patch_embed(vision_tower(model))
+        return self.tower_adapter.patch_embed(vision_tower(model))
 
     def block_output(self, output: object) -> torch.Tensor:
-        return self.tower_family.block_output(output)
+        return self.tower_adapter.block_output(output)
 
     # --- preprocessing: the VLM's own image processor --------------------------------------------
     def preprocess_config(self, model: nn.Module) -> dict:
         cfg = getattr(model, PREPROCESS_ATTR, None)
-        return dict(cfg) if cfg else self.tower_family.preprocess_config(vision_tower(model))  # type: ignore[attr-defined]
+        return dict(cfg) if cfg else self.tower_adapter.preprocess_config(vision_tower(model))  # type: ignore[attr-defined]
 
     def input_size(self, model: nn.Module) -> tuple[int, int, int]:
         return tuple(self.preprocess_config(model)["input_size"])  # type: ignore[return-value]
@@ -144,14 +152,14 @@ class HFVisionLanguage(Adapter):
         proc = getattr(model, IMAGE_PROCESSOR_ATTR, None)
         if proc is not None:
             return ProcessorTransform(proc)
-        return self.tower_family.data_transform(vision_tower(model))  # type: ignore[attr-defined]
+        return self.tower_adapter.data_transform(vision_tower(model))  # type: ignore[attr-defined]
 
     # --- running -----------------------------------------------------------------------------------
     def native_prefix(self, model: nn.Module) -> int:
         """CLS tokens of the stock tower (1 for CLIP, 0 for SigLIP)."""
         tower = vision_tower(model)
         n = getattr(tower, NATIVE_PREFIX_ATTR, None)
-        return int(n) if n is not None else self.tower_family.default_prefix(tower)  # type: ignore[attr-defined]
+        return int(n) if n is not None else self.tower_adapter.default_prefix(tower)  # type: ignore[attr-defined]
 
     def image_token_count(self, model: nn.Module, pixels: torch.Tensor) -> int:
         """Image features per image as the VLM selects them: patches, plus the CLS token under `full`."""
@@ -191,7 +199,7 @@ class HFVisionLanguage(Adapter):
 
     def forward_tokens(self, model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
         """The tower alone (discovery): its token output, registers removed."""
-        return self.tower_family.forward_tokens(vision_tower(model), pixels)
+        return self.tower_adapter.forward_tokens(vision_tower(model), pixels)
 
     def forward_pooled(self, model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
         return self.forward_both(model, pixels)[0]
@@ -223,12 +231,13 @@ def square_pinpoint(model: nn.Module) -> int:
     return max(squares) if squares else int(model.config.vision_config.image_size)
 
 
+@hf_family(model_types={"llava_next": "LlavaNextForConditionalGeneration"},
+           towers={"hf_llava_next_clip": (HF_CLIP, Organism(LLAVA_NEXT)),
+                   "hf_llava_next_siglip": (HF_SIGLIP, Organism(LLAVA_NEXT, {"tower": "siglip", "strategy": "full"}))})
 class HFLlavaNext(HFVisionLanguage):
     """`LlavaNextForConditionalGeneration`: any-resolution tiles, each its own image to the tower; the
     features of the tiles are packed (unpadded, newline rows) by the VLM. Calibration and check images
     are squared to one grid pinpoint (`SquareTilesTransform`), so batches stack: [B, tiles, 3, H, W]."""
-
-    vlm_classes = ("LlavaNextForConditionalGeneration",)
 
     def data_transform(self, model: nn.Module) -> Callable:
         proc = getattr(model, IMAGE_PROCESSOR_ATTR, None)
@@ -266,30 +275,29 @@ class HFLlavaNext(HFVisionLanguage):
         return tiles.reshape(B, -1, tiles.shape[-1]), out
 
 
+@hf_family(model_types={"llava_onevision": "LlavaOnevisionForConditionalGeneration"},
+           towers={"hf_llava_onevision_siglip": (HF_SIGLIP, Organism(ORGANISMS + "vlm:build_llava_onevision_organism"))})
 class HFLlavaOnevision(HFLlavaNext):
     """`LlavaOnevisionForConditionalGeneration`: LLaVA-NeXT's any-resolution tiles (packed by the VLM, with
     its `vision_aspect_ratio` cap) on a SigLIP tower (the released OneVision models' tower)."""
 
-    vlm_classes = ("LlavaOnevisionForConditionalGeneration",)
 
-
+@hf_family(model_types={"paligemma": "PaliGemmaForConditionalGeneration"},
+           towers={"hf_paligemma": (HF_SIGLIP, Organism(ORGANISMS + "vlm:build_paligemma_organism"))})
 class HFPaliGemma(HFVisionLanguage):
     """`PaliGemmaForConditionalGeneration`: a SigLIP tower (no CLS) whose `last_hidden_state` (every token,
     after the post-layernorm) goes through a linear projector; the language model is Gemma."""
 
-    vlm_classes = ("PaliGemmaForConditionalGeneration",)
 
-
-def prepare_vlm(model: nn.Module, family: HFVisionLanguage) -> None:
+def prepare_vlm(model: nn.Module, adapter: HFVisionLanguage) -> None:
     """A freshly loaded VLM: its tower drops register rows from its outputs from now on."""
-    install_register_drop(vision_tower(model), family.tower_family.default_prefix(vision_tower(model)))  # type: ignore[attr-defined]
+    tower = vision_tower(model)
+    drop_registers_from_outputs(tower, adapter.tower_adapter.default_prefix(tower))  # type: ignore[attr-defined]
 
 
-HF_LLAVA_CLIP = HFVisionLanguage(HF_CLIP, "hf_llava_clip")
-HF_LLAVA_SIGLIP = HFVisionLanguage(HF_SIGLIP, "hf_llava_siglip")
-HF_LLAVA_NEXT_CLIP = HFLlavaNext(HF_CLIP, "hf_llava_next_clip")
-HF_LLAVA_NEXT_SIGLIP = HFLlavaNext(HF_SIGLIP, "hf_llava_next_siglip")
-HF_LLAVA_ONEVISION_SIGLIP = HFLlavaOnevision(HF_SIGLIP, "hf_llava_onevision_siglip")
-HF_PALIGEMMA = HFPaliGemma(HF_SIGLIP, "hf_paligemma")
-VLM_ADAPTERS = (HF_LLAVA_CLIP, HF_LLAVA_SIGLIP, HF_LLAVA_NEXT_CLIP, HF_LLAVA_NEXT_SIGLIP, HF_LLAVA_ONEVISION_SIGLIP,
-                HF_PALIGEMMA)
+HF_LLAVA_CLIP, HF_LLAVA_SIGLIP = HFVisionLanguage.family.adapters  # type: ignore[attr-defined]
+HF_LLAVA_NEXT_CLIP, HF_LLAVA_NEXT_SIGLIP = HFLlavaNext.family.adapters  # type: ignore[attr-defined]
+HF_LLAVA_ONEVISION_SIGLIP = HFLlavaOnevision.family.adapter  # type: ignore[attr-defined]
+HF_PALIGEMMA = HFPaliGemma.family.adapter  # type: ignore[attr-defined]
+# every VLM adapter, in registration order (the order they are tried in)
+VLM_ADAPTERS = tuple(adapter for family in vlm_families() for adapter in family.adapters)

@@ -1,6 +1,6 @@
 """Loading HF vision-language models (LLaVA family) and vit-surgery's baked VLM folders.
 
-Recognised by config.json `model_type` (`llava`, `llava_next`, `llava_onevision`, `paligemma`). Refused in one line, before anything is built: a
+Recognised by config.json `model_type` (`VLM_MODEL_TYPES`: `llava`, `llava_next`, `llava_onevision`, `paligemma`). Refused in one line, before anything is built: a
 tower vit-surgery does not bake (supported: CLIP and SigLIP vision towers), a
 `vision_feature_select_strategy` other than `default` / `full`, a feature layer outside the tower,
 and a checkpoint without its image processor (discovery and the check preprocess images exactly as
@@ -28,12 +28,12 @@ from .adapter import PREPROCESS_ATTR
 from .loader import (SURGERY_CONFIG_KEY, json_preprocess, quiet_transformers, resolve_hf_source, HFSource, stored_dtype,
                      check_processor_values, image_processor_config, load_stock_class, preprocess_from_processor,
                      stock_config_dict)
+from .family import vlm_families
 from .vlm import IMAGE_PROCESSOR_ATTR, SELECT_STRATEGIES, VLM_ADAPTERS, prepare_vlm
 from .vlm_stream import build_streamed, move_resident, streamed_checkpoint, unmapped_tensors
 
-VLM_MODEL_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
-                   "llava_onevision": "LlavaOnevisionForConditionalGeneration",
-                   "paligemma": "PaliGemmaForConditionalGeneration"}
+# model_type -> the stock VLM class it is loaded as (the VLM family records, family.py / vlm.py)
+VLM_MODEL_TYPES = {mt: cls for family in vlm_families() for mt, cls in family.model_types.items()}
 TOWER_MODEL_TYPES = ("clip_vision_model", "siglip_vision_model")
 # files a VLM folder carries next to its weights (processor, tokenizer, chat template, generation defaults)
 VLM_EXTRA_FILES = ("preprocessor_config.json", "processor_config.json", "chat_template.json", "chat_template.jinja",
@@ -120,9 +120,9 @@ def _bake_structure(recipe: Any) -> Any:
     from ...core.bake import bake_registers
 
     def bake(model: nn.Module) -> None:
-        fam = adapter_among(VLM_ADAPTERS, model)
-        prepare_vlm(model, fam)
-        bake_registers(model, recipe, adapter=fam)
+        adapter = adapter_among(VLM_ADAPTERS, model)
+        prepare_vlm(model, adapter)
+        bake_registers(model, recipe, adapter=adapter)
     return bake
 
 
@@ -246,7 +246,7 @@ def vlm_loader(spec: str, opts: LoadOptions) -> Optional[LoadedModel]:
     recipe = None
     if SURGERY_CONFIG_KEY in cfg:
         model, recipe, class_name, source_doc = _load_baked(src, cfg, opts)
-        fam = adapter_among(VLM_ADAPTERS, model)
+        adapter = adapter_among(VLM_ADAPTERS, model)
     else:
         class_name = VLM_MODEL_TYPES[cfg["model_type"]]
         streamed = src.file(INDEX_FILE) is not None or src.file(SINGLE_FILE) is not None
@@ -257,15 +257,15 @@ def vlm_loader(spec: str, opts: LoadOptions) -> Optional[LoadedModel]:
         else:
             model = load_stock_streamed(src, class_name, files)
         try:
-            fam = adapter_among(VLM_ADAPTERS, model)
+            adapter = adapter_among(VLM_ADAPTERS, model)
         except ModelInputError:
             raise ModelInputError(f"{spec}: a {class_name} with a {type(model.model.vision_tower).__name__} tower "
                                   "is not one vit-surgery bakes") from None
-        prepare_vlm(model, fam)
+        prepare_vlm(model, adapter)
         source_doc = {}
     if streamed_checkpoint(model) is not None:
         move_resident(model, opts.device)
-    tower_pre = fam.tower_family.preprocess_config(model.model.vision_tower)  # type: ignore[attr-defined]
+    tower_pre = adapter.tower_adapter.preprocess_config(model.model.vision_tower)  # type: ignore[attr-defined]
     check_processor_values(raw, tuple(tower_pre["input_size"][1:]))
     pre = preprocess_from_processor(raw, tower_pre)
     pre = {k: (tuple(v) if isinstance(v, list) else v) for k, v in pre.items()}
@@ -279,7 +279,7 @@ def vlm_loader(spec: str, opts: LoadOptions) -> Optional[LoadedModel]:
         dtype = str(stored).replace("torch.", "") if stored is not None else stored_dtype(cfg)
         source = SourceInfo("hf", hf_class=class_name, model_type=cfg.get("model_type"), name_or_path=src.target,
                             spec=spec, preprocess=json_preprocess(pre), dtype=dtype)
-    return LoadedModel(model, fam, spec, source, fam.data_transform(model), recipe,
+    return LoadedModel(model, adapter, spec, source, adapter.data_transform(model), recipe,
                        extra={"preprocessor_config": raw, "baked_folder": recipe is not None, "vlm": True,
                               # one language-model unit, read and cast to float32, when the judge runs it
                               "stream_bytes": 2 * text_config_bytes(cfg)[1] if streamed_checkpoint(model) else 0,

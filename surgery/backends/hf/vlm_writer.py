@@ -27,6 +27,7 @@ from surgery.core.safetensors_io import ShardedCheckpoint, save_state_dict, writ
 from ...core.bake import register_token_indices
 from ...core.errors import ParityError
 from ..base import copy_extra_files
+from .family import remote_class_name
 from .loader import SURGERY_CONFIG_KEY
 from .vlm import feature_selection
 from .vlm_loader import VLM_MODEL_TYPES
@@ -35,10 +36,6 @@ from .writer import MODELING_FILE, remote_class_config, remote_modeling_source
 from ...core.output_format import write_json
 
 TOWER_PREFIX = "model.vision_tower."  # state-dict keys of the tower inside the VLM
-
-
-def remote_class_name(base: str) -> str:
-    return f"VitSurgery{base}"
 
 
 def vlm_class_name(model: nn.Module) -> str:
@@ -120,11 +117,11 @@ def _readme(base: str, recipe: Any, regs: list[int], layer: Any, strategy: str) 
 def write_vlm_dir(model: nn.Module, out_dir: Path, loaded: Any, surgery: dict[str, Any]) -> list[Path]:
     """Save a VLM whose tower is baked (`model`), next to the source's processor files."""
     recipe = model.surgery_recipe
-    fam = loaded.adapter
+    adapter = loaded.adapter
     base = vlm_class_name(model)
     remote = remote_class_name(base)
-    regs = register_token_indices(model, adapter=fam)
-    p_after = fam.num_prefix_tokens(model)
+    regs = register_token_indices(model, adapter=adapter)
+    p_after = adapter.num_prefix_tokens(model)
     layer, strategy = feature_selection(model)
     cfg = remote_class_config(model, remote, "AutoModelForImageTextToText")
     src = loaded.source.to_dict()

@@ -26,22 +26,16 @@ from ...core.bake import register_token_indices
 from ...core.output_format import SURGERY_FILE, write_json, write_surgery_json
 from ...core.source import SourceInfo
 from ..base import adapter_among, copy_extra_files
+from .family import vision_families
 from .loader import ADAPTERS, SURGERY_CONFIG_KEY
 from .stock_refusal import mark_stock_refusal
 
 MODELING_FILE = "modeling_vit_surgery.py"
 _TEMPLATE = Path(__file__).with_name("remote_modeling.py")
 INLINE_MARK = "# vit-surgery: inline"  # ends the template's `from MODULE import ...` line that gets MODULE's source
-STANDALONE_IMPORTS = {"__future__", "dataclasses", "typing", "torch", "transformers"}
-REMOTE_CLASSES = {
-    "CLIPVisionModel": "VitSurgeryCLIPVisionModel",
-    "CLIPVisionModelWithProjection": "VitSurgeryCLIPVisionModelWithProjection",
-    "CLIPModel": "VitSurgeryCLIPModel",
-    "Dinov2Model": "VitSurgeryDinov2Model",
-    "Dinov2WithRegistersModel": "VitSurgeryDinov2WithRegistersModel",
-    "DINOv3ViTModel": "VitSurgeryDINOv3ViTModel",
-    "SiglipVisionModel": "VitSurgerySiglipVisionModel",
-}
+STANDALONE_IMPORTS = {"__future__", "dataclasses", "sys", "typing", "torch", "transformers"}
+# stock class -> the remote-code class of the folder written from it (the vision family records, family.py)
+REMOTE_CLASSES = {stock: remote for family in vision_families() for stock, remote in family.remote_classes.items()}
 
 
 def stock_class_name(model: nn.Module) -> str:
@@ -120,14 +114,14 @@ def write_hf_dir(model: nn.Module, out_dir: Path, *, source: SourceInfo, surgery
                  preprocessor_config: dict[str, Any] | None = None) -> list[Path]:
     """Save a baked HF model (CLIPVisionModel / CLIPModel / Dinov2Model / Dinov2WithRegistersModel)."""
     recipe = model.surgery_recipe
-    fam = adapter_among(ADAPTERS, model)
+    adapter = adapter_among(ADAPTERS, model)
     base = stock_class_name(model)
     remote = REMOTE_CLASSES[base]
-    regs = register_token_indices(model, adapter=fam)
-    p_after = fam.num_prefix_tokens(model)
+    regs = register_token_indices(model, adapter=adapter)
+    p_after = adapter.num_prefix_tokens(model)
     p_before = p_after - recipe.num_registers
     cfg = remote_class_config(model, remote, "AutoModel")
-    preprocess = fam.preprocess_config(model)  # type: ignore[attr-defined]
+    preprocess = adapter.preprocess_config(model)  # type: ignore[attr-defined]
     pre_json = {k: (list(v) if isinstance(v, tuple) else v) for k, v in preprocess.items()}
     src = source.to_dict()
     src.setdefault("preprocess", pre_json)
