@@ -153,6 +153,7 @@ class QuantSettings:
     per_channel: bool = True
     excluded: dict[str, list[str]] = field(default_factory=dict)  # scope -> node names kept float
     calibration_images: int = 0
+    attention_kept_float: list[str] = field(default_factory=list)  # readers of Softmax outputs (static)
 
     def to_dict(self) -> dict[str, Any]:
         static = self.mode == "static"
@@ -166,6 +167,10 @@ class QuantSettings:
                 "nodes_kept_float": self.excluded,
                 "why_kept_float": "register branch (reg_fc1, activation, signed-max edit, reg_fc2) of each "
                                   "RegisterMlp: the k register units and the value the register token receives",
+                **({"attention_probabilities_kept_float": self.attention_kept_float,
+                    "why_attention_probabilities_float": "no QuantizeLinear reads a Softmax output, so no "
+                    "onnxruntime fuses QLinearSoftmax (int8 kernel before 1.32 wraps probabilities near 1 to 0: "
+                    "microsoft/onnxruntime#29727; the register is the attention sink)"} if static else {}),
                 "validated_with": f"onnxruntime {_ort_version()} (CPU, graph optimisation ALL)",
                 **({"runtimes_not_supported": STATIC_UNSUPPORTED_RUNTIMES} if static else {})}
 
@@ -196,11 +201,12 @@ def _quiet_logging() -> Any:
 def quantize_file(src: Path, dst: Path, mode: str, *, calibration: Sequence[torch.Tensor] = (),
                   exclude: Sequence[str] = (), per_channel: bool = True, input_name: str = "pixel_values",
                   work: Optional[Path] = None, float_branch_input: bool = True,
-                  range_overrides: Optional[dict[str, list[dict[str, float]]]] = None) -> None:
+                  range_overrides: Optional[dict[str, list[dict[str, float]]]] = None) -> list[str]:
     """INT8 `src` -> `dst` with onnxruntime.quantization (the settings in the module docstring);
     `exclude` names nodes to keep float, and with `float_branch_input` they read float tensors rather than
     a quantized tensor's DequantizeLinear. Static needs `calibration` batches; `range_overrides` are
-    TensorQuantOverrides (rmin/rmax per tensor) for the benchmark's variants."""
+    TensorQuantOverrides (rmin/rmax per tensor) for the benchmark's variants. Returns the nodes static
+    mode also kept float because they read attention probabilities (`softmax_readers`)."""
     import onnx
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
                                           quantize_static)
@@ -214,32 +220,48 @@ def quantize_file(src: Path, dst: Path, mode: str, *, calibration: Sequence[torc
             quantize_dynamic(str(src), str(dst), op_types_to_quantize=list(DYNAMIC_OP_TYPES), per_channel=per_channel,
                              weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude),
                              extra_options={"MatMulConstBOnly": True})
-            return
+            return []
         extra: dict[str, Any] = {"ActivationSymmetric": False, "WeightSymmetric": True}
         if range_overrides:
             extra["TensorQuantOverrides"] = range_overrides
         pre = (work or dst.parent) / (src.stem + ".pre.onnx")
         quant_pre_process(str(src), str(pre))
-        kept = {n.name for n in onnx.load(str(pre), load_external_data=False).graph.node}
+        pre_proto = onnx.load(str(pre), load_external_data=False)
+        kept = {n.name for n in pre_proto.graph.node}
         missing = [n for n in exclude if n not in kept]
         if missing:  # the branch must survive pre-processing by name, or it would be quantized silently
             raise ModelInputError(f"quant_pre_process renamed or fused register-branch node(s) {missing[:3]}; "
                                   "cannot keep them in float")
+        probabilities = softmax_readers(pre_proto)
         from surgery.core.progress import stage
 
         with stage("INT8 calibration (onnxruntime)", sum(len(b) for b in calibration), unit="image"):
             quantize_static(str(pre), str(dst), PixelReader(calibration, input_name), quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=list(STATIC_OP_TYPES), per_channel=per_channel,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                            nodes_to_exclude=list(exclude), calibrate_method=CalibrationMethod.MinMax,
+                            nodes_to_exclude=[*exclude, *probabilities], calibrate_method=CalibrationMethod.MinMax,
                             extra_options=extra)
         pre.unlink(missing_ok=True)
         if float_branch_input and exclude:
             proto = onnx.load(str(dst))
             if float_inputs_for(proto, exclude):
                 onnx.save_model(proto, str(dst))
+        return probabilities
     finally:
         lg.setLevel(prev)
+
+
+def softmax_readers(proto: Any) -> list[str]:
+    """Names of the nodes that read a Softmax output (in a ViT: the attention-probabilities @ V MatMul).
+
+    Static INT8 keeps them in float, so no QuantizeLinear reads a Softmax output and no onnxruntime fuses
+    DequantizeLinear -> Softmax -> QuantizeLinear into `com.microsoft.QLinearSoftmax`. Its int8 kernel
+    before onnxruntime 1.32 clamps to the uint8 range (microsoft/onnxruntime#29727): a probability that
+    quantizes above 127 wraps to -128, i.e. to ~0. The register is the attention sink (probabilities near
+    1 in the blocks after the bake), so at the default optimisation level those runtimes dropped exactly
+    the sink's attention: register-token cosine 0.53 against float32 where 1.32 gives 0.78 (organism)."""
+    softmax_out = {t for n in proto.graph.node if n.op_type == "Softmax" for t in n.output}
+    return [n.name for n in proto.graph.node if any(t in softmax_out for t in n.input)]
 
 
 def float_inputs_for(proto: Any, names: Sequence[str]) -> int:
@@ -475,8 +497,9 @@ def export_int8(out_dir: Path, *, loaded: Any, mode: str = "static", images: Opt
         _say(progress, f"quantizing to INT8 ({mode}; {sum(map(len, branch.values()))} register-branch nodes kept "
                        f"in float" + (f"; calibrating on {settings.calibration_images} images)" if calibration else ")"))
         with _mha_fastpath_disabled():
-            quantize_file(fp32, staged, mode, calibration=calibration,
-                          exclude=[n for names in branch.values() for n in names], work=scratch)
+            settings.attention_kept_float = quantize_file(fp32, staged, mode, calibration=calibration,
+                                                          exclude=[n for names in branch.values() for n in names],
+                                                          work=scratch)
         _set_metadata(staged, {META_PREFIX + "int8": json.dumps(settings.to_dict(), sort_keys=True),
                                META_PREFIX + "dtype": "int8"})
         _say(progress, f"validating {lay.target.name} against the float32 baked model ({where})")
