@@ -3,10 +3,14 @@ with the register branch kept in float, validated against the float32 model befo
 
 Static (`--int8`, `--int8 static`, needs `--images CALIB`): onnxruntime.quantization's recipe —
 `quant_pre_process` (symbolic shape inference + basic graph optimisation) first, then `quantize_static`
-in QDQ format, per-channel symmetric int8 weights, int8 activations with one MinMax range per tensor
-calibrated on CALIB preprocessed by the model's own transform (a `CalibrationDataReader` over the
-project's image loading, `surgery.core.images`). Quantized op types: MatMul, Gemm, Conv (the compute;
-LayerNorm, Softmax, the residual adds and the GELU stay float, as transformer INT8 recipes do).
+in QDQ format, per-channel symmetric int8 weights in [-64, 64] (`reduce_range`: no saturation in the
+uint8 x int8 kernels of x86 CPUs without VNNI, see WEIGHT_QMAX_STATIC), int8 activations with one MinMax
+range per tensor calibrated on CALIB preprocessed by the model's own transform (a `CalibrationDataReader`
+over the project's image loading, `surgery.core.images`). Quantized op types: MatMul, Gemm, Conv (the
+compute; LayerNorm, Softmax, the residual adds and the GELU stay float, as transformer INT8 recipes do),
+except the nodes reading attention probabilities (`softmax_readers`: probabilities @ V stays float, so
+no onnxruntime version fuses its buggy int8 QLinearSoftmax). Both make the file give the same numbers in
+onnxruntime 1.18 to 1.32 (and transformers.js 4's onnxruntime-node) at every optimisation level.
 
 Dynamic (`--int8 dynamic`, no images): `quantize_dynamic`, per-channel int8 weights, activations
 quantized at run time per tensor per call (what hub ONNX repos' `model_quantized.onnx` are made with).
@@ -62,6 +66,13 @@ POOLED_COSINE_MIN = 0.98
 PATCH_COSINE_MIN = 0.98
 STATIC_OP_TYPES = ("MatMul", "Gemm", "Conv")
 DYNAMIC_OP_TYPES = ("MatMul", "Gemm")
+# Static weights use 7 bits of int8 (onnxruntime's `reduce_range`, its documented remedy for x86 CPUs without
+# VNNI): those CPUs multiply uint8 activations by int8 weights with VPMADDUBSW, which saturates a pair's sum at
+# 32767; 255 x 64 x 2 = 32640 fits. With full-range weights the register row, the largest activations, was
+# clipped there at optimisation EXTENDED/ALL (register cosine 0.785 against float32 on the AVX2 test machine,
+# 0.976 with the integer kernels off), so what a file gave depended on the CPU; with these it is the same on
+# every CPU and optimisation level (0.9856, organism).
+WEIGHT_QMAX_STATIC = 64
 CALIBRATION_IMAGES_MAX = 128  # a seeded sample of CALIB beyond this (MinMax ranges settle long before)
 HELD_OUT_EVERY = 4  # every 4th CALIB image is kept for validation, never calibrated on
 VALIDATION_IMAGES_MAX = 32
@@ -160,7 +171,8 @@ class QuantSettings:
         return {"mode": self.mode, "tool": "onnxruntime.quantization", "format": "QDQ" if static else "dynamic",
                 "pre_process": "quant_pre_process" if static else None,
                 "op_types": list(STATIC_OP_TYPES if static else DYNAMIC_OP_TYPES),
-                "weights": "int8, symmetric, " + ("per channel" if self.per_channel else "per tensor"),
+                "weights": ("int8" + (f" in [{-WEIGHT_QMAX_STATIC}, {WEIGHT_QMAX_STATIC}] (reduce_range)" if static else "")
+                            + ", symmetric, " + ("per channel" if self.per_channel else "per tensor")),
                 "activations": ("int8, one MinMax range per tensor, calibrated" if static
                                 else "int8, per tensor, computed at run time"),
                 "calibration_images": self.calibration_images,
@@ -171,16 +183,7 @@ class QuantSettings:
                     "why_attention_probabilities_float": "no QuantizeLinear reads a Softmax output, so no "
                     "onnxruntime fuses QLinearSoftmax (int8 kernel before 1.32 wraps probabilities near 1 to 0: "
                     "microsoft/onnxruntime#29727; the register is the attention sink)"} if static else {}),
-                "validated_with": f"onnxruntime {_ort_version()} (CPU, graph optimisation ALL)",
-                **({"runtimes_not_supported": STATIC_UNSUPPORTED_RUNTIMES} if static else {})}
-
-
-# What older onnxruntime builds do to a static QDQ file at their default optimisation level (issue seen on
-# 1.18-1.30, the onnxruntime-node of transformers.js 4 included): their QDQ selector fusion pulls the float
-# register branch into the quantized path and the register token drifts (cosine ~0.6 against float32)
-STATIC_UNSUPPORTED_RUNTIMES = ("onnxruntime 1.18-1.30 (and transformers.js 4's onnxruntime-node) at graph "
-                               "optimisation above BASIC: the register token is not reproduced; use --int8 dynamic "
-                               "there, or optimisation BASIC")
+                "validated_with": f"onnxruntime {_ort_version()} (CPU, graph optimisation ALL)"}
 
 
 def _ort_version() -> str:
@@ -238,7 +241,7 @@ def quantize_file(src: Path, dst: Path, mode: str, *, calibration: Sequence[torc
         with stage("INT8 calibration (onnxruntime)", sum(len(b) for b in calibration), unit="image"):
             quantize_static(str(pre), str(dst), PixelReader(calibration, input_name), quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=list(STATIC_OP_TYPES), per_channel=per_channel,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, reduce_range=True,
                             nodes_to_exclude=[*exclude, *probabilities], calibrate_method=CalibrationMethod.MinMax,
                             extra_options=extra)
         pre.unlink(missing_ok=True)
