@@ -235,6 +235,11 @@ def quantize_file(src: Path, dst: Path, mode: str, *, calibration: Sequence[torc
         if missing:  # the branch must survive pre-processing by name, or it would be quantized silently
             raise ModelInputError(f"quant_pre_process renamed or fused register-branch node(s) {missing[:3]}; "
                                   "cannot keep them in float")
+        unnamed = [n for n in _softmax_reader_nodes(pre_proto) if not n.name]
+        for i, n in enumerate(unnamed):  # nodes_to_exclude works by name (an empty one matches nothing)
+            n.name = f"vit_surgery_softmax_reader_{i}"
+        if unnamed:
+            onnx.save_model(pre_proto, str(pre))
         probabilities = softmax_readers(pre_proto)
         from surgery.core.progress import stage
 
@@ -245,10 +250,13 @@ def quantize_file(src: Path, dst: Path, mode: str, *, calibration: Sequence[torc
                             nodes_to_exclude=[*exclude, *probabilities], calibrate_method=CalibrationMethod.MinMax,
                             extra_options=extra)
         pre.unlink(missing_ok=True)
-        if float_branch_input and exclude:
-            proto = onnx.load(str(dst))
-            if float_inputs_for(proto, exclude):
-                onnx.save_model(proto, str(dst))
+        proto = onnx.load(str(dst))
+        fused = [n.name for n in _softmax_reader_nodes(proto) if n.op_type == "QuantizeLinear"]
+        if fused:  # what onnxruntime < 1.32 would fuse into its broken int8 QLinearSoftmax: refuse, not ship
+            raise ModelInputError(f"the quantizer put int8 attention probabilities in the graph ({fused[:3]}); "
+                                  "onnxruntime before 1.32 runs them wrong")
+        if float_branch_input and exclude and float_inputs_for(proto, exclude):
+            onnx.save_model(proto, str(dst))
         return probabilities
     finally:
         lg.setLevel(prev)
@@ -263,8 +271,12 @@ def softmax_readers(proto: Any) -> list[str]:
     quantizes above 127 wraps to -128, i.e. to ~0. The register is the attention sink (probabilities near
     1 in the blocks after the bake), so at the default optimisation level those runtimes dropped exactly
     the sink's attention: register-token cosine 0.53 against float32 where 1.32 gives 0.78 (organism)."""
+    return [n.name for n in _softmax_reader_nodes(proto)]
+
+
+def _softmax_reader_nodes(proto: Any) -> list[Any]:
     softmax_out = {t for n in proto.graph.node if n.op_type == "Softmax" for t in n.output}
-    return [n.name for n in proto.graph.node if any(t in softmax_out for t in n.input)]
+    return [n for n in proto.graph.node if any(t in softmax_out for t in n.input)]
 
 
 def float_inputs_for(proto: Any, names: Sequence[str]) -> int:
