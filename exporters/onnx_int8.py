@@ -3,10 +3,14 @@ with the register branch kept in float, validated against the float32 model befo
 
 Static (`--int8`, `--int8 static`, needs `--images CALIB`): onnxruntime.quantization's recipe —
 `quant_pre_process` (symbolic shape inference + basic graph optimisation) first, then `quantize_static`
-in QDQ format, per-channel symmetric int8 weights, int8 activations with one MinMax range per tensor
-calibrated on CALIB preprocessed by the model's own transform (a `CalibrationDataReader` over the
-project's image loading, `surgery.core.images`). Quantized op types: MatMul, Gemm, Conv (the compute;
-LayerNorm, Softmax, the residual adds and the GELU stay float, as transformer INT8 recipes do).
+in QDQ format, per-channel symmetric int8 weights in [-64, 64] (`reduce_range`: no saturation in the
+uint8 x int8 kernels of x86 CPUs without VNNI, see WEIGHT_QMAX_STATIC), int8 activations with one MinMax
+range per tensor calibrated on CALIB preprocessed by the model's own transform (a `CalibrationDataReader`
+over the project's image loading, `surgery.core.images`). Quantized op types: MatMul, Gemm, Conv (the
+compute; LayerNorm, Softmax, the residual adds and the GELU stay float, as transformer INT8 recipes do),
+except the nodes reading attention probabilities (`softmax_readers`: probabilities @ V stays float, so
+no onnxruntime version fuses its buggy int8 QLinearSoftmax). Both make the file give the same numbers in
+onnxruntime 1.18 to 1.32 (and transformers.js 4's onnxruntime-node) at every optimisation level.
 
 Dynamic (`--int8 dynamic`, no images): `quantize_dynamic`, per-channel int8 weights, activations
 quantized at run time per tensor per call (what hub ONNX repos' `model_quantized.onnx` are made with).
@@ -65,6 +69,13 @@ POOLED_COSINE_MIN = 0.98
 PATCH_COSINE_MIN = 0.98
 STATIC_OP_TYPES = ("MatMul", "Gemm", "Conv")
 DYNAMIC_OP_TYPES = ("MatMul", "Gemm")
+# Static weights use 7 bits of int8 (onnxruntime's `reduce_range`, its documented remedy for x86 CPUs without
+# VNNI): those CPUs multiply uint8 activations by int8 weights with VPMADDUBSW, which saturates a pair's sum at
+# 32767; 255 x 64 x 2 = 32640 fits. With full-range weights the register row, the largest activations, was
+# clipped there at optimisation EXTENDED/ALL (register cosine 0.785 against float32 on the AVX2 test machine,
+# 0.976 with the integer kernels off), so what a file gave depended on the CPU; with these it is the same on
+# every CPU and optimisation level (0.9856, organism).
+WEIGHT_QMAX_STATIC = 64
 CALIBRATION_IMAGES_MAX = 128  # a seeded sample of CALIB beyond this (MinMax ranges settle long before)
 HELD_OUT_EVERY = 4  # every 4th CALIB image is kept for validation, never calibrated on
 VALIDATION_IMAGES_MAX = 32
@@ -156,29 +167,26 @@ class QuantSettings:
     per_channel: bool = True
     excluded: dict[str, list[str]] = field(default_factory=dict)  # scope -> node names kept float
     calibration_images: int = 0
+    attention_kept_float: list[str] = field(default_factory=list)  # readers of Softmax outputs (static)
 
     def to_dict(self) -> dict[str, Any]:
         static = self.mode == "static"
         return {"mode": self.mode, "tool": "onnxruntime.quantization", "format": "QDQ" if static else "dynamic",
                 "pre_process": "quant_pre_process" if static else None,
                 "op_types": list(STATIC_OP_TYPES if static else DYNAMIC_OP_TYPES),
-                "weights": "int8, symmetric, " + ("per channel" if self.per_channel else "per tensor"),
+                "weights": ("int8" + (f" in [{-WEIGHT_QMAX_STATIC}, {WEIGHT_QMAX_STATIC}] (reduce_range)" if static else "")
+                            + ", symmetric, " + ("per channel" if self.per_channel else "per tensor")),
                 "activations": ("int8, one MinMax range per tensor, calibrated" if static
                                 else "int8, per tensor, computed at run time"),
                 "calibration_images": self.calibration_images,
                 "nodes_kept_float": self.excluded,
                 "why_kept_float": "register branch (reg_fc1, activation, signed-max edit, reg_fc2) of each "
                                   "RegisterMlp: the k register units and the value the register token receives",
-                "validated_with": f"onnxruntime {_ort_version()} (CPU, graph optimisation ALL)",
-                **({"runtimes_not_supported": STATIC_UNSUPPORTED_RUNTIMES} if static else {})}
-
-
-# What older onnxruntime builds do to a static QDQ file at their default optimisation level (issue seen on
-# 1.18-1.30, the onnxruntime-node of transformers.js 4 included): their QDQ selector fusion pulls the float
-# register branch into the quantized path and the register token drifts (cosine ~0.6 against float32)
-STATIC_UNSUPPORTED_RUNTIMES = ("onnxruntime 1.18-1.30 (and transformers.js 4's onnxruntime-node) at graph "
-                               "optimisation above BASIC: the register token is not reproduced; use --int8 dynamic "
-                               "there, or optimisation BASIC")
+                **({"attention_probabilities_kept_float": self.attention_kept_float,
+                    "why_attention_probabilities_float": "no QuantizeLinear reads a Softmax output, so no "
+                    "onnxruntime fuses QLinearSoftmax (int8 kernel before 1.32 wraps probabilities near 1 to 0: "
+                    "microsoft/onnxruntime#29727; the register is the attention sink)"} if static else {}),
+                "validated_with": f"onnxruntime {_ort_version()} (CPU, graph optimisation ALL)"}
 
 
 def _ort_version() -> str:
@@ -199,11 +207,12 @@ def _quiet_logging() -> Any:
 def quantize_file(src: Path, dst: Path, mode: str, *, calibration: Sequence[torch.Tensor] = (),
                   exclude: Sequence[str] = (), per_channel: bool = True, input_name: str = "pixel_values",
                   work: Optional[Path] = None, float_branch_input: bool = True,
-                  range_overrides: Optional[dict[str, list[dict[str, float]]]] = None) -> None:
+                  range_overrides: Optional[dict[str, list[dict[str, float]]]] = None) -> list[str]:
     """INT8 `src` -> `dst` with onnxruntime.quantization (the settings in the module docstring);
     `exclude` names nodes to keep float, and with `float_branch_input` they read float tensors rather than
     a quantized tensor's DequantizeLinear. Static needs `calibration` batches; `range_overrides` are
-    TensorQuantOverrides (rmin/rmax per tensor) for the benchmark's variants."""
+    TensorQuantOverrides (rmin/rmax per tensor) for the benchmark's variants. Returns the nodes static
+    mode also kept float because they read attention probabilities (`softmax_readers`)."""
     import onnx
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
                                           quantize_static)
@@ -217,32 +226,60 @@ def quantize_file(src: Path, dst: Path, mode: str, *, calibration: Sequence[torc
             quantize_dynamic(str(src), str(dst), op_types_to_quantize=list(DYNAMIC_OP_TYPES), per_channel=per_channel,
                              weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude),
                              extra_options={"MatMulConstBOnly": True})
-            return
+            return []
         extra: dict[str, Any] = {"ActivationSymmetric": False, "WeightSymmetric": True}
         if range_overrides:
             extra["TensorQuantOverrides"] = range_overrides
         pre = (work or dst.parent) / (src.stem + ".pre.onnx")
         quant_pre_process(str(src), str(pre))
-        kept = {n.name for n in onnx.load(str(pre), load_external_data=False).graph.node}
+        pre_proto = onnx.load(str(pre), load_external_data=False)
+        kept = {n.name for n in pre_proto.graph.node}
         missing = [n for n in exclude if n not in kept]
         if missing:  # the branch must survive pre-processing by name, or it would be quantized silently
             raise ModelInputError(f"quant_pre_process renamed or fused register-branch node(s) {missing[:3]}; "
                                   "cannot keep them in float")
+        unnamed = [n for n in _softmax_reader_nodes(pre_proto) if not n.name]
+        for i, n in enumerate(unnamed):  # nodes_to_exclude works by name (an empty one matches nothing)
+            n.name = f"vit_surgery_softmax_reader_{i}"
+        if unnamed:
+            onnx.save_model(pre_proto, str(pre))
+        probabilities = softmax_readers(pre_proto)
         from surgery.core.progress import stage
 
         with stage("INT8 calibration (onnxruntime)", sum(len(b) for b in calibration), unit="image"):
             quantize_static(str(pre), str(dst), PixelReader(calibration, input_name), quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=list(STATIC_OP_TYPES), per_channel=per_channel,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                            nodes_to_exclude=list(exclude), calibrate_method=CalibrationMethod.MinMax,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, reduce_range=True,
+                            nodes_to_exclude=[*exclude, *probabilities], calibrate_method=CalibrationMethod.MinMax,
                             extra_options=extra)
         pre.unlink(missing_ok=True)
-        if float_branch_input and exclude:
-            proto = onnx.load(str(dst))
-            if float_inputs_for(proto, exclude):
-                onnx.save_model(proto, str(dst))
+        proto = onnx.load(str(dst))
+        fused = [n.name for n in _softmax_reader_nodes(proto) if n.op_type == "QuantizeLinear"]
+        if fused:  # what onnxruntime < 1.32 would fuse into its broken int8 QLinearSoftmax: refuse, not ship
+            raise ModelInputError(f"the quantizer put int8 attention probabilities in the graph ({fused[:3]}); "
+                                  "onnxruntime before 1.32 runs them wrong")
+        if float_branch_input and exclude and float_inputs_for(proto, exclude):
+            onnx.save_model(proto, str(dst))
+        return probabilities
     finally:
         lg.setLevel(prev)
+
+
+def softmax_readers(proto: Any) -> list[str]:
+    """Names of the nodes that read a Softmax output (in a ViT: the attention-probabilities @ V MatMul).
+
+    Static INT8 keeps them in float, so no QuantizeLinear reads a Softmax output and no onnxruntime fuses
+    DequantizeLinear -> Softmax -> QuantizeLinear into `com.microsoft.QLinearSoftmax`. Its int8 kernel
+    before onnxruntime 1.32 clamps to the uint8 range (microsoft/onnxruntime#29727): a probability that
+    quantizes above 127 wraps to -128, i.e. to ~0. The register is the attention sink (probabilities near
+    1 in the blocks after the bake), so at the default optimisation level those runtimes dropped exactly
+    the sink's attention: register-token cosine 0.53 against float32 where 1.32 gives 0.78 (organism)."""
+    return [n.name for n in _softmax_reader_nodes(proto)]
+
+
+def _softmax_reader_nodes(proto: Any) -> list[Any]:
+    softmax_out = {t for n in proto.graph.node if n.op_type == "Softmax" for t in n.output}
+    return [n for n in proto.graph.node if any(t in softmax_out for t in n.input)]
 
 
 def float_inputs_for(proto: Any, names: Sequence[str]) -> int:
@@ -477,8 +514,9 @@ def export_int8(out_dir: Path, *, loaded: Any, mode: str = "static", images: Opt
         say_if(progress, f"quantizing to INT8 ({mode}; {sum(map(len, branch.values()))} register-branch nodes kept "
                        f"in float" + (f"; calibrating on {settings.calibration_images} images)" if calibration else ")"))
         with mha_fastpath_disabled():
-            quantize_file(fp32, staged, mode, calibration=calibration,
-                          exclude=[n for names in branch.values() for n in names], work=scratch)
+            settings.attention_kept_float = quantize_file(fp32, staged, mode, calibration=calibration,
+                                                          exclude=[n for names in branch.values() for n in names],
+                                                          work=scratch)
         _set_metadata(staged, {META_PREFIX + "int8": json.dumps(settings.to_dict(), sort_keys=True),
                                META_PREFIX + "dtype": "int8"})
         say_if(progress, f"validating {lay.target.name} against the float32 baked model ({where})")

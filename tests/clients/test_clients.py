@@ -27,6 +27,7 @@ from surgery.backends import load_model
 from surgery.backends.hf.stock_refusal import STOCK_REFUSAL
 
 from tests.helpers.client_envs import ORT_RUNNER, ORT_VERSIONS, TJS_RUNNER, ort_python, transformers_js_dir
+from tests.helpers.client_envs import run_levels as _run_levels
 
 LEVELS = ("disable", "basic", "extended", "all")
 
@@ -116,23 +117,6 @@ def float64_tensors(path: Path) -> list[str]:
     found += [f"value {v.name}" for v in list(g.value_info) + list(g.output) + list(g.input)
               if v.type.tensor_type.elem_type == dbl]
     return found
-
-
-def _run_levels(path: Path, x: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
-    import onnxruntime as ort
-
-    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-    res = {}
-    for name, level in levels.items():
-        so = ort.SessionOptions()
-        so.graph_optimization_level = level
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        names = [o.name for o in sess.get_outputs()]
-        res[name] = dict(zip(names, sess.run(names, {sess.get_inputs()[0].name: x})))
-    return res
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:

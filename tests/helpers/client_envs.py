@@ -12,6 +12,7 @@ import sys
 import venv
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.helpers.timm_sdist import cache_dir
@@ -47,6 +48,25 @@ def ort_python(version: str) -> Path:
         pytest.skip(f"onnxruntime {version} could not be installed in a venv ({tail[0]})")
     ok.write_text(version)
     return py
+
+
+def run_levels(path: Path, x: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+    """The installed onnxruntime's outputs of `path` on `x` at every graph optimisation level (CPU):
+    {level: {output name: value}}."""
+    import onnxruntime as ort
+
+    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    res = {}
+    for name, level in levels.items():
+        so = ort.SessionOptions()
+        so.graph_optimization_level = level
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        names = [o.name for o in sess.get_outputs()]
+        res[name] = dict(zip(names, sess.run(names, {sess.get_inputs()[0].name: x})))
+    return res
 
 
 # Runs in the venv: every graph at every optimisation level on the given inputs, outputs saved as .npz.
@@ -112,5 +132,25 @@ const res = {};
 for (const [k, v] of Object.entries(out)) res[k] = { dims: v.dims, data: Array.from(v.data) };
 fs.writeFileSync(outFile, JSON.stringify(res));
 const pkg = JSON.parse(fs.readFileSync(path.join(process.cwd(), 'node_modules/@huggingface/transformers/package.json')));
+console.log(pkg.version);
+"""
+
+
+# Runs under node in transformers_js_dir(): one ONNX file in the onnxruntime-node that transformers.js 4
+# bundles, with its default session options (graph optimisation "all"), on the float32 pixels in INPUT (raw
+# little-endian, shape given); every output written as JSON. Prints onnxruntime-node's version.
+ORT_NODE_RUNNER = r"""
+import fs from 'node:fs';
+import path from 'node:path';
+import ort from 'onnxruntime-node';
+const [model, inputFile, shapeJson, outFile] = process.argv.slice(2);
+const buf = fs.readFileSync(inputFile);
+const data = new Float32Array(buf.buffer, buf.byteOffset, buf.byteLength / 4);
+const sess = await ort.InferenceSession.create(model);
+const out = await sess.run({ [sess.inputNames[0]]: new ort.Tensor('float32', data, JSON.parse(shapeJson)) });
+const res = {};
+for (const [k, v] of Object.entries(out)) res[k] = { dims: v.dims, data: Array.from(v.data) };
+fs.writeFileSync(outFile, JSON.stringify(res));
+const pkg = JSON.parse(fs.readFileSync(path.join(process.cwd(), 'node_modules/onnxruntime-node/package.json')));
 console.log(pkg.version);
 """
