@@ -58,13 +58,14 @@ class DropRegisterRows:
 
 
 def register_dropping_class(stock: type) -> type:
-    """`RegisterDropping<stock>`: the stock tower class with `DropRegisterRows` in front, made once per class
-    and kept as a name of this module (so a pickled model finds it)."""
+    """`RegisterDropping<stock>`: the stock tower class with `DropRegisterRows` in front, made once per class."""
     name = CLASS_PREFIX + stock.__name__
     made = globals().get(name)
     if isinstance(made, type) and issubclass(made, stock) and made.__mro__[1] is DropRegisterRows:
         return made
-    made = type(name, (DropRegisterRows, stock), {"__module__": __name__, "__qualname__": name,
+    # the stock class's module: transformers treats classes from elsewhere as custom code and then skips
+    # the stock tower's checkpoint renaming rules (hub names `vision_tower.vision_model.*`) when loading
+    made = type(name, (DropRegisterRows, stock), {"__module__": stock.__module__, "__qualname__": name,
                                                   "__doc__": f"{stock.__name__} whose outputs leave out the "
                                                              "test-time register rows."})
     globals()[name] = made
@@ -80,6 +81,11 @@ def _keep_output_recording(tower: nn.Module, stock: type) -> None:
     registry = getattr(capturing, "_CAN_RECORD_REGISTRY", None)
     if registry is not None and hasattr(tower, "_can_record_outputs"):
         registry[tower] = tower._can_record_outputs
+    # its checkpoint renaming rules (hub names `vision_tower.vision_model.*`) are looked up by class name
+    conversion = sys.modules.get("transformers.conversion_mapping")
+    rules = conversion.get_checkpoint_conversion_mapping(stock.__name__) if conversion is not None else None
+    if rules:
+        conversion.register_checkpoint_conversion_mapping(type(tower).__name__, rules, overwrite=True)
 
 
 def drop_registers_from_outputs(tower: nn.Module, native_prefix: int) -> None:
