@@ -55,7 +55,7 @@ VLM_ADAPTERS = {"hf_llava_clip", "hf_llava_siglip", "hf_llava_next_clip", "hf_ll
 def test_every_adapter_has_an_organism():
     assert sorted(ORGANISMS) == sorted(set(ADAPTERS) - VLM_ADAPTERS)
     assert VLM_ADAPTERS <= set(ADAPTERS)
-    assert VLM_ADAPTERS == {name for f in vlm_families() for name in f.organisms}  # built in tests/test_vlm.py
+    assert VLM_ADAPTERS == {name for f in vlm_families() for name in f.organisms}  # built in tests/vlm/test_vlm.py
 
 
 # The HF tables as they were written by hand before the family records (issue 33): the records must give

@@ -204,7 +204,7 @@ def _int8_inputs(out_dir: Path, tmp: Path) -> tuple[Path, torch.Tensor]:
 @pytest.mark.slow
 @pytest.mark.parametrize("version", ORT_VERSIONS)
 def test_static_int8_in_every_onnxruntime_version(version, static_out, tmp_path):
-    """onnxruntime `version` (a cached venv, tests/client_envs.py) at every optimisation level gives every
+    """onnxruntime `version` (a cached venv, tests/helpers/client_envs.py) at every optimisation level gives every
     token of the static INT8 file, the register token included, within 1e-2 relative of the installed
     onnxruntime's level ALL (before the fix 1.18-1.30 were 0.97 off on the register row at EXTENDED/ALL)."""
     py = ort_python(version)

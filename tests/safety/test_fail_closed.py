@@ -141,7 +141,7 @@ def test_int8_on_few_images_does_not_claim_held_out_images(baked_dir, tmp_path, 
     meta = json.loads({p.key: p.value for p in onnx.load(str(out / "model_int8.onnx"), load_external_data=False)
                        .metadata_props}["vit_surgery.int8"])
     assert meta["validated_with"].startswith(f"onnxruntime {onnxruntime.__version__}")
-    assert "runtimes_not_supported" not in meta  # the same numbers in onnxruntime 1.18-1.32 (tests/test_int8.py)
+    assert "runtimes_not_supported" not in meta  # the same numbers in onnxruntime 1.18-1.32 (tests/onnx/test_int8.py)
 
 
 @pytest.mark.slow  # two processes exporting at once (minutes on a shared machine)

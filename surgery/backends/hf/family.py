@@ -13,7 +13,7 @@ adapter's classes) is derived from these records, in registration (= dispatch) o
     HF_DINOV2 = HFDinov2.family.adapter
 
 A vision-language family names its towers instead: one adapter per tower, `cls(tower_adapter, name)`.
-The organism is named, not imported: no library module imports surgery/organisms (tests/test_architecture.py).
+The organism is named, not imported: no library module imports surgery/organisms (tests/repo/test_architecture.py).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ ORGANISMS = "surgery.organisms."  # where organism builders live
 class Organism:
     """A builder of the family's test organism, `"package.module:function"` plus keyword arguments; it
     returns the model first (then the planting; a VLM builder may return its processor too). Only the tests
-    import and call it (tests/test_backend_registry.py)."""
+    import and call it (tests/backends/test_backend_registry.py)."""
 
     builder: str
     kwargs: Mapping[str, Any] = field(default_factory=dict)
