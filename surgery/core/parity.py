@@ -256,6 +256,7 @@ class _Pending:
 
     got: torch.Tensor
     exact: torch.Tensor
+    rel: torch.Tensor  # per-vector relative error of `got` against `exact`
     kernel: torch.Tensor | None = None  # kernel_allowance of `own`
     own: torch.Tensor | None = None  # the hooked reference's own error in the model's dtype, per vector
     conditioned: torch.Tensor | None = None  # allowed_error of the conditioning run
@@ -292,7 +293,7 @@ class _BatchJudge:
         if bool((rel <= plain).all()):
             self._update(name, got, exact, plain, kernel, own)
         else:  # judged once the allowance runs have measured these vectors
-            self.pending[name] = _Pending(got, exact, kernel, own)
+            self.pending[name] = _Pending(got, exact, rel, kernel, own)
 
     def conditioning(self, name: str, noisy: torch.Tensor) -> None:
         if name in self.pending:
@@ -313,7 +314,7 @@ class _BatchJudge:
             if p.kernel is None:
                 continue
             plain = torch.maximum(torch.full_like(p.kernel, self.tol), p.kernel)
-            if bool((per_vector_relative(p.got, p.exact) <= plain).all()):
+            if bool((p.rel <= plain).all()):
                 self._update(name, p.got, p.exact, plain, p.kernel, p.own)
                 del self.pending[name]
 

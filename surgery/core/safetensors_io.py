@@ -92,6 +92,18 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
         return json.loads(f.read(n)), 8 + n
 
 
+def _read_exactly(fd: int, buf: Any, pos: int, truncated: str) -> None:
+    """Fill the writable buffer `buf` from file offset `pos` (preadv until done; OSError(`truncated`) at EOF)."""
+    import os
+
+    view, done = memoryview(buf), 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], pos + done)
+        if n <= 0:
+            raise OSError(truncated)
+        done += n
+
+
 class ShardedCheckpoint:
     """A `model.safetensors` or `model.safetensors.index.json` + its shards, read from the headers only.
 
@@ -160,14 +172,10 @@ class ShardedCheckpoint:
         if size:
             buf = out.reshape(-1).view(torch.uint8).numpy()
             file = self.file_of[name]
-            pos, done = self.starts[file] + info["data_offsets"][0], 0
+            pos = self.starts[file] + info["data_offsets"][0]
             fd = os.open(self.paths[file], os.O_RDONLY)
             try:
-                while done < size:
-                    n = os.preadv(fd, [memoryview(buf)[done:]], pos + done)
-                    if n <= 0:
-                        raise OSError(f"{self.paths[file]}: truncated data for {name}")
-                    done += n
+                _read_exactly(fd, buf, pos, f"{self.paths[file]}: truncated data for {name}")
             finally:
                 os.close(fd)
         return out
@@ -202,13 +210,7 @@ class ShardedCheckpoint:
         try:
             while done < size:
                 want = min(chunk, size - done)
-                view = staging[:want].numpy()
-                got = 0
-                while got < want:
-                    n = os.preadv(fd, [memoryview(view)[got:]], pos + done + got)
-                    if n <= 0:
-                        raise OSError(f"{self.paths[file]}: truncated data for {name}")
-                    got += n
+                _read_exactly(fd, staging[:want].numpy(), pos + done, f"{self.paths[file]}: truncated data for {name}")
                 flat[done // item:(done + want) // item].copy_(staging[:want].view(dtype))
                 done += want
         finally:
