@@ -51,16 +51,18 @@ def narrow_split(baked):
             self.m = m
             self.fc1 = nn.Linear(m.fc1.in_features, len(idx))
             self.fc2 = nn.Linear(len(idx), m.fc2.out_features)
+            self.reg_fc1 = nn.Linear(m.fc1.in_features, len(m.units))
             with torch.no_grad():
                 self.fc1.weight.copy_(m.fc1.weight[idx]), self.fc1.bias.copy_(m.fc1.bias[idx])
                 self.fc2.weight.copy_(m.fc2.weight[:, idx]), self.fc2.bias.copy_(m.fc2.bias)
+                self.reg_fc1.weight.copy_(m.fc1.weight[m.units]), self.reg_fc1.bias.copy_(m.fc1.bias[m.units])
 
         def forward(self, x):
             from surgery.core.modules import register_edit
 
             m = self.m
             out = self.fc2(m.act(self.fc1(x)))
-            reg = register_edit(m.act(m.reg_fc1(x)), m.num_prefix, m.num_registers, m.scale, m.per_neuron)
+            reg = register_edit(m.act(self.reg_fc1(x)), m.num_prefix, m.num_registers, m.scale, m.per_neuron)
             return out + m.reg_fc2(reg)
 
     model = _copy.deepcopy(baked)

@@ -34,6 +34,7 @@ from surgery.core.errors import ModelInputError, SurgeryError, first_line
 
 from .onnx_metadata import build_metadata
 from .onnx_patches import ExportWrapper, mha_fastpath_disabled
+from .register_branch_export import split_register_branches
 from .tail_accurate_activation import tail_accurate_register_branches
 from surgery.core.output_format import META_PREFIX, ONNX_FILE
 from surgery.core.output_format import ONNX_DATA_FILE as DATA_FILE
@@ -142,7 +143,7 @@ def export_first_that_works(wrapper: nn.Module, example: torch.Tensor, spec: Onn
     for name in order:
         say_if(progress, f"exporting {what} with the {name} exporter{detail}")
         try:
-            with tail_accurate_register_branches(model) as tail_branches:
+            with split_register_branches(model), tail_accurate_register_branches(model) as tail_branches:
                 proto = export_proto(wrapper, example, spec, name, scratch, progress)
         except SurgeryError:
             raise

@@ -124,38 +124,37 @@ def _linear(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Linear:
     return lin
 
 
-def _rows(t: Optional[torch.Tensor], units: torch.Tensor, hidden: int, gated: bool) -> Optional[torch.Tensor]:
-    """Rows of fc1 (weight or bias) that produce `units`; gated MLPs: the gate rows, then the up rows."""
-    if t is None:
-        return None
-    if gated:
-        return torch.cat([t[units], t[hidden + units]], dim=0)
-    return t[units]
-
-
 def _row_index(units: torch.Tensor, hidden: int, gated: bool) -> torch.Tensor:
+    """Rows of fc1 that produce `units`; gated MLPs: the gate rows, then the up rows."""
     return torch.cat([units, hidden + units]) if gated else units
 
 
 class RegisterMlp(nn.Module):
-    """An MLP split into its ordinary hidden units and a small register branch.
+    """An MLP whose register units write their output through a small register branch.
 
-        out = fc2(act(fc1 x)) + reg_fc2(register_edit(act(reg_fc1 x)))   (branch: prefix + register rows only)
+        hidden = act(fc1 x)                     (fc1 as in the original model: every unit)
+        out = fc2(hidden) + reg_fc2(register_edit(hidden[..., units]))   (branch: prefix + register rows only)
 
-    The register units' weights move to the branch (`reg_fc1` rows, `reg_fc2` columns); the ordinary
-    MLP keeps its original shape with those rows and columns set to zero. Keeping the shape means the
-    ordinary matrix multiplies run exactly as in the original model (no odd widths, which CPU GEMMs
-    run several per cent slower) and, since a removed unit contributes an exact 0, the MLP's patch rows
-    are computed exactly as the hooked reference computes them. `units` (buffer) records the original indices, so
-    the split is exactly reversible (`merged_weights`).
+    fc1 is the original; the register units' columns of fc2 move to the branch (`reg_fc2`) and are zero
+    in the ordinary fc2, so their activations reach the output only as the rule edits them. Keeping fc2's
+    shape means the ordinary matrix multiplies run exactly as in the original model (no odd widths, which
+    CPU GEMMs run several per cent slower) and, since a removed unit contributes an exact 0, the MLP's
+    patch rows are computed exactly as the hooked reference computes them; the branch reads the register
+    units' activations from the same fc1 GEMM and activation the reference hooks. `units` (buffer)
+    records the original indices, so the split is exactly reversible (`merged_weights`).
 
-    Forward is written for the fewest dispatched ops (in eager mode each is a kernel launch), the same
-    in every dtype: besides the ordinary MLP, the branch GEMM and activation, abs / argmax / gather for
-    the signed max, one cat of the prefix rows and the register rows, and one fused GEMM + add
-    (`baddbmm_`) of the prefix and register rows into the output's rows. Half precision runs the branch
-    in the model's dtype: the max is picked exactly (|.| is exact), and the fused GEMM accumulates the k
-    register columns onto the ordinary rows in float before the one rounding, as the hooked
-    reference's single down projection does.
+    Forward is written for the fewest dispatched ops (in eager mode each is a kernel launch), the same in
+    every dtype: besides the ordinary MLP, one `index_select` of the k register units' activations (none
+    for one unit: a slice is a view), abs / argmax / gather for the signed max, one cat of the prefix
+    rows and the register rows (none without prefix tokens), and one fused GEMM + add (`baddbmm_`) of
+    those rows into the output's rows. Half precision stays in the model's dtype: the max is picked
+    exactly (|.| is exact), and the fused GEMM accumulates the k register columns onto the ordinary rows
+    in float before the one rounding, as the hooked reference's single down projection does.
+
+    Checkpoints written by vit-surgery 0.1.0 stored the branch's own fc1 rows (`reg_fc1`) and zeroed them in fc1;
+    loading one puts them back (`fold_legacy_branch`). The ONNX exporter restores that split form while
+    it exports (exporters/register_branch_export.py: a float k-row branch INT8 can keep out of
+    quantization, and fc2's input without the register units' large activations).
     """
 
     def __init__(
@@ -172,30 +171,29 @@ class RegisterMlp(nn.Module):
         # checked on the list, not the tensor: HF builds remote-code models on the meta device (no values)
         if not units or max(units) >= hidden or min(units) < 0:
             raise ValueError(f"register units {units} out of range for hidden width {hidden}")
-        unit_idx = torch.tensor(sorted(units), dtype=torch.long, device=weights.fc2_weight.device)
+        unit_list = sorted(int(u) for u in units)
+        unit_idx = torch.tensor(unit_list, dtype=torch.long, device=weights.fc2_weight.device)
         rows_expected = hidden * (2 if weights.gated else 1)
         assert weights.fc1_weight.shape[0] == rows_expected, (weights.fc1_weight.shape, rows_expected)
         self.gated = weights.gated
         self.act = weights.act
         self.fc1 = _linear(weights.fc1_weight, weights.fc1_bias)
         self.fc2 = _linear(weights.fc2_weight, weights.fc2_bias)
-        self.reg_fc1 = _linear(_rows(weights.fc1_weight, unit_idx, hidden, self.gated),
-                               _rows(weights.fc1_bias, unit_idx, hidden, self.gated))
         self.reg_fc2 = _linear(weights.fc2_weight[:, unit_idx], None)
-        with torch.no_grad():  # remove the register units from the ordinary MLP
-            rows = _row_index(unit_idx, hidden, self.gated)
-            self.fc1.weight[rows] = 0.0
-            if self.fc1.bias is not None:
-                self.fc1.bias[rows] = 0.0
+        with torch.no_grad():  # the register units reach the output through the branch only
             self.fc2.weight[:, unit_idx] = 0.0
         self.register_buffer("units", unit_idx)
         self.hidden_features = hidden
+        # one unit: its activations are a slice of fc1's (a view, no op); several: one index_select
+        self.unit_slice = unit_list[0] if len(unit_list) == 1 else -1
         self.num_prefix = int(num_prefix)
         self.num_registers = int(num_registers)
         self.scale = float(scale)
         self.per_neuron = bool(per_neuron)
-        # The activation the register branch applies: the MLP's own (the same module). Exporters may
-        # swap in an equivalent that their runtime evaluates accurately in the far tail (exporters/).
+        # The export form (exporters/register_branch_export.py sets these while torch exports): the branch's
+        # own k fc1 rows, and the activation it applies to them (an equivalent a runtime evaluates
+        # accurately in the far tail). None / the MLP's own activation otherwise.
+        self.register_module("reg_fc1", None)
         self.reg_act = self.act
 
     def _hidden(self, pre: torch.Tensor) -> torch.Tensor:
@@ -211,44 +209,67 @@ class RegisterMlp(nn.Module):
             return self.reg_act(pre[..., :half]) * pre[..., half:]
         return self.reg_act(pre)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.fc2(self._hidden(self.fc1(x)))
-        h = self._reg_hidden(self.reg_fc1(x))  # [B, N, k], a fresh contiguous tensor of this call
+    def _unit_activations(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.unit_slice >= 0:
+            return hidden[:, :, self.unit_slice:self.unit_slice + 1]
+        return hidden.index_select(2, self.units)
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """The branch's non-zero rows after the edit: prefix rows (unchanged) and register rows (the
+        signed max), [B, q, k]; the output projection runs on these q rows alone."""
         B, N, k = h.shape
         p, q = self.num_prefix, self.num_prefix + self.num_registers
-        m = signed_max(h, self.per_neuron)  # h is contiguous: its reshape is a view
+        m = signed_max(h, self.per_neuron)
         if self.scale != 1.0:  # a Python float fixed at build time: no multiply for the default scale
             m = m * self.scale
-        # After the edit only the prefix rows (unchanged) and the register rows (m) of the branch are
-        # non-zero, so its output projection runs on those q rows alone (no zeroed patch rows).
         if p == 0:  # no prefix token (SigLIP): the register rows alone, no cat
-            head = m.expand(B, q, k)
-        else:
-            head = torch.cat([h[:, :p], m.expand(B, q - p, k)], dim=1)
+            return m.expand(B, q, k)
+        return torch.cat([h[:, :p], m.expand(B, q - p, k)], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self._hidden(self.fc1(x))
+        out = self.fc2(hidden)
+        q = self.num_prefix + self.num_registers
         if not torch.jit.is_scripting():  # (TorchScript skips this block: it compiles the eager path)
             if _graph_form():
                 # ONNX: a write into rows of `out` would become ScatterND and its index arithmetic; an
                 # add and a concat stay lean, with a dynamic batch axis, and keep `reg_fc2` a node of its
-                # own (exporters/onnx_int8.py keeps the branch reg_fc1 .. reg_fc2 in float). FX: its
-                # dead-code elimination (timm's feature extraction) drops an in-place op whose result
-                # is not used.
-                return torch.cat([out[:, :q] + self.reg_fc2(head), out[:, q:]], dim=1)
+                # own. FX: its dead-code elimination (timm's feature extraction) drops an in-place op
+                # whose result is not used.
+                reg_fc1 = self.reg_fc1
+                if reg_fc1 is not None:  # the exporters' split form (fc1's register rows are zero then)
+                    h = self._reg_hidden(reg_fc1(x))
+                else:
+                    h = self._unit_activations(hidden)
+                return torch.cat([out[:, :q] + self.reg_fc2(self._head(h)), out[:, q:]], dim=1)
         # Eager: the projection and the add in one fused GEMM, in place on `out` (made in this call;
-        # fc2's backward reads its inputs, not its output). `h` is left as it is (gather's backward
-        # reads it). torch.export and torch.compile functionalise the write.
-        out[:, :q].baddbmm_(head, self.reg_fc2.weight.t().expand(B, k, out.shape[-1]))
+        # fc2's backward reads its inputs, not its output). torch.export and torch.compile functionalise
+        # the write.
+        h = self._unit_activations(hidden)
+        B, k = h.shape[0], h.shape[2]
+        out[:, :q].baddbmm_(self._head(h), self.reg_fc2.weight.t().expand(B, k, out.shape[-1]))
         return out
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,  # type: ignore[no-untyped-def]
+                              unexpected_keys, error_msgs) -> None:
+        # a checkpoint of the earlier split layout: its reg_fc1 rows go back into fc1 (load_state_dict
+        # hands each module a copy of the dict, and fc1 is loaded after this from the same dict)
+        w_key, b_key = prefix + "reg_fc1.weight", prefix + "reg_fc1.bias"
+        if w_key in state_dict and prefix + "fc1.weight" in state_dict and prefix + "units" in state_dict:
+            fc1_w, fc1_b = fold_legacy_branch(
+                state_dict[prefix + "fc1.weight"], state_dict.get(prefix + "fc1.bias"), state_dict[prefix + "units"],
+                state_dict.pop(w_key), state_dict.pop(b_key, None))
+            state_dict[prefix + "fc1.weight"] = fc1_w
+            if fc1_b is not None:
+                state_dict[prefix + "fc1.bias"] = fc1_b
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
     def merged_weights(self) -> MlpWeights:
-        """The original (unsplit) MLP weights: the branch's rows and columns put back in place."""
-        hidden, units = self.hidden_features, self.units
-        rows = _row_index(units, hidden, self.gated)
+        """The original (unsplit) MLP weights: the branch's fc2 columns put back in place."""
+        units = self.units
         fc1_w = self.fc1.weight.detach().clone()
-        fc1_w[rows] = self.reg_fc1.weight.detach()
-        fc1_b = None
-        if self.fc1.bias is not None:
-            fc1_b = self.fc1.bias.detach().clone()
-            fc1_b[rows] = self.reg_fc1.bias.detach()
+        fc1_b = None if self.fc1.bias is None else self.fc1.bias.detach().clone()
         fc2_w = self.fc2.weight.detach().clone()
         fc2_w[:, units] = self.reg_fc2.weight.detach()
         fc2_b = None if self.fc2.bias is None else self.fc2.bias.detach().clone()
@@ -258,3 +279,30 @@ class RegisterMlp(nn.Module):
         return (f"units={self.units.tolist()}, hidden={self.hidden_features}, gated={self.gated}, "
                 f"num_prefix={self.num_prefix}, num_registers={self.num_registers}, scale={self.scale}, "
                 f"per_neuron={self.per_neuron}")
+
+
+LEGACY_BRANCH_KEYS = ("reg_fc1.weight", "reg_fc1.bias")  # the split layout of vit-surgery 0.1.0 checkpoints
+
+
+@torch.no_grad()
+def fold_legacy_branch(fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor], units: torch.Tensor,
+                       reg_fc1_weight: torch.Tensor, reg_fc1_bias: Optional[torch.Tensor]
+                       ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """fc1 (weight, bias) of a RegisterMlp from a checkpoint of the earlier split layout, in which the
+    register units' fc1 rows lived in `reg_fc1` and were zero in fc1: those rows put back (new tensors).
+    Gated MLPs (fc1 rows = 2 x hidden) hold the gate rows, then the up rows, in both."""
+    units = units.to(torch.long).cpu()
+    gated = reg_fc1_weight.shape[0] == 2 * len(units)  # [gate rows; up rows] of the k units
+    hidden = fc1_weight.shape[0] // 2 if gated else fc1_weight.shape[0]
+    rows = _row_index(units, hidden, gated)
+    if reg_fc1_weight.shape[0] != len(rows) or reg_fc1_weight.shape[1:] != fc1_weight.shape[1:]:
+        raise RuntimeError(f"Error(s) in loading state_dict: size mismatch for reg_fc1.weight: "
+                           f"{tuple(reg_fc1_weight.shape)} for units {units.tolist()} of fc1 {tuple(fc1_weight.shape)}.")
+    w = fc1_weight.clone()
+    w[rows] = reg_fc1_weight.to(w.dtype)
+    b = None
+    if fc1_bias is not None:
+        b = fc1_bias.clone()
+        if reg_fc1_bias is not None:
+            b[rows] = reg_fc1_bias.to(b.dtype)
+    return w, b

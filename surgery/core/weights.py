@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .memory import trim_heap
+from .modules import LEGACY_BRANCH_KEYS, fold_legacy_branch
 
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -121,6 +122,8 @@ def _fill_strictly(targets: dict[str, torch.Tensor], owner: str, path: str | Pat
     with safe_open(str(path), framework="pt", device=str(device)) as f:
         keys = set(f.keys())
         mine = {k for k in keys if k.startswith(prefix)}
+        legacy = _legacy_branches(mine, targets)
+        mine -= {m + k for m in legacy for k in LEGACY_BRANCH_KEYS}
         if mine != set(targets):
             raise RuntimeError(f"Error(s) in loading state_dict for {owner}: Missing key(s) in state_dict: "
                                f"{sorted(set(targets) - mine)[:8]}. Unexpected key(s) in state_dict: "
@@ -129,8 +132,28 @@ def _fill_strictly(targets: dict[str, torch.Tensor], owner: str, path: str | Pat
         mapped = MappedSafetensors(path) if map_file else None
         for name in sorted(mine):
             _fill(targets[name], name, f, mapped)
+        for mlp in legacy:  # an earlier layout's register branch: its fc1 rows back into fc1
+            bias = mlp + "fc1.bias"
+            w, b = fold_legacy_branch(targets[mlp + "fc1.weight"], targets.get(bias), targets[mlp + "units"],
+                                      f.get_tensor(mlp + "reg_fc1.weight"),
+                                      f.get_tensor(mlp + "reg_fc1.bias") if mlp + "reg_fc1.bias" in keys else None)
+            targets[mlp + "fc1.weight"].data = w
+            if b is not None:
+                targets[bias].data = b
     trim_heap()  # the replaced skeleton tensors
-    return sorted(keys - mine)
+    return sorted(keys - mine - {m + k for m in legacy for k in LEGACY_BRANCH_KEYS})
+
+
+def _legacy_branches(keys: set[str], targets: dict[str, torch.Tensor]) -> list[str]:
+    """Prefixes ('...mlp.') of RegisterMlps the file stores in the split layout of vit-surgery 0.1.0 checkpoints
+    (a `reg_fc1` of their own) while the model reads every unit from fc1."""
+    out = []
+    for k in keys:
+        if k.endswith(".reg_fc1.weight"):
+            mlp = k[: -len("reg_fc1.weight")]
+            if mlp + "units" in targets and mlp + "fc1.weight" in targets and mlp + "reg_fc1.weight" not in targets:
+                out.append(mlp)
+    return sorted(out)
 
 
 @torch.no_grad()

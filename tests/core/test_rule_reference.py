@@ -139,9 +139,7 @@ def test_check_fails_a_real_defect(clip_case, defect):
         mlp.scale = 1.001
     else:  # one register unit's patch rows leak through the ordinary MLP
         with torch.no_grad():
-            u = int(mlp.units[0])
-            mlp.fc1.weight[u] = mlp.reg_fc1.weight[0]
-            mlp.fc1.bias[u] = mlp.reg_fc1.bias[0]
+            u = int(mlp.units[0])  # (fc1 holds every unit; fc2's register columns are zero)
             mlp.fc2.weight[:, u] = mlp.reg_fc2.weight[:, 0] * 1e-3
     report = check_parity(model, baked, recipe, [x], adapter=fam)
     assert not report.passed

@@ -413,3 +413,33 @@ def test_rebatching_cuts_consecutive_batches_and_always_adds_another_size():
     assert torch.equal(torch.cat(with_another_batch_size(two, 2)), x)
     assert sizes(with_another_batch_size(split_batches(x, [2, 4]), 2)) == [2, 4]  # already another size
     assert sizes(with_another_batch_size([x[:1], x[:0]], 1)) == [1]  # empty dropped; one image cannot be split
+
+
+def test_export_form_splits_the_branch_off_and_restores_the_model_bit_for_bit():
+    """While torch exports, each RegisterMlp computes its branch from a k-row `reg_fc1` of its own with those
+    fc1 rows zero (exporters/register_branch_export.py): the same values as the baked model, fc2's input free
+    of the register units' activations, and afterwards every tensor as it was."""
+    import copy
+
+    from surgery.core.modules import MlpWeights, RegisterMlp
+    from surgery.exporters.register_branch_export import split_register_branches
+
+    for gated in (False, True):
+        w = MlpWeights(torch.randn(64 if gated else 32, 8), torch.randn(64 if gated else 32), torch.randn(8, 32),
+                       torch.randn(8), torch.nn.SiLU() if gated else torch.nn.GELU(), gated=gated)
+        model = torch.nn.Sequential(RegisterMlp(w, [3, 5, 30], num_prefix=1, num_registers=1))
+        before = copy.deepcopy(model.state_dict())
+        x = torch.randn(2, 6, 8)
+        want = model(x)
+        fc2_inputs = []
+        hook = model[0].fc2.register_forward_pre_hook(lambda m, a: fc2_inputs.append(a[0]))
+        with split_register_branches(model) as split:
+            assert split == ["0"] and tuple(model[0].reg_fc1.weight.shape) == ((6 if gated else 3), 8)
+            traced = torch.fx.symbolic_trace(model)  # the graph form, as the exporters see it
+            torch.testing.assert_close(traced(x), want, rtol=1e-6, atol=1e-6)
+            assert torch.equal(fc2_inputs[-1][..., [3, 5, 30]], torch.zeros(2, 6, 3))
+        hook.remove()
+        assert model[0].reg_fc1 is None and set(model.state_dict()) == set(before)
+        for k, v in before.items():
+            assert torch.equal(model.state_dict()[k], v), k
+        assert torch.equal(model(x), want)

@@ -89,15 +89,15 @@ def neurons_file(tmp_path) -> Path:
 
 # ---- 1. check catches corrupted outputs --------------------------------------------------------
 
-@pytest.mark.parametrize("tensor", ["blocks.0.attn.qkv.weight", "head.weight", "blocks.2.mlp.reg_fc1.weight",
-                                    "blocks.2.mlp.fc1.weight"])
+@pytest.mark.parametrize("tensor", ["blocks.0.attn.qkv.weight", "head.weight", "blocks.2.mlp.reg_fc2.weight",
+                                    "blocks.2.mlp.fc2.weight"])
 def test_check_fails_on_a_corrupted_tensor(tensor, baked_dir, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(baked_dir, out)
     recipe = json.loads((out / "surgery.json").read_text())["recipe"]["register_neurons"]
-    if tensor == "blocks.2.mlp.fc1.weight":  # the zeroed row of register unit 17 (64 inputs, fp32)
+    if tensor == "blocks.2.mlp.fc2.weight":  # the zeroed column of register unit 17 (row 0 of fp32 [64, hidden])
         assert 17 in recipe["2"]
-        _patch_tensor(out / "model.safetensors", tensor, 17 * 64 * 4, bytes(range(1, 65)))
+        _patch_tensor(out / "model.safetensors", tensor, 17 * 4, struct.pack("<f", 0.5))
     else:
         _flip_middle(out / "model.safetensors", tensor)
     code, _, err = run(["check", out, "-q", "--report", tmp_path / "p.json"], capsys)
