@@ -306,3 +306,32 @@ def fold_legacy_branch(fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor
         if reg_fc1_bias is not None:
             b[rows] = reg_fc1_bias.to(b.dtype)
     return w, b
+
+
+def stores_legacy_branches(names: "list[str] | set[str]") -> bool:
+    """Whether a checkpoint's tensor names hold 0.1.0's split register branches (`...reg_fc1.weight`)."""
+    return any(n.endswith(".reg_fc1.weight") for n in names)
+
+
+def attach_legacy_branches(model: nn.Module) -> None:
+    """Give each RegisterMlp of `model` a `reg_fc1` of 0.1.0's shape (its k units' fc1 rows), for readers
+    that fill a model by its own tensor names; `fold_attached_legacy_branches` puts the rows read into fc1."""
+    for mod in model.modules():
+        if isinstance(mod, RegisterMlp) and mod.reg_fc1 is None:
+            rows = len(mod.units) * (2 if mod.gated else 1)
+            w = mod.fc1.weight
+            mod.reg_fc1 = nn.Linear(w.shape[1], rows, bias=mod.fc1.bias is not None, device=w.device, dtype=w.dtype)
+
+
+@torch.no_grad()
+def fold_attached_legacy_branches(model: nn.Module) -> None:
+    """After `attach_legacy_branches` and a read: each `reg_fc1`'s rows back into fc1, `reg_fc1` removed."""
+    for mod in model.modules():
+        if isinstance(mod, RegisterMlp) and mod.reg_fc1 is not None:
+            b = mod.reg_fc1.bias
+            w_new, b_new = fold_legacy_branch(mod.fc1.weight, mod.fc1.bias, mod.units, mod.reg_fc1.weight,
+                                              None if b is None else b)
+            mod.fc1.weight = nn.Parameter(w_new, requires_grad=mod.fc1.weight.requires_grad)
+            if b_new is not None:
+                mod.fc1.bias = nn.Parameter(b_new, requires_grad=mod.fc1.bias.requires_grad)
+            mod.reg_fc1 = None

@@ -361,3 +361,45 @@ def assert_tensors(folder: Path) -> dict[str, torch.Tensor]:
     from tests.vlm.test_vlm import stored_tensors
 
     return stored_tensors(folder)
+
+
+def test_a_010_vlm_folder_loads_with_its_branches_folded_back(sharded, tmp_path):
+    """A converted VLM folder in vit-surgery 0.1.0's layout (each split MLP's fc1 rows in `reg_fc1`, zero in fc1:
+    tests/core/test_legacy_layout.py) loads through the streamed reader as the folder written now."""
+    from safetensors.torch import load_file, save_file
+
+    _, out = sharded["hub"]
+    legacy = tmp_path / "legacy"
+    shutil.copytree(out, legacy)
+    index_path = legacy / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    wmap = index["weight_map"]
+    mlps = sorted(n[: -len("reg_fc2.weight")] for n in wmap if n.endswith(".mlp.reg_fc2.weight"))
+    assert mlps
+    shards: dict[str, dict[str, torch.Tensor]] = {}
+
+    def shard_of(name: str) -> dict[str, torch.Tensor]:
+        f = wmap[name]
+        if f not in shards:
+            shards[f] = load_file(str(legacy / f))
+        return shards[f]
+
+    for mlp in mlps:
+        units = shard_of(mlp + "units")[mlp + "units"]
+        for leaf in ("weight", "bias"):
+            fc1 = shard_of(mlp + "fc1." + leaf)[mlp + "fc1." + leaf]
+            branch = fc1[units].clone()
+            fc1[units] = 0
+            shard_of(mlp + "fc1." + leaf)[mlp + "reg_fc1." + leaf] = branch
+            wmap[mlp + "reg_fc1." + leaf] = wmap[mlp + "fc1." + leaf]
+    for f, tensors in shards.items():
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(legacy / f), metadata={"format": "pt"})
+    index_path.write_text(json.dumps(index))
+
+    now, then = load_model(str(out)), load_model(str(legacy))
+    now_sd, then_sd = now.model.state_dict(), then.model.state_dict()
+    resident = [k for k, v in now_sd.items() if v.device.type != "meta"]
+    assert any(k.endswith("mlp.fc1.weight") for k in resident)
+    for k in resident:
+        assert torch.equal(then_sd[k], now_sd[k]), k
+    assert not any("reg_fc1" in k for k in then_sd)

@@ -25,6 +25,7 @@ from torch import nn
 
 from ...core.errors import ModelInputError
 from ...core.memory import STREAM_CHUNK_ELEMENTS, STREAM_STAGING_BYTES
+from ...core.modules import attach_legacy_branches, fold_attached_legacy_branches, stores_legacy_branches
 from ...core.safetensors_io import ShardedCheckpoint
 
 CHECKPOINT_ATTR = "surgery_checkpoint"  # the VlmCheckpoint a streamed VLM reads its tensors from
@@ -301,12 +302,17 @@ def build_streamed(cls: type, config: Any, files: ShardedCheckpoint, spec: str, 
     `dtype`, None: as stored) and the language model streamed from them."""
     from .loader import quiet_transformers
 
+    legacy = stores_legacy_branches(files.names())  # a vit-surgery 0.1.0 folder: its branches' own fc1 rows
     with quiet_transformers(), parameters_on_meta():
         model = cls(config).eval()
         if before_load is not None:
             before_load(model)
+            if legacy:
+                attach_legacy_branches(model)
     ckpt = VlmCheckpoint(files, checkpoint_names(model, files.names()), spec)
     materialise_resident(model, ckpt, dtype)
+    if legacy:
+        fold_attached_legacy_branches(model)
     if dtype is not None:  # the language model's meta parameters follow (for dtype queries); nothing is allocated
         cast_parameters(model, dtype)
     install_lm_stream(model, ckpt)
