@@ -424,6 +424,7 @@ def test_export_form_splits_the_branch_off_and_restores_the_model_bit_for_bit():
     from surgery.core.modules import MlpWeights, RegisterMlp
     from surgery.exporters.register_branch_export import split_register_branches
 
+    torch.manual_seed(0)
     for gated in (False, True):
         w = MlpWeights(torch.randn(64 if gated else 32, 8), torch.randn(64 if gated else 32), torch.randn(8, 32),
                        torch.randn(8), torch.nn.SiLU() if gated else torch.nn.GELU(), gated=gated)
@@ -436,7 +437,9 @@ def test_export_form_splits_the_branch_off_and_restores_the_model_bit_for_bit():
         with split_register_branches(model) as split:
             assert split == ["0"] and tuple(model[0].reg_fc1.weight.shape) == ((6 if gated else 3), 8)
             traced = torch.fx.symbolic_trace(model)  # the graph form, as the exporters see it
-            torch.testing.assert_close(traced(x), want, rtol=1e-6, atol=1e-6)
+            # the same values up to float32 rounding (the CLS and register rows add the branch after fc2
+            # instead of in one fused GEMM: a few ulps of the output's scale)
+            torch.testing.assert_close(traced(x), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
             assert torch.equal(fc2_inputs[-1][..., [3, 5, 30]], torch.zeros(2, 6, 3))
         hook.remove()
         assert model[0].reg_fc1 is None and set(model.state_dict()) == set(before)
