@@ -24,41 +24,34 @@ import torch
 from torch import nn
 
 
-def _register_rows(mod: nn.Module) -> torch.Tensor:
-    units = mod.units.to(torch.long)
-    return torch.cat([units, mod.hidden_features + units]) if mod.gated else units
-
-
 @contextlib.contextmanager
 def split_register_branches(model: nn.Module) -> Iterator[list[str]]:
     """Within the context every RegisterMlp of `model` is in its export form (module docstring). Yields
     the names of the MLPs split."""
     from surgery.core.modules import RegisterMlp
 
-    saved: list[tuple[str, RegisterMlp, torch.Tensor, torch.Tensor | None]] = []
+    split: list[tuple[str, RegisterMlp]] = []
     try:
         with torch.no_grad():
             for name, mod in model.named_modules():
                 if not isinstance(mod, RegisterMlp) or mod.reg_fc1 is not None:
                     continue
-                rows = _register_rows(mod).to(mod.fc1.weight.device)
-                w = mod.fc1.weight[rows].clone()
-                b = None if mod.fc1.bias is None else mod.fc1.bias[rows].clone()
-                branch = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
-                branch.weight.copy_(w)
+                rows = mod.fc1_rows()
+                w, b = mod.fc1.weight, mod.fc1.bias
+                branch = nn.Linear(w.shape[1], len(rows), bias=b is not None, device=w.device, dtype=w.dtype)
+                branch.weight.copy_(w[rows])
+                w[rows] = 0.0
                 if b is not None:
-                    branch.bias.copy_(b)
-                saved.append((name, mod, w, b))
-                mod.fc1.weight[rows] = 0.0
-                if b is not None:
-                    mod.fc1.bias[rows] = 0.0
+                    branch.bias.copy_(b[rows])
+                    b[rows] = 0.0
                 mod.reg_fc1 = branch
-        yield [name for name, *_ in saved]
+                split.append((name, mod))
+        yield [name for name, _ in split]
     finally:
-        with torch.no_grad():
-            for _, mod, w, b in saved:
-                rows = _register_rows(mod).to(mod.fc1.weight.device)
-                mod.fc1.weight[rows] = w
-                if b is not None:
-                    mod.fc1.bias[rows] = b
+        with torch.no_grad():  # the rows back from the branch (exact copies), the branch removed
+            for _, mod in split:
+                rows = mod.fc1_rows()
+                mod.fc1.weight[rows] = mod.reg_fc1.weight
+                if mod.fc1.bias is not None:
+                    mod.fc1.bias[rows] = mod.reg_fc1.bias
                 mod.reg_fc1 = None

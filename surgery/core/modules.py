@@ -209,6 +209,10 @@ class RegisterMlp(nn.Module):
             return self.reg_act(pre[..., :half]) * pre[..., half:]
         return self.reg_act(pre)
 
+    def fc1_rows(self) -> torch.Tensor:
+        """The rows of fc1 that produce the register units (gated: the gate rows, then the up rows)."""
+        return _row_index(self.units, self.hidden_features, self.gated)
+
     def _unit_activations(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.unit_slice >= 0:
             return hidden[:, :, self.unit_slice:self.unit_slice + 1]
@@ -281,9 +285,6 @@ class RegisterMlp(nn.Module):
                 f"per_neuron={self.per_neuron}")
 
 
-LEGACY_BRANCH_KEYS = ("reg_fc1.weight", "reg_fc1.bias")  # the split layout of vit-surgery 0.1.0 checkpoints
-
-
 @torch.no_grad()
 def fold_legacy_branch(fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor], units: torch.Tensor,
                        reg_fc1_weight: torch.Tensor, reg_fc1_bias: Optional[torch.Tensor]
@@ -318,9 +319,9 @@ def attach_legacy_branches(model: nn.Module) -> None:
     that fill a model by its own tensor names; `fold_attached_legacy_branches` puts the rows read into fc1."""
     for mod in model.modules():
         if isinstance(mod, RegisterMlp) and mod.reg_fc1 is None:
-            rows = len(mod.units) * (2 if mod.gated else 1)
             w = mod.fc1.weight
-            mod.reg_fc1 = nn.Linear(w.shape[1], rows, bias=mod.fc1.bias is not None, device=w.device, dtype=w.dtype)
+            mod.reg_fc1 = nn.Linear(w.shape[1], len(mod.fc1_rows()), bias=mod.fc1.bias is not None, device=w.device,
+                                    dtype=w.dtype)
 
 
 @torch.no_grad()
@@ -328,9 +329,8 @@ def fold_attached_legacy_branches(model: nn.Module) -> None:
     """After `attach_legacy_branches` and a read: each `reg_fc1`'s rows back into fc1, `reg_fc1` removed."""
     for mod in model.modules():
         if isinstance(mod, RegisterMlp) and mod.reg_fc1 is not None:
-            b = mod.reg_fc1.bias
             w_new, b_new = fold_legacy_branch(mod.fc1.weight, mod.fc1.bias, mod.units, mod.reg_fc1.weight,
-                                              None if b is None else b)
+                                              mod.reg_fc1.bias)
             mod.fc1.weight = nn.Parameter(w_new, requires_grad=mod.fc1.weight.requires_grad)
             if b_new is not None:
                 mod.fc1.bias = nn.Parameter(b_new, requires_grad=mod.fc1.bias.requires_grad)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .memory import trim_heap
-from .modules import LEGACY_BRANCH_KEYS, fold_legacy_branch
+from .modules import attach_legacy_branches, fold_attached_legacy_branches, stores_legacy_branches
 
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -97,7 +97,10 @@ def load_safetensors_streamed(model: nn.Module, path: str | Path, device: str | 
     dtype = stored_float_dtype(path) if cast else None
     if dtype is not None:
         model.to(dtype)
+    legacy = _attach_legacy_branches_if_stored(model, path, "")
     _fill_strictly(model.state_dict(keep_vars=True), type(model).__name__, path, device, map_file)
+    if legacy:
+        fold_attached_legacy_branches(model)
 
 
 @torch.no_grad()
@@ -109,8 +112,24 @@ def load_safetensors_subset(model: nn.Module, path: str | Path, prefix: str, dev
     dtype = stored_float_dtype(path)
     if dtype is not None:
         sub.to(dtype)
+    legacy = _attach_legacy_branches_if_stored(sub, path, prefix)
     targets = {prefix + k: v for k, v in sub.state_dict(keep_vars=True).items()}
-    return _fill_strictly(targets, type(sub).__name__, path, device, map_file, prefix)
+    others = _fill_strictly(targets, type(sub).__name__, path, device, map_file, prefix)
+    if legacy:
+        fold_attached_legacy_branches(sub)
+    return others
+
+
+def _attach_legacy_branches_if_stored(model: nn.Module, path: str | Path, prefix: str) -> bool:
+    """A vit-surgery 0.1.0 file (each RegisterMlp's fc1 rows in a `reg_fc1` of its own): `model` gets those
+    slots to be filled by name, folded into fc1 after the read (core/modules.py). Returns whether it did."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        legacy = stores_legacy_branches([k for k in f.keys() if k.startswith(prefix)])
+    if legacy:
+        attach_legacy_branches(model)
+    return legacy
 
 
 def _fill_strictly(targets: dict[str, torch.Tensor], owner: str, path: str | Path, device: str | torch.device,
@@ -122,8 +141,6 @@ def _fill_strictly(targets: dict[str, torch.Tensor], owner: str, path: str | Pat
     with safe_open(str(path), framework="pt", device=str(device)) as f:
         keys = set(f.keys())
         mine = {k for k in keys if k.startswith(prefix)}
-        legacy = _legacy_branches(mine, targets)
-        mine -= {m + k for m in legacy for k in LEGACY_BRANCH_KEYS}
         if mine != set(targets):
             raise RuntimeError(f"Error(s) in loading state_dict for {owner}: Missing key(s) in state_dict: "
                                f"{sorted(set(targets) - mine)[:8]}. Unexpected key(s) in state_dict: "
@@ -132,28 +149,8 @@ def _fill_strictly(targets: dict[str, torch.Tensor], owner: str, path: str | Pat
         mapped = MappedSafetensors(path) if map_file else None
         for name in sorted(mine):
             _fill(targets[name], name, f, mapped)
-        for mlp in legacy:  # an earlier layout's register branch: its fc1 rows back into fc1
-            bias = mlp + "fc1.bias"
-            w, b = fold_legacy_branch(targets[mlp + "fc1.weight"], targets.get(bias), targets[mlp + "units"],
-                                      f.get_tensor(mlp + "reg_fc1.weight"),
-                                      f.get_tensor(mlp + "reg_fc1.bias") if mlp + "reg_fc1.bias" in keys else None)
-            targets[mlp + "fc1.weight"].data = w
-            if b is not None:
-                targets[bias].data = b
     trim_heap()  # the replaced skeleton tensors
-    return sorted(keys - mine - {m + k for m in legacy for k in LEGACY_BRANCH_KEYS})
-
-
-def _legacy_branches(keys: set[str], targets: dict[str, torch.Tensor]) -> list[str]:
-    """Prefixes ('...mlp.') of RegisterMlps the file stores in the split layout of vit-surgery 0.1.0 checkpoints
-    (a `reg_fc1` of their own) while the model reads every unit from fc1."""
-    out = []
-    for k in keys:
-        if k.endswith(".reg_fc1.weight"):
-            mlp = k[: -len("reg_fc1.weight")]
-            if mlp + "units" in targets and mlp + "fc1.weight" in targets and mlp + "reg_fc1.weight" not in targets:
-                out.append(mlp)
-    return sorted(out)
+    return sorted(keys - mine)
 
 
 @torch.no_grad()
